@@ -1,0 +1,13 @@
+"""dh-mlx: Darkhorse Genesis (DeepSeek-V3-style MoE with MLA) on Apple's MLX."""
+
+from . import _blas
+
+_blas.load_fast_blas()  # must precede the first `import mlx.core` (Linux CPU speed)
+
+from .config import DomainRouting, ModelConfig, load_config, load_preset  # noqa: E402
+from .model import Model  # noqa: E402
+from .weights import CheckpointError, load_model, random_model, save_model  # noqa: E402
+
+__all__ = ["ModelConfig", "DomainRouting", "Model", "CheckpointError", "load_config", "load_preset", "load_model",
+           "save_model", "random_model"]
+__version__ = "0.1.0"

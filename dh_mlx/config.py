@@ -1,0 +1,276 @@
+"""Model configuration: the Hugging Face DeepSeek-V3 `config.json`, validated, plus our domain-routing block.
+
+Key names are exactly those of HF's `DeepseekV3Config`, so a `config.json` written here loads unchanged in
+transformers, vLLM and mlx-lm, and one written by them (transformers 4 `rope_theta`/`rope_scaling` or
+transformers 5 `rope_parameters`) loads here. Keys we do not model are kept in `extra` and written back.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+PARAMETERS_DIR = Path(__file__).resolve().parent.parent / "parameters"
+DEFAULT_PRESET = "tiny"
+
+_TOPK_METHODS = ("noaux_tc", "greedy", "group_limited_greedy")
+_SCORING = ("sigmoid", "softmax")
+_ROPE_TYPES = ("default", "yarn")
+# Keys we write ourselves or derive; never carried through `extra`.
+_DERIVED = ("rope_parameters", "model_type", "architectures", "head_dim", "qk_head_dim", "num_mtp_layers")
+
+
+def _require(ok: bool, name: str, allowed: str, value: Any) -> None:
+    if not ok:
+        raise ValueError(f"config field '{name}' must be {allowed}, got {value!r}")
+
+
+@dataclass
+class DomainRouting:
+    """Domain-ID routing (our extension; absent means plain DeepSeek-V3).
+
+    Domain `d` owns routed experts `[d*experts_per_domain, (d+1)*experts_per_domain)`; experts past
+    `len(domains)*experts_per_domain` are common to every domain. A token given domain id `d` may only be
+    routed to its domain's experts and the common ones (the domain mask replaces group-limited selection);
+    a token with id -1 (or no `domain_ids` at all) is routed exactly as DeepSeek-V3 routes it.
+    """
+
+    domains: list[str]
+    experts_per_domain: int
+
+    def validate(self, n_routed_experts: int, top_k: int) -> None:
+        _require(isinstance(self.domains, list) and len(self.domains) > 0
+                 and all(isinstance(d, str) and d for d in self.domains),
+                 "domain_routing.domains", "a non-empty list of names", self.domains)
+        _require(len(set(self.domains)) == len(self.domains), "domain_routing.domains", "unique names",
+                 self.domains)
+        k = self.experts_per_domain
+        _require(isinstance(k, int) and k >= 1, "domain_routing.experts_per_domain", "an integer >= 1", k)
+        owned = len(self.domains) * k
+        _require(owned <= n_routed_experts, "domain_routing.experts_per_domain",
+                 f"at most n_routed_experts / len(domains) = {n_routed_experts // len(self.domains)}", k)
+        _require(k + n_routed_experts - owned >= top_k, "domain_routing.experts_per_domain",
+                 f"large enough that each domain can choose num_experts_per_tok={top_k} experts "
+                 f"(its own plus {n_routed_experts - owned} common)", k)
+
+    def allowed(self, n_routed_experts: int) -> list[list[bool]]:
+        """Row d: which experts domain d may use (its own block and the common tail)."""
+        k, owned = self.experts_per_domain, len(self.domains) * self.experts_per_domain
+        return [[d * k <= e < (d + 1) * k or e >= owned for e in range(n_routed_experts)]
+                for d in range(len(self.domains))]
+
+    def domain_id(self, name: str) -> int:
+        if name not in self.domains:
+            raise ValueError(f"unknown domain {name!r}; this model's domains are {', '.join(self.domains)}")
+        return self.domains.index(name)
+
+
+@dataclass
+class ModelConfig:
+    """DeepSeek-V3 hyper-parameters under their HF `config.json` names."""
+
+    vocab_size: int = 32000
+    hidden_size: int = 512
+    intermediate_size: int = 1408
+    moe_intermediate_size: int = 256
+    num_hidden_layers: int = 4
+    num_attention_heads: int = 8
+    num_key_value_heads: int | None = None
+    n_shared_experts: int | None = 1
+    n_routed_experts: int | None = 16
+    routed_scaling_factor: float = 1.0
+    kv_lora_rank: int = 128
+    q_lora_rank: int | None = None
+    qk_rope_head_dim: int = 32
+    v_head_dim: int = 64
+    qk_nope_head_dim: int = 64
+    topk_method: str = "noaux_tc"
+    scoring_func: str = "sigmoid"
+    norm_topk_prob: bool = True
+    n_group: int = 1
+    topk_group: int = 1
+    num_experts_per_tok: int = 2
+    moe_layer_freq: int = 1
+    first_k_dense_replace: int = 1
+    max_position_embeddings: int = 4096
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    rope_scaling: dict | None = None
+    rope_interleave: bool = True
+    attention_bias: bool = False
+    attention_dropout: float = 0.0
+    hidden_act: str = "silu"
+    tie_word_embeddings: bool = False
+    num_nextn_predict_layers: int = 0
+    initializer_range: float = 0.02
+    bos_token_id: int | None = 0
+    eos_token_id: int | list[int] | None = 1
+    pad_token_id: int | None = None
+    domain_routing: DomainRouting | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.num_key_value_heads is None:
+            self.num_key_value_heads = self.num_attention_heads
+        if isinstance(self.domain_routing, dict):
+            unknown = set(self.domain_routing) - {"domains", "experts_per_domain"}
+            _require(not unknown, "domain_routing", "an object with keys domains, experts_per_domain",
+                     sorted(unknown))
+            try:
+                self.domain_routing = DomainRouting(**self.domain_routing)
+            except TypeError as e:
+                raise ValueError(f"config field 'domain_routing' is incomplete: {e}") from None
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                     "num_attention_heads", "kv_lora_rank", "qk_rope_head_dim", "v_head_dim",
+                     "max_position_embeddings", "moe_layer_freq", "num_experts_per_tok", "n_group",
+                     "topk_group"):
+            v = getattr(self, name)
+            _require(isinstance(v, int) and not isinstance(v, bool) and v >= 1, name, "an integer >= 1", v)
+        for name in ("qk_nope_head_dim", "first_k_dense_replace", "num_nextn_predict_layers"):
+            v = getattr(self, name)
+            _require(isinstance(v, int) and not isinstance(v, bool) and v >= 0, name, "an integer >= 0", v)
+        for name in ("q_lora_rank", "n_shared_experts", "n_routed_experts", "moe_intermediate_size"):
+            v = getattr(self, name)
+            _require(v is None or (isinstance(v, int) and v >= 1), name, "null or an integer >= 1", v)
+        _require(self.qk_rope_head_dim % 2 == 0, "qk_rope_head_dim", "even", self.qk_rope_head_dim)
+        _require(self.num_key_value_heads == self.num_attention_heads, "num_key_value_heads",
+                 f"equal to num_attention_heads ({self.num_attention_heads}) under MLA", self.num_key_value_heads)
+        _require(self.first_k_dense_replace <= self.num_hidden_layers, "first_k_dense_replace",
+                 f"at most num_hidden_layers ({self.num_hidden_layers})", self.first_k_dense_replace)
+        _require(self.hidden_act == "silu", "hidden_act", "'silu'", self.hidden_act)
+        _require(self.scoring_func in _SCORING, "scoring_func", f"one of {_SCORING}", self.scoring_func)
+        _require(self.topk_method in _TOPK_METHODS, "topk_method", f"one of {_TOPK_METHODS}", self.topk_method)
+        for name in ("rms_norm_eps", "rope_theta", "routed_scaling_factor", "initializer_range"):
+            v = getattr(self, name)
+            _require(isinstance(v, (int, float)) and v > 0 and math.isfinite(v), name, "a positive number", v)
+        if self.has_moe:
+            E = self.n_routed_experts
+            _require(self.moe_intermediate_size is not None, "moe_intermediate_size",
+                     "an integer >= 1 when n_routed_experts is set", None)
+            _require(E % self.n_group == 0, "n_group", f"a divisor of n_routed_experts ({E})", self.n_group)
+            _require(self.topk_group <= self.n_group, "topk_group", f"at most n_group ({self.n_group})",
+                     self.topk_group)
+            per_group = E // self.n_group
+            _require(self.num_experts_per_tok <= self.topk_group * per_group, "num_experts_per_tok",
+                     f"at most topk_group * experts per group ({self.topk_group * per_group})",
+                     self.num_experts_per_tok)
+            if self.topk_method == "noaux_tc" and self.n_group > 1:
+                _require(per_group >= 2, "n_group", "small enough that each group has >= 2 experts (noaux_tc "
+                         "scores a group by its top-2 experts)", self.n_group)
+            if self.domain_routing is not None:
+                self.domain_routing.validate(E, self.num_experts_per_tok)
+        else:
+            _require(self.domain_routing is None, "domain_routing", "null for a model without routed experts",
+                     self.domain_routing)
+        if self.rope_scaling is not None:
+            rs = self.rope_scaling
+            _require(isinstance(rs, dict), "rope_scaling", "an object or null", rs)
+            kind = rs.get("rope_type", rs.get("type", "default"))
+            _require(kind in _ROPE_TYPES, "rope_scaling.rope_type", f"one of {_ROPE_TYPES}", kind)
+            if kind == "yarn":
+                f = rs.get("factor")
+                _require(isinstance(f, (int, float)) and f >= 1, "rope_scaling.factor", "a number >= 1", f)
+                o = rs.get("original_max_position_embeddings")
+                _require(isinstance(o, int) and o >= 1, "rope_scaling.original_max_position_embeddings",
+                         "an integer >= 1", o)
+
+    # ---- derived quantities -------------------------------------------------------------------------
+    @property
+    def has_moe(self) -> bool:
+        return self.n_routed_experts is not None
+
+    @property
+    def qk_head_dim(self) -> int:
+        return self.qk_nope_head_dim + self.qk_rope_head_dim
+
+    def is_moe_layer(self, layer_idx: int) -> bool:
+        """DeepSeek's rule: layers from `first_k_dense_replace` on, every `moe_layer_freq`-th, are MoE."""
+        return (self.has_moe and layer_idx >= self.first_k_dense_replace
+                and layer_idx % self.moe_layer_freq == 0)
+
+    @property
+    def rope_type(self) -> str:
+        rs = self.rope_scaling or {}
+        return rs.get("rope_type", rs.get("type", "default"))
+
+    # ---- (de)serialisation ---------------------------------------------------------------------------
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "ModelConfig":
+        d = dict(d)
+        rp = d.pop("rope_parameters", None)
+        if isinstance(rp, dict) and rp:  # transformers >= 5 folds rope_theta into rope_parameters
+            rp = dict(rp)
+            d.setdefault("rope_theta", rp.pop("rope_theta", 10000.0))
+            if rp.get("rope_type", "default") != "default":
+                d["rope_scaling"] = rp
+        if "num_mtp_layers" in d and "num_nextn_predict_layers" not in d:
+            d["num_nextn_predict_layers"] = d["num_mtp_layers"]
+        names = {f.name for f in dataclasses.fields(cls)} - {"extra"}
+        known = {k: v for k, v in d.items() if k in names}
+        extra = {k: v for k, v in d.items() if k not in names and k not in _DERIVED}
+        extra.update(d.get("extra", {}) or {})
+        return cls(**known, extra=extra)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The `config.json` dict: HF DeepSeek-V3 keys (what transformers, vLLM and mlx-lm read) + extras."""
+        out: dict[str, Any] = {"architectures": ["DeepseekV3ForCausalLM"], "model_type": "deepseek_v3"}
+        for f in dataclasses.fields(self):
+            if f.name == "extra":
+                continue
+            v = getattr(self, f.name)
+            if f.name == "domain_routing":
+                if v is None:
+                    continue
+                v = dataclasses.asdict(v)
+            out[f.name] = v
+        # HF's config does not store scoring_func/topk_method defaults; we always write them explicitly.
+        for k, v in self.extra.items():
+            out.setdefault(k, v)
+        return out
+
+    def replace(self, **changes: Any) -> "ModelConfig":
+        return ModelConfig.from_dict({**self.to_dict(), **changes})
+
+
+def preset_names() -> list[str]:
+    return sorted(p.stem for p in PARAMETERS_DIR.glob("*.json"))
+
+
+def load_config(path: str | Path) -> ModelConfig:
+    """Read a `config.json` (or a model directory holding one), raising ValueError naming the file."""
+    p = Path(path)
+    if p.is_dir():
+        p = p / "config.json"
+    try:
+        text = p.read_text()
+    except FileNotFoundError:
+        raise ValueError(f"{p}: no such file (a model directory needs a config.json)") from None
+    except OSError as e:
+        raise ValueError(f"{p}: cannot read: {e.strerror}") from None
+    try:
+        d = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{p}:{e.lineno}: invalid JSON: {e.msg}") from None
+    if not isinstance(d, dict):
+        raise ValueError(f"{p}: expected a JSON object, got {type(d).__name__}")
+    try:
+        return ModelConfig.from_dict(d)
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"{p}: {e}") from None
+
+
+def load_preset(name: str) -> ModelConfig:
+    """A size preset from `parameters/NAME.json` (`tiny`, `1b`, `5b`, `30b`, `500b`)."""
+    p = PARAMETERS_DIR / f"{name}.json"
+    if not p.is_file():
+        raise ValueError(f"unknown preset {name!r}; choose one of: {', '.join(preset_names())}")
+    return load_config(p)
+
+
+def save_config(config: ModelConfig, directory: str | Path, name: str = "config.json") -> None:
+    path = Path(directory) / name
+    path.write_text(json.dumps(config.to_dict(), indent=2) + "\n")

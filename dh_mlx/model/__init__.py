@@ -1,0 +1,3 @@
+from .transformer import Model, Output
+
+__all__ = ["Model", "Output"]

@@ -1,0 +1,100 @@
+"""Multi-head Latent Attention (DeepSeek-V2/V3), naive and absorbed paths side by side.
+
+Legend: B batch, L new tokens, S cached + new tokens, H heads, r kv_lora_rank, n qk_nope_head_dim,
+p qk_rope_head_dim, v v_head_dim.
+
+Naive: expand the latent into per-head keys/values with `kv_b_proj` (cheap when S is small: training,
+prefill). Absorbed: fold `kv_b_proj` into the query and the output, so attention runs in the r-dim latent
+space and only the normalised latent and the RoPE key are ever cached.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from ..config import ModelConfig
+from .layers import RoPE, rope_parameters
+
+
+class MLA(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        c = config
+        self.num_heads = c.num_attention_heads
+        self.q_lora_rank = c.q_lora_rank
+        self.kv_lora_rank = c.kv_lora_rank
+        self.qk_nope_head_dim = c.qk_nope_head_dim
+        self.qk_rope_head_dim = c.qk_rope_head_dim
+        self.v_head_dim = c.v_head_dim
+        H, dq = c.num_attention_heads, c.qk_head_dim
+        if c.q_lora_rank is None:
+            self.q_proj = nn.Linear(c.hidden_size, H * dq, bias=False)
+        else:
+            self.q_a_proj = nn.Linear(c.hidden_size, c.q_lora_rank, bias=c.attention_bias)
+            self.q_a_layernorm = nn.RMSNorm(c.q_lora_rank, eps=1e-6)  # HF uses the default eps here
+            self.q_b_proj = nn.Linear(c.q_lora_rank, H * dq, bias=False)
+        self.kv_a_proj_with_mqa = nn.Linear(c.hidden_size, c.kv_lora_rank + c.qk_rope_head_dim,
+                                            bias=c.attention_bias)
+        self.kv_a_layernorm = nn.RMSNorm(c.kv_lora_rank, eps=1e-6)
+        self.kv_b_proj = nn.Linear(c.kv_lora_rank, H * (c.qk_nope_head_dim + c.v_head_dim), bias=False)
+        self.o_proj = nn.Linear(H * c.v_head_dim, c.hidden_size, bias=c.attention_bias)
+        self.rope = RoPE(c)
+        self.scale = dq**-0.5 * rope_parameters(c)[2]
+        # None: absorbed exactly when a cache is given (decode); True/False force a path.
+        self.absorb: bool | None = None
+
+    def __call__(self, x: mx.array, mask: mx.array | str | None = "causal", cache: Any = None) -> mx.array:
+        B, L, _ = x.shape
+        H, n, p, r = self.num_heads, self.qk_nope_head_dim, self.qk_rope_head_dim, self.kv_lora_rank
+        if self.q_lora_rank is None:
+            q = self.q_proj(x)
+        else:
+            q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+        q = q.reshape(B, L, H, n + p).transpose(0, 2, 1, 3)  # (B, H, L, n+p)
+        q_nope, q_pe = q[..., :n], q[..., n:]
+        ckv = self.kv_a_proj_with_mqa(x)  # (B, L, r+p)
+        latent = self.kv_a_layernorm(ckv[..., :r])[:, None]  # (B, 1, L, r)
+        k_pe = ckv[..., r:][:, None]  # (B, 1, L, p)
+
+        offset = cache.offset if cache is not None else 0
+        q_pe = self.rope(q_pe, offset)
+        k_pe = self.rope(k_pe, offset)
+        if cache is not None:
+            latent, k_pe = cache.update_and_fetch(latent, k_pe)  # (B, 1, S, r), (B, 1, S, p)
+
+        absorb = self.absorb if self.absorb is not None else cache is not None
+        if absorb:
+            out = self._absorbed(q_nope, q_pe, latent, k_pe, mask, offset)
+        else:
+            out = self._naive(q_nope, q_pe, latent, k_pe, mask)
+        return self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, L, H * self.v_head_dim))
+
+    def _naive(self, q_nope, q_pe, latent, k_pe, mask):
+        B, H, L, _ = q_nope.shape
+        S, n = latent.shape[2], self.qk_nope_head_dim
+        kv = self.kv_b_proj(latent[:, 0])  # (B, S, H*(n+v))
+        kv = kv.reshape(B, S, H, n + self.v_head_dim).transpose(0, 2, 1, 3)  # (B, H, S, n+v)
+        k = mx.concatenate([kv[..., :n], mx.broadcast_to(k_pe, (B, H, S, self.qk_rope_head_dim))], axis=-1)
+        q = mx.concatenate([q_nope, q_pe], axis=-1)  # (B, H, L, n+p)
+        if isinstance(mask, str) and L == 1:
+            mask = None
+        return mx.fast.scaled_dot_product_attention(q, k, kv[..., n:], scale=self.scale, mask=mask)
+
+    def _absorbed(self, q_nope, q_pe, latent, k_pe, mask, offset):
+        H, L, S = q_nope.shape[1], q_nope.shape[2], latent.shape[2]
+        n = self.qk_nope_head_dim
+        w = self.kv_b_proj.weight.reshape(H, n + self.v_head_dim, self.kv_lora_rank)
+        q_lat = q_nope @ w[:, :n]  # (B, H, L, n) @ (H, n, r) -> (B, H, L, r)
+        # The RoPE part of the score enters SDPA as an additive mask: no per-step concat of the cache.
+        pe = (q_pe * self.scale) @ k_pe.swapaxes(-1, -2)  # (B, H, L, S)
+        if isinstance(mask, str):
+            if L > 1:
+                i = mx.arange(L)[:, None] + (S - L)
+                pe = mx.where(i >= mx.arange(S)[None], pe, -mx.inf)
+        elif mask is not None:
+            pe = mx.where(mask, pe, -mx.inf) if mask.dtype == mx.bool_ else pe + mask
+        out = mx.fast.scaled_dot_product_attention(q_lat, latent, latent, scale=self.scale, mask=pe)  # (B,H,L,r)
+        return out @ w[:, n:].swapaxes(-1, -2)  # (B, H, L, r) @ (H, r, v) -> (B, H, L, v)

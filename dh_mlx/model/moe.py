@@ -1,0 +1,141 @@
+"""DeepSeek MoE: router (scoring, group-limited top-k, selection bias, domain mask), stacked experts, shared experts.
+
+Legend: N tokens (flattened), E routed experts, G expert groups, k experts per token, D hidden, I expert width.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from ..config import ModelConfig
+from .layers import MLP
+
+# Below this many (token, expert) pairs gather_mm reads weights in token order; above, we sort by expert
+# so each expert's weights are read once (what mlx-lm's SwitchGLU does too).
+SORT_THRESHOLD = 64
+
+
+class Routing(NamedTuple):
+    """What the router decided; `scores` and `indices` are what training's ALF and balance loss need."""
+
+    indices: mx.array  # (..., k) int32: chosen experts
+    weights: mx.array  # (..., k) float32: their mixing weights (unbiased scores, normalised, scaled)
+    scores: mx.array  # (..., E) float32: sigmoid/softmax affinities of every expert
+
+
+class MoEGate(nn.Module):
+    """Router. `e_score_correction_bias` (noaux_tc only) changes which experts are chosen, never their weight."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        c = config
+        self.top_k = c.num_experts_per_tok
+        self.n_group, self.topk_group = c.n_group, c.topk_group
+        self.topk_method, self.scoring_func = c.topk_method, c.scoring_func
+        self.norm_topk_prob, self.routed_scaling_factor = c.norm_topk_prob, c.routed_scaling_factor
+        self.weight = mx.zeros((c.n_routed_experts, c.hidden_size))
+        if c.topk_method == "noaux_tc":
+            self.e_score_correction_bias = mx.zeros((c.n_routed_experts,))
+        dr = c.domain_routing
+        # Row 0: no domain (every expert allowed); row d+1: domain d's experts and the common ones.
+        self._domain_table = None if dr is None else mx.array(
+            [[True] * c.n_routed_experts] + dr.allowed(c.n_routed_experts))
+
+    def __call__(self, x: mx.array, domain_ids: mx.array | None = None) -> Routing:
+        logits = x.astype(mx.float32) @ self.weight.astype(mx.float32).T  # (..., E)
+        scores = mx.sigmoid(logits) if self.scoring_func == "sigmoid" else mx.softmax(logits, axis=-1)
+        choice = scores
+        if self.topk_method == "noaux_tc":
+            choice = scores + self.e_score_correction_bias
+        allowed = self._group_mask(choice)
+        if domain_ids is not None and self._domain_table is not None:
+            d = domain_ids if domain_ids.ndim == x.ndim - 1 else domain_ids[:, None]  # (B, T) or (B, 1)
+            domain_allowed = self._domain_table[d + 1]  # (B, T|1, E)
+            allowed = domain_allowed if allowed is None else mx.where((d >= 0)[..., None], domain_allowed, allowed)
+        if allowed is not None:
+            choice = mx.where(allowed, choice, -mx.inf)
+        k = self.top_k
+        indices = mx.stop_gradient(mx.argpartition(-choice, kth=k - 1, axis=-1)[..., :k])
+        weights = mx.take_along_axis(scores, indices, axis=-1)
+        # DeepSeek-V3 renormalises sigmoid weights always; softmax weights (V2) only when k > 1.
+        if self.norm_topk_prob and (self.scoring_func == "sigmoid" or k > 1):
+            weights = weights / (weights.sum(axis=-1, keepdims=True) + 1e-20)
+        return Routing(indices, weights * self.routed_scaling_factor, scores)
+
+    def _group_mask(self, choice: mx.array) -> mx.array | None:
+        """(..., E) bool: experts in the `topk_group` best groups, or None when routing is not group-limited."""
+        G = self.n_group
+        if G == 1 or self.topk_method == "greedy":
+            return None
+        grouped = mx.unflatten(mx.stop_gradient(choice), -1, (G, -1))  # (..., G, E/G)
+        if self.topk_method == "noaux_tc":  # V3: a group scores the sum of its two best experts
+            group_scores = mx.topk(grouped, 2, axis=-1).sum(axis=-1)
+        else:  # V2 group_limited_greedy: a group scores its best expert
+            group_scores = grouped.max(axis=-1)
+        kth = G - self.topk_group  # the topk_group largest sit at [kth:]
+        best = mx.argpartition(group_scores, kth=kth, axis=-1)[..., kth:]  # (..., topk_group)
+        keep = mx.put_along_axis(mx.zeros_like(group_scores), best, mx.array(1.0, group_scores.dtype), axis=-1)
+        return mx.repeat(keep > 0, grouped.shape[-1], axis=-1)  # (..., E)
+
+
+class StackedLinear(nn.Module):
+    """E bias-free linears stored as one `[E, out, in]` tensor (one contiguous read per expert)."""
+
+    def __init__(self, num_experts: int, in_dims: int, out_dims: int):
+        super().__init__()
+        bound = in_dims**-0.5
+        self.weight = mx.random.uniform(-bound, bound, (num_experts, out_dims, in_dims))
+
+    def __call__(self, x: mx.array, indices: mx.array, sorted_indices: bool = False) -> mx.array:
+        # x (..., 1, in) gathered against weight[indices] (..., in, out) -> (..., 1, out)
+        return mx.gather_mm(x, self.weight.swapaxes(-1, -2), rhs_indices=indices, sorted_indices=sorted_indices)
+
+
+class Experts(nn.Module):
+    """The routed experts: SwiGLU with stacked `gate_proj`/`up_proj` `[E, I, D]` and `down_proj` `[E, D, I]`."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        E, D, I = config.n_routed_experts, config.hidden_size, config.moe_intermediate_size
+        self.gate_proj = StackedLinear(E, D, I)
+        self.up_proj = StackedLinear(E, D, I)
+        self.down_proj = StackedLinear(E, I, D)
+
+    def _glu(self, x: mx.array, idx: mx.array, sort: bool) -> mx.array:
+        h = nn.silu(self.gate_proj(x, idx, sort)) * self.up_proj(x, idx, sort)
+        return self.down_proj(h, idx, sort)
+
+    def __call__(self, x: mx.array, indices: mx.array) -> mx.array:
+        """x (..., D), indices (..., k) -> (..., k, D): each token through each of its experts."""
+        *lead, D = x.shape
+        k = indices.shape[-1]
+        xf, idx = x.reshape(-1, D), indices.reshape(-1, k)  # (N, D), (N, k)
+        N = xf.shape[0]
+        if N * k < SORT_THRESHOLD:
+            y = self._glu(xf[:, None, None, :], idx, False)  # (N, k, 1, D)
+            return y.reshape(*lead, k, D)
+        flat = idx.flatten()
+        order = mx.argsort(flat)  # (N*k,) pairs sorted by expert
+        y = self._glu(xf[order // k][:, None, :], flat[order], True)  # (N*k, 1, D)
+        y = y[mx.argsort(order)]  # back to (token, slot) order
+        return y.reshape(*lead, k, D)
+
+
+class MoE(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.gate = MoEGate(config)
+        self.experts = Experts(config)
+        if config.n_shared_experts:
+            self.shared_experts = MLP(config.hidden_size, config.moe_intermediate_size * config.n_shared_experts)
+
+    def __call__(self, x: mx.array, domain_ids: mx.array | None = None) -> tuple[mx.array, Routing]:
+        routing = self.gate(x, domain_ids)
+        y = self.experts(x, routing.indices)  # (..., k, D)
+        y = (y * routing.weights[..., None].astype(y.dtype)).sum(axis=-2)
+        if "shared_experts" in self:
+            y = y + self.shared_experts(x)
+        return y, routing
