@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import warnings
 from pathlib import Path
 from typing import Callable
 
@@ -122,7 +123,7 @@ def _safetensors_files(path: Path) -> list[Path]:
         if absent:
             raise CheckpointError(f"{index}: lists shards that do not exist: {', '.join(absent)}")
         return files
-    files = sorted(path.glob("*.safetensors"))
+    files = sorted(f for f in path.glob("*.safetensors") if not f.name.startswith("."))
     if not files:
         raise CheckpointError(f"{path}: no model.safetensors (or index) in this directory")
     return files
@@ -236,6 +237,12 @@ def load_model(path: str | Path, *, dtype: str | None = None) -> Model:
     dt = compute_dtype(dtype)
     check_fits(config, dt, str(path))
     weights = read_weights(path)
+    n = config.num_hidden_layers
+    if config.num_nextn_predict_layers and not any(k.startswith(f"model.layers.{n}.") for k in weights):
+        # e.g. saved by transformers, which keeps num_nextn_predict_layers but drops the MTP tensors
+        warnings.warn(f"{path}: config.json declares {config.num_nextn_predict_layers} MTP layer(s) but the "
+                      "checkpoint has none; loading without MTP")
+        config = config.replace(num_nextn_predict_layers=0)
     for transform in LOAD_TRANSFORMS:
         weights = transform(weights, config)
     model = Model(config)
@@ -247,7 +254,7 @@ def load_model(path: str | Path, *, dtype: str | None = None) -> Model:
 
 
 def _atomic_write(path: Path, write: Callable[[str], None]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")  # keeps the suffix out of the way of glob("*.safetensors")
+    tmp = path.with_name(f".tmp-{path.name}")  # same suffix (mx.save_safetensors insists); readers skip dotfiles
     write(str(tmp))
     os.replace(tmp, path)
 

@@ -1,0 +1,66 @@
+"""What `dh-mlx info` reports: parameter counts, KV-cache and weight memory, beside two dense references."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .config import ModelConfig
+from .device import blas_in_use, compute_dtype
+from .params import CONTEXTS, KV_REFERENCES, count_params, kv_bytes_per_token, reference_kv_bytes_per_token, \
+    weight_bytes
+
+
+def model_info(config: ModelConfig) -> dict[str, Any]:
+    """A JSON-ready summary; KV figures use bf16 (2 bytes) for all models so they compare like for like."""
+    p = count_params(config)
+    kv = kv_bytes_per_token(config, 2)
+    info: dict[str, Any] = {
+        "total_params": p.total,
+        "active_params": p.active,
+        "mtp_params": p.mtp,
+        "mtp_active_params": p.mtp_active,
+        "routed_experts": config.n_routed_experts,
+        "experts_per_token": config.num_experts_per_tok if config.has_moe else None,
+        "max_position_embeddings": config.max_position_embeddings,
+        "kv_bytes_per_token": kv,
+        "kv_dtype": "bfloat16",
+        "kv_bytes": {name: kv * n for name, n in CONTEXTS.items()},
+        "weight_bytes": {label: weight_bytes(p.total + p.mtp, bits)
+                         for label, bits in (("float32", 32), ("bfloat16", 16), ("8-bit", 8), ("4-bit", 4))},
+        "kv_references": {name: {"kv_bytes_per_token": reference_kv_bytes_per_token(name),
+                                 "kv_bytes": {c: reference_kv_bytes_per_token(name) * n for c, n in CONTEXTS.items()}}
+                          for name in KV_REFERENCES},
+        "domains": config.domain_routing.domains if config.domain_routing else None,
+        "compute_dtype": str(compute_dtype()).replace("mlx.core.", ""),
+        "blas": blas_in_use(),
+    }
+    return info
+
+
+def _size(n: float, unit: str = "B") -> str:
+    for prefix in ("", "Ki", "Mi", "Gi", "Ti"):
+        if abs(n) < 1024 or prefix == "Ti":
+            return f"{n:.1f} {prefix}{unit}" if prefix else f"{n:.0f} {unit}"
+        n /= 1024
+    return ""
+
+
+def format_info(info: dict[str, Any], title: str) -> str:
+    lines = [f"{title}",
+             f"  parameters        {info['total_params'] / 1e9:.3f} B total, {info['active_params'] / 1e9:.3f} B "
+             f"active per token",
+             f"  MTP modules       {info['mtp_params'] / 1e9:.3f} B (not in the totals above)"]
+    if info["routed_experts"]:
+        lines.append(f"  experts           {info['routed_experts']} routed, {info['experts_per_token']} per token")
+    if info["domains"]:
+        lines.append(f"  domains           {', '.join(info['domains'])}")
+    lines.append(f"  context           {info['max_position_embeddings']:,} tokens")
+    lines.append("  weights           " + ", ".join(f"{k} {_size(v)}" for k, v in info["weight_bytes"].items()))
+    lines.append(f"  KV cache (bf16)   {info['kv_bytes_per_token']:,} B/token; " +
+                 ", ".join(f"{c} {_size(v)}" for c, v in info["kv_bytes"].items()))
+    for name, ref in info["kv_references"].items():
+        ratio = ref["kv_bytes_per_token"] / info["kv_bytes_per_token"]
+        lines.append(f"    vs {name:<13} {ref['kv_bytes_per_token']:,} B/token ({ratio:.1f}x ours); " +
+                     ", ".join(f"{c} {_size(v)}" for c, v in ref["kv_bytes"].items()))
+    lines.append(f"  compute dtype     {info['compute_dtype']}   BLAS: {info['blas']}")
+    return "\n".join(lines)

@@ -1,0 +1,146 @@
+"""Internal consistency of the MLX model: MLA paths, cached decode, checkpoint round trips, routing rules."""
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from mlx.utils import tree_flatten
+
+from dh_mlx import load_model, random_model, save_model
+from dh_mlx.cache import make_cache
+from dh_mlx.model.moe import MoEGate
+from helpers import CONFIGS, make_checkpoint, make_config, randomise_for_parity, tokens
+
+
+def model_for(name, **kw):
+    return randomise_for_parity(random_model(make_config(name, **kw), seed=3, dtype="float32"), 3)
+
+
+def set_absorb(model, value):
+    for layer in model.layers:
+        layer.self_attn.absorb = value
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_naive_and_absorbed_mla_agree(name):
+    m = model_for(name)
+    ids = mx.array(tokens(16))
+    set_absorb(m, False)
+    naive = m(ids)
+    set_absorb(m, True)
+    absorbed = m(ids)
+    assert mx.abs(naive - absorbed).max().item() <= 1e-4
+    assert mx.abs(naive).max().item() > 0.1
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_prefill_then_cached_decode_equals_full_forward(name):
+    m = model_for(name)
+    ids = mx.array(tokens(20))
+    full = m(ids)
+    cache = make_cache(m.config)
+    steps = [m(ids[:, :7], cache=cache)] + [m(ids[:, t:t + 1], cache=cache) for t in range(7, 20)]
+    np.testing.assert_allclose(np.array(mx.concatenate(steps, axis=1)), np.array(full), atol=1e-4)
+    assert cache[0].offset == 20
+
+
+def test_cache_holds_only_latent_and_rope_key():
+    m = model_for("q_lora+groups+yarn+mtp")
+    cache = make_cache(m.config)
+    m(mx.array(tokens(9, batch=1)), cache=cache)
+    c = m.config
+    per_token = sum(x.nbytes for x in cache) / 9
+    assert per_token == c.num_hidden_layers * (c.kv_lora_rank + c.qk_rope_head_dim) * 4
+
+
+@pytest.mark.parametrize("shard_bytes", [5 * 10**9, 40_000])
+def test_save_load_round_trip_is_bit_exact(tmp_path, shard_bytes):
+    m = model_for("q_lora+groups+yarn+mtp")
+    save_model(m, tmp_path, max_shard_bytes=shard_bytes)
+    if shard_bytes < 10**6:
+        assert (tmp_path / "model.safetensors.index.json").is_file()
+        assert len(list(tmp_path.glob("model-*-of-*.safetensors"))) > 2
+    back = load_model(tmp_path)
+    a, b = dict(tree_flatten(m.parameters())), dict(tree_flatten(back.parameters()))
+    assert a.keys() == b.keys()
+    for k in a:
+        assert mx.array_equal(a[k], b[k]).item(), k
+
+
+def test_random_init_is_deterministic_by_seed():
+    c = make_config()
+    a, b, other = (random_model(c, seed=s) for s in (5, 5, 6))
+    ids = mx.array(tokens())
+    assert mx.array_equal(a(ids), b(ids)).item()
+    assert not mx.array_equal(a(ids), other(ids)).item()
+
+
+def test_mtp_input_is_embedding_first():
+    """eh_proj acts on concat(enorm(embed), hnorm(hidden)): zeroing its second half removes the hidden input."""
+    m = model_for("q_lora+groups+yarn+mtp")
+    layer = m.model.mtp_layers[0]
+    D = m.config.hidden_size
+    w = layer.eh_proj.weight
+    layer.eh_proj.weight = mx.concatenate([w[:, :D], mx.zeros_like(w[:, D:])], axis=1)
+    nxt = mx.array(tokens(6))
+    h1 = mx.random.normal((2, 6, D), key=mx.random.key(1))
+    h2 = mx.random.normal((2, 6, D), key=mx.random.key(2))
+    a, _ = m.mtp_forward(h1, nxt)
+    b, _ = m.mtp_forward(h2, nxt)
+    assert mx.abs(a - b).max().item() == 0.0
+    layer.eh_proj.weight = mx.concatenate([mx.zeros_like(w[:, :D]), w[:, D:]], axis=1)
+    a, _ = m.mtp_forward(h1, nxt)
+    b, _ = m.mtp_forward(h2, nxt)
+    assert mx.abs(a - b).max().item() > 1e-3
+
+
+def test_selection_bias_picks_experts_but_does_not_weight_them():
+    c = make_config("no_q_lora+flat+dense0", num_experts_per_tok=2, routed_scaling_factor=1.0)
+    gate = MoEGate(c)
+    gate.weight = mx.random.normal(gate.weight.shape, key=mx.random.key(0))
+    x = mx.random.normal((5, c.hidden_size), key=mx.random.key(1))
+    before = gate(x)
+    gate.e_score_correction_bias = mx.array([10.0, 10.0] + [0.0] * 6)  # force experts 0 and 1
+    after = gate(x)
+    assert sorted(np.array(after.indices).tolist()[0]) == [0, 1]
+    scores = np.array(after.scores)
+    expect = scores[:, :2] / scores[:, :2].sum(-1, keepdims=True)
+    np.testing.assert_allclose(np.sort(np.array(after.weights), -1), np.sort(expect, -1), rtol=1e-6)
+    np.testing.assert_allclose(np.array(after.scores), np.array(before.scores))  # scores ignore the bias
+
+
+def test_group_limited_routing_stays_in_topk_groups():
+    c = make_config()  # 8 experts, 4 groups of 2, topk_group 2
+    gate = MoEGate(c)
+    gate.weight = mx.random.normal(gate.weight.shape, key=mx.random.key(0))
+    r = gate(mx.random.normal((200, c.hidden_size), key=mx.random.key(2)))
+    groups = np.array(r.indices) // 2
+    assert all(len(set(g)) <= 2 for g in groups.tolist())
+
+
+def test_domain_routing_restricts_and_is_inert_without_ids():
+    from dh_mlx.config import DomainRouting
+    plain = model_for("q_lora+groups+yarn+mtp")
+    dr = DomainRouting(domains=["code", "math", "legal"], experts_per_domain=2)  # experts 6, 7 are common
+    routed = model_for("q_lora+groups+yarn+mtp", domain_routing=dr)
+    ids = mx.array(tokens(10))
+    # Without domain ids (or with -1) the model is exactly DeepSeek-V3.
+    assert mx.array_equal(plain(ids), routed(ids)).item()
+    assert mx.array_equal(routed(ids), routed(ids, domain_ids=mx.array([-1, -1]))).item()
+    out = routed.forward(ids, domain_ids=mx.array([1, 2]))  # batch row 0: math, row 1: legal
+    for r in out.routing:
+        chosen = np.array(r.indices)
+        assert set(chosen[0].flatten()) <= {2, 3, 6, 7}
+        assert set(chosen[1].flatten()) <= {4, 5, 6, 7}
+    # Per-token ids: a -1 token keeps plain routing while its neighbour is restricted.
+    tok_ids = mx.array([[0] * 5 + [-1] * 5, [-1] * 10])
+    mixed = routed.forward(ids, domain_ids=tok_ids)
+    plain_out = routed.forward(ids)
+    assert set(np.array(mixed.routing[0].indices)[0, :5].flatten()) <= {0, 1, 6, 7}
+    assert mx.array_equal(mixed.logits[1], plain_out.logits[1]).item()
+
+
+def test_domain_routing_round_trips_through_config_json(tmp_path):
+    from dh_mlx.config import DomainRouting, load_config
+    dr = DomainRouting(domains=["code", "math"], experts_per_domain=3)
+    make_checkpoint(tmp_path, domain_routing=dr)
+    assert load_config(tmp_path).domain_routing == dr
