@@ -13,9 +13,83 @@ app = typer.Typer(add_completion=False, help="Darkhorse Genesis on MLX: a DeepSe
 
 
 @app.callback(invoke_without_command=True)
-def root(ctx: typer.Context) -> None:
-    if ctx.invoked_subcommand is None:
+def root(ctx: typer.Context,
+         prompt: Optional[str] = typer.Option(None, help="generate from this prompt on the default preset "
+                                                          "(the seed's bare form)")) -> None:
+    if ctx.invoked_subcommand is not None:
+        return
+    if prompt is None:
         typer.echo(ctx.get_help())
+        return
+    _generate(prompt=prompt)
+
+
+def _generate(*, prompt: str, model: Optional[Path] = None, params: Optional[str] = None, max_tokens: int = 100,
+              temp: float = 0.0, top_p: float = 1.0, top_k: int = 0, min_p: float = 0.0,
+              repetition_penalty: float = 1.0, seed: int = 0, domain: Optional[str] = None,
+              mtp: Optional[bool] = None, prefill_step_size: int = 512, dtype: Optional[str] = None,
+              adapter: Optional[Path] = None, stream: bool = True) -> None:
+    from .api import load, load_preset_model
+    from .config import DEFAULT_PRESET
+    from .generate import GenerationStats, stream_generate
+    if params and model:
+        _fail("give either --params or --model, not both")
+    if model:
+        m, tok = load(model, dtype=dtype)
+    else:
+        m, tok = load_preset_model(params or DEFAULT_PRESET, seed=seed, dtype=dtype)
+    if adapter:
+        from .train.lora import load_adapters
+        load_adapters(m, adapter)
+    if tok is None:
+        _fail(f"{model}: no tokenizer.model in the model directory")
+    dom = None
+    if domain:
+        if m.config.domain_routing is None:
+            _fail("--domain needs a model with a domain_routing block in its config.json")
+        dom = m.config.domain_routing.domain_id(domain)
+    use_mtp = bool(m.config.num_nextn_predict_layers) if mtp is None else mtp
+    stats = GenerationStats()
+    pieces: list[str] = []
+    for r in stream_generate(m, tok, prompt, max_tokens=max_tokens, temp=temp, top_p=top_p, top_k=top_k,
+                             min_p=min_p, repetition_penalty=repetition_penalty, seed=seed, domain=dom,
+                             mtp=use_mtp, prefill_step_size=prefill_step_size, stats=stats):
+        pieces.append(r.text)
+        if stream:
+            sys.stdout.write(r.text)
+            sys.stdout.flush()
+    sys.stdout.write(("" if stream else "".join(pieces)) + "\n")
+    typer.echo(f"prompt: {stats.prompt_tokens} tokens, {stats.prompt_tps:.1f} tokens/s | generation: "
+               f"{stats.generation_tokens} tokens, {stats.generation_tps:.1f} tokens/s | peak memory "
+               f"{stats.peak_memory_gb:.2f} GB", err=True)
+    if stats.acceptance_rate is not None:
+        typer.echo(f"MTP draft acceptance: {stats.accepted}/{stats.drafted} = {stats.acceptance_rate:.1%}",
+                   err=True)
+
+
+@app.command()
+def generate(prompt: str = typer.Option(..., help="the prompt text"),
+             model: Optional[Path] = typer.Option(None, help="model directory (or hub repo id)"),
+             params: Optional[str] = typer.Option(None, help="size preset with random weights (default tiny)"),
+             max_tokens: int = typer.Option(100, help="stop after this many new tokens"),
+             temp: float = typer.Option(0.0, help="sampling temperature; 0 is greedy"),
+             top_p: float = typer.Option(1.0, help="nucleus sampling mass"),
+             top_k: int = typer.Option(0, help="keep the k most likely tokens (0: off)"),
+             min_p: float = typer.Option(0.0, help="drop tokens below min_p x the top probability"),
+             repetition_penalty: float = typer.Option(1.0, help="penalise recently seen tokens (1: off)"),
+             seed: int = typer.Option(0, help="sampling seed, and the init seed with --params"),
+             domain: Optional[str] = typer.Option(None, help="route through this domain's experts"),
+             mtp: Optional[bool] = typer.Option(None, "--mtp/--no-mtp",
+                                                help="MTP self-speculative decoding (default: on if present)"),
+             prefill_step_size: int = typer.Option(512, help="prompt tokens per prefill chunk"),
+             dtype: Optional[str] = typer.Option(None, help="float32, bfloat16 or float16 (default: by device)"),
+             adapter: Optional[Path] = typer.Option(None, help="LoRA adapter directory, applied unfused"),
+             stream: bool = typer.Option(True, "--stream/--no-stream", help="print tokens as they come")
+             ) -> None:
+    """Generate text; stdout carries the text alone, speed and memory go to stderr."""
+    _generate(prompt=prompt, model=model, params=params, max_tokens=max_tokens, temp=temp, top_p=top_p,
+              top_k=top_k, min_p=min_p, repetition_penalty=repetition_penalty, seed=seed, domain=domain, mtp=mtp,
+              prefill_step_size=prefill_step_size, dtype=dtype, adapter=adapter, stream=stream)
 
 
 def _fail(message: str) -> None:

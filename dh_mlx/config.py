@@ -14,7 +14,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-PARAMETERS_DIR = Path(__file__).resolve().parent.parent / "parameters"
+REPO_DIR = Path(__file__).resolve().parent.parent
+PARAMETERS_DIR = REPO_DIR / "parameters"
+DATA_DIR = REPO_DIR / "data"  # bundled sample corpus and its tokenizer
 DEFAULT_PRESET = "tiny"
 
 _TOPK_METHODS = ("noaux_tc", "greedy", "group_limited_greedy")

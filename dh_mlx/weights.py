@@ -178,11 +178,16 @@ def check_fits(config: ModelConfig, dtype: mx.Dtype, what: str) -> None:
     options = [f"{bits}-bit quantization ({weight_bytes(n, bits) / 2**30:.1f} GiB)" for bits in (8, 4)
                if weight_bytes(n, bits) <= 0.9 * have]
     from .config import preset_names
-    smaller = [p for p in preset_names() if (lambda c: (count_params(c).total + count_params(c).mtp)
-                                                  * dtype.size <= 0.9 * have)(load_preset(p))]
+
+    def preset_bytes(name: str) -> int:
+        p = count_params(load_preset(name))
+        return (p.total + p.mtp) * dtype.size
+
+    smaller = [p for p in preset_names() if preset_bytes(p) <= 0.9 * have]
     hint = "; ".join(filter(None, [", ".join(options), f"a smaller preset: {', '.join(smaller)}" if smaller
                                    else ""])) or "a machine with more memory"
-    raise MemoryError(f"{what}: {n / 1e9:.2f} B parameters need {need / 2**30:.1f} GiB as {dtype}, "
+    dtype_name = str(dtype).rsplit(".", 1)[-1]
+    raise MemoryError(f"{what}: {n / 1e9:.2f} B parameters need {need / 2**30:.1f} GiB as {dtype_name}, "
                       f"but only {have / 2**30:.1f} GiB is available; would fit: {hint}")
 
 
@@ -206,10 +211,11 @@ def init_weights(model: Model, seed: int = 0) -> Model:
     return model
 
 
-def random_model(config: ModelConfig, *, seed: int = 0, dtype: str | None = None) -> Model:
+def random_model(config: ModelConfig, *, seed: int = 0, dtype: str | None = None, name: str = "this config"
+                 ) -> Model:
     """An untrained model from a config (e.g. a preset), deterministic by `seed`."""
     dt = compute_dtype(dtype)
-    check_fits(config, dt, "this preset")
+    check_fits(config, dt, name)
     model = cast_model(init_weights(Model(config), seed), dt)
     mx.eval(model.parameters())
     return model

@@ -43,7 +43,8 @@ class MLA(nn.Module):
         self.o_proj = nn.Linear(H * c.v_head_dim, c.hidden_size, bias=c.attention_bias)
         self.rope = RoPE(c)
         self.scale = dq**-0.5 * rope_parameters(c)[2]
-        # None: absorbed exactly when a cache is given (decode); True/False force a path.
+        # None: absorbed exactly when earlier positions are cached (decode, later prefill chunks), so
+        # per-head K/V exist for one chunk at most; True/False force a path.
         self.absorb: bool | None = None
 
     def __call__(self, x: mx.array, mask: mx.array | str | None = "causal", cache: Any = None) -> mx.array:
@@ -65,7 +66,7 @@ class MLA(nn.Module):
         if cache is not None:
             latent, k_pe = cache.update_and_fetch(latent, k_pe)  # (B, 1, S, r), (B, 1, S, p)
 
-        absorb = self.absorb if self.absorb is not None else cache is not None
+        absorb = self.absorb if self.absorb is not None else offset > 0
         if absorb:
             out = self._absorbed(q_nope, q_pe, latent, k_pe, mask, offset)
         else:

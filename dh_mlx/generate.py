@@ -1,0 +1,168 @@
+"""Generation as composable steps: prefill, decode_step, generate_tokens, stream_generate, generate."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, Iterator
+
+import mlx.core as mx
+
+from .cache import LatentCache, make_cache
+from .model import Model
+from .sample import apply_repetition_penalty, make_sampler
+
+
+@dataclass
+class PromptCache:
+    """A latent cache plus the tokens it holds, reusable across calls that share a prompt prefix."""
+
+    cache: list[LatentCache]
+    tokens: list[int] = field(default_factory=list)
+
+    @classmethod
+    def new(cls, model: Model) -> "PromptCache":
+        return cls(make_cache(model.config))
+
+    def reuse(self, prompt: list[int]) -> list[int]:
+        """Trim to the longest common prefix with `prompt`; return the prompt tokens still to prefill."""
+        common = 0
+        for a, b in zip(self.tokens, prompt):
+            if a != b:
+                break
+            common += 1
+        common = min(common, len(prompt) - 1)  # always recompute at least one token for its logits
+        for c in self.cache:
+            c.trim(c.offset - common)
+        self.tokens = self.tokens[:common]
+        return prompt[common:]
+
+
+@dataclass
+class GenerationStats:
+    prompt_tokens: int = 0
+    prompt_tps: float = 0.0
+    generation_tokens: int = 0
+    generation_tps: float = 0.0
+    peak_memory_gb: float = 0.0
+    drafted: int = 0
+    accepted: int = 0
+
+    @property
+    def acceptance_rate(self) -> float | None:
+        return self.accepted / self.drafted if self.drafted else None
+
+
+def _domain_array(domain: int | None) -> mx.array | None:
+    return None if domain is None else mx.array([domain])
+
+
+def prefill(model: Model, tokens: mx.array, cache: list[LatentCache], *, step_size: int = 512,
+            domain: int | None = None) -> tuple[mx.array, mx.array]:
+    """Run the prompt (1, T) through the cache in chunks; returns (last logits (1, V), last hidden (1, D)).
+
+    Each chunk after the first attends through the absorbed path, so per-head K/V never exist for more than
+    one chunk.
+    """
+    d = _domain_array(domain)
+    T = tokens.shape[1]
+    for start in range(0, T - 1, step_size):
+        end = min(start + step_size, T - 1)
+        model.model(tokens[:, start:end], cache, d)
+        mx.eval([c.latent for c in cache])
+    out = model.forward(tokens[:, T - 1:], cache, d)
+    return out.logits[:, -1], out.hidden[:, -1]
+
+
+def decode_step(model: Model, token: mx.array, cache: list[LatentCache], domain: int | None = None):
+    """One token (1, 1) -> (logits (1, V), hidden (1, D))."""
+    out = model.forward(token, cache, _domain_array(domain))
+    return out.logits[:, -1], out.hidden[:, -1]
+
+
+def check_context(model: Model, n_tokens: int) -> None:
+    limit = model.config.max_position_embeddings
+    if n_tokens > limit:
+        raise ValueError(f"prompt plus generation needs {n_tokens} positions but the model's context "
+                         f"(max_position_embeddings) is {limit}")
+
+
+def generate_tokens(model: Model, prompt_ids: list[int], *, max_tokens: int = 256, temp: float = 0.0,
+                    top_p: float = 1.0, top_k: int = 0, min_p: float = 0.0, repetition_penalty: float = 1.0,
+                    repetition_context: int = 64, seed: int | None = None, domain: int | None = None,
+                    eos_ids: tuple[int, ...] = (), prefill_step_size: int = 512,
+                    prompt_cache: PromptCache | None = None, mtp: bool = False,
+                    stats: GenerationStats | None = None) -> Iterator[int]:
+    """Yield generated token ids (like mlx-lm's generate_step); stops at an id in `eos_ids` or `max_tokens`."""
+    if not prompt_ids:
+        raise ValueError("the prompt is empty: give at least one token")
+    check_context(model, len(prompt_ids) + max_tokens)
+    if seed is not None:
+        mx.random.seed(seed)
+    stats = stats if stats is not None else GenerationStats()
+    pc = prompt_cache if prompt_cache is not None else PromptCache.new(model)
+    todo = pc.reuse(list(prompt_ids))
+    sampler = make_sampler(temp, top_p, top_k, min_p)
+    history = list(prompt_ids)
+
+    def choose(logits: mx.array) -> mx.array:
+        if repetition_penalty != 1.0:
+            logits = apply_repetition_penalty(logits, mx.array(history[-repetition_context:]), repetition_penalty)
+        return sampler(logits)
+
+    if mtp and model.config.num_nextn_predict_layers and temp == 0 and repetition_penalty == 1.0:
+        from .speculative import mtp_generate
+        yield from mtp_generate(model, pc, todo, history, max_tokens=max_tokens, eos_ids=eos_ids,
+                                prefill_step_size=prefill_step_size, domain=domain, stats=stats)
+        return
+    tic = time.perf_counter()
+    logits, _ = prefill(model, mx.array([todo]), pc.cache, step_size=prefill_step_size, domain=domain)
+    token = choose(logits)
+    mx.eval(token)
+    stats.prompt_tokens = len(todo)
+    stats.prompt_tps = len(todo) / (time.perf_counter() - tic)
+    pc.tokens = list(prompt_ids)
+    tic = time.perf_counter()
+    for n in range(max_tokens):
+        t = token.item()
+        # Queue the next step before handing this token out, so compute overlaps the consumer.
+        if n + 1 < max_tokens and t not in eos_ids:
+            history.append(t)
+            logits, _ = decode_step(model, token[:, None], pc.cache, domain)
+            token = choose(logits)
+            mx.async_eval(token)
+        pc.tokens.append(t)
+        stats.generation_tokens = n + 1
+        yield t
+        if t in eos_ids:
+            break
+    # The last yielded token has not been fed to the cache: drop it from the record.
+    pc.tokens = pc.tokens[: pc.cache[0].offset]
+    stats.generation_tps = stats.generation_tokens / max(time.perf_counter() - tic, 1e-9)
+    stats.peak_memory_gb = mx.get_peak_memory() / 1e9
+
+
+@dataclass
+class GenerationResponse:
+    text: str  # the new piece of text
+    token: int
+    stats: GenerationStats
+
+
+def stream_generate(model: Model, tokenizer: Any, prompt: str | list[int], **kwargs) -> Iterator[GenerationResponse]:
+    """Yield text pieces as tokens arrive; `kwargs` are `generate_tokens`' sampling options."""
+    ids = tokenizer.encode(prompt, bos=True) if isinstance(prompt, str) else list(prompt)
+    kwargs.setdefault("eos_ids", (tokenizer.eos_id,))
+    stats = kwargs.pop("stats", None) or GenerationStats()
+    decoder = tokenizer.stream_decoder()
+    for t in generate_tokens(model, ids, stats=stats, **kwargs):
+        piece = "" if t in kwargs["eos_ids"] else decoder.add(t)
+        yield GenerationResponse(piece, t, stats)
+    tail = decoder.flush()
+    if tail:
+        yield GenerationResponse(tail, -1, stats)
+
+
+def generate(model: Model, tokenizer: Any, prompt: str | list[int], **kwargs) -> str:
+    """The generated text (prompt excluded)."""
+    return "".join(r.text for r in stream_generate(model, tokenizer, prompt, **kwargs))

@@ -1,0 +1,70 @@
+"""Samplers and logits processors: pure functions of (logits, state) -> logits or token."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import mlx.core as mx
+
+Sampler = Callable[[mx.array], mx.array]
+
+
+def apply_top_k(logits: mx.array, k: int) -> mx.array:
+    """Keep the k largest logits per row (ties at the k-th value kept), -inf elsewhere."""
+    if k <= 0 or k >= logits.shape[-1]:
+        return logits
+    kth = mx.sort(logits, axis=-1)[..., -k][..., None]
+    return mx.where(logits >= kth, logits, -mx.inf)
+
+
+def apply_top_p(logits: mx.array, p: float) -> mx.array:
+    """Nucleus: keep the smallest set of most likely tokens whose probability reaches p."""
+    if p >= 1.0:
+        return logits
+    order = mx.argsort(-logits, axis=-1)
+    sorted_logits = mx.take_along_axis(logits, order, axis=-1)
+    probs = mx.softmax(sorted_logits, axis=-1)
+    before = mx.cumsum(probs, axis=-1) - probs  # mass strictly above each token
+    sorted_kept = mx.where(before < p, sorted_logits, -mx.inf)
+    return mx.put_along_axis(mx.full(logits.shape, -mx.inf, logits.dtype), order, sorted_kept, axis=-1)
+
+
+def apply_min_p(logits: mx.array, min_p: float) -> mx.array:
+    """Drop tokens whose probability is below min_p times the most likely token's."""
+    if min_p <= 0.0:
+        return logits
+    logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+    threshold = logprobs.max(axis=-1, keepdims=True) + mx.log(mx.array(min_p))
+    return mx.where(logprobs >= threshold, logits, -mx.inf)
+
+
+def apply_repetition_penalty(logits: mx.array, previous: mx.array, penalty: float) -> mx.array:
+    """CTRL-style penalty on tokens already seen: positive logits divided, negative multiplied."""
+    if penalty == 1.0 or previous.size == 0:
+        return logits
+    seen = mx.take(logits, previous, axis=-1)
+    seen = mx.where(seen > 0, seen / penalty, seen * penalty)
+    return mx.put_along_axis(logits, mx.broadcast_to(previous, (*logits.shape[:-1], previous.size)), seen, axis=-1)
+
+
+def make_sampler(temp: float = 0.0, top_p: float = 1.0, top_k: int = 0, min_p: float = 0.0) -> Sampler:
+    """logits (B, V) -> tokens (B,). temp 0 is argmax."""
+    if temp < 0 or not 0 < top_p <= 1 or min_p < 0 or top_k < 0:
+        raise ValueError("sampling needs temp >= 0, 0 < top_p <= 1, top_k >= 0, min_p >= 0")
+    if temp == 0:
+        return lambda logits: mx.argmax(logits, axis=-1)
+
+    def sample(logits: mx.array) -> mx.array:
+        logits = apply_min_p(apply_top_p(apply_top_k(logits.astype(mx.float32), top_k), top_p), min_p)
+        return mx.random.categorical(logits / temp, axis=-1)
+
+    return sample
+
+
+def sampling_distribution(logits: mx.array, temp: float, top_p: float = 1.0, top_k: int = 0,
+                          min_p: float = 0.0) -> mx.array:
+    """The probabilities `make_sampler` draws from (needed by speculative acceptance). temp 0: one-hot argmax."""
+    if temp == 0:
+        return (mx.arange(logits.shape[-1]) == mx.argmax(logits, axis=-1, keepdims=True)).astype(mx.float32)
+    logits = apply_min_p(apply_top_p(apply_top_k(logits.astype(mx.float32), top_k), top_p), min_p)
+    return mx.softmax(logits / temp, axis=-1)
