@@ -114,6 +114,21 @@ def info(params: Optional[str] = typer.Option(None, help="size preset (tiny, 1b,
     data = model_info(config)
     typer.echo(json.dumps(data) if as_json else format_info(data, str(model or f"preset {params or 'tiny'}")))
 
+tokenizer_app = typer.Typer(add_completion=False, help="Train a SentencePiece tokenizer.")
+app.add_typer(tokenizer_app, name="tokenizer")
+
+
+@tokenizer_app.command("train")
+def tokenizer_train(data: list[Path] = typer.Option(..., help="JSONL file or directory (repeatable)"),
+                    out: Path = typer.Option(..., help="directory for tokenizer.model and the HF files"),
+                    vocab_size: int = typer.Option(8192, help="vocabulary size (the model's vocab_size)"),
+                    seed: int = typer.Option(0, help="training seed")) -> None:
+    """Train a byte-fallback BPE tokenizer on the `text` of JSONL records; decode(encode(s)) == s for any s."""
+    from .tokenizer import train_tokenizer
+    tok = train_tokenizer(data, out, vocab_size=vocab_size, seed=seed)
+    typer.echo(f"wrote {out}: vocabulary {tok.vocab_size} (pad {tok.pad_id}, bos {tok.bos_id}, eos {tok.eos_id})")
+
+
 
 def main() -> None:
     """Console entry point: library errors become one-line messages, never tracebacks."""

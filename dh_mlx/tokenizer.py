@@ -1,0 +1,266 @@
+"""SentencePiece BPE tokenizer: training on JSONL corpora, exact encode/decode, streaming detokenization.
+
+Every setting serves one promise: `decode(encode(s)) == s` for any text. The normalizer is the identity (no NFKC,
+no whitespace folding), there is no dummy-prefix space, and characters outside the vocabulary fall back to their
+UTF-8 bytes (`<0x00>`..`<0xFF>`), so nothing is ever `<unk>`. Special ids are those of `parameters/*.json`:
+pad 0, bos 1, eos 2, unk 3. A model directory also gets `tokenizer.json` / `tokenizer_config.json`, which
+transformers' `AutoTokenizer` and mlx-lm load with the same vocabulary and the same ids (they add BOS by default,
+as our training data does; they read the literal text `<s>`/`</s>` as special tokens, we never do).
+"""
+
+from __future__ import annotations
+
+import codecs
+import io
+import json
+import re
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import sentencepiece as spm
+
+PAD, BOS, EOS, UNK = "<pad>", "<s>", "</s>", "<unk>"
+MODEL_FILE = "tokenizer.model"
+# SentencePiece writes a space as U+2581 and reads U+2581 back as a space; we escape the literal one as bytes.
+_SPACE_MARK = "\u2581"
+# The trainer drops longer sentences; our chunks stay below it.
+_MAX_SENTENCE_BYTES = 16384
+_CHUNK_CHARS = 4000
+
+# Our chat format (see dh_mlx/train/data.py), for transformers' and mlx-lm's `apply_chat_template`.
+CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}"
+    "{% if m['role'] == 'assistant' %}Assistant: {{ m['content'] }}{{ eos_token }}"
+    "{% else %}{{ m['role'] | capitalize }}: {{ m['content'] }}\n{% endif %}"
+    "{% endfor %}{% if add_generation_prompt %}Assistant: {% endif %}")
+
+
+# As SentencePiece decodes invalid UTF-8: one U+FFFD per bad byte (Python's "replace" gives one per bad run).
+_PER_BYTE = "dh_mlx.replace_per_byte"
+codecs.register_error(_PER_BYTE, lambda e: ("\ufffd" * (e.end - e.start), e.end))
+
+
+class TokenizerError(ValueError):
+    """A tokenizer that cannot be trained or loaded; the message says which file or option and why."""
+
+
+class Tokenizer:
+    """A trained SentencePiece model with exact round trips (`decode(encode(s)) == s`)."""
+
+    def __init__(self, model_file: str | Path):
+        self.path = Path(model_file)
+        try:
+            self.sp = spm.SentencePieceProcessor(model_file=str(self.path))
+        except (OSError, RuntimeError) as e:
+            raise TokenizerError(f"{self.path}: not a SentencePiece model ({e})") from None
+        self._mark_ids = [self.sp.piece_to_id(f"<0x{b:02X}>") for b in _SPACE_MARK.encode()]
+        # Bytes each id contributes to the decoded text (None for control tokens).
+        self._bytes = [self._piece_bytes(i) for i in range(self.sp.get_piece_size())]
+
+    def _piece_bytes(self, i: int) -> bytes | None:
+        if self.sp.is_byte(i):
+            return bytes([int(self.sp.id_to_piece(i)[3:5], 16)])
+        if self.sp.is_control(i):
+            return None
+        if self.sp.is_unknown(i):
+            return self.sp.decode([i]).encode()
+        return self.sp.id_to_piece(i).replace(_SPACE_MARK, " ").encode()
+
+    @property
+    def vocab_size(self) -> int:
+        return self.sp.get_piece_size()
+
+    @property
+    def bos_id(self) -> int:
+        return self.sp.bos_id()
+
+    @property
+    def eos_id(self) -> int:
+        return self.sp.eos_id()
+
+    @property
+    def pad_id(self) -> int:
+        return self.sp.pad_id()
+
+    @property
+    def unk_id(self) -> int:
+        return self.sp.unk_id()
+
+    def encode(self, text: str, *, bos: bool = False, eos: bool = False) -> list[int]:
+        """Token ids of `text`; special tokens only where asked (the text `</s>` is ordinary text)."""
+        parts = text.split(_SPACE_MARK)
+        ids = [self.bos_id] if bos else []
+        for k, part in enumerate(parts):
+            if k:
+                ids += self._mark_ids
+            if part:
+                ids += self.sp.encode(part)
+        if eos:
+            ids.append(self.eos_id)
+        return ids
+
+    def decode(self, ids: Iterable[int]) -> str:
+        """Text of `ids`; special tokens decode to nothing."""
+        return self.sp.decode([int(i) for i in ids])
+
+    def id_to_piece(self, i: int) -> str:
+        return self.sp.id_to_piece(int(i))
+
+    def stream_decoder(self) -> "StreamDecoder":
+        return StreamDecoder(self)
+
+
+class StreamDecoder:
+    """Text of a growing id sequence, one finished piece at a time.
+
+    A character split across byte-fallback tokens (an emoji is four `<0xNN>` tokens) is held back until its last
+    byte arrives, so every returned piece is whole text and the concatenation of all pieces plus `flush()` is
+    `decode(ids)`.
+    """
+
+    def __init__(self, tokenizer: Tokenizer):
+        self.tokenizer = tokenizer
+        self._utf8 = codecs.getincrementaldecoder("utf-8")(errors=_PER_BYTE)
+
+    def add(self, token_id: int) -> str:
+        """Feed one id; return the text it completes (possibly empty)."""
+        piece = self.tokenizer._bytes[int(token_id)]
+        # SentencePiece ends a byte run at a special token: bytes before it cannot join bytes after it.
+        return self._utf8.decode(piece) if piece is not None else self.flush()
+
+    def flush(self) -> str:
+        """Text still held back (each byte of an unfinished character becomes U+FFFD); then start afresh."""
+        text = self._utf8.decode(b"", final=True)
+        self._utf8.reset()
+        return text
+
+
+# ---- training --------------------------------------------------------------------------------------------
+def _chunks(text: str) -> Iterator[str]:
+    """Line-aligned pieces of at most ~_CHUNK_CHARS characters (the trainer's unit is a 'sentence')."""
+    buf, size = [], 0
+    for line in text.splitlines(keepends=True):
+        while len(line) > _CHUNK_CHARS:
+            yield line[:_CHUNK_CHARS]
+            line = line[_CHUNK_CHARS:]
+        if size + len(line) > _CHUNK_CHARS and buf:
+            yield "".join(buf)
+            buf, size = [], 0
+        buf.append(line)
+        size += len(line)
+    if buf:
+        yield "".join(buf)
+
+
+def _training_sentences(paths: list[Path], errors: list[Exception]) -> Iterator[str]:
+    from .train.data import read_jsonl, record_texts
+    try:
+        for path in paths:
+            for record in read_jsonl(path):
+                for text in record_texts(record):
+                    yield from _chunks(text.replace(_SPACE_MARK, " "))
+    except Exception as e:  # the trainer reports it as its own RuntimeError; we re-raise the original
+        errors.append(e)
+        raise
+
+
+def train_tokenizer(data: list[Path] | Path, out_dir: Path, *, vocab_size: int = 8192, seed: int = 0) -> Tokenizer:
+    """Train a byte-fallback BPE model on the texts of JSONL files (or directories of them) into `out_dir`.
+
+    Writes `tokenizer.model` (SentencePiece), `tokenizer_config.json`, `special_tokens_map.json` and, when the
+    `tokenizers` package is installed, `tokenizer.json`. The text is streamed, never loaded whole.
+    """
+    paths = [Path(p) for p in (data if isinstance(data, (list, tuple)) else [data])]
+    if not paths:
+        raise TokenizerError("no training data given")
+    minimum = 4 + 256 + 1  # specials, the 256 byte pieces, at least one learned piece
+    if not isinstance(vocab_size, int) or vocab_size < minimum:
+        raise TokenizerError(f"vocab_size must be an integer >= {minimum}, got {vocab_size!r}")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model = io.BytesIO()
+    spm.set_random_generator_seed(seed)
+    errors: list[Exception] = []
+    try:
+        spm.SentencePieceTrainer.train(
+            sentence_iterator=_training_sentences(paths, errors), model_writer=model, vocab_size=vocab_size,
+            model_type="bpe", byte_fallback=True, character_coverage=0.9995,
+            normalization_rule_name="identity", add_dummy_prefix=False, remove_extra_whitespaces=False,
+            split_digits=True, allow_whitespace_only_pieces=True, max_sentence_length=_MAX_SENTENCE_BYTES,
+            pad_id=0, bos_id=1, eos_id=2, unk_id=3, pad_piece=PAD, bos_piece=BOS, eos_piece=EOS, unk_piece=UNK,
+            num_threads=1, minloglevel=2)
+    except RuntimeError as e:
+        if errors:
+            raise errors[0] from None
+        reason = str(e).strip().splitlines()[-1]
+        if m := re.search(r"smaller than required_chars\. \d+ vs (\d+)", reason):
+            reason = (f"vocab_size {vocab_size} is too small: this corpus's characters and the 256 byte pieces "
+                      f"need at least {m[1]}")
+        elif m := re.search(r"Vocabulary size too high.*<= (\d+)", reason):
+            reason = f"vocab_size {vocab_size} is too large: this corpus supports at most {m[1]}"
+        elif "sentences_.empty()" in reason:
+            reason = "the training data holds no text"
+        raise TokenizerError(f"{', '.join(map(str, paths))}: tokenizer training failed: {reason}") from None
+    (out_dir / MODEL_FILE).write_bytes(model.getvalue())
+    tokenizer = Tokenizer(out_dir / MODEL_FILE)
+    write_hf_files(tokenizer, out_dir)
+    return tokenizer
+
+
+# ---- Hugging Face files ----------------------------------------------------------------------------------
+def _bpe_merges(tokenizer: Tokenizer) -> list[tuple[str, str]]:
+    """BPE merges implied by a SentencePiece BPE vocabulary: a piece's splits into two pieces, ranked by the
+    piece's id (SentencePiece merges the highest-scoring pair first, and ids are in score order)."""
+    sp = tokenizer.sp
+    ids = {sp.id_to_piece(i): i for i in range(sp.get_piece_size())
+           if not (sp.is_control(i) or sp.is_unknown(i) or sp.is_byte(i))}
+    ranked = []
+    for piece, i in ids.items():
+        for k in range(1, len(piece)):
+            left, right = piece[:k], piece[k:]
+            if left in ids and right in ids:
+                ranked.append((i, ids[left], ids[right], left, right))
+    return [(left, right) for *_, left, right in sorted(ranked)]
+
+
+def _write_tokenizer_json(tokenizer: Tokenizer, path: Path) -> bool:
+    try:
+        from tokenizers import AddedToken, decoders, pre_tokenizers, processors
+        from tokenizers import Tokenizer as HFTokenizer
+        from tokenizers.models import BPE
+    except ImportError:
+        return False
+    sp = tokenizer.sp
+    vocab = {sp.id_to_piece(i): i for i in range(sp.get_piece_size())}
+    hf = HFTokenizer(BPE(vocab=vocab, merges=_bpe_merges(tokenizer), unk_token=UNK, fuse_unk=True,
+                         byte_fallback=True))
+    hf.pre_tokenizer = pre_tokenizers.Metaspace(replacement=_SPACE_MARK, prepend_scheme="never", split=False)
+    hf.decoder = decoders.Sequence([decoders.Replace(_SPACE_MARK, " "), decoders.ByteFallback(), decoders.Fuse()])
+    hf.post_processor = processors.TemplateProcessing(single=f"{BOS} $A", pair=f"{BOS} $A {BOS} $B",
+                                                      special_tokens=[(BOS, tokenizer.bos_id)])
+    hf.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in (PAD, BOS, EOS, UNK)])
+    hf.save(str(path))
+    return True
+
+
+def write_hf_files(tokenizer: Tokenizer, out_dir: str | Path) -> None:
+    """Write the transformers/mlx-lm side files beside (or from) `tokenizer.model`."""
+    out_dir = Path(out_dir)
+    if tokenizer.path.resolve() != (out_dir / MODEL_FILE).resolve():
+        (out_dir / MODEL_FILE).write_bytes(tokenizer.path.read_bytes())
+    specials = {"bos_token": BOS, "eos_token": EOS, "unk_token": UNK, "pad_token": PAD}
+    has_json = _write_tokenizer_json(tokenizer, out_dir / "tokenizer.json")
+    config = {
+        # Without tokenizer.json, transformers builds its Llama tokenizer from tokenizer.model.
+        "tokenizer_class": "PreTrainedTokenizerFast" if has_json else "LlamaTokenizer",
+        **specials, "add_bos_token": True, "add_eos_token": False, "add_prefix_space": False, "legacy": False,
+        "clean_up_tokenization_spaces": False, "model_max_length": 131072, "chat_template": CHAT_TEMPLATE}
+    (out_dir / "tokenizer_config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
+    (out_dir / "special_tokens_map.json").write_text(json.dumps(specials, indent=2) + "\n")
+
+
+def load_tokenizer(model_dir: str | Path) -> Tokenizer | None:
+    """The tokenizer of a model directory, or None when it has no `tokenizer.model`."""
+    path = Path(model_dir) / MODEL_FILE
+    return Tokenizer(path) if path.is_file() else None
+

@@ -1,0 +1,1 @@
+"""Training: data pipeline (`data`), and the trainer built on it."""
