@@ -1,0 +1,309 @@
+"""Checkpoint I/O for the twin: the same HF DeepSeek-V3 directory as dh_mlx.weights, no conversion.
+
+One tensor per expert on disk, stacked `[E, out, in]` in memory; MTP layers at
+`model.layers.{num_hidden_layers + i}` with an on-disk copy of the embedding that memory does not keep.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import warnings
+from pathlib import Path
+from typing import Callable
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from ..config import ModelConfig, load_config, save_config
+from .model import Model
+
+DEFAULT_SHARD_BYTES = 5 * 10**9
+_EXPERT = re.compile(r"^(model\.layers\.\d+\.mlp\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
+_STACKED = re.compile(r"^(model\.layers\.\d+\.mlp\.experts)\.(gate_proj|up_proj|down_proj)\.weight$")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be loaded; the message names the file or tensor and what was expected."""
+
+
+# ---- file layout -> modules ------------------------------------------------------------------------------
+def drop_rotary_buffers(w: dict, config: ModelConfig) -> dict:
+    return {k: v for k, v in w.items() if not k.endswith("rotary_emb.inv_freq")}
+
+
+def drop_mtp_embedding_copies(w: dict, config: ModelConfig) -> dict:
+    """MTP layers carry a copy of the shared embedding on disk; in memory they use the main one."""
+    n = config.num_hidden_layers
+    return {k: v for k, v in w.items()
+            if not re.fullmatch(r"model\.layers\.(\d+)\.embed_tokens\.weight", k) or int(k.split(".")[2]) < n}
+
+
+def drop_mtp_layers(w: dict, config: ModelConfig) -> dict:
+    """Layers past the configured MTP count (a config with MTP off loading a checkpoint with it)."""
+    last = config.num_hidden_layers + config.num_nextn_predict_layers
+    return {k: v for k, v in w.items() if not k.startswith("model.layers.") or int(k.split(".")[2]) < last}
+
+
+def split_fused_experts(w: dict, config: ModelConfig) -> dict:
+    """transformers >= 5 in-memory layout (`experts.gate_up_proj` [E, 2I, D], `experts.down_proj` [E, D, I])."""
+    out = {}
+    for k, v in w.items():
+        if k.endswith(".mlp.experts.gate_up_proj"):
+            half = v.shape[1] // 2
+            out[k.replace("gate_up_proj", "gate_proj.weight")] = v[:, :half]
+            out[k.replace("gate_up_proj", "up_proj.weight")] = v[:, half:]
+        elif k.endswith(".mlp.experts.down_proj"):
+            out[k + ".weight"] = v
+        else:
+            out[k] = v
+    return out
+
+
+def stack_experts(w: dict, config: ModelConfig) -> dict:
+    """`...experts.{e}.{proj}.weight` x E -> `...experts.{proj}.weight` `[E, out, in]`."""
+    groups: dict[str, dict[int, torch.Tensor]] = {}
+    out = {}
+    for k, v in w.items():
+        m = _EXPERT.match(k)
+        if m:
+            groups.setdefault(f"{m[1]}.{m[3]}.weight", {})[int(m[2])] = v
+        else:
+            out[k] = v
+    E = config.n_routed_experts
+    for name, per_expert in groups.items():
+        missing = sorted(set(range(E)) - set(per_expert))
+        if missing or len(per_expert) != E:
+            raise CheckpointError(f"{name.rsplit('.', 2)[0]}: expected experts 0..{E - 1}, missing {missing[:8]}"
+                                  f"{'...' if len(missing) > 8 else ''}")
+        out[name] = torch.stack([per_expert[e] for e in range(E)])
+    return out
+
+
+LOAD_TRANSFORMS: tuple[Callable[[dict, ModelConfig], dict], ...] = (
+    drop_rotary_buffers, drop_mtp_embedding_copies, drop_mtp_layers, split_fused_experts, stack_experts)
+
+
+# ---- modules -> file layout --------------------------------------------------------------------------------
+def unstack_experts(w: dict, config: ModelConfig) -> dict:
+    out = {}
+    for k, v in w.items():
+        m = _STACKED.match(k)
+        if m:
+            for e in range(v.shape[0]):
+                out[f"{m[1]}.{e}.{m[2]}.weight"] = v[e]
+        else:
+            out[k] = v
+    return out
+
+
+def add_mtp_embedding_copies(w: dict, config: ModelConfig) -> dict:
+    """vLLM's DeepSeek MTP loader reads the embedding from `model.layers.{n+i}.embed_tokens`."""
+    out = dict(w)
+    for i in range(config.num_nextn_predict_layers):
+        out[f"model.layers.{config.num_hidden_layers + i}.embed_tokens.weight"] = w["model.embed_tokens.weight"]
+    return out
+
+
+def to_file_layout(state_dict: dict[str, torch.Tensor], config: ModelConfig) -> dict[str, torch.Tensor]:
+    """Module state dict (stacked experts) -> the tensors a checkpoint directory holds, HF names."""
+    return add_mtp_embedding_copies(unstack_experts(dict(state_dict), config), config)
+
+
+def from_file_layout(weights: dict[str, torch.Tensor], config: ModelConfig) -> dict[str, torch.Tensor]:
+    for transform in LOAD_TRANSFORMS:
+        weights = transform(weights, config)
+    return weights
+
+
+# ---- dtype and device --------------------------------------------------------------------------------------
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
+    """bfloat16 on CUDA and float32 on CPU unless asked, as dh_mlx.device.compute_dtype chooses for MLX."""
+    if dtype is None:
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    return DTYPES[dtype]
+
+
+def _keep_fp32(name: str) -> bool:
+    # The router runs in float32 everywhere (as transformers keeps it); its bias moves in 1e-3 steps.
+    return name.endswith("mlp.gate.weight") or name.endswith("e_score_correction_bias")
+
+
+def cast_model(model: Model, dtype: torch.dtype) -> Model:
+    for name, t in list(model.named_parameters()) + list(model.named_buffers()):
+        if t.is_floating_point() and not name.endswith("inv_freq"):
+            t.data = t.data.to(torch.float32 if _keep_fp32(name) else dtype)
+    return model
+
+
+# ---- reading and writing -----------------------------------------------------------------------------------
+def _safetensors_files(path: Path) -> list[Path]:
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise CheckpointError(f"{index}: not a safetensors index ({e})") from None
+        files = [path / n for n in names]
+        absent = [str(f) for f in files if not f.is_file()]
+        if absent:
+            raise CheckpointError(f"{index}: lists shards that do not exist: {', '.join(absent)}")
+        return files
+    files = sorted(f for f in path.glob("*.safetensors") if not f.name.startswith("."))
+    if not files:
+        raise CheckpointError(f"{path}: no model.safetensors (or index) in this directory")
+    return files
+
+
+def read_weights(path: Path) -> dict[str, torch.Tensor]:
+    weights: dict[str, torch.Tensor] = {}
+    for f in _safetensors_files(path):
+        try:
+            with safe_open(str(f), "pt") as g:
+                weights.update({k: g.get_tensor(k) for k in g.keys()})
+        except Exception as e:  # safetensors raises SafetensorError/OSError on truncated or corrupt files
+            raise CheckpointError(f"{f}: cannot read safetensors file (truncated or corrupt?): {e}") from None
+    return weights
+
+
+def _check_against_model(weights: dict, model: Model, where: Path) -> None:
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(weights))
+    unexpected = sorted(set(weights) - set(expected))
+
+    def listing(keys):
+        return ", ".join(keys[:10]) + (f" ... ({len(keys)} in all)" if len(keys) > 10 else "")
+    if missing or unexpected:
+        parts = ([f"missing tensors: {listing(missing)}"] if missing else []) + (
+            [f"unexpected tensors: {listing(unexpected)}"] if unexpected else [])
+        raise CheckpointError(f"{where}: does not match its config.json: " + "; ".join(parts))
+    for k, v in weights.items():
+        if tuple(v.shape) != tuple(expected[k].shape):
+            raise CheckpointError(f"{where}: tensor {k} has shape {tuple(v.shape)}, config.json implies "
+                                  f"{tuple(expected[k].shape)}")
+
+
+def empty_model(config: ModelConfig, device: torch.device) -> Model:
+    """A model with uninitialised storage on `device` (no time spent on an init that loading overwrites)."""
+    with torch.device("meta"):
+        model = Model(config)
+    return model.to_empty(device=device).init_buffers()
+
+
+def model_from_state_dict(weights: dict[str, torch.Tensor], config: ModelConfig, *, device=None, dtype=None,
+                          where: str | Path = "state dict") -> Model:
+    """Build a twin from tensors in the checkpoint (file) layout, HF names."""
+    device = torch.device(device) if device is not None else default_device()
+    weights = from_file_layout(weights, config)
+    model = cast_model(empty_model(config, device), resolve_dtype(dtype, device))
+    _check_against_model(weights, model, Path(str(where)))
+    model.load_state_dict(weights, strict=True)  # copies, converting to each parameter's dtype
+    return model.eval()
+
+
+def load_model(path: str | Path, device: str | torch.device | None = None,
+               dtype: str | torch.dtype | None = None) -> Model:
+    """Read a model directory (config.json + safetensors, HF DeepSeek-V3 names), as dh_mlx.load_model does.
+
+    `device` defaults to CUDA when available; `dtype` to bfloat16 on CUDA and float32 on CPU (the router
+    weight and its bias stay float32).
+    """
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such model directory")
+    config = load_config(path)
+    weights = read_weights(path)
+    n = config.num_hidden_layers
+    if config.num_nextn_predict_layers and not any(k.startswith(f"model.layers.{n}.") for k in weights):
+        warnings.warn(f"{path}: config.json declares {config.num_nextn_predict_layers} MTP layer(s) but the "
+                      "checkpoint has none; loading without MTP")
+        config = config.replace(num_nextn_predict_layers=0)
+    return model_from_state_dict(weights, config, device=device, dtype=dtype, where=path)
+
+
+def init_weights(model: Model, seed: int = 0) -> Model:
+    """Deterministic random init: N(0, initializer_range) for matrices, ones for norms, zeros for biases.
+
+    The same rule as dh_mlx.weights.init_weights, not the same numbers (the generators differ).
+    """
+    std = model.config.initializer_range
+    device = next(model.parameters()).device
+    gen = torch.Generator(device=device).manual_seed(seed)
+    with torch.no_grad():
+        for name, t in list(model.named_parameters()) + list(model.named_buffers()):
+            *_, owner, leaf = ("", "") + tuple(name.split("."))
+            if name.endswith("inv_freq") or not t.is_floating_point():
+                continue
+            if "norm" in owner and leaf == "weight":
+                t.fill_(1.0)
+            elif leaf in ("bias", "e_score_correction_bias"):
+                t.zero_()
+            else:
+                t.normal_(0.0, std, generator=gen)
+    return model
+
+
+def random_model(config: ModelConfig, *, seed: int = 0, device=None, dtype=None) -> Model:
+    """An untrained twin from a config (e.g. a preset), deterministic by `seed` on a given device."""
+    device = torch.device(device) if device is not None else default_device()
+    model = init_weights(empty_model(config, device), seed)
+    return cast_model(model, resolve_dtype(dtype, device)).eval()
+
+
+def _atomic_write(path: Path, write: Callable[[str], None]) -> None:
+    tmp = path.with_name(f".tmp-{path.name}")  # readers skip dotfiles
+    write(str(tmp))
+    os.replace(tmp, path)
+
+
+def _natural_key(name: str) -> list:
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name)]
+
+
+def save_model(model: Model, path: str | Path, *, max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> None:
+    """Write `model` as an HF DeepSeek-V3 directory, the layout dh_mlx.save_model writes."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    config = model.config
+    weights = to_file_layout(model.state_dict(), config)
+    shards: list[list[str]] = [[]]
+    size = 0
+    for k in sorted(weights, key=_natural_key):
+        nbytes = weights[k].numel() * weights[k].element_size()
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(k)
+        size += nbytes
+    for old in list(path.glob("model*.safetensors")) + list(path.glob("model.safetensors.index.json")):
+        old.unlink()
+
+    def write_shard(f: str, keys: list[str]) -> None:
+        # Expert slices and the MTP embedding copies share storage; safetensors wants each tensor alone.
+        save_file({k: weights[k].detach().to("cpu").contiguous().clone() for k in keys}, f,
+                  metadata={"format": "pt"})
+
+    if len(shards) == 1:
+        _atomic_write(path / "model.safetensors", lambda f: write_shard(f, shards[0]))
+    else:
+        weight_map = {}
+        for i, keys in enumerate(shards):
+            name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+            _atomic_write(path / name, lambda f, s=keys: write_shard(f, s))
+            weight_map.update({k: name for k in keys})
+        total = sum(v.numel() * v.element_size() for v in weights.values())
+        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+        _atomic_write(path / "model.safetensors.index.json",
+                      lambda f: Path(f).write_text(json.dumps(index, indent=2) + "\n"))
+    _atomic_write(path / "config.json", lambda f: save_config(config, Path(f).parent, name=Path(f).name))
