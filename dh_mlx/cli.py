@@ -114,6 +114,7 @@ def info(params: Optional[str] = typer.Option(None, help="size preset (tiny, 1b,
     data = model_info(config)
     typer.echo(json.dumps(data) if as_json else format_info(data, str(model or f"preset {params or 'tiny'}")))
 
+
 tokenizer_app = typer.Typer(add_completion=False, help="Train a SentencePiece tokenizer.")
 app.add_typer(tokenizer_app, name="tokenizer")
 
@@ -129,13 +130,46 @@ def tokenizer_train(data: list[Path] = typer.Option(..., help="JSONL file or dir
     typer.echo(f"wrote {out}: vocabulary {tok.vocab_size} (pad {tok.pad_id}, bos {tok.bos_id}, eos {tok.eos_id})")
 
 
+@app.command()
+def train(params: Optional[str] = typer.Option(None, help="size preset (default tiny)"),
+          config: Optional[Path] = typer.Option(None, help="a config.json instead of a preset"),
+          data: Optional[Path] = typer.Option(None, help="JSONL file or directory (default: the bundled corpus)"),
+          out: Optional[Path] = typer.Option(None, help="run directory (default runs/PRESET)"),
+          tokenizer: Optional[Path] = typer.Option(None, help="tokenizer directory (default: the bundled one)"),
+          steps: int = typer.Option(600, help="optimizer steps"),
+          batch_size: int = typer.Option(8, help="sequences per micro-batch"),
+          seq_len: int = typer.Option(128, help="tokens per sequence"),
+          grad_accum: int = typer.Option(1, help="micro-batches per optimizer step"),
+          lr: float = typer.Option(3e-3, help="peak learning rate (AdamW, warmup then cosine)"),
+          warmup: int = typer.Option(30, help="warmup steps"),
+          seed: int = typer.Option(0, help="init, data order and split seed"),
+          alf_gamma: float = typer.Option(1e-3, help="auxiliary-loss-free bias step (0: off)"),
+          balance_alpha: float = typer.Option(1e-4, help="sequence-wise balance loss weight (0: off)"),
+          mtp_lambda: float = typer.Option(0.3, help="MTP loss weight"),
+          eval_every: int = typer.Option(100, help="validate every N steps"),
+          save_every: int = typer.Option(200, help="checkpoint every N steps"),
+          skip_invalid: bool = typer.Option(False, help="skip (and count) invalid JSONL lines instead of failing"),
+          resume: bool = typer.Option(False, help="continue the run in --out from its latest checkpoint")) -> None:
+    """Train from domain-tagged JSONL with ALF balancing and MTP; --out becomes a loadable model directory."""
+    from .config import DATA_DIR
+    from .train.run import train as run
+    result = run(params=params, config=config, data=data or DATA_DIR / "train_data.jsonl", out=out,
+                 tokenizer=tokenizer or DATA_DIR / "tokenizer", resume=resume, steps=steps, batch_size=batch_size,
+                 seq_len=seq_len, grad_accum=grad_accum, lr=lr, warmup_steps=warmup, seed=seed,
+                 alf_gamma=alf_gamma, balance_alpha=balance_alpha, mtp_lambda=mtp_lambda, eval_every=eval_every,
+                 save_every=save_every, skip_invalid=skip_invalid)
+    val = f", validation loss {result.val.loss:.3f}" if result.val else ""
+    typer.echo(f"{'interrupted at' if result.interrupted else 'finished'} step {result.step}: train loss "
+               f"{result.train_loss:.3f}{val}, {result.tokens_per_s:.0f} tokens/s, peak memory "
+               f"{result.peak_memory_gb:.2f} GB", err=True)
+
 
 def main() -> None:
     """Console entry point: library errors become one-line messages, never tracebacks."""
     from .weights import CheckpointError
     try:
         app()
-    except (CheckpointError, ValueError, MemoryError, FileNotFoundError) as e:
+    except (CheckpointError, ValueError, MemoryError, FileNotFoundError, RuntimeError) as e:
         typer.echo(f"error: {e}", err=True)
         sys.exit(1)
 

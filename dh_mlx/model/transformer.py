@@ -121,14 +121,15 @@ class Model(nn.Module):
         return self.forward(inputs, cache, domain_ids, mask).logits
 
     def mtp_forward(self, hidden: mx.array, next_tokens: mx.array, depth: int = 0, cache: Any = None,
-                    domain_ids: mx.array | None = None, mask: Any = "causal") -> tuple[mx.array, mx.array]:
+                    domain_ids: mx.array | None = None, mask: Any = "causal") -> Output:
         """MTP module `depth`: hidden (B, L, D) at positions t, next_tokens (B, L) = tokens t+depth+1.
 
-        Returns (logits for tokens t+depth+2 (B, L, V), the module's hidden state for the next depth).
+        Returns logits for tokens t+depth+2 (B, L, V), the module's hidden state (input of the next depth)
+        and its routing.
         """
         layer = self.model.mtp_layers[depth]
-        h, _ = layer.step(hidden, self.model.embed_tokens(next_tokens), mask, cache, domain_ids)
-        return layer.shared_head(h), h
+        h, routing = layer.step(hidden, self.model.embed_tokens(next_tokens), mask, cache, domain_ids)
+        return Output(layer.shared_head(h), h, [routing] if routing is not None else [])
 
     @property
     def layers(self) -> list[DecoderLayer]:

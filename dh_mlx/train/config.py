@@ -1,0 +1,49 @@
+"""Training hyper-parameters (one dataclass), validated with errors that name the field."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 600
+    batch_size: int = 8
+    seq_len: int = 128
+    grad_accum: int = 1  # micro-batches per optimizer step
+    lr: float = 3e-3
+    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
+    warmup_steps: int = 30
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0
+    seed: int = 0
+    alf_gamma: float = 1e-3  # auxiliary-loss-free bias step; 0 turns ALF off
+    balance_alpha: float = 1e-4  # sequence-wise balance loss weight; 0 turns it off
+    mtp_lambda: float = 0.3  # MTP loss weight (used when the model has MTP modules)
+    val_fraction: float = 0.05
+    eval_every: int = 100
+    eval_batches: int = 8
+    save_every: int = 200
+    keep_checkpoints: int = 2
+    skip_invalid: bool = False
+
+    def __post_init__(self) -> None:
+        positive = ("steps", "batch_size", "seq_len", "grad_accum", "eval_every", "eval_batches", "save_every",
+                    "keep_checkpoints")
+        for name in positive:
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise ValueError(f"training option '{name}' must be an integer >= 1, got {v!r}")
+        for name in ("lr", "grad_clip"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"training option '{name}' must be > 0, got {getattr(self, name)!r}")
+        for name in ("alf_gamma", "balance_alpha", "mtp_lambda", "weight_decay", "warmup_steps"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"training option '{name}' must be >= 0, got {getattr(self, name)!r}")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise ValueError(f"training option 'min_lr_ratio' must be in [0, 1], got {self.min_lr_ratio!r}")
+        if not 0 <= self.val_fraction < 1:
+            raise ValueError(f"training option 'val_fraction' must be in [0, 1), got {self.val_fraction!r}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)

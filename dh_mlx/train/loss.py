@@ -1,0 +1,107 @@
+"""Training objective: next-token cross-entropy + lambda * MTP cross-entropy + alpha * sequence-wise balance loss.
+
+Legend: B batch, T tokens, E routed experts, k experts per token, V vocabulary.
+
+    CE      = sum(mask * -log p(target)) / sum(mask)
+    MTP     = the same for the depth-1 module: from h_t and embed(token t+1) predict token t+2
+    balance = alpha * sum over MoE layers of mean over sequences of sum_i f_i * P_i, where
+              f_i = E / (k * T_valid) * (number of valid tokens choosing expert i),
+              P_i = mean over valid tokens of s_i / sum_j s_j      (DeepSeek-V3 eqs. 17-20)
+    loss    = CE + mtp_lambda * MTP + balance
+
+The same definitions are implemented by the PyTorch twin (dh_mlx/torch/train.py).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from ..model import Model
+from ..model.moe import Routing
+
+
+class Batch(NamedTuple):
+    inputs: mx.array  # (B, T) int32
+    targets: mx.array  # (B, T) int32
+    loss_mask: mx.array  # (B, T) float32
+    segment_ids: mx.array  # (B, T) int32: document index inside the packed row
+    domain_ids: mx.array  # (B, T) int32: -1 for no domain
+
+
+class LossParts(NamedTuple):
+    ce: mx.array
+    mtp: mx.array
+    balance: mx.array
+    loads: mx.array  # (n_moe_layers incl. MTP, E) tokens routed to each expert
+
+
+def document_mask(segment_ids: mx.array) -> mx.array:
+    """(B, T) -> (B, 1, T, T) bool: causal and inside the same packed document."""
+    T = segment_ids.shape[1]
+    same = segment_ids[:, :, None] == segment_ids[:, None, :]
+    return (same & (mx.arange(T)[:, None] >= mx.arange(T)[None]))[:, None]
+
+
+def masked_ce(logits: mx.array, targets: mx.array, mask: mx.array) -> mx.array:
+    ce = nn.losses.cross_entropy(logits.astype(mx.float32), targets, reduction="none")  # (B, T)
+    return (ce * mask).sum() / mx.maximum(mask.sum(), 1.0)
+
+
+def expert_counts(r: Routing, valid: mx.array, n_experts: int) -> mx.array:
+    """(B, T, k) chosen experts -> (B, E) number of valid tokens per expert."""
+    hits = (r.indices[..., None] == mx.arange(n_experts)).sum(axis=-2)  # (B, T, E)
+    return (hits * valid[..., None]).sum(axis=1)
+
+
+def balance_loss(routing: list[Routing], valid: mx.array, n_experts: int, top_k: int) -> mx.array:
+    if not routing:
+        return mx.array(0.0)
+    n_valid = mx.maximum(valid.sum(axis=1, keepdims=True), 1.0)  # (B, 1)
+    total = mx.array(0.0)
+    for r in routing:
+        f = n_experts / (top_k * n_valid) * mx.stop_gradient(expert_counts(r, valid, n_experts))  # (B, E)
+        p = r.scores / r.scores.sum(axis=-1, keepdims=True)  # (B, T, E)
+        P = (p * valid[..., None]).sum(axis=1) / n_valid  # (B, E)
+        total = total + (f * P).sum(axis=-1).mean()
+    return total
+
+
+def loss_parts(model: Model, batch: Batch, *, mtp_lambda: float, balance_alpha: float,
+               document_masking: bool = True) -> tuple[mx.array, LossParts]:
+    c = model.config
+    mask = document_mask(batch.segment_ids) if document_masking else "causal"
+    out = model.forward(batch.inputs, domain_ids=batch.domain_ids, mask=mask)
+    ce = masked_ce(out.logits, batch.targets, batch.loss_mask)
+    routing = list(out.routing)
+    mtp = mx.array(0.0)
+    if mtp_lambda and c.num_nextn_predict_layers:
+        sub = mask if isinstance(mask, str) else mask[..., :-1, :-1]
+        m = model.mtp_forward(out.hidden[:, :-1], batch.targets[:, :-1], 0, domain_ids=batch.domain_ids[:, :-1],
+                              mask=sub)
+        mtp = masked_ce(m.logits, batch.targets[:, 1:], batch.loss_mask[:, 1:] * batch.loss_mask[:, :-1])
+        routing += m.routing
+    valid = batch.loss_mask
+    E = c.n_routed_experts or 0
+    bal = mx.array(0.0)
+    loads = mx.zeros((0, max(E, 1)))
+    if routing:
+        main = routing[: len(out.routing)]
+        if balance_alpha:
+            bal = balance_alpha * balance_loss(main, valid, E, c.num_experts_per_tok)
+        loads = mx.stack([expert_counts(r, valid if r.indices.shape[1] == valid.shape[1] else valid[:, :-1], E)
+                          .sum(axis=0) for r in routing])
+    loss = ce + mtp_lambda * mtp + bal
+    return loss, LossParts(ce, mtp, bal, mx.stop_gradient(loads))
+
+
+def alf_update(biases: list[mx.array], loads: mx.array, gamma: float) -> list[mx.array]:
+    """Auxiliary-loss-free balancing: b_i += gamma * sign(mean load - load_i), per MoE layer."""
+    return [b + gamma * mx.sign(l.mean() - l) for b, l in zip(biases, loads)]
+
+
+def imbalance(loads: mx.array) -> mx.array:
+    """Max over mean expert load, averaged over layers (1.0 is perfectly balanced)."""
+    return (loads.max(axis=-1) / mx.maximum(loads.mean(axis=-1), 1e-9)).mean()

@@ -1,0 +1,61 @@
+"""`dh-mlx train` as a library call: a preset or config, a JSONL file or directory, a run directory."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+from pathlib import Path
+
+from ..config import DATA_DIR, DEFAULT_PRESET, ModelConfig, load_config, load_preset
+from ..weights import random_model, save_model
+from .config import TrainConfig
+from .data import load_dataset
+from .trainer import RunResult, train_loop
+
+DEFAULT_DATA = DATA_DIR / "train_data.jsonl"
+DEFAULT_TOKENIZER = DATA_DIR / "tokenizer"
+
+
+def copy_tokenizer(src: Path, dst: Path) -> None:
+    for name in ("tokenizer.model", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.json"):
+        if (src / name).is_file():
+            shutil.copyfile(src / name, dst / name)
+
+
+def resolve_config(params: str | None, config: str | Path | None) -> ModelConfig:
+    if params and config:
+        raise ValueError("give either --params or --config, not both")
+    return load_config(config) if config else load_preset(params or DEFAULT_PRESET)
+
+
+def train(*, params: str | None = None, config: str | Path | None = None, data: str | Path = DEFAULT_DATA,
+          out: str | Path | None = None, tokenizer: str | Path = DEFAULT_TOKENIZER, resume: bool = False,
+          progress: bool = True, stop_after: int | None = None, dtype: str | None = None,
+          **options) -> RunResult:
+    """Train a model from scratch (or resume a run); `options` are `TrainConfig` fields."""
+    from ..tokenizer import load_tokenizer
+    cfg = TrainConfig(**options)
+    model_config = resolve_config(params, config)
+    out = Path(out) if out else Path("runs") / (params or (Path(config).stem if config else DEFAULT_PRESET))
+    tok = load_tokenizer(tokenizer)
+    if tok is None:
+        raise ValueError(f"{tokenizer}: no tokenizer.model (train one with `dh-mlx tokenizer train`)")
+    if tok.vocab_size > model_config.vocab_size:
+        raise ValueError(f"the tokenizer has {tok.vocab_size} tokens but the model's vocab_size is "
+                         f"{model_config.vocab_size}")
+    domains = model_config.domain_routing.domains if model_config.domain_routing else None
+    dataset = load_dataset(data, tok, seq_len=cfg.seq_len, domains=domains, val_fraction=cfg.val_fraction,
+                           seed=cfg.seed, skip_invalid=cfg.skip_invalid)
+    print(f"data: {data}: {dataset.summary}; {len(dataset.train)} training and {len(dataset.valid)} validation "
+          f"sequences of {cfg.seq_len} tokens", file=sys.stderr)
+    model = random_model(model_config, seed=cfg.seed, dtype=dtype)
+    model.freeze(keys=["e_score_correction_bias"], strict=False)  # moved by ALF, never by the optimizer
+
+    def export(d: Path) -> None:
+        save_model(model, d)
+        copy_tokenizer(Path(tokenizer), d)
+        (d / "train_config.json").write_text(json.dumps(cfg.to_dict(), indent=1) + "\n")
+
+    return train_loop(model, dataset, cfg, out, export=export, resume=resume, progress=progress,
+                      stop_after=stop_after)

@@ -1,0 +1,287 @@
+"""The training loop: compiled step (one `mx.eval` per step), ALF balancing, validation, checkpoints, resume.
+
+Whatever parameters of the model are trainable get trained (full training freezes only the router's selection
+bias; LoRA freezes everything but the adapters), so `dh-mlx train` and `dh-mlx lora` share this loop.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Any, Callable
+
+import mlx.core as mx
+import mlx.nn as nn
+import mlx.optimizers as optim
+import numpy as np
+from mlx.utils import tree_map
+
+from ..model import Model
+from ..model.moe import MoE, MoEGate
+from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from .config import TrainConfig
+from .data import Batch as NpBatch, Dataset
+from .loss import Batch, alf_update, expert_counts, imbalance, loss_parts, masked_ce
+
+
+class TrainingError(RuntimeError):
+    """A run that must stop (non-finite loss, a run directory that would be overwritten)."""
+
+
+def moe_gates(model: Model) -> list[MoEGate]:
+    """Routers of the main stack, then of the MTP modules: the order `loss_parts` reports loads in."""
+    return [l.mlp.gate for l in model.model.layers if isinstance(l.mlp, MoE)]
+
+
+def make_optimizer(cfg: TrainConfig) -> optim.Optimizer:
+    decay_steps = max(cfg.steps - cfg.warmup_steps, 1)
+    cosine = optim.cosine_decay(cfg.lr, decay_steps, cfg.lr * cfg.min_lr_ratio)
+    schedule = cosine if cfg.warmup_steps == 0 else optim.join_schedules(
+        [optim.linear_schedule(cfg.lr / cfg.warmup_steps, cfg.lr, cfg.warmup_steps), cosine], [cfg.warmup_steps])
+    return optim.AdamW(learning_rate=schedule, betas=[0.9, 0.95], eps=1e-8, weight_decay=cfg.weight_decay)
+
+
+def to_mx(b: NpBatch) -> Batch:
+    return Batch(*(mx.array(a) for a in b))
+
+
+@dataclass
+class StepFunctions:
+    """Compiled pieces of one optimizer step; `state` is what they read and write besides their arguments."""
+
+    step: Callable  # (*batch) -> (loss, ce, mtp, balance, loads, grad_norm)          [grad_accum == 1]
+    grads: Callable  # (*batch) -> (loss, ce, mtp, balance, loads, grads)             [grad_accum > 1]
+    apply: Callable  # (grads, loads) -> grad_norm
+    state: list
+
+
+def build_steps(model: Model, optimizer: optim.Optimizer, cfg: TrainConfig) -> StepFunctions:
+    gates = moe_gates(model)
+    mtp_lambda = cfg.mtp_lambda if model.config.num_nextn_predict_layers else 0.0
+
+    def loss_fn(model, *arrays):
+        return loss_parts(model, Batch(*arrays), mtp_lambda=mtp_lambda, balance_alpha=cfg.balance_alpha)
+
+    value_and_grad = nn.value_and_grad(model, loss_fn)
+    state = [model.state, optimizer.state]
+
+    def apply(grads, loads):
+        grads, norm = optim.clip_grad_norm(grads, cfg.grad_clip)
+        optimizer.update(model, grads)
+        if cfg.alf_gamma and gates and loads.shape[0]:
+            new = alf_update([g.e_score_correction_bias for g in gates], loads, cfg.alf_gamma)
+            for g, b in zip(gates, new):
+                g.e_score_correction_bias = b
+        return norm
+
+    def grads(*arrays):
+        (loss, parts), g = value_and_grad(model, *arrays)
+        return loss, parts.ce, parts.mtp, parts.balance, parts.loads, g
+
+    def step(*arrays):
+        loss, ce, mtp, bal, loads, g = grads(*arrays)
+        return loss, ce, mtp, bal, loads, apply(g, loads)
+
+    compile_ = partial(mx.compile, inputs=state, outputs=state)
+    return StepFunctions(compile_(step), compile_(grads), compile_(apply), state)
+
+
+@dataclass
+class EvalResult:
+    loss: float
+    tokens: int
+    imbalance: float | None
+    domain_load: list[list[float]] | None  # (domains + 1 for 'none', E): expert choices summed over MoE layers
+
+
+def evaluate(model: Model, dataset: Dataset, cfg: TrainConfig) -> EvalResult:
+    """Validation cross-entropy and expert load over up to `eval_batches` batches."""
+    c = model.config
+    E = c.n_routed_experts or 0
+    n_dom = len(c.domain_routing.domains) if c.domain_routing else 0
+
+    def batch_stats(*arrays):
+        b = Batch(*arrays)
+        from .loss import document_mask
+        out = model.forward(b.inputs, domain_ids=b.domain_ids, mask=document_mask(b.segment_ids))
+        ce_sum = masked_ce(out.logits, b.targets, b.loss_mask) * b.loss_mask.sum()
+        if not out.routing:
+            return ce_sum, b.loss_mask.sum(), mx.zeros((1, 1)), mx.zeros((1, 1))
+        loads = mx.stack([expert_counts(r, b.loss_mask, E).sum(axis=0) for r in out.routing])  # (layers, E)
+        dom = (b.domain_ids[..., None] + 1 == mx.arange(n_dom + 1)) * b.loss_mask[..., None]  # (B, T, D+1)
+        hits = sum((r.indices[..., None] == mx.arange(E)).sum(axis=-2) for r in out.routing)  # (B, T, E)
+        per_domain = mx.einsum("btd,bte->de", dom.astype(mx.float32), hits.astype(mx.float32))
+        return ce_sum, b.loss_mask.sum(), loads, per_domain
+
+    if len(dataset.valid) == 0:
+        return EvalResult(float("nan"), 0, None, None)
+    ce_total, n_total, loads_total, dom_total = 0.0, 0.0, None, None
+    it = dataset.valid_batches(cfg.batch_size)
+    for i, nb in enumerate(it):
+        if i >= cfg.eval_batches:
+            break
+        ce_sum, n, loads, per_domain = batch_stats(*to_mx(nb))
+        mx.eval(ce_sum, n, loads, per_domain)
+        ce_total += ce_sum.item()
+        n_total += n.item()
+        loads_total = loads if loads_total is None else loads_total + loads
+        dom_total = per_domain if dom_total is None else dom_total + per_domain
+    imb = imbalance(loads_total).item() if E else None
+    return EvalResult(ce_total / max(n_total, 1.0), int(n_total), imb,
+                      np.array(dom_total).tolist() if E else None)
+
+
+@dataclass
+class RunResult:
+    step: int
+    train_loss: float
+    val: EvalResult | None
+    tokens_per_s: float
+    peak_memory_gb: float
+    interrupted: bool = False
+    history: list[dict] = field(default_factory=list)
+
+
+class MetricsLog:
+    """Append-only JSONL of metrics; on resume, entries after the resumed step are dropped."""
+
+    def __init__(self, path: Path, resume_step: int | None):
+        self.path = path
+        if resume_step is not None and path.is_file():
+            keep = [l for l in path.read_text().splitlines() if l.strip() and json.loads(l)["step"] <= resume_step]
+            path.write_text("".join(l + "\n" for l in keep))
+        elif resume_step is None:
+            path.write_text("")
+
+    def write(self, record: dict) -> None:
+        with self.path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+
+
+def train_loop(model: Model, dataset: Dataset, cfg: TrainConfig, run_dir: Path, *,
+               export: Callable[[Path], None], resume: bool = False, progress: bool = True,
+               stop_after: int | None = None) -> RunResult:
+    """Train `model` in place for `cfg.steps` optimizer steps, checkpointing into `run_dir`.
+
+    `export(dir)` writes the usable result (model directory, or adapters) at each checkpoint. `stop_after` ends the run early
+    after that many steps of this invocation, checkpointed like a Ctrl-C (used by the resume test).
+    """
+    run_dir.mkdir(parents=True, exist_ok=True)
+    optimizer = make_optimizer(cfg)
+    batches = dataset.train_batches(cfg.batch_size, seed=cfg.seed)
+    start = 0
+    ckpt = latest_checkpoint(run_dir)
+    if resume and ckpt is not None:
+        state, opt_state = load_checkpoint(ckpt)
+        model.load_weights(str(ckpt / "weights.safetensors"), strict=False)
+        optimizer.state = opt_state
+        batches.load_state_dict(state["data"])
+        start = state["step"]
+    elif ckpt is not None:
+        raise TrainingError(f"{run_dir} already holds a run (checkpoint {ckpt.name}); pass --resume to continue "
+                            "it or choose another --out")
+    mx.random.seed(cfg.seed + start)
+    log = MetricsLog(run_dir / "metrics.jsonl", start if resume else None)
+    fns = build_steps(model, optimizer, cfg)
+    history: list[dict] = []
+
+    def checkpoint(step: int) -> None:
+        save_checkpoint(run_dir, step, write_weights=lambda d: mx.save_safetensors(
+                            str(d / "weights.safetensors"), _changing_params(model)),
+                        optimizer_state=optimizer.state,
+                        trainer_state={"data": batches.state_dict(), "train_config": cfg.to_dict()},
+                        keep=cfg.keep_checkpoints)
+        export(run_dir)
+
+    bar = _Progress(cfg.steps, start) if progress else None
+    tokens_per_step = cfg.batch_size * cfg.seq_len * cfg.grad_accum
+    step, last_loss, tps, interrupted = start, float("nan"), 0.0, False
+    val = None
+    mx.reset_peak_memory()
+    tic = time.perf_counter()
+    try:
+        while step < cfg.steps:
+            if cfg.grad_accum == 1:
+                out = fns.step(*to_mx(next(batches)))
+                loss, ce, mtp, bal, loads, norm = out
+            else:
+                acc = None
+                for _ in range(cfg.grad_accum):
+                    loss, ce, mtp, bal, loads_i, g = fns.grads(*to_mx(next(batches)))
+                    acc = (g, loads_i, [loss, ce, mtp, bal]) if acc is None else (
+                        tree_map(mx.add, acc[0], g), acc[1] + loads_i, [a + b for a, b in zip(acc[2], [loss, ce, mtp, bal])])
+                g, loads, sums = acc
+                g = tree_map(lambda x: x / cfg.grad_accum, g)
+                loss, ce, mtp, bal = (x / cfg.grad_accum for x in sums)
+                norm = fns.apply(g, loads)
+            mx.eval(loss, ce, mtp, bal, loads, norm, fns.state)
+            step += 1
+            last_loss = loss.item()
+            if not math.isfinite(last_loss):
+                raise TrainingError(f"step {step}: the loss is {last_loss}; stopping. The last good checkpoint is "
+                                    f"kept in {run_dir / 'checkpoints'} (try a lower --lr)")
+            now = time.perf_counter()
+            tps = tokens_per_step / (now - tic)
+            tic = now
+            record = {"step": step, "loss": last_loss, "ce": ce.item(), "mtp": mtp.item(), "balance": bal.item(),
+                      "lr": float(optimizer.learning_rate.item()), "grad_norm": norm.item(), "tokens_per_s": tps,
+                      "imbalance": imbalance(loads).item() if loads.size > 1 else None}
+            if step % cfg.eval_every == 0 or step == cfg.steps:
+                val = evaluate(model, dataset, cfg)
+                record.update(val_loss=val.loss, val_ppl=math.exp(min(val.loss, 50)), val_imbalance=val.imbalance,
+                              domain_load=val.domain_load)
+            log.write(record)
+            history.append(record)
+            if bar:
+                bar.update(step, record)
+            if step % cfg.save_every == 0 or step == cfg.steps:
+                checkpoint(step)
+            if stop_after is not None and step - start >= stop_after and step < cfg.steps:
+                checkpoint(step)
+                interrupted = True
+                break
+    except KeyboardInterrupt:
+        interrupted = True
+        checkpoint(step)
+        if bar:
+            bar.console.print(f"interrupted: saved step {step} to {run_dir}; continue with --resume")
+    finally:
+        if bar:
+            bar.stop()
+    return RunResult(step, last_loss, val, tps, mx.get_peak_memory() / 1e9, interrupted, history)
+
+
+def _changing_params(model: Model) -> dict[str, mx.array]:
+    """What training changes: the trainable parameters and the ALF selection biases."""
+    from mlx.utils import tree_flatten
+    out = dict(tree_flatten(model.trainable_parameters()))
+    out.update((k, v) for k, v in tree_flatten(model.parameters()) if k.endswith("e_score_correction_bias"))
+    return out
+
+
+class _Progress:
+    """A rich progress bar showing loss, tokens/s, learning rate and expert-load imbalance."""
+
+    def __init__(self, total: int, start: int):
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+        self._p = Progress(TextColumn("train"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                           TextColumn("{task.fields[info]}"), transient=False)
+        self.console = self._p.console
+        self._task = self._p.add_task("train", total=total, completed=start, info="")
+        self._p.start()
+
+    def update(self, step: int, r: dict) -> None:
+        info = f"loss {r['loss']:.3f} | {r['tokens_per_s']:.0f} tok/s | lr {r['lr']:.2e}"
+        if r.get("imbalance") is not None:
+            info += f" | imbalance {r['imbalance']:.2f}"
+        if "val_loss" in r:
+            info += f" | val {r['val_loss']:.3f}"
+            self.console.print(f"step {step}: val loss {r['val_loss']:.4f} (ppl {r['val_ppl']:.1f})")
+        self._p.update(self._task, completed=step, info=info)
+
+    def stop(self) -> None:
+        self._p.stop()

@@ -1,0 +1,105 @@
+"""Training: the ALF rule, the balance loss, loss falling on a fixed batch, and bit-identical resume."""
+
+import json
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+from dh_mlx import random_model
+from dh_mlx.train.config import TrainConfig
+from dh_mlx.train.loss import Batch, alf_update, balance_loss, document_mask
+from dh_mlx.train.trainer import build_steps, make_optimizer, moe_gates
+from dh_mlx.model.moe import Routing
+from helpers import make_config
+
+
+def test_alf_moves_each_bias_by_gamma_towards_balance():
+    biases = [mx.zeros((4,)), mx.array([0.5, 0.5, 0.5, 0.5])]
+    loads = mx.array([[10.0, 2.0, 4.0, 4.0], [5.0, 5.0, 5.0, 5.0]])
+    new = alf_update(biases, loads, 0.001)
+    np.testing.assert_allclose(np.array(new[0]), [-0.001, 0.001, 0.001, 0.001])  # mean load 5
+    np.testing.assert_allclose(np.array(new[1]), [0.5] * 4)  # balanced: unchanged
+
+
+def test_balance_loss_matches_hand_computation():
+    # one sequence of 2 tokens, 4 experts, k=1: token 0 -> expert 0, token 1 -> expert 2
+    scores = mx.array([[[0.5, 0.25, 0.25, 0.0], [0.0, 0.0, 1.0, 1.0]]])
+    r = Routing(mx.array([[[0], [2]]]), mx.ones((1, 2, 1)), scores)
+    valid = mx.ones((1, 2))
+    # f = 4/(1*2) * [1,0,1,0] = [2,0,2,0]; P = mean([.5,.25,.25,0], [0,0,.5,.5]) = [.25,.125,.375,.25]
+    assert balance_loss([r], valid, 4, 1).item() == pytest.approx(2 * 0.25 + 2 * 0.375)
+
+
+def test_document_mask_blocks_attention_across_documents():
+    m = np.array(document_mask(mx.array([[0, 0, 1, 1, 1]])))[0, 0]
+    assert m[1, 0] and not m[2, 1] and m[4, 2] and not m[0, 1]
+
+
+def fixed_batch(cfg, B=4, T=16, seed=0):
+    rng = np.random.default_rng(seed)
+    toks = rng.integers(0, cfg.vocab_size, (B, T + 1))
+    return Batch(mx.array(toks[:, :-1]), mx.array(toks[:, 1:]), mx.ones((B, T)), mx.zeros((B, T), mx.int32),
+                 mx.full((B, T), -1, mx.int32))
+
+
+def test_steps_reduce_loss_on_a_fixed_batch_and_move_biases():
+    config = make_config()
+    model = random_model(config, seed=0)
+    model.freeze(keys=["e_score_correction_bias"], strict=False)
+    cfg = TrainConfig(steps=30, lr=3e-3, warmup_steps=0, alf_gamma=1e-3)
+    opt = make_optimizer(cfg)
+    fns = build_steps(model, opt, cfg)
+    batch = fixed_batch(config)
+    losses = []
+    for _ in range(30):
+        loss, ce, mtp, bal, loads, norm = fns.step(*batch)
+        mx.eval(loss, fns.state)
+        losses.append(loss.item())
+    assert losses[-1] < 0.5 * losses[0]
+    biases = np.array(moe_gates(model)[0].e_score_correction_bias)
+    assert np.abs(biases).max() > 0 and np.all(np.abs(biases) <= 30 * 1e-3 + 1e-7)
+    # each step moved every bias by exactly +-gamma or 0: the total is a multiple of gamma
+    np.testing.assert_allclose(biases / 1e-3, np.round(biases / 1e-3), atol=1e-3)
+
+
+def write_corpus(path, n=120):
+    rng = np.random.default_rng(0)
+    with open(path, "w") as f:
+        for i in range(n):
+            words = " ".join(rng.choice(["alpha", "beta", "gamma", "delta", "x", "y", "=", "+"], 30))
+            f.write(json.dumps({"domain": ["code", "math"][i % 2], "text": words}) + "\n")
+
+
+@pytest.fixture(scope="module")
+def small_run_inputs(tmp_path_factory):
+    from dh_mlx.config import save_config
+    from dh_mlx.tokenizer import train_tokenizer
+    d = tmp_path_factory.mktemp("run")
+    write_corpus(d / "data.jsonl")
+    train_tokenizer(d / "data.jsonl", d / "tok", vocab_size=300)
+    from dh_mlx.config import DomainRouting
+    save_config(make_config(vocab_size=300, domain_routing=DomainRouting(domains=["code", "math"], experts_per_domain=2)), d)
+    return d
+
+
+def test_resume_reproduces_an_uninterrupted_run(small_run_inputs):
+    from dh_mlx.train.run import train
+    d = small_run_inputs
+    common = dict(config=d / "config.json", data=d / "data.jsonl", tokenizer=d / "tok", steps=6, batch_size=2,
+                  seq_len=16, eval_every=3, save_every=100, progress=False, warmup_steps=1)
+    full = train(out=d / "full", **common)
+    part = train(out=d / "part", stop_after=3, **common)
+    assert part.interrupted and part.step == 3
+    resumed = train(out=d / "part", resume=True, **common)
+    assert resumed.step == 6
+    a = [json.loads(l)["loss"] for l in (d / "full" / "metrics.jsonl").read_text().splitlines()]
+    b = [json.loads(l)["loss"] for l in (d / "part" / "metrics.jsonl").read_text().splitlines()]
+    assert len(a) == len(b) == 6
+    assert a == b  # bit-identical losses
+    from dh_mlx import load_model
+    m1, m2 = load_model(d / "full"), load_model(d / "part")
+    ids = mx.array([[1, 2, 3, 4]])
+    assert mx.array_equal(m1(ids), m2(ids)).item()
+    with pytest.raises(RuntimeError, match="--resume"):
+        train(out=d / "full", **common)
