@@ -239,7 +239,7 @@ def _write_tokenizer_json(tokenizer: Tokenizer, path: Path) -> bool:
     hf.post_processor = processors.TemplateProcessing(single=f"{BOS} $A", pair=f"{BOS} $A {BOS} $B",
                                                       special_tokens=[(BOS, tokenizer.bos_id)])
     hf.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in (PAD, BOS, EOS, UNK)])
-    hf.save(str(path))
+    hf.save(str(path), pretty=False)
     return True
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 
@@ -251,3 +252,30 @@ def test_unigram_entropy():
     docs = [Document(np.array([5, 6, 5, 6], np.int32), np.array([False, True, True, True]), -1)]
     # targets 6, 5, 6 trained: p = (1/3, 2/3)
     assert unigram_entropy(pack(docs, 3)) == pytest.approx(-(1 / 3 * math.log(1 / 3) + 2 / 3 * math.log(2 / 3)))
+
+
+# ---- the bundled corpus and tokenizer --------------------------------------------------------------------------
+def test_bundled_corpus_and_tokenizer():
+    from dh_mlx.config import DATA_DIR, load_preset
+    from dh_mlx.tokenizer import load_tokenizer
+    config = load_preset("tiny")
+    tok = load_tokenizer(DATA_DIR / "tokenizer")
+    assert tok.vocab_size == config.vocab_size == 8192
+    assert (tok.pad_id, tok.bos_id, tok.eos_id) == (config.pad_token_id, config.bos_token_id, config.eos_token_id)
+    assert sum(p.stat().st_size for p in (DATA_DIR / "tokenizer").iterdir()) < 1_000_000
+    assert (DATA_DIR / "train_data.jsonl").stat().st_size < 4_000_000
+    summary = DataSummary()
+    texts = [r.parts[0].text for r in read_jsonl(DATA_DIR / "train_data.jsonl",
+                                                  domains=config.domain_routing.domains, summary=summary)]
+    assert len(summary.domains) >= 4 and "-" not in summary.domains
+    assert all(tok.decode(tok.encode(t)) == t for t in texts[::20])
+
+
+def test_corpus_builder_is_deterministic():
+    from dh_mlx.config import DATA_DIR
+    spec = importlib.util.spec_from_file_location("build_corpus", DATA_DIR / "build_corpus.py")
+    builder = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(builder)
+    records = builder.build(seed=1)
+    assert records == builder.build(seed=1)
+    assert {r["domain"] for r in records} >= {"code", "general", "math", "science"}  # legal needs licence files
