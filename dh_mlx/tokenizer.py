@@ -188,6 +188,7 @@ def train_tokenizer(data: list[Path] | Path, out_dir: Path, *, vocab_size: int =
             normalization_rule_name="identity", add_dummy_prefix=False, remove_extra_whitespaces=False,
             split_digits=True, allow_whitespace_only_pieces=True, max_sentence_length=_MAX_SENTENCE_BYTES,
             pad_id=0, bos_id=1, eos_id=2, unk_id=3, pad_piece=PAD, bos_piece=BOS, eos_piece=EOS, unk_piece=UNK,
+            input_sentence_size=5_000_000, shuffle_input_sentence=True,  # a seeded sample of a huge corpus
             num_threads=1, minloglevel=2)
     except RuntimeError as e:
         if errors:

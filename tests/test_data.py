@@ -51,6 +51,7 @@ BAD = [
     (b'{"text": "ok"}\n\n{"domain": "cooking", "text": "x"}\n', 3, "unknown domain 'cooking'"),
     (b'{"domain": 3, "text": "x"}\n', 1, '"domain" must be a string'),
     (b'{"text": "ok"}\n{"text": "caf\xe9"}\n', 2, "invalid UTF-8"),
+    (b'\xef\xbb\xbf{"text": "a BOM is fine"}\n{"text": 1}\n', 2, '"text" must be a string'),
     (b"", 1, "empty file"),
     (b"\n  \n", 1, "empty file"),
     (b'["text"]\n', 1, "expected a JSON object, got list"),
@@ -216,6 +217,8 @@ def test_iterator_resumes_with_identical_batches(tok, corpus):
     other = load_dataset(corpus, tok, seq_len=16, domains=DOMAINS, seed=1).train_batches(4)
     with pytest.raises(DataError, match="differs from the data"):
         other.load_state_dict(state)
+    with pytest.raises(DataError, match="batch_size 4, not 2"):
+        ds.train_batches(2).load_state_dict(state)
 
 
 def test_epochs_cover_rows_and_reshuffle(tok, corpus):

@@ -173,7 +173,7 @@ def read_jsonl(path: str | Path, *, domains: Sequence[str] | None = None, skip_i
         with open(path, "rb") as f:
             for line_no, raw in enumerate(f, 1):
                 try:
-                    line = raw.decode("utf-8")
+                    line = raw.decode("utf-8-sig" if line_no == 1 else "utf-8")
                 except UnicodeDecodeError as e:
                     invalid(path, line_no, "invalid UTF-8", f"invalid UTF-8 at byte {e.start} of the line")
                     seen += 1
@@ -355,12 +355,16 @@ class BatchIterator:
         """Where the iterator stands (JSON-serialisable); `data` fingerprints the rows."""
         if self._fingerprint is None:
             self._fingerprint = self.packed.fingerprint()
-        return {"epoch": self.epoch, "index": self.index, "seed": self.seed, "data": self._fingerprint}
+        return {"epoch": self.epoch, "index": self.index, "seed": self.seed, "batch_size": self.batch_size,
+                "data": self._fingerprint}
 
     def load_state_dict(self, state: dict) -> None:
         missing = {"epoch", "index", "seed"} - set(state)
         if missing:
             raise DataError(f"data iterator state lacks {', '.join(sorted(missing))}")
+        if state.get("batch_size", self.batch_size) != self.batch_size:
+            raise DataError(f"this run was saved with batch_size {state['batch_size']}, not {self.batch_size}; "
+                            "resume with the same batch size")
         if "data" in state and state["data"] != self.state_dict()["data"]:
             raise DataError("the training data differs from the data this run was saved with (its packed rows "
                             "have another fingerprint); resume with the same data, tokenizer, seq_len and seed")
