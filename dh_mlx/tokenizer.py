@@ -5,7 +5,8 @@ no whitespace folding), there is no dummy-prefix space, and characters outside t
 UTF-8 bytes (`<0x00>`..`<0xFF>`), so nothing is ever `<unk>`. Special ids are those of `parameters/*.json`:
 pad 0, bos 1, eos 2, unk 3. A model directory also gets `tokenizer.json` / `tokenizer_config.json`, which
 transformers' `AutoTokenizer` and mlx-lm load with the same vocabulary and the same ids (they add BOS by default,
-as our training data does; they read the literal text `<s>`/`</s>` as special tokens, we never do).
+as our training data does). Two differences remain: they read the literal text `<s>`/`</s>` as special tokens
+(we never do), and a literal U+2581 as a space (we keep it, as its three bytes).
 """
 
 from __future__ import annotations
