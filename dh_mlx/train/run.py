@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from ..config import DATA_DIR, DEFAULT_PRESET, ModelConfig, load_config, load_preset
-from ..weights import random_model, save_model
+from ..weights import load_model, random_model, save_model
 from .config import TrainConfig
 from .data import load_dataset
 from .trainer import RunResult, train_loop
@@ -30,13 +30,15 @@ def resolve_config(params: str | None, config: str | Path | None) -> ModelConfig
 
 
 def train(*, params: str | None = None, config: str | Path | None = None, data: str | Path = DEFAULT_DATA,
-          out: str | Path | None = None, tokenizer: str | Path = DEFAULT_TOKENIZER, resume: bool = False,
+          out: str | Path | None = None, tokenizer: str | Path = DEFAULT_TOKENIZER, init: str | Path | None = None,
+          resume: bool = False,
           progress: bool = True, stop_after: int | None = None, dtype: str | None = None,
           **options) -> RunResult:
-    """Train a model from scratch (or resume a run); `options` are `TrainConfig` fields."""
+    """Train a model from scratch, or from the weights of `init` (a model directory); `options` are
+    `TrainConfig` fields. With `resume`, continue the run in `out` from its latest checkpoint."""
     from ..tokenizer import load_tokenizer
     cfg = TrainConfig(**options)
-    model_config = resolve_config(params, config)
+    model_config = load_config(init) if init else resolve_config(params, config)
     out = Path(out) if out else Path("runs") / (params or (Path(config).stem if config else DEFAULT_PRESET))
     tok = load_tokenizer(tokenizer)
     if tok is None:
@@ -49,7 +51,7 @@ def train(*, params: str | None = None, config: str | Path | None = None, data: 
                            seed=cfg.seed, skip_invalid=cfg.skip_invalid)
     print(f"data: {data}: {dataset.summary}; {len(dataset.train)} training and {len(dataset.valid)} validation "
           f"sequences of {cfg.seq_len} tokens", file=sys.stderr)
-    model = random_model(model_config, seed=cfg.seed, dtype=dtype)
+    model = load_model(init, dtype=dtype) if init else random_model(model_config, seed=cfg.seed, dtype=dtype)
     model.freeze(keys=["e_score_correction_bias"], strict=False)  # moved by ALF, never by the optimizer
 
     def export(d: Path) -> None:
