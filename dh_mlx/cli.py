@@ -136,6 +136,7 @@ def train(params: Optional[str] = typer.Option(None, help="size preset (default 
           data: Optional[Path] = typer.Option(None, help="JSONL file or directory (default: the bundled corpus)"),
           out: Optional[Path] = typer.Option(None, help="run directory (default runs/PRESET)"),
           tokenizer: Optional[Path] = typer.Option(None, help="tokenizer directory (default: the bundled one)"),
+          init: Optional[Path] = typer.Option(None, help="start from this model directory's weights"),
           steps: int = typer.Option(600, help="optimizer steps"),
           batch_size: int = typer.Option(8, help="sequences per micro-batch"),
           seq_len: int = typer.Option(128, help="tokens per sequence"),
@@ -154,7 +155,7 @@ def train(params: Optional[str] = typer.Option(None, help="size preset (default 
     from .config import DATA_DIR
     from .train.run import train as run
     result = run(params=params, config=config, data=data or DATA_DIR / "train_data.jsonl", out=out,
-                 tokenizer=tokenizer or DATA_DIR / "tokenizer", resume=resume, steps=steps, batch_size=batch_size,
+                 tokenizer=tokenizer or DATA_DIR / "tokenizer", init=init, resume=resume, steps=steps, batch_size=batch_size,
                  seq_len=seq_len, grad_accum=grad_accum, lr=lr, warmup_steps=warmup, seed=seed,
                  alf_gamma=alf_gamma, balance_alpha=balance_alpha, mtp_lambda=mtp_lambda, eval_every=eval_every,
                  save_every=save_every, skip_invalid=skip_invalid)
