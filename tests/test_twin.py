@@ -112,6 +112,21 @@ def test_twin_save_then_mlx_load_is_bit_exact(tmp_path, shard_bytes):
         assert np.array_equal(np.array(mine[k]), np.array(v)), k
 
 
+def test_mtp_free_copy_and_a_missing_tensor_is_named(tmp_path):
+    ours, tm = pair(tmp_path / "a")
+    twin.save_model(tm, tmp_path / "b", mtp=False)
+    back = twin.load_model(tmp_path / "b", device="cpu")
+    assert back.config.num_nextn_predict_layers == 0 and len(back.model.layers) == tm.config.num_hidden_layers
+    ids = tokens(8)
+    assert np.abs(run(back, ids) - np.array(ours(mx.array(ids)))).max() <= TOL
+    from safetensors.torch import load_file, save_file
+    w = load_file(tmp_path / "b" / "model.safetensors")
+    del w["model.layers.1.mlp.experts.3.up_proj.weight"]
+    save_file(w, tmp_path / "b" / "model.safetensors")
+    with pytest.raises(twin.CheckpointError, match=r"experts 0\.\.7, missing \[3\]"):
+        twin.load_model(tmp_path / "b", device="cpu")
+
+
 def test_bfloat16_load_keeps_the_router_in_float32(tmp_path):
     make_checkpoint(tmp_path)
     tm = twin.load_model(tmp_path, device="cpu", dtype="bfloat16")

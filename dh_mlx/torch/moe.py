@@ -6,6 +6,7 @@ P = N*k (token, expert) pairs.
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import torch
@@ -49,8 +50,7 @@ class MoEGate(nn.Module):
     def init_buffers(self) -> None:
         """Row 0: no domain (every expert allowed); row d+1: domain d's experts and the common ones."""
         dr, E = self.config.domain_routing, self.config.n_routed_experts
-        device = self.weight.device if not self.weight.is_meta else None
-        table = None if dr is None else torch.tensor([[True] * E] + dr.allowed(E), device=device)
+        table = None if dr is None else torch.tensor([[True] * E] + dr.allowed(E), device=self.weight.device)
         self.register_buffer("domain_table", table, persistent=False)
 
     def forward(self, x: torch.Tensor, domain_ids: torch.Tensor | None = None) -> Routing:
@@ -99,6 +99,7 @@ class StackedLinear(nn.Module):
         self.weight = nn.Parameter(torch.empty(num_experts, out_dims, in_dims).uniform_(-bound, bound))
 
 
+@functools.lru_cache(maxsize=None)
 def grouped_mm_available(device: torch.device | str, dtype: torch.dtype) -> bool:
     """Whether this torch has a grouped GEMM that runs on `device` in `dtype` (torch >= 2.8, CUDA bf16 at least)."""
     fn = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)

@@ -93,9 +93,10 @@ def loss_terms(model: Model, input_ids: torch.Tensor, domain_ids: torch.Tensor |
     """The loss of one batch `input_ids` (B, T) as defined in this module's docstring."""
     c = model.config
     D, T = c.num_nextn_predict_layers, input_ids.shape[1]
-    if T < D + 3 or T < 2:
-        raise ValueError(f"input_ids must have at least {max(D + 3, 2)} tokens per sequence for "
-                         f"num_nextn_predict_layers={D}, got {T}")
+    need = D + 3 if mtp_lambda and D else 2  # the deepest MTP module needs one target
+    if T < need:
+        raise ValueError(f"input_ids must have at least {need} tokens per sequence (num_nextn_predict_layers={D}, "
+                         f"mtp_lambda={mtp_lambda}), got {T}")
     out = model.forward_full(input_ids, domain_ids=domain_ids)
     ce = _ce(out.logits[:, :-1], input_ids[:, 1:])
     bal = balance_loss(out.routing, c.n_routed_experts, c.num_experts_per_tok).to(ce.device)

@@ -242,7 +242,8 @@ def init_weights(model: Model, seed: int = 0) -> Model:
     gen = torch.Generator(device=device).manual_seed(seed)
     with torch.no_grad():
         for name, t in list(model.named_parameters()) + list(model.named_buffers()):
-            *_, owner, leaf = ("", "") + tuple(name.split("."))
+            parts = name.split(".")
+            owner, leaf = (parts[-2] if len(parts) > 1 else ""), parts[-1]
             if name.endswith("inv_freq") or not t.is_floating_point():
                 continue
             if "norm" in owner and leaf == "weight":
@@ -271,12 +272,19 @@ def _natural_key(name: str) -> list:
     return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name)]
 
 
-def save_model(model: Model, path: str | Path, *, max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> None:
-    """Write `model` as an HF DeepSeek-V3 directory, the layout dh_mlx.save_model writes."""
+def save_model(model: Model, path: str | Path, *, mtp: bool = True,
+               max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> None:
+    """Write `model` as an HF DeepSeek-V3 directory, the layout dh_mlx.save_model writes.
+
+    `mtp=False` writes an MTP-free copy (for mlx-lm).
+    """
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    config = model.config
-    weights = to_file_layout(model.state_dict(), config)
+    config, state = model.config, model.state_dict()
+    if not mtp and config.num_nextn_predict_layers:
+        config = config.replace(num_nextn_predict_layers=0)
+        state = drop_mtp_layers(state, config)
+    weights = to_file_layout(state, config)
     shards: list[list[str]] = [[]]
     size = 0
     for k in sorted(weights, key=_natural_key):
