@@ -22,10 +22,10 @@ CONFIG_FILE = "config.json"
 def export_model(model: Model, path: str | Path, example_ids: torch.Tensor) -> torch.export.ExportedProgram:
     """Export `model(input_ids) -> logits` with dynamic batch and sequence length, and save it at `path`.
 
-    The exported graph runs the naive MLA path and a static-shape expert kernel (a grouped GEMM where this
-    torch has one for the model's device and dtype, else per-pair gathered weights): no host sync, no
-    data-dependent loop (for bfloat16 models; others gather). `example_ids` (B, T) should have B >= 2 and T >= 2 so neither dimension is
-    specialised to 1.
+    The exported graph runs the naive MLA path and a static-shape expert kernel, so no host sync and no
+    data-dependent loop: a grouped GEMM for a bfloat16 model where this torch has one on its device, else
+    per-pair gathered weights. `example_ids` (B, T) should have B >= 2 and T >= 2 so that neither
+    dimension is specialised to 1.
     """
     param = next(p for n, p in model.named_parameters() if not n.endswith("mlp.gate.weight"))
     # torch's tracing rule for grouped GEMM accepts bfloat16 only, whatever the eager kernel takes
