@@ -165,6 +165,14 @@ def train(params: Optional[str] = typer.Option(None, help="size preset (default 
                f"{result.peak_memory_gb:.2f} GB", err=True)
 
 
+@app.command()
+def plot(run_dir: Path = typer.Argument(..., help="a training run directory (holds metrics.jsonl)")) -> None:
+    """Draw loss curves and the per-domain expert-load heatmap as PNG files in the run directory."""
+    from .train.plot import plot_run
+    for p in plot_run(run_dir):
+        typer.echo(str(p))
+
+
 def main() -> None:
     """Console entry point: library errors become one-line messages, never tracebacks."""
     from .weights import CheckpointError

@@ -103,3 +103,18 @@ def test_resume_reproduces_an_uninterrupted_run(small_run_inputs):
     assert mx.array_equal(m1(ids), m2(ids)).item()
     with pytest.raises(RuntimeError, match="--resume"):
         train(out=d / "full", **common)
+
+
+def test_grad_accumulation_and_a_non_finite_loss_stops_keeping_the_last_checkpoint(small_run_inputs):
+    from dh_mlx.train.run import train
+    from dh_mlx.train.trainer import TrainingError
+    d = small_run_inputs
+    common = dict(config=d / "config.json", data=d / "data.jsonl", tokenizer=d / "tok", batch_size=2, seq_len=16,
+                  progress=False, warmup_steps=0)
+    r = train(out=d / "accum", steps=2, grad_accum=2, eval_every=2, **common)
+    assert r.step == 2 and np.isfinite(r.train_loss)
+    with pytest.raises(TrainingError, match="loss is (nan|inf)"):
+        train(out=d / "nan", steps=50, lr=1e12, grad_clip=1e30, save_every=1, eval_every=100, **common)
+    from dh_mlx.train.checkpoint import latest_checkpoint
+    good = latest_checkpoint(d / "nan")
+    assert good is not None and json.loads((good / "trainer_state.json").read_text())["step"] >= 1

@@ -20,6 +20,9 @@ class TrainConfig:
     alf_gamma: float = 1e-3  # auxiliary-loss-free bias step; 0 turns ALF off
     balance_alpha: float = 1e-4  # sequence-wise balance loss weight; 0 turns it off
     mtp_lambda: float = 0.3  # MTP loss weight (used when the model has MTP modules)
+    # Share of training rows whose domain ids are hidden, so plain DeepSeek-V3 routing (no --domain) is
+    # trained too and may use every expert.
+    domain_dropout: float = 0.25
     val_fraction: float = 0.05
     eval_every: int = 100
     eval_batches: int = 8
@@ -42,6 +45,8 @@ class TrainConfig:
                 raise ValueError(f"training option '{name}' must be >= 0, got {getattr(self, name)!r}")
         if not 0 <= self.min_lr_ratio <= 1:
             raise ValueError(f"training option 'min_lr_ratio' must be in [0, 1], got {self.min_lr_ratio!r}")
+        if not 0 <= self.domain_dropout <= 1:
+            raise ValueError(f"training option 'domain_dropout' must be in [0, 1], got {self.domain_dropout!r}")
         if not 0 <= self.val_fraction < 1:
             raise ValueError(f"training option 'val_fraction' must be in [0, 1), got {self.val_fraction!r}")
 

@@ -49,6 +49,14 @@ def to_mx(b: NpBatch) -> Batch:
     return Batch(*(mx.array(a) for a in b))
 
 
+def drop_domains(b: NpBatch, p: float, seed: int, step: int) -> NpBatch:
+    """Hide the domain of a seeded random share `p` of the rows (deterministic per step, so resume matches)."""
+    if p <= 0:
+        return b
+    hide = np.random.default_rng([seed, step, 7]).random(b.domain_ids.shape[0]) < p
+    return b._replace(domain_ids=np.where(hide[:, None], -1, b.domain_ids))
+
+
 @dataclass
 class StepFunctions:
     """Compiled pieces of one optimizer step; `state` is what they read and write besides their arguments."""
@@ -98,8 +106,9 @@ class EvalResult:
     domain_load: list[list[float]] | None  # (domains + 1 for 'none', E): expert choices summed over MoE layers
 
 
-def evaluate(model: Model, dataset: Dataset, cfg: TrainConfig) -> EvalResult:
-    """Validation cross-entropy and expert load over up to `eval_batches` batches."""
+def evaluate(model: Model, dataset: Dataset, cfg: TrainConfig, *, use_domains: bool = True) -> EvalResult:
+    """Validation cross-entropy and expert load over up to `eval_batches` batches (domain ids hidden unless
+    `use_domains`)."""
     c = model.config
     E = c.n_routed_experts or 0
     n_dom = len(c.domain_routing.domains) if c.domain_routing else 0
@@ -124,6 +133,8 @@ def evaluate(model: Model, dataset: Dataset, cfg: TrainConfig) -> EvalResult:
     for i, nb in enumerate(it):
         if i >= cfg.eval_batches:
             break
+        if not use_domains:
+            nb = drop_domains(nb, 1.0, 0, 0)
         ce_sum, n, loads, per_domain = batch_stats(*to_mx(nb))
         mx.eval(ce_sum, n, loads, per_domain)
         ce_total += ce_sum.item()
@@ -203,21 +214,23 @@ def train_loop(model: Model, dataset: Dataset, cfg: TrainConfig, run_dir: Path, 
     val = None
     mx.reset_peak_memory()
     tic = time.perf_counter()
+
+    def next_batch(micro: int) -> Batch:
+        return to_mx(drop_domains(next(batches), cfg.domain_dropout, cfg.seed, step * cfg.grad_accum + micro))
+
     try:
         while step < cfg.steps:
             if cfg.grad_accum == 1:
-                out = fns.step(*to_mx(next(batches)))
-                loss, ce, mtp, bal, loads, norm = out
+                loss, ce, mtp, bal, loads, norm = fns.step(*next_batch(0))
             else:
-                acc = None
-                for _ in range(cfg.grad_accum):
-                    loss, ce, mtp, bal, loads_i, g = fns.grads(*to_mx(next(batches)))
-                    acc = (g, loads_i, [loss, ce, mtp, bal]) if acc is None else (
-                        tree_map(mx.add, acc[0], g), acc[1] + loads_i, [a + b for a, b in zip(acc[2], [loss, ce, mtp, bal])])
-                g, loads, sums = acc
-                g = tree_map(lambda x: x / cfg.grad_accum, g)
-                loss, ce, mtp, bal = (x / cfg.grad_accum for x in sums)
-                norm = fns.apply(g, loads)
+                g_sum, loads, sums = None, 0, [0.0] * 4
+                for micro in range(cfg.grad_accum):
+                    *values, loads_i, g = fns.grads(*next_batch(micro))
+                    g_sum = g if g_sum is None else tree_map(mx.add, g_sum, g)
+                    loads = loads + loads_i
+                    sums = [a + v for a, v in zip(sums, values)]
+                loss, ce, mtp, bal = (v / cfg.grad_accum for v in sums)
+                norm = fns.apply(tree_map(lambda x: x / cfg.grad_accum, g_sum), loads)
             mx.eval(loss, ce, mtp, bal, loads, norm, fns.state)
             step += 1
             last_loss = loss.item()
