@@ -35,7 +35,7 @@ class LossParts(NamedTuple):
     ce: mx.array
     mtp: mx.array
     balance: mx.array
-    loads: mx.array  # (n_moe_layers incl. MTP, E) tokens routed to each expert
+    loads: mx.array  # (n_moe_layers incl. MTP, E) domain-free tokens routed to each expert (ALF's input)
 
 
 def document_mask(segment_ids: mx.array) -> mx.array:
@@ -84,6 +84,9 @@ def loss_parts(model: Model, batch: Batch, *, mtp_lambda: float, balance_alpha: 
         mtp = masked_ce(m.logits, batch.targets[:, 1:], batch.loss_mask[:, 1:] * batch.loss_mask[:, :-1])
         routing += m.routing
     valid = batch.loss_mask
+    # ALF balances plain routing: tokens confined to their domain's experts would push every other expert's
+    # bias up forever, so with domain routing only domain-free tokens count towards the loads.
+    counted = valid * (batch.domain_ids < 0) if c.domain_routing is not None else valid
     E = c.n_routed_experts or 0
     bal = mx.array(0.0)
     loads = mx.zeros((0, max(E, 1)))
@@ -91,8 +94,7 @@ def loss_parts(model: Model, batch: Batch, *, mtp_lambda: float, balance_alpha: 
         main = routing[: len(out.routing)]
         if balance_alpha:
             bal = balance_alpha * balance_loss(main, valid, E, c.num_experts_per_tok)
-        loads = mx.stack([expert_counts(r, valid if r.indices.shape[1] == valid.shape[1] else valid[:, :-1], E)
-                          .sum(axis=0) for r in routing])
+        loads = mx.stack([expert_counts(r, counted[:, : r.indices.shape[1]], E).sum(axis=0) for r in routing])
     loss = ce + mtp_lambda * mtp + bal
     return loss, LossParts(ce, mtp, bal, mx.stop_gradient(loads))
 

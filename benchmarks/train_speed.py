@@ -1,0 +1,88 @@
+"""Training tokens/s of dh-mlx's loop against mlx-lm's trainer (full fine-tune), same checkpoint, same batch
+shape, in one run. Prints one JSON object per result.
+
+    python benchmarks/train_speed.py [--params tiny] [--batch-size 4] [--seq-len 256] [--steps 12]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import dh_mlx  # noqa: F401  (loads the fast BLAS before mlx.core)
+import mlx.core as mx
+import mlx.optimizers as optim
+import numpy as np
+
+from dh_mlx import load_preset, random_model, save_model
+from dh_mlx.train.config import TrainConfig
+from dh_mlx.train.loss import Batch
+from dh_mlx.train.trainer import build_steps, make_optimizer
+
+
+def batches(vocab: int, B: int, T: int, n: int, seed: int = 0) -> list[np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return [rng.integers(3, vocab, (B, T + 1)).astype(np.int32) for _ in range(n)]
+
+
+def ours(path: Path, data: list[np.ndarray], warmup: int) -> float:
+    model = dh_mlx.load_model(path)
+    model.freeze(keys=["e_score_correction_bias"], strict=False)
+    cfg = TrainConfig(steps=len(data), lr=1e-4, warmup_steps=0)
+    fns = build_steps(model, make_optimizer(cfg), cfg)
+    B, T = data[0].shape[0], data[0].shape[1] - 1
+    ones, seg, dom = mx.ones((B, T)), mx.zeros((B, T), mx.int32), mx.full((B, T), -1, mx.int32)
+    for i, a in enumerate(data):
+        if i == warmup:
+            tic = time.perf_counter()
+        out = fns.step(*Batch(mx.array(a[:, :-1]), mx.array(a[:, 1:]), ones, seg, dom))
+        mx.eval(out, fns.state)
+    return (len(data) - warmup) * B * T / (time.perf_counter() - tic)
+
+
+def mlx_lm(path: Path, data: list[np.ndarray], warmup: int) -> float:
+    from mlx_lm.tuner.trainer import TrainingArgs, TrainingCallback, train
+    from mlx_lm.utils import load_model
+
+    model, _ = load_model(path)
+    B, T = data[0].shape[0], data[0].shape[1] - 1
+    dataset = [(row.tolist(), 0) for a in data for row in a]  # (tokens, prompt offset); T+1 tokens each
+    stamps: list[float] = []
+
+    class Clock(TrainingCallback):
+        def on_train_loss_report(self, info):
+            stamps.append(time.perf_counter())
+
+    args = TrainingArgs(batch_size=B, iters=len(data), steps_per_report=1, steps_per_eval=10**9,
+                        steps_per_save=10**9, max_seq_length=T + 1,
+                        adapter_file=str(Path(tempfile.mkdtemp()) / "adapters.safetensors"))
+    train(model, optim.AdamW(learning_rate=1e-4), dataset, None, args, training_callback=Clock())
+    return (len(stamps) - warmup) * B * T / (stamps[-1] - stamps[warmup - 1])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--params", default="tiny")
+    ap.add_argument("--batch-size", type=int, default=4)
+    ap.add_argument("--seq-len", type=int, default=256)
+    ap.add_argument("--steps", type=int, default=12)
+    ap.add_argument("--warmup", type=int, default=3)
+    a = ap.parse_args()
+    config = load_preset(a.params).replace(num_nextn_predict_layers=0)  # mlx-lm cannot train MTP layers
+    with tempfile.TemporaryDirectory() as d:
+        path = Path(d)
+        save_model(random_model(config, seed=0), path)
+        data = batches(config.vocab_size, a.batch_size, a.seq_len, a.steps)
+        theirs = mlx_lm(path, data, a.warmup)
+        mine = ours(path, data, a.warmup)
+    shape = f"{a.params}, batch {a.batch_size} x {a.seq_len}, float32, {mx.default_device()}"
+    print(json.dumps({"name": "train_tokens_per_s", "value": round(mine, 1), "unit": "tokens/s", "setup": shape,
+                      "comparison": {"mlx_lm_tokens_per_s": round(theirs, 1), "ratio": round(mine / theirs, 2)}}))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,122 @@
+"""Generation: samplers, chunked prefill, prompt-cache reuse, MTP speculative identity, context limits."""
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+from dh_mlx import random_model
+from dh_mlx.cache import make_cache
+from dh_mlx.generate import GenerationStats, PromptCache, generate_tokens, prefill
+from dh_mlx.sample import (apply_min_p, apply_repetition_penalty, apply_top_k, apply_top_p, make_sampler,
+                           sampling_distribution)
+from helpers import make_config, randomise_for_parity, tokens
+
+
+@pytest.fixture(scope="module")
+def model():
+    return randomise_for_parity(random_model(make_config(max_position_embeddings=64), seed=1), 1)
+
+
+def test_temperature_zero_is_argmax():
+    logits = mx.array([[0.1, 3.0, -1.0, 2.9]])
+    assert make_sampler(0.0)(logits).item() == 1
+
+
+def test_top_k_top_p_min_p_masks():
+    logits = mx.log(mx.array([[0.5, 0.3, 0.15, 0.05]]))
+    keep = lambda x: (np.array(x)[0] > -np.inf).tolist()  # noqa: E731
+    assert keep(apply_top_k(logits, 2)) == [True, True, False, False]
+    assert keep(apply_top_p(logits, 0.8)) == [True, True, False, False]  # 0.5 + 0.3 reaches 0.8
+    assert keep(apply_top_p(logits, 0.81)) == [True, True, True, False]
+    assert keep(apply_min_p(logits, 0.2)) == [True, True, True, False]  # 0.05 < 0.2 * 0.5
+    p = np.array(sampling_distribution(logits, 1.0, top_k=2))[0]
+    np.testing.assert_allclose(p, [0.625, 0.375, 0, 0], rtol=1e-5)
+
+
+def test_repetition_penalty():
+    logits = mx.array([[2.0, -2.0, 1.0]])
+    out = np.array(apply_repetition_penalty(logits, mx.array([0, 1]), 2.0))[0]
+    np.testing.assert_allclose(out, [1.0, -4.0, 1.0])
+
+
+def test_sampling_follows_the_distribution():
+    mx.random.seed(0)
+    logits = mx.log(mx.array([[0.6, 0.3, 0.1]]))
+    draws = np.array(make_sampler(1.0)(mx.broadcast_to(logits, (20000, 3))))
+    np.testing.assert_allclose(np.bincount(draws, minlength=3) / 20000, [0.6, 0.3, 0.1], atol=0.015)
+
+
+def test_chunked_prefill_equals_one_shot(model):
+    ids = mx.array(tokens(40, batch=1))
+    a_cache, b_cache = make_cache(model.config), make_cache(model.config)
+    a, _ = prefill(model, ids, a_cache, step_size=512)
+    b, _ = prefill(model, ids, b_cache, step_size=7)
+    assert mx.abs(a - b).max().item() <= 1e-4
+    for x, y in zip(a_cache, b_cache):
+        assert mx.abs(x.state[0] - y.state[0]).max().item() <= 1e-5
+    full = model(ids)[:, -1]
+    assert mx.abs(a - full).max().item() <= 1e-4
+
+
+def test_prompt_cache_reuse_gives_the_same_tokens(model):
+    prompt = tokens(20, batch=1)[0].tolist()
+    fresh = list(generate_tokens(model, prompt, max_tokens=8))
+    pc = PromptCache.new(model)
+    first = list(generate_tokens(model, prompt[:12], max_tokens=4, prompt_cache=pc))
+    assert len(first) == 4
+    reused = list(generate_tokens(model, prompt, max_tokens=8, prompt_cache=pc))
+    assert reused == fresh
+    assert pc.cache[0].offset == len(prompt) + 7
+
+
+def test_mtp_speculative_greedy_is_identical(model):
+    prompt = tokens(10, batch=1)[0].tolist()
+    plain = list(generate_tokens(model, prompt, max_tokens=25))
+    stats = GenerationStats()
+    spec = list(generate_tokens(model, prompt, max_tokens=25, mtp=True, stats=stats))
+    assert spec == plain
+    assert stats.drafted > 0
+
+
+def test_mtp_rejections_roll_the_cache_back(model):
+    """A draft head that always proposes token 0 is mostly rejected; output and cache must stay exact."""
+    prompt = tokens(6, batch=1)[0].tolist()
+    plain = list(generate_tokens(model, prompt, max_tokens=12))
+    layer = model.model.mtp_layers[0]
+    saved = layer.shared_head.head.weight
+    try:
+        layer.shared_head.head.weight = mx.zeros_like(saved)  # uniform draft logits: argmax is token 0
+        stats, pc = GenerationStats(), PromptCache.new(model)
+        out = list(generate_tokens(model, prompt, max_tokens=12, mtp=True, stats=stats, prompt_cache=pc))
+    finally:
+        layer.shared_head.head.weight = saved
+    assert out == plain
+    assert stats.accepted < stats.drafted
+    if 0 not in plain[1:]:
+        assert stats.accepted == 0
+    assert pc.cache[0].offset == len(prompt) + len(out) - 1 and pc.tokens == (prompt + out)[:-1]
+
+
+def test_mtp_sampling_keeps_the_target_distribution():
+    """Speculative sampling with any draft must reproduce the main model's next-token distribution."""
+    from dh_mlx.speculative import mtp_generate  # noqa: F401  (exercised through generate_tokens)
+    m = random_model(make_config(vocab_size=5, max_position_embeddings=64), seed=2)
+    prompt = [1, 2, 3]
+    target = np.array(mx.softmax(m(mx.array([prompt]))[0, -1] / 1.0))
+    # The second token is the first one that depends on the draft's acceptance.
+    counts = {}
+    mx.random.seed(0)
+    for _ in range(300):
+        out = list(generate_tokens(m, prompt, max_tokens=2, temp=1.0, mtp=True))
+        counts.setdefault(out[0], []).append(out[1])
+    first = np.bincount([k for k, v in counts.items() for _ in v], minlength=5) / 300
+    np.testing.assert_allclose(first, target, atol=0.09)
+    k = max(counts, key=lambda x: len(counts[x]))
+    second_target = np.array(mx.softmax(m(mx.array([prompt + [k]]))[0, -1]))
+    second = np.bincount(counts[k], minlength=5) / len(counts[k])
+    np.testing.assert_allclose(second, second_target, atol=0.15)
+
+
+def test_prompt_longer_than_context_is_refused(model):
+    with pytest.raises(ValueError, match="max_position_embeddings"):
+        list(generate_tokens(model, list(range(60)), max_tokens=10))
