@@ -22,7 +22,8 @@ from .model import Model
 from .params import count_params, weight_bytes
 
 DEFAULT_SHARD_BYTES = 5 * 10**9
-_EXPERT = re.compile(r"^(model\.layers\.\d+\.mlp\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
+# A quantized expert has `scales` and `biases` beside its packed `weight` (mlx-lm's per-expert layout).
+_EXPERT = re.compile(r"^(model\.layers\.\d+\.mlp\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.(weight|scales|biases)$")
 _PROJS = ("gate_proj", "up_proj", "down_proj")
 
 
@@ -39,7 +40,7 @@ def drop_mtp_embedding_copies(w: dict, config: ModelConfig) -> dict:
     """MTP layers carry a copy of the shared embedding on disk; in memory they use the main one."""
     n = config.num_hidden_layers
     return {k: v for k, v in w.items()
-            if not re.fullmatch(rf"model\.layers\.(\d+)\.embed_tokens\.weight", k)
+            if not re.fullmatch(rf"model\.layers\.(\d+)\.embed_tokens\.(weight|scales|biases)", k)
             or int(k.split(".")[2]) < n}
 
 
@@ -56,7 +57,7 @@ def stack_experts(w: dict, config: ModelConfig) -> dict:
     for k, v in w.items():
         m = _EXPERT.match(k)
         if m:
-            groups.setdefault(f"{m[1]}.{m[3]}.weight", {})[int(m[2])] = v
+            groups.setdefault(f"{m[1]}.{m[3]}.{m[4]}", {})[int(m[2])] = v
         else:
             out[k] = v
     for name, per_expert in groups.items():
@@ -85,18 +86,31 @@ def split_fused_experts(w: dict, config: ModelConfig) -> dict:
     return out
 
 
+def dequantize_kv_b_proj(w: dict, config: ModelConfig) -> dict:
+    """A quantized `kv_b_proj` (written by another tool) becomes float: the absorbed path reads its per-head
+    matrices directly, so we never keep it packed (dh_mlx.quant never quantizes it)."""
+    out = dict(w)
+    for k in [k for k in w if k.endswith("self_attn.kv_b_proj.scales")]:
+        prefix = k[: -len(".scales")]
+        packed, scales, r = out.pop(prefix + ".weight"), out.pop(k), config.kv_lora_rank
+        out[prefix + ".weight"] = mx.dequantize(packed, scales, out.pop(prefix + ".biases", None),
+                                                group_size=r // scales.shape[-1], bits=packed.shape[-1] * 32 // r)
+    return out
+
+
 LOAD_TRANSFORMS: tuple[Callable[[dict, ModelConfig], dict], ...] = (
-    drop_rotary_buffers, drop_mtp_embedding_copies, drop_mtp_layers, split_fused_experts, stack_experts)
+    drop_rotary_buffers, drop_mtp_embedding_copies, drop_mtp_layers, split_fused_experts, stack_experts,
+    dequantize_kv_b_proj)
 
 
 # ---- modules -> file layout --------------------------------------------------------------------------------
 def unstack_experts(w: dict, config: ModelConfig) -> dict:
     out = {}
     for k, v in w.items():
-        m = re.match(r"^(model\.layers\.\d+\.mlp\.experts)\.(gate_proj|up_proj|down_proj)\.weight$", k)
+        m = re.match(r"^(model\.layers\.\d+\.mlp\.experts)\.(gate_proj|up_proj|down_proj)\.(weight|scales|biases)$", k)
         if m:
             for e in range(v.shape[0]):
-                out[f"{m[1]}.{e}.{m[2]}.weight"] = v[e]
+                out[f"{m[1]}.{e}.{m[2]}.{m[3]}"] = v[e]
         else:
             out[k] = v
     return out
@@ -106,7 +120,9 @@ def add_mtp_embedding_copies(w: dict, config: ModelConfig) -> dict:
     """vLLM's DeepSeek MTP loader reads the embedding from `model.layers.{n+i}.embed_tokens`."""
     out = dict(w)
     for i in range(config.num_nextn_predict_layers):
-        out[f"model.layers.{config.num_hidden_layers + i}.embed_tokens.weight"] = w["model.embed_tokens.weight"]
+        for leaf in ("weight", "scales", "biases"):  # scales/biases when the embedding is quantized
+            if f"model.embed_tokens.{leaf}" in w:
+                out[f"model.layers.{config.num_hidden_layers + i}.embed_tokens.{leaf}"] = w[f"model.embed_tokens.{leaf}"]
     return out
 
 
@@ -241,7 +257,9 @@ def load_model(path: str | Path, *, dtype: str | None = None) -> Model:
     path = resolve_path(path)
     config = load_config(path)
     dt = compute_dtype(dtype)
-    check_fits(config, dt, str(path))
+    quantization = config.extra.get("quantization")  # mlx-lm's block: {"group_size", "bits", per-layer overrides}
+    if quantization is None:  # (a quantized model's size is not params x dtype; it was measured when written)
+        check_fits(config, dt, str(path))
     weights = read_weights(path)
     n = config.num_hidden_layers
     if config.num_nextn_predict_layers and not any(k.startswith(f"model.layers.{n}.") for k in weights):
@@ -252,6 +270,9 @@ def load_model(path: str | Path, *, dtype: str | None = None) -> Model:
     for transform in LOAD_TRANSFORMS:
         weights = transform(weights, config)
     model = Model(config)
+    if quantization is not None:
+        from .quant import quantize_like
+        quantize_like(model, quantization, weights)
     _check_against_model(weights, model, path)
     model.load_weights(list(weights.items()))
     cast_model(model, dt)
@@ -278,7 +299,8 @@ def save_model(model: Model, path: str | Path, *, mtp: bool = True, max_shard_by
     weights = add_mtp_embedding_copies(unstack_experts(weights, config), config)
     if dtype:
         target = compute_dtype(dtype)
-        weights = {k: v.astype(mx.float32 if _keep_fp32(k) else target) for k, v in weights.items()}
+        weights = {k: v.astype(mx.float32 if _keep_fp32(k) else target) if mx.issubdtype(v.dtype, mx.floating)
+                   else v for k, v in weights.items()}  # packed quantized weights stay uint32
     shards: list[dict[str, mx.array]] = [{}]
     size = 0
     for k in sorted(weights, key=_natural_key):

@@ -96,6 +96,34 @@ class StackedLinear(nn.Module):
         # x (..., 1, in) gathered against weight[indices] (..., in, out) -> (..., 1, out)
         return mx.gather_mm(x, self.weight.swapaxes(-1, -2), rhs_indices=indices, sorted_indices=sorted_indices)
 
+    def to_quantized(self, group_size: int = 64, bits: int = 4, mode: str = "affine") -> "QuantizedStackedLinear":
+        """What `nn.quantize` calls: each expert's `[out, in]` matrix quantized along `in`."""
+        return QuantizedStackedLinear(self.weight, group_size, bits, mode)
+
+
+class QuantizedStackedLinear(nn.Module):
+    """`StackedLinear` with MLX affine-quantized weights (`weight` packed uint32, `scales`, `biases`), applied
+    with `mx.gather_qmm`; same call signature, so both expert paths (sorted rows, CPU blocks) use it unchanged."""
+
+    def __init__(self, weight: mx.array, group_size: int = 64, bits: int = 4, mode: str = "affine"):
+        super().__init__()
+        self.group_size, self.bits, self.mode = group_size, bits, mode
+        self.weight, self.scales, self.biases = mx.quantize(weight, group_size, bits, mode=mode)  # [E, out, in*bits/32]
+        self.freeze()
+
+    @property
+    def input_dims(self) -> int:
+        return self.scales.shape[-1] * self.group_size
+
+    def __call__(self, x: mx.array, indices: mx.array, sorted_indices: bool = False) -> mx.array:
+        return mx.gather_qmm(x, self.weight, self.scales, self.biases, rhs_indices=indices, transpose=True,
+                             group_size=self.group_size, bits=self.bits, mode=self.mode,
+                             sorted_indices=sorted_indices)
+
+    def dequantized_weight(self) -> mx.array:
+        """The float `[E, out, in]` weight these packed values stand for."""
+        return mx.dequantize(self.weight, self.scales, self.biases, self.group_size, self.bits, mode=self.mode)
+
 
 class Experts(nn.Module):
     """The routed experts: SwiGLU with stacked `gate_proj`/`up_proj` `[E, I, D]` and `down_proj` `[E, D, I]`.

@@ -1,0 +1,198 @@
+"""Quantize a model with MLX affine quantization, chosen per layer by a recipe, and written as mlx-lm writes it.
+
+Recipes (a predicate over module paths):
+    uniform  every linear, the token embedding and the stacked routed experts at `bits`
+    mixed    the same, but `lm_head`, the embedding and every matrix of the first and last decoder layers get
+             8 bits (with `bits=8` they stay in float): the layers whose errors reach every later layer or the
+             logits directly
+
+Always kept in float: norms, the router (`mlp.gate`, float32 like its selection bias), `e_score_correction_bias`,
+linear biases, matrices whose input dimension is not a multiple of `group_size`, and `kv_b_proj`. The latter
+because the absorbed (decode) path folds its per-head matrices into the query and the output, and because
+mlx-lm re-quantizes it along another axis when it splits it into `embed_q`/`unembed_out`, so a quantized
+`kv_b_proj` would give different logits there. It is small (kv_lora_rank x heads x (nope + v)).
+
+The embedding is quantized as mlx-lm quantizes it: on small-vocabulary models it is a large share of the bytes,
+and a row lookup dequantizes only the rows it reads.
+
+On disk: config.json gains mlx-lm's block `"quantization": {"group_size": G, "bits": B, "mode": "affine",
+PATH: {"group_size": G, "bits": B'}}` (an entry per module whose bits differ from B; PATH is our module path,
+which is mlx-lm's except for routed experts) and its copy `quantization_config`; every quantized matrix has
+`weight` (packed uint32), `scales` and `biases`, routed experts one triple per expert in the HF layout
+(`mlp.experts.{e}.gate_proj.scales`), which mlx-lm stacks into `switch_mlp` when it loads.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten, tree_unflatten
+
+from .config import ModelConfig
+from .model import Model
+from .model.moe import QuantizedStackedLinear, StackedLinear
+
+RECIPES = ("uniform", "mixed")
+BITS = (2, 3, 4, 5, 6, 8)
+GROUP_SIZES = (32, 64, 128)
+KEYS = ("quantization", "quantization_config")  # mlx-lm writes both (the second for the HF model tree)
+HIGH_BITS = 8
+NEVER = ("kv_b_proj",)
+QUANTIZED = (nn.QuantizedLinear, nn.QuantizedEmbedding, QuantizedStackedLinear)
+
+
+@dataclass
+class QuantConfig:
+    bits: int = 4
+    group_size: int = 64
+    recipe: str = "uniform"
+
+    def __post_init__(self) -> None:
+        if self.bits not in BITS:
+            raise ValueError(f"quantization option 'bits' must be one of {BITS}, got {self.bits!r}")
+        if self.group_size not in GROUP_SIZES:
+            raise ValueError(f"quantization option 'group_size' must be one of {GROUP_SIZES}, "
+                             f"got {self.group_size!r}")
+        if self.recipe not in RECIPES:
+            raise ValueError(f"quantization option 'recipe' must be one of {RECIPES}, got {self.recipe!r}")
+
+
+def _sensitive(path: str, config: ModelConfig) -> bool:
+    """What the mixed recipe gives more bits: the head, the embedding, the first and last decoder layers."""
+    if path in ("lm_head", "model.embed_tokens"):
+        return True
+    parts = path.split(".")
+    return (len(parts) > 2 and parts[1] == "layers"
+            and int(parts[2]) in (0, config.num_hidden_layers - 1))
+
+
+def quant_predicate(config: ModelConfig, qc: QuantConfig) -> Callable[[str, nn.Module], bool | dict]:
+    """`nn.quantize` predicate of a recipe: False (keep float), True (default bits) or per-layer params."""
+
+    def predicate(path: str, module: nn.Module) -> bool | dict:
+        if not hasattr(module, "to_quantized") or path.rsplit(".", 1)[-1] in NEVER:
+            return False
+        if module.weight.shape[-1] % qc.group_size:
+            return False
+        if qc.recipe == "mixed" and _sensitive(path, config):
+            return {"group_size": qc.group_size, "bits": HIGH_BITS} if qc.bits < HIGH_BITS else False
+        return True
+
+    return predicate
+
+
+def is_quantized(model: nn.Module) -> bool:
+    return any(isinstance(m, QUANTIZED) for _, m in model.named_modules())
+
+
+def _set_block(model: Model, block: dict | None) -> None:
+    d = {k: v for k, v in model.config.to_dict().items() if k not in KEYS}
+    if block is not None:
+        d.update({k: block for k in KEYS})
+    model.config = ModelConfig.from_dict(d)
+
+
+def quantize_model(model: Model, qc: QuantConfig) -> dict:
+    """Quantize `model` in place by the recipe of `qc`; returns the `quantization` block (also put in its config)."""
+    if is_quantized(model):
+        raise ValueError("this model is already quantized; quantize its float checkpoint instead")
+    block: dict = {"group_size": qc.group_size, "bits": qc.bits, "mode": "affine"}
+    chosen = quant_predicate(model.config, qc)
+
+    def record(path: str, module: nn.Module) -> bool | dict:
+        r = chosen(path, module)
+        if isinstance(r, dict):
+            block[path] = r
+        return r
+
+    nn.quantize(model, qc.group_size, qc.bits, class_predicate=record)
+    _set_block(model, block)
+    mx.eval(model.parameters())
+    return block
+
+
+def quantize_like(model: Model, block: dict, weights: dict[str, mx.array]) -> None:
+    """Loading: quantize exactly the modules that have `scales` on disk, with the group size and bits their
+    shapes imply (as mlx-lm infers them), so per-layer entries of the block need not name our paths."""
+    mode = block.get("mode", "affine")
+    if mode != "affine":
+        raise ValueError(f"config field 'quantization.mode' must be 'affine', got {mode!r}")
+
+    def predicate(path: str, module: nn.Module) -> bool | dict:
+        if not hasattr(module, "to_quantized") or f"{path}.scales" not in weights:
+            return False
+        in_dims = module.weight.shape[-1]
+        return {"group_size": in_dims // weights[f"{path}.scales"].shape[-1],
+                "bits": weights[f"{path}.weight"].shape[-1] * 32 // in_dims, "mode": mode}
+
+    nn.quantize(model, block["group_size"], block["bits"], class_predicate=predicate)
+
+
+def dequantize_model(model: Model) -> Model:
+    """Every quantized module back to float (the values it stands for); drops the block from the config."""
+    swaps = []
+    for path, m in model.named_modules():
+        if isinstance(m, QuantizedStackedLinear):
+            new = StackedLinear(1, 1, 1)
+            new.weight = m.dequantized_weight()
+        elif isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding)):
+            w = mx.dequantize(m.weight, m.scales, m.biases, m.group_size, m.bits, mode=m.mode)
+            if isinstance(m, nn.QuantizedEmbedding):
+                new = nn.Embedding(*w.shape)
+            else:
+                new = nn.Linear(w.shape[1], w.shape[0], bias="bias" in m)
+                if "bias" in m:
+                    new.bias = m.bias
+            new.weight = w
+        else:
+            continue
+        swaps.append((path, new))
+    if swaps:
+        model.update_modules(tree_unflatten(swaps))
+    _set_block(model, None)
+    mx.eval(model.parameters())
+    return model
+
+
+def bits_per_weight(model: nn.Module) -> float:
+    """Stored bits (packed values, scales and biases) per parameter of the float model, as mlx-lm reports it."""
+    quantized = {p: m for p, m in model.named_modules() if isinstance(m, QUANTIZED)}
+    n_bits = n_params = 0
+    for path, a in tree_flatten(model.parameters()):
+        n_bits += a.nbytes * 8
+        owner, leaf = path.rsplit(".", 1)
+        if owner not in quantized:
+            n_params += a.size
+        elif leaf == "weight":
+            n_params += a.size * 32 // quantized[owner].bits
+    return n_bits / max(n_params, 1)
+
+
+def dir_bytes(path: str | Path) -> int:
+    """Bytes of a model directory's weight files."""
+    return sum(f.stat().st_size for f in Path(path).glob("model*.safetensors"))
+
+
+def quantize(model: str | Path, out: str | Path, *, bits: int = 4, group_size: int = 64, recipe: str = "uniform",
+             mtp: bool = True) -> dict:
+    """Write a quantized copy of the model directory `model` into `out` (tokenizer files copied).
+
+    `mtp=False` drops the MTP modules (mlx-lm loads MTP layers only at DeepSeek-V3's index 61).
+    Returns a summary: bits per weight and bytes on disk before and after.
+    """
+    from .train.run import copy_tokenizer
+    from .weights import load_model, resolve_path, save_model
+    qc = QuantConfig(bits, group_size, recipe)
+    src = resolve_path(model)
+    m = load_model(src, dtype="float32")
+    if is_quantized(m):
+        raise ValueError(f"{src}: already quantized; quantize its float checkpoint instead")
+    quantize_model(m, qc)
+    save_model(m, out, mtp=mtp)
+    copy_tokenizer(src, Path(out))
+    return {"bits": bits, "group_size": group_size, "recipe": recipe, "bits_per_weight": bits_per_weight(m),
+            "bytes": dir_bytes(out), "source_bytes": dir_bytes(src)}
