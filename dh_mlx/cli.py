@@ -173,6 +173,69 @@ def plot(run_dir: Path = typer.Argument(..., help="a training run directory (hol
         typer.echo(str(p))
 
 
+@app.command()
+def quantize(model: Path = typer.Option(..., help="float model directory"),
+             out: Path = typer.Option(..., help="directory for the quantized model"),
+             bits: int = typer.Option(4, help="bits per weight: 4 or 8 (also 2, 3, 5, 6)"),
+             group_size: int = typer.Option(64, help="values sharing a scale and bias: 32, 64 or 128"),
+             recipe: str = typer.Option("uniform", help="uniform, or mixed (8 bits for lm_head, embedding, "
+                                                        "first and last layers)"),
+             mtp: bool = typer.Option(True, "--mtp/--no-mtp", help="keep the MTP modules (mlx-lm cannot load "
+                                                                   "them)")) -> None:
+    """Write an MLX-quantized copy of a model directory (config.json `quantization` block, as mlx-lm writes it)."""
+    from .quant import quantize as run
+    s = run(model, out, bits=bits, group_size=group_size, recipe=recipe, mtp=mtp)
+    typer.echo(f"wrote {out}: {s['bits_per_weight']:.2f} bits per weight, {s['bytes'] / 1e6:.1f} MB "
+               f"(from {s['source_bytes'] / 1e6:.1f} MB)", err=True)
+
+
+@app.command()
+def lora(model: Path = typer.Option(..., help="base model directory (float, or quantized for QLoRA)"),
+         data: Path = typer.Option(..., help="JSONL file or directory (text, prompt/completion or messages)"),
+         out: Path = typer.Option(Path("runs/lora"), help="run directory: adapters.safetensors, "
+                                                         "adapter_config.json, checkpoints"),
+         tokenizer: Optional[Path] = typer.Option(None, help="tokenizer directory (default: the model's)"),
+         rank: int = typer.Option(8, help="adapter rank r"),
+         alpha: float = typer.Option(16.0, help="adapter scale is alpha / rank"),
+         dropout: float = typer.Option(0.0, help="dropout on the adapters' input"),
+         targets: Optional[list[str]] = typer.Option(None, help="q_proj q_a_proj q_b_proj kv_a_proj_with_mqa "
+                                                               "kv_b_proj o_proj shared_experts gate_proj "
+                                                               "up_proj down_proj (repeatable; default: query, "
+                                                               "kv_a, o_proj, shared experts)"),
+         num_layers: Optional[int] = typer.Option(None, help="adapt only the last N decoder layers"),
+         experts: bool = typer.Option(True, "--experts/--no-experts", help="per-expert adapters on the routed "
+                                                                          "experts"),
+         steps: int = typer.Option(100, help="optimizer steps"),
+         batch_size: int = typer.Option(8, help="sequences per batch"),
+         seq_len: int = typer.Option(128, help="tokens per sequence"),
+         lr: float = typer.Option(5e-4, help="peak learning rate"),
+         warmup: int = typer.Option(10, help="warmup steps"),
+         grad_checkpoint: bool = typer.Option(False, help="recompute layers in the backward pass (less memory)"),
+         eval_every: int = typer.Option(50, help="validate every N steps"),
+         save_every: int = typer.Option(100, help="checkpoint (and write the adapters) every N steps"),
+         seed: int = typer.Option(0, help="adapter init, data order and split seed"),
+         resume: bool = typer.Option(False, help="continue the run in --out from its latest checkpoint")) -> None:
+    """Fine-tune LoRA adapters (QLoRA on a quantized model) with the training loop of `train`."""
+    from .train.lora_run import describe, lora as run
+    result = run(model=model, data=data, out=out, tokenizer=tokenizer, rank=rank, alpha=alpha, dropout=dropout,
+                 targets=[t for item in targets or [] for t in item.split(",") if t] or None, num_layers=num_layers, experts=experts, grad_checkpointing=grad_checkpoint,
+                 resume=resume, seed=seed, steps=steps, batch_size=batch_size, seq_len=seq_len, lr=lr,
+                 warmup_steps=warmup, eval_every=eval_every, save_every=save_every)
+    typer.echo(describe(result), err=True)
+
+
+@app.command()
+def fuse(model: Path = typer.Option(..., help="base model directory"),
+         adapter: Path = typer.Option(..., help="adapter directory (adapters.safetensors + adapter_config.json)"),
+         out: Path = typer.Option(..., help="directory for the fused model"),
+         keep_quantized: bool = typer.Option(False, help="re-quantize the adapted matrices of a quantized base "
+                                                         "instead of writing a float model")) -> None:
+    """Merge LoRA adapters into the base weights: a plain model directory with the adapted model's logits."""
+    from .train.lora_run import fuse as run
+    run(model=model, adapter=adapter, out=out, keep_quantized=keep_quantized)
+    typer.echo(f"wrote {out}", err=True)
+
+
 def main() -> None:
     """Console entry point: library errors become one-line messages, never tracebacks."""
     from .weights import CheckpointError

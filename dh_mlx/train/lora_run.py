@@ -1,0 +1,173 @@
+"""`dh-mlx lora` and `dh-mlx fuse` as library calls: LoRA fine-tuning through the shared training loop
+(`train_loop`, whose export writes the adapters), and merging adapters into a model directory."""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import mlx.core as mx
+import numpy as np
+from mlx.utils import tree_flatten
+
+from ..model import Model
+from ..model.moe import Routing
+from ..weights import load_model, resolve_path, save_model
+from .config import TrainConfig
+from .data import load_dataset
+from .lora import ADAPTER_CONFIG, LoRAConfig, apply_lora, fuse_lora, load_adapters, save_adapters, trainable_count
+from .run import copy_tokenizer
+from .trainer import RunResult, evaluate, train_loop
+
+# Fine-tuning defaults that differ from pretraining: the router and its selection bias stay as trained (no ALF,
+# no balance loss), adapters start from zero (no weight decay), and MTP modules are not adapted (no MTP loss).
+LORA_DEFAULTS = dict(steps=100, lr=5e-4, warmup_steps=10, weight_decay=0.0, alf_gamma=0.0, balance_alpha=0.0,
+                     mtp_lambda=0.0, eval_every=50, save_every=100)
+
+
+@dataclass
+class LoRAResult:
+    run: RunResult
+    trainable: int
+    total: int
+    estimated_peak_gb: float
+    val_loss_before: float | None  # the base model (fresh adapters are zero); None when resumed
+    val_loss: float
+    tokens_per_s: float  # median over the run's steps (the first, which compiles, left out)
+
+    @property
+    def share(self) -> float:
+        return self.trainable / max(self.total, 1)
+
+
+# ---- gradient checkpointing --------------------------------------------------------------------------------------
+@functools.cache
+def _checkpointed(cls: type) -> type:
+    """A subclass of a decoder-layer class whose call keeps only its inputs for the backward pass."""
+
+    def __call__(self, x, mask="causal", cache=None, domain_ids=None):
+        def inner(params, x, mask, domain_ids):
+            self.update(params)
+            h, r = cls.__call__(self, x, mask, cache, domain_ids)
+            # `+ 0`: MLX 0.32's checkpoint misaligns cotangents when an output is a stop_gradient node
+            return h, None if r is None else (r.indices + 0, r.weights, r.scores)
+
+        h, routing = mx.checkpoint(inner)(self.trainable_parameters(), x, mask, domain_ids)
+        return h, None if routing is None else Routing(*routing)  # (checkpoint returns plain tuples)
+
+    return type(f"Checkpointed{cls.__name__}", (cls,), {"__call__": __call__})
+
+
+def grad_checkpoint(model: Model) -> None:
+    """Recompute each main-stack decoder layer in the backward pass (per instance; other models are untouched)."""
+    for layer in model.layers:
+        layer.__class__ = _checkpointed(type(layer))
+
+
+# ---- memory ------------------------------------------------------------------------------------------------------
+def estimate_peak_bytes(model: Model, cfg: TrainConfig, *, checkpointing: bool) -> int:
+    """Weights + gradient and Adam moments of the trainable parameters + the activations kept for the backward
+    pass (a rough count of the big tensors per layer) + logits, softmax and their gradient."""
+    c = model.config
+    weights = sum(v.nbytes for _, v in tree_flatten(model.parameters()))
+    trainable = sum(v.nbytes for _, v in tree_flatten(model.trainable_parameters()))
+    f = model.model.norm.weight.dtype.size
+    B, T, D, H = cfg.batch_size, cfg.seq_len, c.hidden_size, c.num_attention_heads
+    attention = B * H * T * T * 2 + B * T * (6 * D + 2 * H * (c.qk_head_dim + c.v_head_dim) + 2 * c.kv_lora_rank)
+
+    def layer(i: int) -> int:
+        if not c.is_moe_layer(i):
+            return attention + 3 * B * T * c.intermediate_size
+        k, I = c.num_experts_per_tok, c.moe_intermediate_size
+        return attention + B * T * (2 * k * (3 * I + 2 * D) + 3 * I * (c.n_shared_experts or 0)
+                                    + 2 * c.n_routed_experts)
+
+    per_layer = [layer(i) for i in range(c.num_hidden_layers)]
+    activations = (B * T * D * len(per_layer) + max(per_layer)) if checkpointing else sum(per_layer)
+    logits = 3 * B * T * c.vocab_size
+    return weights + 3 * trainable + f * (activations + logits)
+
+
+# ---- the commands ----------------------------------------------------------------------------------------------
+def _check_same_adapters(out: Path, lc: LoRAConfig, keys_now: dict) -> None:
+    p = out / ADAPTER_CONFIG
+    if not p.is_file():
+        return
+    before = json.loads(p.read_text()).get("lora_parameters", {})
+    changed = [k for k in ("rank", "scale", "keys") if before.get(k) != keys_now.get(k)]
+    if changed:
+        raise ValueError(f"{out}: the run to resume has other LoRA settings ({', '.join(changed)}); resume with "
+                         "the same --rank/--alpha/--targets/--experts/--num-layers or choose another --out")
+
+
+def lora(*, model: str | Path, data: str | Path, out: str | Path, tokenizer: str | Path | None = None,
+         rank: int = 8, alpha: float = 16.0, dropout: float = 0.0, targets: Sequence[str] | None = None,
+         num_layers: int | None = None, experts: bool = True, grad_checkpointing: bool = False,
+         resume: bool = False, progress: bool = True, stop_after: int | None = None, dtype: str | None = None,
+         seed: int = 0, **options) -> LoRAResult:
+    """Fine-tune LoRA adapters on the model directory `model` (float or quantized: QLoRA) with the training loop
+    of `dh-mlx train`; `out` receives `adapters.safetensors` + `adapter_config.json` and the checkpoints.
+    `options` are `TrainConfig` fields (defaults: `LORA_DEFAULTS`)."""
+    from ..tokenizer import load_tokenizer
+    base = resolve_path(model)
+    out = Path(out)
+    cfg = TrainConfig(**{**LORA_DEFAULTS, "seed": seed, **options})
+    lc = LoRAConfig(rank=rank, alpha=alpha, dropout=dropout, targets=targets, num_layers=num_layers,
+                    experts=experts)
+    tok = load_tokenizer(tokenizer or base)
+    if tok is None:
+        raise ValueError(f"{tokenizer or base}: no tokenizer.model (pass --tokenizer)")
+    m = load_model(base, dtype=dtype)
+    domains = m.config.domain_routing.domains if m.config.domain_routing else None
+    dataset = load_dataset(data, tok, seq_len=cfg.seq_len, domains=domains, val_fraction=cfg.val_fraction,
+                           seed=cfg.seed, skip_invalid=cfg.skip_invalid)
+    print(f"data: {data}: {dataset.summary}; {len(dataset.train)} training and {len(dataset.valid)} validation "
+          f"sequences of {cfg.seq_len} tokens", file=sys.stderr)
+    apply_lora(m, lc, seed=seed)
+    if resume:
+        from .lora import module_keys
+        _check_same_adapters(out, lc, {"rank": lc.rank, "scale": lc.scale,
+                                       "keys": [k.replace("mlp.experts.", "mlp.switch_mlp.")
+                                                for k in module_keys(m.config, lc)]})
+    if grad_checkpointing:
+        grad_checkpoint(m)
+    trainable, total = trainable_count(m)
+    estimate = estimate_peak_bytes(m, cfg, checkpointing=grad_checkpointing) / 1e9
+    print(f"LoRA: {trainable:,} trainable parameters ({trainable / total:.3%} of {total:,}); estimated peak "
+          f"memory {estimate:.3g} GB", file=sys.stderr)
+    before = None if resume and (out / "checkpoints").exists() else evaluate(m, dataset, cfg).loss
+
+    def export(d: Path) -> None:
+        save_adapters(m, d, lc, extra={"model": str(base), "train_config": cfg.to_dict()})
+
+    run = train_loop(m, dataset, cfg, out, export=export, resume=resume, progress=progress, stop_after=stop_after)
+    m.eval()  # dropout off
+    val = evaluate(m, dataset, cfg).loss
+    tps = [r["tokens_per_s"] for r in run.history[1:]] or [run.tokens_per_s]
+    return LoRAResult(run, trainable, total, estimate, before, val, float(np.median(tps)))
+
+
+def fuse(*, model: str | Path, adapter: str | Path, out: str | Path, keep_quantized: bool = False,
+         dtype: str | None = None) -> Model:
+    """Merge the adapters in `adapter` into the model directory `model`, writing a plain model directory `out`
+    (a quantized base is dequantized unless `keep_quantized`; then the adapted matrices are re-quantized)."""
+    base = resolve_path(model)
+    m = load_adapters(load_model(base, dtype=dtype), adapter)
+    fuse_lora(m, keep_quantized=keep_quantized)
+    save_model(m, out)
+    copy_tokenizer(base, Path(out))
+    return m
+
+
+def describe(result: LoRAResult) -> str:
+    r = result.run
+    state = "interrupted at" if r.interrupted else "finished"
+    before = f" (base {result.val_loss_before:.3f})" if result.val_loss_before is not None else ""
+    return (f"{state} step {r.step}: train loss {r.train_loss:.3f}, validation loss {result.val_loss:.3f}{before}, "
+            f"{result.tokens_per_s:.0f} tokens/s, peak memory {r.peak_memory_gb:.3g} GB (estimated "
+            f"{result.estimated_peak_gb:.3g} GB); {result.trainable:,} trainable parameters "
+            f"({result.share:.3%})")
