@@ -68,11 +68,15 @@ def test_fused_equals_unfused_and_cached_decode_sees_the_adapters(base_dir, tmp_
 def test_a_step_changes_only_the_adapters(base_dir):
     model = load_model(base_dir / "plain")
     before = {k: np.array(v) for k, v in tree_flatten(model.parameters())}
-    apply_lora(model, LoRAConfig(rank=4))
+    apply_lora(model, LoRAConfig(rank=4, dropout=0.1))
     cfg = TrainConfig(steps=2, lr=1e-2, warmup_steps=0, alf_gamma=0.0, balance_alpha=0.0)
     fns = build_steps(model, make_optimizer(cfg), cfg)
+    dropout = model.layers[1].self_attn.o_proj.dropout
+    keys = []
     for _ in range(2):
         mx.eval(fns.step(*fixed_batch(model.config)), fns.state)
+        keys.append(np.array(dropout._key))
+    assert not np.array_equal(*keys)  # the compiled step draws a new dropout mask each step
     after = dict(tree_flatten(model.parameters()))
     lora = {k for k in after if k.endswith(("lora_a", "lora_b"))}
     assert lora and all(np.abs(np.array(after[k])).max() > 0 for k in lora if k.endswith("lora_b"))

@@ -287,14 +287,18 @@ def adapter_weights(model: Model) -> dict[str, mx.array]:
             if k.rsplit(".", 1)[-1] in ("lora_a", "lora_b")}
 
 
+def lora_parameters(config: ModelConfig, lc: LoRAConfig) -> dict:
+    """mlx-lm's `lora_parameters` block: rank, scale, dropout and the adapted module keys under its names."""
+    keys = [_OURS_TO_MLX_LM.get(k, k) for k in module_keys(config, lc)]
+    return {"rank": lc.rank, "scale": lc.scale, "dropout": lc.dropout, "keys": keys}
+
+
 def save_adapters(model: Model, directory: str | Path, lc: LoRAConfig, *, extra: dict | None = None) -> None:
     """Write `adapters.safetensors` and `adapter_config.json` (mlx-lm's fields plus ours)."""
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
-    keys = [_OURS_TO_MLX_LM.get(k, k) for k in module_keys(model.config, lc)]
     n_layers = len(adapted_layers(model, lc.num_layers))
-    config = {"fine_tune_type": "lora", "num_layers": n_layers,
-              "lora_parameters": {"rank": lc.rank, "scale": lc.scale, "dropout": lc.dropout, "keys": keys},
+    config = {"fine_tune_type": "lora", "num_layers": n_layers, "lora_parameters": lora_parameters(model.config, lc),
               "alpha": lc.alpha, "targets": list(lc.targets) if lc.targets is not None else None,
               "experts": lc.experts, **(extra or {})}
     tmp = d / f".tmp-{ADAPTERS}"

@@ -19,7 +19,8 @@ from ..model.moe import Routing
 from ..weights import load_model, resolve_path, save_model
 from .config import TrainConfig
 from .data import load_dataset
-from .lora import ADAPTER_CONFIG, LoRAConfig, apply_lora, fuse_lora, load_adapters, save_adapters, trainable_count
+from .lora import (ADAPTER_CONFIG, LoRAConfig, apply_lora, fuse_lora, load_adapters, lora_parameters, save_adapters,
+                   trainable_count)
 from .run import copy_tokenizer
 from .trainer import RunResult, evaluate, train_loop
 
@@ -93,12 +94,12 @@ def estimate_peak_bytes(model: Model, cfg: TrainConfig, *, checkpointing: bool) 
 
 
 # ---- the commands ----------------------------------------------------------------------------------------------
-def _check_same_adapters(out: Path, lc: LoRAConfig, keys_now: dict) -> None:
+def _check_same_adapters(out: Path, now: dict) -> None:
     p = out / ADAPTER_CONFIG
     if not p.is_file():
         return
     before = json.loads(p.read_text()).get("lora_parameters", {})
-    changed = [k for k in ("rank", "scale", "keys") if before.get(k) != keys_now.get(k)]
+    changed = [k for k in ("rank", "scale", "keys") if before.get(k) != now.get(k)]
     if changed:
         raise ValueError(f"{out}: the run to resume has other LoRA settings ({', '.join(changed)}); resume with "
                          "the same --rank/--alpha/--targets/--experts/--num-layers or choose another --out")
@@ -129,10 +130,7 @@ def lora(*, model: str | Path, data: str | Path, out: str | Path, tokenizer: str
           f"sequences of {cfg.seq_len} tokens", file=sys.stderr)
     apply_lora(m, lc, seed=seed)
     if resume:
-        from .lora import module_keys
-        _check_same_adapters(out, lc, {"rank": lc.rank, "scale": lc.scale,
-                                       "keys": [k.replace("mlp.experts.", "mlp.switch_mlp.")
-                                                for k in module_keys(m.config, lc)]})
+        _check_same_adapters(out, lora_parameters(m.config, lc))
     if grad_checkpointing:
         grad_checkpoint(m)
     trainable, total = trainable_count(m)
