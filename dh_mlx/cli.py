@@ -236,6 +236,26 @@ def fuse(model: Path = typer.Option(..., help="base model directory"),
     typer.echo(f"wrote {out}", err=True)
 
 
+convert_app = typer.Typer(add_completion=False, help="Convert to GGUF (llama.cpp) or an HF/vLLM directory, or "
+                                                     "import PyTorch weights.")
+app.add_typer(convert_app, name="convert")
+
+
+@convert_app.command("gguf")
+def convert_gguf(model: Path = typer.Option(..., help="model directory (config.json, safetensors, tokenizer.model)"),
+                 out: Path = typer.Option(..., help="the .gguf file to write"),
+                 outtype: str = typer.Option("f16", help="f32, f16, bf16 or q8_0 (the quantizer's input with "
+                                                         "--quantize)"),
+                 quantize: Optional[str] = typer.Option(None, help="Q4_K_M, Q5_K_M or Q8_0 with llama.cpp's own "
+                                                                  "quantizer (needs llama-cpp-python)"),
+                 mtp: bool = typer.Option(True, "--mtp/--no-mtp", help="write the MTP layers (llama.cpp nextn)")
+                 ) -> None:
+    """Write a GGUF file for llama.cpp's deepseek2 architecture."""
+    from .convert import export_gguf
+    path = export_gguf(model, out, outtype=outtype, quantize=quantize, mtp=mtp)
+    typer.echo(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB)", err=True)
+
+
 def main() -> None:
     """Console entry point: library errors become one-line messages, never tracebacks."""
     from .weights import CheckpointError
