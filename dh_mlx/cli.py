@@ -256,6 +256,19 @@ def convert_gguf(model: Path = typer.Option(..., help="model directory (config.j
     typer.echo(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB)", err=True)
 
 
+@convert_app.command("hf")
+def convert_hf(model: Path = typer.Option(..., help="model directory"),
+               out: Path = typer.Option(..., help="output directory (transformers / vLLM)"),
+               mtp: bool = typer.Option(True, "--mtp/--no-mtp", help="keep the MTP layers (vLLM speculative "
+                                                                     "decoding)"),
+               dtype: Optional[str] = typer.Option(None, help="float32, bfloat16 or float16 (default: as stored)"),
+               shard_gb: float = typer.Option(5.0, help="maximum safetensors shard size in GB")) -> None:
+    """Write a Hugging Face DeepseekV3ForCausalLM directory: sharded safetensors, tokenizer, generation config."""
+    from .convert import export_hf
+    export_hf(model, out, mtp=mtp, dtype=dtype, max_shard_bytes=int(shard_gb * 1e9))
+    typer.echo(f"wrote {out}", err=True)
+
+
 def main() -> None:
     """Console entry point: library errors become one-line messages, never tracebacks."""
     from .weights import CheckpointError

@@ -1,8 +1,13 @@
-"""Converters: GGUF for llama.cpp (more to come: an HF directory, importers from PyTorch files)."""
+"""Converters: GGUF for llama.cpp and an HF directory for transformers/vLLM.
+
+Each is one call: `export_gguf(model_dir, "m.gguf", outtype="f16", quantize="Q4_K_M")`,
+`export_hf(model_dir, "hf_dir")`.
+"""
 
 from .errors import ConvertError
+from .hf import export_hf
 
-__all__ = ["ConvertError", "export_gguf"]
+__all__ = ["ConvertError", "export_gguf", "export_hf"]
 
 
 def __getattr__(name: str):

@@ -1,0 +1,63 @@
+"""Write a model directory that transformers' `DeepseekV3ForCausalLM` and vLLM load as they are.
+
+Our checkpoint already is the HF DeepSeek-V3 layout (MTP layers included, as vLLM's `mtp` speculative method
+reads them); this adds what a hub-style directory carries beside it: sharded safetensors with an index, the
+tokenizer files and generation_config.json. vLLM and transformers ignore `domain_routing`: they route every
+token as plain DeepSeek-V3 (our domain id -1).
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from collections import Counter
+from pathlib import Path
+
+from ..tokenizer import load_tokenizer, write_hf_files
+from ..weights import DEFAULT_SHARD_BYTES, load_model, save_model
+from .errors import ConvertError
+
+_SAFETENSORS_DTYPES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}
+
+
+def stored_dtype(model_dir: Path) -> str:
+    """The floating dtype most of the checkpoint's tensors are stored in (read from the safetensors headers)."""
+    counts: Counter = Counter()
+    for f in sorted(model_dir.glob("model*.safetensors")):
+        with open(f, "rb") as fh:
+            (size,) = struct.unpack("<Q", fh.read(8))
+            header = json.loads(fh.read(size))
+        for name, info in header.items():
+            if name != "__metadata__" and info["dtype"] in _SAFETENSORS_DTYPES:
+                counts[_SAFETENSORS_DTYPES[info["dtype"]]] += 1
+    return counts.most_common(1)[0][0] if counts else "float32"
+
+
+def export_hf(model_dir: str | Path, out: str | Path, *, mtp: bool = True, dtype: str | None = None,
+              max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> Path:
+    """`model_dir` -> `out`: config.json, sharded safetensors + index, tokenizer files, generation_config.json.
+
+    `dtype` (float32, bfloat16, float16) defaults to the dtype the checkpoint is stored in; `mtp=False` leaves
+    the MTP layers out (and sets num_nextn_predict_layers to 0).
+    """
+    model_dir, out = Path(model_dir), Path(out)
+    if model_dir.resolve() == out.resolve():
+        raise ConvertError(f"{out}: the output directory must differ from the model directory")
+    dtype = dtype or stored_dtype(model_dir)
+    if dtype not in _SAFETENSORS_DTYPES.values():
+        raise ConvertError(f"dtype {dtype!r}: expected one of {', '.join(_SAFETENSORS_DTYPES.values())}")
+    model = load_model(model_dir, dtype="float32")
+    save_model(model, out, mtp=mtp, max_shard_bytes=max_shard_bytes, dtype=dtype)
+
+    config = json.loads((out / "config.json").read_text())
+    config["torch_dtype"] = dtype
+    tokenizer = load_tokenizer(model_dir)
+    if tokenizer is not None:
+        write_hf_files(tokenizer, out)
+        # the tokenizer is the truth about special ids; vLLM and generate() read them from these files
+        config.update(bos_token_id=tokenizer.bos_id, eos_token_id=tokenizer.eos_id, pad_token_id=tokenizer.pad_id)
+    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    generation = {"bos_token_id": config.get("bos_token_id"), "eos_token_id": config.get("eos_token_id"),
+                  "pad_token_id": config.get("pad_token_id"), "do_sample": False}
+    (out / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
+    return out
