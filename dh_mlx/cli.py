@@ -269,6 +269,20 @@ def convert_hf(model: Path = typer.Option(..., help="model directory"),
     typer.echo(f"wrote {out}", err=True)
 
 
+@convert_app.command("import")
+def convert_import(input: Path = typer.Option(..., help=".pt/.bin state_dict, .safetensors, TorchScript .pt/.ot, "
+                                                        "or torch.export .pt2"),
+                   config: Optional[Path] = typer.Option(None, help="config.json (a .pt2 carries its own)"),
+                   out: Path = typer.Option(..., help="model directory to write"),
+                   tokenizer: Optional[Path] = typer.Option(None, help="directory whose tokenizer to copy along"),
+                   dtype: Optional[str] = typer.Option(None, help="float32, bfloat16 or float16 (default: as "
+                                                                  "stored)")) -> None:
+    """Import PyTorch weights (our names or DeepSeek's official ones) as a model directory."""
+    from .convert import import_checkpoint
+    import_checkpoint(input, out, config=config, tokenizer=tokenizer, dtype=dtype)
+    typer.echo(f"wrote {out}", err=True)
+
+
 def main() -> None:
     """Console entry point: library errors become one-line messages, never tracebacks."""
     from .weights import CheckpointError

@@ -1,13 +1,14 @@
-"""Converters: GGUF for llama.cpp and an HF directory for transformers/vLLM.
+"""Converters: GGUF for llama.cpp, an HF directory for transformers/vLLM, and importers from PyTorch files.
 
 Each is one call: `export_gguf(model_dir, "m.gguf", outtype="f16", quantize="Q4_K_M")`,
-`export_hf(model_dir, "hf_dir")`.
+`export_hf(model_dir, "hf_dir")`, `import_checkpoint("weights.pt", "model_dir", config="config.json")`.
 """
 
 from .errors import ConvertError
 from .hf import export_hf
+from .importers import import_checkpoint
 
-__all__ = ["ConvertError", "export_gguf", "export_hf"]
+__all__ = ["ConvertError", "export_gguf", "export_hf", "import_checkpoint"]
 
 
 def __getattr__(name: str):
