@@ -7,7 +7,7 @@ from dataclasses import asdict, dataclass
 
 @dataclass
 class TrainConfig:
-    steps: int = 600
+    steps: int = 200
     batch_size: int = 8
     seq_len: int = 128
     grad_accum: int = 1  # micro-batches per optimizer step
@@ -24,9 +24,9 @@ class TrainConfig:
     # trained too and may use every expert.
     domain_dropout: float = 0.25
     val_fraction: float = 0.05
-    eval_every: int = 100
+    eval_every: int = 50
     eval_batches: int = 8
-    save_every: int = 200
+    save_every: int = 100
     keep_checkpoints: int = 2
     skip_invalid: bool = False
 
