@@ -23,6 +23,7 @@ import numpy as np
 from dh_mlx import load_preset, random_model, save_model
 from dh_mlx.generate import GenerationStats, generate_tokens
 from dh_mlx.params import count_params
+from dh_mlx.train.run import DEFAULT_TOKENIZER, copy_tokenizer
 
 
 def emit(name, value, unit, **comparison):
@@ -99,9 +100,11 @@ def main() -> None:
             config = dh_mlx.load_config(a.model)
             model = dh_mlx.load_model(a.model)
         else:
-            config = load_preset(a.params).replace(num_nextn_predict_layers=0)  # mlx-lm refuses MTP layers
+            # mlx-lm refuses MTP layers; the vocabulary is the bundled tokenizer's, which the GGUF needs
+            config = load_preset(a.params).replace(num_nextn_predict_layers=0, vocab_size=8192)
             model = random_model(config, seed=0)
         save_model(model, path, mtp=False)
+        copy_tokenizer(a.model or DEFAULT_TOKENIZER, path)
         del model
         gc.collect()
         prompt = np.random.default_rng(0).integers(3, config.vocab_size, a.prompt_tokens).tolist()

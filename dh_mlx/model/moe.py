@@ -158,12 +158,14 @@ class Experts(nn.Module):
             blocked = mx.default_device() == mx.cpu and N * k >= 4 * self.num_experts * BLOCK_ROWS
         if blocked:
             return self._blocked(xf, idx).reshape(*lead, k, D)
+        # Singleton axes come from reshape, never from `[:, None]` views: gather_mm on CPU runs ~4x slower
+        # on such a strided operand.
         if N * k < SORT_THRESHOLD:
-            y = self._glu(xf[:, None, None, :], idx, False)  # (N, k, 1, D)
+            y = self._glu(xf.reshape(N, 1, 1, D), idx, False)  # (N, k, 1, D)
             return y.reshape(*lead, k, D)
         flat = idx.flatten()
         order = mx.argsort(flat)  # (N*k,) pairs sorted by expert
-        y = self._glu(xf[order // k][:, None, :], flat[order], True)  # (N*k, 1, D)
+        y = self._glu(xf.reshape(N, 1, D)[order // k], flat[order], True)  # (N*k, 1, D)
         y = y[mx.argsort(order)]  # back to (token, slot) order
         return y.reshape(*lead, k, D)
 
