@@ -7,7 +7,10 @@ _blas.load_fast_blas()  # must precede the first `import mlx.core` (Linux CPU sp
 from .config import DomainRouting, ModelConfig, load_config, load_preset  # noqa: E402
 from .model import Model  # noqa: E402
 from .weights import CheckpointError, load_model, random_model, save_model  # noqa: E402
+from .api import load, load_preset_model  # noqa: E402
+from .generate import generate, generate_tokens, stream_generate  # noqa: E402
 
 __all__ = ["ModelConfig", "DomainRouting", "Model", "CheckpointError", "load_config", "load_preset", "load_model",
-           "save_model", "random_model"]
+           "save_model", "random_model", "load", "load_preset_model", "generate", "generate_tokens",
+           "stream_generate"]
 __version__ = "0.1.0"
