@@ -294,6 +294,8 @@ class _Progress:
         if "val_loss" in r:
             info += f" | val {r['val_loss']:.3f}"
             self.console.print(f"step {step}: val loss {r['val_loss']:.4f} (ppl {r['val_ppl']:.1f})")
+        elif not self.console.is_terminal and step % 10 == 0:  # a log file gets a line now and then
+            self.console.print(f"step {step}: {info}")
         self._p.update(self._task, completed=step, info=info)
 
     def stop(self) -> None:
