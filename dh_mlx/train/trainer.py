@@ -149,7 +149,7 @@ def evaluate(model: Model, dataset: Dataset, cfg: TrainConfig, *, use_domains: b
 @dataclass
 class RunResult:
     step: int
-    train_loss: float
+    train_loss: float  # the last step's cross-entropy (without the MTP and balance terms)
     val: EvalResult | None
     tokens_per_s: float
     peak_memory_gb: float
@@ -233,14 +233,14 @@ def train_loop(model: Model, dataset: Dataset, cfg: TrainConfig, run_dir: Path, 
                 norm = fns.apply(tree_map(lambda x: x / cfg.grad_accum, g_sum), loads)
             mx.eval(loss, ce, mtp, bal, loads, norm, fns.state)
             step += 1
-            last_loss = loss.item()
-            if not math.isfinite(last_loss):
-                raise TrainingError(f"step {step}: the loss is {last_loss}; stopping. The last good checkpoint is "
+            last_loss = ce.item()
+            if not math.isfinite(loss.item()):
+                raise TrainingError(f"step {step}: the loss is {loss.item()}; stopping. The last good checkpoint is "
                                     f"kept in {run_dir / 'checkpoints'} (try a lower --lr)")
             now = time.perf_counter()
             tps = tokens_per_step / (now - tic)
             tic = now
-            record = {"step": step, "loss": last_loss, "ce": ce.item(), "mtp": mtp.item(), "balance": bal.item(),
+            record = {"step": step, "loss": loss.item(), "ce": last_loss, "mtp": mtp.item(), "balance": bal.item(),
                       "lr": float(optimizer.learning_rate.item()), "grad_norm": norm.item(), "tokens_per_s": tps,
                       "imbalance": imbalance(loads).item() if loads.size > 1 else None}
             if step % cfg.eval_every == 0 or step == cfg.steps:
@@ -288,7 +288,7 @@ class _Progress:
         self._p.start()
 
     def update(self, step: int, r: dict) -> None:
-        info = f"loss {r['loss']:.3f} | {r['tokens_per_s']:.0f} tok/s | lr {r['lr']:.2e}"
+        info = f"ce {r['ce']:.3f} | {r['tokens_per_s']:.0f} tok/s | lr {r['lr']:.2e}"
         if r.get("imbalance") is not None:
             info += f" | imbalance {r['imbalance']:.2f}"
         if "val_loss" in r:
