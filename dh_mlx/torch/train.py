@@ -6,14 +6,15 @@ Legend: B sequences, T tokens per sequence, V vocab, E routed experts, K experts
 The definitions (the MLX trainer uses the same, and a parity test compares them):
 
     loss      = CE + mtp_lambda * MTP + balance_alpha * BAL
+    The model reads x[:, :T-1] (the last token is only a target), so routing, BAL and ALF see T-1 tokens.
     CE        = mean over b, t < T-1 of  -log softmax(logits[b, t])[x[b, t+1]]
     MTP       = (1/D) * sum_{d=0}^{D-1} MTP_d, where depth d (0-based; "depth d+1" in the paper) takes
                 h_d[b, t] (h_0 = the main model's final hidden state, after the final norm; h_{d+1} = depth d's
                 block output) and token x[b, t+d+1], and MTP_d = mean over b, t < T-d-2 of
                 -log softmax(mtp_logits_d[b, t])[x[b, t+d+2]]  (depth 0: h_t and x_{t+1} predict x_{t+2})
     BAL       = sum over l in L of  mean over b of  sum_i f[l,b,i] * P[l,b,i]     (DeepSeek-V3 eq. 17-20)
-                f[l,b,i] = E / (K*T) * #{t : expert i in the top-K of token (b, t)}   (a count, no gradient)
-                P[l,b,i] = (1/T) * sum_t s[l,b,t,i] / sum_j s[l,b,t,j]   (s: the sigmoid/softmax affinities,
+                f[l,b,i] = E / (K*(T-1)) * #{t : expert i in the top-K of token (b, t)}   (a count, no gradient)
+                P[l,b,i] = (1/(T-1)) * sum_t s[l,b,t,i] / sum_j s[l,b,t,j]   (s: the sigmoid/softmax affinities,
                            before the selection bias; the gradient flows through s into the router)
     optimizer = torch.optim.AdamW(all parameters, lr, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
     ALF       = after the optimizer step, for each MoE layer that has `e_score_correction_bias` (noaux_tc),
@@ -97,18 +98,21 @@ def loss_terms(model: Model, input_ids: torch.Tensor, domain_ids: torch.Tensor |
     if T < need:
         raise ValueError(f"input_ids must have at least {need} tokens per sequence (num_nextn_predict_layers={D}, "
                          f"mtp_lambda={mtp_lambda}), got {T}")
-    out = model.forward_full(input_ids, domain_ids=domain_ids)
-    ce = _ce(out.logits[:, :-1], input_ids[:, 1:])
+    L = T - 1  # the last token is only ever a target
+    inputs = input_ids[:, :L]
+    dom_all = domain_ids[:, :L] if domain_ids is not None and domain_ids.dim() == 2 else domain_ids
+    out = model.forward_full(inputs, domain_ids=dom_all)
+    ce = _ce(out.logits, input_ids[:, 1:])
     bal = balance_loss(out.routing, c.n_routed_experts, c.num_experts_per_tok).to(ce.device)
     routing = list(out.routing)
     mtp = torch.zeros((), device=ce.device)
     if mtp_lambda and D:
-        h = out.hidden  # (B, T, D)
+        h = out.hidden  # (B, L, D)
         for d in range(D):
-            n = T - d - 1  # positions t whose token t+d+1 exists
+            n = L - d - 1  # positions t whose target x[t+d+2] exists
             dom = domain_ids[:, :n] if domain_ids is not None and domain_ids.dim() == 2 else domain_ids
-            m = model.mtp_forward(h[:, :n], input_ids[:, d + 1:], d, domain_ids=dom)  # logits (B, n, V)
-            mtp = mtp + _ce(m.logits[:, :-1], input_ids[:, d + 2:])
+            m = model.mtp_forward(h[:, :n], input_ids[:, d + 1:d + 1 + n], d, domain_ids=dom)  # (B, n, V)
+            mtp = mtp + _ce(m.logits, input_ids[:, d + 2:d + 2 + n])
             h = m.hidden
             routing += m.routing
         mtp = mtp / D
