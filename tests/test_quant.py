@@ -11,7 +11,7 @@ from safetensors import safe_open
 
 from dh_mlx import load_model, save_model
 from dh_mlx.model.moe import Experts, QuantizedStackedLinear
-from dh_mlx.quant import QuantConfig, dequantize_model, quantize, quantize_model
+from dh_mlx.quant import QuantConfig, QuantizedLinear, dequantize_model, quantize, quantize_model
 from helpers import make_checkpoint, tokens
 
 TOL = 1e-4
@@ -40,7 +40,7 @@ def test_quantized_dir_loads_in_ours_and_mlx_lm_with_the_same_logits(float_dir, 
     assert summary["bytes"] < summary["source_bytes"]
     ours = load_model(out)
     theirs, _ = mlx_lm_utils.load_model(out)
-    ids = mx.array(tokens())
+    ids = mx.array(tokens(n=24))  # 48 rows: our CPU path through a transient float weight
     a, b = ours(ids), theirs(ids)
     assert mx.abs(a - b).max().item() <= TOL
     assert isinstance(ours.model.layers[1].mlp.experts.gate_proj, QuantizedStackedLinear)
@@ -93,6 +93,17 @@ def test_gather_qmm_path_equals_the_dequantized_float_path(float_dir, blocked):
     b = dequantize_model(q)(ids)
     assert not any(isinstance(m, QuantizedStackedLinear) for _, m in q.named_modules())
     assert mx.abs(a - b).max().item() <= TOL
+
+
+def test_cpu_many_row_path_equals_quantized_matmul_in_values_and_gradients():
+    q = nn.QuantizedLinear.from_linear(nn.Linear(64, 96, bias=True), 32, 4)
+    q.bias = mx.random.normal((96,))
+    q.__class__ = QuantizedLinear  # what loading a quantized directory gives
+    x = mx.random.normal((2, 40, 64))  # 80 rows: dequantize + BLAS
+    ref = lambda x: nn.QuantizedLinear.__call__(q, x)  # MLX's quantized_matmul
+    for f in (lambda m: m(x), lambda m: mx.grad(lambda x: (m(x) ** 2).sum())(x)):
+        a, b = f(ref), f(q)
+        assert mx.abs(a - b).max().item() <= 1e-5 * mx.abs(a).max().item()
 
 
 def test_options_are_validated(float_dir, tmp_path):
