@@ -160,3 +160,17 @@ def test_blocked_expert_path_equals_gathered_rows_in_value_and_gradient():
     (y0, g0), (y1, g1) = run(False), run(True)
     assert mx.abs(y0 - y1).max().item() <= 1e-4 and mx.abs(g0 - g1).max().item() <= 1e-4
     assert mx.abs(y0).max().item() > 1e-2
+
+
+def test_absorbed_path_honours_document_masks():
+    from dh_mlx.train.loss import document_mask
+    m = model_for("q_lora+groups+yarn+mtp")
+    ids = mx.array(tokens(12))
+    mask = document_mask(mx.array([[0] * 5 + [1] * 7, [0] * 12]))
+    set_absorb(m, False)
+    naive = m(ids, mask=mask)
+    set_absorb(m, True)
+    absorbed = m(ids, mask=mask)
+    assert mx.abs(naive - absorbed).max().item() <= 1e-4
+    set_absorb(m, None)
+    assert mx.abs(naive[0, 5:] - m(ids[:1, 5:])[0]).max().item() <= 1e-4  # doc 2 sees only itself

@@ -85,17 +85,22 @@ class MLA(nn.Module):
         return mx.fast.scaled_dot_product_attention(q, k, kv[..., n:], scale=self.scale, mask=mask)
 
     def _absorbed(self, q_nope, q_pe, latent, k_pe, mask, offset):
-        H, L, S = q_nope.shape[1], q_nope.shape[2], latent.shape[2]
-        n = self.qk_nope_head_dim
-        w = self.kv_b_proj.weight.reshape(H, n + self.v_head_dim, self.kv_lora_rank)
+        B, H, L, _ = q_nope.shape
+        S, n, r = latent.shape[2], self.qk_nope_head_dim, self.kv_lora_rank
+        w = self.kv_b_proj.weight.reshape(H, n + self.v_head_dim, r)
         q_lat = q_nope @ w[:, :n]  # (B, H, L, n) @ (H, n, r) -> (B, H, L, r)
+        # Every head attends to the same single latent "head", so fold heads into rows: one (H*L, r) x (r, S)
+        # product reads the cache once instead of once per head (3x faster at 32K on the CPU).
+        q_lat = q_lat.reshape(B, 1, H * L, r)
         # The RoPE part of the score enters SDPA as an additive mask: no per-step concat of the cache.
-        pe = (q_pe * self.scale) @ k_pe.swapaxes(-1, -2)  # (B, H, L, S)
+        pe = (q_pe.reshape(B, 1, H * L, -1) * self.scale) @ k_pe.swapaxes(-1, -2)  # (B, 1, H*L, S)
         if isinstance(mask, str):
             if L > 1:
-                i = mx.arange(L)[:, None] + (S - L)
-                pe = mx.where(i >= mx.arange(S)[None], pe, -mx.inf)
-        elif mask is not None:
+                causal = (mx.arange(L)[:, None] + (S - L)) >= mx.arange(S)[None]  # (L, S)
+                pe = mx.where(mx.tile(causal, (H, 1)), pe, -mx.inf)
+        elif mask is not None:  # (B|1, H|1, L, S) bool or additive -> (B, 1, H*L, S)
+            mask = mx.broadcast_to(mask, (mask.shape[0], H, L, S)).reshape(mask.shape[0], 1, H * L, S)
             pe = mx.where(mask, pe, -mx.inf) if mask.dtype == mx.bool_ else pe + mask
-        out = mx.fast.scaled_dot_product_attention(q_lat, latent, latent, scale=self.scale, mask=pe)  # (B,H,L,r)
+        out = mx.fast.scaled_dot_product_attention(q_lat, latent, latent, scale=self.scale, mask=pe)
+        out = out.reshape(B, H, L, r)
         return out @ w[:, n:].swapaxes(-1, -2)  # (B, H, L, r) @ (H, r, v) -> (B, H, L, v)
