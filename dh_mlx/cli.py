@@ -208,7 +208,7 @@ def lora(model: Path = typer.Option(..., help="base model directory (float, or q
          steps: int = typer.Option(100, help="optimizer steps"),
          batch_size: int = typer.Option(8, help="sequences per batch"),
          seq_len: int = typer.Option(128, help="tokens per sequence"),
-         lr: float = typer.Option(5e-4, help="peak learning rate"),
+         lr: float = typer.Option(1e-3, help="peak learning rate"),
          warmup: int = typer.Option(10, help="warmup steps"),
          grad_checkpoint: bool = typer.Option(False, help="recompute layers in the backward pass (less memory)"),
          eval_every: int = typer.Option(50, help="validate every N steps"),

@@ -332,7 +332,8 @@ def load_adapters(model: Model, adapter_dir: str | Path) -> Model:
     if keys is None:  # mlx-lm's default (every linear): take them from the tensor names
         keys = sorted({n.split(".", 3)[3].rsplit(".", 1)[0] for n in weights})
     ours = [_MLX_LM_TO_OURS.get(k, k) for k in keys]
-    rank, scale = int(lp["rank"]), float(lp.get("scale", cfg.get("alpha", 2 * lp["rank"]) / lp["rank"]))
+    rank = int(lp["rank"])
+    scale = float(lp["scale"]) if "scale" in lp else float(cfg.get("alpha", 2 * rank)) / rank
     n_layers = cfg.get("num_layers")
     n_layers = None if n_layers is None or n_layers < 0 else n_layers
     model.freeze()

@@ -26,7 +26,7 @@ from .trainer import RunResult, evaluate, train_loop
 
 # Fine-tuning defaults that differ from pretraining: the router and its selection bias stay as trained (no ALF,
 # no balance loss), adapters start from zero (no weight decay), and MTP modules are not adapted (no MTP loss).
-LORA_DEFAULTS = dict(steps=100, lr=5e-4, warmup_steps=10, weight_decay=0.0, alf_gamma=0.0, balance_alpha=0.0,
+LORA_DEFAULTS = dict(steps=100, lr=1e-3, warmup_steps=10, weight_decay=0.0, alf_gamma=0.0, balance_alpha=0.0,
                      mtp_lambda=0.0, eval_every=50, save_every=100)
 
 
