@@ -142,9 +142,14 @@ def test_qlora_trains_on_a_quantized_base_and_fuses_to_float(base_dir, tmp_path)
     assert np.isfinite(out[0].item())
     ids = mx.array(tokens())
     unfused = model(ids)
+    save_adapters(model, tmp_path / "ad", LoRAConfig(rank=4))
     fuse_lora(model)
     assert not is_quantized(model) and "quantization" not in model.config.extra
     assert mx.abs(model(ids) - unfused).max().item() <= TOL
+    from dh_mlx.train.lora_run import fuse
+    kept = fuse(model=tmp_path / "q4", adapter=tmp_path / "ad", out=tmp_path / "kept", keep_quantized=True)
+    assert is_quantized(kept) and is_quantized(load_model(tmp_path / "kept"))
+    assert mx.abs(load_model(tmp_path / "kept")(ids) - unfused).max().item() < 0.2  # re-quantized: close, not equal
 
 
 def test_lora_run_resumes_to_the_same_adapters_and_refuses_other_settings(tmp_path):
