@@ -139,7 +139,9 @@ def _safetensors_files(path: Path) -> list[Path]:
         if absent:
             raise CheckpointError(f"{index}: lists shards that do not exist: {', '.join(absent)}")
         return files
-    files = sorted(f for f in path.glob("*.safetensors") if not f.name.startswith("."))
+    # Only model weights: a directory may also hold adapters.safetensors or a checkpoint's optimizer state.
+    single = path / "model.safetensors"
+    files = [single] if single.is_file() else sorted(path.glob("model*.safetensors"))
     if not files:
         raise CheckpointError(f"{path}: no model.safetensors (or index) in this directory")
     return files
