@@ -34,18 +34,12 @@ def emit(name: str, value, unit: str | None, comparison: str | None, **extra) ->
 
 
 def import_twin() -> tuple[types.ModuleType, bool]:
-    """(dh_mlx.torch, whether MLX is importable). Without MLX, dh_mlx/__init__ (which imports MLX) is bypassed."""
+    """(dh_mlx.torch, whether MLX is importable); dh_mlx imports without MLX for the twin's sake."""
     sys.path.insert(0, str(ROOT))
-    try:
-        import mlx.core  # noqa: F401
-        has_mlx = True
-    except ImportError:
-        has_mlx = False
-        pkg = types.ModuleType("dh_mlx")
-        pkg.__path__ = [str(ROOT / "dh_mlx")]
-        sys.modules["dh_mlx"] = pkg
+    import importlib.util
+
     import dh_mlx.torch as twin
-    return twin, has_mlx
+    return twin, importlib.util.find_spec("mlx") is not None
 
 
 def spread_router(model, seed: int) -> None:

@@ -13,77 +13,16 @@ from pathlib import Path
 from typing import Callable
 
 import mlx.core as mx
-import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_map_with_path
 
-from .config import ModelConfig, load_config, load_preset, save_config
+from .config import ModelConfig, load_config, load_preset, preset_names, save_config
+from .layout import (CheckpointError, check_tensors, drop_mtp_layers, keep_fp32, safetensors_files,
+                     to_file_layout, to_memory_layout)
 from .device import available_memory, compute_dtype
 from .model import Model
 from .params import count_params, weight_bytes
 
 DEFAULT_SHARD_BYTES = 5 * 10**9
-# A quantized expert has `scales` and `biases` beside its packed `weight` (mlx-lm's per-expert layout).
-_EXPERT = re.compile(r"^(model\.layers\.\d+\.mlp\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.(weight|scales|biases)$")
-_PROJS = ("gate_proj", "up_proj", "down_proj")
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be loaded; the message names the file or tensor and what was expected."""
-
-
-# ---- file layout -> modules ------------------------------------------------------------------------------
-def drop_rotary_buffers(w: dict, config: ModelConfig) -> dict:
-    return {k: v for k, v in w.items() if not k.endswith("rotary_emb.inv_freq")}
-
-
-def drop_mtp_embedding_copies(w: dict, config: ModelConfig) -> dict:
-    """MTP layers carry a copy of the shared embedding on disk; in memory they use the main one."""
-    n = config.num_hidden_layers
-    return {k: v for k, v in w.items()
-            if not re.fullmatch(rf"model\.layers\.(\d+)\.embed_tokens\.(weight|scales|biases)", k)
-            or int(k.split(".")[2]) < n}
-
-
-def drop_mtp_layers(w: dict, config: ModelConfig) -> dict:
-    """Layers past the configured MTP count (a config with MTP off loading a checkpoint with it)."""
-    last = config.num_hidden_layers + config.num_nextn_predict_layers
-    return {k: v for k, v in w.items() if not k.startswith("model.layers.") or int(k.split(".")[2]) < last}
-
-
-def stack_experts(w: dict, config: ModelConfig) -> dict:
-    """`...experts.{e}.{proj}.weight` x E -> `...experts.{proj}.weight` `[E, out, in]`."""
-    groups: dict[str, dict[int, mx.array]] = {}
-    out = {}
-    for k, v in w.items():
-        m = _EXPERT.match(k)
-        if m:
-            groups.setdefault(f"{m[1]}.{m[3]}.{m[4]}", {})[int(m[2])] = v
-        else:
-            out[k] = v
-    for name, per_expert in groups.items():
-        E = config.n_routed_experts
-        missing = sorted(set(range(E)) - set(per_expert))
-        if missing or len(per_expert) != E:
-            prefix = name.rsplit(".", 2)[0]
-            raise CheckpointError(f"{prefix}: expected experts 0..{E - 1}, missing {missing[:8]}"
-                                  f"{'...' if len(missing) > 8 else ''}")
-        out[name] = mx.stack([per_expert[e] for e in range(E)])
-    return out
-
-
-def split_fused_experts(w: dict, config: ModelConfig) -> dict:
-    """transformers >= 5 in-memory layout (`experts.gate_up_proj` [E, 2I, D], `experts.down_proj` [E, D, I])."""
-    out = {}
-    for k, v in w.items():
-        if k.endswith(".mlp.experts.gate_up_proj"):
-            half = v.shape[1] // 2
-            out[k.replace("gate_up_proj", "gate_proj.weight")] = v[:, :half]
-            out[k.replace("gate_up_proj", "up_proj.weight")] = v[:, half:]
-        elif k.endswith(".mlp.experts.down_proj"):
-            out[k + ".weight"] = v
-        else:
-            out[k] = v
-    return out
 
 
 def dequantize_kv_b_proj(w: dict, config: ModelConfig) -> dict:
@@ -98,58 +37,10 @@ def dequantize_kv_b_proj(w: dict, config: ModelConfig) -> dict:
     return out
 
 
-LOAD_TRANSFORMS: tuple[Callable[[dict, ModelConfig], dict], ...] = (
-    drop_rotary_buffers, drop_mtp_embedding_copies, drop_mtp_layers, split_fused_experts, stack_experts,
-    dequantize_kv_b_proj)
-
-
-# ---- modules -> file layout --------------------------------------------------------------------------------
-def unstack_experts(w: dict, config: ModelConfig) -> dict:
-    out = {}
-    for k, v in w.items():
-        m = re.match(r"^(model\.layers\.\d+\.mlp\.experts)\.(gate_proj|up_proj|down_proj)\.(weight|scales|biases)$", k)
-        if m:
-            for e in range(v.shape[0]):
-                out[f"{m[1]}.{e}.{m[2]}.{m[3]}"] = v[e]
-        else:
-            out[k] = v
-    return out
-
-
-def add_mtp_embedding_copies(w: dict, config: ModelConfig) -> dict:
-    """vLLM's DeepSeek MTP loader reads the embedding from `model.layers.{n+i}.embed_tokens`."""
-    out = dict(w)
-    for i in range(config.num_nextn_predict_layers):
-        for leaf in ("weight", "scales", "biases"):  # scales/biases when the embedding is quantized
-            if f"model.embed_tokens.{leaf}" in w:
-                out[f"model.layers.{config.num_hidden_layers + i}.embed_tokens.{leaf}"] = w[f"model.embed_tokens.{leaf}"]
-    return out
-
-
 # ---- reading and writing -----------------------------------------------------------------------------------
-def _safetensors_files(path: Path) -> list[Path]:
-    index = path / "model.safetensors.index.json"
-    if index.is_file():
-        try:
-            names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
-            raise CheckpointError(f"{index}: not a safetensors index ({e})") from None
-        files = [path / n for n in names]
-        absent = [str(f) for f in files if not f.is_file()]
-        if absent:
-            raise CheckpointError(f"{index}: lists shards that do not exist: {', '.join(absent)}")
-        return files
-    # Only model weights: a directory may also hold adapters.safetensors or a checkpoint's optimizer state.
-    single = path / "model.safetensors"
-    files = [single] if single.is_file() else sorted(path.glob("model*.safetensors"))
-    if not files:
-        raise CheckpointError(f"{path}: no model.safetensors (or index) in this directory")
-    return files
-
-
 def read_weights(path: Path) -> dict[str, mx.array]:
     weights: dict[str, mx.array] = {}
-    for f in _safetensors_files(path):
+    for f in safetensors_files(path):
         try:
             weights.update(mx.load(str(f)))
         except Exception as e:  # MLX raises RuntimeError/ValueError on truncated or corrupt files
@@ -158,29 +49,13 @@ def read_weights(path: Path) -> dict[str, mx.array]:
 
 
 def _check_against_model(weights: dict, model: Model, where: Path) -> None:
-    expected = dict(tree_flatten(model.parameters()))
-    missing = sorted(set(expected) - set(weights))
-    unexpected = sorted(set(weights) - set(expected))
-    def listing(keys):
-        return ", ".join(keys[:10]) + (f" ... ({len(keys)} in all)" if len(keys) > 10 else "")
-    if missing or unexpected:
-        parts = ([f"missing tensors: {listing(missing)}"] if missing else []) + (
-            [f"unexpected tensors: {listing(unexpected)}"] if unexpected else [])
-        raise CheckpointError(f"{where}: does not match its config.json: " + "; ".join(parts))
-    for k, v in weights.items():
-        if tuple(v.shape) != tuple(expected[k].shape):
-            raise CheckpointError(f"{where}: tensor {k} has shape {tuple(v.shape)}, config.json implies "
-                                  f"{tuple(expected[k].shape)}")
-
-
-def _keep_fp32(path: str) -> bool:
-    # The router runs in float32 everywhere (as transformers keeps it); its bias moves in 1e-3 steps.
-    return path.endswith("mlp.gate.weight") or path.endswith("e_score_correction_bias")
+    expected = {k: v.shape for k, v in tree_flatten(model.parameters())}
+    check_tensors({k: v.shape for k, v in weights.items()}, expected, where)
 
 
 def cast_model(model: Model, dtype: mx.Dtype) -> Model:
     model.update(tree_map_with_path(
-        lambda p, a: a.astype(mx.float32 if _keep_fp32(p) else dtype) if mx.issubdtype(a.dtype, mx.floating)
+        lambda p, a: a.astype(mx.float32 if keep_fp32(p) else dtype) if mx.issubdtype(a.dtype, mx.floating)
         else a, model.parameters()))
     return model
 
@@ -195,8 +70,6 @@ def check_fits(config: ModelConfig, dtype: mx.Dtype, what: str) -> None:
         return
     options = [f"{bits}-bit quantization ({weight_bytes(n, bits) / 2**30:.1f} GiB)" for bits in (8, 4)
                if weight_bytes(n, bits) <= 0.9 * have]
-    from .config import preset_names
-
     def preset_bytes(name: str) -> int:
         p = count_params(load_preset(name))
         return (p.total + p.mtp) * dtype.size
@@ -269,8 +142,7 @@ def load_model(path: str | Path, *, dtype: str | None = None) -> Model:
         warnings.warn(f"{path}: config.json declares {config.num_nextn_predict_layers} MTP layer(s) but the "
                       "checkpoint has none; loading without MTP")
         config = config.replace(num_nextn_predict_layers=0)
-    for transform in LOAD_TRANSFORMS:
-        weights = transform(weights, config)
+    weights = dequantize_kv_b_proj(to_memory_layout(weights, config, mx.stack), config)
     model = Model(config)
     if quantization is not None:
         from .quant import quantize_like
@@ -298,10 +170,10 @@ def save_model(model: Model, path: str | Path, *, mtp: bool = True, max_shard_by
     if not mtp and config.num_nextn_predict_layers:
         config = config.replace(num_nextn_predict_layers=0)
         weights = drop_mtp_layers(weights, config)
-    weights = add_mtp_embedding_copies(unstack_experts(weights, config), config)
+    weights = to_file_layout(weights, config)
     if dtype:
         target = compute_dtype(dtype)
-        weights = {k: v.astype(mx.float32 if _keep_fp32(k) else target) if mx.issubdtype(v.dtype, mx.floating)
+        weights = {k: v.astype(mx.float32 if keep_fp32(k) else target) if mx.issubdtype(v.dtype, mx.floating)
                    else v for k, v in weights.items()}  # packed quantized weights stay uint32
     shards: list[dict[str, mx.array]] = [{}]
     size = 0

@@ -12,14 +12,15 @@ from mlx.utils import tree_flatten
 from ..config import ModelConfig, load_config
 from ..model import Model
 from ..tokenizer import load_tokenizer, write_hf_files
-from ..weights import drop_mtp_embedding_copies, drop_rotary_buffers, save_model, split_fused_experts, stack_experts
+from ..layout import drop_mtp_embedding_copies, drop_rotary_buffers, split_fused_experts, stack_experts
+from ..weights import save_model
 from .errors import ConvertError
 from .names import rename
 from .readers import read_weights_file
 
 # File layout (one tensor per expert, MTP embedding copies) -> modules; as load_model, except that layers past
 # the configured MTP count are reported, not dropped.
-IMPORT_TRANSFORMS = (drop_rotary_buffers, drop_mtp_embedding_copies, split_fused_experts, stack_experts)
+IMPORT_TRANSFORMS = (drop_rotary_buffers, drop_mtp_embedding_copies, split_fused_experts)
 _DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}
 
 
@@ -90,6 +91,7 @@ def import_checkpoint(input: str | Path, out: str | Path, *, config: str | Path 
         raise ConvertError(f"dtype {dtype!r}: expected one of {', '.join(_DTYPES)}")
     for transform in IMPORT_TRANSFORMS:
         weights = transform(weights, cfg)
+    weights = stack_experts(weights, cfg, mx.stack)
     model = Model(cfg)
     check_names(weights, model, source, input)
     model.load_weights(list(weights.items()))

@@ -17,106 +17,22 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from .. import layout
 from ..config import ModelConfig, load_config, save_config
+from ..layout import CheckpointError, check_tensors, drop_mtp_layers, keep_fp32, safetensors_files
 from .model import Model
 
 DEFAULT_SHARD_BYTES = 5 * 10**9
-_EXPERT = re.compile(r"^(model\.layers\.\d+\.mlp\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
-_STACKED = re.compile(r"^(model\.layers\.\d+\.mlp\.experts)\.(gate_proj|up_proj|down_proj)\.weight$")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be loaded; the message names the file or tensor and what was expected."""
-
-
-# ---- file layout -> modules ------------------------------------------------------------------------------
-def drop_rotary_buffers(w: dict, config: ModelConfig) -> dict:
-    return {k: v for k, v in w.items() if not k.endswith("rotary_emb.inv_freq")}
-
-
-def drop_mtp_embedding_copies(w: dict, config: ModelConfig) -> dict:
-    """MTP layers carry a copy of the shared embedding on disk; in memory they use the main one."""
-    n = config.num_hidden_layers
-    return {k: v for k, v in w.items()
-            if not re.fullmatch(r"model\.layers\.(\d+)\.embed_tokens\.weight", k) or int(k.split(".")[2]) < n}
-
-
-def drop_mtp_layers(w: dict, config: ModelConfig) -> dict:
-    """Layers past the configured MTP count (a config with MTP off loading a checkpoint with it)."""
-    last = config.num_hidden_layers + config.num_nextn_predict_layers
-    return {k: v for k, v in w.items() if not k.startswith("model.layers.") or int(k.split(".")[2]) < last}
-
-
-def split_fused_experts(w: dict, config: ModelConfig) -> dict:
-    """transformers >= 5 in-memory layout (`experts.gate_up_proj` [E, 2I, D], `experts.down_proj` [E, D, I])."""
-    out = {}
-    for k, v in w.items():
-        if k.endswith(".mlp.experts.gate_up_proj"):
-            half = v.shape[1] // 2
-            out[k.replace("gate_up_proj", "gate_proj.weight")] = v[:, :half]
-            out[k.replace("gate_up_proj", "up_proj.weight")] = v[:, half:]
-        elif k.endswith(".mlp.experts.down_proj"):
-            out[k + ".weight"] = v
-        else:
-            out[k] = v
-    return out
-
-
-def stack_experts(w: dict, config: ModelConfig) -> dict:
-    """`...experts.{e}.{proj}.weight` x E -> `...experts.{proj}.weight` `[E, out, in]`."""
-    groups: dict[str, dict[int, torch.Tensor]] = {}
-    out = {}
-    for k, v in w.items():
-        m = _EXPERT.match(k)
-        if m:
-            groups.setdefault(f"{m[1]}.{m[3]}.weight", {})[int(m[2])] = v
-        else:
-            out[k] = v
-    E = config.n_routed_experts
-    for name, per_expert in groups.items():
-        missing = sorted(set(range(E)) - set(per_expert))
-        if missing or len(per_expert) != E:
-            raise CheckpointError(f"{name.rsplit('.', 2)[0]}: expected experts 0..{E - 1}, missing {missing[:8]}"
-                                  f"{'...' if len(missing) > 8 else ''}")
-        out[name] = torch.stack([per_expert[e] for e in range(E)])
-    return out
-
-
-LOAD_TRANSFORMS: tuple[Callable[[dict, ModelConfig], dict], ...] = (
-    drop_rotary_buffers, drop_mtp_embedding_copies, drop_mtp_layers, split_fused_experts, stack_experts)
-
-
-# ---- modules -> file layout --------------------------------------------------------------------------------
-def unstack_experts(w: dict, config: ModelConfig) -> dict:
-    out = {}
-    for k, v in w.items():
-        m = _STACKED.match(k)
-        if m:
-            for e in range(v.shape[0]):
-                out[f"{m[1]}.{e}.{m[2]}.weight"] = v[e]
-        else:
-            out[k] = v
-    return out
-
-
-def add_mtp_embedding_copies(w: dict, config: ModelConfig) -> dict:
-    """vLLM's DeepSeek MTP loader reads the embedding from `model.layers.{n+i}.embed_tokens`."""
-    out = dict(w)
-    for i in range(config.num_nextn_predict_layers):
-        out[f"model.layers.{config.num_hidden_layers + i}.embed_tokens.weight"] = w["model.embed_tokens.weight"]
-    return out
 
 
 def to_file_layout(state_dict: dict[str, torch.Tensor], config: ModelConfig) -> dict[str, torch.Tensor]:
     """Module state dict (stacked experts) -> the tensors a checkpoint directory holds, HF names."""
-    return add_mtp_embedding_copies(unstack_experts(dict(state_dict), config), config)
+    return layout.to_file_layout(dict(state_dict), config)
 
 
 def from_file_layout(weights: dict[str, torch.Tensor], config: ModelConfig) -> dict[str, torch.Tensor]:
-    for transform in LOAD_TRANSFORMS:
-        weights = transform(weights, config)
-    return weights
+    return layout.to_memory_layout(weights, config, torch.stack)
 
 
 # ---- dtype and device --------------------------------------------------------------------------------------
@@ -135,40 +51,17 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torc
     return DTYPES[dtype]
 
 
-def _keep_fp32(name: str) -> bool:
-    # The router runs in float32 everywhere (as transformers keeps it); its bias moves in 1e-3 steps.
-    return name.endswith("mlp.gate.weight") or name.endswith("e_score_correction_bias")
-
-
 def cast_model(model: Model, dtype: torch.dtype) -> Model:
     for name, t in list(model.named_parameters()) + list(model.named_buffers()):
         if t.is_floating_point() and not name.endswith("inv_freq"):
-            t.data = t.data.to(torch.float32 if _keep_fp32(name) else dtype)
+            t.data = t.data.to(torch.float32 if keep_fp32(name) else dtype)
     return model
 
 
 # ---- reading and writing -----------------------------------------------------------------------------------
-def _safetensors_files(path: Path) -> list[Path]:
-    index = path / "model.safetensors.index.json"
-    if index.is_file():
-        try:
-            names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
-            raise CheckpointError(f"{index}: not a safetensors index ({e})") from None
-        files = [path / n for n in names]
-        absent = [str(f) for f in files if not f.is_file()]
-        if absent:
-            raise CheckpointError(f"{index}: lists shards that do not exist: {', '.join(absent)}")
-        return files
-    files = sorted(f for f in path.glob("*.safetensors") if not f.name.startswith("."))
-    if not files:
-        raise CheckpointError(f"{path}: no model.safetensors (or index) in this directory")
-    return files
-
-
 def read_weights(path: Path) -> dict[str, torch.Tensor]:
     weights: dict[str, torch.Tensor] = {}
-    for f in _safetensors_files(path):
+    for f in safetensors_files(path):
         try:
             with safe_open(str(f), "pt") as g:
                 weights.update({k: g.get_tensor(k) for k in g.keys()})
@@ -178,20 +71,8 @@ def read_weights(path: Path) -> dict[str, torch.Tensor]:
 
 
 def _check_against_model(weights: dict, model: Model, where: Path) -> None:
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(weights))
-    unexpected = sorted(set(weights) - set(expected))
-
-    def listing(keys):
-        return ", ".join(keys[:10]) + (f" ... ({len(keys)} in all)" if len(keys) > 10 else "")
-    if missing or unexpected:
-        parts = ([f"missing tensors: {listing(missing)}"] if missing else []) + (
-            [f"unexpected tensors: {listing(unexpected)}"] if unexpected else [])
-        raise CheckpointError(f"{where}: does not match its config.json: " + "; ".join(parts))
-    for k, v in weights.items():
-        if tuple(v.shape) != tuple(expected[k].shape):
-            raise CheckpointError(f"{where}: tensor {k} has shape {tuple(v.shape)}, config.json implies "
-                                  f"{tuple(expected[k].shape)}")
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    check_tensors({k: tuple(v.shape) for k, v in weights.items()}, expected, where)
 
 
 def empty_model(config: ModelConfig, device: torch.device) -> Model:

@@ -1,0 +1,154 @@
+"""The checkpoint layout shared by the MLX model and the PyTorch twin (no framework imported here).
+
+On disk: the HF DeepSeek-V3 names, one tensor per expert, MTP layers at `model.layers.{n + i}` with a copy of
+the embedding. In memory: experts stacked `[E, out, in]`, the MTP layers using the main embedding. Each
+transform is one function of (tensors, config); the stacking function of the framework is passed in.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any, Callable
+
+from .config import ModelConfig
+
+# A quantized expert has `scales` and `biases` beside its packed `weight` (mlx-lm's per-expert layout).
+_EXPERT = re.compile(r"^(model\.layers\.\d+\.mlp\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.(weight|scales|biases)$")
+_STACKED = re.compile(r"^(model\.layers\.\d+\.mlp\.experts)\.(gate_proj|up_proj|down_proj)\.(weight|scales|biases)$")
+_LEAVES = ("weight", "scales", "biases")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be loaded; the message names the file or tensor and what was expected."""
+
+
+# ---- file layout -> modules ------------------------------------------------------------------------------
+def drop_rotary_buffers(w: dict, config: ModelConfig) -> dict:
+    return {k: v for k, v in w.items() if not k.endswith("rotary_emb.inv_freq")}
+
+
+def drop_mtp_embedding_copies(w: dict, config: ModelConfig) -> dict:
+    """MTP layers carry a copy of the shared embedding on disk; in memory they use the main one."""
+    n = config.num_hidden_layers
+    return {k: v for k, v in w.items()
+            if not re.fullmatch(r"model\.layers\.(\d+)\.embed_tokens\.(weight|scales|biases)", k)
+            or int(k.split(".")[2]) < n}
+
+
+def drop_mtp_layers(w: dict, config: ModelConfig) -> dict:
+    """Layers past the configured MTP count (a config with MTP off loading a checkpoint with it)."""
+    last = config.num_hidden_layers + config.num_nextn_predict_layers
+    return {k: v for k, v in w.items() if not k.startswith("model.layers.") or int(k.split(".")[2]) < last}
+
+
+def split_fused_experts(w: dict, config: ModelConfig) -> dict:
+    """transformers >= 5 in-memory layout (`experts.gate_up_proj` [E, 2I, D], `experts.down_proj` [E, D, I])."""
+    out = {}
+    for k, v in w.items():
+        if k.endswith(".mlp.experts.gate_up_proj"):
+            half = v.shape[1] // 2
+            out[k.replace("gate_up_proj", "gate_proj.weight")] = v[:, :half]
+            out[k.replace("gate_up_proj", "up_proj.weight")] = v[:, half:]
+        elif k.endswith(".mlp.experts.down_proj"):
+            out[k + ".weight"] = v
+        else:
+            out[k] = v
+    return out
+
+
+def stack_experts(w: dict, config: ModelConfig, stack: Callable[[list], Any]) -> dict:
+    """`...experts.{e}.{proj}.{leaf}` x E -> `...experts.{proj}.{leaf}` `[E, ...]`."""
+    groups: dict[str, dict[int, Any]] = {}
+    out = {}
+    for k, v in w.items():
+        m = _EXPERT.match(k)
+        if m:
+            groups.setdefault(f"{m[1]}.{m[3]}.{m[4]}", {})[int(m[2])] = v
+        else:
+            out[k] = v
+    E = config.n_routed_experts
+    for name, per_expert in groups.items():
+        missing = sorted(set(range(E)) - set(per_expert))
+        if missing or len(per_expert) != E:
+            raise CheckpointError(f"{name.rsplit('.', 2)[0]}: expected experts 0..{E - 1}, missing {missing[:8]}"
+                                  f"{'...' if len(missing) > 8 else ''}")
+        out[name] = stack([per_expert[e] for e in range(E)])
+    return out
+
+
+def to_memory_layout(w: dict, config: ModelConfig, stack: Callable[[list], Any]) -> dict:
+    for transform in (drop_rotary_buffers, drop_mtp_embedding_copies, drop_mtp_layers, split_fused_experts):
+        w = transform(w, config)
+    return stack_experts(w, config, stack)
+
+
+# ---- modules -> file layout --------------------------------------------------------------------------------
+def unstack_experts(w: dict, config: ModelConfig) -> dict:
+    out = {}
+    for k, v in w.items():
+        m = _STACKED.match(k)
+        if m:
+            for e in range(v.shape[0]):
+                out[f"{m[1]}.{e}.{m[2]}.{m[3]}"] = v[e]
+        else:
+            out[k] = v
+    return out
+
+
+def add_mtp_embedding_copies(w: dict, config: ModelConfig) -> dict:
+    """vLLM's DeepSeek MTP loader reads the embedding from `model.layers.{n+i}.embed_tokens`."""
+    out = dict(w)
+    for i in range(config.num_nextn_predict_layers):
+        for leaf in _LEAVES:  # scales/biases when the embedding is quantized
+            if f"model.embed_tokens.{leaf}" in w:
+                out[f"model.layers.{config.num_hidden_layers + i}.embed_tokens.{leaf}"] = w[f"model.embed_tokens.{leaf}"]
+    return out
+
+
+def to_file_layout(w: dict, config: ModelConfig) -> dict:
+    return add_mtp_embedding_copies(unstack_experts(w, config), config)
+
+
+# ---- files and checks --------------------------------------------------------------------------------------
+def safetensors_files(path: Path) -> list[Path]:
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise CheckpointError(f"{index}: not a safetensors index ({e})") from None
+        files = [path / n for n in names]
+        absent = [str(f) for f in files if not f.is_file()]
+        if absent:
+            raise CheckpointError(f"{index}: lists shards that do not exist: {', '.join(absent)}")
+        return files
+    # Only model weights: a directory may also hold adapters.safetensors or a checkpoint's optimizer state.
+    single = path / "model.safetensors"
+    files = [single] if single.is_file() else sorted(path.glob("model*.safetensors"))
+    if not files:
+        raise CheckpointError(f"{path}: no model.safetensors (or index) in this directory")
+    return files
+
+
+def check_tensors(shapes: dict[str, tuple], expected: dict[str, tuple], where: Path) -> None:
+    """Names and shapes read (`shapes`) against what the config implies (`expected`)."""
+    missing = sorted(set(expected) - set(shapes))
+    unexpected = sorted(set(shapes) - set(expected))
+
+    def listing(keys):
+        return ", ".join(keys[:10]) + (f" ... ({len(keys)} in all)" if len(keys) > 10 else "")
+    if missing or unexpected:
+        parts = ([f"missing tensors: {listing(missing)}"] if missing else []) + (
+            [f"unexpected tensors: {listing(unexpected)}"] if unexpected else [])
+        raise CheckpointError(f"{where}: does not match its config.json: " + "; ".join(parts))
+    for k, shape in shapes.items():
+        if tuple(shape) != tuple(expected[k]):
+            raise CheckpointError(f"{where}: tensor {k} has shape {tuple(shape)}, config.json implies "
+                                  f"{tuple(expected[k])}")
+
+
+def keep_fp32(name: str) -> bool:
+    # The router runs in float32 everywhere (as transformers keeps it); its bias moves in 1e-3 steps.
+    return name.endswith("mlp.gate.weight") or name.endswith("e_score_correction_bias")
