@@ -11,6 +11,7 @@ Validation loss is on the domain's held-out documents (the same split for every 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import sys
@@ -69,8 +70,9 @@ def mlx_lm_tokens_per_s(base: Path, adapter_config: dict, rows: np.ndarray, B: i
     args = TrainingArgs(batch_size=B, iters=steps, steps_per_report=1, steps_per_eval=10**9, steps_per_save=10**9,
                         max_seq_length=T + 1, adapter_file=str(Path(tempfile.mkdtemp()) / "adapters.safetensors"))
     mx.reset_peak_memory()
-    mlx_lm_train(model, optim.AdamW(learning_rate=lr), [(r.tolist(), 0) for r in rows], None, args,
-                 training_callback=Clock())
+    with contextlib.redirect_stdout(sys.stderr):  # its progress table; stdout carries our JSON lines only
+        mlx_lm_train(model, optim.AdamW(learning_rate=lr), [(r.tolist(), 0) for r in rows], None, args,
+                     training_callback=Clock())
     dt = np.diff(stamps)[2:]
     return float(B * T / np.median(dt)), mx.get_peak_memory() / 1e9
 
