@@ -13,6 +13,11 @@ Speed: greedy decode of the `1b` preset (random weights, seed 0) in bfloat16, ba
     python benchmarks/cuda_twin.py [--decode-preset 1b] [--prompt-tokens 128] [--decode-tokens 128]
 
 `--device cpu` runs the same measurements on the CPU (a smoke test of this script, not a benchmark).
+
+On a lent GPU machine (the device tool; it has torch and no MLX), from the repository root:
+
+    set -o pipefail; nvidia-smi --query-gpu=name,driver_version --format=csv,noheader; \
+    PYTHONUNBUFFERED=1 timeout 420 python3 benchmarks/cuda_twin.py 2>&1 | tee $OUT/cuda_twin.jsonl
 """
 
 from __future__ import annotations
