@@ -11,7 +11,7 @@ import gguf
 import numpy as np
 
 from ..config import ModelConfig
-from ..model.layers import rope_parameters
+from ..rope import rope_parameters
 from .errors import ConvertError
 from .names import rename
 

@@ -16,7 +16,8 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from ..config import ModelConfig
-from .layers import RoPE, rope_parameters
+from ..rope import rope_parameters
+from .layers import RoPE
 
 
 class MLA(nn.Module):
