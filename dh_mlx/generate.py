@@ -112,9 +112,9 @@ def generate_tokens(model: Model, prompt_ids: list[int], *, max_tokens: int = 25
 
     if mtp and model.config.num_nextn_predict_layers and repetition_penalty == 1.0:
         from .speculative import mtp_generate
-        yield from mtp_generate(model, pc, todo, history, max_tokens=max_tokens, eos_ids=eos_ids,
-                                prefill_step_size=prefill_step_size, domain=domain, stats=stats, temp=temp,
-                                top_p=top_p, top_k=top_k, min_p=min_p)
+        yield from mtp_generate(model, pc, todo, stats=stats, max_tokens=max_tokens, eos_ids=eos_ids,
+                                prefill_step_size=prefill_step_size, domain=domain, temp=temp, top_p=top_p,
+                                top_k=top_k, min_p=min_p)
         return
     tic = time.perf_counter()
     logits, _ = prefill(model, mx.array([todo]), pc.cache, step_size=prefill_step_size, domain=domain)

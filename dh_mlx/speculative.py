@@ -7,6 +7,7 @@ so the output follows the main model's distribution exactly. A rejected draft's 
 
 from __future__ import annotations
 
+import time
 from typing import Iterator
 
 import mlx.core as mx
@@ -16,11 +17,10 @@ from .model import Model
 from .sample import sampling_distribution
 
 
-def mtp_generate(model: Model, pc, todo: list[int], history: list[int], *, max_tokens: int, eos_ids=(),
-                 prefill_step_size: int = 512, domain: int | None = None, stats=None, temp: float = 0.0,
-                 top_p: float = 1.0, top_k: int = 0, min_p: float = 0.0) -> Iterator[int]:
+def mtp_generate(model: Model, pc, todo: list[int], *, stats, max_tokens: int, eos_ids=(),
+                 prefill_step_size: int = 512, domain: int | None = None, temp: float = 0.0, top_p: float = 1.0,
+                 top_k: int = 0, min_p: float = 0.0) -> Iterator[int]:
     """Yield tokens like `generate_tokens`; `pc` is a PromptCache already trimmed to the reused prefix."""
-    import time
     d = None if domain is None else mx.array([domain])
     cache = pc.cache
     if pc.tokens:  # the MTP cache is not kept across calls: rebuild it from scratch with the main cache
@@ -29,6 +29,7 @@ def mtp_generate(model: Model, pc, todo: list[int], history: list[int], *, max_t
         todo = pc.tokens + todo
         pc.tokens = []
     mtp_cache = LatentCache()
+
     def dist(logits: mx.array) -> mx.array:  # (1, V) -> (V,) the distribution sampling draws from
         return sampling_distribution(logits, temp, top_p, top_k, min_p)[0]
 
@@ -46,7 +47,7 @@ def mtp_generate(model: Model, pc, todo: list[int], history: list[int], *, max_t
         known = min(e, T - 1) - s  # positions whose next token is already in the prompt
         if known > 0:
             model.mtp_forward(h[:, :known], ids[:, s + 1: s + 1 + known], cache=mtp_cache, domain_ids=d)
-        mx.eval(h, mtp_cache.latent)
+        mx.eval(h, *([] if mtp_cache.latent is None else [mtp_cache.latent]))
     h_last = h[:, -1:]
     token = draw(dist(model.head(h_last[:, 0]))).item()
     stats.prompt_tokens, stats.prompt_tps = T, T / (time.perf_counter() - tic)

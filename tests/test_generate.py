@@ -120,3 +120,7 @@ def test_mtp_sampling_keeps_the_target_distribution():
 def test_prompt_longer_than_context_is_refused(model):
     with pytest.raises(ValueError, match="max_position_embeddings"):
         list(generate_tokens(model, list(range(60)), max_tokens=10))
+
+
+def test_mtp_with_a_one_token_prompt(model):
+    assert list(generate_tokens(model, [5], max_tokens=6, mtp=True)) == list(generate_tokens(model, [5], max_tokens=6))
