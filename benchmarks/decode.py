@@ -22,6 +22,7 @@ import numpy as np
 
 from dh_mlx import load_preset, random_model, save_model
 from dh_mlx.generate import GenerationStats, generate_tokens
+from dh_mlx.device import compute_dtype
 from dh_mlx.params import count_params
 from dh_mlx.train.run import DEFAULT_TOKENIZER, copy_tokenizer
 
@@ -113,14 +114,15 @@ def main() -> None:
         theirs = mlx_lm(path, prompt, a.gen_tokens)
         gc.collect()
         lcpp = llama_cpp(path, prompt, a.gen_tokens)
-    setup = f"{a.model or a.params}, float32, {mx.default_device()}, prompt {a.prompt_tokens}, {a.gen_tokens} new"
+    dtype = str(compute_dtype()).rsplit(".", 1)[-1]  # float32 on the CPU backend, bfloat16 on Metal
+    setup = f"{a.model or a.params}, {dtype}, {mx.default_device()}, prompt {a.prompt_tokens}, {a.gen_tokens} new"
     extra = {} if lcpp is None else {"llama_cpp": round(lcpp[1], 2), "ratio_llama_cpp": round(mine.generation_tps / lcpp[1], 2)}
     emit("decode_tokens_per_s", mine.generation_tps, "tokens/s", setup=setup, mlx_lm=round(theirs[1], 2),
          ratio_mlx_lm=round(mine.generation_tps / theirs[1], 2), **extra)
     extra = {} if lcpp is None else {"llama_cpp": round(lcpp[0], 2), "ratio_llama_cpp": round(mine.prompt_tps / lcpp[0], 2)}
     emit("prefill_tokens_per_s", mine.prompt_tps, "tokens/s", setup=setup, mlx_lm=round(theirs[0], 2),
          ratio_mlx_lm=round(mine.prompt_tps / theirs[0], 2), **extra)
-    active_bytes = count_params(config).active * 4
+    active_bytes = count_params(config).active * compute_dtype().size
     bw = copy_bandwidth()
     emit("decode_bandwidth_fraction", active_bytes * mine.generation_tps / bw, "fraction",
          active_weight_bytes_per_token=active_bytes, copy_bandwidth_gb_s=round(bw / 1e9, 1))
