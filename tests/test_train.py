@@ -118,3 +118,33 @@ def test_grad_accumulation_and_a_non_finite_loss_stops_keeping_the_last_checkpoi
     from dh_mlx.train.checkpoint import latest_checkpoint
     good = latest_checkpoint(d / "nan")
     assert good is not None and json.loads((good / "trainer_state.json").read_text())["step"] >= 1
+
+
+def test_ctrl_c_saves_a_checkpoint_and_resume_continues(small_run_inputs, monkeypatch):
+    import dh_mlx.train.trainer as trainer
+    from dh_mlx.train.checkpoint import latest_checkpoint
+    from dh_mlx.train.run import train
+    d = small_run_inputs
+    common = dict(config=d / "config.json", data=d / "data.jsonl", tokenizer=d / "tok", steps=5, batch_size=2,
+                  seq_len=16, eval_every=100, save_every=100, progress=False, warmup_steps=1)
+    real, calls = trainer.to_mx, []
+
+    def interrupt_third(batch):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(batch)
+
+    monkeypatch.setattr(trainer, "to_mx", interrupt_third)
+    r = train(out=d / "ctrl_c", **common)
+    assert r.interrupted and r.step == 2
+    ckpt = latest_checkpoint(d / "ctrl_c")
+    assert json.loads((ckpt / "trainer_state.json").read_text())["step"] == 2
+    monkeypatch.setattr(trainer, "to_mx", real)
+    resumed = train(out=d / "ctrl_c", resume=True, **common)
+    assert resumed.step == 5 and not resumed.interrupted
+    straight = train(out=d / "ctrl_c_straight", **common)
+    losses = [[json.loads(l)["loss"] for l in (d / name / "metrics.jsonl").read_text().splitlines()]
+              for name in ("ctrl_c", "ctrl_c_straight")]
+    assert losses[0] == losses[1] and len(losses[0]) == 5  # the interrupted step's batch was not skipped
+    assert straight.step == 5

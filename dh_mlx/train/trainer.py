@@ -200,11 +200,14 @@ def train_loop(model: Model, dataset: Dataset, cfg: TrainConfig, run_dir: Path, 
     fns = build_steps(model, optimizer, cfg)
     history: list[dict] = []
 
+    # Where the data stood after the last completed step: a Ctrl-C inside a step must not skip its batches.
+    data_state = batches.state_dict()
+
     def checkpoint(step: int) -> None:
         save_checkpoint(run_dir, step, write_weights=lambda d: mx.save_safetensors(
                             str(d / "weights.safetensors"), _changing_params(model)),
                         optimizer_state=optimizer.state,
-                        trainer_state={"data": batches.state_dict(), "train_config": cfg.to_dict()},
+                        trainer_state={"data": data_state, "train_config": cfg.to_dict()},
                         keep=cfg.keep_checkpoints)
         export(run_dir)
 
@@ -233,6 +236,7 @@ def train_loop(model: Model, dataset: Dataset, cfg: TrainConfig, run_dir: Path, 
                 norm = fns.apply(tree_map(lambda x: x / cfg.grad_accum, g_sum), loads)
             mx.eval(loss, ce, mtp, bal, loads, norm, fns.state)
             step += 1
+            data_state = batches.state_dict()
             last_loss = ce.item()
             if not math.isfinite(loss.item()):
                 raise TrainingError(f"step {step}: the loss is {loss.item()}; stopping. The last good checkpoint is "
