@@ -97,20 +97,14 @@ def _fail(message: str) -> None:
     raise typer.Exit(1)
 
 
-def _config(params: Optional[str], model: Optional[Path]):
-    from .config import DEFAULT_PRESET, load_config, load_preset
-    if params and model:
-        _fail("give either --params or --model, not both")
-    return load_config(model) if model else load_preset(params or DEFAULT_PRESET)
-
-
 @app.command()
 def info(params: Optional[str] = typer.Option(None, help="size preset (tiny, 1b, 5b, 30b, 500b)"),
          model: Optional[Path] = typer.Option(None, help="model directory with config.json"),
          as_json: bool = typer.Option(False, "--json", help="print one JSON object")) -> None:
     """Parameters (total/active/MTP), KV cache and weight memory, compared with dense models of similar size."""
     from .info import format_info, model_info
-    config = _config(params, model)
+    from .config import resolve_config
+    config = resolve_config(params, model, flag="--model")
     data = model_info(config)
     typer.echo(json.dumps(data) if as_json else format_info(data, str(model or f"preset {params or 'tiny'}")))
 
@@ -152,10 +146,8 @@ def train(params: Optional[str] = typer.Option(None, help="size preset (default 
           skip_invalid: bool = typer.Option(False, help="skip (and count) invalid JSONL lines instead of failing"),
           resume: bool = typer.Option(False, help="continue the run in --out from its latest checkpoint")) -> None:
     """Train from domain-tagged JSONL with ALF balancing and MTP; --out becomes a loadable model directory."""
-    from .config import DATA_DIR
     from .train.run import train as run
-    result = run(params=params, config=config, data=data or DATA_DIR / "train_data.jsonl", out=out,
-                 tokenizer=tokenizer or DATA_DIR / "tokenizer", init=init, resume=resume, steps=steps, batch_size=batch_size,
+    result = run(params=params, config=config, data=data, out=out, tokenizer=tokenizer, init=init, resume=resume, steps=steps, batch_size=batch_size,
                  seq_len=seq_len, grad_accum=grad_accum, lr=lr, warmup_steps=warmup, seed=seed,
                  alf_gamma=alf_gamma, balance_alpha=balance_alpha, mtp_lambda=mtp_lambda, eval_every=eval_every,
                  save_every=save_every, skip_invalid=skip_invalid)

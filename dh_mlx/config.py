@@ -273,6 +273,13 @@ def load_preset(name: str) -> ModelConfig:
     return load_config(p)
 
 
+def resolve_config(params: str | None, path: str | Path | None, *, flag: str = "--config") -> ModelConfig:
+    """A preset by name, or a config.json (file or model directory); the default preset when neither is given."""
+    if params and path:
+        raise ValueError(f"give either --params or {flag}, not both")
+    return load_config(path) if path else load_preset(params or DEFAULT_PRESET)
+
+
 def save_config(config: ModelConfig, directory: str | Path, name: str = "config.json") -> None:
     path = Path(directory) / name
     path.write_text(json.dumps(config.to_dict(), indent=2) + "\n")

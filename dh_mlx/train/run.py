@@ -7,7 +7,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from ..config import DATA_DIR, DEFAULT_PRESET, ModelConfig, load_config, load_preset
+from ..config import DATA_DIR, DEFAULT_PRESET, load_config, resolve_config
 from ..weights import load_model, random_model, save_model
 from .config import TrainConfig
 from .data import load_dataset
@@ -23,20 +23,15 @@ def copy_tokenizer(src: Path, dst: Path) -> None:
             shutil.copyfile(src / name, dst / name)
 
 
-def resolve_config(params: str | None, config: str | Path | None) -> ModelConfig:
-    if params and config:
-        raise ValueError("give either --params or --config, not both")
-    return load_config(config) if config else load_preset(params or DEFAULT_PRESET)
-
-
-def train(*, params: str | None = None, config: str | Path | None = None, data: str | Path = DEFAULT_DATA,
-          out: str | Path | None = None, tokenizer: str | Path = DEFAULT_TOKENIZER, init: str | Path | None = None,
+def train(*, params: str | None = None, config: str | Path | None = None, data: str | Path | None = None,
+          out: str | Path | None = None, tokenizer: str | Path | None = None, init: str | Path | None = None,
           resume: bool = False,
           progress: bool = True, stop_after: int | None = None, dtype: str | None = None,
           **options) -> RunResult:
     """Train a model from scratch, or from the weights of `init` (a model directory); `options` are
     `TrainConfig` fields. With `resume`, continue the run in `out` from its latest checkpoint."""
     from ..tokenizer import load_tokenizer
+    data, tokenizer = data or DEFAULT_DATA, tokenizer or DEFAULT_TOKENIZER
     cfg = TrainConfig(**options)
     model_config = load_config(init) if init else resolve_config(params, config)
     out = Path(out) if out else Path("runs") / (params or (Path(config).stem if config else DEFAULT_PRESET))

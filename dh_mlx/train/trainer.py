@@ -18,14 +18,14 @@ import mlx.core as mx
 import mlx.nn as nn
 import mlx.optimizers as optim
 import numpy as np
-from mlx.utils import tree_map
+from mlx.utils import tree_flatten, tree_map
 
 from ..model import Model
 from ..model.moe import MoE, MoEGate
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .config import TrainConfig
 from .data import Batch as NpBatch, Dataset
-from .loss import Batch, alf_update, expert_counts, imbalance, loss_parts, masked_ce
+from .loss import Batch, alf_update, document_mask, expert_counts, imbalance, loss_parts, masked_ce
 
 
 class TrainingError(RuntimeError):
@@ -115,7 +115,6 @@ def evaluate(model: Model, dataset: Dataset, cfg: TrainConfig, *, use_domains: b
 
     def batch_stats(*arrays):
         b = Batch(*arrays)
-        from .loss import document_mask
         out = model.forward(b.inputs, domain_ids=b.domain_ids, mask=document_mask(b.segment_ids))
         ce_sum = masked_ce(out.logits, b.targets, b.loss_mask) * b.loss_mask.sum()
         if not out.routing:
@@ -274,7 +273,6 @@ def train_loop(model: Model, dataset: Dataset, cfg: TrainConfig, run_dir: Path, 
 
 def _changing_params(model: Model) -> dict[str, mx.array]:
     """What training changes: the trainable parameters and the ALF selection biases."""
-    from mlx.utils import tree_flatten
     out = dict(tree_flatten(model.trainable_parameters()))
     out.update((k, v) for k, v in tree_flatten(model.parameters()) if k.endswith("e_score_correction_bias"))
     return out
