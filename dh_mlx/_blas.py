@@ -10,8 +10,11 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import hashlib
 import os
+import subprocess
 import sys
+from pathlib import Path
 
 _CANDIDATES = (
     "libopenblas.so.0",
@@ -25,6 +28,8 @@ _CANDIDATES = (
 
 #: Path or soname of the BLAS we loaded, or a note saying why none was.
 loaded: str = "not attempted"
+#: The loaded matrix-vector shim (its `dh_gemv_calls` counts the products it rerouted), or None.
+shim: ctypes.CDLL | None = None
 
 
 def load_fast_blas() -> str:
@@ -46,9 +51,44 @@ def load_fast_blas() -> str:
         loaded = "reference (no OpenBLAS/BLIS found; apt-get install libopenblas0-pthread)"
         for name in names:
             try:
-                ctypes.CDLL(name, mode=ctypes.RTLD_GLOBAL)
+                blas = ctypes.CDLL(name)  # local first: the shim, if any, must enter the global scope before it
             except OSError:
                 continue
-            loaded = name
+            _load_gemv_shim(blas)
+            ctypes.CDLL(name, mode=ctypes.RTLD_GLOBAL)
+            loaded = name + (" + matrix-vector shim" if shim is not None else "")
             break
     return loaded
+
+
+def _load_gemv_shim(blas: ctypes.CDLL) -> None:
+    """Build (once, cached) and load `_blas_shim.c` globally, pointed at `blas`; sets `shim` when it worked.
+
+    The shim sends MLX's matrix-vector `cblas_sgemm` calls to `cblas_sgemv` (~3x faster decode weight reads
+    with OpenBLAS 0.3.21). It needs a C compiler on first use, as `mx.compile` on the CPU backend does; without
+    one, or with `DH_MLX_BLAS_SHIM=off`, MLX calls the BLAS directly.
+    """
+    global shim
+    if os.environ.get("DH_MLX_BLAS_SHIM", "").strip().lower() in ("off", "0", "none"):
+        return
+    try:
+        sgemm, sgemv = blas.cblas_sgemm, blas.cblas_sgemv
+        lib = ctypes.CDLL(str(_build(Path(__file__).with_name("_blas_shim.c"))), mode=ctypes.RTLD_GLOBAL)
+    except (AttributeError, OSError, subprocess.SubprocessError):
+        return
+    lib.dh_blas_init(ctypes.cast(sgemm, ctypes.c_void_p), ctypes.cast(sgemv, ctypes.c_void_p))
+    shim = lib
+
+
+def _build(source: Path) -> Path:
+    """Compile `source` into a shared library in the user cache, named by its hash (written atomically)."""
+    code = source.read_bytes()
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "dh_mlx"
+    out = cache / f"blas_shim-{hashlib.sha256(code).hexdigest()[:16]}.so"
+    if not out.exists():
+        cache.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_suffix(f".{os.getpid()}.tmp")
+        subprocess.run([os.environ.get("CC", "cc"), "-O2", "-shared", "-fPIC", str(source), "-o", str(tmp)],
+                       check=True, capture_output=True, timeout=120)
+        os.replace(tmp, out)
+    return out
