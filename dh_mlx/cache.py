@@ -32,6 +32,19 @@ class LatentCache:
         self.k_pe[:, :, prev:self.offset] = k_pe
         return self.latent[:, :, : self.offset], self.k_pe[:, :, : self.offset]
 
+    @property
+    def has_past(self) -> bool:
+        """Whether earlier positions are cached (MLA then attends through the absorbed path)."""
+        return self.offset > 0
+
+    def reserve(self, n: int) -> None:
+        """Make room for `n` more positions (whole chunks), so a fixed-capacity step can write in place."""
+        if self.latent is not None and self.offset + n > self.latent.shape[2]:
+            grow = ((n + self.step - 1) // self.step) * self.step
+            pad = lambda buf: mx.concatenate(  # noqa: E731
+                [buf[:, :, : self.offset], mx.zeros((*buf.shape[:2], grow, buf.shape[3]), buf.dtype)], axis=2)
+            self.latent, self.k_pe = pad(self.latent), pad(self.k_pe)
+
     def trim(self, n: int) -> int:
         """Forget the last `n` positions (speculative decoding rollback); returns how many were dropped."""
         n = min(self.offset, n)
@@ -48,6 +61,28 @@ class LatentCache:
         if self.latent is None:
             return 0
         return sum(a[:, :, : self.offset].nbytes for a in (self.latent, self.k_pe))
+
+
+class StepCache:
+    """One decode step's view of a LatentCache, for a compiled step whose shapes must not change per token:
+    the new position is written at `offset` (an int32 array) into the full capacity-C buffers, and attention
+    reads all C positions under a mask of the valid ones (`valid_mask`)."""
+
+    has_past = True
+
+    def __init__(self, latent: mx.array, k_pe: mx.array, offset: mx.array):
+        self.latent, self.k_pe, self.offset = latent, k_pe, offset  # (B, 1, C, r), (B, 1, C, p), ()
+
+    def update_and_fetch(self, latent: mx.array, k_pe: mx.array) -> tuple[mx.array, mx.array]:
+        start = self.offset.reshape(1)
+        self.latent = mx.slice_update(self.latent, latent, start, axes=(2,))
+        self.k_pe = mx.slice_update(self.k_pe, k_pe, start, axes=(2,))
+        return self.latent, self.k_pe
+
+    def valid_mask(self, new: int = 1) -> mx.array:
+        """(1, 1, new, C) bool: causal mask of `new` tokens written at `offset` over the C positions."""
+        C = self.latent.shape[2]
+        return (mx.arange(C)[None] <= self.offset + mx.arange(new)[:, None])[None, None]
 
 
 def make_cache(config: ModelConfig) -> list[LatentCache]:

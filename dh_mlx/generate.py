@@ -8,7 +8,7 @@ from typing import Any, Iterator
 
 import mlx.core as mx
 
-from .cache import LatentCache, make_cache
+from .cache import LatentCache, StepCache, make_cache
 from .model import Model
 from .sample import apply_repetition_penalty, make_sampler
 
@@ -80,6 +80,40 @@ def decode_step(model: Model, token: mx.array, cache: list[LatentCache], domain:
     return out.logits[:, -1], out.hidden[:, -1]
 
 
+def compiled_decode_step(model: Model, domain: int | None = None):
+    """`decode_step` as one `mx.compile`d function: (token (1, 1), cache) -> (logits (1, V), hidden (1, D)).
+
+    Its shapes do not change with the position: each layer writes the new latent at an array offset into
+    the cache's whole capacity and attends over it under a mask (`StepCache`), so the function is traced once
+    per 256-position chunk of capacity and reuses its fused kernels in between. The cache buffers are taken
+    out of the caches for the call, so the step's slice updates write in place.
+    """
+    d = _domain_array(domain)
+
+    def step(token, offset, latents, k_pes):
+        views = [StepCache(lat, kpe, offset) for lat, kpe in zip(latents, k_pes)]
+        out = model.forward(token, views, d, mask=views[0].valid_mask())
+        return out.logits[:, -1], out.hidden[:, -1], [v.latent for v in views], [v.k_pe for v in views]
+
+    compiled = mx.compile(step)
+
+    def run(token: mx.array, cache: list[LatentCache]) -> tuple[mx.array, mx.array]:
+        if not cache[0].has_past:  # nothing cached yet: no capacity to write into
+            return decode_step(model, token, cache, domain)
+        for c in cache:
+            c.reserve(1)
+        latents, k_pes = [c.latent for c in cache], [c.k_pe for c in cache]
+        for c in cache:
+            c.latent = c.k_pe = None
+        logits, hidden, latents, k_pes = compiled(token, mx.array(cache[0].offset, mx.int32), latents, k_pes)
+        for c, lat, kpe in zip(cache, latents, k_pes):
+            c.latent, c.k_pe = lat, kpe
+            c.offset += 1
+        return logits, hidden
+
+    return run
+
+
 def check_context(model: Model, n_tokens: int) -> None:
     limit = model.config.max_position_embeddings
     if n_tokens > limit:
@@ -92,8 +126,11 @@ def generate_tokens(model: Model, prompt_ids: list[int], *, max_tokens: int = 25
                     repetition_context: int = 64, seed: int | None = None, domain: int | None = None,
                     eos_ids: tuple[int, ...] = (), prefill_step_size: int = 512,
                     prompt_cache: PromptCache | None = None, mtp: bool = False,
-                    stats: GenerationStats | None = None) -> Iterator[int]:
-    """Yield generated token ids (like mlx-lm's generate_step); stops at an id in `eos_ids` or `max_tokens`."""
+                    stats: GenerationStats | None = None, compile_step: bool = True) -> Iterator[int]:
+    """Yield generated token ids (like mlx-lm's generate_step); stops at an id in `eos_ids` or `max_tokens`.
+
+    `compile_step=False` decodes with the eager `decode_step` (same tokens; for debugging).
+    """
     if not prompt_ids:
         raise ValueError("the prompt is empty: give at least one token")
     check_context(model, len(prompt_ids) + max_tokens)
@@ -116,6 +153,8 @@ def generate_tokens(model: Model, prompt_ids: list[int], *, max_tokens: int = 25
                                 prefill_step_size=prefill_step_size, domain=domain, temp=temp, top_p=top_p,
                                 top_k=top_k, min_p=min_p)
         return
+    step = compiled_decode_step(model, domain) if compile_step else (
+        lambda tok, cache: decode_step(model, tok, cache, domain))
     tic = time.perf_counter()
     logits, _ = prefill(model, mx.array([todo]), pc.cache, step_size=prefill_step_size, domain=domain)
     token = choose(logits)
@@ -129,7 +168,7 @@ def generate_tokens(model: Model, prompt_ids: list[int], *, max_tokens: int = 25
         # Queue the next step before handing this token out, so compute overlaps the consumer.
         if n + 1 < max_tokens and t not in eos_ids:
             history.append(t)
-            logits, _ = decode_step(model, token[:, None], pc.cache, domain)
+            logits, _ = step(token[:, None], pc.cache)
             token = choose(logits)
             mx.async_eval(token)
         pc.tokens.append(t)

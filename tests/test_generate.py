@@ -6,7 +6,8 @@ import pytest
 
 from dh_mlx import random_model
 from dh_mlx.cache import make_cache
-from dh_mlx.generate import GenerationStats, PromptCache, generate_tokens, prefill
+from dh_mlx.generate import (GenerationStats, PromptCache, compiled_decode_step, decode_step, generate_tokens,
+                              prefill)
 from dh_mlx.sample import (apply_min_p, apply_repetition_penalty, apply_top_k, apply_top_p, make_sampler,
                            sampling_distribution)
 from helpers import make_config, randomise_for_parity, tokens
@@ -56,6 +57,27 @@ def test_chunked_prefill_equals_one_shot(model):
         assert mx.abs(x.state[0] - y.state[0]).max().item() <= 1e-5
     full = model(ids)[:, -1]
     assert mx.abs(a - full).max().item() <= 1e-4
+
+
+def test_compiled_decode_step_equals_eager_across_a_capacity_chunk():
+    """The compiled step writes at an array offset into the whole capacity and masks the rest; it must give
+    the eager step's logits, also when the cache grows by a chunk (position 256) in the middle."""
+    model = randomise_for_parity(random_model(make_config(), seed=2), 2)
+    eager, compiled = make_cache(model.config), make_cache(model.config)
+    prompt = mx.array(tokens(250, model.config.vocab_size, seed=3, batch=1))
+    mx.eval(prefill(model, prompt, eager), prefill(model, prompt, compiled))
+    step = compiled_decode_step(model, domain=2)
+    token = mx.array([[5]])
+    for _ in range(10):
+        want, want_h = decode_step(model, token, eager, domain=2)
+        got, got_h = step(token, compiled)
+        np.testing.assert_allclose(np.array(got), np.array(want), atol=1e-5)
+        np.testing.assert_allclose(np.array(got_h), np.array(want_h), atol=1e-5)
+        token = mx.argmax(want, axis=-1)[:, None]
+    assert compiled[0].offset == eager[0].offset == 260 and compiled[0].latent.shape[2] == 512
+    prompt_ids = tokens(20, model.config.vocab_size, seed=4, batch=1)[0].tolist()
+    assert list(generate_tokens(model, prompt_ids, max_tokens=12, temp=0.8, seed=7)) == list(
+        generate_tokens(model, prompt_ids, max_tokens=12, temp=0.8, seed=7, compile_step=False))
 
 
 def test_prompt_cache_reuse_gives_the_same_tokens(model):

@@ -62,12 +62,12 @@ class MLA(nn.Module):
         k_pe = ckv[..., r:][:, None]  # (B, 1, L, p)
 
         offset = cache.offset if cache is not None else 0
+        absorb = self.absorb if self.absorb is not None else cache is not None and cache.has_past
         q_pe = self.rope(q_pe, offset)
         k_pe = self.rope(k_pe, offset)
         if cache is not None:
             latent, k_pe = cache.update_and_fetch(latent, k_pe)  # (B, 1, S, r), (B, 1, S, p)
 
-        absorb = self.absorb if self.absorb is not None else offset > 0
         if absorb:
             out = self._absorbed(q_nope, q_pe, latent, k_pe, mask, offset)
         else:
