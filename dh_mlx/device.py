@@ -44,3 +44,20 @@ def available_memory() -> int:
 
 def blas_in_use() -> str:
     return _blas.loaded
+
+
+_side_stream: mx.Stream | None = None
+
+
+def side_stream() -> mx.Stream | None:
+    """A second CPU stream when running on the CPU with more than one core, else None.
+
+    MLX runs each stream on its own thread and its CPU elementwise kernels (exp in softmax above all) on one
+    core, so independent halves of a large attention placed on two streams run ~1.6x faster on 2 cores.
+    """
+    global _side_stream
+    if on_gpu() or (os.cpu_count() or 1) < 2:
+        return None
+    if _side_stream is None:
+        _side_stream = mx.new_stream(mx.cpu)
+    return _side_stream

@@ -7,6 +7,8 @@ from mlx.utils import tree_flatten
 
 from dh_mlx import load_model, random_model, save_model
 from dh_mlx.cache import make_cache
+from dh_mlx.device import side_stream
+from dh_mlx.model import attention
 from dh_mlx.model.moe import MoEGate
 from helpers import CONFIGS, make_checkpoint, make_config, randomise_for_parity, tokens
 
@@ -174,3 +176,19 @@ def test_absorbed_path_honours_document_masks():
     assert mx.abs(naive - absorbed).max().item() <= 1e-4
     set_absorb(m, None)
     assert mx.abs(naive[0, 5:] - m(ids[:1, 5:])[0]).max().item() <= 1e-4  # doc 2 sees only itself
+
+
+@pytest.mark.skipif(side_stream() is None, reason="one core or a GPU: attention is never split")
+def test_attention_split_over_two_streams_equals_one_call(monkeypatch):
+    monkeypatch.setattr(attention, "SPLIT_MIN_SCORES", 1)  # split every call
+    rng = np.random.default_rng(0)
+    r = lambda *shape: mx.array(rng.standard_normal(shape, dtype=np.float32))  # noqa: E731
+    q, k, v = r(2, 4, 24, 16), r(2, 4, 40, 16), r(2, 4, 40, 8)
+    masks = ["causal", None, mx.array(rng.random((1, 1, 24, 40)) > 0.3), r(2, 4, 24, 40)]
+    for mask in masks:  # split over heads (axis 1) with per-head keys and values
+        want = mx.fast.scaled_dot_product_attention(q, k, v, scale=0.3, mask=mask)
+        np.testing.assert_allclose(np.array(attention.sdpa(q, k, v, 0.3, mask)), np.array(want), atol=1e-6)
+    q, latent, pe = r(1, 1, 30, 16), r(1, 1, 40, 16), r(1, 1, 30, 40)  # absorbed: rows split, one latent head
+    want = mx.fast.scaled_dot_product_attention(q, latent, latent, scale=0.3, mask=pe)
+    np.testing.assert_allclose(np.array(attention.sdpa(q, latent, latent, 0.3, pe, axis=2)), np.array(want),
+                               atol=1e-6)
