@@ -192,3 +192,14 @@ def test_attention_split_over_two_streams_equals_one_call(monkeypatch):
     want = mx.fast.scaled_dot_product_attention(q, latent, latent, scale=0.3, mask=pe)
     np.testing.assert_allclose(np.array(attention.sdpa(q, latent, latent, 0.3, pe, axis=2)), np.array(want),
                                atol=1e-6)
+
+
+@pytest.mark.skipif(side_stream() is None, reason="one core or a GPU: attention is never split")
+def test_causal_attention_in_query_blocks_equals_one_call(monkeypatch):
+    monkeypatch.setattr(attention, "SPLIT_MIN_SCORES", 1)
+    rng = np.random.default_rng(1)
+    for L in (8, 13, 40):  # blocks of unequal size when 4 does not divide L
+        q, k = (mx.array(rng.standard_normal((2, 3, L, 16), dtype=np.float32)) for _ in range(2))
+        v = mx.array(rng.standard_normal((2, 3, L, 8), dtype=np.float32))
+        want = mx.fast.scaled_dot_product_attention(q, k, v, scale=0.25, mask="causal")
+        np.testing.assert_allclose(np.array(attention.causal_sdpa(q, k, v, 0.25)), np.array(want), atol=1e-6)
