@@ -8,7 +8,7 @@ import pytest
 
 from dh_mlx import random_model
 from dh_mlx.train.config import TrainConfig
-from dh_mlx.train.loss import Batch, alf_update, balance_loss, document_mask
+from dh_mlx.train.loss import Batch, alf_update, balance_loss, cross_entropy, document_mask
 from dh_mlx.train.trainer import build_steps, make_optimizer, moe_gates
 from dh_mlx.model.moe import Routing
 from helpers import make_config
@@ -148,3 +148,19 @@ def test_ctrl_c_saves_a_checkpoint_and_resume_continues(small_run_inputs, monkey
               for name in ("ctrl_c", "ctrl_c_straight")]
     assert losses[0] == losses[1] and len(losses[0]) == 5  # the interrupted step's batch was not skipped
     assert straight.step == 5
+
+
+def test_cross_entropy_value_and_gradient_match_mlx():
+    """Our CE keeps the forward's probabilities for the backward pass; value and gradient must equal MLX's."""
+    import mlx.nn as nn
+    rng = np.random.default_rng(0)
+    logits = mx.array(rng.standard_normal((3, 7, 50), dtype=np.float32) * 20)  # large: needs the max shift
+    targets = mx.array(rng.integers(0, 50, (3, 7)))
+    weights = mx.array(rng.random((3, 7), dtype=np.float32))
+    ours = lambda x: (cross_entropy(x, targets)[0] * weights).sum()  # noqa: E731
+    theirs = lambda x: (nn.losses.cross_entropy(x, targets, reduction="none") * weights).sum()  # noqa: E731
+    (v1, g1), (v2, g2) = mx.value_and_grad(ours)(logits), mx.value_and_grad(theirs)(logits)
+    np.testing.assert_allclose(v1.item(), v2.item(), rtol=1e-6)
+    np.testing.assert_allclose(np.array(g1), np.array(g2), atol=1e-6)
+    np.testing.assert_allclose(np.array(cross_entropy(logits, targets)[1]), np.array(mx.softmax(logits, axis=-1)),
+                               atol=1e-6)

