@@ -150,9 +150,14 @@ def test_ctrl_c_saves_a_checkpoint_and_resume_continues(small_run_inputs, monkey
     assert straight.step == 5
 
 
-def test_cross_entropy_value_and_gradient_match_mlx():
-    """Our CE keeps the forward's probabilities for the backward pass; value and gradient must equal MLX's."""
+@pytest.mark.parametrize("two_streams", [True, False])
+def test_cross_entropy_value_and_gradient_match_mlx(monkeypatch, two_streams):
+    """Our CE keeps the forward's probabilities for the backward pass and splits rows over two streams; value
+    and gradient must equal MLX's either way."""
     import mlx.nn as nn
+    from dh_mlx.train import loss
+    if not two_streams:
+        monkeypatch.setattr(loss, "side_stream", lambda: None)
     rng = np.random.default_rng(0)
     logits = mx.array(rng.standard_normal((3, 7, 50), dtype=np.float32) * 20)  # large: needs the max shift
     targets = mx.array(rng.integers(0, 50, (3, 7)))
@@ -162,5 +167,7 @@ def test_cross_entropy_value_and_gradient_match_mlx():
     (v1, g1), (v2, g2) = mx.value_and_grad(ours)(logits), mx.value_and_grad(theirs)(logits)
     np.testing.assert_allclose(v1.item(), v2.item(), rtol=1e-6)
     np.testing.assert_allclose(np.array(g1), np.array(g2), atol=1e-6)
-    np.testing.assert_allclose(np.array(cross_entropy(logits, targets)[1]), np.array(mx.softmax(logits, axis=-1)),
-                               atol=1e-6)
+    _, p1, p2 = cross_entropy(logits, targets)
+    assert (p2.shape[0] > 0) == (two_streams and loss.side_stream() is not None)
+    np.testing.assert_allclose(np.concatenate([np.array(p1), np.array(p2)]),
+                               np.array(mx.softmax(logits, axis=-1)).reshape(21, 50), atol=1e-6)
