@@ -5,6 +5,7 @@ import json
 import mlx.core as mx
 import numpy as np
 import pytest
+from mlx.utils import tree_flatten
 
 from dh_mlx import random_model
 from dh_mlx.train.config import TrainConfig
@@ -171,3 +172,29 @@ def test_cross_entropy_value_and_gradient_match_mlx(monkeypatch, two_streams):
     assert (p2.shape[0] > 0) == (two_streams and loss.side_stream() is not None)
     np.testing.assert_allclose(np.concatenate([np.array(p1), np.array(p2)]),
                                np.array(mx.softmax(logits, axis=-1)).reshape(21, 50), atol=1e-6)
+
+
+@pytest.mark.parametrize("max_norm", [1e-3, 1e3])  # clipping active / inactive
+def test_streamed_adamw_with_folded_clipping_equals_mlx(max_norm):
+    """Our AdamW (clip factor folded into the update, parameters spread over two streams) must update like
+    optim.clip_grad_norm followed by optim.AdamW, over several steps."""
+    import mlx.nn as nn
+    import mlx.optimizers as optim
+    from dh_mlx.train.trainer import AdamW
+
+    def net():
+        mx.random.seed(0)
+        return nn.Sequential(nn.Linear(16, 64), nn.Linear(64, 8, bias=False), nn.Linear(8, 3))
+
+    ours, ref = net(), net()
+    opt_ours = AdamW(learning_rate=1e-2, betas=[0.9, 0.95], eps=1e-8, weight_decay=0.1)
+    opt_ref = optim.AdamW(learning_rate=1e-2, betas=[0.9, 0.95], eps=1e-8, weight_decay=0.1)
+    x = mx.array(np.random.default_rng(0).standard_normal((5, 16), dtype=np.float32))
+    grad = lambda m: nn.value_and_grad(m, lambda m: (m(x) ** 2).sum())(m)[1]  # noqa: E731
+    for _ in range(3):
+        norm = opt_ours.clip_and_update(ours, grad(ours), max_norm)
+        clipped, ref_norm = optim.clip_grad_norm(grad(ref), max_norm)
+        opt_ref.update(ref, clipped)
+        np.testing.assert_allclose(norm.item(), ref_norm.item(), rtol=1e-5)
+    for (k, a), (_, b) in zip(tree_flatten(ours.parameters()), tree_flatten(ref.parameters())):
+        np.testing.assert_allclose(np.array(a), np.array(b), rtol=1e-5, atol=1e-6, err_msg=k)

@@ -20,6 +20,7 @@ import mlx.optimizers as optim
 import numpy as np
 from mlx.utils import tree_flatten, tree_map
 
+from ..device import side_stream
 from ..model import Model
 from ..model.moe import MoE, MoEGate
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
@@ -37,12 +38,65 @@ def moe_gates(model: Model) -> list[MoEGate]:
     return [l.mlp.gate for l in model.model.layers if isinstance(l.mlp, MoE)]
 
 
+class AdamW(optim.AdamW):
+    """mlx's AdamW with global-norm clipping folded into the update, each parameter's work on one of the two
+    CPU streams (balanced by size).
+
+    Clipping and the update are chains of elementwise ops over every parameter (the whole MoE, not only the
+    active experts), which MLX's CPU backend runs on one thread: here each parameter's squared norm and its
+    update run on its stream, and the clip factor multiplies the gradient inside the update instead of in a
+    pass of its own. Same arithmetic as `optim.clip_grad_norm` + `optim.AdamW`, same state (checkpoints and
+    resume unchanged). On a GPU the streams are not used.
+    """
+
+    grad_scale: mx.array | None = None
+
+    def _plan(self, gradients: dict) -> None:
+        side = side_stream()
+        self._side = set()
+        if side is not None:
+            loads = [0, 0]
+            for g in sorted((g for _, g in tree_flatten(gradients)), key=lambda g: -g.size):
+                s = int(loads[1] < loads[0])  # greedy balance of elements per stream
+                loads[s] += g.size
+                if s:
+                    self._side.add(id(g))
+
+    def _stream(self, g: mx.array):
+        return mx.stream(side_stream()) if id(g) in self._side else mx.stream(mx.default_stream(mx.default_device()))
+
+    def clip_and_update(self, model: nn.Module, gradients: dict, max_norm: float) -> mx.array:
+        """`optim.clip_grad_norm(gradients, max_norm)` then `update(model, ...)`; returns the unclipped norm."""
+        self._plan(gradients)
+        squares = []
+        for _, g in tree_flatten(gradients):
+            with self._stream(g):
+                squares.append(g.square().sum())
+        norm = mx.sqrt(mx.stack(squares).sum())
+        self.grad_scale = mx.where(norm < max_norm, 1.0, max_norm / (norm + 1e-6))
+        try:
+            model.update(super().apply_gradients(gradients, model))
+        finally:
+            self.grad_scale = None
+        return norm
+
+    def apply_gradients(self, gradients: dict, parameters: dict):
+        self._plan(gradients)
+        return super().apply_gradients(gradients, parameters)
+
+    def apply_single(self, gradient: mx.array, parameter: mx.array, state: dict):
+        with self._stream(gradient):
+            if self.grad_scale is not None:
+                gradient = gradient * self.grad_scale.astype(gradient.dtype)
+            return super().apply_single(gradient, parameter, state)
+
+
 def make_optimizer(cfg: TrainConfig) -> optim.Optimizer:
     decay_steps = max(cfg.steps - cfg.warmup_steps, 1)
     cosine = optim.cosine_decay(cfg.lr, decay_steps, cfg.lr * cfg.min_lr_ratio)
     schedule = cosine if cfg.warmup_steps == 0 else optim.join_schedules(
         [optim.linear_schedule(cfg.lr / cfg.warmup_steps, cfg.lr, cfg.warmup_steps), cosine], [cfg.warmup_steps])
-    return optim.AdamW(learning_rate=schedule, betas=[0.9, 0.95], eps=1e-8, weight_decay=cfg.weight_decay)
+    return AdamW(learning_rate=schedule, betas=[0.9, 0.95], eps=1e-8, weight_decay=cfg.weight_decay)
 
 
 def to_mx(b: NpBatch) -> Batch:
@@ -78,8 +132,11 @@ def build_steps(model: Model, optimizer: optim.Optimizer, cfg: TrainConfig) -> S
     state = [model.state, optimizer.state]
 
     def apply(grads, loads):
-        grads, norm = optim.clip_grad_norm(grads, cfg.grad_clip)
-        optimizer.update(model, grads)
+        if isinstance(optimizer, AdamW):
+            norm = optimizer.clip_and_update(model, grads, cfg.grad_clip)
+        else:
+            grads, norm = optim.clip_grad_norm(grads, cfg.grad_clip)
+            optimizer.update(model, grads)
         if cfg.alf_gamma and gates and loads.shape[0]:
             new = alf_update([g.e_score_correction_bias for g in gates], loads, cfg.alf_gamma)
             for g, b in zip(gates, new):
