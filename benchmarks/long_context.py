@@ -19,7 +19,7 @@ import mlx.core as mx
 
 from dh_mlx import load_preset, random_model
 from dh_mlx.cache import make_cache
-from dh_mlx.generate import decode_step, prefill
+from dh_mlx.generate import compiled_decode_step, decode_step, prefill
 from dh_mlx.params import KV_REFERENCES, reference_kv_bytes_per_token
 
 
@@ -38,6 +38,18 @@ def filled_cache(model, length: int):
         layer_cache.update_and_fetch(latent, k_pe)
     mx.eval([x.latent for x in cache] + [x.k_pe for x in cache])
     return cache
+
+
+def decode_speed(step, token, cache, n: int) -> float:
+    """Tokens/s of `n` decode steps after one warm-up; the cache is trimmed back to its length afterwards."""
+    mx.eval(step(token, cache)[0])
+    tic = time.perf_counter()
+    for _ in range(n):
+        mx.eval(step(token, cache)[0])
+    tps = n / (time.perf_counter() - tic)
+    for c in cache:
+        c.trim(n + 1)
+    return tps
 
 
 def main() -> None:
@@ -62,19 +74,16 @@ def main() -> None:
             continue
         cache = filled_cache(model, length)
         nbytes = sum(c.nbytes for c in cache)
-        logits, _ = decode_step(model, token, cache)  # warm up at this length
-        mx.eval(logits)
-        tic = time.perf_counter()
-        for _ in range(a.decode_tokens):
-            logits, _ = decode_step(model, token, cache)
-            mx.eval(logits)
-        tps = a.decode_tokens / (time.perf_counter() - tic)
+        eager = lambda tok, cache: decode_step(model, tok, cache)  # noqa: E731
+        tps = {name: decode_speed(step, token, cache, a.decode_tokens)
+               for name, step in (("eager", eager), ("compiled", compiled_decode_step(model)))}
         refs = {name: reference_kv_bytes_per_token(name, dtype_bytes) * length for name in KV_REFERENCES}
         emit(f"kv_cache_bytes_{length}", nbytes, "bytes", params=a.params, dtype="float32",
              per_token=nbytes // length,
              formula=config.num_hidden_layers * (config.kv_lora_rank + config.qk_rope_head_dim) * dtype_bytes,
              **{f"{k}_bytes": v for k, v in refs.items()})
-        emit(f"decode_tokens_per_s_{length}", tps, "tokens/s", params=a.params)
+        emit(f"decode_tokens_per_s_{length}", tps["compiled"], "tokens/s", params=a.params,
+             eager_decode_step=round(tps["eager"], 3), ratio=round(tps["compiled"] / tps["eager"], 2))
         del cache
 
 
