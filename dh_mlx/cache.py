@@ -21,12 +21,10 @@ class LatentCache:
         """Append (B, 1, L, r) and (B, 1, L, p); return everything cached so far, (B, 1, S, .)."""
         L = latent.shape[2]
         prev = self.offset
-        if self.latent is None or prev + L > self.latent.shape[2]:
-            grow = ((L + self.step - 1) // self.step) * self.step
-            def extend(buf, new):
-                fresh = mx.zeros((*new.shape[:2], grow, new.shape[3]), new.dtype)
-                return fresh if buf is None else mx.concatenate([buf[:, :, :prev], fresh], axis=2)
-            self.latent, self.k_pe = extend(self.latent, latent), extend(self.k_pe, k_pe)
+        if self.latent is None:  # empty buffers of the right batch, width and dtype; reserve allocates
+            self.latent = mx.zeros((*latent.shape[:2], 0, latent.shape[3]), latent.dtype)
+            self.k_pe = mx.zeros((*k_pe.shape[:2], 0, k_pe.shape[3]), k_pe.dtype)
+        self.reserve(L)
         self.offset += L
         self.latent[:, :, prev:self.offset] = latent
         self.k_pe[:, :, prev:self.offset] = k_pe
@@ -38,7 +36,7 @@ class LatentCache:
         return self.offset > 0
 
     def reserve(self, n: int) -> None:
-        """Make room for `n` more positions (whole chunks), so a fixed-capacity step can write in place."""
+        """Make room for `n` more positions, growing by whole chunks (appends and fixed-capacity steps)."""
         if self.latent is not None and self.offset + n > self.latent.shape[2]:
             grow = ((n + self.step - 1) // self.step) * self.step
             pad = lambda buf: mx.concatenate(  # noqa: E731
@@ -79,10 +77,9 @@ class StepCache:
         self.k_pe = mx.slice_update(self.k_pe, k_pe, start, axes=(2,))
         return self.latent, self.k_pe
 
-    def valid_mask(self, new: int = 1) -> mx.array:
-        """(1, 1, new, C) bool: causal mask of `new` tokens written at `offset` over the C positions."""
-        C = self.latent.shape[2]
-        return (mx.arange(C)[None] <= self.offset + mx.arange(new)[:, None])[None, None]
+    def valid_mask(self) -> mx.array:
+        """(1, 1, 1, C) bool: the positions up to and including the one written at `offset`."""
+        return (mx.arange(self.latent.shape[2]) <= self.offset)[None, None, None]
 
 
 def make_cache(config: ModelConfig) -> list[LatentCache]:
