@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import re
+import warnings
 from pathlib import Path
 from typing import Any, Callable
 
@@ -35,6 +36,17 @@ def drop_mtp_embedding_copies(w: dict, config: ModelConfig) -> dict:
     return {k: v for k, v in w.items()
             if not re.fullmatch(r"model\.layers\.(\d+)\.embed_tokens\.(weight|scales|biases)", k)
             or int(k.split(".")[2]) < n}
+
+
+def config_for_tensors(config: ModelConfig, w: dict, where: Path) -> ModelConfig:
+    """`config` without MTP layers (and a warning) when it declares some that the checkpoint `w` lacks, e.g.
+    one saved by transformers, which keeps num_nextn_predict_layers but drops the MTP tensors."""
+    n = config.num_hidden_layers
+    if config.num_nextn_predict_layers and not any(k.startswith(f"model.layers.{n}.") for k in w):
+        warnings.warn(f"{where}: config.json declares {config.num_nextn_predict_layers} MTP layer(s) but the "
+                      "checkpoint has none; loading without MTP")
+        return config.replace(num_nextn_predict_layers=0)
+    return config
 
 
 def drop_mtp_layers(w: dict, config: ModelConfig) -> dict:

@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import warnings
 from pathlib import Path
 from typing import Callable
 
@@ -16,8 +15,8 @@ import mlx.core as mx
 from mlx.utils import tree_flatten, tree_map_with_path
 
 from .config import ModelConfig, load_config, load_preset, preset_names, save_config
-from .layout import (CheckpointError, check_tensors, drop_mtp_layers, keep_fp32, safetensors_files,
-                     to_file_layout, to_memory_layout)
+from .layout import (CheckpointError, check_tensors, config_for_tensors, drop_mtp_layers, keep_fp32,
+                     safetensors_files, to_file_layout, to_memory_layout)
 from .device import available_memory, compute_dtype
 from .model import Model
 from .params import count_params, weight_bytes
@@ -136,12 +135,7 @@ def load_model(path: str | Path, *, dtype: str | None = None) -> Model:
     if quantization is None:  # (a quantized model's size is not params x dtype; it was measured when written)
         check_fits(config, dt, str(path))
     weights = read_weights(path)
-    n = config.num_hidden_layers
-    if config.num_nextn_predict_layers and not any(k.startswith(f"model.layers.{n}.") for k in weights):
-        # e.g. saved by transformers, which keeps num_nextn_predict_layers but drops the MTP tensors
-        warnings.warn(f"{path}: config.json declares {config.num_nextn_predict_layers} MTP layer(s) but the "
-                      "checkpoint has none; loading without MTP")
-        config = config.replace(num_nextn_predict_layers=0)
+    config = config_for_tensors(config, weights, path)
     weights = dequantize_kv_b_proj(to_memory_layout(weights, config, mx.stack), config)
     model = Model(config)
     if quantization is not None:

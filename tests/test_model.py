@@ -203,3 +203,12 @@ def test_causal_attention_in_query_blocks_equals_one_call(monkeypatch):
         v = mx.array(rng.standard_normal((2, 3, L, 8), dtype=np.float32))
         want = mx.fast.scaled_dot_product_attention(q, k, v, scale=0.25, mask="causal")
         np.testing.assert_allclose(np.array(attention.causal_sdpa(q, k, v, 0.25)), np.array(want), atol=1e-6)
+
+
+def test_config_declaring_mtp_that_the_tensors_lack_loads_without_it():
+    """transformers keeps num_nextn_predict_layers when it saves, but drops the MTP tensors."""
+    from dh_mlx.layout import config_for_tensors
+    c = make_config()  # 3 layers, 1 MTP layer
+    with pytest.warns(UserWarning, match="declares 1 MTP layer"):
+        assert config_for_tensors(c, {"model.layers.2.mlp.gate.weight": 0}, "ckpt").num_nextn_predict_layers == 0
+    assert config_for_tensors(c, {"model.layers.3.eh_proj.weight": 0}, "ckpt") is c

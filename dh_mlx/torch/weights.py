@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import warnings
 from pathlib import Path
 from typing import Callable
 
@@ -19,7 +18,8 @@ from safetensors.torch import save_file
 
 from .. import layout
 from ..config import ModelConfig, load_config, save_config
-from ..layout import CheckpointError, check_tensors, drop_mtp_layers, keep_fp32, safetensors_files
+from ..layout import (CheckpointError, check_tensors, config_for_tensors, drop_mtp_layers, keep_fp32,
+                      safetensors_files)
 from .model import Model
 
 DEFAULT_SHARD_BYTES = 5 * 10**9
@@ -105,11 +105,7 @@ def load_model(path: str | Path, device: str | torch.device | None = None,
         raise CheckpointError(f"{path}: no such model directory")
     config = load_config(path)
     weights = read_weights(path)
-    n = config.num_hidden_layers
-    if config.num_nextn_predict_layers and not any(k.startswith(f"model.layers.{n}.") for k in weights):
-        warnings.warn(f"{path}: config.json declares {config.num_nextn_predict_layers} MTP layer(s) but the "
-                      "checkpoint has none; loading without MTP")
-        config = config.replace(num_nextn_predict_layers=0)
+    config = config_for_tensors(config, weights, path)
     return model_from_state_dict(weights, config, device=device, dtype=dtype, where=path)
 
 
