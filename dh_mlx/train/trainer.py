@@ -12,7 +12,7 @@ import time
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -91,7 +91,7 @@ class AdamW(optim.AdamW):
             return super().apply_single(gradient, parameter, state)
 
 
-def make_optimizer(cfg: TrainConfig) -> optim.Optimizer:
+def make_optimizer(cfg: TrainConfig) -> AdamW:
     decay_steps = max(cfg.steps - cfg.warmup_steps, 1)
     cosine = optim.cosine_decay(cfg.lr, decay_steps, cfg.lr * cfg.min_lr_ratio)
     schedule = cosine if cfg.warmup_steps == 0 else optim.join_schedules(
@@ -121,7 +121,7 @@ class StepFunctions:
     state: list
 
 
-def build_steps(model: Model, optimizer: optim.Optimizer, cfg: TrainConfig) -> StepFunctions:
+def build_steps(model: Model, optimizer: AdamW, cfg: TrainConfig) -> StepFunctions:
     gates = moe_gates(model)
     mtp_lambda = cfg.mtp_lambda if model.config.num_nextn_predict_layers else 0.0
 
@@ -132,11 +132,7 @@ def build_steps(model: Model, optimizer: optim.Optimizer, cfg: TrainConfig) -> S
     state = [model.state, optimizer.state]
 
     def apply(grads, loads):
-        if isinstance(optimizer, AdamW):
-            norm = optimizer.clip_and_update(model, grads, cfg.grad_clip)
-        else:
-            grads, norm = optim.clip_grad_norm(grads, cfg.grad_clip)
-            optimizer.update(model, grads)
+        norm = optimizer.clip_and_update(model, grads, cfg.grad_clip)
         if cfg.alf_gamma and gates and loads.shape[0]:
             new = alf_update([g.e_score_correction_bias for g in gates], loads, cfg.alf_gamma)
             for g, b in zip(gates, new):
