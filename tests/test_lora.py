@@ -92,7 +92,7 @@ def test_expert_adapters_get_gradients_only_from_routed_tokens(base_dir, blocked
     randomise_adapters(model)
     for _, m in model.named_modules():
         if isinstance(m, Experts):
-            m.blocked = blocked
+            m.path = "blocked" if blocked else "gather"
     E = model.config.n_routed_experts
     ids = mx.array(tokens(n=3, batch=1))  # 3 tokens x 2 experts: some experts go unchosen in every layer
     chosen = [set(np.array(r.indices).ravel().tolist()) for r in model.forward(ids).routing]

@@ -148,20 +148,41 @@ def test_domain_routing_round_trips_through_config_json(tmp_path):
     assert load_config(tmp_path).domain_routing == dr
 
 
-def test_blocked_expert_path_equals_gathered_rows_in_value_and_gradient():
+@pytest.mark.parametrize("path", ["blocked", "segments"])
+def test_cpu_expert_paths_equal_gathered_rows_in_value_and_gradient(path, monkeypatch):
     from dh_mlx.model.moe import Experts
     c = make_config(n_routed_experts=8, num_experts_per_tok=3)
     ex = Experts(c)
     x = mx.random.normal((150, c.hidden_size), key=mx.random.key(0))
     idx = mx.argpartition(-mx.random.normal((150, 8), key=mx.random.key(1)), kth=2, axis=-1)[:, :3]
+    idx = mx.where(idx == 5, 4, idx)  # expert 5 gets no rows: an empty run
+    if path == "segments":  # eager, so it must not fall back to the blocked layout
+        monkeypatch.setattr(Experts, "_blocked", lambda *a: pytest.fail("fell back to blocked"))
 
-    def run(blocked):
-        ex.blocked = blocked
+    def run(p):
+        ex.path = p
         return ex(x, idx), mx.grad(lambda x: (ex(x, idx) ** 2).sum())(x)
 
-    (y0, g0), (y1, g1) = run(False), run(True)
+    (y0, g0), (y1, g1) = run("gather"), run(path)
     assert mx.abs(y0 - y1).max().item() <= 1e-4 and mx.abs(g0 - g1).max().item() <= 1e-4
     assert mx.abs(y0).max().item() > 1e-2
+
+
+def test_segments_path_falls_back_to_blocked_under_compile():
+    from dh_mlx.model.moe import Experts
+    c = make_config(n_routed_experts=8, num_experts_per_tok=2)
+    ex = Experts(c)
+    x = mx.random.normal((200, c.hidden_size), key=mx.random.key(0))
+    idx = mx.argpartition(-mx.random.normal((200, 8), key=mx.random.key(1)), kth=1, axis=-1)[:, :2]
+    ex.path = "segments"
+    eager = ex(x, idx)
+    compiled = mx.compile(lambda x, i: ex(x, i))(x, idx)  # routing-dependent shapes cannot be traced
+    ex.path = "blocked"
+    assert mx.abs(compiled - ex(x, idx)).max().item() <= 1e-5
+    assert mx.abs(compiled - eager).max().item() <= 1e-4
+    ex.path = "fastest"
+    with pytest.raises(ValueError, match="Experts.path"):
+        ex(x, idx)
 
 
 def test_absorbed_path_honours_document_masks():

@@ -88,7 +88,7 @@ def test_gather_qmm_path_equals_the_dequantized_float_path(float_dir, blocked):
     ids = mx.array(tokens(n=48, batch=4))  # enough rows for the sorted gather and for CPU blocks
     for _, m in q.named_modules():
         if isinstance(m, Experts):
-            m.blocked = blocked
+            m.path = "blocked" if blocked else "gather"
     a = q(ids)
     b = dequantize_model(q)(ids)
     assert not any(isinstance(m, QuantizedStackedLinear) for _, m in q.named_modules())
