@@ -2,9 +2,10 @@
 
 import importlib.util
 
-from . import _blas
+from . import _blas, _jit
 
 _blas.load_fast_blas()  # must precede the first `import mlx.core` (Linux CPU speed)
+_jit.enable()  # vectorised mx.compile kernels on the CPU (Linux); before MLX compiles anything
 
 from .config import DomainRouting, ModelConfig, load_config, load_preset  # noqa: E402
 from .layout import CheckpointError  # noqa: E402

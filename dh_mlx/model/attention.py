@@ -10,13 +10,14 @@ space and only the normalised latent and the RoPE key are ever cached.
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
 
 from ..config import ModelConfig
-from ..device import side_stream
+from ..device import on_gpu, side_stream
 from ..rope import rope_parameters
 from .layers import RoPE
 
@@ -121,7 +122,7 @@ def sdpa(q: mx.array, k: mx.array, v: mx.array, scale: float, mask, axis: int = 
     stream = side_stream()
     n = q.shape[axis]
     if stream is None or n < 2 or (q.size // q.shape[-1]) * k.shape[-2] < 2 * SPLIT_MIN_SCORES:
-        return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask)
+        return attend(q, k, v, scale, mask)
     split_kv = axis == 1 and k.shape[1] == n
     split_mask = isinstance(mask, mx.array) and mask.shape[axis] == n
 
@@ -130,8 +131,8 @@ def sdpa(q: mx.array, k: mx.array, v: mx.array, scale: float, mask, axis: int = 
         return dict(q=cut(q, True), k=cut(k, split_kv), v=cut(v, split_kv), scale=scale, mask=cut(mask, split_mask))
 
     with mx.stream(stream):
-        second = mx.fast.scaled_dot_product_attention(**half(1))
-    first = mx.fast.scaled_dot_product_attention(**half(0))
+        second = attend(**half(1))
+    first = attend(**half(0))
     return mx.concatenate([first, second], axis=axis)
 
 
@@ -143,16 +144,56 @@ def causal_sdpa(q: mx.array, k: mx.array, v: mx.array, scale: float) -> mx.array
     stream = side_stream()
     B, H, L, _ = q.shape
     if stream is None or L < 8 or B * H * L * L < 4 * SPLIT_MIN_SCORES:
-        return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask="causal")
+        return attend(q, k, v, scale, "causal")
     ends = [L * (i + 1) // 4 for i in range(4)]
     starts = [0] + ends[:3]
 
     def block(i: int) -> mx.array:  # "causal" aligns the block's queries to the last of its keys
         e = ends[i]
-        return mx.fast.scaled_dot_product_attention(q[:, :, starts[i]:e], k[:, :, :e], v[:, :, :e], scale=scale,
-                                                    mask="causal")
+        return attend(q[:, :, starts[i]:e], k[:, :, :e], v[:, :, :e], scale, "causal")
 
     with mx.stream(stream):
         side = [block(1), block(2)]
     main = [block(0), block(3)]
     return mx.concatenate([main[0], side[0], side[1], main[1]], axis=2)
+
+
+def attend(q: mx.array, k: mx.array, v: mx.array, scale: float, mask) -> mx.array:
+    """softmax(scale * q k^T + mask) v for q (..., L, d), k (..., S, d), v (..., S, dv); `mask` is None,
+    "causal" (query i sees keys up to S - L + i), a bool array (True: attend) or an additive array.
+
+    On a GPU: mx.fast's fused kernel. On the CPU: the same maths as MLX ops compiled once for every shape, so
+    the mask, exp and normalisation run as fused vectorised kernels (see dh_mlx/_jit.py); mx.fast's CPU
+    fallback runs a scalar exp (1b, 512-token causal attention: 26 -> 16 ms).
+    """
+    if on_gpu() or k.shape[-2] < 2:  # MLX's shapeless compile mis-handles a single key (crashes)
+        return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask)
+    q = q * scale
+    if isinstance(mask, str):
+        L, S = q.shape[-2], k.shape[-2]
+        mask = (mx.arange(L)[:, None] + (S - L)) >= mx.arange(S)[None]  # (L, S)
+    if mask is None:
+        return _attend_unmasked(q, k, v)
+    return (_attend_masked if mask.dtype == mx.bool_ else _attend_biased)(q, k, v, mask)
+
+
+def _softmax_values(s: mx.array, v: mx.array) -> mx.array:
+    """softmax(s) v with the normalisation after the product (L x dv divisions instead of L x S)."""
+    s = s.astype(mx.float32)
+    p = mx.exp(s - mx.stop_gradient(s.max(axis=-1, keepdims=True)))  # the max only shifts: no gradient
+    return ((p.astype(v.dtype) @ v) / p.sum(axis=-1, keepdims=True)).astype(v.dtype)
+
+
+@partial(mx.compile, shapeless=True)
+def _attend_unmasked(q, k, v):
+    return _softmax_values(q @ k.swapaxes(-1, -2), v)
+
+
+@partial(mx.compile, shapeless=True)
+def _attend_masked(q, k, v, mask):
+    return _softmax_values(mx.where(mask, q @ k.swapaxes(-1, -2), -mx.inf), v)
+
+
+@partial(mx.compile, shapeless=True)
+def _attend_biased(q, k, v, bias):
+    return _softmax_values(q @ k.swapaxes(-1, -2) + bias, v)

@@ -1,0 +1,83 @@
+"""Let `mx.compile`'s CPU kernels use the machine's vector units (Linux).
+
+On the CPU backend MLX compiles each fused elementwise kernel at run time with `g++ -std=c++17 -O3 -fPIC
+-shared` (the first `g++` on PATH) and caches the library under `$TMPDIR/mlx/<version>/cpu`. On x86 its SIMD
+type is one lane wide, so without target flags GCC calls libm's `fmaf` six times per element and leaves
+MLX's exp polynomial out of line: a compiled `exp` costs ~11 ns per element here. With `-march=native`, a
+larger inlining budget and `-fno-trapping-math` (which lets GCC vectorise the polynomial's selects; no IEEE
+result changes) the same source runs at ~0.6 ns, and `silu(g) * u` at ~1 ns instead of ~14.
+
+`enable()` puts a `g++` wrapper that adds those flags first on PATH and points MLX's kernel cache at a
+directory of ours (named by the flags and the CPU's feature set, so kernels built without them, or for
+another CPU, are never reused). Python's own temporary directory is pinned to the system one first, and
+child processes that import dh_mlx do the same, so only MLX's kernel cache moves. Set `DH_MLX_JIT=off` to
+leave MLX's compiler untouched. Must run before MLX compiles its first kernel.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+FLAGS = ("-march=native", "-fno-trapping-math", "--param", "max-inline-insns-single=2000",
+         "--param", "max-inline-insns-auto=2000")
+_SYSTEM_TMPDIR = "DH_MLX_SYSTEM_TMPDIR"  # the temp dir Python programs in this process tree should use
+
+#: Where MLX's compiled CPU kernels go, or a note saying why the flags are not in use.
+status: str = "not attempted"
+
+
+def _cpu_features() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((line for line in f if line.startswith(("flags", "Features"))), "")
+    except OSError:
+        return ""
+
+
+def enable() -> str:
+    """Install the compiler wrapper and kernel cache (idempotent; no-op off Linux or without g++)."""
+    global status
+    if status != "not attempted":
+        return status
+    # Keep Python's temp files where they were, whatever we do to TMPDIR below (and in parent processes).
+    system_tmp = os.environ.get(_SYSTEM_TMPDIR)
+    if system_tmp:
+        os.environ["TMPDIR"] = system_tmp
+    tempfile.tempdir = tempfile.gettempdir()
+    real = shutil.which("g++")
+    if os.environ.get("DH_MLX_JIT", "").strip().lower() in ("off", "0", "none"):
+        status = "MLX defaults (disabled by DH_MLX_JIT)"
+    elif not sys.platform.startswith("linux"):
+        status = "MLX defaults (not Linux)"
+    elif real is None:
+        status = "MLX defaults (no g++ on PATH: mx.compile cannot build CPU kernels)"
+    else:
+        key = hashlib.sha256(repr((FLAGS, real, _cpu_features())).encode()).hexdigest()[:16]
+        root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "dh_mlx" / f"jit-{key}"
+        try:
+            _write_wrapper(root / "bin" / "g++", real)
+            (root / "tmp").mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            status = f"MLX defaults (cannot write {root}: {e})"
+            return status
+        os.environ[_SYSTEM_TMPDIR] = tempfile.tempdir
+        os.environ["PATH"] = f"{root / 'bin'}{os.pathsep}{os.environ.get('PATH', '')}"
+        os.environ["TMPDIR"] = str(root / "tmp")
+        status = str(root / "tmp")
+    return status
+
+
+def _write_wrapper(path: Path, real: str) -> None:
+    script = "#!/bin/sh\nexec " + " ".join([f'"{real}"', *FLAGS, '"$@"']) + "\n"
+    if path.exists() and path.read_text() == script:
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")
+    tmp.write_text(script)
+    tmp.chmod(0o755)
+    os.replace(tmp, path)

@@ -1,0 +1,56 @@
+"""The CPU kernel flags (dh_mlx/_jit.py) and the compiled CPU attention they make fast (attention.attend):
+compiled kernels must equal MLX's own ops, and `attend` must equal mx.fast's attention in values and
+gradients for every mask kind and shape, one compiled graph serving them all."""
+
+import os
+import tempfile
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+import pytest
+
+from dh_mlx import _jit
+from dh_mlx.model.attention import attend
+
+active = pytest.mark.skipif(not _jit.status.startswith("/"), reason=f"kernel flags not in use ({_jit.status})")
+
+
+@active
+def test_compiled_kernels_are_built_with_our_flags_in_our_cache():
+    wrapper = Path(_jit.status).parent / "bin" / "g++"
+    assert all(flag in wrapper.read_text() for flag in _jit.FLAGS)
+    assert os.environ["PATH"].split(os.pathsep)[0] == str(wrapper.parent)
+    assert tempfile.gettempdir() != _jit.status  # Python's temp files stay in the system temp dir
+    x = mx.array(np.linspace(-80, 80, 10007, dtype=np.float32))
+    fused = mx.compile(lambda x: nn.silu(x) * 0.5 + mx.exp(-x * x / 7.0))(x)
+    np.testing.assert_allclose(np.array(fused), np.array(nn.silu(x) * 0.5 + mx.exp(-x * x / 7.0)), rtol=2e-6,
+                               atol=1e-30)
+    assert any(Path(_jit.status).rglob("*.so"))  # MLX built that kernel into our cache
+
+
+def masks(B, L, S, rng):
+    causal = None if L > S else "causal"
+    return {"causal": causal, "none": None, "bool": mx.array((rng.random((B, 1, L, S)) > 0.3) | (np.arange(S) == 0)),
+            "bias": mx.array(rng.standard_normal((B, 1, L, S), dtype=np.float32)),
+            "bool_2d": mx.array(np.arange(L)[:, None] + S - L >= np.arange(S)[None])}
+
+
+@pytest.mark.parametrize("kind", ["causal", "none", "bool", "bias", "bool_2d"])
+def test_attend_equals_fast_sdpa_in_values_and_gradients(kind):
+    rng = np.random.default_rng(0)
+    for B, H, L, S in [(2, 4, 24, 24), (1, 1, 5, 40), (1, 16, 1, 9), (3, 2, 7, 7), (1, 3, 2, 2)]:
+        q, k = (mx.array(rng.standard_normal((B, H, n, 12), dtype=np.float32)) for n in (L, S))
+        v = mx.array(rng.standard_normal((B, H, S, 8), dtype=np.float32))
+        mask = masks(B, L, S, rng)[kind]
+
+        def loss(f):
+            return lambda q, k, v: (f(q, k, v) * mx.cos(mx.arange(8.0))).sum()
+        ours = mx.value_and_grad(loss(lambda q, k, v: attend(q, k, v, 0.3, mask)), argnums=(0, 1, 2))(q, k, v)
+        ref = mx.value_and_grad(loss(lambda q, k, v: mx.fast.scaled_dot_product_attention(
+            q, k, v, scale=0.3, mask=mask)), argnums=(0, 1, 2))(q, k, v)
+        np.testing.assert_allclose(np.array(ours[0]), np.array(ref[0]), rtol=1e-5, atol=1e-5)
+        for a, b in zip(ours[1], ref[1]):
+            np.testing.assert_allclose(np.array(a), np.array(b), rtol=1e-4, atol=1e-5)
+        assert np.abs(np.array(ours[1][1])).max() > 1e-3  # the key gradient is not trivially zero
