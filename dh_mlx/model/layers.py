@@ -2,11 +2,20 @@
 
 from __future__ import annotations
 
+from functools import partial
+
 import mlx.core as mx
 import mlx.nn as nn
 
 from ..config import ModelConfig
 from ..rope import rope_parameters
+
+
+@partial(mx.compile, shapeless=True)
+def swiglu(gate: mx.array, up: mx.array) -> mx.array:
+    """silu(gate) * up as one compiled kernel for every shape (on the CPU a vectorised exp, see _jit.py:
+    ~1 ns per element instead of ~15 for the two separate ops)."""
+    return nn.silu(gate) * up
 
 
 class MLP(nn.Module):
@@ -19,7 +28,7 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
 
     def __call__(self, x: mx.array) -> mx.array:
-        return self.down_proj(nn.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))
 
 
 class RoPE(nn.Module):

@@ -12,7 +12,7 @@ import mlx.nn as nn
 import numpy as np
 
 from ..config import ModelConfig
-from .layers import MLP
+from .layers import MLP, swiglu
 
 # Below this many (token, expert) pairs gather_mm reads weights in token order; above, we sort by expert
 # so each expert's weights are read once (what mlx-lm's SwitchGLU does too).
@@ -153,7 +153,7 @@ class Experts(nn.Module):
         self.path: str | None = None
 
     def _glu(self, x: mx.array, idx: mx.array, sort: bool) -> mx.array:
-        h = nn.silu(self.gate_proj(x, idx, sort)) * self.up_proj(x, idx, sort)
+        h = swiglu(self.gate_proj(x, idx, sort), self.up_proj(x, idx, sort))
         return self.down_proj(h, idx, sort)
 
     def __call__(self, x: mx.array, indices: mx.array) -> mx.array:
@@ -206,7 +206,7 @@ class Experts(nn.Module):
         order = mx.argsort(flat)  # (P,) pairs grouped by expert
         runs = mx.split(x[order // k], np.cumsum(counts)[:-1].tolist())  # E x (count_e, D)
         gate, up, down = (p.per_expert() for p in projs)
-        ys = [(nn.silu(r @ gate[e].T) * (r @ up[e].T)) @ down[e].T for e, r in enumerate(runs) if counts[e]]
+        ys = [swiglu(r @ gate[e].T, r @ up[e].T) @ down[e].T for e, r in enumerate(runs) if counts[e]]
         return mx.concatenate(ys)[mx.argsort(order)].reshape(N, k, -1)
 
     def _blocked(self, x: mx.array, idx: mx.array, b: int = BLOCK_ROWS) -> mx.array:
