@@ -18,7 +18,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import mlx.optimizers as optim
 import numpy as np
-from mlx.utils import tree_flatten, tree_map
+from mlx.utils import tree_flatten, tree_map, tree_unflatten
 
 from ..device import side_stream
 from ..model import Model
@@ -67,11 +67,17 @@ class AdamW(optim.AdamW):
 
     def clip_and_update(self, model: nn.Module, gradients: dict, max_norm: float) -> mx.array:
         """`optim.clip_grad_norm(gradients, max_norm)` then `update(model, ...)`; returns the unclipped norm."""
+        # Weight gradients of `x @ W.T` come out as transposed views; strided elementwise kernels are not
+        # vectorised, so one copy to row-major order first makes the norm and the update ~2x cheaper.
         self._plan(gradients)
-        squares = []
-        for _, g in tree_flatten(gradients):
+        squares, flat = [], []
+        for k, g in tree_flatten(gradients):
             with self._stream(g):
+                g = mx.contiguous(g)
                 squares.append(g.square().sum())
+            flat.append((k, g))
+        gradients = tree_unflatten(flat)
+        self._plan(gradients)  # same sizes, same streams
         norm = mx.sqrt(mx.stack(squares).sum())
         self.grad_scale = mx.where(norm < max_norm, 1.0, max_norm / (norm + 1e-6))
         try:
