@@ -2,8 +2,8 @@
 shape, in one run. Prints one JSON object per result.
 
 Each engine runs in its own process, two interleaved rounds, best of each. mlx-lm runs as its users run it
-(OpenBLAS loaded) and once more with dh-mlx's matrix-vector BLAS shim, which its sorted gather_mm benefits
-from. Also prints the roofline: model FLOPs per token x tokens/s against a large float32 matmul's GFLOP/s,
+(OpenBLAS loaded) and once more with dh-mlx's CPU tuning in its process (the matrix-vector BLAS shim, which
+its sorted gather_mm benefits from, and the vectorising flags for mx.compile kernels, dh_mlx/_jit.py). Also prints the roofline: model FLOPs per token x tokens/s against a large float32 matmul's GFLOP/s,
 and the fraction of it a 3x-mlx-lm loop would need.
 
     python benchmarks/train_speed.py [--params tiny] [--batch-size 4] [--seq-len 256] [--steps 12]
@@ -75,8 +75,9 @@ def mlx_lm(path: Path, data: list[np.ndarray], warmup: int) -> float:
 ENGINES = {"ours": ours, "mlx_lm": mlx_lm}
 
 
-def run_engine(engine: str, path: Path, a: argparse.Namespace, shim: bool = True) -> float:
-    env = dict(os.environ, DH_MLX_BLAS_SHIM="on" if shim else "off")
+def run_engine(engine: str, path: Path, a: argparse.Namespace, tuned: bool = True) -> float:
+    flag = "on" if tuned else "off"  # dh-mlx's CPU tuning: BLAS shim and compiler flags (_jit.py)
+    env = dict(os.environ, DH_MLX_BLAS_SHIM=flag, DH_MLX_JIT=flag)
     args = [sys.executable, __file__, "--engine", engine, "--model", str(path), "--batch-size", str(a.batch_size),
             "--seq-len", str(a.seq_len), "--steps", str(a.steps), "--warmup", str(a.warmup)]
     out = subprocess.run(args, capture_output=True, text=True, env=env)
@@ -126,15 +127,15 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as d:
         path = Path(d)
         save_model(random_model(config, seed=0), path)
-        rounds = [(run_engine("ours", path, a), run_engine("mlx_lm", path, a, shim=False),
+        rounds = [(run_engine("ours", path, a), run_engine("mlx_lm", path, a, tuned=False),
                    run_engine("mlx_lm", path, a)) for _ in range(2)]
-    mine, theirs, theirs_shim = (max(r) for r in zip(*rounds))
+    mine, theirs, theirs_tuned = (max(r) for r in zip(*rounds))
     shape = (f"{a.params}{f' ({a.layers} layers)' if a.layers else ''}, batch {a.batch_size} x {a.seq_len}, "
              f"float32, {mx.default_device()}")
     print(json.dumps({"name": "train_tokens_per_s", "value": round(mine, 1), "unit": "tokens/s", "setup": shape,
                       "comparison": {"mlx_lm_tokens_per_s": round(theirs, 1), "ratio": round(mine / theirs, 2),
-                                     "mlx_lm_with_our_blas_shim": round(theirs_shim, 1),
-                                     "ratio_with_shim": round(mine / theirs_shim, 2)}}))
+                                     "mlx_lm_with_our_cpu_tuning": round(theirs_tuned, 1),
+                                     "ratio_with_tuning": round(mine / theirs_tuned, 2)}}))
     flops, peak = train_flops_per_token(config, a.seq_len), matmul_gflops()
     print(json.dumps({"name": "train_matmul_peak_fraction", "value": round(flops * mine / 1e9 / peak, 3),
                       "unit": "fraction", "setup": shape,

@@ -4,8 +4,8 @@ import importlib.util
 
 from . import _blas, _jit
 
-_blas.load_fast_blas()  # must precede the first `import mlx.core` (Linux CPU speed)
 _jit.enable()  # vectorised mx.compile kernels on the CPU (Linux); before MLX compiles anything
+_blas.load_fast_blas()  # must precede the first `import mlx.core` (Linux CPU speed)
 
 from .config import DomainRouting, ModelConfig, load_config, load_preset  # noqa: E402
 from .layout import CheckpointError  # noqa: E402

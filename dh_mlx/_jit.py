@@ -26,6 +26,7 @@ from pathlib import Path
 FLAGS = ("-march=native", "-fno-trapping-math", "--param", "max-inline-insns-single=2000",
          "--param", "max-inline-insns-auto=2000")
 _SYSTEM_TMPDIR = "DH_MLX_SYSTEM_TMPDIR"  # the temp dir Python programs in this process tree should use
+_WRAPPER_DIR = "DH_MLX_JIT_BIN"  # the wrapper directory a parent process put on PATH
 
 #: Where MLX's compiled CPU kernels go, or a note saying why the flags are not in use.
 status: str = "not attempted"
@@ -48,7 +49,11 @@ def enable() -> str:
     system_tmp = os.environ.get(_SYSTEM_TMPDIR)
     if system_tmp:
         os.environ["TMPDIR"] = system_tmp
+    tempfile.tempdir = None  # recomputed from the restored environment
     tempfile.tempdir = tempfile.gettempdir()
+    inherited = os.environ.pop(_WRAPPER_DIR, None)  # so that DH_MLX_JIT=off in a child really is off
+    if inherited:
+        os.environ["PATH"] = os.pathsep.join(d for d in os.environ.get("PATH", "").split(os.pathsep) if d != inherited)
     real = shutil.which("g++")
     if os.environ.get("DH_MLX_JIT", "").strip().lower() in ("off", "0", "none"):
         status = "MLX defaults (disabled by DH_MLX_JIT)"
@@ -67,6 +72,7 @@ def enable() -> str:
             return status
         os.environ[_SYSTEM_TMPDIR] = tempfile.tempdir
         os.environ["PATH"] = f"{root / 'bin'}{os.pathsep}{os.environ.get('PATH', '')}"
+        os.environ[_WRAPPER_DIR] = str(root / "bin")
         os.environ["TMPDIR"] = str(root / "tmp")
         status = str(root / "tmp")
     return status

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import sys
 
-from . import _blas
+from . import _blas, _jit
 
 _blas.load_fast_blas()
 import mlx.core as mx  # noqa: E402  (after the BLAS is loaded)
@@ -44,6 +44,11 @@ def available_memory() -> int:
 
 def blas_in_use() -> str:
     return _blas.loaded
+
+
+def cpu_kernel_flags() -> str:
+    """Where mx.compile's vectorised CPU kernels are cached, or why MLX's defaults are in use (_jit.py)."""
+    return _jit.status
 
 
 _side_stream: mx.Stream | None = None

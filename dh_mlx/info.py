@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from .config import ModelConfig
-from .device import blas_in_use, compute_dtype
+from .device import blas_in_use, compute_dtype, cpu_kernel_flags
 from .params import CONTEXTS, KV_REFERENCES, count_params, kv_bytes_per_token, reference_kv_bytes_per_token, \
     weight_bytes
 
@@ -33,6 +33,7 @@ def model_info(config: ModelConfig) -> dict[str, Any]:
         "domains": config.domain_routing.domains if config.domain_routing else None,
         "compute_dtype": str(compute_dtype()).replace("mlx.core.", ""),
         "blas": blas_in_use(),
+        "cpu_kernels": cpu_kernel_flags(),
     }
     return info
 
@@ -63,4 +64,6 @@ def format_info(info: dict[str, Any], title: str) -> str:
         lines.append(f"    vs {name:<13} {ref['kv_bytes_per_token']:,} B/token ({ratio:.1f}x ours); " +
                      ", ".join(f"{c} {_size(v)}" for c, v in ref["kv_bytes"].items()))
     lines.append(f"  compute dtype     {info['compute_dtype']}   BLAS: {info['blas']}")
+    k = info["cpu_kernels"]
+    lines.append(f"  compiled kernels  {'vectorising g++ flags, cache ' + k if k.startswith('/') else k}")
     return "\n".join(lines)

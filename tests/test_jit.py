@@ -54,3 +54,16 @@ def test_attend_equals_fast_sdpa_in_values_and_gradients(kind):
         for a, b in zip(ours[1], ref[1]):
             np.testing.assert_allclose(np.array(a), np.array(b), rtol=1e-4, atol=1e-5)
         assert np.abs(np.array(ours[1][1])).max() > 1e-3  # the key gradient is not trivially zero
+
+
+@active
+def test_a_child_process_can_turn_the_flags_off():
+    import subprocess
+    import sys
+    code = ("import dh_mlx, os, shutil, tempfile; "
+            "print(dh_mlx._jit.status, shutil.which('g++'), os.environ.get('TMPDIR'), tempfile.gettempdir())")
+    out = subprocess.run([sys.executable, "-c", code], env=dict(os.environ, DH_MLX_JIT="off"), capture_output=True,
+                         text=True, check=True).stdout.split()
+    assert out[:2] == ["MLX", "defaults"]
+    assert "dh_mlx" not in out[-3] and tempfile.gettempdir() == out[-1]  # the real g++, the system temp dir
+    assert os.environ.get("TMPDIR") == _jit.status  # this process keeps its own setting
