@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -65,6 +66,9 @@ def enable() -> str:
         key = hashlib.sha256(repr((FLAGS, real, _cpu_features())).encode()).hexdigest()[:16]
         root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "dh_mlx" / f"jit-{key}"
         try:
+            if not (root / "bin" / "g++").exists() and not _flags_work(real):
+                status = f"MLX defaults ({real} rejects {' '.join(FLAGS)})"
+                return status
             _write_wrapper(root / "bin" / "g++", real)
             (root / "tmp").mkdir(parents=True, exist_ok=True)
         except OSError as e:
@@ -76,6 +80,20 @@ def enable() -> str:
         os.environ["TMPDIR"] = str(root / "tmp")
         status = str(root / "tmp")
     return status
+
+
+def _flags_work(real: str) -> bool:
+    """Whether `real` builds a shared library with FLAGS (checked once, before the wrapper is first written)."""
+    with tempfile.TemporaryDirectory() as d:
+        src = Path(d) / "probe.cpp"
+        src.write_text('extern "C" float probe(const float* x, int n) { float s = 0; '
+                       'for (int i = 0; i < n; ++i) s += x[i]; return s; }\n')
+        try:
+            out = subprocess.run([real, "-std=c++17", "-O3", "-fPIC", "-shared", *FLAGS, str(src), "-o",
+                                  str(Path(d) / "probe.so")], capture_output=True, timeout=120)
+        except (OSError, subprocess.SubprocessError):
+            return False
+        return out.returncode == 0
 
 
 def _write_wrapper(path: Path, real: str) -> None:

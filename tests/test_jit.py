@@ -67,3 +67,20 @@ def test_a_child_process_can_turn_the_flags_off():
     assert out[:2] == ["MLX", "defaults"]
     assert "dh_mlx" not in out[-3] and tempfile.gettempdir() == out[-1]  # the real g++, the system temp dir
     assert os.environ.get("TMPDIR") == _jit.status  # this process keeps its own setting
+
+
+def test_a_compiler_that_rejects_the_flags_leaves_mlx_untouched(tmp_path):
+    import subprocess
+    import sys
+    fake = tmp_path / "bin" / "g++"
+    fake.parent.mkdir()
+    fake.write_text("#!/bin/sh\nexit 1\n")  # e.g. a g++ without -march=native for this CPU
+    fake.chmod(0o755)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DH_MLX_JIT")}
+    env.update(PATH=f"{fake.parent}{os.pathsep}{os.environ['PATH']}", XDG_CACHE_HOME=str(tmp_path / "cache"))
+    code = "import dh_mlx, shutil; print(dh_mlx._jit.status); print(shutil.which('g++'))"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    status, gxx = out.stdout.strip().splitlines()
+    assert status.startswith("MLX defaults") and "rejects" in status
+    assert gxx == str(fake)  # no wrapper put in front of it
+    assert not list((tmp_path / "cache").rglob("g++"))
