@@ -192,6 +192,8 @@ class Experts(nn.Module):
 
         The run lengths are read back to the host, so this returns None under mx.compile (shapes there must
         not depend on the routing) and for quantized or adapted experts; the caller then uses `_blocked`.
+        Differentiable, but MLX's gradient through per-expert weight views is ~4x slower than the blocked
+        layout's: for eager (uncompiled) training set `path = "blocked"` (our trainers compile their step).
         """
         projs = (self.gate_proj, self.up_proj, self.down_proj)
         if not all(type(p) is StackedLinear for p in projs):
