@@ -62,9 +62,9 @@ class LatentCache:
 
 
 class StepCache:
-    """One decode step's view of a LatentCache, for a compiled step whose shapes must not change per token:
-    the new position is written at `offset` (an int32 array) into the full capacity-C buffers, and attention
-    reads all C positions under a mask of the valid ones (`valid_mask`)."""
+    """A compiled step's view of a LatentCache, with shapes that do not change per token: the L new positions
+    are written at `offset` (an int32 array) into the full capacity-C buffers, and attention reads all C
+    positions under a mask of the valid ones (`valid_mask`)."""
 
     has_past = True
 
@@ -77,9 +77,9 @@ class StepCache:
         self.k_pe = mx.slice_update(self.k_pe, k_pe, start, axes=(2,))
         return self.latent, self.k_pe
 
-    def valid_mask(self) -> mx.array:
-        """(1, 1, 1, C) bool: the positions up to and including the one written at `offset`."""
-        return (mx.arange(self.latent.shape[2]) <= self.offset)[None, None, None]
+    def valid_mask(self, L: int = 1) -> mx.array:
+        """(1, 1, L, C) bool: new token i sees the positions up to and including its own, offset + i."""
+        return (mx.arange(self.latent.shape[2])[None] <= self.offset + mx.arange(L)[:, None])[None, None]
 
 
 def make_cache(config: ModelConfig) -> list[LatentCache]:

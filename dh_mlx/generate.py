@@ -80,38 +80,55 @@ def decode_step(model: Model, token: mx.array, cache: list[LatentCache], domain:
     return out.logits[:, -1], out.hidden[:, -1]
 
 
-def compiled_decode_step(model: Model, domain: int | None = None):
-    """`decode_step` as one `mx.compile`d function: (token (1, 1), cache) -> (logits (1, V), hidden (1, D)).
+def compiled_cached_step(forward, caches_of=lambda cache: cache):
+    """Compile `forward(tokens (1, L), caches, mask, *args) -> Output` over fixed-capacity cache views.
 
-    Its shapes do not change with the position: each layer writes the new latent at an array offset into
-    the cache's whole capacity and attends over it under a mask (`StepCache`), so the function is traced once
-    per 256-position chunk of capacity and reuses its fused kernels in between. The cache buffers are taken
-    out of the caches for the call, so the step's slice updates write in place.
+    Returns run(tokens, cache, *args) -> (logits (1, L, V), hidden (1, L, D)) that advances the caches by L.
+    Each layer writes its new latents at an array offset into the cache's whole 256-position chunk and
+    attends over it under a mask (`StepCache`), so `mx.compile` traces once per chunk (and per L) and reuses
+    its fused kernels in between. The cache buffers are taken out of the caches for the call, so the step's
+    slice updates write in place. `caches_of` maps the argument to its list of LatentCaches.
     """
-    d = _domain_array(domain)
 
-    def step(token, offset, latents, k_pes):
+    def step(tokens, offset, latents, k_pes, *args):
         views = [StepCache(lat, kpe, offset) for lat, kpe in zip(latents, k_pes)]
-        out = model.forward(token, views, d, mask=views[0].valid_mask())
-        return out.logits[:, -1], out.hidden[:, -1], [v.latent for v in views], [v.k_pe for v in views]
+        out = forward(tokens, views, views[0].valid_mask(tokens.shape[1]), *args)
+        return out.logits, out.hidden, [v.latent for v in views], [v.k_pe for v in views]
 
     compiled = mx.compile(step)
 
-    def run(token: mx.array, cache: list[LatentCache]) -> tuple[mx.array, mx.array]:
-        if not cache[0].has_past:  # nothing cached yet: no capacity to write into
-            return decode_step(model, token, cache, domain)
-        for c in cache:
-            c.reserve(1)
-        latents, k_pes = [c.latent for c in cache], [c.k_pe for c in cache]
-        for c in cache:
+    def run(tokens: mx.array, cache, *args) -> tuple[mx.array, mx.array]:
+        caches = caches_of(cache)
+        if not caches[0].has_past:  # nothing cached yet: no capacity to write into
+            out = forward(tokens, caches, "causal", *args)
+            return out.logits, out.hidden
+        L = tokens.shape[1]
+        for c in caches:
+            c.reserve(L)
+        latents, k_pes = [c.latent for c in caches], [c.k_pe for c in caches]
+        for c in caches:
             c.latent = c.k_pe = None
-        logits, hidden, latents, k_pes = compiled(token, mx.array(cache[0].offset, mx.int32), latents, k_pes)
-        for c, lat, kpe in zip(cache, latents, k_pes):
+        logits, hidden, latents, k_pes = compiled(tokens, mx.array(caches[0].offset, mx.int32), latents, k_pes,
+                                                  *args)
+        for c, lat, kpe in zip(caches, latents, k_pes):
             c.latent, c.k_pe = lat, kpe
-            c.offset += 1
+            c.offset += L
         return logits, hidden
 
     return run
+
+
+def compiled_decode_step(model: Model, domain: int | None = None):
+    """`decode_step` as one `mx.compile`d function (see `compiled_cached_step`): (token (1, 1), cache) ->
+    (logits (1, V), hidden (1, D))."""
+    d = _domain_array(domain)
+    run = compiled_cached_step(lambda tokens, views, mask: model.forward(tokens, views, d, mask=mask))
+
+    def step(token: mx.array, cache: list[LatentCache]) -> tuple[mx.array, mx.array]:
+        logits, hidden = run(token, cache)
+        return logits[:, -1], hidden[:, -1]
+
+    return step
 
 
 def check_context(model: Model, n_tokens: int) -> None:

@@ -13,6 +13,7 @@ from typing import Iterator
 import mlx.core as mx
 
 from .cache import LatentCache
+from .generate import compiled_cached_step
 from .model import Model
 from .sample import sampling_distribution
 
@@ -29,6 +30,11 @@ def mtp_generate(model: Model, pc, todo: list[int], *, stats, max_tokens: int, e
         todo = pc.tokens + todo
         pc.tokens = []
     mtp_cache = LatentCache()
+    # Both per-draft forwards are compiled fixed-capacity steps (see generate.compiled_cached_step).
+    verify = compiled_cached_step(lambda tokens, views, mask: model.forward(tokens, views, d, mask=mask))
+    propose = compiled_cached_step(
+        lambda tokens, views, mask, hidden: model.mtp_forward(hidden, tokens, 0, views[0], d, mask),
+        caches_of=lambda c: [c])
 
     def dist(logits: mx.array) -> mx.array:  # (1, V) -> (V,) the distribution sampling draws from
         return sampling_distribution(logits, temp, top_p, top_k, min_p)[0]
@@ -66,12 +72,12 @@ def mtp_generate(model: Model, pc, todo: list[int], *, stats, max_tokens: int, e
     done = emit(token)
     yield token
     tok = mx.array(token)
-    q = dist(model.mtp_forward(h_last, tok.reshape(1, 1), cache=mtp_cache, domain_ids=d).logits[:, -1])
+    q = dist(propose(tok.reshape(1, 1), mtp_cache, h_last)[0][:, -1])
     while not done:
         # Everything up to the accept decision stays lazy: one host sync per draft.
         draft = draw(q)
-        out = model.forward(mx.stack([tok, draft])[None], cache, d)  # verify: positions of token and draft
-        p0, p1 = dist(out.logits[:, 0]), dist(out.logits[:, 1])
+        logits, hidden = verify(mx.stack([tok, draft])[None], cache)  # positions of token and draft
+        p0, p1 = dist(logits[:, 0]), dist(logits[:, 1])
         ratio = p0[draft] / mx.maximum(q[draft], 1e-20)
         accept = (ratio >= 1.0) | (mx.random.uniform() < ratio)
         residual = mx.maximum(p0 - q, 0.0)
@@ -81,12 +87,12 @@ def mtp_generate(model: Model, pc, todo: list[int], *, stats, max_tokens: int, e
         if accept.item():
             stats.accepted += 1
             new = [draft.item(), bonus.item()]
-            hidden, tok = out.hidden[:, :2], bonus
+            tok = bonus
         else:
             for c in cache:
                 c.trim(1)  # the rejected draft's position
             new = [correction.item()]
-            hidden, tok = out.hidden[:, :1], correction
+            hidden, tok = hidden[:, :1], correction
         for t in new:
             done = emit(t)
             yield t
@@ -94,7 +100,7 @@ def mtp_generate(model: Model, pc, todo: list[int], *, stats, max_tokens: int, e
                 break
         if not done:
             nxt = mx.array(new)[None]
-            q = dist(model.mtp_forward(hidden, nxt, cache=mtp_cache, domain_ids=d).logits[:, -1])
+            q = dist(propose(nxt, mtp_cache, hidden)[0][:, -1])
     pc.tokens = pc.tokens[: cache[0].offset]
     stats.generation_tps = emitted / max(time.perf_counter() - tic, 1e-9)
     stats.peak_memory_gb = mx.get_peak_memory() / 1e9

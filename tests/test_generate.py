@@ -6,8 +6,8 @@ import pytest
 
 from dh_mlx import random_model
 from dh_mlx.cache import make_cache
-from dh_mlx.generate import (GenerationStats, PromptCache, compiled_decode_step, decode_step, generate_tokens,
-                              prefill)
+from dh_mlx.generate import (GenerationStats, PromptCache, compiled_cached_step, compiled_decode_step, decode_step,
+                             generate_tokens, prefill)
 from dh_mlx.sample import (apply_min_p, apply_repetition_penalty, apply_top_k, apply_top_p, make_sampler,
                            sampling_distribution)
 from helpers import make_config, randomise_for_parity, tokens
@@ -78,6 +78,27 @@ def test_compiled_decode_step_equals_eager_across_a_capacity_chunk():
     prompt_ids = tokens(20, model.config.vocab_size, seed=4, batch=1)[0].tolist()
     assert list(generate_tokens(model, prompt_ids, max_tokens=12, temp=0.8, seed=7)) == list(
         generate_tokens(model, prompt_ids, max_tokens=12, temp=0.8, seed=7, compile_step=False))
+
+
+def test_compiled_two_token_step_with_rollback_equals_eager():
+    """MTP's verify: two new positions per compiled call, the second sometimes rolled back (trim) and then
+    overwritten; logits and hidden states must equal the eager forward's, across a capacity chunk."""
+    model = randomise_for_parity(random_model(make_config(), seed=2), 2)
+    eager, compiled = make_cache(model.config), make_cache(model.config)
+    prompt = mx.array(tokens(251, model.config.vocab_size, seed=3, batch=1))
+    mx.eval(prefill(model, prompt, eager), prefill(model, prompt, compiled))
+    step = compiled_cached_step(lambda t, views, mask: model.forward(t, views, mask=mask))
+    pair = mx.array([[5, 9]])
+    for i in range(6):
+        want = model.forward(pair, eager)
+        got_logits, got_hidden = step(pair, compiled)
+        np.testing.assert_allclose(np.array(got_logits), np.array(want.logits), atol=1e-5)
+        np.testing.assert_allclose(np.array(got_hidden), np.array(want.hidden), atol=1e-5)
+        if i % 2:  # reject the second position
+            for c in eager + compiled:
+                c.trim(1)
+        pair = mx.argmax(want.logits, axis=-1).astype(mx.int32)
+    assert compiled[0].offset == eager[0].offset == 251 + 9 and compiled[0].latent.shape[2] == 512
 
 
 def test_prompt_cache_reuse_gives_the_same_tokens(model):
