@@ -80,10 +80,15 @@ def _load_gemv_shim(blas: ctypes.CDLL) -> None:
     shim = lib
 
 
+def cache_dir() -> Path:
+    """dh-mlx's per-user cache of built native code (the shim here, compiled kernels in _jit.py)."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "dh_mlx"
+
+
 def _build(source: Path) -> Path:
     """Compile `source` into a shared library in the user cache, named by its hash (written atomically)."""
     code = source.read_bytes()
-    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "dh_mlx"
+    cache = cache_dir()
     out = cache / f"blas_shim-{hashlib.sha256(code).hexdigest()[:16]}.so"
     if not out.exists():
         cache.mkdir(parents=True, exist_ok=True)

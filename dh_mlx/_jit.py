@@ -24,6 +24,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from ._blas import cache_dir
+
 FLAGS = ("-march=native", "-fno-trapping-math", "--param", "max-inline-insns-single=2000",
          "--param", "max-inline-insns-auto=2000")
 _SYSTEM_TMPDIR = "DH_MLX_SYSTEM_TMPDIR"  # the temp dir Python programs in this process tree should use
@@ -64,7 +66,7 @@ def enable() -> str:
         status = "MLX defaults (no g++ on PATH: mx.compile cannot build CPU kernels)"
     else:
         key = hashlib.sha256(repr((FLAGS, real, _cpu_features())).encode()).hexdigest()[:16]
-        root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "dh_mlx" / f"jit-{key}"
+        root = cache_dir() / f"jit-{key}"
         try:
             if not (root / "bin" / "g++").exists() and not _flags_work(real):
                 status = f"MLX defaults ({real} rejects {' '.join(FLAGS)})"

@@ -101,8 +101,7 @@ class MLA(nn.Module):
         pe = (q_pe.reshape(B, 1, H * L, -1) * self.scale) @ k_pe.swapaxes(-1, -2)  # (B, 1, H*L, S)
         if isinstance(mask, str):
             if L > 1:
-                causal = (mx.arange(L)[:, None] + (S - L)) >= mx.arange(S)[None]  # (L, S)
-                pe = mx.where(mx.tile(causal, (H, 1)), pe, -mx.inf)
+                pe = mx.where(mx.tile(causal_mask(L, S), (H, 1)), pe, -mx.inf)
         elif mask is not None:  # (B|1, H|1, L, S) bool or additive -> (B, 1, H*L, S)
             mask = mx.broadcast_to(mask, (mask.shape[0], H, L, S)).reshape(mask.shape[0], 1, H * L, S)
             pe = mx.where(mask, pe, -mx.inf) if mask.dtype == mx.bool_ else pe + mask
@@ -158,6 +157,11 @@ def causal_sdpa(q: mx.array, k: mx.array, v: mx.array, scale: float) -> mx.array
     return mx.concatenate([main[0], side[0], side[1], main[1]], axis=2)
 
 
+def causal_mask(L: int, S: int) -> mx.array:
+    """(L, S) bool: the L newest of S positions, query i seeing keys up to S - L + i."""
+    return (mx.arange(L)[:, None] + (S - L)) >= mx.arange(S)[None]
+
+
 def attend(q: mx.array, k: mx.array, v: mx.array, scale: float, mask) -> mx.array:
     """softmax(scale * q k^T + mask) v for q (..., L, d), k (..., S, d), v (..., S, dv); `mask` is None,
     "causal" (query i sees keys up to S - L + i), a bool array (True: attend) or an additive array.
@@ -170,8 +174,7 @@ def attend(q: mx.array, k: mx.array, v: mx.array, scale: float, mask) -> mx.arra
         return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask)
     q = q * scale
     if isinstance(mask, str):
-        L, S = q.shape[-2], k.shape[-2]
-        mask = (mx.arange(L)[:, None] + (S - L)) >= mx.arange(S)[None]  # (L, S)
+        mask = causal_mask(q.shape[-2], k.shape[-2])
     if mask is None:
         return _attend_unmasked(q, k, v)
     return (_attend_masked if mask.dtype == mx.bool_ else _attend_biased)(q, k, v, mask)
