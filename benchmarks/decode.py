@@ -2,9 +2,9 @@
 one run (and llama.cpp on the same weights as an F32 GGUF when llama-cpp-python and our exporter are present).
 
 Each engine runs in its own process. mlx-lm runs as its users run it (OpenBLAS loaded, as in the brief's
-figures) and, for transparency, once more with dh-mlx's CPU tuning in its process: the matrix-vector BLAS
-shim (dh_mlx/_blas_shim.c) and the vectorising compiler flags for mx.compile kernels (dh_mlx/_jit.py), which
-speed up any MLX program. float32 on the CPU backend; on Metal the script uses bfloat16. Also
+figures) and, for transparency, once more with dh-mlx's CPU tuning in its process: the BLAS dh-mlx chooses
+(MKL when the `mkl` wheel is installed, else OpenBLAS behind the matrix-vector shim dh_mlx/_blas_shim.c) and
+the vectorising compiler flags for mx.compile kernels (dh_mlx/_jit.py), which speed up any MLX program. float32 on the CPU backend; on Metal the script uses bfloat16. Also
 prints decode's fraction of the memory-bandwidth limit: active weight bytes per token x tokens/s over the
 read bandwidth a tuned BLAS reaches (numpy's float32 GEMV over a 1 GiB matrix).
 
@@ -114,10 +114,15 @@ def llama_cpp(path: Path, prompt: list[int], n: int) -> tuple[float, float] | No
 ENGINES = {"ours": ours, "mlx_lm": mlx_lm, "llama_cpp": llama_cpp}
 
 
+def untuned_env() -> dict[str, str]:
+    """mlx-lm as the issues measured it: OpenBLAS loaded, without dh-mlx's CPU tuning (MKL, the BLAS shim,
+    the compiler flags of _jit.py)."""
+    return dict(os.environ, DH_MLX_BLAS="openblas", DH_MLX_BLAS_SHIM="off", DH_MLX_JIT="off")
+
+
 def run_engine(engine: str, path: Path, prompt: list[int], n: int, tuned: bool = True) -> tuple[float, float] | None:
     """(prompt tokens/s, decode tokens/s) of one engine, measured in a fresh process."""
-    flag = "on" if tuned else "off"  # dh-mlx's CPU tuning: BLAS shim and compiler flags (_jit.py)
-    env = dict(os.environ, DH_MLX_BLAS_SHIM=flag, DH_MLX_JIT=flag)
+    env = dict(os.environ) if tuned else untuned_env()
     args = [sys.executable, __file__, "--engine", engine, "--model", str(path), "--gen-tokens", str(n)]
     out = subprocess.run(args, input=json.dumps(prompt), capture_output=True, text=True, env=env)
     if out.returncode:

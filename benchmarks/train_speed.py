@@ -2,9 +2,10 @@
 shape, in one run. Prints one JSON object per result.
 
 Each engine runs in its own process, two interleaved rounds, best of each. mlx-lm runs as its users run it
-(OpenBLAS loaded) and once more with dh-mlx's CPU tuning in its process (the matrix-vector BLAS shim, which
-its sorted gather_mm benefits from, and the vectorising flags for mx.compile kernels, dh_mlx/_jit.py). Also prints the roofline: model FLOPs per token x tokens/s against a large float32 matmul's GFLOP/s,
-and the fraction of it a 3x-mlx-lm loop would need.
+(OpenBLAS loaded) and once more with dh-mlx's CPU tuning in its process (the BLAS dh-mlx chooses: MKL when
+installed, else OpenBLAS behind the matrix-vector shim, which its sorted gather_mm benefits from; and the
+vectorising flags for mx.compile kernels, dh_mlx/_jit.py). Also prints the roofline: model FLOPs per token x
+tokens/s against a large float32 matmul's GFLOP/s, and the fraction of it a 3x-mlx-lm loop would need.
 
     python benchmarks/train_speed.py [--params tiny] [--batch-size 4] [--seq-len 256] [--steps 12]
 """
@@ -75,9 +76,14 @@ def mlx_lm(path: Path, data: list[np.ndarray], warmup: int) -> float:
 ENGINES = {"ours": ours, "mlx_lm": mlx_lm}
 
 
+def untuned_env() -> dict[str, str]:
+    """mlx-lm as the issues measured it: OpenBLAS loaded, without dh-mlx's CPU tuning (MKL, the BLAS shim,
+    the compiler flags of _jit.py)."""
+    return dict(os.environ, DH_MLX_BLAS="openblas", DH_MLX_BLAS_SHIM="off", DH_MLX_JIT="off")
+
+
 def run_engine(engine: str, path: Path, a: argparse.Namespace, tuned: bool = True) -> float:
-    flag = "on" if tuned else "off"  # dh-mlx's CPU tuning: BLAS shim and compiler flags (_jit.py)
-    env = dict(os.environ, DH_MLX_BLAS_SHIM=flag, DH_MLX_JIT=flag)
+    env = dict(os.environ) if tuned else untuned_env()
     args = [sys.executable, __file__, "--engine", engine, "--model", str(path), "--batch-size", str(a.batch_size),
             "--seq-len", str(a.seq_len), "--steps", str(a.steps), "--warmup", str(a.warmup)]
     out = subprocess.run(args, capture_output=True, text=True, env=env)

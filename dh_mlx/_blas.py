@@ -1,9 +1,11 @@
 """Load an optimised BLAS before `mlx.core` on Linux.
 
 The `mlx[cpu]` wheel links the reference BLAS (~2-3 GFLOP/s for float32 matmul on this kind of machine).
-Loading OpenBLAS or BLIS with RTLD_GLOBAL *before* MLX is imported lets the dynamic linker resolve MLX's
-`cblas_*`/`sgemm_` symbols to the fast library (20-50x faster). Set `DH_MLX_BLAS=off` to keep the
-reference BLAS, or `DH_MLX_BLAS=/path/to/lib.so` to choose one.
+Loading a fast one with RTLD_GLOBAL *before* MLX is imported lets the dynamic linker resolve MLX's
+`cblas_*`/`sgemm_` symbols to it (20-50x faster). First choice: Intel MKL from the `mkl` wheel (the `cpu`
+extra on x86-64 Linux), whose small products (prefill's ~50-row expert matmuls, attention's per-head blocks)
+run 1.4-1.75x faster than OpenBLAS 0.3.21's; then OpenBLAS or BLIS from the system. `DH_MLX_BLAS` chooses:
+`off` (the reference BLAS), `mkl`, `openblas` (OpenBLAS/BLIS only) or a library path.
 """
 
 from __future__ import annotations
@@ -11,12 +13,13 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import hashlib
+import importlib.metadata
 import os
 import subprocess
 import sys
 from pathlib import Path
 
-_CANDIDATES = (
+_SYSTEM = (
     "libopenblas.so.0",
     "libopenblas.so",
     "libblis.so.4",
@@ -45,20 +48,43 @@ def load_fast_blas() -> str:
     elif "mlx.core" in sys.modules:
         loaded = "reference (mlx.core was imported before dh_mlx)"
     else:
-        names = (choice,) if choice else _CANDIDATES + tuple(
-            n for n in (ctypes.util.find_library("openblas"), ctypes.util.find_library("blis")) if n
-        )
-        loaded = "reference (no OpenBLAS/BLIS found; apt-get install libopenblas0-pthread)"
+        system = _SYSTEM + tuple(n for n in (ctypes.util.find_library("openblas"), ctypes.util.find_library("blis")) if n)
+        names = {"": _mkl() + system, "mkl": _mkl(), "openblas": system}.get(choice.lower(), (choice,))
+        loaded = "reference (no MKL/OpenBLAS/BLIS found; pip install mkl or apt-get install libopenblas0-pthread)"
         for name in names:
             try:
                 blas = ctypes.CDLL(name)  # local first: the shim, if any, must enter the global scope before it
             except OSError:
                 continue
-            _load_gemv_shim(blas)
+            if "mkl" not in Path(name).name:  # MKL's sgemm handles one-row products itself
+                _load_gemv_shim(blas)
             ctypes.CDLL(name, mode=ctypes.RTLD_GLOBAL)
             loaded = name + (" + matrix-vector shim" if shim is not None else "")
             break
     return loaded
+
+
+def _mkl() -> tuple[str, ...]:
+    """libmkl_rt from the `mkl` wheel, after loading the OpenMP runtime it threads with (the `intel-openmp`
+    wheel): both live in the environment's lib/, which is not on the loader's path in a virtualenv."""
+    def wheel_library(dist: str, prefix: str) -> str | None:
+        try:
+            files = importlib.metadata.distribution(dist).files or []
+        except importlib.metadata.PackageNotFoundError:
+            return None
+        found = sorted(str(Path(f.locate()).resolve()) for f in files if Path(f).name.startswith(prefix))
+        return found[0] if found else None
+
+    mkl = wheel_library("mkl", "libmkl_rt.so")
+    if mkl is None:
+        return ()
+    omp = wheel_library("intel-openmp", "libiomp5.so")
+    try:
+        if omp:
+            ctypes.CDLL(omp, mode=ctypes.RTLD_GLOBAL)
+    except OSError:
+        return ()
+    return (mkl,)
 
 
 def _load_gemv_shim(blas: ctypes.CDLL) -> None:

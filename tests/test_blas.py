@@ -2,8 +2,11 @@
 equal a float64 reference, whatever the operand layout, alpha/beta, or the garbage in the output buffer."""
 
 import ctypes
+import ctypes.util
 import os
 import shutil
+import subprocess
+import sys
 
 import mlx.core as mx
 import numpy as np
@@ -11,7 +14,7 @@ import pytest
 
 from dh_mlx import _blas
 
-needs_shim = pytest.mark.skipif(_blas.shim is None, reason=f"no matrix-vector shim loaded ({_blas.loaded})")
+needs_shim = pytest.mark.skipif(_blas.shim is None, reason=f"no matrix-vector shim in front of {_blas.loaded} (see the last test)")
 
 
 def calls() -> int:
@@ -86,3 +89,30 @@ def test_loader_reports_what_it_loaded():
     assert ("matrix-vector shim" in _blas.loaded) == (_blas.shim is not None)
     if "openblas" in _blas.loaded and shutil.which(os.environ.get("CC", "cc")):
         assert _blas.shim is not None, "OpenBLAS and a C compiler are here, so the shim should have loaded"
+
+
+def test_mkl_is_the_first_choice_when_installed():
+    import importlib.metadata
+
+    try:
+        importlib.metadata.distribution("mkl")
+    except importlib.metadata.PackageNotFoundError:
+        pytest.skip("the mkl wheel is not installed")
+    if os.environ.get("DH_MLX_BLAS"):
+        pytest.skip("DH_MLX_BLAS chooses the BLAS")
+    assert "libmkl_rt" in _blas.loaded and _blas.shim is None  # MKL needs no matrix-vector shim
+    rng = np.random.default_rng(2)
+    a, w = rng.standard_normal((48, 1024), dtype=np.float32), rng.standard_normal((288, 1024), dtype=np.float32)
+    np.testing.assert_allclose(np.array(mx.array(a) @ mx.array(w).T), a.astype(np.float64) @ w.T.astype(np.float64),
+                               rtol=1e-4, atol=1e-3)
+
+
+@pytest.mark.skipif(_blas.shim is not None or not ctypes.util.find_library("openblas"),
+                    reason="the shim tests above run in this process, or there is no OpenBLAS to put it in front of")
+def test_shim_tests_pass_in_front_of_openblas():
+    """With MKL loaded here the shim is not used; run this file again in a process that loads OpenBLAS."""
+    env = dict(os.environ, DH_MLX_BLAS="openblas")
+    args = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k", "not mkl and not in_front"]
+    out = subprocess.run(args, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert " passed" in out.stdout and "skipped" not in out.stdout, out.stdout[-2000:]
