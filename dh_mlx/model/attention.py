@@ -86,7 +86,7 @@ class MLA(nn.Module):
         if isinstance(mask, str) and L == 1:
             mask = None
         if mask == "causal" and S == L:
-            return causal_sdpa(q, k, kv[..., n:], self.scale)
+            return causal_sdpa(q, k, mx.contiguous(kv[..., n:]), self.scale)  # one copy, not one per block
         return sdpa(q, k, kv[..., n:], self.scale, mask)
 
     def _absorbed(self, q_nope, q_pe, latent, k_pe, mask, offset):
@@ -180,23 +180,28 @@ def attend(q: mx.array, k: mx.array, v: mx.array, scale: float, mask) -> mx.arra
     return (_attend_masked if mask.dtype == mx.bool_ else _attend_biased)(q, k, v, mask)
 
 
-def _softmax_values(s: mx.array, v: mx.array) -> mx.array:
-    """softmax(s) v with the normalisation after the product (L x dv divisions instead of L x S)."""
-    s = s.astype(mx.float32)
-    p = mx.exp(s - mx.stop_gradient(s.max(axis=-1, keepdims=True)))  # the max only shifts: no gradient
-    return ((p.astype(v.dtype) @ v) / p.sum(axis=-1, keepdims=True)).astype(v.dtype)
+def _softmax_values(st: mx.array, v: mx.array) -> mx.array:
+    """softmax(s) v from the transposed scores st = s^T (..., S, L); returns (..., L, dv).
+
+    Keys run down the rows, so the softmax's max and sum reduce over axis -2, where MLX's CPU reductions are
+    ~4x (max) and ~2.4x (sum) faster than over a contiguous last axis; the product takes p^T as a transposed
+    operand (no copy). The normalisation comes after the product (L x dv divisions instead of L x S).
+    """
+    st = st.astype(mx.float32)
+    p = mx.exp(st - mx.stop_gradient(st.max(axis=-2, keepdims=True)))  # the max only shifts: no gradient
+    return ((p.swapaxes(-1, -2).astype(v.dtype) @ v) / p.sum(axis=-2)[..., None]).astype(v.dtype)
 
 
 @partial(mx.compile, shapeless=True)
 def _attend_unmasked(q, k, v):
-    return _softmax_values(q @ k.swapaxes(-1, -2), v)
+    return _softmax_values(k @ q.swapaxes(-1, -2), v)
 
 
 @partial(mx.compile, shapeless=True)
 def _attend_masked(q, k, v, mask):
-    return _softmax_values(mx.where(mask, q @ k.swapaxes(-1, -2), -mx.inf), v)
+    return _softmax_values(mx.where(mask.swapaxes(-1, -2), k @ q.swapaxes(-1, -2), -mx.inf), v)
 
 
 @partial(mx.compile, shapeless=True)
 def _attend_biased(q, k, v, bias):
-    return _softmax_values(q @ k.swapaxes(-1, -2) + bias, v)
+    return _softmax_values(k @ q.swapaxes(-1, -2) + bias.swapaxes(-1, -2), v)
