@@ -198,3 +198,14 @@ def test_streamed_adamw_with_folded_clipping_equals_mlx(max_norm):
         np.testing.assert_allclose(norm.item(), ref_norm.item(), rtol=1e-5)
     for (k, a), (_, b) in zip(tree_flatten(ours.parameters()), tree_flatten(ref.parameters())):
         np.testing.assert_allclose(np.array(a), np.array(b), rtol=1e-5, atol=1e-6, err_msg=k)
+
+
+@pytest.mark.parametrize("shape", [(1,), (37, 5), (512, 2048)])
+def test_squared_norm_matches_float64(shape):
+    """The gradient norm's per-parameter sum of squares (a BLAS dot on the CPU) against float64 numpy."""
+    from dh_mlx.train.trainer import squared_norm
+
+    g = np.random.default_rng(len(shape)).standard_normal(shape, dtype=np.float32) * 3
+    expected = (g.astype(np.float64) ** 2).sum()
+    np.testing.assert_allclose(squared_norm(mx.array(g)).item(), expected, rtol=1e-5)
+    np.testing.assert_allclose(squared_norm(mx.array(g).T).item(), expected, rtol=1e-5)  # a transposed view

@@ -20,7 +20,7 @@ import mlx.optimizers as optim
 import numpy as np
 from mlx.utils import tree_flatten, tree_map, tree_unflatten
 
-from ..device import side_stream
+from ..device import on_gpu, side_stream
 from ..model import Model
 from ..model.moe import MoE, MoEGate
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
@@ -74,7 +74,7 @@ class AdamW(optim.AdamW):
         for k, g in tree_flatten(gradients):
             with self._stream(g):
                 g = mx.contiguous(g)
-                squares.append(g.square().sum())
+                squares.append(squared_norm(g))
             flat.append((k, g))
         gradients = tree_unflatten(flat)
         self._plan(gradients)  # same sizes, same streams
@@ -95,6 +95,15 @@ class AdamW(optim.AdamW):
             if self.grad_scale is not None:
                 gradient = gradient * self.grad_scale.astype(gradient.dtype)
             return super().apply_single(gradient, parameter, state)
+
+
+def squared_norm(g: mx.array) -> mx.array:
+    """sum(g ** 2) in float32. On the CPU as a (1, n) x (n, 1) product: the BLAS's threaded, vectorised dot
+    instead of MLX's single-threaded square and sum (42 M gradients of `tiny`: ~x faster)."""
+    v = g.reshape(-1).astype(mx.float32)
+    if on_gpu():
+        return v.square().sum()
+    return (v[None] @ v[:, None]).reshape(())
 
 
 def make_optimizer(cfg: TrainConfig) -> AdamW:
