@@ -233,3 +233,20 @@ def test_config_declaring_mtp_that_the_tensors_lack_loads_without_it():
     with pytest.warns(UserWarning, match="declares 1 MTP layer"):
         assert config_for_tensors(c, {"model.layers.2.mlp.gate.weight": 0}, "ckpt").num_nextn_predict_layers == 0
     assert config_for_tensors(c, {"model.layers.3.eh_proj.weight": 0}, "ckpt") is c
+
+
+def test_swiglu_value_and_gradient_match_silu_times_up():
+    """swiglu's hand-written gradient (spelled to fuse under mx.compile) against MLX's own, eager and compiled,
+    including large |gate| where the sigmoid saturates."""
+    import mlx.nn as nn
+    from dh_mlx.model.layers import swiglu
+
+    rng = np.random.default_rng(0)
+    gate = mx.array(np.concatenate([rng.standard_normal(200) * 4, [-120.0, -30.0, 0.0, 30.0, 120.0]]).astype(np.float32))
+    up, cot = (mx.array(rng.standard_normal(205).astype(np.float32)) for _ in range(2))
+    ref_out, ref_grads = mx.vjp(lambda g, u: nn.silu(g) * u, [gate, up], [cot])
+    for fn in (lambda g, u, c: mx.vjp(swiglu, [g, u], [c]), mx.compile(lambda g, u, c: mx.vjp(swiglu, [g, u], [c]))):
+        out, grads = fn(gate, up, cot)
+        np.testing.assert_allclose(np.array(out[0]), np.array(ref_out[0]), rtol=1e-5, atol=1e-6)
+        for a, b in zip(grads, ref_grads):
+            np.testing.assert_allclose(np.array(a), np.array(b), rtol=1e-5, atol=1e-6)

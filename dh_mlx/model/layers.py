@@ -11,11 +11,33 @@ from ..config import ModelConfig
 from ..rope import rope_parameters
 
 
-@partial(mx.compile, shapeless=True)
+@mx.custom_function
 def swiglu(gate: mx.array, up: mx.array) -> mx.array:
-    """silu(gate) * up as one compiled kernel for every shape (on the CPU a vectorised exp, see _jit.py:
-    ~1 ns per element instead of ~15 for the two separate ops)."""
+    """silu(gate) * up, fused into one vectorised kernel on the CPU (see _jit.py: ~1 ns per element instead
+    of ~15 for separate ops), with a gradient written to fuse as well (see `_swiglu_vjp`)."""
+    return _swiglu(gate, up)
+
+
+@partial(mx.compile, shapeless=True)
+def _swiglu(gate, up):
     return nn.silu(gate) * up
+
+
+@swiglu.vjp
+def _swiglu_vjp(primals, cotangent, output):
+    """d/d gate = c * up * s * (1 + gate * (1 - s)), d/d up = c * silu(gate), s = sigmoid(gate).
+
+    Inside a compiled training step, MLX merges equal subexpressions and does not fuse a node that several
+    kernels consume: with MLX's own gradient, sigmoid(gate) is shared by the forward and both gradients and
+    runs on its own as MLX's scalar sigmoid (4M elements, forward + backward: 104 ms). Here the forward, each
+    gradient spell the sigmoid differently (sigmoid, 1/(1+exp(-x)), 1/(1+exp(x*-1))), so nothing is shared
+    and each is one fused kernel (16 ms). Same values to ~1e-6.
+    """
+    gate, up = primals
+    s = 1 / (1 + mx.exp(-gate))
+    d_gate = cotangent * up * s * (1 + gate * (1 - s))
+    d_up = cotangent * gate / (1 + mx.exp(gate * -1.0))
+    return d_gate, d_up
 
 
 class MLP(nn.Module):
