@@ -4,9 +4,10 @@ one run (and llama.cpp on the same weights as an F32 GGUF when llama-cpp-python 
 Each engine runs in its own process. mlx-lm runs as its users run it (OpenBLAS loaded, as in the brief's
 figures) and, for transparency, once more with dh-mlx's CPU tuning in its process: the BLAS dh-mlx chooses
 (MKL when the `mkl` wheel is installed, else OpenBLAS behind the matrix-vector shim dh_mlx/_blas_shim.c) and
-the vectorising compiler flags for mx.compile kernels (dh_mlx/_jit.py), which speed up any MLX program. float32 on the CPU backend; on Metal the script uses bfloat16. Also
-prints decode's fraction of the memory-bandwidth limit: active weight bytes per token x tokens/s over the
-read bandwidth a tuned BLAS reaches (numpy's float32 GEMV over a 1 GiB matrix).
+the vectorising compiler flags for mx.compile kernels (dh_mlx/_jit.py), which speed up any MLX program.
+float32 on the CPU backend; on Metal the script uses bfloat16. Also prints decode's fraction of the
+memory-bandwidth limit: active weight bytes per token x tokens/s over the read bandwidth a tuned BLAS reaches
+(numpy's float32 GEMV over a 1 GiB matrix).
 
     python benchmarks/decode.py [--params 1b] [--prompt-tokens 512] [--gen-tokens 64] [--model DIR]
 """

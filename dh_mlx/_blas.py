@@ -48,7 +48,8 @@ def load_fast_blas() -> str:
     elif "mlx.core" in sys.modules:
         loaded = "reference (mlx.core was imported before dh_mlx)"
     else:
-        system = _SYSTEM + tuple(n for n in (ctypes.util.find_library("openblas"), ctypes.util.find_library("blis")) if n)
+        found = (ctypes.util.find_library("openblas"), ctypes.util.find_library("blis"))
+        system = _SYSTEM + tuple(n for n in found if n)
         names = {"": _mkl() + system, "mkl": _mkl(), "openblas": system}.get(choice.lower(), (choice,))
         loaded = "reference (no MKL/OpenBLAS/BLIS found; pip install mkl or apt-get install libopenblas0-pthread)"
         for name in names:

@@ -14,7 +14,8 @@ import pytest
 
 from dh_mlx import _blas
 
-needs_shim = pytest.mark.skipif(_blas.shim is None, reason=f"no matrix-vector shim in front of {_blas.loaded} (see the last test)")
+needs_shim = pytest.mark.skipif(_blas.shim is None,
+                                reason=f"no matrix-vector shim in front of {_blas.loaded} (see the last test)")
 
 
 def calls() -> int:

@@ -29,7 +29,7 @@ def _swiglu_vjp(primals, cotangent, output):
 
     Inside a compiled training step, MLX merges equal subexpressions and does not fuse a node that several
     kernels consume: with MLX's own gradient, sigmoid(gate) is shared by the forward and both gradients and
-    runs on its own as MLX's scalar sigmoid (4M elements, forward + backward: 104 ms). Here the forward, each
+    runs on its own as MLX's scalar sigmoid (4M elements, forward + backward: 104 ms). Here the forward and each
     gradient spell the sigmoid differently (sigmoid, 1/(1+exp(-x)), 1/(1+exp(x*-1))), so nothing is shared
     and each is one fused kernel (16 ms). Same values to ~1e-6.
     """
