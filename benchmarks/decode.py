@@ -30,7 +30,7 @@ import numpy as np
 
 from dh_mlx import load_preset, random_model, save_model
 from dh_mlx.generate import GenerationStats, generate_tokens
-from dh_mlx.device import compute_dtype
+from dh_mlx.device import compute_dtype, untuned_environ
 from dh_mlx.params import count_params
 from dh_mlx.train.run import DEFAULT_TOKENIZER, copy_tokenizer
 
@@ -115,15 +115,9 @@ def llama_cpp(path: Path, prompt: list[int], n: int) -> tuple[float, float] | No
 ENGINES = {"ours": ours, "mlx_lm": mlx_lm, "llama_cpp": llama_cpp}
 
 
-def untuned_env() -> dict[str, str]:
-    """mlx-lm as the issues measured it: OpenBLAS loaded, without dh-mlx's CPU tuning (MKL, the BLAS shim,
-    the compiler flags of _jit.py)."""
-    return dict(os.environ, DH_MLX_BLAS="openblas", DH_MLX_BLAS_SHIM="off", DH_MLX_JIT="off")
-
-
 def run_engine(engine: str, path: Path, prompt: list[int], n: int, tuned: bool = True) -> tuple[float, float] | None:
     """(prompt tokens/s, decode tokens/s) of one engine, measured in a fresh process."""
-    env = dict(os.environ) if tuned else untuned_env()
+    env = dict(os.environ) if tuned else untuned_environ()
     args = [sys.executable, __file__, "--engine", engine, "--model", str(path), "--gen-tokens", str(n)]
     out = subprocess.run(args, input=json.dumps(prompt), capture_output=True, text=True, env=env)
     if out.returncode:

@@ -27,6 +27,7 @@ import mlx.optimizers as optim
 import numpy as np
 
 from dh_mlx import load_preset, random_model, save_model
+from dh_mlx.device import untuned_environ
 from dh_mlx.params import count_params
 from dh_mlx.train.config import TrainConfig
 from dh_mlx.train.loss import Batch
@@ -76,14 +77,8 @@ def mlx_lm(path: Path, data: list[np.ndarray], warmup: int) -> float:
 ENGINES = {"ours": ours, "mlx_lm": mlx_lm}
 
 
-def untuned_env() -> dict[str, str]:
-    """mlx-lm as the issues measured it: OpenBLAS loaded, without dh-mlx's CPU tuning (MKL, the BLAS shim,
-    the compiler flags of _jit.py)."""
-    return dict(os.environ, DH_MLX_BLAS="openblas", DH_MLX_BLAS_SHIM="off", DH_MLX_JIT="off")
-
-
 def run_engine(engine: str, path: Path, a: argparse.Namespace, tuned: bool = True) -> float:
-    env = dict(os.environ) if tuned else untuned_env()
+    env = dict(os.environ) if tuned else untuned_environ()
     args = [sys.executable, __file__, "--engine", engine, "--model", str(path), "--batch-size", str(a.batch_size),
             "--seq-len", str(a.seq_len), "--steps", str(a.steps), "--warmup", str(a.warmup)]
     out = subprocess.run(args, capture_output=True, text=True, env=env)

@@ -48,9 +48,11 @@ def load_fast_blas() -> str:
     elif "mlx.core" in sys.modules:
         loaded = "reference (mlx.core was imported before dh_mlx)"
     else:
-        found = (ctypes.util.find_library("openblas"), ctypes.util.find_library("blis"))
-        system = _SYSTEM + tuple(n for n in found if n)
-        names = {"": _mkl() + system, "mkl": _mkl(), "openblas": system}.get(choice.lower(), (choice,))
+        mode = choice.lower()
+        if mode in ("", "mkl", "openblas"):  # _mkl() loads MKL's OpenMP runtime: only when MKL may be chosen
+            names = (_mkl() if mode != "openblas" else ()) + (_system() if mode != "mkl" else ())
+        else:
+            names = (choice,)
         loaded = "reference (no MKL/OpenBLAS/BLIS found; pip install mkl or apt-get install libopenblas0-pthread)"
         for name in names:
             try:
@@ -63,6 +65,12 @@ def load_fast_blas() -> str:
             loaded = name + (" + matrix-vector shim" if shim is not None else "")
             break
     return loaded
+
+
+def _system() -> tuple[str, ...]:
+    """OpenBLAS/BLIS sonames and paths to try, the loader's own finds last."""
+    found = (ctypes.util.find_library("openblas"), ctypes.util.find_library("blis"))
+    return _SYSTEM + tuple(n for n in found if n)
 
 
 def _mkl() -> tuple[str, ...]:

@@ -46,6 +46,13 @@ def blas_in_use() -> str:
     return _blas.loaded
 
 
+def untuned_environ() -> dict[str, str]:
+    """This process's environment for a child process that loads OpenBLAS without dh-mlx's CPU tuning (MKL,
+    the matrix-vector shim, the kernel flags of _jit.py): the baseline our benchmarks run mlx-lm on, as the
+    issues measured it."""
+    return dict(os.environ, DH_MLX_BLAS="openblas", DH_MLX_BLAS_SHIM="off", DH_MLX_JIT="off")
+
+
 def cpu_kernel_flags() -> str:
     """Where mx.compile's vectorised CPU kernels are cached, or why MLX's defaults are in use (_jit.py)."""
     return _jit.status
