@@ -42,15 +42,15 @@ def batches(vocab: int, B: int, T: int, n: int, seed: int = 0) -> list[np.ndarra
 def ours(path: Path, data: list[np.ndarray], warmup: int) -> float:
     model = dh_mlx.load_model(path)
     model.freeze(keys=["e_score_correction_bias"], strict=False)
-    cfg = TrainConfig(steps=len(data), lr=1e-4, warmup_steps=0)
-    fns = build_steps(model, make_optimizer(cfg), cfg)
     B, T = data[0].shape[0], data[0].shape[1] - 1
+    cfg = TrainConfig(steps=len(data), batch_size=B, seq_len=T, lr=1e-4, warmup_steps=0)
+    fns = build_steps(model, make_optimizer(cfg), cfg)
     ones, seg, dom = mx.ones((B, T)), mx.zeros((B, T), mx.int32), mx.full((B, T), -1, mx.int32)
     for i, a in enumerate(data):
         if i == warmup:
             tic = time.perf_counter()
         out = fns.step(*Batch(mx.array(a[:, :-1]), mx.array(a[:, 1:]), ones, seg, dom))
-        mx.eval(out, fns.state)
+        fns.eval(out)
     return (len(data) - warmup) * B * T / (time.perf_counter() - tic)
 
 

@@ -33,11 +33,17 @@ _SYSTEM = (
 loaded: str = "not attempted"
 #: The loaded matrix-vector shim (its `dh_gemv_calls` counts the products it rerouted), or None.
 shim: ctypes.CDLL | None = None
+_lib: ctypes.CDLL | None = None  # the BLAS we loaded
+
+# (set, get) thread-count functions of the BLAS libraries we may load
+_THREAD_FUNCTIONS = (("MKL_Set_Num_Threads", "MKL_Get_Max_Threads"),
+                     ("openblas_set_num_threads", "openblas_get_num_threads"),
+                     ("bli_thread_set_num_threads", "bli_thread_get_num_threads"))
 
 
 def load_fast_blas() -> str:
     """Load the first optimised BLAS found; returns what was loaded (idempotent, no-op off Linux)."""
-    global loaded
+    global loaded, _lib
     if loaded != "not attempted":
         return loaded
     choice = os.environ.get("DH_MLX_BLAS", "").strip()
@@ -61,10 +67,25 @@ def load_fast_blas() -> str:
                 continue
             if "mkl" not in Path(name).name:  # MKL's sgemm handles one-row products itself
                 _load_gemv_shim(blas)
-            ctypes.CDLL(name, mode=ctypes.RTLD_GLOBAL)
+            _lib = ctypes.CDLL(name, mode=ctypes.RTLD_GLOBAL)
             loaded = name + (" + matrix-vector shim" if shim is not None else "")
             break
     return loaded
+
+
+def set_threads(n: int) -> int | None:
+    """Set how many threads the loaded BLAS uses for each call (process-wide); returns the previous count, or
+    None (and changes nothing) when no BLAS of ours is loaded or it has no such setting."""
+    for set_name, get_name in _THREAD_FUNCTIONS:
+        try:
+            set_, get = getattr(_lib, set_name), getattr(_lib, get_name)
+        except AttributeError:  # also when _lib is None
+            continue
+        get.restype = ctypes.c_int
+        previous = get()
+        set_(ctypes.c_int(n))
+        return previous
+    return None
 
 
 def _system() -> tuple[str, ...]:

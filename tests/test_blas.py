@@ -117,3 +117,19 @@ def test_shim_tests_pass_in_front_of_openblas():
     out = subprocess.run(args, env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     assert " passed" in out.stdout and "skipped" not in out.stdout, out.stdout[-2000:]
+
+
+def test_blas_threads_sets_the_count_inside_the_block_and_restores_it():
+    from dh_mlx import _blas
+    from dh_mlx.device import blas_threads
+    before = _blas.set_threads(2)
+    if before is None:
+        pytest.skip(f"no thread setting in {_blas.loaded}")
+    try:
+        with blas_threads(1):
+            assert _blas.set_threads(1) == 1
+        assert _blas.set_threads(2) == 2
+        with blas_threads(None):  # leaves it alone
+            assert _blas.set_threads(2) == 2
+    finally:
+        _blas.set_threads(before)

@@ -64,6 +64,41 @@ def test_steps_reduce_loss_on_a_fixed_batch_and_move_biases():
     np.testing.assert_allclose(biases / 1e-3, np.round(biases / 1e-3), atol=1e-3)
 
 
+def test_batch_split_over_two_streams_gives_the_one_pass_loss_and_gradients(monkeypatch):
+    """The CPU step splits the rows over two streams; the halves' shares must add up to the batch's loss
+    and gradients, also when the halves hold different numbers of masked-in tokens and MTP targets."""
+    import dh_mlx.train.trainer as trainer
+    if trainer.batch_streams() is None:
+        pytest.skip("one core or a GPU: no split")
+    config = make_config()
+    batch = fixed_batch(config, B=5, T=16, seed=3)  # halves of 3 and 2 rows
+    mask = np.ones((5, 16), np.float32)
+    mask[0, :12] = 0  # the first half has far fewer targets than the second
+    mask[3, ::3] = 0
+    segments = np.zeros((5, 16), np.int32)
+    segments[1, 7:] = 1
+    batch = batch._replace(loss_mask=mx.array(mask), segment_ids=mx.array(segments))
+    results = []
+    for split in (True, False):
+        if not split:
+            monkeypatch.setattr(trainer, "batch_streams", lambda: None)
+        model = random_model(config, seed=0)
+        model.freeze(keys=["e_score_correction_bias"], strict=False)
+        cfg = TrainConfig(steps=1, batch_size=5, seq_len=16, balance_alpha=0.1, mtp_lambda=0.3)
+        fns = build_steps(model, make_optimizer(cfg), cfg)
+        assert fns.blas_threads == (1 if split else None)
+        *values, grads = fns.grads(*batch)
+        fns.eval(values, grads)
+        results.append((values, dict(tree_flatten(grads))))
+    (v_split, g_split), (v_one, g_one) = results
+    for a, b in zip(v_split, v_one):  # loss, ce, mtp, balance, expert loads
+        np.testing.assert_allclose(np.array(a), np.array(b), rtol=2e-5, atol=1e-7)
+    assert float(v_one[3]) > 0 and float(v_one[2]) > 0  # the balance and MTP terms are in play
+    assert g_split.keys() == g_one.keys()
+    for k in g_one:
+        np.testing.assert_allclose(np.array(g_split[k]), np.array(g_one[k]), rtol=1e-4, atol=1e-6, err_msg=k)
+
+
 def write_corpus(path, n=120):
     rng = np.random.default_rng(0)
     with open(path, "w") as f:

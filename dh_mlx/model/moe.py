@@ -20,8 +20,10 @@ SORT_THRESHOLD = 64
 # CPU only: rows per block in the blocked path. gather_mm over single rows runs at ~7 GFLOP/s on the CPU
 # backend; over blocks of 16 rows that share an expert it is a BLAS matmul per block (~60 GFLOP/s here).
 BLOCK_ROWS = 16
-# CPU only, outside mx.compile: from this many rows per expert on average, one matmul per expert over its
-# rows (`Experts._segments`) beats gather_mm (1b, 512 tokens: 61 vs 94 ms per layer; crossover ~16).
+# CPU only, float experts: from this many rows per expert on average, one matmul per expert over its rows
+# (`Experts._segments`) beats gather_mm (1b, 512 tokens: 61 vs 94 ms per layer; crossover ~16); under
+# mx.compile the blocked layout does (a training step of tiny over two 2 x 256 halves: 1,500 vs 1,430 tok/s).
+# Quantized or adapted experts use the blocked layout from 4 blocks per expert on average.
 SEGMENT_MIN_ROWS = 16
 
 
@@ -165,14 +167,16 @@ class Experts(nn.Module):
         path = self.path
         if path not in (None, "gather", "segments", "blocked"):
             raise ValueError(f"Experts.path: expected None, 'gather', 'segments' or 'blocked', got {path!r}")
-        cpu = mx.default_device() == mx.cpu
-        if path == "segments" or (path is None and cpu and N * k >= SEGMENT_MIN_ROWS * self.num_experts):
+        if path is None and mx.default_device() == mx.cpu:
+            if self._plain() and N * k >= SEGMENT_MIN_ROWS * self.num_experts:
+                path = "segments"
+            elif N * k >= 4 * self.num_experts * BLOCK_ROWS:  # quantized or adapted experts
+                path = "blocked"
+        if path == "segments":
             y = self._segments(xf, idx)
             if y is not None:
                 return y.reshape(*lead, k, D)
-            path = "blocked" if path else None  # traced (mx.compile): static shapes only
-        if path is None:
-            path = "blocked" if cpu and N * k >= 4 * self.num_experts * BLOCK_ROWS else "gather"
+            path = "blocked"  # traced (mx.compile): static shapes only
         if path == "blocked":
             return self._blocked(xf, idx).reshape(*lead, k, D)
         # Singleton axes come from reshape, never from `[:, None]` views: gather_mm on CPU runs ~4x slower
@@ -186,6 +190,10 @@ class Experts(nn.Module):
         y = y[mx.argsort(order)]  # back to (token, slot) order
         return y.reshape(*lead, k, D)
 
+    def _plain(self) -> bool:
+        """Float weights, no adapters: what `_segments` can take apart per expert."""
+        return all(type(p) is StackedLinear for p in (self.gate_proj, self.up_proj, self.down_proj))
+
     def _segments(self, x: mx.array, idx: mx.array) -> mx.array | None:
         """x (N, D), idx (N, k) -> (N, k, D): pairs sorted by expert, then one SwiGLU of matmuls per expert over
         its run of rows (~2x the GEMM rate of 16-row blocks for prefill's ~50 rows per expert, and no padding).
@@ -195,8 +203,7 @@ class Experts(nn.Module):
         Differentiable, but MLX's gradient through per-expert weight views is ~4x slower than the blocked
         layout's: for eager (uncompiled) training set `path = "blocked"` (our trainers compile their step).
         """
-        projs = (self.gate_proj, self.up_proj, self.down_proj)
-        if not all(type(p) is StackedLinear for p in projs):
+        if not self._plain():
             return None
         N, k = idx.shape
         flat = idx.reshape(-1)
@@ -207,7 +214,7 @@ class Experts(nn.Module):
             return None
         order = mx.argsort(flat)  # (P,) pairs grouped by expert
         runs = mx.split(x[order // k], np.cumsum(counts)[:-1].tolist())  # E x (count_e, D)
-        gate, up, down = (p.per_expert() for p in projs)
+        gate, up, down = (p.per_expert() for p in (self.gate_proj, self.up_proj, self.down_proj))
         ys = [swiglu(r @ gate[e].T, r @ up[e].T) @ down[e].T for e, r in enumerate(runs) if counts[e]]
         return mx.concatenate(ys)[mx.argsort(order)].reshape(N, k, -1)
 

@@ -99,9 +99,11 @@ def _cross_entropy_vjp(primals, cotangents, outputs):
     return out.reshape(logits.shape), mx.zeros_like(targets)
 
 
-def masked_ce(logits: mx.array, targets: mx.array, mask: mx.array) -> mx.array:
+def masked_ce(logits: mx.array, targets: mx.array, mask: mx.array, count: mx.array | None = None) -> mx.array:
+    """Mean cross-entropy over the masked-in tokens, or their sum divided by `count` (a whole batch's count
+    when these are some of its rows)."""
     ce = cross_entropy(logits.astype(mx.float32), targets)[0]  # (B, T)
-    return (ce * mask).sum() / mx.maximum(mask.sum(), 1.0)
+    return (ce * mask).sum() / mx.maximum(mask.sum() if count is None else count, 1.0)
 
 
 def expert_counts(r: Routing, valid: mx.array, n_experts: int) -> mx.array:
@@ -110,7 +112,9 @@ def expert_counts(r: Routing, valid: mx.array, n_experts: int) -> mx.array:
     return (hits * valid[..., None]).sum(axis=1)
 
 
-def balance_loss(routing: list[Routing], valid: mx.array, n_experts: int, top_k: int) -> mx.array:
+def balance_loss(routing: list[Routing], valid: mx.array, n_experts: int, top_k: int,
+                 n_sequences: int | None = None) -> mx.array:
+    """Summed over layers, averaged over the rows (or summed and divided by `n_sequences`, a whole batch's)."""
     if not routing:
         return mx.array(0.0)
     n_valid = mx.maximum(valid.sum(axis=1, keepdims=True), 1.0)  # (B, 1)
@@ -119,23 +123,43 @@ def balance_loss(routing: list[Routing], valid: mx.array, n_experts: int, top_k:
         f = n_experts / (top_k * n_valid) * mx.stop_gradient(expert_counts(r, valid, n_experts))  # (B, E)
         p = r.scores / r.scores.sum(axis=-1, keepdims=True)  # (B, T, E)
         P = (p * valid[..., None]).sum(axis=1) / n_valid  # (B, E)
-        total = total + (f * P).sum(axis=-1).mean()
-    return total
+        total = total + (f * P).sum(axis=-1).sum()
+    return total / (valid.shape[0] if n_sequences is None else n_sequences)
+
+
+class Counts(NamedTuple):
+    """What a batch's losses are averaged over; given to `loss_parts` for some of its rows, the parts of the
+    rows add up to the batch's."""
+
+    tokens: mx.array  # masked-in next-token targets
+    mtp_tokens: mx.array  # masked-in MTP targets (token t+2 with t+1 also masked in)
+    sequences: int  # rows
+
+
+def mtp_mask(loss_mask: mx.array) -> mx.array:
+    return loss_mask[:, 1:] * loss_mask[:, :-1]
+
+
+def batch_counts(batch: Batch) -> Counts:
+    return Counts(batch.loss_mask.sum(), mtp_mask(batch.loss_mask).sum(), batch.loss_mask.shape[0])
 
 
 def loss_parts(model: Model, batch: Batch, *, mtp_lambda: float, balance_alpha: float,
-               document_masking: bool = True) -> tuple[mx.array, LossParts]:
+               document_masking: bool = True, counts: Counts | None = None) -> tuple[mx.array, LossParts]:
+    """The loss of `batch` and its parts; with `counts` of a larger batch that `batch` is some rows of, this
+    rows' shares of that batch's loss and parts (summing the shares of all its rows gives them exactly)."""
     c = model.config
+    counts = counts or batch_counts(batch)
     mask = document_mask(batch.segment_ids) if document_masking else "causal"
     out = model.forward(batch.inputs, domain_ids=batch.domain_ids, mask=mask)
-    ce = masked_ce(out.logits, batch.targets, batch.loss_mask)
+    ce = masked_ce(out.logits, batch.targets, batch.loss_mask, counts.tokens)
     routing = list(out.routing)
     mtp = mx.array(0.0)
     if mtp_lambda and c.num_nextn_predict_layers:
         sub = mask if isinstance(mask, str) else mask[..., :-1, :-1]
         m = model.mtp_forward(out.hidden[:, :-1], batch.targets[:, :-1], 0, domain_ids=batch.domain_ids[:, :-1],
                               mask=sub)
-        mtp = masked_ce(m.logits, batch.targets[:, 1:], batch.loss_mask[:, 1:] * batch.loss_mask[:, :-1])
+        mtp = masked_ce(m.logits, batch.targets[:, 1:], mtp_mask(batch.loss_mask), counts.mtp_tokens)
         routing += m.routing
     valid = batch.loss_mask
     # ALF balances plain routing: tokens confined to their domain's experts would push every other expert's
@@ -147,7 +171,7 @@ def loss_parts(model: Model, batch: Batch, *, mtp_lambda: float, balance_alpha: 
     if routing:
         main = routing[: len(out.routing)]
         if balance_alpha:
-            bal = balance_alpha * balance_loss(main, valid, E, c.num_experts_per_tok)
+            bal = balance_alpha * balance_loss(main, valid, E, c.num_experts_per_tok, counts.sequences)
         loads = mx.stack([expert_counts(r, counted[:, : r.indices.shape[1]], E).sum(axis=0) for r in routing])
     loss = ce + mtp_lambda * mtp + bal
     return loss, LossParts(ce, mtp, bal, mx.stop_gradient(loads))
