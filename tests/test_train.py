@@ -1,6 +1,9 @@
 """Training: the ALF rule, the balance loss, loss falling on a fixed batch, and bit-identical resume."""
 
 import json
+import os
+import subprocess
+import sys
 
 import mlx.core as mx
 import numpy as np
@@ -97,6 +100,24 @@ def test_batch_split_over_two_streams_gives_the_one_pass_loss_and_gradients(monk
     assert g_split.keys() == g_one.keys()
     for k in g_one:
         np.testing.assert_allclose(np.array(g_split[k]), np.array(g_one[k]), rtol=1e-4, atol=1e-6, err_msg=k)
+
+
+def test_widen_eval_order_sets_a_wide_order_unless_the_user_chose_one():
+    """The two-stream step needs MLX to interleave the halves' work (see device.widen_eval_order)."""
+    code = ("import os; from dh_mlx.device import widen_eval_order, wide_eval_order; w = wide_eval_order(); "
+            "print(w, widen_eval_order(), os.environ['MLX_BFS_MAX_WIDTH'])")
+    env = {k: v for k, v in os.environ.items() if k != "MLX_BFS_MAX_WIDTH"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["False", "True", "1000"]  # MLX's default (20) is narrow
+    out = subprocess.run([sys.executable, "-c", code], env={**env, "MLX_BFS_MAX_WIDTH": "64"}, capture_output=True,
+                         text=True, check=True)
+    assert out.stdout.split() == ["False", "False", "64"]
+
+
+def test_no_split_without_a_wide_eval_order(monkeypatch):
+    monkeypatch.setenv("MLX_BFS_MAX_WIDTH", "20")
+    cfg = TrainConfig(steps=1, batch_size=4)
+    assert build_steps(random_model(make_config(), seed=0), make_optimizer(cfg), cfg).blas_threads is None
 
 
 def write_corpus(path, n=120):

@@ -20,7 +20,7 @@ import mlx.optimizers as optim
 import numpy as np
 from mlx.utils import tree_flatten, tree_map, tree_unflatten
 
-from ..device import batch_streams, blas_threads, on_gpu, side_stream, streams_taken
+from ..device import batch_streams, blas_threads, on_gpu, side_stream, streams_taken, wide_eval_order
 from ..model import Model
 from ..model.moe import MoE, MoEGate
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
@@ -160,14 +160,15 @@ class StepFunctions:
 
 
 def build_steps(model: Model, optimizer: AdamW, cfg: TrainConfig) -> StepFunctions:
-    """The compiled step functions. On a multi-core CPU the batch's rows are split in two halves, each
+    """The compiled step functions. On a multi-core CPU, in a process that asked MLX for a wide evaluation
+    order (`device.widen_eval_order`, before its first eval), the batch's rows are split in two halves, each
     half's forward and backward pass on its own stream (MLX runs a stream on one thread, and most of its CPU
     kernels are single-threaded), the BLAS one thread per call, and the halves' gradients summed: the same
     loss and gradients as one pass over the batch (the halves' losses are their shares of the batch's).
     """
     gates = moe_gates(model)
     mtp_lambda = cfg.mtp_lambda if model.config.num_nextn_predict_layers else 0.0
-    streams = batch_streams() if cfg.batch_size >= 2 else None
+    streams = batch_streams() if cfg.batch_size >= 2 and wide_eval_order() else None
 
     def loss_fn(model, counts, *arrays):
         return loss_parts(model, Batch(*arrays), mtp_lambda=mtp_lambda, balance_alpha=cfg.balance_alpha,
