@@ -10,8 +10,7 @@ from typing import Iterator
 from . import _blas, _jit
 
 MLX_DEFAULT_BFS_WIDTH = "20"  # MLX's own default for MLX_BFS_MAX_WIDTH
-WIDE_BFS_WIDTH = 1000
-
+WIDE_BFS_WIDTH = 1000  # what widen_eval_order sets
 
 _blas.load_fast_blas()
 import mlx.core as mx  # noqa: E402  (after the BLAS is loaded)
@@ -54,8 +53,8 @@ def blas_in_use() -> str:
 
 def untuned_environ() -> dict[str, str]:
     """This process's environment for a child process that loads OpenBLAS without dh-mlx's CPU tuning (MKL,
-    the matrix-vector shim, the kernel flags and the wide schedule of _jit.py): the baseline our benchmarks
-    run mlx-lm on, as the issues measured it."""
+    the matrix-vector shim, the kernel flags of _jit.py, the wide MLX evaluation order): the baseline our
+    benchmarks run mlx-lm on, as the issues measured it."""
     return dict(os.environ, DH_MLX_BLAS="openblas", DH_MLX_BLAS_SHIM="off", DH_MLX_JIT="off",
                 MLX_BFS_MAX_WIDTH=MLX_DEFAULT_BFS_WIDTH)
 

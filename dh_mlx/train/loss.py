@@ -146,7 +146,7 @@ def batch_counts(batch: Batch) -> Counts:
 
 def loss_parts(model: Model, batch: Batch, *, mtp_lambda: float, balance_alpha: float,
                document_masking: bool = True, counts: Counts | None = None) -> tuple[mx.array, LossParts]:
-    """The loss of `batch` and its parts; with `counts` of a larger batch that `batch` is some rows of, this
+    """The loss of `batch` and its parts; with `counts` of a larger batch that `batch` is some rows of, these
     rows' shares of that batch's loss and parts (summing the shares of all its rows gives them exactly)."""
     c = model.config
     counts = counts or batch_counts(batch)
