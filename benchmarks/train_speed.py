@@ -27,7 +27,7 @@ import mlx.optimizers as optim
 import numpy as np
 
 from dh_mlx import load_preset, random_model, save_model
-from dh_mlx.device import untuned_environ
+from dh_mlx.device import untuned_environ, widen_eval_order
 from dh_mlx.params import count_params
 from dh_mlx.train.config import TrainConfig
 from dh_mlx.train.loss import Batch
@@ -117,6 +117,7 @@ def main() -> None:
     ap.add_argument("--engine", choices=ENGINES, help=argparse.SUPPRESS)  # child process: one engine
     ap.add_argument("--model", type=Path, help=argparse.SUPPRESS)
     a = ap.parse_args()
+    widen_eval_order()  # before the first eval (children inherit it): both CPU streams in the step
     if a.engine:
         config = dh_mlx.load_config(a.model)
         data = batches(config.vocab_size, a.batch_size, a.seq_len, a.steps)

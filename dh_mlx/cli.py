@@ -146,6 +146,8 @@ def train(params: Optional[str] = typer.Option(None, help="size preset (default 
           skip_invalid: bool = typer.Option(False, help="skip (and count) invalid JSONL lines instead of failing"),
           resume: bool = typer.Option(False, help="continue the run in --out from its latest checkpoint")) -> None:
     """Train from domain-tagged JSONL with ALF balancing and MTP; --out becomes a loadable model directory."""
+    from .device import widen_eval_order
+    widen_eval_order()  # before MLX's first eval: lets the step use both CPU streams
     from .train.run import train as run
     result = run(params=params, config=config, data=data, out=out, tokenizer=tokenizer, init=init, resume=resume, steps=steps, batch_size=batch_size,
                  seq_len=seq_len, grad_accum=grad_accum, lr=lr, warmup_steps=warmup, seed=seed,
@@ -208,6 +210,8 @@ def lora(model: Path = typer.Option(..., help="base model directory (float, or q
          seed: int = typer.Option(0, help="adapter init, data order and split seed"),
          resume: bool = typer.Option(False, help="continue the run in --out from its latest checkpoint")) -> None:
     """Fine-tune LoRA adapters (QLoRA on a quantized model) with the training loop of `train`."""
+    from .device import widen_eval_order
+    widen_eval_order()  # before MLX's first eval: lets the step use both CPU streams
     from .train.lora_run import describe, lora as run
     result = run(model=model, data=data, out=out, tokenizer=tokenizer, rank=rank, alpha=alpha, dropout=dropout,
                  targets=[t for item in targets or [] for t in item.split(",") if t] or None, num_layers=num_layers, experts=experts, grad_checkpointing=grad_checkpoint,

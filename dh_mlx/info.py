@@ -68,6 +68,6 @@ def format_info(info: dict[str, Any], title: str) -> str:
     lines.append(f"  compute dtype     {info['compute_dtype']}   BLAS: {info['blas']}")
     k = info["cpu_kernels"]
     lines.append(f"  compiled kernels  {'vectorising g++ flags, cache ' + k if k.startswith('/') else k}")
-    lines.append(f"  MLX eval order    {info['mlx_bfs_max_width']} wide (MLX_BFS_MAX_WIDTH; MLX's default "
-                 f"{MLX_DEFAULT_BFS_WIDTH}, dh_mlx's {WIDE_BFS_WIDTH})")
+    lines.append(f"  MLX eval order    {info['mlx_bfs_max_width']} wide (MLX_BFS_MAX_WIDTH; `dh-mlx train` and "
+                 f"`lora` use {WIDE_BFS_WIDTH})")
     return "\n".join(lines)

@@ -102,16 +102,16 @@ def test_batch_split_over_two_streams_gives_the_one_pass_loss_and_gradients(monk
         np.testing.assert_allclose(np.array(g_split[k]), np.array(g_one[k]), rtol=1e-4, atol=1e-6, err_msg=k)
 
 
-def test_import_sets_a_wide_eval_order_unless_the_user_chose_one():
+def test_widen_eval_order_sets_a_wide_order_unless_the_user_chose_one():
     """The two-stream step needs MLX to interleave the halves' work (see device.widen_eval_order)."""
-    code = ("import os, sys; w = os.environ.get('MLX_BFS_MAX_WIDTH'); from dh_mlx.device import wide_eval_order; "
-            "print(w, os.environ['MLX_BFS_MAX_WIDTH'], wide_eval_order())")
+    code = ("import os; from dh_mlx.device import widen_eval_order, wide_eval_order; w = wide_eval_order(); "
+            "print(w, widen_eval_order(), os.environ['MLX_BFS_MAX_WIDTH'])")
     env = {k: v for k, v in os.environ.items() if k != "MLX_BFS_MAX_WIDTH"}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
-    assert out.stdout.split() == ["None", "1000", "True"]  # set on import (MLX's own default, 20, is narrow)
+    assert out.stdout.split() == ["False", "True", "1000"]  # MLX's default (20) is narrow
     out = subprocess.run([sys.executable, "-c", code], env={**env, "MLX_BFS_MAX_WIDTH": "64"}, capture_output=True,
                          text=True, check=True)
-    assert out.stdout.split() == ["64", "64", "False"]
+    assert out.stdout.split() == ["False", "False", "64"]
 
 
 def test_no_split_without_a_wide_eval_order(monkeypatch):
