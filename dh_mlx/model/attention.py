@@ -114,6 +114,10 @@ class MLA(nn.Module):
 
 # Below this many score entries per half, one stream is as fast (thread hand-off costs ~0.1 ms).
 SPLIT_MIN_SCORES = 1 << 16
+# Splitting query rows that share their keys pays for the softmax (single-threaded exp per score) but makes
+# each half read all the keys: below this many rows per half (decode: heads x 1 token) the key read dominates,
+# and split halves decoded tiny at 32K / 128K context at 20-29 / 6-7 tokens/s against 38-43 / 11 unsplit.
+SPLIT_MIN_SHARED_KEY_ROWS = 64
 
 
 def sdpa(q: mx.array, k: mx.array, v: mx.array, scale: float, mask, axis: int = 1) -> mx.array:
@@ -122,9 +126,10 @@ def sdpa(q: mx.array, k: mx.array, v: mx.array, scale: float, mask, axis: int = 
     Same result as one call."""
     stream = side_stream()
     n = q.shape[axis]
-    if stream is None or n < 2 or (q.size // q.shape[-1]) * k.shape[-2] < 2 * SPLIT_MIN_SCORES:
-        return attend(q, k, v, scale, mask)
     split_kv = axis == 1 and k.shape[1] == n
+    if (stream is None or n < 2 or (q.size // q.shape[-1]) * k.shape[-2] < 2 * SPLIT_MIN_SCORES
+            or (not split_kv and n < 2 * SPLIT_MIN_SHARED_KEY_ROWS)):
+        return attend(q, k, v, scale, mask)
     split_mask = isinstance(mask, mx.array) and mask.shape[axis] == n
 
     def half(i: int):
