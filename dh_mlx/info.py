@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 from .config import ModelConfig
-from .device import MLX_DEFAULT_BFS_WIDTH, WIDE_BFS_WIDTH, blas_in_use, compute_dtype, cpu_kernel_flags
+from .device import WIDE_BFS_WIDTH, blas_in_use, compute_dtype, cpu_kernel_flags, eval_order_width
 from .params import CONTEXTS, KV_REFERENCES, count_params, kv_bytes_per_token, reference_kv_bytes_per_token, \
     weight_bytes
 
@@ -35,7 +34,7 @@ def model_info(config: ModelConfig) -> dict[str, Any]:
         "compute_dtype": str(compute_dtype()).replace("mlx.core.", ""),
         "blas": blas_in_use(),
         "cpu_kernels": cpu_kernel_flags(),
-        "mlx_bfs_max_width": os.environ.get("MLX_BFS_MAX_WIDTH", MLX_DEFAULT_BFS_WIDTH),
+        "mlx_bfs_max_width": eval_order_width(),
     }
     return info
 

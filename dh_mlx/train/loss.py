@@ -149,7 +149,8 @@ def loss_parts(model: Model, batch: Batch, *, mtp_lambda: float, balance_alpha: 
     """The loss of `batch` and its parts; with `counts` of a larger batch that `batch` is some rows of, these
     rows' shares of that batch's loss and parts (summing the shares of all its rows gives them exactly)."""
     c = model.config
-    counts = counts or batch_counts(batch)
+    if counts is None:
+        counts = batch_counts(batch)
     mask = document_mask(batch.segment_ids) if document_masking else "causal"
     out = model.forward(batch.inputs, domain_ids=batch.domain_ids, mask=mask)
     ce = masked_ce(out.logits, batch.targets, batch.loss_mask, counts.tokens)
