@@ -52,6 +52,10 @@ class AdamW(optim.AdamW):
 
     grad_scale: mx.array | None = None
 
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._consts: dict[str, mx.array] = {}  # see _constants
+
     def _plan(self, gradients: dict) -> None:
         side = side_stream()
         self._side = set()
@@ -102,10 +106,31 @@ class AdamW(optim.AdamW):
         return super().apply_gradients(gradients, parameters)
 
     def apply_single(self, gradient: mx.array, parameter: mx.array, state: dict):
+        """mlx's AdamW update (no bias correction), its constants read from this stream's own array.
+
+        mx.compile merges equal nodes whatever their stream, so a constant's broadcast to a shape that
+        parameters on both streams have would be one node; the other stream's kernel cannot fuse it and
+        reads it as a strided input, running MLX's unvectorised strided loop (the update ~20 % slower)."""
+        if self.bias_correction:
+            raise ValueError("AdamW: bias_correction is not supported by this optimizer")
         with self._stream(gradient):
+            one, b1, c1, b2, c2, eps = self._constants(id(gradient) in self._side)
+            lr = self.learning_rate.astype(gradient.dtype) * one
             if self.grad_scale is not None:
-                gradient = gradient * self.grad_scale.astype(gradient.dtype)
-            return super().apply_single(gradient, parameter, state)
+                gradient = gradient * (self.grad_scale.astype(gradient.dtype) * one)
+            m = b1 * state["m"] + c1 * gradient
+            v = b2 * state["v"] + c2 * mx.square(gradient)
+            state["m"], state["v"] = m, v
+            return parameter * (1 - lr * self.weight_decay) - lr * m / (mx.sqrt(v) + eps)
+
+    def _constants(self, side: bool) -> list[mx.array]:
+        """[1, b1, 1 - b1, b2, 1 - b2, eps] as scalars sliced from an array of the (side or main) stream's own."""
+        key = "side" if side else "main"
+        if key not in self._consts:
+            b1, b2 = self.betas
+            self._consts[key] = mx.array([1.0, b1, 1 - b1, b2, 1 - b2, self.eps])
+        c = self._consts[key]
+        return [c[i] for i in range(6)]
 
 
 def squared_norm(g: mx.array) -> mx.array:
