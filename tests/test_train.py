@@ -8,7 +8,7 @@ import sys
 import mlx.core as mx
 import numpy as np
 import pytest
-from mlx.utils import tree_flatten
+from mlx.utils import tree_flatten, tree_map
 
 from dh_mlx import random_model
 from dh_mlx.train.config import TrainConfig
@@ -254,6 +254,17 @@ def test_streamed_adamw_with_folded_clipping_equals_mlx(max_norm):
         np.testing.assert_allclose(norm.item(), ref_norm.item(), rtol=1e-5)
     for (k, a), (_, b) in zip(tree_flatten(ours.parameters()), tree_flatten(ref.parameters())):
         np.testing.assert_allclose(np.array(a), np.array(b), rtol=1e-5, atol=1e-6, err_msg=k)
+
+
+def test_adamw_refuses_bias_correction():
+    """Our AdamW writes mlx's update out without bias correction; asking for it must fail, not be ignored."""
+    import mlx.nn as nn
+    from dh_mlx.train.trainer import AdamW
+
+    net = nn.Linear(4, 2)
+    opt = AdamW(learning_rate=1e-2, bias_correction=True)
+    with pytest.raises(ValueError, match="bias_correction"):
+        opt.update(net, tree_map(mx.ones_like, net.trainable_parameters()))
 
 
 @pytest.mark.parametrize("shape", [(1,), (37, 5), (512, 2048)])
