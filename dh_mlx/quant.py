@@ -35,6 +35,7 @@ from mlx.utils import tree_flatten, tree_unflatten
 
 from .config import ModelConfig
 from .model import Model
+from .model.layers import Linear
 from .model.moe import QuantizedStackedLinear, StackedLinear
 
 RECIPES = ("uniform", "mixed")
@@ -186,7 +187,7 @@ def dequantize_model(model: Model) -> Model:
             if isinstance(m, nn.QuantizedEmbedding):
                 new = nn.Embedding(*w.shape)
             else:
-                new = nn.Linear(w.shape[1], w.shape[0], bias="bias" in m)
+                new = Linear(w.shape[1], w.shape[0], bias="bias" in m)
                 if "bias" in m:
                     new.bias = m.bias
             new.weight = w

@@ -251,3 +251,31 @@ def test_swiglu_value_and_gradient_match_silu_times_up():
         np.testing.assert_allclose(np.array(out[0]), np.array(ref_out[0]), rtol=1e-5, atol=1e-6)
         for a, b in zip(grads, ref_grads):
             np.testing.assert_allclose(np.array(a), np.array(b), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_linear_gradient_matches_mlx_and_is_row_major(bias):
+    """`layers.Linear` (hand-written gradient) against `nn.Linear` with MLX's own, eager and compiled, for a
+    batched input; its weight gradient must come out row-major (MLX's is a transposed view, which the
+    optimizer's fused update would have to copy)."""
+    import mlx.nn as nn
+    from dh_mlx.model.layers import Linear
+
+    rng = np.random.default_rng(1)
+    ours, ref = Linear(24, 40, bias=bias), nn.Linear(24, 40, bias=bias)
+    ref.update(ours.parameters())
+    x = mx.array(rng.standard_normal((3, 7, 24)).astype(np.float32))
+    cot = mx.array(rng.standard_normal((3, 7, 40)).astype(np.float32))
+    ref_value, ref_grads = nn.value_and_grad(ref, lambda x: (ref(x) * cot).sum())(x)
+    vg = nn.value_and_grad(ours, lambda x: (ours(x) * cot).sum())
+    for fn in (vg, mx.compile(vg, inputs=ours.state, outputs=ours.state)):
+        value, grads = fn(x)
+        np.testing.assert_allclose(value.item(), ref_value.item(), rtol=1e-5)
+        for k in ref_grads:
+            np.testing.assert_allclose(np.array(grads[k]), np.array(ref_grads[k]), rtol=1e-5, atol=1e-5, err_msg=k)
+        mx.eval(grads)
+        assert memoryview(grads["weight"]).strides == (24 * 4, 4)
+    dx_ours = mx.grad(lambda x: (ours(x) * cot).sum())(x)
+    dx_ref = mx.grad(lambda x: (ref(x) * cot).sum())(x)
+    np.testing.assert_allclose(np.array(dx_ours), np.array(dx_ref), rtol=1e-5, atol=1e-5)
+    assert memoryview(ref_grads["weight"]).strides != (24 * 4, 4)  # MLX's own: a transposed view

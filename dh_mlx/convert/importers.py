@@ -59,7 +59,7 @@ def check_names(weights: dict[str, mx.array], model: Model, source: dict[str, st
     wrong = sorted(k for k in set(weights) & set(expected) if tuple(weights[k].shape) != tuple(expected[k].shape))
     parts = ([f"missing tensors: {_listing(missing)}"] if missing else []) + (
         [f"unexpected tensors: {_listing(unexpected, source)}"] if unexpected else []) + (
-        [f"wrong shapes: " + ", ".join(f"{k} {tuple(weights[k].shape)} (config implies "
+        ["wrong shapes: " + ", ".join(f"{k} {tuple(weights[k].shape)} (config implies "
                                        f"{tuple(expected[k].shape)})" for k in wrong[:12])] if wrong else [])
     if parts:
         raise ConvertError(f"{where}: does not match the config: " + "; ".join(parts))

@@ -19,7 +19,7 @@ import mlx.nn as nn
 from ..config import ModelConfig
 from ..device import on_gpu, side_stream
 from ..rope import rope_parameters
-from .layers import RoPE
+from .layers import Linear, RoPE
 
 
 class MLA(nn.Module):
@@ -34,16 +34,16 @@ class MLA(nn.Module):
         self.v_head_dim = c.v_head_dim
         H, dq = c.num_attention_heads, c.qk_head_dim
         if c.q_lora_rank is None:
-            self.q_proj = nn.Linear(c.hidden_size, H * dq, bias=False)
+            self.q_proj = Linear(c.hidden_size, H * dq, bias=False)
         else:
-            self.q_a_proj = nn.Linear(c.hidden_size, c.q_lora_rank, bias=c.attention_bias)
+            self.q_a_proj = Linear(c.hidden_size, c.q_lora_rank, bias=c.attention_bias)
             self.q_a_layernorm = nn.RMSNorm(c.q_lora_rank, eps=1e-6)  # HF uses the default eps here
-            self.q_b_proj = nn.Linear(c.q_lora_rank, H * dq, bias=False)
-        self.kv_a_proj_with_mqa = nn.Linear(c.hidden_size, c.kv_lora_rank + c.qk_rope_head_dim,
+            self.q_b_proj = Linear(c.q_lora_rank, H * dq, bias=False)
+        self.kv_a_proj_with_mqa = Linear(c.hidden_size, c.kv_lora_rank + c.qk_rope_head_dim,
                                             bias=c.attention_bias)
         self.kv_a_layernorm = nn.RMSNorm(c.kv_lora_rank, eps=1e-6)
-        self.kv_b_proj = nn.Linear(c.kv_lora_rank, H * (c.qk_nope_head_dim + c.v_head_dim), bias=False)
-        self.o_proj = nn.Linear(H * c.v_head_dim, c.hidden_size, bias=c.attention_bias)
+        self.kv_b_proj = Linear(c.kv_lora_rank, H * (c.qk_nope_head_dim + c.v_head_dim), bias=False)
+        self.o_proj = Linear(H * c.v_head_dim, c.hidden_size, bias=c.attention_bias)
         self.rope = RoPE(c)
         self.scale = dq**-0.5 * rope_parameters(c)[2]
         # None: absorbed exactly when earlier positions are cached (decode, later prefill chunks), so

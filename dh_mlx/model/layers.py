@@ -40,14 +40,43 @@ def _swiglu_vjp(primals, cotangent, output):
     return d_gate, d_up
 
 
+@mx.custom_function
+def linear(x: mx.array, weight: mx.array) -> mx.array:
+    """x @ weight.T, as `nn.Linear` computes it, with a gradient that leaves the weight's in row-major order.
+
+    MLX's own gradient of `x @ weight.T` is the transpose of `x^T @ dy`, a column-major view; the optimizer's
+    fused update of a row-major weight cannot read it contiguously, so training copied every such gradient
+    to row-major order first (a strided copy of all linear weights per step, most of it on one stream while
+    the other waited). Here the weight's gradient is `dy^T @ x`, which the BLAS computes straight into
+    row-major order (it reads the transposed operand in place).
+    """
+    return x @ weight.T
+
+
+@linear.vjp
+def _linear_vjp(primals, cotangent, output):
+    x, weight = primals
+    dx = (cotangent @ weight).astype(x.dtype)  # (..., out) @ (out, in)
+    d_weight = cotangent.reshape(-1, cotangent.shape[-1]).T @ x.reshape(-1, x.shape[-1])  # (out, N) @ (N, in)
+    return dx, d_weight.astype(weight.dtype)
+
+
+class Linear(nn.Linear):
+    """`nn.Linear` through `linear` (same parameters, names and result; a row-major weight gradient)."""
+
+    def __call__(self, x: mx.array) -> mx.array:
+        y = linear(x, self["weight"])
+        return y + self["bias"] if "bias" in self else y
+
+
 class MLP(nn.Module):
     """SwiGLU feed-forward: down(silu(gate(x)) * up(x))."""
 
     def __init__(self, hidden_size: int, intermediate_size: int):
         super().__init__()
-        self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
-        self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
-        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
+        self.gate_proj = Linear(hidden_size, intermediate_size, bias=False)
+        self.up_proj = Linear(hidden_size, intermediate_size, bias=False)
+        self.down_proj = Linear(intermediate_size, hidden_size, bias=False)
 
     def __call__(self, x: mx.array) -> mx.array:
         return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))

@@ -14,7 +14,7 @@ import mlx.nn as nn
 
 from ..config import ModelConfig
 from .attention import MLA
-from .layers import MLP
+from .layers import MLP, Linear
 from .moe import MoE, Routing
 
 
@@ -41,7 +41,7 @@ class SharedHead(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.norm = nn.RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
-        self.head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.head = Linear(config.hidden_size, config.vocab_size, bias=False)
 
     def __call__(self, h: mx.array) -> mx.array:
         return self.head(self.norm(h))
@@ -58,7 +58,7 @@ class MTPLayer(DecoderLayer):
         super().__init__(config, layer_idx)
         self.enorm = nn.RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.hnorm = nn.RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
-        self.eh_proj = nn.Linear(2 * config.hidden_size, config.hidden_size, bias=False)
+        self.eh_proj = Linear(2 * config.hidden_size, config.hidden_size, bias=False)
         self.shared_head = SharedHead(config)
 
     def step(self, hidden, embeds, mask="causal", cache=None, domain_ids=None):
@@ -105,7 +105,7 @@ class Model(nn.Module):
         self.config = config
         self.model = DeepseekV3Model(config)
         if not config.tie_word_embeddings:
-            self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+            self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
 
     def head(self, h: mx.array) -> mx.array:
         return self.lm_head(h) if "lm_head" in self else self.model.embed_tokens.as_linear(h)

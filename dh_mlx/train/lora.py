@@ -29,6 +29,7 @@ from mlx.utils import tree_flatten, tree_unflatten
 
 from ..config import ModelConfig
 from ..model import Model
+from ..model.layers import Linear
 from ..model.moe import QuantizedStackedLinear, StackedLinear
 
 ADAPTERS = "adapters.safetensors"
@@ -164,7 +165,7 @@ class LoRALinear(nn.Module):
     def fused(self, keep_quantized: bool = False) -> nn.Module:
         base = self.linear
         w = self.weight
-        out = nn.Linear(w.shape[1], w.shape[0], bias="bias" in base)
+        out = Linear(w.shape[1], w.shape[0], bias="bias" in base)
         out.weight = w
         if "bias" in base:
             out.bias = base.bias
