@@ -131,7 +131,7 @@ def train(params: Optional[str] = typer.Option(None, help="size preset (default 
           out: Optional[Path] = typer.Option(None, help="run directory (default runs/PRESET)"),
           tokenizer: Optional[Path] = typer.Option(None, help="tokenizer directory (default: the bundled one)"),
           init: Optional[Path] = typer.Option(None, help="start from this model directory's weights"),
-          steps: int = typer.Option(200, help="optimizer steps (200 x 8 x 128 tokens: ~4-5 min for tiny on 2 cores)"),
+          steps: int = typer.Option(200, help="optimizer steps (200 x 8 x 128 tokens: ~4-6 min for tiny on 2 cores)"),
           batch_size: int = typer.Option(8, help="sequences per micro-batch"),
           seq_len: int = typer.Option(128, help="tokens per sequence"),
           grad_accum: int = typer.Option(1, help="micro-batches per optimizer step"),
