@@ -12,7 +12,7 @@ import mlx.nn as nn
 import numpy as np
 
 from ..config import ModelConfig
-from .layers import MLP, swiglu
+from .layers import MLP, linear, swiglu
 
 # Below this many (token, expert) pairs gather_mm reads weights in token order; above, we sort by expert
 # so each expert's weights are read once (what mlx-lm's SwitchGLU does too).
@@ -54,7 +54,7 @@ class MoEGate(nn.Module):
             [[True] * c.n_routed_experts] + dr.allowed(c.n_routed_experts))
 
     def __call__(self, x: mx.array, domain_ids: mx.array | None = None) -> Routing:
-        logits = x.astype(mx.float32) @ self.weight.astype(mx.float32).T  # (..., E)
+        logits = linear(x.astype(mx.float32), self.weight.astype(mx.float32))  # (..., E)
         scores = mx.sigmoid(logits) if self.scoring_func == "sigmoid" else mx.softmax(logits, axis=-1)
         choice = scores
         if self.topk_method == "noaux_tc":

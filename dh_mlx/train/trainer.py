@@ -54,7 +54,9 @@ class AdamW(optim.AdamW):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self._consts: dict[str, mx.array] = {}  # see _constants
+        b1, b2 = self.betas
+        # [1, b1, 1 - b1, b2, 1 - b2, eps], one array for the main stream and one for the side: see apply_single
+        self._constants = [mx.array([1.0, b1, 1 - b1, b2, 1 - b2, self.eps]) for _ in range(2)]
 
     def _plan(self, gradients: dict) -> None:
         side = side_stream()
@@ -72,8 +74,9 @@ class AdamW(optim.AdamW):
 
     def clip_and_update(self, model: nn.Module, gradients: dict, max_norm: float) -> mx.array:
         """`optim.clip_grad_norm(gradients, max_norm)` then `update(model, ...)`; returns the unclipped norm."""
-        # Weight gradients of `x @ W.T` come out as transposed views; strided elementwise kernels are not
-        # vectorised, so one copy to row-major order first makes the norm and the update ~2x cheaper.
+        # MLX's gradients of `x @ W.T` come out as transposed views (model.layers.linear avoids that; a tied
+        # embedding head or another module may not); strided elementwise kernels are not vectorised, so one
+        # copy to row-major order first makes the norm and the update ~2x cheaper (a no-op when row-major).
         self._plan(gradients)
         squares, flat = [], []
         for k, g in tree_flatten(gradients):
@@ -114,7 +117,8 @@ class AdamW(optim.AdamW):
         if self.bias_correction:
             raise ValueError("AdamW: bias_correction is not supported by this optimizer")
         with self._stream(gradient):
-            one, b1, c1, b2, c2, eps = self._constants(id(gradient) in self._side)
+            c = self._constants[id(gradient) in self._side]
+            one, b1, c1, b2, c2, eps = (c[i] for i in range(6))
             lr = self.learning_rate.astype(gradient.dtype) * one
             if self.grad_scale is not None:
                 gradient = gradient * (self.grad_scale.astype(gradient.dtype) * one)
@@ -122,15 +126,6 @@ class AdamW(optim.AdamW):
             v = b2 * state["v"] + c2 * mx.square(gradient)
             state["m"], state["v"] = m, v
             return parameter * (1 - lr * self.weight_decay) - lr * m / (mx.sqrt(v) + eps)
-
-    def _constants(self, side: bool) -> list[mx.array]:
-        """[1, b1, 1 - b1, b2, 1 - b2, eps] as scalars sliced from an array of the (side or main) stream's own."""
-        key = "side" if side else "main"
-        if key not in self._consts:
-            b1, b2 = self.betas
-            self._consts[key] = mx.array([1.0, b1, 1 - b1, b2, 1 - b2, self.eps])
-        c = self._consts[key]
-        return [c[i] for i in range(6)]
 
 
 def squared_norm(g: mx.array) -> mx.array:
