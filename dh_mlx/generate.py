@@ -19,6 +19,7 @@ class PromptCache:
 
     cache: list[LatentCache]
     tokens: list[int] = field(default_factory=list)
+    mtp_cache: LatentCache | None = None  # the MTP module's, from the last MTP generation (rebuilt per call)
 
     @classmethod
     def new(cls, model: Model) -> "PromptCache":
@@ -142,11 +143,13 @@ def generate_tokens(model: Model, prompt_ids: list[int], *, max_tokens: int = 25
                     top_p: float = 1.0, top_k: int = 0, min_p: float = 0.0, repetition_penalty: float = 1.0,
                     repetition_context: int = 64, seed: int | None = None, domain: int | None = None,
                     eos_ids: tuple[int, ...] = (), prefill_step_size: int = 512,
-                    prompt_cache: PromptCache | None = None, mtp: bool = False,
+                    prompt_cache: PromptCache | None = None, mtp: bool = False, draft_policy=None,
                     stats: GenerationStats | None = None, compile_step: bool = True) -> Iterator[int]:
     """Yield generated token ids (like mlx-lm's generate_step); stops at an id in `eos_ids` or `max_tokens`.
 
-    `compile_step=False` decodes with the eager `decode_step` (same tokens; for debugging).
+    `mtp=True` decodes speculatively with the model's MTP module when it has one, drafting while it pays
+    (`draft_policy`: a `speculative.DraftPolicy`, new per call by default). `compile_step=False` decodes
+    with the eager `decode_step` (same tokens; for debugging).
     """
     if not prompt_ids:
         raise ValueError("the prompt is empty: give at least one token")
@@ -168,7 +171,7 @@ def generate_tokens(model: Model, prompt_ids: list[int], *, max_tokens: int = 25
         from .speculative import mtp_generate
         yield from mtp_generate(model, pc, todo, stats=stats, max_tokens=max_tokens, eos_ids=eos_ids,
                                 prefill_step_size=prefill_step_size, domain=domain, temp=temp, top_p=top_p,
-                                top_k=top_k, min_p=min_p)
+                                top_k=top_k, min_p=min_p, policy=draft_policy)
         return
     step = compiled_decode_step(model, domain) if compile_step else (
         lambda tok, cache: decode_step(model, tok, cache, domain))

@@ -1,13 +1,22 @@
 """MTP self-speculative decoding: the MTP module drafts one token, the main model verifies it in one forward.
 
-Per step the main model reads [last token, draft] (2 positions); the draft is kept with probability
+Per draft step the main model reads [last token, draft] (2 positions); the draft is kept with probability
 min(1, p(d)/q(d)) (standard speculative sampling: greedy when temp = 0, where it reduces to "draft == argmax"),
 so the output follows the main model's distribution exactly. A rejected draft's cache position is trimmed.
+
+Drafting costs a 2-position verify plus the MTP layer, so it pays only above a break-even acceptance that
+depends on the model and the machine (`tiny` on 2 CPU cores: a draft step takes ~2x a plain one, so drafting
+cannot pay there; the MTP layer is a quarter of its 4-layer stack). `DraftPolicy` times both kinds of step
+in the run itself and switches to plain one-token steps while drafting loses, probing again later; the MTP
+cache catches up over the plain stretch in one forward. Which kind of step runs depends only on earlier
+steps, so every emitted token is still the main model's (greedy identical, sampling exact).
 """
 
 from __future__ import annotations
 
 import time
+from collections import deque
+from statistics import median
 from typing import Iterator
 
 import mlx.core as mx
@@ -18,10 +27,68 @@ from .model import Model
 from .sample import sampling_distribution
 
 
+class DraftPolicy:
+    """Draft while acceptance > t_draft / t_plain - 1 (the break-even): t are this run's median wall times of a
+    draft step (verify 2 positions, draft the next token) and a plain step (1 position); acceptance is over
+    the last `window` drafts. Starts with `probe` drafts, then `probe` plain steps to time them; afterwards a
+    losing draft mode pauses for `pause` plain steps, doubling per failed probe up to `max_pause` (at once
+    when the break-even is above 1: then no acceptance can pay), and probes again.
+    """
+
+    WARMUP = 2  # the first steps of each kind include tracing and compiling: not timed
+
+    def __init__(self, probe: int = 4, pause: int = 16, max_pause: int = 256, window: int = 16,
+                 adaptive: bool = True):
+        if min(probe, pause, max_pause, window) < 1:
+            raise ValueError("DraftPolicy: probe, pause, max_pause and window must be >= 1")
+        self.adaptive = adaptive  # False: draft every step (what measuring the acceptance rate needs)
+        self.probe, self.min_pause, self.max_pause = probe, pause, max_pause
+        self.pause = pause
+        self.outcomes: deque[bool] = deque(maxlen=window)
+        self.times = {"draft": deque(maxlen=window), "plain": deque(maxlen=window)}
+        self.seen = {"draft": 0, "plain": 0}
+        self.mode, self.left, self.pausing = "draft", probe, False
+
+    def break_even(self) -> float | None:
+        """The acceptance rate above which drafting is faster, or None until both kinds of step are timed."""
+        if not (self.times["draft"] and self.times["plain"]):
+            return None
+        return median(self.times["draft"]) / median(self.times["plain"]) - 1
+
+    def record(self, kind: str, seconds: float, accepted: bool | None = None) -> None:
+        """One finished step of `kind` ("draft" with its outcome, or "plain"); then choose the next mode."""
+        self.seen[kind] += 1
+        if self.seen[kind] > self.WARMUP:
+            self.times[kind].append(seconds)
+        if accepted is not None:
+            self.outcomes.append(bool(accepted))
+        self.left -= 1
+        if self.left > 0 or not self.adaptive:
+            return
+        need = self.break_even()
+        if self.mode == "plain" and self.pausing:  # a pause is over: probe again
+            self.mode, self.left, self.pausing = "draft", self.probe, False
+        elif not self.times["plain"]:
+            self.mode, self.left = "plain", self.WARMUP + self.probe
+        elif not self.times["draft"]:
+            self.mode, self.left = "draft", self.probe
+        elif sum(self.outcomes) > need * len(self.outcomes):
+            self.mode, self.left, self.pause = "draft", self.probe, self.min_pause
+        else:
+            pause = self.pause if need < 1 else self.max_pause
+            self.mode, self.left, self.pausing = "plain", pause, True
+            self.pause = min(2 * pause, self.max_pause)
+
+
 def mtp_generate(model: Model, pc, todo: list[int], *, stats, max_tokens: int, eos_ids=(),
                  prefill_step_size: int = 512, domain: int | None = None, temp: float = 0.0, top_p: float = 1.0,
-                 top_k: int = 0, min_p: float = 0.0) -> Iterator[int]:
-    """Yield tokens like `generate_tokens`; `pc` is a PromptCache already trimmed to the reused prefix."""
+                 top_k: int = 0, min_p: float = 0.0, policy: DraftPolicy | None = None) -> Iterator[int]:
+    """Yield tokens like `generate_tokens`; `pc` is a PromptCache already trimmed to the reused prefix.
+
+    `policy` decides per step whether to draft (default: a fresh `DraftPolicy`). The MTP cache is left in
+    `pc.mtp_cache`, holding every position the main cache holds but the last.
+    """
+    policy = policy if policy is not None else DraftPolicy()
     d = None if domain is None else mx.array([domain])
     cache = pc.cache
     if pc.tokens:  # the MTP cache is not kept across calls: rebuild it from scratch with the main cache
@@ -29,8 +96,8 @@ def mtp_generate(model: Model, pc, todo: list[int], *, stats, max_tokens: int, e
             c.trim(c.offset)
         todo = pc.tokens + todo
         pc.tokens = []
-    mtp_cache = LatentCache()
-    # Both per-draft forwards are compiled fixed-capacity steps (see generate.compiled_cached_step).
+    mtp_cache = pc.mtp_cache = LatentCache()
+    # Both per-step forwards are compiled fixed-capacity steps (see generate.compiled_cached_step).
     verify = compiled_cached_step(lambda tokens, views, mask: model.forward(tokens, views, d, mask=mask))
     propose = compiled_cached_step(
         lambda tokens, views, mask, hidden: model.mtp_forward(hidden, tokens, 0, views[0], d, mask),
@@ -41,6 +108,10 @@ def mtp_generate(model: Model, pc, todo: list[int], *, stats, max_tokens: int, e
 
     def draw(probs: mx.array) -> mx.array:
         return mx.argmax(probs) if temp == 0 else mx.random.categorical(mx.log(probs))
+
+    def plain_step(tok: mx.array) -> tuple[mx.array, mx.array]:  # -> (hidden (1, 1, D), next token)
+        logits, hidden = verify(tok.reshape(1, 1), cache)
+        return hidden, draw(dist(logits[:, 0]))
 
     ids = mx.array([todo])
     T = len(todo)
@@ -72,35 +143,59 @@ def mtp_generate(model: Model, pc, todo: list[int], *, stats, max_tokens: int, e
     done = emit(token)
     yield token
     tok = mx.array(token)
-    q = dist(propose(tok.reshape(1, 1), mtp_cache, h_last)[0][:, -1])
+    # MTP input not yet run: main hidden states (1, L, D) of the positions after the MTP cache's last, and
+    # the tokens that follow them. A draft step runs it at once; a stretch of plain steps collects it.
+    pend_h, pend_t = [h_last], [token]
+    ahead = None  # a plain step queued before the consumer got the previous token
+    last = time.perf_counter()
     while not done:
-        # Everything up to the accept decision stays lazy: one host sync per draft.
-        draft = draw(q)
-        logits, hidden = verify(mx.stack([tok, draft])[None], cache)  # positions of token and draft
-        p0, p1 = dist(logits[:, 0]), dist(logits[:, 1])
-        ratio = p0[draft] / mx.maximum(q[draft], 1e-20)
-        accept = (ratio >= 1.0) | (mx.random.uniform() < ratio)
-        residual = mx.maximum(p0 - q, 0.0)
-        bonus, correction = draw(p1), draw(residual / mx.maximum(residual.sum(), 1e-20))
-        mx.eval(accept, draft, bonus, correction)
-        stats.drafted += 1
-        if accept.item():
-            stats.accepted += 1
-            new = [draft.item(), bonus.item()]
-            tok = bonus
+        if policy.mode == "draft":
+            hidden, nxt = mx.concatenate(pend_h, axis=1), mx.array(pend_t)[None]
+            if len(pend_t) <= 2:  # after a draft step (or one plain step): the compiled step
+                q = dist(propose(nxt, mtp_cache, hidden)[0][:, -1])
+            else:  # after a stretch of plain steps: one eager forward over it, not timed
+                q = dist(model.mtp_forward(hidden, nxt, cache=mtp_cache, domain_ids=d).logits[:, -1])
+                mx.eval(q)
+                last = time.perf_counter()
+            # Everything up to the accept decision stays lazy: one host sync per draft.
+            draft = draw(q)
+            logits, hidden = verify(mx.stack([tok, draft])[None], cache)  # positions of token and draft
+            p0, p1 = dist(logits[:, 0]), dist(logits[:, 1])
+            ratio = p0[draft] / mx.maximum(q[draft], 1e-20)
+            accept = (ratio >= 1.0) | (mx.random.uniform() < ratio)
+            residual = mx.maximum(p0 - q, 0.0)
+            bonus, correction = draw(p1), draw(residual / mx.maximum(residual.sum(), 1e-20))
+            mx.eval(accept, draft, bonus, correction)
+            stats.drafted += 1
+            accepted = accept.item()
+            if accepted:
+                stats.accepted += 1
+                new = [draft.item(), bonus.item()]
+                tok = bonus
+            else:
+                for c in cache:
+                    c.trim(1)  # the rejected draft's position
+                new = [correction.item()]
+                hidden, tok = hidden[:, :1], correction
+            pend_h, pend_t = [hidden], list(new)
         else:
-            for c in cache:
-                c.trim(1)  # the rejected draft's position
-            new = [correction.item()]
-            hidden, tok = hidden[:, :1], correction
+            hidden, tok = ahead if ahead is not None else plain_step(tok)
+            new = [tok.item()]
+            pend_h.append(hidden)
+            pend_t.extend(new)
+            accepted = None
+        now = time.perf_counter()
+        policy.record("plain" if accepted is None else "draft", now - last, accepted)
+        last = now
+        ahead = None
+        if policy.mode == "plain" and not (new[-1] in eos_ids or emitted + len(new) >= max_tokens):
+            ahead = plain_step(tok)  # queue the next plain step before handing tokens out
+            mx.async_eval(ahead[1])
         for t in new:
             done = emit(t)
             yield t
             if done:
                 break
-        if not done:
-            nxt = mx.array(new)[None]
-            q = dist(propose(nxt, mtp_cache, hidden)[0][:, -1])
     pc.tokens = pc.tokens[: cache[0].offset]
     stats.generation_tps = emitted / max(time.perf_counter() - tic, 1e-9)
     stats.peak_memory_gb = mx.get_peak_memory() / 1e9

@@ -167,3 +167,69 @@ def test_prompt_longer_than_context_is_refused(model):
 
 def test_mtp_with_a_one_token_prompt(model):
     assert list(generate_tokens(model, [5], max_tokens=6, mtp=True)) == list(generate_tokens(model, [5], max_tokens=6))
+
+
+def test_draft_policy_drafts_only_while_it_pays():
+    from dh_mlx.speculative import DraftPolicy
+
+    def run(policy, t_draft, t_plain, accept, steps):
+        modes = []
+        for i in range(steps):
+            modes.append(policy.mode)
+            if policy.mode == "draft":
+                policy.record("draft", t_draft, accept(i))
+            else:
+                policy.record("plain", t_plain)
+        return "".join(m[0] for m in modes)
+
+    # A draft step costs 1.5 plain steps: break-even acceptance 0.5.
+    good = DraftPolicy(probe=4, pause=8)
+    modes = run(good, 1.5, 1.0, lambda i: i % 4 != 0, 60)  # 75 % accepted: keeps drafting after timing
+    assert good.break_even() == pytest.approx(0.5)
+    assert modes[:4] == "dddd" and modes[4:10] == "pppppp" and set(modes[10:]) == {"d"}
+    bad = DraftPolicy(probe=4, pause=8, max_pause=32)
+    modes = run(bad, 1.5, 1.0, lambda i: i % 4 == 0, 120)  # 25 % accepted: pauses, doubling, and probes
+    assert modes[10:18] == "p" * 8 and modes[18:22] == "dddd" and modes[22:38] == "p" * 16
+    assert modes[38:42] == "dddd" and modes[42:74] == "p" * 32 and modes[74:78] == "dddd"
+    hopeless = DraftPolicy(probe=4, pause=8, max_pause=64)  # 2.1x: even 100 % acceptance cannot pay
+    modes = run(hopeless, 2.1, 1.0, lambda i: True, 100)
+    assert modes[10:74] == "p" * 64 and modes[74:78] == "dddd"
+    fixed = DraftPolicy(adaptive=False)
+    assert set(run(fixed, 3.0, 1.0, lambda i: False, 30)) == {"d"}
+    with pytest.raises(ValueError, match="probe"):
+        DraftPolicy(probe=0)
+
+
+def test_mtp_cache_catches_up_after_plain_steps(model):
+    """Scripted draft/plain steps: output equals plain greedy and the MTP cache equals an eager MTP pass."""
+    from dh_mlx.cache import LatentCache
+    from dh_mlx.speculative import DraftPolicy
+
+    class Scripted(DraftPolicy):
+        def __init__(self, script):
+            super().__init__()
+            self.script, self.i, self.mode = script, 0, script[0]
+
+        def record(self, kind, seconds, accepted=None):
+            assert kind == self.mode
+            self.i += 1
+            self.mode = self.script[min(self.i, len(self.script) - 1)]
+
+    prompt = tokens(7, batch=1)[0].tolist()
+    plain = list(generate_tokens(model, prompt, max_tokens=24))
+    script = ["draft", "draft", "plain", "plain", "plain", "draft", "plain", "draft", "draft"] + ["plain"] * 4
+    stats, pc = GenerationStats(), PromptCache.new(model)
+    out = list(generate_tokens(model, prompt, max_tokens=24, mtp=True, stats=stats, prompt_cache=pc,
+                               draft_policy=Scripted([m for m in script] + ["draft"] * 30)))
+    assert out == plain
+    assert stats.drafted >= 5
+    seq = mx.array([prompt + out])
+    n = pc.mtp_cache.offset
+    assert n >= len(prompt) + 10
+    h, _ = model.model(seq[:, :n])  # (1, n, D): no cache, one pass
+    ref = LatentCache()
+    model.mtp_forward(h, seq[:, 1:n + 1], cache=ref)
+    np.testing.assert_allclose(np.array(pc.mtp_cache.latent[:, :, :n]), np.array(ref.latent[:, :, :n]),
+                               atol=2e-5, rtol=1e-4)
+    np.testing.assert_allclose(np.array(pc.mtp_cache.k_pe[:, :, :n]), np.array(ref.k_pe[:, :, :n]),
+                               atol=2e-5, rtol=1e-4)
