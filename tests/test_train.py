@@ -145,7 +145,7 @@ def test_resume_reproduces_an_uninterrupted_run(small_run_inputs):
     d = small_run_inputs
     common = dict(config=d / "config.json", data=d / "data.jsonl", tokenizer=d / "tok", steps=6, batch_size=2,
                   seq_len=16, eval_every=3, save_every=100, progress=False, warmup_steps=1)
-    full = train(out=d / "full", **common)
+    assert train(out=d / "full", **common).step == 6
     part = train(out=d / "part", stop_after=3, **common)
     assert part.interrupted and part.step == 3
     resumed = train(out=d / "part", resume=True, **common)
