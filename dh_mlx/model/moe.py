@@ -11,6 +11,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
+from .. import native
 from ..config import ModelConfig
 from .layers import MLP, linear, swiglu
 
@@ -25,6 +26,46 @@ BLOCK_ROWS = 16
 # mx.compile the blocked layout does (a training step of tiny over two 2 x 256 halves: 1,500 vs 1,430 tok/s).
 # Quantized or adapted experts use the blocked layout from 4 blocks per expert on average.
 SEGMENT_MIN_ROWS = 16
+
+
+@mx.custom_function
+def segment_linear(x: mx.array, w: mx.array, offsets: mx.array) -> mx.array:
+    """x (R, in) rows sorted by expert, w (E, out, in), offsets (E + 1,) int32 -> (R, out): rows offsets[e] to
+    offsets[e + 1] times w[e].T, one BLAS call per expert (CPU; `native.load()` must have succeeded)."""
+    return native.load().segment_rows(x, w, offsets, True)
+
+
+@segment_linear.vjp
+def _segment_linear_vjp(primals, dy, y):
+    x, w, offsets = primals
+    ext = native.load()
+    return ext.segment_rows(dy, w, offsets, False), ext.segment_outer(dy, x, offsets), mx.zeros_like(offsets)
+
+
+@mx.custom_function
+def gather_pairs(x: mx.array, order: mx.array, inverse: mx.array, k: int) -> mx.array:
+    """x (N, D), order (P,) a permutation of the N*k (token, slot) pairs, inverse its inverse -> x[order // k].
+    The gradient gathers and sums over the k slots instead of MLX's generic (serial) scatter-add."""
+    return x[order // k]
+
+
+@gather_pairs.vjp
+def _gather_pairs_vjp(primals, dy, y):
+    x, order, inverse, k = primals
+    dx = dy[inverse].reshape(x.shape[0], k, -1).sum(axis=1)
+    return dx, mx.zeros_like(order), mx.zeros_like(inverse), None
+
+
+@mx.custom_function
+def permute_rows(y: mx.array, perm: mx.array, inverse: mx.array) -> mx.array:
+    """y[perm] for a permutation `perm` with inverse `inverse`; the gradient is a gather too (not a scatter)."""
+    return y[perm]
+
+
+@permute_rows.vjp
+def _permute_rows_vjp(primals, dy, out):
+    y, perm, inverse = primals
+    return dy[inverse], mx.zeros_like(perm), mx.zeros_like(inverse)
 
 
 class Routing(NamedTuple):
@@ -165,13 +206,17 @@ class Experts(nn.Module):
         xf, idx = x.reshape(-1, D), indices.reshape(-1, k)  # (N, D), (N, k)
         N = xf.shape[0]
         path = self.path
-        if path not in (None, "gather", "segments", "blocked"):
-            raise ValueError(f"Experts.path: expected None, 'gather', 'segments' or 'blocked', got {path!r}")
+        if path not in (None, "gather", "native", "segments", "blocked"):
+            raise ValueError(f"Experts.path: expected None, 'gather', 'native', 'segments' or 'blocked', got {path!r}")
         if path is None and mx.default_device() == mx.cpu:
-            if self._plain() and N * k >= SEGMENT_MIN_ROWS * self.num_experts:
+            if N * k >= SORT_THRESHOLD and self._native_ok(x) and native.load() is not None:
+                path = "native"
+            elif self._plain() and N * k >= SEGMENT_MIN_ROWS * self.num_experts:
                 path = "segments"
             elif N * k >= 4 * self.num_experts * BLOCK_ROWS:  # quantized or adapted experts
                 path = "blocked"
+        if path == "native":
+            return self._native(xf, idx).reshape(*lead, k, D)
         if path == "segments":
             y = self._segments(xf, idx)
             if y is not None:
@@ -193,6 +238,24 @@ class Experts(nn.Module):
     def _plain(self) -> bool:
         """Float weights, no adapters: what `_segments` can take apart per expert."""
         return all(type(p) is StackedLinear for p in (self.gate_proj, self.up_proj, self.down_proj))
+
+    def _native_ok(self, x: mx.array) -> bool:
+        """Float32 activations and plain float32 experts: what `segment_linear` takes."""
+        return self._plain() and x.dtype == self.gate_proj.weight.dtype == mx.float32
+
+    def _native(self, x: mx.array, idx: mx.array) -> mx.array:
+        """x (N, D), idx (N, k) -> (N, k, D): pairs sorted by expert, then `segment_linear` (one BLAS call per
+        expert over its exact run of rows; the run boundaries stay on the device, so this compiles)."""
+        N, k = idx.shape
+        flat = idx.reshape(-1)
+        order = mx.argsort(flat)  # (P,) pairs grouped by expert
+        counts = (flat[:, None] == mx.arange(self.num_experts)).sum(axis=0)  # (E,)
+        offsets = mx.concatenate([mx.zeros((1,), mx.int32), mx.cumsum(counts).astype(mx.int32)])  # (E + 1,)
+        inverse = mx.argsort(order)
+        xs = gather_pairs(x, order, inverse, k)  # (P, D)
+        h = swiglu(segment_linear(xs, self.gate_proj.weight, offsets), segment_linear(xs, self.up_proj.weight, offsets))
+        y = segment_linear(h, self.down_proj.weight, offsets)  # (P, D)
+        return permute_rows(y, inverse, order).reshape(N, k, -1)
 
     def _segments(self, x: mx.array, idx: mx.array) -> mx.array | None:
         """x (N, D), idx (N, k) -> (N, k, D): pairs sorted by expert, then one SwiGLU of matmuls per expert over

@@ -1,0 +1,91 @@
+"""Native CPU kernels: an MLX extension (C++ primitive + nanobind), built on first use and cached.
+
+`segment_matmul.cpp` multiplies each routed expert's run of rows with one BLAS call, reading the run
+boundaries when the kernel runs (no host sync, static shapes: works under mx.compile). Built with the C++
+compiler that `mx.compile` on the CPU already needs, against the installed MLX headers and nanobind (whose
+internals must match the ones MLX was built with; the `cpu` extra pins a matching release). `load()` returns
+None, with the reason in `status`, when the build or the self-test fails, and callers fall back to pure MLX.
+`DH_MLX_NATIVE=off` disables it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.machinery
+import importlib.util
+import os
+import subprocess
+import sys
+import sysconfig
+from pathlib import Path
+from types import ModuleType
+
+from .._blas import cache_dir
+
+_SOURCE = Path(__file__).with_name("segment_matmul.cpp")
+#: Why the extension is (not) in use.
+status: str = "not attempted"
+_module: ModuleType | None = None
+
+
+def load() -> ModuleType | None:
+    """The built extension module (`segment_rows`, `segment_outer`), or None (see `status`)."""
+    global status, _module
+    if status != "not attempted":
+        return _module
+    if os.environ.get("DH_MLX_NATIVE", "").strip().lower() in ("off", "0", "none"):
+        status = "disabled by DH_MLX_NATIVE"
+        return None
+    try:
+        _module = _import(_build())
+        _self_test(_module)
+        status = f"loaded {_module.__file__}"
+    except Exception as e:  # no compiler, headers or matching nanobind: pure MLX paths instead
+        _module, status = None, f"unavailable ({type(e).__name__}: {str(e).strip().splitlines()[-1][:300]})"
+    return _module
+
+
+def _build() -> Path:
+    import mlx
+    import mlx.core as mx
+    import nanobind
+
+    mlx_dir = Path(mlx.__path__[0])
+    nb_dir = Path(nanobind.__path__[0])
+    key = hashlib.sha256(_SOURCE.read_bytes() + f"{mx.__version__} {nanobind.__version__} {sys.version}".encode())
+    out = cache_dir() / f"segment_matmul-{key.hexdigest()[:16]}{sysconfig.get_config_var('EXT_SUFFIX')}"
+    if out.exists():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f"{out.name}.{os.getpid()}.tmp")
+    cmd = [os.environ.get("CXX", "g++" if sys.platform.startswith("linux") else "c++"), "-std=c++20", "-O2",
+           "-fPIC", "-shared", "-fvisibility=hidden", "-DNB_DOMAIN=mlx",  # MLX's nanobind domain
+           f"-I{mlx_dir / 'include'}", f"-I{nb_dir / 'include'}", f"-I{nb_dir / 'ext' / 'robin_map' / 'include'}",
+           f"-I{sysconfig.get_paths()['include']}", str(_SOURCE), str(nb_dir / "src" / "nb_combined.cpp"),
+           f"-L{mlx_dir / 'lib'}", "-lmlx", f"-Wl,-rpath,{mlx_dir / 'lib'}", "-o", str(tmp)]
+    if sys.platform == "darwin":  # Python's symbols come from the interpreter at load time
+        cmd[1:1] = ["-undefined", "dynamic_lookup"]
+    subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=600)
+    os.replace(tmp, out)
+    return out
+
+
+def _import(path: Path) -> ModuleType:
+    loader = importlib.machinery.ExtensionFileLoader("_segment_matmul", str(path))
+    spec = importlib.util.spec_from_file_location("_segment_matmul", path, loader=loader)
+    module = importlib.util.module_from_spec(spec)
+    loader.exec_module(module)
+    return module
+
+
+def _self_test(module: ModuleType) -> None:
+    """Two experts, one empty: exact against plain matmuls (raises on any mismatch or interop failure)."""
+    import mlx.core as mx
+
+    x = mx.arange(12, dtype=mx.float32).reshape(4, 3)
+    w = mx.arange(18, dtype=mx.float32).reshape(3, 2, 3) / 10
+    offsets = mx.array([0, 1, 1, 4], mx.int32)
+    y = module.segment_rows(x, w, offsets, True)
+    want = mx.concatenate([x[:1] @ w[0].T, x[1:] @ w[2].T])
+    if not mx.array_equal(y, want).item():
+        raise RuntimeError("segment_matmul self-test: wrong values")

@@ -1,0 +1,126 @@
+// Segmented matmuls for routed experts on the CPU backend: one BLAS call per expert over its run of rows.
+//
+// Rows sorted by expert are described by `offsets` (E + 1 int32: expert e owns rows offsets[e] to
+// offsets[e + 1]), read when the kernel runs, so shapes never depend on the routing and the op works inside
+// mx.compile without a host sync. Two kinds:
+//   rows:  y[rows of e] = x[rows of e] @ W_e^T (transpose) or @ W_e     x (R, in), w (E, ., .) -> y (R, out)
+//   outer: g[e] = a[rows of e]^T @ b[rows of e]                        a (R, P), b (R, Q)     -> g (E, P, Q)
+// `outer` is the weight gradient of `rows`. Float32 only; rows outside every run come out zero.
+#include <cstring>
+#include <stdexcept>
+#include <string>
+
+#include <nanobind/nanobind.h>
+#include <nanobind/stl/variant.h>
+
+#include "mlx/allocator.h"
+#include "mlx/backend/cpu/encoder.h"
+#include "mlx/mlx.h"
+#include "mlx/primitives.h"
+
+namespace nb = nanobind;
+namespace mx = mlx::core;
+
+extern "C" void cblas_sgemm(int order, int trans_a, int trans_b, int m, int n, int k, float alpha,
+                            const float* a, int lda, const float* b, int ldb, float beta, float* c, int ldc);
+
+namespace {
+
+constexpr int kRowMajor = 101, kNoTrans = 111, kTrans = 112;
+
+class SegmentMatmul : public mx::Primitive {
+ public:
+  SegmentMatmul(mx::Stream s, bool outer, bool transpose) : mx::Primitive(s), outer_(outer), transpose_(transpose) {}
+
+  void eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override {
+    const mx::array &a = inputs[0], &b = inputs[1], &off = inputs[2];
+    mx::array& out = outputs[0];
+    out.set_data(mx::allocator::malloc(out.nbytes()));
+    const float* ap = a.data<float>();
+    const float* bp = b.data<float>();
+    const int32_t* op = off.data<int32_t>();
+    float* yp = out.data<float>();
+    const int E = off.shape(0) - 1, R = a.shape(0);
+    auto& encoder = mx::cpu::get_command_encoder(stream());
+    if (outer_) {
+      const int P = a.shape(1), Q = b.shape(1);
+      encoder.dispatch([=]() {
+        for (int e = 0; e < E; ++e) {
+          const int s = std::clamp(op[e], 0, R), n = std::clamp(op[e + 1], 0, R) - s;
+          float* g = yp + static_cast<size_t>(e) * P * Q;
+          if (n <= 0) {
+            std::memset(g, 0, sizeof(float) * P * Q);
+            continue;
+          }
+          cblas_sgemm(kRowMajor, kTrans, kNoTrans, P, Q, n, 1.0f, ap + static_cast<size_t>(s) * P, P,
+                      bp + static_cast<size_t>(s) * Q, Q, 0.0f, g, Q);
+        }
+      });
+      return;
+    }
+    const int in = a.shape(1), out_dim = out.shape(1);
+    const bool t = transpose_;
+    encoder.dispatch([=]() {
+      int covered = 0;
+      for (int e = 0; e < E; ++e) {
+        const int s = std::clamp(op[e], 0, R), n = std::clamp(op[e + 1], 0, R) - s;
+        if (n <= 0) continue;
+        const float* w = bp + static_cast<size_t>(e) * in * out_dim;
+        cblas_sgemm(kRowMajor, kNoTrans, t ? kTrans : kNoTrans, n, out_dim, in, 1.0f,
+                    ap + static_cast<size_t>(s) * in, in, w, t ? in : out_dim, 0.0f,
+                    yp + static_cast<size_t>(s) * out_dim, out_dim);
+        covered = std::max(covered, s + n);
+      }
+      const int first = std::clamp(op[0], 0, R);
+      std::memset(yp, 0, sizeof(float) * first * out_dim);
+      std::memset(yp + static_cast<size_t>(covered) * out_dim, 0, sizeof(float) * (R - covered) * out_dim);
+    });
+  }
+
+  void eval_gpu(const std::vector<mx::array>&, std::vector<mx::array>&) override {
+    throw std::runtime_error("SegmentMatmul runs on the CPU only");
+  }
+
+  const char* name() const override { return "SegmentMatmul"; }
+
+ private:
+  bool outer_, transpose_;
+};
+
+void check(const mx::array& x, int ndim, mx::Dtype dtype, const char* what) {
+  if (x.ndim() != ndim || x.dtype() != dtype) {
+    throw std::invalid_argument(std::string("segment_matmul: ") + what + " must be " + std::to_string(ndim) +
+                                "-D " + (dtype == mx::float32 ? "float32" : "int32"));
+  }
+}
+
+mx::array segment_rows(const mx::array& x, const mx::array& w, const mx::array& offsets, bool transpose) {
+  check(x, 2, mx::float32, "x");
+  check(w, 3, mx::float32, "w");
+  check(offsets, 1, mx::int32, "offsets");
+  const int in = transpose ? w.shape(2) : w.shape(1), out = transpose ? w.shape(1) : w.shape(2);
+  if (x.shape(1) != in || offsets.shape(0) != w.shape(0) + 1) {
+    throw std::invalid_argument("segment_matmul: x (R, in), w (E, out, in) or (E, in, out), offsets (E + 1,)");
+  }
+  auto s = mx::to_stream(mx::Device::cpu);
+  return mx::array({x.shape(0), out}, mx::float32, std::make_shared<SegmentMatmul>(s, false, transpose),
+                   {mx::contiguous(x, false, s), mx::contiguous(w, false, s), mx::contiguous(offsets, false, s)});
+}
+
+mx::array segment_outer(const mx::array& a, const mx::array& b, const mx::array& offsets) {
+  check(a, 2, mx::float32, "a");
+  check(b, 2, mx::float32, "b");
+  check(offsets, 1, mx::int32, "offsets");
+  if (a.shape(0) != b.shape(0)) throw std::invalid_argument("segment_outer: a and b need the same rows");
+  auto s = mx::to_stream(mx::Device::cpu);
+  return mx::array({offsets.shape(0) - 1, a.shape(1), b.shape(1)}, mx::float32,
+                   std::make_shared<SegmentMatmul>(s, true, false),
+                   {mx::contiguous(a, false, s), mx::contiguous(b, false, s), mx::contiguous(offsets, false, s)});
+}
+
+}  // namespace
+
+NB_MODULE(_segment_matmul, m) {
+  m.def("segment_rows", &segment_rows, nb::arg("x"), nb::arg("w"), nb::arg("offsets"), nb::arg("transpose"));
+  m.def("segment_outer", &segment_outer, nb::arg("a"), nb::arg("b"), nb::arg("offsets"));
+}
