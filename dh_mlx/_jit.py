@@ -31,6 +31,7 @@ from ._blas import cache_dir
 
 FLAGS = ("-march=native", "-fno-trapping-math", "-fno-math-errno", "--param", "vect-max-version-for-alias-checks=200",
          "--param", "max-inline-insns-single=2000", "--param", "max-inline-insns-auto=2000")
+_VECTORIZE = Path(__file__).with_name("_kernel_vectorize.py")  # rewrites strided loops (see there)
 _SYSTEM_TMPDIR = "DH_MLX_SYSTEM_TMPDIR"  # the temp dir Python programs in this process tree should use
 _WRAPPER_DIR = "DH_MLX_JIT_BIN"  # the wrapper directory a parent process put on PATH
 
@@ -68,7 +69,8 @@ def enable() -> str:
     elif real is None:
         status = "MLX defaults (no g++ on PATH: mx.compile cannot build CPU kernels)"
     else:
-        key = hashlib.sha256(repr((FLAGS, real, _cpu_features())).encode()).hexdigest()[:16]
+        key = hashlib.sha256(repr((FLAGS, real, _cpu_features(), sys.executable, str(_VECTORIZE),
+                                   _VECTORIZE.read_bytes())).encode()).hexdigest()[:16]
         root = cache_dir() / f"jit-{key}"
         try:
             if not (root / "bin" / "g++").exists() and not _flags_work(real):
@@ -102,7 +104,9 @@ def _flags_work(real: str) -> bool:
 
 
 def _write_wrapper(path: Path, real: str) -> None:
-    script = "#!/bin/sh\nexec " + " ".join([f'"{real}"', *FLAGS, '"$@"']) + "\n"
+    """`g++ ARGS` -> the real compiler with FLAGS, MLX's source first through `_kernel_vectorize.py`."""
+    script = "#!/bin/sh\nexec " + " ".join([f'"{sys.executable}"', f'"{_VECTORIZE}"', f'"{real}"', *FLAGS,
+                                            '"$@"']) + "\n"
     if path.exists() and path.read_text() == script:
         return
     path.parent.mkdir(parents=True, exist_ok=True)
