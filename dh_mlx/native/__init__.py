@@ -1,7 +1,8 @@
 """Native CPU kernels: an MLX extension (C++ primitive + nanobind), built on first use and cached.
 
-`segment_matmul.cpp` multiplies each routed expert's run of rows with one BLAS call, reading the run
-boundaries when the kernel runs (no host sync, static shapes: works under mx.compile). Built with the C++
+`kernels.cpp`: the routed experts' segment matmuls (one BLAS call per expert's run of rows, the run
+boundaries read when the kernel runs: no host sync, static shapes, works under mx.compile) and a one-pass
+softmax cross-entropy. Built with the C++
 compiler that `mx.compile` on the CPU already needs, against the installed MLX headers and nanobind (whose
 internals must match the ones MLX was built with; the `cpu` extra pins a matching release). `load()` returns
 None, with the reason in `status`, when the build or the self-test fails, and callers fall back to pure MLX.
@@ -22,14 +23,15 @@ from types import ModuleType
 
 from .._blas import cache_dir
 
-_SOURCE = Path(__file__).with_name("segment_matmul.cpp")
+_SOURCE = Path(__file__).with_name("kernels.cpp")
 #: Why the extension is (not) in use.
 status: str = "not attempted"
 _module: ModuleType | None = None
 
 
 def load() -> ModuleType | None:
-    """The built extension module (`segment_rows`, `segment_outer`), or None (see `status`)."""
+    """The built extension module (`segment_rows`, `segment_outer`, `ce_forward`, `ce_backward`), or None
+    (see `status`)."""
     global status, _module
     if status != "not attempted":
         return _module
@@ -50,15 +52,19 @@ def _build() -> Path:
     import mlx.core as mx
     import nanobind
 
+    from .. import _jit
+
     mlx_dir = Path(mlx.__path__[0])
     nb_dir = Path(nanobind.__path__[0])
-    key = hashlib.sha256(_SOURCE.read_bytes() + f"{mx.__version__} {nanobind.__version__} {sys.version}".encode())
-    out = cache_dir() / f"segment_matmul-{key.hexdigest()[:16]}{sysconfig.get_config_var('EXT_SUFFIX')}"
+    flags = _jit.FLAGS if sys.platform.startswith("linux") else ()  # -march=native: keyed by the CPU below
+    key = hashlib.sha256(_SOURCE.read_bytes() + repr((mx.__version__, nanobind.__version__, sys.version, flags,
+                                                      _jit._cpu_features())).encode())
+    out = cache_dir() / f"native-{key.hexdigest()[:16]}{sysconfig.get_config_var('EXT_SUFFIX')}"
     if out.exists():
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f"{out.name}.{os.getpid()}.tmp")
-    cmd = [os.environ.get("CXX", "g++" if sys.platform.startswith("linux") else "c++"), "-std=c++20", "-O2",
+    cmd = [os.environ.get("CXX", "g++" if sys.platform.startswith("linux") else "c++"), "-std=c++20", "-O3", *flags,
            "-fPIC", "-shared", "-fvisibility=hidden", "-DNB_DOMAIN=mlx",  # MLX's nanobind domain
            f"-I{mlx_dir / 'include'}", f"-I{nb_dir / 'include'}", f"-I{nb_dir / 'ext' / 'robin_map' / 'include'}",
            f"-I{sysconfig.get_paths()['include']}", str(_SOURCE), str(nb_dir / "src" / "nb_combined.cpp"),
@@ -71,8 +77,8 @@ def _build() -> Path:
 
 
 def _import(path: Path) -> ModuleType:
-    loader = importlib.machinery.ExtensionFileLoader("_segment_matmul", str(path))
-    spec = importlib.util.spec_from_file_location("_segment_matmul", path, loader=loader)
+    loader = importlib.machinery.ExtensionFileLoader("_dh_native", str(path))
+    spec = importlib.util.spec_from_file_location("_dh_native", path, loader=loader)
     module = importlib.util.module_from_spec(spec)
     loader.exec_module(module)
     return module

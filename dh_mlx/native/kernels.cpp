@@ -1,20 +1,29 @@
-// Segmented matmuls for routed experts on the CPU backend: one BLAS call per expert over its run of rows.
+// Native CPU kernels for dh-mlx, as MLX primitives (built at first use by dh_mlx/native/__init__.py).
 //
-// Rows sorted by expert are described by `offsets` (E + 1 int32: expert e owns rows offsets[e] to
-// offsets[e + 1]), read when the kernel runs, so shapes never depend on the routing and the op works inside
-// mx.compile without a host sync. Two kinds:
+// SegmentMatmul: routed experts, one BLAS call per expert over its run of rows. Rows sorted by expert are
+// described by `offsets` (E + 1 int32: expert e owns rows offsets[e] to offsets[e + 1]), read when the kernel
+// runs, so shapes never depend on the routing and the op works inside mx.compile without a host sync:
 //   rows:  y[rows of e] = x[rows of e] @ W_e^T (transpose) or @ W_e     x (R, in), w (E, ., .) -> y (R, out)
 //   outer: g[e] = a[rows of e]^T @ b[rows of e]                        a (R, P), b (R, Q)     -> g (E, P, Q)
 // `outer` is the weight gradient of `rows`. Float32 only; rows outside every run come out zero.
+//
+// CrossEntropy: a vocabulary-sized softmax cross-entropy in one pass over the logits per direction:
+//   forward:  logits (N, V), targets (N,) -> ce (N,), lse (N,)    (lse = log-sum-exp of each row)
+//   backward: logits, targets, lse, g (N,) -> (exp(logits - lse) - onehot(targets)) * g
+// A row (32 KB for V = 8192) stays in cache between its max and its sum of exponentials; MLX's own ops make
+// ~7 passes over the (N, V) array. exp is MLX's polynomial, so values match its kernels to rounding.
+#include <cmath>
 #include <cstring>
 #include <stdexcept>
 #include <string>
 
 #include <nanobind/nanobind.h>
 #include <nanobind/stl/variant.h>
+#include <nanobind/stl/vector.h>
 
 #include "mlx/allocator.h"
 #include "mlx/backend/cpu/encoder.h"
+#include "mlx/backend/cpu/unary_ops.h"
 #include "mlx/mlx.h"
 #include "mlx/primitives.h"
 
@@ -87,6 +96,82 @@ class SegmentMatmul : public mx::Primitive {
   bool outer_, transpose_;
 };
 
+
+inline float exp_(float x) { return mx::detail::Exp{}(x); }
+
+constexpr int kLanes = 16;  // independent partial results per row: lets GCC vectorise the reductions
+
+float row_max(const float* x, int n) {
+  float acc[kLanes];
+  for (int l = 0; l < kLanes; ++l) acc[l] = -INFINITY;
+  int j = 0;
+  for (; j + kLanes <= n; j += kLanes)
+    for (int l = 0; l < kLanes; ++l) acc[l] = x[j + l] > acc[l] ? x[j + l] : acc[l];
+  float m = -INFINITY;
+  for (int l = 0; l < kLanes; ++l) m = acc[l] > m ? acc[l] : m;
+  for (; j < n; ++j) m = x[j] > m ? x[j] : m;
+  return m;
+}
+
+float row_sum_exp(const float* x, int n, float m) {
+  float acc[kLanes] = {};
+  int j = 0;
+  for (; j + kLanes <= n; j += kLanes)
+    for (int l = 0; l < kLanes; ++l) acc[l] += exp_(x[j + l] - m);
+  float s = 0.0f;
+  for (int l = 0; l < kLanes; ++l) s += acc[l];
+  for (; j < n; ++j) s += exp_(x[j] - m);
+  return s;
+}
+
+class CrossEntropy : public mx::Primitive {
+ public:
+  CrossEntropy(mx::Stream s, bool backward) : mx::Primitive(s), backward_(backward) {}
+
+  void eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override {
+    const float* xp = inputs[0].data<float>();
+    const int32_t* tp = inputs[1].data<int32_t>();
+    const int N = inputs[1].size(), V = inputs[0].shape(-1);
+    for (auto& o : outputs) o.set_data(mx::allocator::malloc(o.nbytes()));
+    auto& encoder = mx::cpu::get_command_encoder(stream());
+    if (!backward_) {
+      float* cp = outputs[0].data<float>();
+      float* lp = outputs[1].data<float>();
+      encoder.dispatch([=]() {
+        for (int i = 0; i < N; ++i) {
+          const float* row = xp + static_cast<size_t>(i) * V;
+          const float m = row_max(row, V);
+          const float lse = m + std::log(row_sum_exp(row, V, m));
+          lp[i] = lse;
+          cp[i] = tp[i] >= 0 && tp[i] < V ? lse - row[tp[i]] : lse;
+        }
+      });
+      return;
+    }
+    const float* lp = inputs[2].data<float>();
+    const float* gp = inputs[3].data<float>();
+    float* dp = outputs[0].data<float>();
+    encoder.dispatch([=]() {
+      for (int i = 0; i < N; ++i) {
+        const float* row = xp + static_cast<size_t>(i) * V;
+        float* out = dp + static_cast<size_t>(i) * V;
+        const float lse = lp[i], g = gp[i];
+        for (int j = 0; j < V; ++j) out[j] = exp_(row[j] - lse) * g;
+        if (tp[i] >= 0 && tp[i] < V) out[tp[i]] -= g;
+      }
+    });
+  }
+
+  void eval_gpu(const std::vector<mx::array>&, std::vector<mx::array>&) override {
+    throw std::runtime_error("CrossEntropy runs on the CPU only");
+  }
+
+  const char* name() const override { return "CrossEntropy"; }
+
+ private:
+  bool backward_;
+};
+
 void check(const mx::array& x, int ndim, mx::Dtype dtype, const char* what) {
   if (x.ndim() != ndim || x.dtype() != dtype) {
     throw std::invalid_argument(std::string("segment_matmul: ") + what + " must be " + std::to_string(ndim) +
@@ -118,9 +203,32 @@ mx::array segment_outer(const mx::array& a, const mx::array& b, const mx::array&
                    {mx::contiguous(a, false, s), mx::contiguous(b, false, s), mx::contiguous(offsets, false, s)});
 }
 
+std::vector<mx::array> ce_forward(const mx::array& logits, const mx::array& targets) {
+  check(logits, 2, mx::float32, "logits");
+  check(targets, 1, mx::int32, "targets");
+  if (targets.shape(0) != logits.shape(0)) throw std::invalid_argument("ce_forward: logits (N, V), targets (N,)");
+  auto s = mx::to_stream(mx::Device::cpu);
+  const int N = logits.shape(0);
+  return mx::array::make_arrays({{N}, {N}}, {mx::float32, mx::float32}, std::make_shared<CrossEntropy>(s, false),
+                                {mx::contiguous(logits, false, s), mx::contiguous(targets, false, s)});
+}
+
+mx::array ce_backward(const mx::array& logits, const mx::array& targets, const mx::array& lse, const mx::array& g) {
+  check(logits, 2, mx::float32, "logits");
+  check(targets, 1, mx::int32, "targets");
+  check(lse, 1, mx::float32, "lse");
+  check(g, 1, mx::float32, "g");
+  auto s = mx::to_stream(mx::Device::cpu);
+  return mx::array(logits.shape(), mx::float32, std::make_shared<CrossEntropy>(s, true),
+                   {mx::contiguous(logits, false, s), mx::contiguous(targets, false, s), mx::contiguous(lse, false, s),
+                    mx::contiguous(g, false, s)});
+}
+
 }  // namespace
 
-NB_MODULE(_segment_matmul, m) {
+NB_MODULE(_dh_native, m) {
   m.def("segment_rows", &segment_rows, nb::arg("x"), nb::arg("w"), nb::arg("offsets"), nb::arg("transpose"));
   m.def("segment_outer", &segment_outer, nb::arg("a"), nb::arg("b"), nb::arg("offsets"));
+  m.def("ce_forward", &ce_forward, nb::arg("logits"), nb::arg("targets"));
+  m.def("ce_backward", &ce_backward, nb::arg("logits"), nb::arg("targets"), nb::arg("lse"), nb::arg("g"));
 }

@@ -18,7 +18,8 @@ from typing import NamedTuple
 
 import mlx.core as mx
 
-from ..device import side_stream
+from .. import native
+from ..device import on_gpu, side_stream
 from ..model import Model
 from ..model.moe import Routing
 
@@ -58,44 +59,55 @@ def _split_rows(n_rows: int) -> int:
     return n_rows if side_stream() is None or n_rows < 2 else n_rows // 2
 
 
+def _native_for(logits: mx.array):
+    """The native kernels when they can take these logits (float32 on the CPU), else None."""
+    return native.load() if logits.dtype == mx.float32 and not on_gpu() else None
+
+
 @mx.custom_function
 def cross_entropy(logits: mx.array, targets: mx.array) -> tuple[mx.array, mx.array, mx.array]:
-    """(..., V) logits, (...) targets -> (per-token cross-entropy (...), softmax of the first rows, of the rest).
+    """(..., V) logits, (...) targets -> (per-token cross-entropy (...), what the backward pass reuses for the
+    first rows, for the rest).
 
-    Same value and gradient as `mlx.nn.losses.cross_entropy`, faster on the CPU backend, where exp is
-    single-threaded (~12 ns/element) and dominates a vocabulary-sized softmax: the backward pass reuses the
-    forward's probabilities instead of exponentiating again, and the rows are split over two streams (both
-    passes). Use `[0]`; the probabilities are outputs only so that the backward pass can reuse them.
+    Same value and gradient as `mlx.nn.losses.cross_entropy`, faster on the CPU backend. With the native
+    kernels (`dh_mlx.native`): one pass over each row forward (max, then the sum of exponentials while the row
+    is in cache) keeping only its log-sum-exp, one pass backward. Otherwise MLX ops that keep the forward's
+    probabilities so that the backward pass does not exponentiate again (exp is ~12 ns/element in MLX's
+    single-threaded kernels). The rows are split over two streams either way. Use `[0]`.
     """
     V = logits.shape[-1]
-    x, t = logits.reshape(-1, V), targets.reshape(-1)
+    x, t = logits.reshape(-1, V), targets.reshape(-1).astype(mx.int32)
     h = _split_rows(x.shape[0])
+    ext = _native_for(x)
+    rows = _ce_rows if ext is None else ext.ce_forward
     if h < x.shape[0]:
         with mx.stream(side_stream()):
-            ce2, p2 = _ce_rows(x[h:], t[h:])
+            ce2, kept2 = rows(x[h:], t[h:])
     else:
-        ce2, p2 = mx.zeros((0,), x.dtype), mx.zeros((0, V), x.dtype)
-    ce1, p1 = _ce_rows(x[:h], t[:h])
-    return mx.concatenate([ce1, ce2]).reshape(targets.shape), p1, p2
+        ce2, kept2 = mx.zeros((0,), x.dtype), mx.zeros((0,) if ext else (0, V), x.dtype)
+    ce1, kept1 = rows(x[:h], t[:h])
+    return mx.concatenate([ce1, ce2]).reshape(targets.shape), kept1, kept2
 
 
 @cross_entropy.vjp
 def _cross_entropy_vjp(primals, cotangents, outputs):
     logits, targets = primals
     V = logits.shape[-1]
-    t, g = targets.reshape(-1), cotangents[0].reshape(-1)
-    _, p1, p2 = outputs
-    h = p1.shape[0]
+    x, t, g = logits.reshape(-1, V), targets.reshape(-1).astype(mx.int32), cotangents[0].reshape(-1)
+    _, kept1, kept2 = outputs
+    h = kept1.shape[0]
 
-    def grad(p, rows):  # d CE / d logits = (softmax - onehot(target)) * cotangent
-        return (p - (mx.arange(V) == t[rows, None])) * g[rows, None]
+    def grad(kept, rows):  # d CE / d logits = (softmax - onehot(target)) * cotangent
+        if kept.ndim == 1:  # the native forward kept log-sum-exps
+            return native.load().ce_backward(x[rows], t[rows], kept, g[rows])
+        return (kept - (mx.arange(V) == t[rows, None])) * g[rows, None]
 
-    if p2.shape[0]:
+    if kept2.shape[0]:
         with mx.stream(side_stream()):
-            g2 = grad(p2, slice(h, None))
-        out = mx.concatenate([grad(p1, slice(0, h)), g2])
+            g2 = grad(kept2, slice(h, None))
+        out = mx.concatenate([grad(kept1, slice(0, h)), g2])
     else:
-        out = grad(p1, slice(None))
+        out = grad(kept1, slice(None))
     return out.reshape(logits.shape), mx.zeros_like(targets)
 
 
