@@ -64,6 +64,15 @@ def cpu_kernel_flags() -> str:
     return _jit.status
 
 
+def native_kernels() -> str:
+    """Whether dh_mlx/native's CPU kernels (expert segment matmuls, cross-entropy) are in use, and why not."""
+    if on_gpu():
+        return "not used on the GPU"
+    from . import native
+    native.load()
+    return native.status
+
+
 _side_stream: mx.Stream | None = None
 _streams_taken = False
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 from typing import Any
 
 from .config import ModelConfig
-from .device import WIDE_BFS_WIDTH, blas_in_use, compute_dtype, cpu_kernel_flags, eval_order_width
+from .device import (WIDE_BFS_WIDTH, blas_in_use, compute_dtype, cpu_kernel_flags, eval_order_width,
+                     native_kernels)
 from .params import CONTEXTS, KV_REFERENCES, count_params, kv_bytes_per_token, reference_kv_bytes_per_token, \
     weight_bytes
 
@@ -34,6 +35,7 @@ def model_info(config: ModelConfig) -> dict[str, Any]:
         "compute_dtype": str(compute_dtype()).replace("mlx.core.", ""),
         "blas": blas_in_use(),
         "cpu_kernels": cpu_kernel_flags(),
+        "native_kernels": native_kernels(),
         "mlx_bfs_max_width": eval_order_width(),
     }
     return info
@@ -67,6 +69,7 @@ def format_info(info: dict[str, Any], title: str) -> str:
     lines.append(f"  compute dtype     {info['compute_dtype']}   BLAS: {info['blas']}")
     k = info["cpu_kernels"]
     lines.append(f"  compiled kernels  {'vectorising g++ flags, cache ' + k if k.startswith('/') else k}")
+    lines.append(f"  native kernels    {info['native_kernels']}")
     lines.append(f"  MLX eval order    {info['mlx_bfs_max_width']} wide (MLX_BFS_MAX_WIDTH; `dh-mlx train` and "
                  f"`lora` use {WIDE_BFS_WIDTH})")
     return "\n".join(lines)

@@ -310,3 +310,27 @@ def test_linear_gradient_matches_mlx_and_is_row_major(bias):
     dx_ref = mx.grad(lambda x: (ref(x) * cot).sum())(x)
     np.testing.assert_allclose(np.array(dx_ours), np.array(dx_ref), rtol=1e-5, atol=1e-5)
     assert memoryview(ref_grads["weight"]).strides != (24 * 4, 4)  # MLX's own: a transposed view
+
+
+def test_without_native_kernels_the_cpu_experts_fall_back_to_pure_mlx(monkeypatch):
+    """No compiler or a nanobind that does not match MLX: `native.load()` is None and the default expert path
+    (per-expert matmuls eager, blocked layout compiled) gives the same values; DH_MLX_NATIVE=off says so."""
+    import os
+    import subprocess
+    import sys
+    from dh_mlx import native
+    from dh_mlx.model.moe import Experts
+    c = make_config(n_routed_experts=8, num_experts_per_tok=2)
+    ex = Experts(c)
+    x = mx.random.normal((200, c.hidden_size), key=mx.random.key(5))
+    idx = mx.argpartition(-mx.random.normal((200, 8), key=mx.random.key(6)), kth=1, axis=-1)[:, :2]
+    ex.path = "gather"
+    want = ex(x, idx)
+    ex.path = None
+    monkeypatch.setattr(native, "load", lambda: None)
+    monkeypatch.setattr(Experts, "_native", lambda *a: pytest.fail("used the native kernels"))
+    assert mx.abs(ex(x, idx) - want).max().item() <= 1e-4
+    assert mx.abs(mx.compile(lambda x: ex(x, idx))(x) - want).max().item() <= 1e-4
+    out = subprocess.run([sys.executable, "-c", "from dh_mlx import native; print(native.load(), native.status)"],
+                         env=dict(os.environ, DH_MLX_NATIVE="off"), capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "None disabled by DH_MLX_NATIVE"

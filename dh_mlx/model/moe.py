@@ -21,7 +21,8 @@ SORT_THRESHOLD = 64
 # CPU only: rows per block in the blocked path. gather_mm over single rows runs at ~7 GFLOP/s on the CPU
 # backend; over blocks of 16 rows that share an expert it is a BLAS matmul per block (~60 GFLOP/s here).
 BLOCK_ROWS = 16
-# CPU only, float experts: from this many rows per expert on average, one matmul per expert over its rows
+# CPU only, float experts, without the native kernels (`dh_mlx.native`, normally used from SORT_THRESHOLD
+# pairs, compiled or not): from this many rows per expert on average, one matmul per expert over its rows
 # (`Experts._segments`) beats gather_mm (1b, 512 tokens: 61 vs 94 ms per layer; crossover ~16); under
 # mx.compile the blocked layout does (a training step of tiny over two 2 x 256 halves: 1,500 vs 1,430 tok/s).
 # Quantized or adapted experts use the blocked layout from 4 blocks per expert on average.
@@ -180,9 +181,10 @@ class Experts(nn.Module):
     """The routed experts: SwiGLU with stacked `gate_proj`/`up_proj` `[E, I, D]` and `down_proj` `[E, D, I]`.
 
     Exact ways to apply them, chosen by device: on Metal/CUDA, gather_mm over (token, expert) rows sorted by
-    expert; on the CPU with many tokens, one matmul per expert over its rows (`_segments`, outside
-    mx.compile) or the blocked layout (`_blocked`, static shapes for compiled steps), which turn the same work
-    into BLAS matmuls of many rows.
+    expert; on the CPU with many tokens, one BLAS matmul per expert over its exact run of rows with the native
+    segment kernels (`_native`, compiled or not: training steps and prefill), else per-expert matmuls outside
+    mx.compile (`_segments`) or a padded blocked layout inside it (`_blocked`, also for quantized or adapted
+    experts).
     """
 
     def __init__(self, config: ModelConfig):
@@ -192,7 +194,7 @@ class Experts(nn.Module):
         self.gate_proj = StackedLinear(E, D, I)
         self.up_proj = StackedLinear(E, D, I)
         self.down_proj = StackedLinear(E, I, D)
-        # None: by device and row count (see __call__); "gather", "segments" or "blocked" force one path.
+        # None: by device and row count (see __call__); "gather", "native", "segments" or "blocked" force one.
         self.path: str | None = None
 
     def _glu(self, x: mx.array, idx: mx.array, sort: bool) -> mx.array:

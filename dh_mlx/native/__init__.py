@@ -2,11 +2,10 @@
 
 `kernels.cpp`: the routed experts' segment matmuls (one BLAS call per expert's run of rows, the run
 boundaries read when the kernel runs: no host sync, static shapes, works under mx.compile) and a one-pass
-softmax cross-entropy. Built with the C++
-compiler that `mx.compile` on the CPU already needs, against the installed MLX headers and nanobind (whose
-internals must match the ones MLX was built with; the `cpu` extra pins a matching release). `load()` returns
-None, with the reason in `status`, when the build or the self-test fails, and callers fall back to pure MLX.
-`DH_MLX_NATIVE=off` disables it.
+softmax cross-entropy. Built with the C++ compiler that `mx.compile` on the CPU already needs, against the
+installed MLX headers and nanobind (whose internals must match the ones MLX was built with; the `cpu` extra
+pins a matching release), ~10 s once per machine. `load()` returns None, with the reason in `status`, when
+the build or the self-test fails, and callers fall back to pure MLX. `DH_MLX_NATIVE=off` disables it.
 """
 
 from __future__ import annotations
@@ -94,4 +93,4 @@ def _self_test(module: ModuleType) -> None:
     y = module.segment_rows(x, w, offsets, True)
     want = mx.concatenate([x[:1] @ w[0].T, x[1:] @ w[2].T])
     if not mx.array_equal(y, want).item():
-        raise RuntimeError("segment_matmul self-test: wrong values")
+        raise RuntimeError("native self-test: segment_rows gave wrong values")
