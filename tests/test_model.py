@@ -199,12 +199,17 @@ def test_native_expert_path_matches_gather_in_weight_gradients_compiled():
         assert mx.abs(g1[0]).max().item() == 0.0 and mx.abs(g1[1:]).max().item() > 1e-3  # empty run: zero
 
 
-def test_segments_path_falls_back_to_blocked_under_compile():
+def experts_and_routing(n: int, k: int, seed: int):
+    """A random `Experts` over 8 experts and a routing of n tokens to k of them."""
     from dh_mlx.model.moe import Experts
-    c = make_config(n_routed_experts=8, num_experts_per_tok=2)
-    ex = Experts(c)
-    x = mx.random.normal((200, c.hidden_size), key=mx.random.key(0))
-    idx = mx.argpartition(-mx.random.normal((200, 8), key=mx.random.key(1)), kth=1, axis=-1)[:, :2]
+    c = make_config(n_routed_experts=8, num_experts_per_tok=k)
+    x = mx.random.normal((n, c.hidden_size), key=mx.random.key(seed))
+    idx = mx.argpartition(-mx.random.normal((n, 8), key=mx.random.key(seed + 1)), kth=k - 1, axis=-1)[:, :k]
+    return Experts(c), x, idx
+
+
+def test_segments_path_falls_back_to_blocked_under_compile():
+    ex, x, idx = experts_and_routing(200, 2, 0)
     ex.path = "segments"
     eager = ex(x, idx)
     compiled = mx.compile(lambda x, i: ex(x, i))(x, idx)  # routing-dependent shapes cannot be traced
@@ -320,10 +325,7 @@ def test_without_native_kernels_the_cpu_experts_fall_back_to_pure_mlx(monkeypatc
     import sys
     from dh_mlx import native
     from dh_mlx.model.moe import Experts
-    c = make_config(n_routed_experts=8, num_experts_per_tok=2)
-    ex = Experts(c)
-    x = mx.random.normal((200, c.hidden_size), key=mx.random.key(5))
-    idx = mx.argpartition(-mx.random.normal((200, 8), key=mx.random.key(6)), kth=1, axis=-1)[:, :2]
+    ex, x, idx = experts_and_routing(200, 2, 5)
     ex.path = "gather"
     want = ex(x, idx)
     ex.path = None
