@@ -30,9 +30,10 @@ from .sample import sampling_distribution
 class DraftPolicy:
     """Draft while acceptance > t_draft / t_plain - 1 (the break-even): t are this run's median wall times of a
     draft step (verify 2 positions, draft the next token) and a plain step (1 position); acceptance is over
-    the last `window` drafts. Starts with `probe` drafts, then `probe` plain steps to time them; afterwards a
-    losing draft mode pauses for `pause` plain steps, doubling per failed probe up to `max_pause` (at once
-    when the break-even is above 1: then no acceptance can pay), and probes again.
+    the last `window` drafts. Starts with `probe` drafts, then WARMUP + `probe` plain steps to time them;
+    afterwards a losing draft mode pauses for `pause` plain steps, doubling per failed probe up to `max_pause`
+    (at once when the break-even is above 1: then no acceptance can pay), and probes again. One policy can
+    serve several calls (`generate_tokens(..., draft_policy=...)`): what it measured carries over.
     """
 
     WARMUP = 2  # the first steps of each kind include tracing and compiling: not timed
@@ -86,7 +87,8 @@ def mtp_generate(model: Model, pc, todo: list[int], *, stats, max_tokens: int, e
     """Yield tokens like `generate_tokens`; `pc` is a PromptCache already trimmed to the reused prefix.
 
     `policy` decides per step whether to draft (default: a fresh `DraftPolicy`). The MTP cache is left in
-    `pc.mtp_cache`, holding every position the main cache holds but the last.
+    `pc.mtp_cache`: the positions whose MTP input has run (the main cache's but the last, less any plain steps
+    at the end, whose input is only caught up when drafting resumes).
     """
     policy = policy if policy is not None else DraftPolicy()
     d = None if domain is None else mx.array([domain])
