@@ -42,7 +42,8 @@ def load() -> ModuleType | None:
         _self_test(_module)
         status = f"loaded {_module.__file__}"
     except Exception as e:  # no compiler, headers or matching nanobind: pure MLX paths instead
-        _module, status = None, f"unavailable ({type(e).__name__}: {str(e).strip().splitlines()[-1][:300]})"
+        detail = (getattr(e, "stderr", None) or str(e)).strip().splitlines() or [""]
+        _module, status = None, f"unavailable ({type(e).__name__}: {detail[-1][:300]})"
     return _module
 
 
@@ -84,7 +85,8 @@ def _import(path: Path) -> ModuleType:
 
 
 def _self_test(module: ModuleType) -> None:
-    """Two experts, one empty: exact against plain matmuls (raises on any mismatch or interop failure)."""
+    """Two experts, one empty, against plain matmuls (raises on a mismatch or an interop failure, e.g. a
+    nanobind whose internals differ from MLX's: the arrays then do not convert)."""
     import mlx.core as mx
 
     x = mx.arange(12, dtype=mx.float32).reshape(4, 3)
@@ -92,5 +94,5 @@ def _self_test(module: ModuleType) -> None:
     offsets = mx.array([0, 1, 1, 4], mx.int32)
     y = module.segment_rows(x, w, offsets, True)
     want = mx.concatenate([x[:1] @ w[0].T, x[1:] @ w[2].T])
-    if not mx.array_equal(y, want).item():
+    if not mx.allclose(y, want, rtol=1e-5, atol=1e-6).item():  # BLAS kernels may sum in another order
         raise RuntimeError("native self-test: segment_rows gave wrong values")
