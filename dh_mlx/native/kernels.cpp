@@ -218,6 +218,10 @@ mx::array ce_backward(const mx::array& logits, const mx::array& targets, const m
   check(targets, 1, mx::int32, "targets");
   check(lse, 1, mx::float32, "lse");
   check(g, 1, mx::float32, "g");
+  const int N = logits.shape(0);
+  if (targets.shape(0) != N || lse.shape(0) != N || g.shape(0) != N) {
+    throw std::invalid_argument("ce_backward: logits (N, V), targets, lse and g (N,)");
+  }
   auto s = mx::to_stream(mx::Device::cpu);
   return mx::array(logits.shape(), mx::float32, std::make_shared<CrossEntropy>(s, true),
                    {mx::contiguous(logits, false, s), mx::contiguous(targets, false, s), mx::contiguous(lse, false, s),
