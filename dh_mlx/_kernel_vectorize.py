@@ -105,8 +105,8 @@ def _rewrite(dim: str, loop: list[str]) -> list[str] | None:
 
 
 def main(argv: list[str]) -> int:
-    compiler, args = argv[0], list(argv[1:])
-    written = []
+    compiler, original = argv[0], list(argv[1:])
+    args, written = list(original), []
     for k, arg in enumerate(args):
         path = Path(arg)
         if path.suffix == ".cpp" and path.is_file():
@@ -120,7 +120,10 @@ def main(argv: list[str]) -> int:
             except Exception:  # noqa: BLE001  any surprise: compile MLX's source as it is
                 pass
     try:
-        return subprocess.run([compiler, *args]).returncode
+        rc = subprocess.run([compiler, *args], capture_output=bool(written)).returncode
+        if rc and written:  # never let the rewrite break a build: MLX's own source instead
+            rc = subprocess.run([compiler, *original]).returncode
+        return rc
     finally:
         for vec in written:
             vec.unlink(missing_ok=True)

@@ -172,3 +172,21 @@ def test_strided_kernel_rewrite_is_bit_identical(tmp_path, strides):
         outs.append(c)
     assert np.isfinite(outs[0]).all()
     np.testing.assert_array_equal(outs[0], outs[1])
+
+
+def test_a_rewrite_the_compiler_rejects_falls_back_to_mlx_source(tmp_path):
+    """The wrapper must never break a kernel build: if the rewritten source fails, MLX's own is compiled."""
+    import sys
+    from dh_mlx import _kernel_vectorize
+    (tmp_path / "k.cpp").write_text(STRIDED_KERNEL)
+    fake = tmp_path / "cc"  # rejects any rewritten file, builds the rest with the real compiler
+    wrapper_dir = str(Path(_jit.status).parent / "bin") if _jit.status.startswith("/") else None
+    gxx = shutil.which("g++", path=os.pathsep.join(d for d in os.environ["PATH"].split(os.pathsep) if d != wrapper_dir))
+    if gxx is None:
+        pytest.skip("no g++")
+    fake.write_text(f'#!/bin/sh\nfor a in "$@"; do case "$a" in *.vec*) exit 3;; esac; done\nexec "{gxx}" "$@"\n')
+    fake.chmod(0o755)
+    rc = subprocess.run([sys.executable, _kernel_vectorize.__file__, str(fake), "-O2", "-fPIC", "-shared",
+                         str(tmp_path / "k.cpp"), "-o", str(tmp_path / "k.so")]).returncode
+    assert rc == 0 and (tmp_path / "k.so").is_file()
+    assert not list(tmp_path.glob("*.vec*"))  # the rewritten file is removed
