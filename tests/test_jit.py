@@ -139,6 +139,15 @@ void k_strided_2(int* shape, int64_t** strides, void** args) {
 """
 
 
+def real_gxx() -> str:
+    """The g++ behind our wrapper (which would pass any source through the rewrite); skips without one."""
+    wrapper_dir = str(Path(_jit.status).parent / "bin") if _jit.status.startswith("/") else None
+    gxx = shutil.which("g++", path=os.pathsep.join(d for d in os.environ["PATH"].split(os.pathsep) if d != wrapper_dir))
+    if gxx is None:
+        pytest.skip("no g++ (mx.compile on the CPU cannot build kernels either)")
+    return gxx
+
+
 @pytest.mark.parametrize("strides", [((37, 1), (1, 0)), ((0, 1), (37, 1)), ((1, 0), (0, 0)), ((1, 37), (1, 0)),
                                      ((74, 2), (1, 0))])
 def test_strided_kernel_rewrite_is_bit_identical(tmp_path, strides):
@@ -148,10 +157,7 @@ def test_strided_kernel_rewrite_is_bit_identical(tmp_path, strides):
     from dh_mlx import _kernel_vectorize
     new = _kernel_vectorize.specialise(STRIDED_KERNEL)
     assert new is not None and new.count("#pragma GCC ivdep") == 4  # 2 inputs: 4 stride combinations
-    wrapper_dir = str(Path(_jit.status).parent / "bin") if _jit.status.startswith("/") else None
-    gxx = shutil.which("g++", path=os.pathsep.join(d for d in os.environ["PATH"].split(os.pathsep) if d != wrapper_dir))
-    if gxx is None:
-        pytest.skip("no g++ (mx.compile on the CPU cannot build kernels either)")
+    gxx = real_gxx()
     libs = []
     for name, src in (("orig", STRIDED_KERNEL), ("vec", new)):  # the real compiler: the wrapper would rewrite both
         (tmp_path / f"{name}.cpp").write_text(src)
@@ -180,10 +186,7 @@ def test_a_rewrite_the_compiler_rejects_falls_back_to_mlx_source(tmp_path):
     from dh_mlx import _kernel_vectorize
     (tmp_path / "k.cpp").write_text(STRIDED_KERNEL)
     fake = tmp_path / "cc"  # rejects any rewritten file, builds the rest with the real compiler
-    wrapper_dir = str(Path(_jit.status).parent / "bin") if _jit.status.startswith("/") else None
-    gxx = shutil.which("g++", path=os.pathsep.join(d for d in os.environ["PATH"].split(os.pathsep) if d != wrapper_dir))
-    if gxx is None:
-        pytest.skip("no g++")
+    gxx = real_gxx()
     fake.write_text(f'#!/bin/sh\nfor a in "$@"; do case "$a" in *.vec*) exit 3;; esac; done\nexec "{gxx}" "$@"\n')
     fake.chmod(0o755)
     rc = subprocess.run([sys.executable, _kernel_vectorize.__file__, str(fake), "-O2", "-fPIC", "-shared",
