@@ -333,6 +333,9 @@ def test_without_native_kernels_the_cpu_experts_fall_back_to_pure_mlx(monkeypatc
     monkeypatch.setattr(Experts, "_native", lambda *a: pytest.fail("used the native kernels"))
     assert mx.abs(ex(x, idx) - want).max().item() <= 1e-4
     assert mx.abs(mx.compile(lambda x: ex(x, idx))(x) - want).max().item() <= 1e-4
+    ex.path = "native"
+    with pytest.raises(ValueError, match="native kernels"):
+        ex(x, idx)
     out = subprocess.run([sys.executable, "-c", "from dh_mlx import native; print(native.load(), native.status)"],
                          env=dict(os.environ, DH_MLX_NATIVE="off"), capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "None disabled by DH_MLX_NATIVE"

@@ -211,13 +211,16 @@ class Experts(nn.Module):
         if path not in (None, "gather", "native", "segments", "blocked"):
             raise ValueError(f"Experts.path: expected None, 'gather', 'native', 'segments' or 'blocked', got {path!r}")
         if path is None and mx.default_device() == mx.cpu:
-            if N * k >= SORT_THRESHOLD and self._native_ok(x) and native.load() is not None:
+            if N * k >= SORT_THRESHOLD and self._native_ok(x):
                 path = "native"
             elif self._plain() and N * k >= SEGMENT_MIN_ROWS * self.num_experts:
                 path = "segments"
             elif N * k >= 4 * self.num_experts * BLOCK_ROWS:  # quantized or adapted experts
                 path = "blocked"
         if path == "native":
+            if not self._native_ok(x):
+                raise ValueError("Experts.path 'native' needs float32 activations, plain float32 experts and the "
+                                 f"native kernels (dh_mlx.native: {native.status})")
             return self._native(xf, idx).reshape(*lead, k, D)
         if path == "segments":
             y = self._segments(xf, idx)
@@ -242,8 +245,8 @@ class Experts(nn.Module):
         return all(type(p) is StackedLinear for p in (self.gate_proj, self.up_proj, self.down_proj))
 
     def _native_ok(self, x: mx.array) -> bool:
-        """Float32 activations and plain float32 experts: what `segment_linear` takes."""
-        return self._plain() and x.dtype == self.gate_proj.weight.dtype == mx.float32
+        """Float32 activations, plain float32 experts (what `segment_linear` takes) and the kernels built."""
+        return self._plain() and x.dtype == self.gate_proj.weight.dtype == mx.float32 and native.load() is not None
 
     def _native(self, x: mx.array, idx: mx.array) -> mx.array:
         """x (N, D), idx (N, k) -> (N, k, D): pairs sorted by expert, then `segment_linear` (one BLAS call per

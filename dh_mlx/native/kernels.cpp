@@ -12,6 +12,7 @@
 //   backward: logits, targets, lse, g (N,) -> (exp(logits - lse) - onehot(targets)) * g
 // A row (32 KB for V = 8192) stays in cache between its max and its sum of exponentials; MLX's own ops make
 // ~7 passes over the (N, V) array. exp is MLX's polynomial, so values match its kernels to rounding.
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <stdexcept>
