@@ -233,3 +233,37 @@ def test_mtp_cache_catches_up_after_plain_steps(model):
                                atol=2e-5, rtol=1e-4)
     np.testing.assert_allclose(np.array(pc.mtp_cache.k_pe[:, :, :n]), np.array(ref.k_pe[:, :, :n]),
                                atol=2e-5, rtol=1e-4)
+
+
+def test_stopping_at_eos_leaves_a_consistent_prompt_cache(model):
+    """The next step is queued before the current token is read back, so the EOS token is fed to the cache:
+    the recorded tokens must say so, and a reusing call must continue exactly like a fresh one."""
+    prompt = tokens(10, batch=1)[0].tolist()
+    free = list(generate_tokens(model, prompt, max_tokens=6))
+    eos = free[2]
+    pc = PromptCache.new(model)
+    out = list(generate_tokens(model, prompt, max_tokens=6, eos_ids=(eos,), prompt_cache=pc))
+    assert out == free[: free.index(eos) + 1]
+    assert pc.tokens == (prompt + out)[: pc.cache[0].offset] and pc.cache[0].offset >= len(prompt) + len(out) - 1
+    longer = prompt + out + [7, 9]
+    assert list(generate_tokens(model, longer, max_tokens=4, prompt_cache=pc)) == list(
+        generate_tokens(model, longer, max_tokens=4))
+
+
+def test_repetition_penalty_in_generation_equals_a_step_by_step_loop(model):
+    """The penalised window is kept on the device (the next step is queued before the token is read back)."""
+    changed = 0
+    for n in (5, 9, 14):
+        prompt = tokens(n, batch=1)[0].tolist()
+        got = list(generate_tokens(model, prompt, max_tokens=12, repetition_penalty=3.0, repetition_context=8))
+        cache, history = make_cache(model.config), list(prompt)
+        logits, _ = prefill(model, mx.array([prompt]), cache)
+        want = []
+        for _ in range(12):
+            t = mx.argmax(apply_repetition_penalty(logits, mx.array(history[-8:]), 3.0), axis=-1).item()
+            want.append(t)
+            history.append(t)
+            logits, _ = decode_step(model, mx.array([[t]]), cache)
+        assert got == want
+        changed += got != list(generate_tokens(model, prompt, max_tokens=12))
+    assert changed  # the penalty changed at least one generation
