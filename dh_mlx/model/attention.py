@@ -16,10 +16,11 @@ from typing import Any
 import mlx.core as mx
 import mlx.nn as nn
 
+from .. import native
 from ..config import ModelConfig
 from ..device import on_gpu, side_stream
 from ..rope import rope_parameters
-from .layers import Linear, RoPE
+from .layers import Linear, RMSNorm, RoPE
 
 
 class MLA(nn.Module):
@@ -37,11 +38,11 @@ class MLA(nn.Module):
             self.q_proj = Linear(c.hidden_size, H * dq, bias=False)
         else:
             self.q_a_proj = Linear(c.hidden_size, c.q_lora_rank, bias=c.attention_bias)
-            self.q_a_layernorm = nn.RMSNorm(c.q_lora_rank, eps=1e-6)  # HF uses the default eps here
+            self.q_a_layernorm = RMSNorm(c.q_lora_rank, eps=1e-6)  # HF uses the default eps here
             self.q_b_proj = Linear(c.q_lora_rank, H * dq, bias=False)
         self.kv_a_proj_with_mqa = Linear(c.hidden_size, c.kv_lora_rank + c.qk_rope_head_dim,
                                             bias=c.attention_bias)
-        self.kv_a_layernorm = nn.RMSNorm(c.kv_lora_rank, eps=1e-6)
+        self.kv_a_layernorm = RMSNorm(c.kv_lora_rank, eps=1e-6)
         self.kv_b_proj = Linear(c.kv_lora_rank, H * (c.qk_nope_head_dim + c.v_head_dim), bias=False)
         self.o_proj = Linear(H * c.v_head_dim, c.hidden_size, bias=c.attention_bias)
         self.rope = RoPE(c)
@@ -92,6 +93,16 @@ class MLA(nn.Module):
     def _absorbed(self, q_nope, q_pe, latent, k_pe, mask, offset):
         B, H, L, _ = q_nope.shape
         S, n, r = latent.shape[2], self.qk_nope_head_dim, self.kv_lora_rank
+        if "weight" in self.kv_b_proj and native.usable_small(q_nope, q_pe, latent, k_pe, self.kv_b_proj.weight):
+            if mask is None or isinstance(mask, str):
+                mode, mask = (1 if L > 1 and mask == "causal" else 0), _NO_MASK
+            elif mask.dtype == mx.bool_ and mask.shape[1:] == (1, L, S) and mask.shape[0] in (1, B):
+                mode = 2
+            else:
+                mode = -1
+            if mode >= 0:  # decode: one native node instead of ~40
+                return absorbed_attention(q_nope, q_pe, latent, k_pe, self.kv_b_proj.weight, mask, mode, self.scale,
+                                          self.v_head_dim)
         w = self.kv_b_proj.weight.reshape(H, n + self.v_head_dim, r)
         q_lat = q_nope @ w[:, :n]  # (B, H, L, n) @ (H, n, r) -> (B, H, L, r)
         # Every head attends to the same single latent "head", so fold heads into rows: one (H*L, r) x (r, S)
@@ -110,6 +121,38 @@ class MLA(nn.Module):
         out = sdpa(q_lat, latent, latent, self.scale, pe_t.swapaxes(-1, -2), axis=2)  # split the H*L query rows
         out = out.reshape(B, H, L, r)
         return out @ w[:, n:].swapaxes(-1, -2)  # (B, H, L, r) @ (H, r, v) -> (B, H, L, v)
+
+
+_NO_MASK = mx.array(True)
+
+
+@mx.custom_function
+def absorbed_attention(q_nope, q_pe, latent, k_pe, w, mask, mode: int, scale: float, v_dim: int):
+    """MLA attention in the latent space (`MLA._absorbed`) as one native node (CPU, float32, a few queries).
+    q_nope (B, H, L, n), q_pe (B, H, L, p) after RoPE, latent (B, 1, S, r), k_pe (B, 1, S, p), w = kv_b_proj's
+    (H * (n + v), r); keys visible: mode 0 all, 1 causal, 2 where the bool mask (B|1, 1, L, S) is True.
+    -> (B, H, L, v). Differentiated through `_absorbed_reference`."""
+    return native.load().mla_absorbed(q_nope, q_pe, latent, k_pe, w, mask, mode, scale, v_dim)
+
+
+def _absorbed_reference(q_nope, q_pe, latent, k_pe, w, mask, mode, scale, v_dim):
+    B, H, L, n = q_nope.shape
+    S, r = latent.shape[2], latent.shape[3]
+    w = w.reshape(H, n + v_dim, r)
+    s = scale * ((q_nope @ w[:, :n]) @ latent.swapaxes(-1, -2) + q_pe @ k_pe.swapaxes(-1, -2))  # (B, H, L, S)
+    if mode == 1:
+        s = mx.where(causal_mask(L, S), s, -mx.inf)
+    elif mode == 2:
+        s = mx.where(mask, s, -mx.inf)
+    return (mx.softmax(s, axis=-1) @ latent) @ w[:, n:].swapaxes(-1, -2)
+
+
+@absorbed_attention.vjp
+def _absorbed_attention_vjp(primals, cotangent, output):
+    q_nope, q_pe, latent, k_pe, w, mask, mode, scale, v_dim = primals
+    _, grads = mx.vjp(lambda *a: _absorbed_reference(*a, mask, mode, scale, v_dim), [q_nope, q_pe, latent, k_pe, w],
+                      [cotangent])
+    return (*grads, mx.zeros_like(mask), None, None, None)
 
 
 # Below this many score entries per half, one stream is as fast (thread hand-off costs ~0.1 ms).

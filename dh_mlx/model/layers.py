@@ -7,6 +7,7 @@ from functools import partial
 import mlx.core as mx
 import mlx.nn as nn
 
+from .. import native
 from ..config import ModelConfig
 from ..rope import rope_parameters
 
@@ -40,9 +41,17 @@ def _swiglu_vjp(primals, cotangent, output):
     return d_gate, d_up
 
 
-@mx.custom_function
 def linear(x: mx.array, weight: mx.array) -> mx.array:
-    """x @ weight.T, as `nn.Linear` computes it, with a gradient that leaves the weight's in row-major order.
+    """x @ weight.T, as `nn.Linear` computes it, with a gradient that leaves the weight's in row-major order:
+    for a few float32 rows on the CPU one native node (`native.linear`, same BLAS call and gradient), else
+    `_linear`."""
+    ext = native.usable_small(x, weight)
+    return ext.linear(x, weight) if ext is not None else _linear(x, weight)
+
+
+@mx.custom_function
+def _linear(x: mx.array, weight: mx.array) -> mx.array:
+    """x @ weight.T with a gradient that leaves the weight's in row-major order.
 
     MLX's own gradient of `x @ weight.T` is the transpose of `x^T @ dy`, a column-major view; the optimizer's
     fused update of a row-major weight cannot read it contiguously, so training copied every such gradient
@@ -53,7 +62,7 @@ def linear(x: mx.array, weight: mx.array) -> mx.array:
     return x @ weight.T
 
 
-@linear.vjp
+@_linear.vjp
 def _linear_vjp(primals, cotangent, output):
     x, weight = primals
     dx = (cotangent @ weight).astype(x.dtype)  # (..., out) @ (out, in)
@@ -67,6 +76,15 @@ class Linear(nn.Linear):
     def __call__(self, x: mx.array) -> mx.array:
         y = linear(x, self["weight"])
         return y + self["bias"] if "bias" in self else y
+
+
+class RMSNorm(nn.RMSNorm):
+    """`nn.RMSNorm` (same parameter and result); for a few float32 rows on the CPU one native node instead of
+    MLX's three."""
+
+    def __call__(self, x: mx.array) -> mx.array:
+        ext = native.usable_small(x, self["weight"])
+        return ext.rms_norm(x, self["weight"], self.eps) if ext is not None else super().__call__(x)
 
 
 class MLP(nn.Module):
@@ -93,6 +111,10 @@ class RoPE(nn.Module):
         self.traditional = config.rope_interleave
 
     def __call__(self, x: mx.array, offset: int | mx.array = 0) -> mx.array:
+        ext = native.usable_small(x, self._wavelengths)
+        if ext is not None:  # one node; mx.fast.rope's CPU fallback is 14 and recomputes cos/sin each call
+            off = offset.astype(mx.int32) if isinstance(offset, mx.array) else mx.array(offset, mx.int32)
+            return ext.rope(x, off, self._wavelengths, self.dims, self.traditional, self._scale)
         if self._scale != 1.0:  # rope is linear in x, so scaling x scales cos and sin
             x = x * self._scale
         return mx.fast.rope(x, self.dims, traditional=self.traditional, base=None, scale=1.0, offset=offset,

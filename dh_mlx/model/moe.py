@@ -44,6 +44,31 @@ def _segment_linear_vjp(primals, dy, y):
 
 
 @mx.custom_function
+def expert_rows(x: mx.array, idx: mx.array, weights: mx.array, gate: mx.array, up: mx.array,
+                down: mx.array) -> mx.array:
+    """x (..., D), idx and weights (..., k), stacked expert weights -> (..., D): each token through its k
+    experts, weighted and summed, as one native node (3k sgemv per token; CPU, float32, a few tokens: the
+    decode step). Differentiated through the gather_mm formulation (`_rows_reference`)."""
+    return native.load().moe_rows(x, idx, weights, gate, up, down)
+
+
+def _rows_reference(x, idx, weights, gate, up, down):
+    D, k = x.shape[-1], idx.shape[-1]
+    xs, i = x.reshape(-1, 1, 1, D), idx.reshape(-1, k)
+    h = swiglu(mx.gather_mm(xs, gate.swapaxes(-1, -2), rhs_indices=i), mx.gather_mm(xs, up.swapaxes(-1, -2), rhs_indices=i))
+    y = mx.gather_mm(h, down.swapaxes(-1, -2), rhs_indices=i)  # (N, k, 1, D)
+    return (y.reshape(*idx.shape, D) * weights[..., None]).sum(axis=-2)
+
+
+@expert_rows.vjp
+def _expert_rows_vjp(primals, cotangent, output):
+    x, idx, weights, gate, up, down = primals
+    _, (dx, dw, dg, du, dd) = mx.vjp(lambda x, w, g, u, d: _rows_reference(x, idx, w, g, u, d),
+                                     [x, weights, gate, up, down], [cotangent])
+    return dx, mx.zeros_like(idx), dw, dg, du, dd
+
+
+@mx.custom_function
 def gather_pairs(x: mx.array, order: mx.array, inverse: mx.array, k: int) -> mx.array:
     """x (N, D), order (P,) a permutation of the N*k (token, slot) pairs, inverse its inverse -> x[order // k].
     The gradient gathers and sums over the k slots instead of MLX's generic (serial) scatter-add."""
@@ -240,6 +265,17 @@ class Experts(nn.Module):
         y = y[mx.argsort(order)]  # back to (token, slot) order
         return y.reshape(*lead, k, D)
 
+    def weighted(self, x: mx.array, indices: mx.array, weights: mx.array) -> mx.array:
+        """x (..., D), indices and weights (..., k) -> (..., D): sum over j of weights[..., j] times expert
+        indices[..., j] applied to x. On the CPU below SORT_THRESHOLD pairs (decode), one native node."""
+        if (self.path is None and x.size // x.shape[-1] * indices.shape[-1] < SORT_THRESHOLD
+                and mx.default_device() == mx.cpu and weights.dtype == mx.float32 and self._native_ok(x)):
+            idx = indices if indices.dtype in (mx.int32, mx.uint32) else indices.astype(mx.int32)
+            return expert_rows(x, idx, weights, self.gate_proj.weight, self.up_proj.weight,
+                               self.down_proj.weight)
+        y = self(x, indices)  # (..., k, D)
+        return (y * weights[..., None].astype(y.dtype)).sum(axis=-2)
+
     def _plain(self) -> bool:
         """Float weights, no adapters: what `_segments` can take apart per expert."""
         return all(type(p) is StackedLinear for p in (self.gate_proj, self.up_proj, self.down_proj))
@@ -320,8 +356,7 @@ class MoE(nn.Module):
 
     def __call__(self, x: mx.array, domain_ids: mx.array | None = None) -> tuple[mx.array, Routing]:
         routing = self.gate(x, domain_ids)
-        y = self.experts(x, routing.indices)  # (..., k, D)
-        y = (y * routing.weights[..., None].astype(y.dtype)).sum(axis=-2)
+        y = self.experts.weighted(x, routing.indices, routing.weights)  # (..., D)
         if "shared_experts" in self:
             y = y + self.shared_experts(x)
         return y, routing

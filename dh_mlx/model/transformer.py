@@ -14,7 +14,7 @@ import mlx.nn as nn
 
 from ..config import ModelConfig
 from .attention import MLA
-from .layers import MLP, Linear
+from .layers import MLP, Linear, RMSNorm
 from .moe import MoE, Routing
 
 
@@ -24,8 +24,8 @@ class DecoderLayer(nn.Module):
         self.self_attn = MLA(config)
         self.mlp = MoE(config) if config.is_moe_layer(layer_idx) else MLP(config.hidden_size,
                                                                         config.intermediate_size)
-        self.input_layernorm = nn.RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
-        self.post_attention_layernorm = nn.RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.input_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
 
     def __call__(self, x, mask="causal", cache=None, domain_ids=None) -> tuple[mx.array, Routing | None]:
         h = x + self.self_attn(self.input_layernorm(x), mask, cache)
@@ -40,7 +40,7 @@ class DecoderLayer(nn.Module):
 class SharedHead(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
-        self.norm = nn.RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.head = Linear(config.hidden_size, config.vocab_size, bias=False)
 
     def __call__(self, h: mx.array) -> mx.array:
@@ -56,8 +56,8 @@ class MTPLayer(DecoderLayer):
 
     def __init__(self, config: ModelConfig, layer_idx: int):
         super().__init__(config, layer_idx)
-        self.enorm = nn.RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
-        self.hnorm = nn.RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.enorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.hnorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.eh_proj = Linear(2 * config.hidden_size, config.hidden_size, bias=False)
         self.shared_head = SharedHead(config)
 
@@ -81,7 +81,7 @@ class DeepseekV3Model(nn.Module):
         n = config.num_hidden_layers
         self.layers = [DecoderLayer(config, i) for i in range(n)] + [
             MTPLayer(config, n + i) for i in range(config.num_nextn_predict_layers)]
-        self.norm = nn.RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
 
     @property
     def mtp_layers(self) -> list[MTPLayer]:

@@ -1,8 +1,9 @@
 """Native CPU kernels: an MLX extension (C++ primitive + nanobind), built on first use and cached.
 
 `kernels.cpp`: the routed experts' segment matmuls (one BLAS call per expert's run of rows, the run
-boundaries read when the kernel runs: no host sync, static shapes, works under mx.compile) and a one-pass
-softmax cross-entropy. Built with the C++ compiler that `mx.compile` on the CPU already needs, against the
+boundaries read when the kernel runs: no host sync, static shapes, works under mx.compile), a one-pass
+softmax cross-entropy, and one-node linear, rotary embedding and RMS norm (with their gradients) that cut a
+decode step's graph. Built with the C++ compiler that `mx.compile` on the CPU already needs, against the
 installed MLX headers and nanobind (whose internals must match the ones MLX was built with; the `cpu` extra
 pins a matching release), ~10 s once per machine. `load()` returns None, with the reason in `status`, when
 the build or the self-test fails, and callers fall back to pure MLX. `DH_MLX_NATIVE=off` disables it.
@@ -28,9 +29,25 @@ status: str = "not attempted"
 _module: ModuleType | None = None
 
 
+#: Rows (size / last axis) up to which `usable_small` lets the one-node linear, rope and norm replace MLX's ops:
+#: they cut the per-node cost of decode-sized steps; training and prefill (compute-bound) keep MLX's kernels.
+SMALL_ROWS = 64
+
+
+def usable_small(x, *others) -> ModuleType | None:
+    """The kernels when the default device is the CPU, every array is float32 and `x` has at most SMALL_ROWS
+    rows, else None (pure MLX)."""
+    import mlx.core as mx
+
+    if (mx.default_device() != mx.cpu or x.size > SMALL_ROWS * x.shape[-1]
+            or any(a.dtype != mx.float32 for a in (x, *others))):
+        return None
+    return load()
+
+
 def load() -> ModuleType | None:
-    """The built extension module (`segment_rows`, `segment_outer`, `ce_forward`, `ce_backward`), or None
-    (see `status`)."""
+    """The built extension module (`segment_rows`, `segment_outer`, `ce_forward`, `ce_backward`, `linear`,
+    `rope`, `rms_norm`), or None (see `status`)."""
     global status, _module
     if status != "not attempted":
         return _module
@@ -48,13 +65,12 @@ def load() -> ModuleType | None:
 
 
 def _build() -> Path:
-    import mlx
     import mlx.core as mx
     import nanobind
 
     from .. import _jit
 
-    mlx_dir = Path(mlx.__path__[0])
+    mlx_dir = Path(mx.__file__).parent  # not mlx.__path__[0]: a directory named mlx on sys.path can come first
     nb_dir = Path(nanobind.__path__[0])
     flags = _jit.FLAGS if sys.platform.startswith("linux") else ()  # -march=native: keyed by the CPU below
     key = hashlib.sha256(_SOURCE.read_bytes() + repr((mx.__version__, nanobind.__version__, sys.version, flags,

@@ -12,6 +12,23 @@
 //   backward: logits, targets, lse, g (N,) -> (exp(logits - lse) - onehot(targets)) * g
 // A row (32 KB for V = 8192) stays in cache between its max and its sum of exponentials; MLX's own ops make
 // ~7 passes over the (N, V) array. exp is MLX's polynomial, so values match its kernels to rounding.
+//
+// Decode-sized building blocks, each one node instead of MLX's 3-14 (a compiled 1b decode step had ~2,600
+// nodes at ~4 us of dispatch each, a fifth of the step), each with its gradient as MLX ops:
+//   Linear:  x (..., in), w (out, in) -> x @ w^T (one sgemm; MLX adds flatten/transpose/unflatten nodes)
+//   Rope:    rotary embedding of the last axis' first `dims` entries at positions offset + (axis -2 index),
+//            angle = position / wavelength[i] (mx.fast.rope's `freqs`), times `scale`; `inverse` rotates back
+//            (the gradient). mx.fast.rope on the CPU is a 14-node fallback that recomputes cos/sin.
+//   RmsNorm: x * rsqrt(mean(x^2) + eps) * w over the last axis (MLX's CPU fallback: 3 nodes).
+//   MlaAbsorbed: MLA attention for a few queries over the latent cache, kv_b_proj folded in (decode):
+//            q_lat = q_nope W_uk[h]; p = softmax(scale (q_lat latent^T + q_pe k_pe^T)) over the visible keys;
+//            out = (p latent) W_uv[h]^T; keys visible per mode: all, causal (query l of L sees keys up to
+//            S - L + l) or a bool mask (B|1, 1, L, S). One node instead of ~40 (no gradient: dh_mlx
+//            differentiates it through MLX ops).
+//   MoeRows: routed experts for a few tokens, weighted and summed: y[n] = sum_j weights[n, j] *
+//            down[e] (silu(gate[e] x[n]) * up[e] x[n]), e = idx[n, j]: 3k sgemv per token (what gather_mm
+//            does) in one node instead of ~25 (no gradient: dh_mlx differentiates it through MLX ops).
+// Inputs with gaps or odd strides are copied to a dense buffer first.
 #include <algorithm>
 #include <cmath>
 #include <cstring>
@@ -33,6 +50,8 @@ namespace mx = mlx::core;
 
 extern "C" void cblas_sgemm(int order, int trans_a, int trans_b, int m, int n, int k, float alpha,
                             const float* a, int lda, const float* b, int ldb, float beta, float* c, int ldc);
+extern "C" void cblas_sgemv(int order, int trans, int m, int n, float alpha, const float* a, int lda, const float* x,
+                            int incx, float beta, float* y, int incy);
 
 namespace {
 
@@ -173,6 +192,379 @@ class CrossEntropy : public mx::Primitive {
   bool backward_;
 };
 
+
+
+// What a kernel needs of an input, taken when the primitive is scheduled (eval_cpu runs on the thread that
+// calls eval; the task it dispatches runs later on the stream's thread). A task must capture everything it
+// uses by value, never `this`: the scheduling thread may release the primitive before the task runs.
+template <typename T>
+struct View {
+  const T* data;
+  bool row_contiguous;
+  mx::Shape shape;
+  mx::Strides strides;
+  size_t size;
+  explicit View(const mx::array& a)
+      : data(a.data<T>()), row_contiguous(a.flags().row_contiguous), shape(a.shape()), strides(a.strides()),
+        size(a.size()) {}
+  // Row-major data: the array's own when row-contiguous, else a copy into `scratch`.
+  const T* dense(std::vector<T>& scratch) const {
+    if (row_contiguous) return data;
+    scratch.resize(size);
+    const int nd = shape.size();
+    std::vector<int64_t> idx(nd, 0);
+    for (size_t i = 0; i < size; ++i) {
+      int64_t off = 0;
+      for (int d = 0; d < nd; ++d) off += idx[d] * strides[d];
+      scratch[i] = data[off];
+      for (int d = nd - 1; d >= 0; --d) {
+        if (++idx[d] < shape[d]) break;
+        idx[d] = 0;
+      }
+    }
+    return scratch.data();
+  }
+};
+
+class Linear : public mx::Primitive {
+ public:
+  explicit Linear(mx::Stream s) : mx::Primitive(s) {}
+
+  void eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override {
+    const mx::array &x = inputs[0], &w = inputs[1];
+    mx::array& out = outputs[0];
+    out.set_data(mx::allocator::malloc(out.nbytes()));
+    const int N = w.shape(0), K = w.shape(1), M = x.size() / K;
+    float* yp = out.data<float>();
+    auto& encoder = mx::cpu::get_command_encoder(stream());
+    encoder.dispatch([=, xv = View<float>(x), wv = View<float>(w)]() {
+      std::vector<float> sx, sw;
+      const float* xp = xv.dense(sx);
+      const float* wp = wv.dense(sw);
+      cblas_sgemm(kRowMajor, kNoTrans, kTrans, M, N, K, 1.0f, xp, K, wp, K, 0.0f, yp, N);
+    });
+  }
+
+  void eval_gpu(const std::vector<mx::array>&, std::vector<mx::array>&) override {
+    throw std::runtime_error("Linear runs on the CPU only");
+  }
+
+  std::vector<mx::array> vjp(const std::vector<mx::array>& primals, const std::vector<mx::array>& cotangents,
+                             const std::vector<int>& argnums, const std::vector<mx::array>&) override {
+    const mx::array &x = primals[0], &w = primals[1], &g = cotangents[0];
+    std::vector<mx::array> grads;
+    for (int a : argnums) {
+      if (a == 0) {
+        grads.push_back(mx::matmul(g, w, stream()));
+      } else {  // (out, M) @ (M, in): row-major, as the optimizer's fused update reads it
+        const int N = w.shape(0), K = w.shape(1);
+        grads.push_back(mx::matmul(mx::transpose(mx::reshape(g, {-1, N}, stream()), stream()),
+                                   mx::reshape(x, {-1, K}, stream()), stream()));
+      }
+    }
+    return grads;
+  }
+
+  std::vector<mx::Shape> output_shapes(const std::vector<mx::array>& inputs) override {
+    mx::Shape shape = inputs[0].shape();
+    shape.back() = inputs[1].shape(0);
+    return {shape};
+  }
+
+  bool is_equivalent(const mx::Primitive&) const override { return true; }
+  const char* name() const override { return "Linear"; }
+};
+
+class Rope : public mx::Primitive {
+ public:
+  Rope(mx::Stream s, int dims, bool traditional, float scale, bool inverse)
+      : mx::Primitive(s), dims_(dims), traditional_(traditional), scale_(scale), inverse_(inverse) {}
+
+  void eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override {
+    const mx::array &x = inputs[0], &off = inputs[1], &wl = inputs[2];
+    mx::array& out = outputs[0];
+    out.set_data(mx::allocator::malloc(out.nbytes()));
+    const int P = x.shape(-1), L = x.shape(-2), half = dims_ / 2;
+    const size_t rows = x.size() / (static_cast<size_t>(L) * P);
+    const bool trad = traditional_, inv = inverse_;
+    const int dims = dims_;
+    const float scale = scale_;
+    float* yp = out.data<float>();
+    auto& encoder = mx::cpu::get_command_encoder(stream());
+    encoder.dispatch([=, xv = View<float>(x), wv = View<float>(wl), op = off.data<int32_t>()]() {
+      std::vector<float> sx, swl;
+      const float* xp = xv.dense(sx);
+      const float* wp = wv.dense(swl);
+      const int32_t offset = op[0];
+      std::vector<float> cs(static_cast<size_t>(L) * half), sn(cs.size());
+      for (int l = 0; l < L; ++l) {
+        const float pos = static_cast<float>(offset + l);
+        for (int i = 0; i < half; ++i) {
+          const float theta = pos * (1.0f / wp[i]);
+          cs[l * half + i] = std::cos(theta) * scale;
+          sn[l * half + i] = (inv ? -std::sin(theta) : std::sin(theta)) * scale;
+        }
+      }
+      for (size_t r = 0; r < rows; ++r) {
+        for (int l = 0; l < L; ++l) {
+          const float* a = xp + (r * L + l) * P;
+          float* y = yp + (r * L + l) * P;
+          const float* c = cs.data() + l * half;
+          const float* s = sn.data() + l * half;
+          for (int i = 0; i < half; ++i) {
+            const int i0 = trad ? 2 * i : i, i1 = trad ? 2 * i + 1 : i + half;
+            const float u = a[i0], v = a[i1];
+            y[i0] = u * c[i] - v * s[i];
+            y[i1] = u * s[i] + v * c[i];
+          }
+          for (int j = dims; j < P; ++j) y[j] = a[j] * scale;
+        }
+      }
+    });
+  }
+
+  void eval_gpu(const std::vector<mx::array>&, std::vector<mx::array>&) override {
+    throw std::runtime_error("Rope runs on the CPU only");
+  }
+
+  std::vector<mx::array> vjp(const std::vector<mx::array>& primals, const std::vector<mx::array>& cotangents,
+                             const std::vector<int>& argnums, const std::vector<mx::array>&) override {
+    std::vector<mx::array> grads;
+    for (int a : argnums) {
+      if (a == 0) {  // the transpose of a rotation is the rotation back
+        grads.push_back(mx::array(cotangents[0].shape(), mx::float32,
+                                  std::make_shared<Rope>(stream(), dims_, traditional_, scale_, !inverse_),
+                                  {cotangents[0], primals[1], primals[2]}));
+      } else {
+        grads.push_back(mx::zeros_like(primals[a], stream()));
+      }
+    }
+    return grads;
+  }
+
+  std::vector<mx::Shape> output_shapes(const std::vector<mx::array>& inputs) override { return {inputs[0].shape()}; }
+
+  bool is_equivalent(const mx::Primitive& other) const override {
+    const auto& o = static_cast<const Rope&>(other);
+    return dims_ == o.dims_ && traditional_ == o.traditional_ && scale_ == o.scale_ && inverse_ == o.inverse_;
+  }
+  const char* name() const override { return "Rope"; }
+
+ private:
+  int dims_;
+  bool traditional_;
+  float scale_;
+  bool inverse_;
+};
+
+class RmsNorm : public mx::Primitive {
+ public:
+  RmsNorm(mx::Stream s, float eps) : mx::Primitive(s), eps_(eps) {}
+
+  void eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override {
+    const mx::array &x = inputs[0], &w = inputs[1];
+    mx::array& out = outputs[0];
+    out.set_data(mx::allocator::malloc(out.nbytes()));
+    const int D = x.shape(-1);
+    const size_t rows = x.size() / D;
+    const float eps = eps_;
+    float* yp = out.data<float>();
+    auto& encoder = mx::cpu::get_command_encoder(stream());
+    encoder.dispatch([=, xv = View<float>(x), wv = View<float>(w)]() {
+      std::vector<float> sx, sw;
+      const float* xp = xv.dense(sx);
+      const float* wp = wv.dense(sw);
+      for (size_t r = 0; r < rows; ++r) {
+        const float* a = xp + r * D;
+        float acc[kLanes] = {};
+        int j = 0;
+        for (; j + kLanes <= D; j += kLanes)
+          for (int l = 0; l < kLanes; ++l) acc[l] += a[j + l] * a[j + l];
+        float ss = 0.0f;
+        for (int l = 0; l < kLanes; ++l) ss += acc[l];
+        for (; j < D; ++j) ss += a[j] * a[j];
+        const float k = 1.0f / std::sqrt(ss / D + eps);
+        float* y = yp + r * D;
+        for (j = 0; j < D; ++j) y[j] = a[j] * k * wp[j];
+      }
+    });
+  }
+
+  void eval_gpu(const std::vector<mx::array>&, std::vector<mx::array>&) override {
+    throw std::runtime_error("RmsNorm runs on the CPU only");
+  }
+
+  std::vector<mx::array> vjp(const std::vector<mx::array>& primals, const std::vector<mx::array>& cotangents,
+                             const std::vector<int>& argnums, const std::vector<mx::array>&) override {
+    const auto s = stream();
+    const mx::array &x = primals[0], &w = primals[1], &g = cotangents[0];
+    // r = rsqrt(mean(x^2) + eps), n = x r: dx = r (g w - n mean(g w n)), dw = sum over rows of g n.
+    const mx::array r = mx::rsqrt(mx::add(mx::mean(mx::square(x, s), -1, true, s), mx::array(eps_), s), s);
+    const mx::array n = mx::multiply(x, r, s);
+    std::vector<mx::array> grads;
+    for (int a : argnums) {
+      if (a == 0) {
+        const mx::array gw = mx::multiply(g, w, s);
+        grads.push_back(mx::multiply(
+            r, mx::subtract(gw, mx::multiply(n, mx::mean(mx::multiply(gw, n, s), -1, true, s), s), s), s));
+      } else {
+        std::vector<int> lead(x.ndim() - 1);
+        for (int d = 0; d < x.ndim() - 1; ++d) lead[d] = d;
+        grads.push_back(mx::sum(mx::multiply(g, n, s), lead, false, s));
+      }
+    }
+    return grads;
+  }
+
+  std::vector<mx::Shape> output_shapes(const std::vector<mx::array>& inputs) override { return {inputs[0].shape()}; }
+
+  bool is_equivalent(const mx::Primitive& other) const override {
+    return eps_ == static_cast<const RmsNorm&>(other).eps_;
+  }
+  const char* name() const override { return "RmsNorm"; }
+
+ private:
+  float eps_;
+};
+
+
+class MoeRows : public mx::Primitive {
+ public:
+  explicit MoeRows(mx::Stream s) : mx::Primitive(s) {}
+
+  void eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override {
+    const mx::array &x = inputs[0], &idx = inputs[1], &wt = inputs[2], &gw = inputs[3], &uw = inputs[4],
+                    &dw = inputs[5];
+    mx::array& out = outputs[0];
+    out.set_data(mx::allocator::malloc(out.nbytes()));
+    const int E = gw.shape(0), I = gw.shape(1), D = gw.shape(2), k = idx.shape(-1);
+    const int N = x.size() / D;
+    float* yp = out.data<float>();
+    auto& encoder = mx::cpu::get_command_encoder(stream());
+    encoder.dispatch([=, xv = View<float>(x), iv = View<int32_t>(idx), wv = View<float>(wt), gv = View<float>(gw),
+                      uv = View<float>(uw), dv = View<float>(dw)]() {
+      std::vector<float> sx, sw, sg, su, sd, g(I), u(I);
+      std::vector<int32_t> si;
+      const float* xp = xv.dense(sx);
+      const float* wp = wv.dense(sw);
+      const float* gp = gv.dense(sg);
+      const float* up = uv.dense(su);
+      const float* dp = dv.dense(sd);
+      const int32_t* ids = iv.dense(si);  // uint32 from argpartition reads the same (indices < E)
+      const size_t mat = static_cast<size_t>(I) * D;
+      for (int n = 0; n < N; ++n) {
+        const float* xn = xp + static_cast<size_t>(n) * D;
+        float* yn = yp + static_cast<size_t>(n) * D;
+        std::memset(yn, 0, sizeof(float) * D);
+        for (int j = 0; j < k; ++j) {
+          const int e = std::clamp(ids[n * k + j], 0, E - 1);
+          cblas_sgemv(kRowMajor, kNoTrans, I, D, 1.0f, gp + e * mat, D, xn, 1, 0.0f, g.data(), 1);
+          cblas_sgemv(kRowMajor, kNoTrans, I, D, 1.0f, up + e * mat, D, xn, 1, 0.0f, u.data(), 1);
+          for (int i = 0; i < I; ++i) g[i] = g[i] / (1.0f + exp_(-g[i])) * u[i];
+          cblas_sgemv(kRowMajor, kNoTrans, D, I, wp[n * k + j], dp + e * mat, I, g.data(), 1, 1.0f, yn, 1);
+        }
+      }
+    });
+  }
+
+  void eval_gpu(const std::vector<mx::array>&, std::vector<mx::array>&) override {
+    throw std::runtime_error("MoeRows runs on the CPU only");
+  }
+
+  bool is_equivalent(const mx::Primitive&) const override { return true; }
+  const char* name() const override { return "MoeRows"; }
+};
+
+
+class MlaAbsorbed : public mx::Primitive {
+ public:
+  MlaAbsorbed(mx::Stream s, int mode, float scale) : mx::Primitive(s), mode_(mode), scale_(scale) {}
+
+  void eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override {
+    const mx::array &qn = inputs[0], &qp = inputs[1], &lat = inputs[2], &kp = inputs[3], &w = inputs[4],
+                    &mask = inputs[5];
+    mx::array& out = outputs[0];
+    out.set_data(mx::allocator::malloc(out.nbytes()));
+    const int B = qn.shape(0), H = qn.shape(1), L = qn.shape(2), n = qn.shape(3), p = qp.shape(3);
+    const int S = lat.shape(2), r = lat.shape(3), v = out.shape(3);
+    const int mode = mode_, mb = mode == 2 ? mask.shape(0) : 1;
+    const float scale = scale_;
+    float* yp = out.data<float>();
+    auto& encoder = mx::cpu::get_command_encoder(stream());
+    encoder.dispatch([=, qnv = View<float>(qn), qpv = View<float>(qp), lv = View<float>(lat), kv = View<float>(kp),
+                      wv = View<float>(w), mv = View<bool>(mask)]() {
+      std::vector<float> s1, s2, s3, s4, s5;
+      const float* qnp = qnv.dense(s1);
+      const float* qpp = qpv.dense(s2);
+      const float* lp = lv.dense(s3);
+      const float* kpp = kv.dense(s4);
+      const float* wp = wv.dense(s5);
+      std::vector<char> vis;
+      if (mode == 2) {  // bool mask (mb, 1, L, S) through its strides
+        vis.resize(static_cast<size_t>(mb) * L * S);
+        for (int b = 0; b < mb; ++b)
+          for (int l = 0; l < L; ++l)
+            for (int t = 0; t < S; ++t)
+              vis[(static_cast<size_t>(b) * L + l) * S + t] =
+                  mv.data[b * mv.strides[0] + l * mv.strides[2] + t * mv.strides[3]];
+      }
+      const int HL = H * L;
+      std::vector<float> qlat(static_cast<size_t>(HL) * r), sc(static_cast<size_t>(HL) * S), olat(qlat.size());
+      std::vector<float> sums(HL);
+      for (int b = 0; b < B; ++b) {
+        const float* latb = lp + static_cast<size_t>(b) * S * r;
+        const float* kpb = kpp + static_cast<size_t>(b) * S * p;
+        for (int h = 0; h < H; ++h)  // q_lat[h] (L, r) = q_nope[b, h] (L, n) @ W_uk[h] (n, r)
+          cblas_sgemm(kRowMajor, kNoTrans, kNoTrans, L, r, n, 1.0f,
+                      qnp + (static_cast<size_t>(b) * H + h) * L * n, n, wp + static_cast<size_t>(h) * (n + v) * r, r,
+                      0.0f, qlat.data() + static_cast<size_t>(h) * L * r, r);
+        cblas_sgemm(kRowMajor, kNoTrans, kTrans, HL, S, r, scale, qlat.data(), r, latb, r, 0.0f, sc.data(), S);
+        cblas_sgemm(kRowMajor, kNoTrans, kTrans, HL, S, p, scale, qpp + static_cast<size_t>(b) * HL * p, p, kpb, p,
+                    1.0f, sc.data(), S);
+        for (int row = 0; row < HL; ++row) {
+          const int l = row % L;
+          float* srow = sc.data() + static_cast<size_t>(row) * S;
+          const char* vrow = mode == 2 ? vis.data() + (static_cast<size_t>(b % mb) * L + l) * S : nullptr;
+          const int lim = mode == 1 ? S - L + l + 1 : S;
+          float m = -INFINITY;
+          for (int t = 0; t < lim; ++t)
+            if (!vrow || vrow[t]) m = srow[t] > m ? srow[t] : m;
+          float sum = 0.0f;
+          for (int t = 0; t < S; ++t) {
+            const float e = (t < lim && (!vrow || vrow[t])) ? exp_(srow[t] - m) : 0.0f;
+            srow[t] = e;
+            sum += e;
+          }
+          sums[row] = sum;
+        }
+        cblas_sgemm(kRowMajor, kNoTrans, kNoTrans, HL, r, S, 1.0f, sc.data(), S, latb, r, 0.0f, olat.data(), r);
+        for (int row = 0; row < HL; ++row) {
+          const float inv = 1.0f / sums[row];
+          for (int j = 0; j < r; ++j) olat[static_cast<size_t>(row) * r + j] *= inv;
+        }
+        for (int h = 0; h < H; ++h)  // out[b, h] (L, v) = o_lat[h] (L, r) @ W_uv[h]^T (r, v)
+          cblas_sgemm(kRowMajor, kNoTrans, kTrans, L, v, r, 1.0f, olat.data() + static_cast<size_t>(h) * L * r, r,
+                      wp + (static_cast<size_t>(h) * (n + v) + n) * r, r, 0.0f,
+                      yp + (static_cast<size_t>(b) * H + h) * L * v, v);
+      }
+    });
+  }
+
+  void eval_gpu(const std::vector<mx::array>&, std::vector<mx::array>&) override {
+    throw std::runtime_error("MlaAbsorbed runs on the CPU only");
+  }
+
+  bool is_equivalent(const mx::Primitive& other) const override {
+    const auto& o = static_cast<const MlaAbsorbed&>(other);
+    return mode_ == o.mode_ && scale_ == o.scale_;
+  }
+  const char* name() const override { return "MlaAbsorbed"; }
+
+ private:
+  int mode_;
+  float scale_;
+};
+
 void check(const mx::array& x, int ndim, mx::Dtype dtype, const char* what) {
   if (x.ndim() != ndim || x.dtype() != dtype) {
     throw std::invalid_argument(std::string("segment_matmul: ") + what + " must be " + std::to_string(ndim) +
@@ -229,11 +621,94 @@ mx::array ce_backward(const mx::array& logits, const mx::array& targets, const m
                     mx::contiguous(g, false, s)});
 }
 
+
+void check_float(const mx::array& x, const char* op, const char* what) {
+  if (x.dtype() != mx::float32 || x.ndim() < 1) {
+    throw std::invalid_argument(std::string(op) + ": " + what + " must be a float32 array with at least one axis");
+  }
+}
+
+mx::array linear(const mx::array& x, const mx::array& w) {
+  check_float(x, "linear", "x");
+  check_float(w, "linear", "w");
+  if (w.ndim() != 2 || x.shape(-1) != w.shape(1)) {
+    throw std::invalid_argument("linear: x (..., in) and w (out, in)");
+  }
+  mx::Shape shape = x.shape();
+  shape.back() = w.shape(0);
+  return mx::array(shape, mx::float32, std::make_shared<Linear>(mx::to_stream(mx::Device::cpu)), {x, w});
+}
+
+mx::array rope(const mx::array& x, const mx::array& offset, const mx::array& wavelengths, int dims, bool traditional,
+               float scale) {
+  check_float(x, "rope", "x");
+  check_float(wavelengths, "rope", "wavelengths");
+  if (x.ndim() < 2 || dims % 2 || dims > x.shape(-1) || wavelengths.size() != static_cast<size_t>(dims / 2) ||
+      offset.size() != 1 || offset.dtype() != mx::int32) {
+    throw std::invalid_argument("rope: x (..., L, >= dims), even dims, wavelengths (dims / 2,), int32 scalar offset");
+  }
+  return mx::array(x.shape(), mx::float32,
+                   std::make_shared<Rope>(mx::to_stream(mx::Device::cpu), dims, traditional, scale, false),
+                   {x, offset, wavelengths});
+}
+
+mx::array rms_norm(const mx::array& x, const mx::array& w, float eps) {
+  check_float(x, "rms_norm", "x");
+  check_float(w, "rms_norm", "w");
+  if (w.ndim() != 1 || w.shape(0) != x.shape(-1)) throw std::invalid_argument("rms_norm: x (..., D) and w (D,)");
+  return mx::array(x.shape(), mx::float32, std::make_shared<RmsNorm>(mx::to_stream(mx::Device::cpu), eps), {x, w});
+}
+
+
+mx::array moe_rows(const mx::array& x, const mx::array& idx, const mx::array& weights, const mx::array& gate,
+                   const mx::array& up, const mx::array& down) {
+  for (auto* a : {&x, &weights, &gate, &up, &down}) check_float(*a, "moe_rows", "x, weights and expert weights");
+  check(gate, 3, mx::float32, "gate");
+  const int E = gate.shape(0), I = gate.shape(1), D = gate.shape(2);
+  if ((idx.dtype() != mx::int32 && idx.dtype() != mx::uint32) || x.shape(-1) != D || up.shape() != gate.shape() || down.shape(0) != E ||
+      down.shape(1) != D || down.shape(2) != I || weights.shape() != idx.shape() ||
+      idx.size() / idx.shape(-1) != x.size() / D) {
+    throw std::invalid_argument("moe_rows: x (..., D), idx (u)int32 and weights (..., k), gate/up (E, I, D), down (E, D, I)");
+  }
+  return mx::array(x.shape(), mx::float32, std::make_shared<MoeRows>(mx::to_stream(mx::Device::cpu)),
+                   {x, idx, weights, gate, up, down});
+}
+
+
+mx::array mla_absorbed(const mx::array& q_nope, const mx::array& q_pe, const mx::array& latent, const mx::array& k_pe,
+                       const mx::array& w, const mx::array& mask, int mode, float scale, int v_dim) {
+  for (auto* a : {&q_nope, &q_pe, &latent, &k_pe, &w}) check_float(*a, "mla_absorbed", "q, cache and kv_b weight");
+  const int B = q_nope.ndim() == 4 ? q_nope.shape(0) : -1, H = q_nope.shape(1), L = q_nope.shape(2);
+  const int n = q_nope.shape(3), S = latent.shape(2), r = latent.shape(3);
+  if (q_nope.ndim() != 4 || q_pe.ndim() != 4 || latent.ndim() != 4 || k_pe.ndim() != 4 || w.ndim() != 2 ||
+      q_pe.shape(0) != B || q_pe.shape(1) != H || q_pe.shape(2) != L || latent.shape(0) != B || latent.shape(1) != 1 ||
+      k_pe.shape(0) != B || k_pe.shape(1) != 1 || k_pe.shape(2) != S || k_pe.shape(3) != q_pe.shape(3) ||
+      w.shape(0) != H * (n + v_dim) || w.shape(1) != r || mode < 0 || mode > 2) {
+    throw std::invalid_argument("mla_absorbed: q_nope (B, H, L, n), q_pe (B, H, L, p), latent (B, 1, S, r), "
+                                "k_pe (B, 1, S, p), w (H * (n + v), r), mode 0 (all), 1 (causal) or 2 (mask)");
+  }
+  if (mode == 2 && (mask.dtype() != mx::bool_ || mask.ndim() != 4 || (mask.shape(0) != 1 && mask.shape(0) != B) ||
+                    mask.shape(1) != 1 || mask.shape(2) != L || mask.shape(3) != S)) {
+    throw std::invalid_argument("mla_absorbed: mask must be bool (B or 1, 1, L, S)");
+  }
+  return mx::array({B, H, L, v_dim}, mx::float32,
+                   std::make_shared<MlaAbsorbed>(mx::to_stream(mx::Device::cpu), mode, scale),
+                   {q_nope, q_pe, latent, k_pe, w, mask});
+}
+
 }  // namespace
 
 NB_MODULE(_dh_native, m) {
   m.def("segment_rows", &segment_rows, nb::arg("x"), nb::arg("w"), nb::arg("offsets"), nb::arg("transpose"));
   m.def("segment_outer", &segment_outer, nb::arg("a"), nb::arg("b"), nb::arg("offsets"));
   m.def("ce_forward", &ce_forward, nb::arg("logits"), nb::arg("targets"));
+  m.def("linear", &linear, nb::arg("x"), nb::arg("w"));
+  m.def("rope", &rope, nb::arg("x"), nb::arg("offset"), nb::arg("wavelengths"), nb::arg("dims"),
+        nb::arg("traditional"), nb::arg("scale"));
+  m.def("mla_absorbed", &mla_absorbed, nb::arg("q_nope"), nb::arg("q_pe"), nb::arg("latent"), nb::arg("k_pe"),
+        nb::arg("w"), nb::arg("mask"), nb::arg("mode"), nb::arg("scale"), nb::arg("v_dim"));
+  m.def("moe_rows", &moe_rows, nb::arg("x"), nb::arg("idx"), nb::arg("weights"), nb::arg("gate"), nb::arg("up"),
+        nb::arg("down"));
+  m.def("rms_norm", &rms_norm, nb::arg("x"), nb::arg("w"), nb::arg("eps"));
   m.def("ce_backward", &ce_backward, nb::arg("logits"), nb::arg("targets"), nb::arg("lse"), nb::arg("g"));
 }

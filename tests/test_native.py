@@ -1,0 +1,166 @@
+"""The native decode-sized kernels (one MLX node each): values and gradients against MLX's own ops."""
+
+import re
+from collections import Counter
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+from dh_mlx import native, random_model
+from dh_mlx.generate import PromptCache, generate_tokens, prefill
+from helpers import make_config, randomise_for_parity, tokens
+
+
+@pytest.fixture(scope="module")
+def ext():
+    m = native.load()
+    assert m is not None, native.status  # the CPU path this project relies on must build here
+    return m
+
+
+def grads(f, *args):
+    return mx.grad(f, argnums=tuple(range(len(args))))(*args)
+
+
+def close(a, b, tol):
+    np.testing.assert_allclose(np.array(a), np.array(b), rtol=tol, atol=tol)
+
+
+def test_linear_equals_matmul_for_strided_inputs_with_row_major_weight_gradient(ext):
+    k = mx.random.split(mx.random.key(0), 3)
+    x = mx.random.normal((3, 2, 5, 40), key=k[0]).swapaxes(1, 2)  # a strided view
+    w = mx.random.normal((24, 40), key=k[1])
+    cot = mx.random.normal((3, 5, 2, 24), key=k[2])
+    close(ext.linear(x, w), x @ w.T, 1e-5)
+    ours = grads(lambda x, w: (ext.linear(x, w) * cot).sum(), x, w)
+    ref = grads(lambda x, w: ((x @ w.T) * cot).sum(), x, w)
+    for a, b in zip(ours, ref):
+        close(a, b, 1e-4)
+    assert mx.abs(ref[1]).max().item() > 1
+
+
+@pytest.mark.parametrize("traditional", [True, False])
+@pytest.mark.parametrize("offset", [0, 7, 100_000])
+def test_rope_equals_mx_fast_rope_with_scale_offset_and_untouched_tail(ext, traditional, offset):
+    k = mx.random.split(mx.random.key(1), 2)
+    x = mx.random.normal((2, 4, 6, 48), key=k[0])  # rotate the first 32 of 48 dims
+    wavelengths = mx.array(10_000 ** (np.arange(0, 32, 2) / 32), mx.float32)
+    cot = mx.random.normal(x.shape, key=k[1])
+
+    def ref(x):
+        return mx.fast.rope(x * 1.3, 32, traditional=traditional, base=None, scale=1.0, offset=offset,
+                            freqs=wavelengths)
+
+    def ours(x):
+        return ext.rope(x, mx.array(offset, mx.int32), wavelengths, 32, traditional, 1.3)
+
+    close(ours(x), ref(x), 2e-5 if offset < 1000 else 1e-4)  # float32 angles at 1e5 positions
+    assert mx.abs(ours(x) - x * 1.3).max().item() > 0.1  # it did rotate
+    close(ours(x)[..., 32:], x[..., 32:] * 1.3, 1e-6)
+    g_ours = mx.grad(lambda x: (ours(x) * cot).sum())(x)
+    g_ref = mx.grad(lambda x: (ref(x) * cot).sum())(x)
+    close(g_ours, g_ref, 2e-5 if offset < 1000 else 1e-4)
+
+
+def test_rms_norm_equals_mx_fast_rms_norm_in_value_and_gradients(ext):
+    k = mx.random.split(mx.random.key(2), 3)
+    x = mx.random.normal((3, 5, 96), key=k[0]) * 3
+    w = mx.random.normal((96,), key=k[1])
+    cot = mx.random.normal(x.shape, key=k[2])
+    close(ext.rms_norm(x, w, 1e-6), mx.fast.rms_norm(x, w, 1e-6), 1e-5)
+    ours = grads(lambda x, w: (ext.rms_norm(x, w, 1e-6) * cot).sum(), x, w)
+    ref = grads(lambda x, w: (mx.fast.rms_norm(x, w, 1e-6) * cot).sum(), x, w)
+    for a, b in zip(ours, ref):
+        close(a, b, 1e-4)
+        assert mx.abs(b).max().item() > 0.1
+
+
+def test_expert_rows_equal_the_gathered_experts_in_value_and_gradients(ext):
+    """Routed experts for a few tokens as one node (decode), against `Experts` on its gather_mm path."""
+    from dh_mlx.model.moe import Experts, expert_rows
+    c = make_config(n_routed_experts=8, num_experts_per_tok=3)
+    ex = Experts(c)
+    ex.path = "gather"
+    k = mx.random.split(mx.random.key(3), 4)
+    x = mx.random.normal((2, 3, c.hidden_size), key=k[0])
+    idx = mx.argpartition(-mx.random.normal((2, 3, 8), key=k[1]), kth=2, axis=-1)[..., :3]  # uint32, strided
+    wts = mx.random.uniform(shape=(2, 3, 3), key=k[2])
+    cot = mx.random.normal(x.shape, key=k[3])
+    gate, up, down = (p.weight for p in (ex.gate_proj, ex.up_proj, ex.down_proj))
+
+    def ref(x, w, g, u, d):
+        ex.gate_proj.weight, ex.up_proj.weight, ex.down_proj.weight = g, u, d
+        return (ex(x, idx) * w[..., None]).sum(axis=-2)
+
+    want = ref(x, wts, gate, up, down)
+    close(expert_rows(x, idx, wts, gate, up, down), want, 1e-5)
+    assert mx.abs(want).max().item() > 0.05
+    ours = grads(lambda x, w, g, u, d: (expert_rows(x, idx, w, g, u, d) * cot).sum(), x, wts, gate, up, down)
+    theirs = grads(lambda *a: (ref(*a) * cot).sum(), x, wts, gate, up, down)
+    for a, b in zip(ours, theirs):
+        close(a, b, 1e-4)
+    ex.path = None
+    close(ex.weighted(x, idx, wts), want, 1e-5)  # the default CPU choice for 6 pairs
+
+
+def node_counts(model, cache, dot):
+    """Primitive names in the graph of one cached decode step (what mx.compile traces and fuses from)."""
+    from dh_mlx.cache import StepCache
+    for c in cache:
+        c.reserve(1)
+    views = [StepCache(c.latent, c.k_pe, mx.array(c.offset, mx.int32)) for c in cache]
+    out = model.forward(mx.array([[5]]), views, None, mask=views[0].valid_mask(1))
+    mx.export_to_dot(str(dot), out.logits, *[v.latent for v in views])
+    return Counter(re.findall(r'label ="?([A-Za-z]+)', dot.read_text()))
+
+
+def test_a_decode_step_is_built_from_the_one_node_kernels(ext, tmp_path, monkeypatch):
+    """A decode step's graph: native linear/rope/norm/experts instead of MLX's ops, ~half the nodes (each costs
+    a few microseconds of dispatch), and the same next-token logits."""
+    model = randomise_for_parity(random_model(make_config(), seed=4), 4)
+    ids = mx.array(tokens(12, batch=1))
+
+    def step():
+        pc = PromptCache.new(model)
+        prefill(model, ids, pc.cache)
+        mx.eval([c.latent for c in pc.cache])
+        return node_counts(model, pc.cache, tmp_path / "g.dot")
+
+    ours = step()
+    monkeypatch.setattr(native, "usable_small", lambda *a: None)
+    monkeypatch.setattr(native, "load", lambda: None)
+    plain = step()
+    assert min(ours[k] for k in ("Rope", "RmsNorm", "Linear", "MoeRows", "MlaAbsorbed")) > 0
+    assert plain["Cos"] > 0 and ours["Cos"] == 0  # mx.fast.rope's CPU fallback recomputes cos/sin per call
+    assert sum(ours.values()) < 0.5 * sum(plain.values()), (sum(ours.values()), sum(plain.values()))
+    monkeypatch.undo()
+    prompt = ids[0].tolist()
+    with_native = list(generate_tokens(model, prompt, max_tokens=6))
+    monkeypatch.setattr(native, "usable_small", lambda *a: None)
+    monkeypatch.setattr(native, "load", lambda: None)
+    assert list(generate_tokens(model, prompt, max_tokens=6)) == with_native
+
+
+@pytest.mark.parametrize("mode", [0, 1, 2])
+def test_absorbed_attention_equals_mlx_ops_in_value_and_gradients(ext, mode):
+    """MLA's latent-space attention (decode) as one node, for every way keys are hidden, against MLX ops."""
+    from dh_mlx.model.attention import _absorbed_reference, absorbed_attention
+    B, H, L, n, p, S, r, v = 2, 4, 3, 16, 8, 20, 32, 12
+    k = mx.random.split(mx.random.key(5), 5)
+    q = mx.random.normal((B, L, H, n + p), key=k[0]).transpose(0, 2, 1, 3)  # strided, as MLA slices it
+    qn, qp = q[..., :n], q[..., n:]
+    lat, kpe = mx.random.normal((B, 1, S, r), key=k[1]), mx.random.normal((B, 1, S, p), key=k[2])
+    w = mx.random.normal((H * (n + v), r), key=k[3]) * 0.2
+    mask = (mx.arange(S)[None] <= 10 + mx.arange(L)[:, None])[None, None] if mode == 2 else mx.array(True)
+    cot = mx.random.normal((B, H, L, v), key=k[4])
+    ours = absorbed_attention(qn, qp, lat, kpe, w, mask, mode, 0.3, v)
+    want = _absorbed_reference(qn, qp, lat, kpe, w, mask, mode, 0.3, v)
+    close(ours, want, 1e-5)
+    if mode:  # hiding keys changed the result
+        assert mx.abs(want - _absorbed_reference(qn, qp, lat, kpe, w, mask, 0, 0.3, v)).max().item() > 0.01
+    args = (qn, qp, lat, kpe, w)
+    g1 = grads(lambda *a: (absorbed_attention(*a, mask, mode, 0.3, v) * cot).sum(), *args)
+    g2 = grads(lambda *a: (_absorbed_reference(*a, mask, mode, 0.3, v) * cot).sum(), *args)
+    for a, b in zip(g1, g2):
+        close(a, b, 1e-4)
