@@ -164,3 +164,40 @@ def test_absorbed_attention_equals_mlx_ops_in_value_and_gradients(ext, mode):
     g2 = grads(lambda *a: (_absorbed_reference(*a, mask, mode, 0.3, v) * cot).sum(), *args)
     for a, b in zip(g1, g2):
         close(a, b, 1e-4)
+
+
+@pytest.mark.parametrize("name", ["q_lora+groups+yarn+mtp", "no_q_lora+flat+dense0", "softmax_greedy",
+                                  "softmax_group_limited"])
+def test_native_router_chooses_and_weighs_like_mlx_ops(ext, name, monkeypatch):
+    """Every scoring/selection rule of the presets: same experts, weights, scores and gradients."""
+    from dh_mlx.model.moe import MoEGate
+    c = make_config(name)
+    gate = MoEGate(c)
+    gate.weight = mx.random.normal(gate.weight.shape, key=mx.random.key(6)) * 0.5
+    if "e_score_correction_bias" in gate:
+        gate.e_score_correction_bias = mx.random.normal((c.n_routed_experts,), key=mx.random.key(7)) * 0.1
+    x = mx.random.normal((3, 5, c.hidden_size), key=mx.random.key(8))
+    cot_w, cot_s = mx.random.normal((3, 5, c.num_experts_per_tok)), mx.random.normal((3, 5, c.n_routed_experts))
+    real = native.usable_small
+
+    def run(use):
+        monkeypatch.setattr(native, "usable_small", real if use else lambda *a: None)
+
+        def loss(w):
+            gate.weight = w
+            r = gate(x)
+            order = mx.argsort(r.indices, axis=-1)  # the top-k come in any order
+            return (mx.take_along_axis(r.weights, order, -1) * cot_w).sum() + (r.scores * cot_s).sum(), r
+
+        w0 = gate.weight
+        _, r = loss(w0)
+        g = mx.grad(lambda w: loss(w)[0])(w0)
+        gate.weight = w0
+        order = mx.argsort(r.indices, axis=-1)
+        return mx.sort(r.indices.astype(mx.int32), -1), mx.take_along_axis(r.weights, order, -1), r.scores, g
+
+    ours, ref = run(True), run(False)
+    assert mx.array_equal(ours[0], ref[0]).item()
+    for a, b in zip(ours[1:], ref[1:]):
+        close(a, b, 1e-5)
+    assert mx.abs(ref[3]).max().item() > 0.1

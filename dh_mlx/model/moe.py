@@ -94,6 +94,33 @@ def _permute_rows_vjp(primals, dy, out):
     return dy[inverse], mx.zeros_like(perm), mx.zeros_like(inverse)
 
 
+_METHODS = {"greedy": 0, "group_limited_greedy": 1, "noaux_tc": 2}
+
+
+@mx.custom_function
+def route(logits, bias, sigmoid: bool, method: int, groups: int, topk_groups: int, k: int, renorm: bool,
+          scaling: float):
+    """`MoEGate` after its linear as one native node (CPU, float32, a few tokens: decode): (indices (..., k)
+    int32, weights (..., k), scores (..., E)). Differentiated through MLX ops (the choice has no gradient)."""
+    return tuple(native.load().route(logits, bias, sigmoid, method, groups, topk_groups, k, renorm, scaling))
+
+
+@route.vjp
+def _route_vjp(primals, cotangents, outputs):
+    logits, bias, sigmoid, method, groups, topk_groups, k, renorm, scaling = primals
+    indices = outputs[0]
+
+    def weights_and_scores(logits):
+        scores = mx.sigmoid(logits) if sigmoid else mx.softmax(logits, axis=-1)
+        w = mx.take_along_axis(scores, indices, axis=-1)
+        if renorm:
+            w = w / (w.sum(axis=-1, keepdims=True) + 1e-20)
+        return w * scaling, scores
+
+    _, (d_logits,) = mx.vjp(weights_and_scores, [logits], list(cotangents[1:]))
+    return d_logits, mx.zeros_like(bias), None, None, None, None, None, None, None
+
+
 class Routing(NamedTuple):
     """What the router decided; `scores` and `indices` are what training's ALF and balance loss need."""
 
@@ -115,6 +142,8 @@ class MoEGate(nn.Module):
         self.weight = mx.zeros((c.n_routed_experts, c.hidden_size))
         if c.topk_method == "noaux_tc":
             self.e_score_correction_bias = mx.zeros((c.n_routed_experts,))
+        else:
+            self._no_bias = mx.zeros((c.n_routed_experts,))  # what the native router adds instead (not a parameter)
         dr = c.domain_routing
         # Row 0: no domain (every expert allowed); row d+1: domain d's experts and the common ones.
         self._domain_table = None if dr is None else mx.array(
@@ -122,6 +151,12 @@ class MoEGate(nn.Module):
 
     def __call__(self, x: mx.array, domain_ids: mx.array | None = None) -> Routing:
         logits = linear(x.astype(mx.float32), self.weight.astype(mx.float32))  # (..., E)
+        bias = self.e_score_correction_bias if self.topk_method == "noaux_tc" else self._no_bias
+        if (domain_ids is None or self._domain_table is None) and native.usable_small(logits, bias):
+            renorm = self.norm_topk_prob and (self.scoring_func == "sigmoid" or self.top_k > 1)
+            indices, weights, scores = route(logits, bias, self.scoring_func == "sigmoid", _METHODS[self.topk_method],
+                                             self.n_group, self.topk_group, self.top_k, renorm, self.routed_scaling_factor)
+            return Routing(mx.stop_gradient(indices), weights, scores)
         scores = mx.sigmoid(logits) if self.scoring_func == "sigmoid" else mx.softmax(logits, axis=-1)
         choice = scores
         if self.topk_method == "noaux_tc":

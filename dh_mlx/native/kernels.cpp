@@ -25,6 +25,9 @@
 //            out = (p latent) W_uv[h]^T; keys visible per mode: all, causal (query l of L sees keys up to
 //            S - L + l) or a bool mask (B|1, 1, L, S). One node instead of ~40 (no gradient: dh_mlx
 //            differentiates it through MLX ops).
+//   Route:   the MoE router after its linear: sigmoid/softmax scores, the selection bias (noaux_tc), group-
+//            limited choice (a group scores its best expert, or its best two summed for noaux_tc), top-k,
+//            weights from the unbiased scores (renormalised, scaled) -> indices, weights, scores (~20 nodes).
 //   MoeRows: routed experts for a few tokens, weighted and summed: y[n] = sum_j weights[n, j] *
 //            down[e] (silu(gate[e] x[n]) * up[e] x[n]), e = idx[n, j]: 3k sgemv per token (what gather_mm
 //            does) in one node instead of ~25 (no gradient: dh_mlx differentiates it through MLX ops).
@@ -565,6 +568,89 @@ class MlaAbsorbed : public mx::Primitive {
   float scale_;
 };
 
+
+class Route : public mx::Primitive {
+ public:
+  Route(mx::Stream s, bool sigmoid, int method, int groups, int topk_groups, int k, bool renorm, float scaling)
+      : mx::Primitive(s), sigmoid_(sigmoid), method_(method), groups_(groups), topk_groups_(topk_groups), k_(k),
+        renorm_(renorm), scaling_(scaling) {}
+
+  void eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override {
+    for (auto& o : outputs) o.set_data(mx::allocator::malloc(o.nbytes()));
+    const int E = inputs[0].shape(-1), N = inputs[0].size() / E;
+    const bool sigmoid = sigmoid_, renorm = renorm_;
+    const int method = method_, G = groups_, TG = topk_groups_, k = k_;
+    const float scaling = scaling_;
+    int32_t* ip = outputs[0].data<int32_t>();
+    float* wp = outputs[1].data<float>();
+    float* sp = outputs[2].data<float>();
+    auto& encoder = mx::cpu::get_command_encoder(stream());
+    encoder.dispatch([=, lv = View<float>(inputs[0]), bv = View<float>(inputs[1])]() {
+      std::vector<float> s1, s2, choice(E), gscore(std::max(G, 1));
+      std::vector<int> order(E), gorder(std::max(G, 1));
+      const float* lp = lv.dense(s1);
+      const float* bp = bv.dense(s2);
+      const int per = E / std::max(G, 1);
+      for (int t = 0; t < N; ++t) {
+        const float* lg = lp + static_cast<size_t>(t) * E;
+        float* sc = sp + static_cast<size_t>(t) * E;
+        if (sigmoid) {
+          for (int e = 0; e < E; ++e) sc[e] = 1.0f / (1.0f + exp_(-lg[e]));
+        } else {
+          float m = -INFINITY, sum = 0.0f;
+          for (int e = 0; e < E; ++e) m = lg[e] > m ? lg[e] : m;
+          for (int e = 0; e < E; ++e) sum += (sc[e] = exp_(lg[e] - m));
+          for (int e = 0; e < E; ++e) sc[e] /= sum;
+        }
+        for (int e = 0; e < E; ++e) choice[e] = sc[e] + (method == 2 ? bp[e] : 0.0f);
+        if (G > 1 && method != 0) {  // keep the TG best groups
+          for (int g = 0; g < G; ++g) {
+            float a = -INFINITY, b = -INFINITY;
+            for (int e = g * per; e < (g + 1) * per; ++e) {
+              if (choice[e] > a) { b = a; a = choice[e]; }
+              else if (choice[e] > b) { b = choice[e]; }
+            }
+            gscore[g] = method == 2 ? a + b : a;
+            gorder[g] = g;
+          }
+          std::partial_sort(gorder.begin(), gorder.begin() + TG, gorder.begin() + G,
+                            [&](int a, int b) { return gscore[a] > gscore[b]; });
+          std::vector<char> keep(G, 0);
+          for (int i = 0; i < TG; ++i) keep[gorder[i]] = 1;
+          for (int e = 0; e < E; ++e)
+            if (!keep[e / per]) choice[e] = -INFINITY;
+        }
+        for (int e = 0; e < E; ++e) order[e] = e;
+        std::partial_sort(order.begin(), order.begin() + k, order.end(),
+                          [&](int a, int b) { return choice[a] > choice[b]; });
+        float total = 0.0f;
+        for (int j = 0; j < k; ++j) total += sc[order[j]];
+        for (int j = 0; j < k; ++j) {
+          ip[t * k + j] = order[j];
+          wp[t * k + j] = renorm ? sc[order[j]] / (total + 1e-20f) * scaling : sc[order[j]] * scaling;
+        }
+      }
+    });
+  }
+
+  void eval_gpu(const std::vector<mx::array>&, std::vector<mx::array>&) override {
+    throw std::runtime_error("Route runs on the CPU only");
+  }
+
+  bool is_equivalent(const mx::Primitive& other) const override {
+    const auto& o = static_cast<const Route&>(other);
+    return sigmoid_ == o.sigmoid_ && method_ == o.method_ && groups_ == o.groups_ && topk_groups_ == o.topk_groups_ &&
+           k_ == o.k_ && renorm_ == o.renorm_ && scaling_ == o.scaling_;
+  }
+  const char* name() const override { return "Route"; }
+
+ private:
+  bool sigmoid_;
+  int method_, groups_, topk_groups_, k_;
+  bool renorm_;
+  float scaling_;
+};
+
 void check(const mx::array& x, int ndim, mx::Dtype dtype, const char* what) {
   if (x.ndim() != ndim || x.dtype() != dtype) {
     throw std::invalid_argument(std::string("segment_matmul: ") + what + " must be " + std::to_string(ndim) +
@@ -696,6 +782,26 @@ mx::array mla_absorbed(const mx::array& q_nope, const mx::array& q_pe, const mx:
                    {q_nope, q_pe, latent, k_pe, w, mask});
 }
 
+
+std::vector<mx::array> route(const mx::array& logits, const mx::array& bias, bool sigmoid, int method, int groups,
+                             int topk_groups, int k, bool renorm, float scaling) {
+  check_float(logits, "route", "logits");
+  check_float(bias, "route", "bias");
+  const int E = logits.shape(-1);
+  if (bias.ndim() != 1 || bias.shape(0) != E || method < 0 || method > 2 || k < 1 || k > E ||
+      (groups > 1 && method != 0 && (E % groups || topk_groups < 1 || topk_groups > groups ||
+                                     k > topk_groups * (E / groups)))) {
+    throw std::invalid_argument("route: logits (..., E), bias (E,), method 0 greedy / 1 group-limited / 2 noaux_tc, "
+                                "1 <= k <= experts in the kept groups");
+  }
+  mx::Shape ks = logits.shape();
+  ks.back() = k;
+  return mx::array::make_arrays(
+      {ks, ks, logits.shape()}, {mx::int32, mx::float32, mx::float32},
+      std::make_shared<Route>(mx::to_stream(mx::Device::cpu), sigmoid, method, groups, topk_groups, k, renorm, scaling),
+      {logits, bias});
+}
+
 }  // namespace
 
 NB_MODULE(_dh_native, m) {
@@ -707,6 +813,8 @@ NB_MODULE(_dh_native, m) {
         nb::arg("traditional"), nb::arg("scale"));
   m.def("mla_absorbed", &mla_absorbed, nb::arg("q_nope"), nb::arg("q_pe"), nb::arg("latent"), nb::arg("k_pe"),
         nb::arg("w"), nb::arg("mask"), nb::arg("mode"), nb::arg("scale"), nb::arg("v_dim"));
+  m.def("route", &route, nb::arg("logits"), nb::arg("bias"), nb::arg("sigmoid"), nb::arg("method"), nb::arg("groups"),
+        nb::arg("topk_groups"), nb::arg("k"), nb::arg("renorm"), nb::arg("scaling"));
   m.def("moe_rows", &moe_rows, nb::arg("x"), nb::arg("idx"), nb::arg("weights"), nb::arg("gate"), nb::arg("up"),
         nb::arg("down"));
   m.def("rms_norm", &rms_norm, nb::arg("x"), nb::arg("w"), nb::arg("eps"));
