@@ -167,11 +167,16 @@ def test_absorbed_attention_equals_mlx_ops_in_value_and_gradients(ext, mode):
 
 
 @pytest.mark.parametrize("name", ["q_lora+groups+yarn+mtp", "no_q_lora+flat+dense0", "softmax_greedy",
-                                  "softmax_group_limited"])
+                                  "softmax_group_limited", "domains"])
 def test_native_router_chooses_and_weighs_like_mlx_ops(ext, name, monkeypatch):
-    """Every scoring/selection rule of the presets: same experts, weights, scores and gradients."""
+    """Every scoring/selection rule of the presets, and domain routing with per-token ids (-1: none): same
+    experts, weights, scores and gradients."""
+    from dh_mlx.config import DomainRouting
     from dh_mlx.model.moe import MoEGate
-    c = make_config(name)
+    domains = name == "domains"
+    c = make_config("q_lora+groups+yarn+mtp", domain_routing=DomainRouting(domains=["code", "math", "legal"],
+                                                                           experts_per_domain=2)) if domains else make_config(name)
+    domain_ids = mx.array([[0, -1, 2, 1, -1], [-1] * 5, [1] * 5]) if domains else None
     gate = MoEGate(c)
     gate.weight = mx.random.normal(gate.weight.shape, key=mx.random.key(6)) * 0.5
     if "e_score_correction_bias" in gate:
@@ -185,7 +190,7 @@ def test_native_router_chooses_and_weighs_like_mlx_ops(ext, name, monkeypatch):
 
         def loss(w):
             gate.weight = w
-            r = gate(x)
+            r = gate(x, domain_ids)
             order = mx.argsort(r.indices, axis=-1)  # the top-k come in any order
             return (mx.take_along_axis(r.weights, order, -1) * cot_w).sum() + (r.scores * cot_s).sum(), r
 
@@ -198,6 +203,8 @@ def test_native_router_chooses_and_weighs_like_mlx_ops(ext, name, monkeypatch):
 
     ours, ref = run(True), run(False)
     assert mx.array_equal(ours[0], ref[0]).item()
+    if domains:
+        assert set(np.array(ours[0])[0, 0].tolist()) <= {0, 1, 6, 7}  # code: its experts and the common ones
     for a, b in zip(ours[1:], ref[1:]):
         close(a, b, 1e-5)
     assert mx.abs(ref[3]).max().item() > 0.1

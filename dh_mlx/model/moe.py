@@ -97,17 +97,22 @@ def _permute_rows_vjp(primals, dy, out):
 _METHODS = {"greedy": 0, "group_limited_greedy": 1, "noaux_tc": 2}
 
 
+_NO_DOMAINS = mx.array(False)
+
+
 @mx.custom_function
-def route(logits, bias, sigmoid: bool, method: int, groups: int, topk_groups: int, k: int, renorm: bool,
-          scaling: float):
+def route(logits, bias, allowed, flag, domains: bool, sigmoid: bool, method: int, groups: int, topk_groups: int,
+          k: int, renorm: bool, scaling: float):
     """`MoEGate` after its linear as one native node (CPU, float32, a few tokens: decode): (indices (..., k)
-    int32, weights (..., k), scores (..., E)). Differentiated through MLX ops (the choice has no gradient)."""
-    return tuple(native.load().route(logits, bias, sigmoid, method, groups, topk_groups, k, renorm, scaling))
+    int32, weights (..., k), scores (..., E)); with `domains`, a token whose `flag` is set chooses among its
+    `allowed` experts instead of by group. Differentiated through MLX ops (the choice has no gradient)."""
+    return tuple(native.load().route(logits, bias, allowed, flag, domains, sigmoid, method, groups, topk_groups, k,
+                                     renorm, scaling))
 
 
 @route.vjp
 def _route_vjp(primals, cotangents, outputs):
-    logits, bias, sigmoid, method, groups, topk_groups, k, renorm, scaling = primals
+    logits, bias, allowed, flag, domains, sigmoid, method, groups, topk_groups, k, renorm, scaling = primals
     indices = outputs[0]
 
     def weights_and_scores(logits):
@@ -118,7 +123,7 @@ def _route_vjp(primals, cotangents, outputs):
         return w * scaling, scores
 
     _, (d_logits,) = mx.vjp(weights_and_scores, [logits], list(cotangents[1:]))
-    return d_logits, mx.zeros_like(bias), None, None, None, None, None, None, None
+    return (d_logits, mx.zeros_like(bias), mx.zeros_like(allowed), mx.zeros_like(flag), *([None] * 8))
 
 
 class Routing(NamedTuple):
@@ -152,10 +157,17 @@ class MoEGate(nn.Module):
     def __call__(self, x: mx.array, domain_ids: mx.array | None = None) -> Routing:
         logits = linear(x.astype(mx.float32), self.weight.astype(mx.float32))  # (..., E)
         bias = self.e_score_correction_bias if self.topk_method == "noaux_tc" else self._no_bias
-        if (domain_ids is None or self._domain_table is None) and native.usable_small(logits, bias):
+        if native.usable_small(logits, bias):
+            domains = domain_ids is not None and self._domain_table is not None
+            allowed = flag = _NO_DOMAINS
+            if domains:
+                d = domain_ids if domain_ids.ndim == x.ndim - 1 else domain_ids[:, None]  # (B, T) or (B, 1)
+                allowed = mx.broadcast_to(self._domain_table[d + 1], logits.shape)
+                flag = mx.broadcast_to(d >= 0, logits.shape[:-1])
             renorm = self.norm_topk_prob and (self.scoring_func == "sigmoid" or self.top_k > 1)
-            indices, weights, scores = route(logits, bias, self.scoring_func == "sigmoid", _METHODS[self.topk_method],
-                                             self.n_group, self.topk_group, self.top_k, renorm, self.routed_scaling_factor)
+            indices, weights, scores = route(logits, bias, allowed, flag, domains, self.scoring_func == "sigmoid",
+                                             _METHODS[self.topk_method], self.n_group, self.topk_group, self.top_k,
+                                             renorm, self.routed_scaling_factor)
             return Routing(mx.stop_gradient(indices), weights, scores)
         scores = mx.sigmoid(logits) if self.scoring_func == "sigmoid" else mx.softmax(logits, axis=-1)
         choice = scores

@@ -28,6 +28,7 @@
 //   Route:   the MoE router after its linear: sigmoid/softmax scores, the selection bias (noaux_tc), group-
 //            limited choice (a group scores its best expert, or its best two summed for noaux_tc), top-k,
 //            weights from the unbiased scores (renormalised, scaled) -> indices, weights, scores (~20 nodes).
+//            With domain routing, a token whose flag is set chooses among its domain's experts instead.
 //   MoeRows: routed experts for a few tokens, weighted and summed: y[n] = sum_j weights[n, j] *
 //            down[e] (silu(gate[e] x[n]) * up[e] x[n]), e = idx[n, j]: 3k sgemv per token (what gather_mm
 //            does) in one node instead of ~25 (no gradient: dh_mlx differentiates it through MLX ops).
@@ -571,25 +572,30 @@ class MlaAbsorbed : public mx::Primitive {
 
 class Route : public mx::Primitive {
  public:
-  Route(mx::Stream s, bool sigmoid, int method, int groups, int topk_groups, int k, bool renorm, float scaling)
+  Route(mx::Stream s, bool sigmoid, int method, int groups, int topk_groups, int k, bool renorm, float scaling,
+        bool domains)
       : mx::Primitive(s), sigmoid_(sigmoid), method_(method), groups_(groups), topk_groups_(topk_groups), k_(k),
-        renorm_(renorm), scaling_(scaling) {}
+        renorm_(renorm), scaling_(scaling), domains_(domains) {}
 
   void eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override {
     for (auto& o : outputs) o.set_data(mx::allocator::malloc(o.nbytes()));
     const int E = inputs[0].shape(-1), N = inputs[0].size() / E;
-    const bool sigmoid = sigmoid_, renorm = renorm_;
+    const bool sigmoid = sigmoid_, renorm = renorm_, domains = domains_;
     const int method = method_, G = groups_, TG = topk_groups_, k = k_;
     const float scaling = scaling_;
     int32_t* ip = outputs[0].data<int32_t>();
     float* wp = outputs[1].data<float>();
     float* sp = outputs[2].data<float>();
     auto& encoder = mx::cpu::get_command_encoder(stream());
-    encoder.dispatch([=, lv = View<float>(inputs[0]), bv = View<float>(inputs[1])]() {
+    encoder.dispatch([=, lv = View<float>(inputs[0]), bv = View<float>(inputs[1]), av = View<uint8_t>(inputs[2]),
+                      fv = View<uint8_t>(inputs[3])]() {
       std::vector<float> s1, s2, choice(E), gscore(std::max(G, 1));
       std::vector<int> order(E), gorder(std::max(G, 1));
+      std::vector<uint8_t> s3, s4;
       const float* lp = lv.dense(s1);
       const float* bp = bv.dense(s2);
+      const uint8_t* allowed = domains ? av.dense(s3) : nullptr;  // (N, E) bool, maybe a broadcast view
+      const uint8_t* flag = domains ? fv.dense(s4) : nullptr;     // (N,) bool: the token has a domain
       const int per = E / std::max(G, 1);
       for (int t = 0; t < N; ++t) {
         const float* lg = lp + static_cast<size_t>(t) * E;
@@ -603,7 +609,10 @@ class Route : public mx::Primitive {
           for (int e = 0; e < E; ++e) sc[e] /= sum;
         }
         for (int e = 0; e < E; ++e) choice[e] = sc[e] + (method == 2 ? bp[e] : 0.0f);
-        if (G > 1 && method != 0) {  // keep the TG best groups
+        if (domains && flag[t]) {  // the token's domain experts replace the group rule
+          for (int e = 0; e < E; ++e)
+            if (!allowed[static_cast<size_t>(t) * E + e]) choice[e] = -INFINITY;
+        } else if (G > 1 && method != 0) {  // keep the TG best groups
           for (int g = 0; g < G; ++g) {
             float a = -INFINITY, b = -INFINITY;
             for (int e = g * per; e < (g + 1) * per; ++e) {
@@ -640,7 +649,7 @@ class Route : public mx::Primitive {
   bool is_equivalent(const mx::Primitive& other) const override {
     const auto& o = static_cast<const Route&>(other);
     return sigmoid_ == o.sigmoid_ && method_ == o.method_ && groups_ == o.groups_ && topk_groups_ == o.topk_groups_ &&
-           k_ == o.k_ && renorm_ == o.renorm_ && scaling_ == o.scaling_;
+           k_ == o.k_ && renorm_ == o.renorm_ && scaling_ == o.scaling_ && domains_ == o.domains_;
   }
   const char* name() const override { return "Route"; }
 
@@ -649,6 +658,7 @@ class Route : public mx::Primitive {
   int method_, groups_, topk_groups_, k_;
   bool renorm_;
   float scaling_;
+  bool domains_;
 };
 
 void check(const mx::array& x, int ndim, mx::Dtype dtype, const char* what) {
@@ -783,8 +793,9 @@ mx::array mla_absorbed(const mx::array& q_nope, const mx::array& q_pe, const mx:
 }
 
 
-std::vector<mx::array> route(const mx::array& logits, const mx::array& bias, bool sigmoid, int method, int groups,
-                             int topk_groups, int k, bool renorm, float scaling) {
+std::vector<mx::array> route(const mx::array& logits, const mx::array& bias, const mx::array& allowed,
+                             const mx::array& flag, bool domains, bool sigmoid, int method, int groups, int topk_groups,
+                             int k, bool renorm, float scaling) {
   check_float(logits, "route", "logits");
   check_float(bias, "route", "bias");
   const int E = logits.shape(-1);
@@ -794,12 +805,16 @@ std::vector<mx::array> route(const mx::array& logits, const mx::array& bias, boo
     throw std::invalid_argument("route: logits (..., E), bias (E,), method 0 greedy / 1 group-limited / 2 noaux_tc, "
                                 "1 <= k <= experts in the kept groups");
   }
+  if (domains && (allowed.dtype() != mx::bool_ || flag.dtype() != mx::bool_ || allowed.shape() != logits.shape() ||
+                  flag.size() != logits.size() / E)) {
+    throw std::invalid_argument("route: with domains, allowed is bool like logits and flag bool (...,) per token");
+  }
   mx::Shape ks = logits.shape();
   ks.back() = k;
-  return mx::array::make_arrays(
-      {ks, ks, logits.shape()}, {mx::int32, mx::float32, mx::float32},
-      std::make_shared<Route>(mx::to_stream(mx::Device::cpu), sigmoid, method, groups, topk_groups, k, renorm, scaling),
-      {logits, bias});
+  return mx::array::make_arrays({ks, ks, logits.shape()}, {mx::int32, mx::float32, mx::float32},
+                                std::make_shared<Route>(mx::to_stream(mx::Device::cpu), sigmoid, method, groups,
+                                                        topk_groups, k, renorm, scaling, domains),
+                                {logits, bias, allowed, flag});
 }
 
 }  // namespace
@@ -813,7 +828,8 @@ NB_MODULE(_dh_native, m) {
         nb::arg("traditional"), nb::arg("scale"));
   m.def("mla_absorbed", &mla_absorbed, nb::arg("q_nope"), nb::arg("q_pe"), nb::arg("latent"), nb::arg("k_pe"),
         nb::arg("w"), nb::arg("mask"), nb::arg("mode"), nb::arg("scale"), nb::arg("v_dim"));
-  m.def("route", &route, nb::arg("logits"), nb::arg("bias"), nb::arg("sigmoid"), nb::arg("method"), nb::arg("groups"),
+  m.def("route", &route, nb::arg("logits"), nb::arg("bias"), nb::arg("allowed"), nb::arg("flag"), nb::arg("domains"),
+        nb::arg("sigmoid"), nb::arg("method"), nb::arg("groups"),
         nb::arg("topk_groups"), nb::arg("k"), nb::arg("renorm"), nb::arg("scaling"));
   m.def("moe_rows", &moe_rows, nb::arg("x"), nb::arg("idx"), nb::arg("weights"), nb::arg("gate"), nb::arg("up"),
         nb::arg("down"));
