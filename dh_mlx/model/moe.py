@@ -55,7 +55,8 @@ def expert_rows(x: mx.array, idx: mx.array, weights: mx.array, gate: mx.array, u
 def _rows_reference(x, idx, weights, gate, up, down):
     D, k = x.shape[-1], idx.shape[-1]
     xs, i = x.reshape(-1, 1, 1, D), idx.reshape(-1, k)
-    h = swiglu(mx.gather_mm(xs, gate.swapaxes(-1, -2), rhs_indices=i), mx.gather_mm(xs, up.swapaxes(-1, -2), rhs_indices=i))
+    h = swiglu(mx.gather_mm(xs, gate.swapaxes(-1, -2), rhs_indices=i),
+               mx.gather_mm(xs, up.swapaxes(-1, -2), rhs_indices=i))
     y = mx.gather_mm(h, down.swapaxes(-1, -2), rhs_indices=i)  # (N, k, 1, D)
     return (y.reshape(*idx.shape, D) * weights[..., None]).sum(axis=-2)
 
