@@ -332,13 +332,16 @@ class Experts(nn.Module):
         """Float32 activations, plain float32 experts (what `segment_linear` takes) and the kernels built."""
         return self._plain() and x.dtype == self.gate_proj.weight.dtype == mx.float32 and native.load() is not None
 
+    def _runs(self, idx: mx.array) -> tuple[mx.array, mx.array]:
+        """idx (N, k) -> (order (P,): the N*k pairs grouped by expert, counts (E,): each expert's pairs)."""
+        flat = idx.reshape(-1)
+        return mx.argsort(flat), (flat[:, None] == mx.arange(self.num_experts)).sum(axis=0)
+
     def _native(self, x: mx.array, idx: mx.array) -> mx.array:
         """x (N, D), idx (N, k) -> (N, k, D): pairs sorted by expert, then `segment_linear` (one BLAS call per
         expert over its exact run of rows; the run boundaries stay on the device, so this compiles)."""
         N, k = idx.shape
-        flat = idx.reshape(-1)
-        order = mx.argsort(flat)  # (P,) pairs grouped by expert
-        counts = (flat[:, None] == mx.arange(self.num_experts)).sum(axis=0)  # (E,)
+        order, counts = self._runs(idx)
         offsets = mx.concatenate([mx.zeros((1,), mx.int32), mx.cumsum(counts).astype(mx.int32)])  # (E + 1,)
         inverse = mx.argsort(order)
         xs = gather_pairs(x, order, inverse, k)  # (P, D)
@@ -358,13 +361,11 @@ class Experts(nn.Module):
         if not self._plain():
             return None
         N, k = idx.shape
-        flat = idx.reshape(-1)
-        counts = (flat[:, None] == mx.arange(self.num_experts)).sum(axis=0)  # (E,)
+        order, counts = self._runs(idx)
         try:
             counts = counts.tolist()
         except ValueError:  # tracing (mx.compile): no host reads
             return None
-        order = mx.argsort(flat)  # (P,) pairs grouped by expert
         runs = mx.split(x[order // k], np.cumsum(counts)[:-1].tolist())  # E x (count_e, D)
         gate, up, down = (p.per_expert() for p in (self.gate_proj, self.up_proj, self.down_proj))
         ys = [swiglu(r @ gate[e].T, r @ up[e].T) @ down[e].T for e, r in enumerate(runs) if counts[e]]
