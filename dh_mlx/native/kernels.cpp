@@ -61,14 +61,29 @@ namespace {
 
 constexpr int kRowMajor = 101, kNoTrans = 111, kTrans = 112;
 
-class SegmentMatmul : public mx::Primitive {
+// What every kernel here shares: CPU only, and outputs allocated before the work is dispatched.
+class CpuPrimitive : public mx::Primitive {
  public:
-  SegmentMatmul(mx::Stream s, bool outer, bool transpose) : mx::Primitive(s), outer_(outer), transpose_(transpose) {}
+  using mx::Primitive::Primitive;
+
+  void eval_gpu(const std::vector<mx::array>&, std::vector<mx::array>&) override {
+    throw std::runtime_error(std::string(name()) + " runs on the CPU only");
+  }
+
+ protected:
+  static void allocate(std::vector<mx::array>& outputs) {
+    for (auto& o : outputs) o.set_data(mx::allocator::malloc(o.nbytes()));
+  }
+};
+
+class SegmentMatmul : public CpuPrimitive {
+ public:
+  SegmentMatmul(mx::Stream s, bool outer, bool transpose) : CpuPrimitive(s), outer_(outer), transpose_(transpose) {}
 
   void eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override {
     const mx::array &a = inputs[0], &b = inputs[1], &off = inputs[2];
+    allocate(outputs);
     mx::array& out = outputs[0];
-    out.set_data(mx::allocator::malloc(out.nbytes()));
     const float* ap = a.data<float>();
     const float* bp = b.data<float>();
     const int32_t* op = off.data<int32_t>();
@@ -110,10 +125,6 @@ class SegmentMatmul : public mx::Primitive {
     });
   }
 
-  void eval_gpu(const std::vector<mx::array>&, std::vector<mx::array>&) override {
-    throw std::runtime_error("SegmentMatmul runs on the CPU only");
-  }
-
   const char* name() const override { return "SegmentMatmul"; }
 
  private:
@@ -148,15 +159,15 @@ float row_sum_exp(const float* x, int n, float m) {
   return s;
 }
 
-class CrossEntropy : public mx::Primitive {
+class CrossEntropy : public CpuPrimitive {
  public:
-  CrossEntropy(mx::Stream s, bool backward) : mx::Primitive(s), backward_(backward) {}
+  CrossEntropy(mx::Stream s, bool backward) : CpuPrimitive(s), backward_(backward) {}
 
   void eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override {
     const float* xp = inputs[0].data<float>();
     const int32_t* tp = inputs[1].data<int32_t>();
     const int N = inputs[1].size(), V = inputs[0].shape(-1);
-    for (auto& o : outputs) o.set_data(mx::allocator::malloc(o.nbytes()));
+    allocate(outputs);
     auto& encoder = mx::cpu::get_command_encoder(stream());
     if (!backward_) {
       float* cp = outputs[0].data<float>();
@@ -184,10 +195,6 @@ class CrossEntropy : public mx::Primitive {
         if (tp[i] >= 0 && tp[i] < V) out[tp[i]] -= g;
       }
     });
-  }
-
-  void eval_gpu(const std::vector<mx::array>&, std::vector<mx::array>&) override {
-    throw std::runtime_error("CrossEntropy runs on the CPU only");
   }
 
   const char* name() const override { return "CrossEntropy"; }
@@ -230,14 +237,14 @@ struct View {
   }
 };
 
-class Linear : public mx::Primitive {
+class Linear : public CpuPrimitive {
  public:
-  explicit Linear(mx::Stream s) : mx::Primitive(s) {}
+  explicit Linear(mx::Stream s) : CpuPrimitive(s) {}
 
   void eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override {
     const mx::array &x = inputs[0], &w = inputs[1];
+    allocate(outputs);
     mx::array& out = outputs[0];
-    out.set_data(mx::allocator::malloc(out.nbytes()));
     const int N = w.shape(0), K = w.shape(1), M = x.size() / K;
     float* yp = out.data<float>();
     auto& encoder = mx::cpu::get_command_encoder(stream());
@@ -247,10 +254,6 @@ class Linear : public mx::Primitive {
       const float* wp = wv.dense(sw);
       cblas_sgemm(kRowMajor, kNoTrans, kTrans, M, N, K, 1.0f, xp, K, wp, K, 0.0f, yp, N);
     });
-  }
-
-  void eval_gpu(const std::vector<mx::array>&, std::vector<mx::array>&) override {
-    throw std::runtime_error("Linear runs on the CPU only");
   }
 
   std::vector<mx::array> vjp(const std::vector<mx::array>& primals, const std::vector<mx::array>& cotangents,
@@ -279,15 +282,15 @@ class Linear : public mx::Primitive {
   const char* name() const override { return "Linear"; }
 };
 
-class Rope : public mx::Primitive {
+class Rope : public CpuPrimitive {
  public:
   Rope(mx::Stream s, int dims, bool traditional, float scale, bool inverse)
-      : mx::Primitive(s), dims_(dims), traditional_(traditional), scale_(scale), inverse_(inverse) {}
+      : CpuPrimitive(s), dims_(dims), traditional_(traditional), scale_(scale), inverse_(inverse) {}
 
   void eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override {
     const mx::array &x = inputs[0], &off = inputs[1], &wl = inputs[2];
+    allocate(outputs);
     mx::array& out = outputs[0];
-    out.set_data(mx::allocator::malloc(out.nbytes()));
     const int P = x.shape(-1), L = x.shape(-2), half = dims_ / 2;
     const size_t rows = x.size() / (static_cast<size_t>(L) * P);
     const bool trad = traditional_, inv = inverse_;
@@ -327,10 +330,6 @@ class Rope : public mx::Primitive {
     });
   }
 
-  void eval_gpu(const std::vector<mx::array>&, std::vector<mx::array>&) override {
-    throw std::runtime_error("Rope runs on the CPU only");
-  }
-
   std::vector<mx::array> vjp(const std::vector<mx::array>& primals, const std::vector<mx::array>& cotangents,
                              const std::vector<int>& argnums, const std::vector<mx::array>&) override {
     std::vector<mx::array> grads;
@@ -361,14 +360,14 @@ class Rope : public mx::Primitive {
   bool inverse_;
 };
 
-class RmsNorm : public mx::Primitive {
+class RmsNorm : public CpuPrimitive {
  public:
-  RmsNorm(mx::Stream s, float eps) : mx::Primitive(s), eps_(eps) {}
+  RmsNorm(mx::Stream s, float eps) : CpuPrimitive(s), eps_(eps) {}
 
   void eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override {
     const mx::array &x = inputs[0], &w = inputs[1];
+    allocate(outputs);
     mx::array& out = outputs[0];
-    out.set_data(mx::allocator::malloc(out.nbytes()));
     const int D = x.shape(-1);
     const size_t rows = x.size() / D;
     const float eps = eps_;
@@ -392,10 +391,6 @@ class RmsNorm : public mx::Primitive {
         for (j = 0; j < D; ++j) y[j] = a[j] * k * wp[j];
       }
     });
-  }
-
-  void eval_gpu(const std::vector<mx::array>&, std::vector<mx::array>&) override {
-    throw std::runtime_error("RmsNorm runs on the CPU only");
   }
 
   std::vector<mx::array> vjp(const std::vector<mx::array>& primals, const std::vector<mx::array>& cotangents,
@@ -432,15 +427,15 @@ class RmsNorm : public mx::Primitive {
 };
 
 
-class MoeRows : public mx::Primitive {
+class MoeRows : public CpuPrimitive {
  public:
-  explicit MoeRows(mx::Stream s) : mx::Primitive(s) {}
+  explicit MoeRows(mx::Stream s) : CpuPrimitive(s) {}
 
   void eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override {
     const mx::array &x = inputs[0], &idx = inputs[1], &wt = inputs[2], &gw = inputs[3], &uw = inputs[4],
                     &dw = inputs[5];
+    allocate(outputs);
     mx::array& out = outputs[0];
-    out.set_data(mx::allocator::malloc(out.nbytes()));
     const int E = gw.shape(0), I = gw.shape(1), D = gw.shape(2), k = idx.shape(-1);
     const int N = x.size() / D;
     float* yp = out.data<float>();
@@ -471,24 +466,20 @@ class MoeRows : public mx::Primitive {
     });
   }
 
-  void eval_gpu(const std::vector<mx::array>&, std::vector<mx::array>&) override {
-    throw std::runtime_error("MoeRows runs on the CPU only");
-  }
-
   bool is_equivalent(const mx::Primitive&) const override { return true; }
   const char* name() const override { return "MoeRows"; }
 };
 
 
-class MlaAbsorbed : public mx::Primitive {
+class MlaAbsorbed : public CpuPrimitive {
  public:
-  MlaAbsorbed(mx::Stream s, int mode, float scale) : mx::Primitive(s), mode_(mode), scale_(scale) {}
+  MlaAbsorbed(mx::Stream s, int mode, float scale) : CpuPrimitive(s), mode_(mode), scale_(scale) {}
 
   void eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override {
     const mx::array &qn = inputs[0], &qp = inputs[1], &lat = inputs[2], &kp = inputs[3], &w = inputs[4],
                     &mask = inputs[5];
+    allocate(outputs);
     mx::array& out = outputs[0];
-    out.set_data(mx::allocator::malloc(out.nbytes()));
     const int B = qn.shape(0), H = qn.shape(1), L = qn.shape(2), n = qn.shape(3), p = qp.shape(3);
     const int S = lat.shape(2), r = lat.shape(3), v = out.shape(3);
     const int mode = mode_, mb = mode == 2 ? mask.shape(0) : 1;
@@ -496,22 +487,15 @@ class MlaAbsorbed : public mx::Primitive {
     float* yp = out.data<float>();
     auto& encoder = mx::cpu::get_command_encoder(stream());
     encoder.dispatch([=, qnv = View<float>(qn), qpv = View<float>(qp), lv = View<float>(lat), kv = View<float>(kp),
-                      wv = View<float>(w), mv = View<bool>(mask)]() {
+                      wv = View<float>(w), mv = View<uint8_t>(mask)]() {
       std::vector<float> s1, s2, s3, s4, s5;
+      std::vector<uint8_t> s6;
       const float* qnp = qnv.dense(s1);
       const float* qpp = qpv.dense(s2);
       const float* lp = lv.dense(s3);
       const float* kpp = kv.dense(s4);
       const float* wp = wv.dense(s5);
-      std::vector<char> vis;
-      if (mode == 2) {  // bool mask (mb, 1, L, S) through its strides
-        vis.resize(static_cast<size_t>(mb) * L * S);
-        for (int b = 0; b < mb; ++b)
-          for (int l = 0; l < L; ++l)
-            for (int t = 0; t < S; ++t)
-              vis[(static_cast<size_t>(b) * L + l) * S + t] =
-                  mv.data[b * mv.strides[0] + l * mv.strides[2] + t * mv.strides[3]];
-      }
+      const uint8_t* vis = mode == 2 ? mv.dense(s6) : nullptr;  // bool mask (mb, 1, L, S)
       const int HL = H * L;
       std::vector<float> qlat(static_cast<size_t>(HL) * r), sc(static_cast<size_t>(HL) * S), olat(qlat.size());
       std::vector<float> sums(HL);
@@ -528,7 +512,7 @@ class MlaAbsorbed : public mx::Primitive {
         for (int row = 0; row < HL; ++row) {
           const int l = row % L;
           float* srow = sc.data() + static_cast<size_t>(row) * S;
-          const char* vrow = mode == 2 ? vis.data() + (static_cast<size_t>(b % mb) * L + l) * S : nullptr;
+          const uint8_t* vrow = vis ? vis + (static_cast<size_t>(b % mb) * L + l) * S : nullptr;
           const int lim = mode == 1 ? S - L + l + 1 : S;
           float m = -INFINITY;
           for (int t = 0; t < lim; ++t)
@@ -554,10 +538,6 @@ class MlaAbsorbed : public mx::Primitive {
     });
   }
 
-  void eval_gpu(const std::vector<mx::array>&, std::vector<mx::array>&) override {
-    throw std::runtime_error("MlaAbsorbed runs on the CPU only");
-  }
-
   bool is_equivalent(const mx::Primitive& other) const override {
     const auto& o = static_cast<const MlaAbsorbed&>(other);
     return mode_ == o.mode_ && scale_ == o.scale_;
@@ -570,15 +550,15 @@ class MlaAbsorbed : public mx::Primitive {
 };
 
 
-class Route : public mx::Primitive {
+class Route : public CpuPrimitive {
  public:
   Route(mx::Stream s, bool sigmoid, int method, int groups, int topk_groups, int k, bool renorm, float scaling,
         bool domains)
-      : mx::Primitive(s), sigmoid_(sigmoid), method_(method), groups_(groups), topk_groups_(topk_groups), k_(k),
+      : CpuPrimitive(s), sigmoid_(sigmoid), method_(method), groups_(groups), topk_groups_(topk_groups), k_(k),
         renorm_(renorm), scaling_(scaling), domains_(domains) {}
 
   void eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override {
-    for (auto& o : outputs) o.set_data(mx::allocator::malloc(o.nbytes()));
+    allocate(outputs);
     const int E = inputs[0].shape(-1), N = inputs[0].size() / E;
     const bool sigmoid = sigmoid_, renorm = renorm_, domains = domains_;
     const int method = method_, G = groups_, TG = topk_groups_, k = k_;
@@ -640,10 +620,6 @@ class Route : public mx::Primitive {
         }
       }
     });
-  }
-
-  void eval_gpu(const std::vector<mx::array>&, std::vector<mx::array>&) override {
-    throw std::runtime_error("Route runs on the CPU only");
   }
 
   bool is_equivalent(const mx::Primitive& other) const override {
