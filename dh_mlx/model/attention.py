@@ -93,7 +93,8 @@ class MLA(nn.Module):
     def _absorbed(self, q_nope, q_pe, latent, k_pe, mask, offset):
         B, H, L, _ = q_nope.shape
         S, n, r = latent.shape[2], self.qk_nope_head_dim, self.kv_lora_rank
-        if "weight" in self.kv_b_proj and native.usable_small(q_nope, q_pe, latent, k_pe, self.kv_b_proj.weight):
+        kv_b = self.kv_b_proj.weight  # (H * (n + v), r); a LoRA adapter's property gives the adapted matrix
+        if native.usable_small(q_nope, q_pe, latent, k_pe, kv_b):
             if mask is None or isinstance(mask, str):
                 mode, mask = (1 if L > 1 and mask == "causal" else 0), _NO_MASK
             elif mask.dtype == mx.bool_ and mask.shape[1:] == (1, L, S) and mask.shape[0] in (1, B):
@@ -101,9 +102,8 @@ class MLA(nn.Module):
             else:
                 mode = -1
             if mode >= 0:  # decode: one native node instead of ~40
-                return absorbed_attention(q_nope, q_pe, latent, k_pe, self.kv_b_proj.weight, mask, mode, self.scale,
-                                          self.v_head_dim)
-        w = self.kv_b_proj.weight.reshape(H, n + self.v_head_dim, r)
+                return absorbed_attention(q_nope, q_pe, latent, k_pe, kv_b, mask, mode, self.scale, self.v_head_dim)
+        w = kv_b.reshape(H, n + self.v_head_dim, r)
         q_lat = q_nope @ w[:, :n]  # (B, H, L, n) @ (H, n, r) -> (B, H, L, r)
         # Every head attends to the same single latent "head", so fold heads into rows: one (H*L, r) x (r, S)
         # product reads the cache once instead of once per head (3x faster at 32K on the CPU).
