@@ -65,7 +65,8 @@ def cpu_kernel_flags() -> str:
 
 
 def native_kernels() -> str:
-    """Whether dh_mlx/native's CPU kernels (expert segment matmuls, cross-entropy) are in use, and why not."""
+    """Whether dh_mlx/native's CPU kernels (expert segment matmuls, cross-entropy, decode kernels) are in use,
+    and why not."""
     if on_gpu():
         return "not used on the GPU"
     from . import native

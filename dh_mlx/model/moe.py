@@ -98,6 +98,19 @@ def _permute_rows_vjp(primals, dy, out):
 _METHODS = {"greedy": 0, "group_limited_greedy": 1, "noaux_tc": 2}
 
 
+def _scores(logits: mx.array, sigmoid: bool) -> mx.array:
+    """(..., E) router affinities: sigmoid (V3) or softmax (V2)."""
+    return mx.sigmoid(logits) if sigmoid else mx.softmax(logits, axis=-1)
+
+
+def _mixing_weights(scores: mx.array, indices: mx.array, renorm: bool, scaling: float) -> mx.array:
+    """(..., k): the chosen experts' unbiased scores, renormalised to sum to 1 when `renorm`, times `scaling`."""
+    w = mx.take_along_axis(scores, indices, axis=-1)
+    if renorm:
+        w = w / (w.sum(axis=-1, keepdims=True) + 1e-20)
+    return w * scaling
+
+
 _NO_DOMAINS = mx.array(False)
 
 
@@ -117,11 +130,8 @@ def _route_vjp(primals, cotangents, outputs):
     indices = outputs[0]
 
     def weights_and_scores(logits):
-        scores = mx.sigmoid(logits) if sigmoid else mx.softmax(logits, axis=-1)
-        w = mx.take_along_axis(scores, indices, axis=-1)
-        if renorm:
-            w = w / (w.sum(axis=-1, keepdims=True) + 1e-20)
-        return w * scaling, scores
+        scores = _scores(logits, sigmoid)
+        return _mixing_weights(scores, indices, renorm, scaling), scores
 
     _, (d_logits,) = mx.vjp(weights_and_scores, [logits], list(cotangents[1:]))
     return (d_logits, mx.zeros_like(bias), mx.zeros_like(allowed), mx.zeros_like(flag), *([None] * 8))
@@ -145,6 +155,8 @@ class MoEGate(nn.Module):
         self.n_group, self.topk_group = c.n_group, c.topk_group
         self.topk_method, self.scoring_func = c.topk_method, c.scoring_func
         self.norm_topk_prob, self.routed_scaling_factor = c.norm_topk_prob, c.routed_scaling_factor
+        # DeepSeek-V3 renormalises sigmoid weights always; softmax weights (V2) only when k > 1.
+        self._renorm = c.norm_topk_prob and (c.scoring_func == "sigmoid" or c.num_experts_per_tok > 1)
         self.weight = mx.zeros((c.n_routed_experts, c.hidden_size))
         if c.topk_method == "noaux_tc":
             self.e_score_correction_bias = mx.zeros((c.n_routed_experts,))
@@ -165,12 +177,11 @@ class MoEGate(nn.Module):
                 d = domain_ids if domain_ids.ndim == x.ndim - 1 else domain_ids[:, None]  # (B, T) or (B, 1)
                 allowed = mx.broadcast_to(self._domain_table[d + 1], logits.shape)
                 flag = mx.broadcast_to(d >= 0, logits.shape[:-1])
-            renorm = self.norm_topk_prob and (self.scoring_func == "sigmoid" or self.top_k > 1)
             indices, weights, scores = route(logits, bias, allowed, flag, domains, self.scoring_func == "sigmoid",
                                              _METHODS[self.topk_method], self.n_group, self.topk_group, self.top_k,
-                                             renorm, self.routed_scaling_factor)
+                                             self._renorm, self.routed_scaling_factor)
             return Routing(mx.stop_gradient(indices), weights, scores)
-        scores = mx.sigmoid(logits) if self.scoring_func == "sigmoid" else mx.softmax(logits, axis=-1)
+        scores = _scores(logits, self.scoring_func == "sigmoid")
         choice = scores
         if self.topk_method == "noaux_tc":
             choice = scores + self.e_score_correction_bias
@@ -183,11 +194,7 @@ class MoEGate(nn.Module):
             choice = mx.where(allowed, choice, -mx.inf)
         k = self.top_k
         indices = mx.stop_gradient(mx.argpartition(-choice, kth=k - 1, axis=-1)[..., :k])
-        weights = mx.take_along_axis(scores, indices, axis=-1)
-        # DeepSeek-V3 renormalises sigmoid weights always; softmax weights (V2) only when k > 1.
-        if self.norm_topk_prob and (self.scoring_func == "sigmoid" or k > 1):
-            weights = weights / (weights.sum(axis=-1, keepdims=True) + 1e-20)
-        return Routing(indices, weights * self.routed_scaling_factor, scores)
+        return Routing(indices, _mixing_weights(scores, indices, self._renorm, self.routed_scaling_factor), scores)
 
     def _group_mask(self, choice: mx.array) -> mx.array | None:
         """(..., E) bool: experts in the `topk_group` best groups, or None when routing is not group-limited."""
@@ -292,7 +299,7 @@ class Experts(nn.Module):
                 path = "blocked"
         if path == "native":
             if not self._native_ok(x):
-                raise ValueError("Experts.path 'native' needs float32 activations, plain float32 experts and the "
+                raise ValueError("Experts.path 'native' needs the CPU, float32 activations, plain float32 experts and the "
                                  f"native kernels (dh_mlx.native: {native.status})")
             return self._native(xf, idx).reshape(*lead, k, D)
         if path == "segments":
@@ -316,8 +323,8 @@ class Experts(nn.Module):
     def weighted(self, x: mx.array, indices: mx.array, weights: mx.array) -> mx.array:
         """x (..., D), indices and weights (..., k) -> (..., D): sum over j of weights[..., j] times expert
         indices[..., j] applied to x. On the CPU below SORT_THRESHOLD pairs (decode), one native node."""
-        if (self.path is None and x.size // x.shape[-1] * indices.shape[-1] < SORT_THRESHOLD
-                and mx.default_device() == mx.cpu and weights.dtype == mx.float32 and self._native_ok(x)):
+        pairs = x.size // x.shape[-1] * indices.shape[-1]
+        if self.path is None and pairs < SORT_THRESHOLD and self._native_ok(x, weights):
             idx = indices if indices.dtype in (mx.int32, mx.uint32) else indices.astype(mx.int32)
             return expert_rows(x, idx, weights, self.gate_proj.weight, self.up_proj.weight,
                                self.down_proj.weight)
@@ -328,9 +335,10 @@ class Experts(nn.Module):
         """Float weights, no adapters: what `_segments` can take apart per expert."""
         return all(type(p) is StackedLinear for p in (self.gate_proj, self.up_proj, self.down_proj))
 
-    def _native_ok(self, x: mx.array) -> bool:
-        """Float32 activations, plain float32 experts (what `segment_linear` takes) and the kernels built."""
-        return self._plain() and x.dtype == self.gate_proj.weight.dtype == mx.float32 and native.load() is not None
+    def _native_ok(self, *arrays: mx.array) -> bool:
+        """Plain float32 experts, float32 `arrays` on the CPU (what the native kernels take) and the kernels
+        built."""
+        return self._plain() and native.usable(*arrays, self.gate_proj.weight) is not None
 
     def _runs(self, idx: mx.array) -> tuple[mx.array, mx.array]:
         """idx (N, k) -> (order (P,): the N*k pairs grouped by expert, counts (E,): each expert's pairs)."""

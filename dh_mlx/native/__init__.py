@@ -2,11 +2,13 @@
 
 `kernels.cpp`: the routed experts' segment matmuls (one BLAS call per expert's run of rows, the run
 boundaries read when the kernel runs: no host sync, static shapes, works under mx.compile), a one-pass
-softmax cross-entropy, and one-node linear, rotary embedding and RMS norm (with their gradients) that cut a
-decode step's graph. Built with the C++ compiler that `mx.compile` on the CPU already needs, against the
-installed MLX headers and nanobind (whose internals must match the ones MLX was built with; the `cpu` extra
-pins a matching release), ~10 s once per machine. `load()` returns None, with the reason in `status`, when
-the build or the self-test fails, and callers fall back to pure MLX. `DH_MLX_NATIVE=off` disables it.
+softmax cross-entropy, and one-node linear, rotary embedding, RMS norm, router, MLA latent attention and
+routed experts for decode-sized inputs, which cut a decode step's graph. Built with the C++ compiler that
+`mx.compile` on the CPU already needs, against the installed MLX headers and nanobind (whose internals must
+match the ones MLX was built with; the `cpu` extra pins a matching release), ~10 s once per machine.
+`load()` returns None, with the reason in `status`, when the build or the self-test fails, and callers fall
+back to pure MLX (`usable` / `usable_small` say whether given arrays can use them). `DH_MLX_NATIVE=off`
+disables it.
 """
 
 from __future__ import annotations
@@ -29,25 +31,28 @@ status: str = "not attempted"
 _module: ModuleType | None = None
 
 
-#: Rows (size / last axis) up to which `usable_small` lets the one-node linear, rope and norm replace MLX's ops:
+#: Rows (size / last axis) up to which `usable_small` lets the one-node decode kernels replace MLX's ops:
 #: they cut the per-node cost of decode-sized steps; training and prefill (compute-bound) keep MLX's kernels.
 SMALL_ROWS = 64
 
 
-def usable_small(x, *others) -> ModuleType | None:
-    """The kernels when the default device is the CPU, every array is float32 and `x` has at most SMALL_ROWS
-    rows, else None (pure MLX)."""
+def usable(*arrays) -> ModuleType | None:
+    """The kernels when the default device is the CPU and every array is float32, else None (pure MLX)."""
     import mlx.core as mx
 
-    if (mx.default_device() != mx.cpu or x.size > SMALL_ROWS * x.shape[-1]
-            or any(a.dtype != mx.float32 for a in (x, *others))):
+    if mx.default_device() != mx.cpu or any(a.dtype != mx.float32 for a in arrays):
         return None
     return load()
 
 
+def usable_small(x, *others) -> ModuleType | None:
+    """`usable(x, *others)` when `x` has at most SMALL_ROWS rows, else None."""
+    return usable(x, *others) if x.size <= SMALL_ROWS * x.shape[-1] else None
+
+
 def load() -> ModuleType | None:
     """The built extension module (`segment_rows`, `segment_outer`, `ce_forward`, `ce_backward`, `linear`,
-    `rope`, `rms_norm`), or None (see `status`)."""
+    `rope`, `rms_norm`, `route`, `mla_absorbed`, `moe_rows`), or None (see `status`)."""
     global status, _module
     if status != "not attempted":
         return _module

@@ -19,7 +19,7 @@ from typing import NamedTuple
 import mlx.core as mx
 
 from .. import native
-from ..device import on_gpu, side_stream
+from ..device import side_stream
 from ..model import Model
 from ..model.moe import Routing
 
@@ -59,11 +59,6 @@ def _split_rows(n_rows: int) -> int:
     return n_rows if side_stream() is None or n_rows < 2 else n_rows // 2
 
 
-def _native_for(logits: mx.array):
-    """The native kernels when they can take these logits (float32 on the CPU), else None."""
-    return native.load() if logits.dtype == mx.float32 and not on_gpu() else None
-
-
 @mx.custom_function
 def cross_entropy(logits: mx.array, targets: mx.array) -> tuple[mx.array, mx.array, mx.array]:
     """(..., V) logits, (...) targets -> (per-token cross-entropy (...), what the backward pass reuses for the
@@ -78,7 +73,7 @@ def cross_entropy(logits: mx.array, targets: mx.array) -> tuple[mx.array, mx.arr
     V = logits.shape[-1]
     x, t = logits.reshape(-1, V), targets.reshape(-1).astype(mx.int32)
     h = _split_rows(x.shape[0])
-    ext = _native_for(x)
+    ext = native.usable(x)
     rows = _ce_rows if ext is None else ext.ce_forward
     if h < x.shape[0]:
         with mx.stream(side_stream()):
