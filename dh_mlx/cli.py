@@ -141,6 +141,10 @@ def train(params: Optional[str] = typer.Option(None, help="size preset (default 
           alf_gamma: float = typer.Option(1e-3, help="auxiliary-loss-free bias step (0: off)"),
           balance_alpha: float = typer.Option(1e-4, help="sequence-wise balance loss weight (0: off)"),
           mtp_lambda: float = typer.Option(0.3, help="MTP loss weight"),
+          mtp_distill: bool = typer.Option(False, help="train only the MTP module of --init (added when it has "
+                                                       "none) towards the model's own greedy tokens: higher "
+                                                       "acceptance for --mtp decoding (default --out "
+                                                       "runs/NAME-mtp)"),
           eval_every: int = typer.Option(50, help="validate every N steps"),
           save_every: int = typer.Option(100, help="checkpoint every N steps"),
           skip_invalid: bool = typer.Option(False, help="skip (and count) invalid JSONL lines instead of failing"),
@@ -151,7 +155,8 @@ def train(params: Optional[str] = typer.Option(None, help="size preset (default 
     from .train.run import train as run
     result = run(params=params, config=config, data=data, out=out, tokenizer=tokenizer, init=init, resume=resume, steps=steps, batch_size=batch_size,
                  seq_len=seq_len, grad_accum=grad_accum, lr=lr, warmup_steps=warmup, seed=seed,
-                 alf_gamma=alf_gamma, balance_alpha=balance_alpha, mtp_lambda=mtp_lambda, eval_every=eval_every,
+                 alf_gamma=alf_gamma, balance_alpha=balance_alpha, mtp_lambda=mtp_lambda, mtp_distill=mtp_distill,
+                 eval_every=eval_every,
                  save_every=save_every, skip_invalid=skip_invalid)
     val = f", validation loss {result.val.loss:.3f}" if result.val else ""
     typer.echo(f"{'interrupted at' if result.interrupted else 'finished'} step {result.step}: train loss "

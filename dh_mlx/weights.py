@@ -111,6 +111,23 @@ def random_model(config: ModelConfig, *, seed: int = 0, dtype: str | None = None
     return model
 
 
+def with_mtp_module(model: Model, seed: int = 0) -> Model:
+    """`model`, or when it has no MTP module a copy with one: a random block (as `init_weights` draws it) whose
+    output head and its norm start as the main model's (DeepSeek-V3 shares them)."""
+    if model.config.num_nextn_predict_layers:
+        return model
+    if model.config.extra.get("quantization"):
+        raise ValueError("adding an MTP module needs a float model, not a quantized one")
+    dtype = model.model.norm.weight.dtype
+    new = cast_model(init_weights(Model(model.config.replace(num_nextn_predict_layers=1)), seed), dtype)
+    new.load_weights(tree_flatten(model.parameters()), strict=False)
+    head = new.model.mtp_layers[0].shared_head
+    head.head.weight = new.lm_head.weight if "lm_head" in new else new.model.embed_tokens.weight
+    head.norm.weight = new.model.norm.weight
+    mx.eval(new.parameters())
+    return new
+
+
 def resolve_path(path: str | Path) -> Path:
     """A local directory, or a Hugging Face hub repo id fetched with huggingface_hub (cached)."""
     p = Path(path)

@@ -300,3 +300,52 @@ def test_squared_norm_matches_float64(shape):
     expected = (g.astype(np.float64) ** 2).sum()
     np.testing.assert_allclose(squared_norm(mx.array(g)).item(), expected, rtol=1e-5)
     np.testing.assert_allclose(squared_norm(mx.array(g).T).item(), expected, rtol=1e-5)  # a transposed view
+
+
+def test_mtp_distill_targets_are_the_main_models_greedy_tokens():
+    from dh_mlx.train.loss import loss_parts, masked_ce, mtp_mask
+    config = make_config()
+    model = random_model(config, seed=0)
+    batch = fixed_batch(config)
+    _, parts = loss_parts(model, batch, mtp_lambda=0.3, balance_alpha=0.0, mtp_distill=True)
+    out = model.forward(batch.inputs, mask=document_mask(batch.segment_ids))
+    mask = document_mask(batch.segment_ids)[..., :-1, :-1]
+    m = model.mtp_forward(out.hidden[:, :-1], batch.targets[:, :-1], 0, mask=mask)
+    greedy = mx.argmax(out.logits[:, 1:], axis=-1)  # main model's choice of token t+2 at position t+1
+    expect = masked_ce(m.logits, greedy, mtp_mask(batch.loss_mask))
+    data = masked_ce(m.logits, batch.targets[:, 1:], mtp_mask(batch.loss_mask))
+    assert parts.mtp.item() == pytest.approx(expect.item(), rel=1e-5)
+    assert abs(data.item() - expect.item()) > 1e-3  # the data's tokens would give another value
+
+
+def test_mtp_distill_trains_the_mtp_module_only_and_raises_agreement(small_run_inputs):
+    from dh_mlx import load_model
+    from dh_mlx.train.run import train
+    d = small_run_inputs
+    common = dict(data=d / "data.jsonl", tokenizer=d / "tok", batch_size=2, seq_len=16, progress=False,
+                  warmup_steps=0)
+    # a base model without MTP: distillation adds the module (its head and norm start as the main model's)
+    base = d / "base"
+    train(config=d / "config.json", out=base, steps=3, eval_every=100, mtp_lambda=0.0, **common)
+    from dh_mlx.config import load_config, save_config
+    save_config(load_config(base).replace(num_nextn_predict_layers=0), base)
+    from dh_mlx.weights import save_model
+    save_model(load_model(base), base, mtp=False)
+    before = load_model(base)
+    assert before.config.num_nextn_predict_layers == 0
+    r = train(init=base, out=d / "distilled", steps=30, lr=3e-3, eval_every=1, mtp_distill=True, **common)
+    after = load_model(d / "distilled")
+    assert after.config.num_nextn_predict_layers == 1
+    main_before = dict(tree_flatten(before.parameters()))
+    main_after = dict(tree_flatten(after.parameters()))
+    assert main_before.keys() <= main_after.keys()
+    for k, v in main_before.items():  # the main model, routing biases included, is bit-identical
+        assert mx.array_equal(v, main_after[k]).item(), k
+    head = after.model.mtp_layers[0].shared_head
+    assert mx.array_equal(head.head.weight, after.lm_head.weight).item()
+    agreement = [h["val_mtp_agreement"] for h in r.history]
+    assert agreement[-1] > agreement[0] + 0.2, agreement
+    with pytest.raises(ValueError, match="--init"):
+        train(config=d / "config.json", out=d / "x", steps=1, mtp_distill=True, **common)
+    with pytest.raises(ValueError, match="mtp_lambda"):
+        TrainConfig(mtp_distill=True, mtp_lambda=0.0)

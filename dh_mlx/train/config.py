@@ -20,6 +20,9 @@ class TrainConfig:
     alf_gamma: float = 1e-3  # auxiliary-loss-free bias step; 0 turns ALF off
     balance_alpha: float = 1e-4  # sequence-wise balance loss weight; 0 turns it off
     mtp_lambda: float = 0.3  # MTP loss weight (used when the model has MTP modules)
+    # Train only the MTP modules, towards the main model's own greedy next tokens (self-distillation: the main
+    # model, its routing biases included, stays as it is); raises the acceptance of `--mtp` decoding.
+    mtp_distill: bool = False
     # Share of training rows whose domain ids are hidden, so plain DeepSeek-V3 routing (no --domain) is
     # trained too and may use every expert.
     domain_dropout: float = 0.25
@@ -43,6 +46,9 @@ class TrainConfig:
         for name in ("alf_gamma", "balance_alpha", "mtp_lambda", "weight_decay", "warmup_steps"):
             if getattr(self, name) < 0:
                 raise ValueError(f"training option '{name}' must be >= 0, got {getattr(self, name)!r}")
+        if self.mtp_distill and not self.mtp_lambda > 0:
+            raise ValueError("training option 'mtp_lambda' must be > 0 with 'mtp_distill' (the MTP loss is what "
+                             f"it trains), got {self.mtp_lambda!r}")
         if not 0 <= self.min_lr_ratio <= 1:
             raise ValueError(f"training option 'min_lr_ratio' must be in [0, 1], got {self.min_lr_ratio!r}")
         if not 0 <= self.domain_dropout <= 1:

@@ -3,7 +3,8 @@
 Legend: B batch, T tokens, E routed experts, k experts per token, V vocabulary.
 
     CE      = sum(mask * -log p(target)) / sum(mask)
-    MTP     = the same for the depth-1 module: from h_t and embed(token t+1) predict token t+2
+    MTP     = the same for the depth-1 module: from h_t and embed(token t+1) predict token t+2 (or, distilling
+              the MTP module, the main model's own greedy prediction of token t+2)
     balance = alpha * sum over MoE layers of mean over sequences of sum_i f_i * P_i, where
               f_i = E / (k * T_valid) * (number of valid tokens choosing expert i),
               P_i = mean over valid tokens of s_i / sum_j s_j      (DeepSeek-V3 eqs. 17-20)
@@ -143,6 +144,11 @@ class Counts(NamedTuple):
     sequences: int  # rows
 
 
+def greedy_next(logits: mx.array) -> mx.array:
+    """The main model's greedy choice of token t+2 for each MTP position t: argmax of its logits at t+1."""
+    return mx.stop_gradient(mx.argmax(logits[:, 1:], axis=-1))
+
+
 def mtp_mask(loss_mask: mx.array) -> mx.array:
     return loss_mask[:, 1:] * loss_mask[:, :-1]
 
@@ -152,9 +158,11 @@ def batch_counts(batch: Batch) -> Counts:
 
 
 def loss_parts(model: Model, batch: Batch, *, mtp_lambda: float, balance_alpha: float,
-               document_masking: bool = True, counts: Counts | None = None) -> tuple[mx.array, LossParts]:
+               document_masking: bool = True, counts: Counts | None = None,
+               mtp_distill: bool = False) -> tuple[mx.array, LossParts]:
     """The loss of `batch` and its parts; with `counts` of a larger batch that `batch` is some rows of, these
-    rows' shares of that batch's loss and parts (summing the shares of all its rows gives them exactly)."""
+    rows' shares of that batch's loss and parts (summing the shares of all its rows gives them exactly).
+    `mtp_distill`: the MTP module's targets are the main model's greedy next tokens instead of the data's."""
     c = model.config
     if counts is None:
         counts = batch_counts(batch)
@@ -165,9 +173,11 @@ def loss_parts(model: Model, batch: Batch, *, mtp_lambda: float, balance_alpha: 
     mtp = mx.array(0.0)
     if mtp_lambda and c.num_nextn_predict_layers:
         sub = mask if isinstance(mask, str) else mask[..., :-1, :-1]
-        m = model.mtp_forward(out.hidden[:, :-1], batch.targets[:, :-1], 0, domain_ids=batch.domain_ids[:, :-1],
+        hidden = mx.stop_gradient(out.hidden) if mtp_distill else out.hidden
+        m = model.mtp_forward(hidden[:, :-1], batch.targets[:, :-1], 0, domain_ids=batch.domain_ids[:, :-1],
                               mask=sub)
-        mtp = masked_ce(m.logits, batch.targets[:, 1:], mtp_mask(batch.loss_mask), counts.mtp_tokens)
+        goal = greedy_next(out.logits) if mtp_distill else batch.targets[:, 1:]
+        mtp = masked_ce(m.logits, goal, mtp_mask(batch.loss_mask), counts.mtp_tokens)
         routing += m.routing
     valid = batch.loss_mask
     # ALF balances plain routing: tokens confined to their domain's experts would push every other expert's

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from ..config import DATA_DIR, DEFAULT_PRESET, load_config, resolve_config
-from ..weights import load_model, random_model, save_model
+from ..weights import load_model, random_model, save_model, with_mtp_module
 from .config import TrainConfig
 from .data import load_dataset
 from .trainer import RunResult, train_loop
@@ -33,8 +33,11 @@ def train(*, params: str | None = None, config: str | Path | None = None, data: 
     from ..tokenizer import load_tokenizer
     data, tokenizer = data or DEFAULT_DATA, tokenizer or DEFAULT_TOKENIZER
     cfg = TrainConfig(**options)
+    if cfg.mtp_distill and not init:
+        raise ValueError("MTP distillation trains the MTP module of an existing model: give it with --init DIR")
     model_config = load_config(init) if init else resolve_config(params, config)
-    out = Path(out) if out else Path("runs") / (params or (Path(config).stem if config else DEFAULT_PRESET))
+    name = params or (Path(config).stem if config else DEFAULT_PRESET)
+    out = Path(out) if out else Path("runs") / (f"{Path(init).name}-mtp" if cfg.mtp_distill else name)
     tok = load_tokenizer(tokenizer)
     if tok is None:
         raise ValueError(f"{tokenizer}: no tokenizer.model (train one with `dh-mlx tokenizer train`)")
@@ -47,6 +50,12 @@ def train(*, params: str | None = None, config: str | Path | None = None, data: 
     print(f"data: {data}: {dataset.summary}; {len(dataset.train)} training and {len(dataset.valid)} validation "
           f"sequences of {cfg.seq_len} tokens", file=sys.stderr)
     model = load_model(init, dtype=dtype) if init else random_model(model_config, seed=cfg.seed, dtype=dtype)
+    if cfg.mtp_distill:  # only the MTP modules learn; their output heads stay the main model's
+        model = with_mtp_module(model, seed=cfg.seed)
+        model.freeze()
+        for layer in model.model.mtp_layers:
+            layer.unfreeze()
+            layer.shared_head.freeze()
     model.freeze(keys=["e_score_correction_bias"], strict=False)  # moved by ALF, never by the optimizer
 
     def export(d: Path) -> None:

@@ -26,8 +26,8 @@ from ..model.moe import MoE, MoEGate
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .config import TrainConfig
 from .data import Batch as NpBatch, Dataset
-from .loss import (Batch, alf_update, batch_counts, document_mask, expert_counts, imbalance, loss_parts,
-                   masked_ce)
+from .loss import (Batch, alf_update, batch_counts, document_mask, expert_counts, greedy_next, imbalance,
+                   loss_parts, masked_ce, mtp_mask)
 
 
 class TrainingError(RuntimeError):
@@ -190,9 +190,12 @@ def build_steps(model: Model, optimizer: AdamW, cfg: TrainConfig) -> StepFunctio
     mtp_lambda = cfg.mtp_lambda if model.config.num_nextn_predict_layers else 0.0
     streams = batch_streams() if cfg.batch_size >= 2 and wide_eval_order() else None
 
+    # Distilling the MTP modules leaves the main model as it is, its routers' selection biases included.
+    balanced = [l.mlp.gate for l in model.model.mtp_layers if isinstance(l.mlp, MoE)] if cfg.mtp_distill else gates
+
     def loss_fn(model, counts, *arrays):
         return loss_parts(model, Batch(*arrays), mtp_lambda=mtp_lambda, balance_alpha=cfg.balance_alpha,
-                          counts=counts)
+                          counts=counts, mtp_distill=cfg.mtp_distill)
 
     value_and_grad = nn.value_and_grad(model, loss_fn)
     state = [model.state, optimizer.state]
@@ -210,9 +213,10 @@ def build_steps(model: Model, optimizer: AdamW, cfg: TrainConfig) -> StepFunctio
 
     def apply(grads, loads):
         norm = optimizer.clip_and_update(model, grads, cfg.grad_clip)
-        if cfg.alf_gamma and gates and loads.shape[0]:
-            new = alf_update([g.e_score_correction_bias for g in gates], loads, cfg.alf_gamma)
-            for g, b in zip(gates, new):
+        if cfg.alf_gamma and balanced and loads.shape[0]:
+            new = alf_update([g.e_score_correction_bias for g in balanced], loads[len(gates) - len(balanced):],
+                             cfg.alf_gamma)
+            for g, b in zip(balanced, new):
                 g.e_score_correction_bias = b
         return norm
 
@@ -236,6 +240,9 @@ class EvalResult:
     tokens: int
     imbalance: float | None
     domain_load: list[list[float]] | None  # (domains + 1 for 'none', E): expert choices summed over MoE layers
+    # Share of MTP positions whose draft (the MTP module's argmax) is the main model's greedy token: what
+    # greedy `--mtp` decoding accepts, teacher-forced. None without MTP modules.
+    mtp_agreement: float | None = None
 
 
 def evaluate(model: Model, dataset: Dataset, cfg: TrainConfig, *, use_domains: bool = True) -> EvalResult:
@@ -247,34 +254,43 @@ def evaluate(model: Model, dataset: Dataset, cfg: TrainConfig, *, use_domains: b
 
     def batch_stats(*arrays):
         b = Batch(*arrays)
-        out = model.forward(b.inputs, domain_ids=b.domain_ids, mask=document_mask(b.segment_ids))
+        mask = document_mask(b.segment_ids)
+        out = model.forward(b.inputs, domain_ids=b.domain_ids, mask=mask)
         ce_sum = masked_ce(out.logits, b.targets, b.loss_mask) * b.loss_mask.sum()
+        agree = mx.zeros((2,))
+        if c.num_nextn_predict_layers:
+            m = model.mtp_forward(out.hidden[:, :-1], b.targets[:, :-1], 0, domain_ids=b.domain_ids[:, :-1],
+                                  mask=mask[..., :-1, :-1])
+            valid = mtp_mask(b.loss_mask)
+            agree = mx.stack([((mx.argmax(m.logits, axis=-1) == greedy_next(out.logits)) * valid).sum(), valid.sum()])
         if not out.routing:
-            return ce_sum, b.loss_mask.sum(), mx.zeros((1, 1)), mx.zeros((1, 1))
+            return ce_sum, b.loss_mask.sum(), mx.zeros((1, 1)), mx.zeros((1, 1)), agree
         loads = mx.stack([expert_counts(r, b.loss_mask, E).sum(axis=0) for r in out.routing])  # (layers, E)
         dom = (b.domain_ids[..., None] + 1 == mx.arange(n_dom + 1)) * b.loss_mask[..., None]  # (B, T, D+1)
         hits = sum((r.indices[..., None] == mx.arange(E)).sum(axis=-2) for r in out.routing)  # (B, T, E)
         per_domain = mx.einsum("btd,bte->de", dom.astype(mx.float32), hits.astype(mx.float32))
-        return ce_sum, b.loss_mask.sum(), loads, per_domain
+        return ce_sum, b.loss_mask.sum(), loads, per_domain, agree
 
     if len(dataset.valid) == 0:
         return EvalResult(float("nan"), 0, None, None)
-    ce_total, n_total, loads_total, dom_total = 0.0, 0.0, None, None
+    ce_total, n_total, loads_total, dom_total, agree_total = 0.0, 0.0, None, None, 0
     it = dataset.valid_batches(cfg.batch_size)
     for i, nb in enumerate(it):
         if i >= cfg.eval_batches:
             break
         if not use_domains:
             nb = drop_domains(nb, 1.0, 0, 0)
-        ce_sum, n, loads, per_domain = batch_stats(*to_mx(nb))
-        mx.eval(ce_sum, n, loads, per_domain)
+        ce_sum, n, loads, per_domain, agree = batch_stats(*to_mx(nb))
+        mx.eval(ce_sum, n, loads, per_domain, agree)
+        agree_total = agree_total + np.array(agree)
         ce_total += ce_sum.item()
         n_total += n.item()
         loads_total = loads if loads_total is None else loads_total + loads
         dom_total = per_domain if dom_total is None else dom_total + per_domain
     imb = imbalance(loads_total).item() if E else None
     return EvalResult(ce_total / max(n_total, 1.0), int(n_total), imb,
-                      np.array(dom_total).tolist() if E else None)
+                      np.array(dom_total).tolist() if E else None,
+                      float(agree_total[0] / agree_total[1]) if c.num_nextn_predict_layers and agree_total[1] else None)
 
 
 @dataclass
@@ -381,7 +397,7 @@ def train_loop(model: Model, dataset: Dataset, cfg: TrainConfig, run_dir: Path, 
             if step % cfg.eval_every == 0 or step == cfg.steps:
                 val = evaluate(model, dataset, cfg)
                 record.update(val_loss=val.loss, val_ppl=math.exp(min(val.loss, 50)), val_imbalance=val.imbalance,
-                              domain_load=val.domain_load)
+                              val_mtp_agreement=val.mtp_agreement, domain_load=val.domain_load)
             log.write(record)
             history.append(record)
             if bar:
@@ -427,7 +443,9 @@ class _Progress:
             info += f" | imbalance {r['imbalance']:.2f}"
         if "val_loss" in r:
             info += f" | val {r['val_loss']:.3f}"
-            self.console.print(f"step {step}: val loss {r['val_loss']:.4f} (ppl {r['val_ppl']:.1f})")
+            mtp = r.get("val_mtp_agreement")
+            self.console.print(f"step {step}: val loss {r['val_loss']:.4f} (ppl {r['val_ppl']:.1f})"
+                               + ("" if mtp is None else f", MTP drafts agreeing with greedy {mtp:.1%}"))
         elif not self.console.is_terminal and step % 10 == 0:  # a log file gets a line now and then
             self.console.print(f"step {step}: {info}")
         self._p.update(self._task, completed=step, info=info)
