@@ -154,19 +154,26 @@ def mtp_generate(model: Model, pc, todo: list[int], *, stats, max_tokens: int, e
         if policy.mode == "draft":
             hidden, nxt = mx.concatenate(pend_h, axis=1), mx.array(pend_t)[None]
             if len(pend_t) <= 2:  # after a draft step (or one plain step): the compiled step
-                q = dist(propose(nxt, mtp_cache, hidden)[0][:, -1])
+                q_logits = propose(nxt, mtp_cache, hidden)[0][:, -1]
             else:  # after a stretch of plain steps: one eager forward over it, not timed
-                q = dist(model.mtp_forward(hidden, nxt, cache=mtp_cache, domain_ids=d).logits[:, -1])
-                mx.eval(q)
+                q_logits = model.mtp_forward(hidden, nxt, cache=mtp_cache, domain_ids=d).logits[:, -1]
+                mx.eval(q_logits)
                 last = time.perf_counter()
             # Everything up to the accept decision stays lazy: one host sync per draft.
-            draft = draw(q)
-            logits, hidden = verify(mx.stack([tok, draft])[None], cache)  # positions of token and draft
-            p0, p1 = dist(logits[:, 0]), dist(logits[:, 1])
-            ratio = p0[draft] / mx.maximum(q[draft], 1e-20)
-            accept = (ratio >= 1.0) | (mx.random.uniform() < ratio)
-            residual = mx.maximum(p0 - q, 0.0)
-            bonus, correction = draw(p1), draw(residual / mx.maximum(residual.sum(), 1e-20))
+            if temp == 0:  # greedy: keep the draft iff it is the main model's argmax (few ops over V)
+                draft = mx.argmax(q_logits[0])
+                logits, hidden = verify(mx.stack([tok, draft])[None], cache)  # positions of token and draft
+                correction, bonus = mx.argmax(logits[0], axis=-1)  # main model's choice at each position
+                accept = draft == correction
+            else:
+                q = dist(q_logits)
+                draft = draw(q)
+                logits, hidden = verify(mx.stack([tok, draft])[None], cache)
+                p0, p1 = dist(logits[:, 0]), dist(logits[:, 1])
+                ratio = p0[draft] / mx.maximum(q[draft], 1e-20)
+                accept = (ratio >= 1.0) | (mx.random.uniform() < ratio)
+                residual = mx.maximum(p0 - q, 0.0)
+                bonus, correction = draw(p1), draw(residual / mx.maximum(residual.sum(), 1e-20))
             mx.eval(accept, draft, bonus, correction)
             stats.drafted += 1
             accepted = accept.item()

@@ -6,6 +6,7 @@ import pytest
 
 from dh_mlx import random_model
 from dh_mlx.cache import make_cache
+from dh_mlx.speculative import DraftPolicy
 from dh_mlx.generate import (GenerationStats, PromptCache, compiled_cached_step, compiled_decode_step, decode_step,
                              generate_tokens, prefill)
 from dh_mlx.sample import (apply_min_p, apply_repetition_penalty, apply_top_k, apply_top_p, make_sampler,
@@ -119,6 +120,31 @@ def test_mtp_speculative_greedy_is_identical(model):
     spec = list(generate_tokens(model, prompt, max_tokens=25, mtp=True, stats=stats))
     assert spec == plain
     assert stats.drafted > 0
+
+
+def test_mtp_greedy_accepts_good_drafts_and_stays_identical(model, monkeypatch):
+    """An oracle draft head (the token that followed `next_token` in the plain greedy output, at its first
+    occurrence) is right most of the time: accepted drafts must give the same tokens, faster in steps."""
+    prompt = tokens(6, batch=1)[0].tolist()
+    plain = list(generate_tokens(model, prompt, max_tokens=20))
+    seq = prompt + plain
+    table = np.zeros(model.config.vocab_size, np.int64)
+    for a, b in reversed(list(zip(seq, seq[1:]))):
+        table[a] = b
+    table = mx.array(table)
+    real = model.mtp_forward
+
+    def oracle(hidden, next_tokens, *args, **kwargs):
+        out = real(hidden, next_tokens, *args, **kwargs)
+        V = out.logits.shape[-1]
+        return out._replace(logits=10.0 * (mx.arange(V) == table[next_tokens][..., None]).astype(out.logits.dtype))
+
+    monkeypatch.setattr(model, "mtp_forward", oracle)
+    stats = GenerationStats()
+    spec = list(generate_tokens(model, prompt, max_tokens=20, mtp=True, draft_policy=DraftPolicy(adaptive=False),
+                                stats=stats))
+    assert spec == plain
+    assert stats.accepted >= stats.drafted // 2 and stats.drafted < len(plain)
 
 
 def test_mtp_rejections_roll_the_cache_back(model):
