@@ -36,6 +36,8 @@ def train(*, params: str | None = None, config: str | Path | None = None, data: 
     if cfg.mtp_distill and not init:
         raise ValueError("MTP distillation trains the MTP module of an existing model: give it with --init DIR")
     model_config = load_config(init) if init else resolve_config(params, config)
+    if cfg.mtp_distill and model_config.extra.get("quantization"):
+        raise ValueError(f"{init}: a quantized model; MTP distillation trains float weights (give the float model)")
     name = params or (Path(config).stem if config else DEFAULT_PRESET)
     out = Path(out) if out else Path("runs") / (f"{Path(init).name}-mtp" if cfg.mtp_distill else name)
     tok = load_tokenizer(tokenizer)
