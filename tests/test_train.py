@@ -353,3 +353,19 @@ def test_mtp_distill_trains_the_mtp_module_only_and_raises_agreement(small_run_i
     quantize(base, d / "q", bits=8, group_size=32)
     with pytest.raises(ValueError, match="quantized"):
         train(init=d / "q", out=d / "y", steps=1, mtp_distill=True, **common)
+
+
+def test_mtp_distill_resume_reproduces_an_uninterrupted_run(small_run_inputs):
+    from dh_mlx.train.run import train
+    d = small_run_inputs
+    common = dict(init=d / "full", data=d / "data.jsonl", tokenizer=d / "tok", steps=4, batch_size=2, seq_len=16,
+                  eval_every=2, progress=False, warmup_steps=1, mtp_distill=True)
+    if not (d / "full" / "config.json").exists():
+        train(config=d / "config.json", out=d / "full", data=d / "data.jsonl", tokenizer=d / "tok", steps=2,
+              batch_size=2, seq_len=16, progress=False)
+    train(out=d / "d_full", **common)
+    assert train(out=d / "d_part", stop_after=2, **common).interrupted
+    train(out=d / "d_part", resume=True, **common)
+    a = [json.loads(l)["mtp"] for l in (d / "d_full" / "metrics.jsonl").read_text().splitlines()]
+    b = [json.loads(l)["mtp"] for l in (d / "d_part" / "metrics.jsonl").read_text().splitlines()]
+    assert len(a) == 4 and a == b
