@@ -49,11 +49,13 @@ def _generate(*, prompt: str, model: Optional[Path] = None, params: Optional[str
             _fail("--domain needs a model with a domain_routing block in its config.json")
         dom = m.config.domain_routing.domain_id(domain)
     use_mtp = bool(m.config.num_nextn_predict_layers) if mtp is None else mtp
+    from .speculative import DraftPolicy
+    policy = DraftPolicy() if use_mtp else None
     stats = GenerationStats()
     pieces: list[str] = []
     for r in stream_generate(m, tok, prompt, max_tokens=max_tokens, temp=temp, top_p=top_p, top_k=top_k,
                              min_p=min_p, repetition_penalty=repetition_penalty, seed=seed, domain=dom,
-                             mtp=use_mtp, prefill_step_size=prefill_step_size, stats=stats):
+                             mtp=use_mtp, draft_policy=policy, prefill_step_size=prefill_step_size, stats=stats):
         pieces.append(r.text)
         if stream:
             sys.stdout.write(r.text)
@@ -63,7 +65,10 @@ def _generate(*, prompt: str, model: Optional[Path] = None, params: Optional[str
                f"{stats.generation_tokens} tokens, {stats.generation_tps:.1f} tokens/s | peak memory "
                f"{stats.peak_memory_gb:.2f} GB", err=True)
     if stats.acceptance_rate is not None:
-        typer.echo(f"MTP draft acceptance: {stats.accepted}/{stats.drafted} = {stats.acceptance_rate:.1%}",
+        need = policy.break_even()
+        typer.echo(f"MTP draft acceptance: {stats.accepted}/{stats.drafted} = {stats.acceptance_rate:.1%}"
+                   + ("" if need is None else f" (a draft step took {1 + need:.2f} plain steps here: drafting "
+                                              f"pays above {need:.0%} acceptance, and runs only while it does)"),
                    err=True)
 
 

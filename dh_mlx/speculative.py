@@ -56,10 +56,11 @@ class DraftPolicy:
             return None
         return median(self.times["draft"]) / median(self.times["plain"]) - 1
 
-    def record(self, kind: str, seconds: float, accepted: bool | None = None) -> None:
-        """One finished step of `kind` ("draft" with its outcome, or "plain"); then choose the next mode."""
+    def record(self, kind: str, seconds: float | None, accepted: bool | None = None) -> None:
+        """One finished step of `kind` ("draft" with its outcome, or "plain"), `seconds` None when the step
+        was not a fair sample (it traced a new shape); then choose the next mode."""
         self.seen[kind] += 1
-        if self.seen[kind] > self.WARMUP:
+        if self.seen[kind] > self.WARMUP and seconds is not None:
             self.times[kind].append(seconds)
         if accepted is not None:
             self.outcomes.append(bool(accepted))
@@ -149,10 +150,13 @@ def mtp_generate(model: Model, pc, todo: list[int], *, stats, max_tokens: int, e
     # the tokens that follow them. A draft step runs it at once; a stretch of plain steps collects it.
     pend_h, pend_t = [h_last], [token]
     ahead = None  # a plain step queued before the consumer got the previous token
+    traced: set[int] = set()  # MTP input lengths the compiled draft step has seen
     last = time.perf_counter()
     while not done:
         if policy.mode == "draft":
             hidden, nxt = mx.concatenate(pend_h, axis=1), mx.array(pend_t)[None]
+            fair = len(pend_t) in traced  # the MTP step's first call with 1 or 2 positions traces and compiles
+            traced.add(len(pend_t))
             if len(pend_t) <= 2:  # after a draft step (or one plain step): the compiled step
                 q_logits = propose(nxt, mtp_cache, hidden)[0][:, -1]
             else:  # after a stretch of plain steps: one eager forward over it, not timed
@@ -192,9 +196,9 @@ def mtp_generate(model: Model, pc, todo: list[int], *, stats, max_tokens: int, e
             new = [tok.item()]
             pend_h.append(hidden)
             pend_t.extend(new)
-            accepted = None
+            accepted, fair = None, True
         now = time.perf_counter()
-        policy.record("plain" if accepted is None else "draft", now - last, accepted)
+        policy.record("plain" if accepted is None else "draft", now - last if fair else None, accepted)
         last = now
         ahead = None
         if policy.mode == "plain" and not (new[-1] in eos_ids or emitted + len(new) >= max_tokens):

@@ -140,11 +140,18 @@ def test_mtp_greedy_accepts_good_drafts_and_stays_identical(model, monkeypatch):
         return out._replace(logits=10.0 * (mx.arange(V) == table[next_tokens][..., None]).astype(out.logits.dtype))
 
     monkeypatch.setattr(model, "mtp_forward", oracle)
-    stats = GenerationStats()
-    spec = list(generate_tokens(model, prompt, max_tokens=20, mtp=True, draft_policy=DraftPolicy(adaptive=False),
-                                stats=stats))
+    stats, policy = GenerationStats(), DraftPolicy(adaptive=False)
+    timings = []
+    record = policy.record
+    monkeypatch.setattr(policy, "record", lambda kind, seconds, accepted=None: (timings.append(seconds),
+                                                                                   record(kind, seconds, accepted)))
+    spec = list(generate_tokens(model, prompt, max_tokens=20, mtp=True, draft_policy=policy, stats=stats))
     assert spec == plain
     assert stats.accepted >= stats.drafted // 2 and stats.drafted < len(plain)
+    # the draft step's first call with 1 and with 2 MTP positions compiles it: not timed, the rest are
+    assert timings.count(None) == 2 and len(timings) == stats.drafted
+    kept = [t for i, t in enumerate(timings) if i >= DraftPolicy.WARMUP and t is not None]
+    assert list(policy.times["draft"]) == kept[-len(policy.times["draft"]):] and len(kept) > 0
 
 
 def test_mtp_rejections_roll_the_cache_back(model):
