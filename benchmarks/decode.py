@@ -10,6 +10,9 @@ memory-bandwidth limit: active weight bytes per token x tokens/s over the read b
 (numpy's float32 GEMV over a 1 GiB matrix).
 
     python benchmarks/decode.py [--params 1b] [--prompt-tokens 512] [--gen-tokens 64] [--model DIR]
+
+With `--model` a directory whose model has MTP modules, ours also decodes with `--mtp` (greedy speculation,
+adaptive policy) on the same main weights, against plain decoding and llama.cpp.
 """
 
 from __future__ import annotations
@@ -61,14 +64,16 @@ def best_of(run) -> tuple[float, float]:
     return max(r[0] for r in results), max(r[1] for r in results)
 
 
-def ours(path: Path, prompt: list[int], n: int, mtp: bool = False) -> tuple[float, float]:
+def ours(path: Path, prompt: list[int], n: int, mtp: bool = False) -> tuple[float, ...]:
     model = dh_mlx.load_model(path)
+    acceptance = []
 
     def run():
         stats = GenerationStats()
         list(generate_tokens(model, prompt, max_tokens=n, mtp=mtp, stats=stats))
+        acceptance.append(stats.acceptance_rate)
         return stats.prompt_tps, stats.generation_tps
-    return best_of(run)
+    return (*best_of(run), acceptance[-1]) if mtp else best_of(run)
 
 
 def mlx_lm(path: Path, prompt: list[int], n: int) -> tuple[float, float]:
@@ -112,7 +117,8 @@ def llama_cpp(path: Path, prompt: list[int], n: int) -> tuple[float, float] | No
     return best_of(run)
 
 
-ENGINES = {"ours": ours, "mlx_lm": mlx_lm, "llama_cpp": llama_cpp}
+ENGINES = {"ours": ours, "ours_mtp": lambda path, prompt, n: ours(path, prompt, n, mtp=True), "mlx_lm": mlx_lm,
+           "llama_cpp": llama_cpp}
 
 
 def run_engine(engine: str, path: Path, prompt: list[int], n: int, tuned: bool = True) -> tuple[float, float] | None:
@@ -136,8 +142,8 @@ def main() -> None:
     if a.engine:
         print(json.dumps(ENGINES[a.engine](a.model, json.loads(sys.stdin.read()), a.gen_tokens)))
         return
-    with tempfile.TemporaryDirectory() as d:
-        path = Path(d)
+    with tempfile.TemporaryDirectory() as d, tempfile.TemporaryDirectory() as d_mtp:
+        path, path_mtp = Path(d), Path(d_mtp)
         if a.model:
             config = dh_mlx.load_config(a.model)
             model = dh_mlx.load_model(a.model)
@@ -147,6 +153,9 @@ def main() -> None:
             model = random_model(config, seed=0)
         save_model(model, path, mtp=False)
         copy_tokenizer(a.model or DEFAULT_TOKENIZER, path)
+        has_mtp = bool(model.config.num_nextn_predict_layers)  # then also ours with --mtp (its own copy)
+        if has_mtp:
+            save_model(model, path_mtp)
         del model
         gc.collect()
         prompt = np.random.default_rng(0).integers(3, config.vocab_size, a.prompt_tokens).tolist()
@@ -154,9 +163,11 @@ def main() -> None:
         rounds = [[run_engine("ours", path, prompt, a.gen_tokens),
                    run_engine("mlx_lm", path, prompt, a.gen_tokens, tuned=False),
                    run_engine("mlx_lm", path, prompt, a.gen_tokens),
-                   run_engine("llama_cpp", path, prompt, a.gen_tokens)] for _ in range(2)]
-        mine, theirs, theirs_tuned, lcpp = (None if r[0] is None else (max(x[0] for x in r), max(x[1] for x in r))
-                                           for r in zip(*rounds))
+                   run_engine("llama_cpp", path, prompt, a.gen_tokens),
+                   run_engine("ours_mtp", path_mtp, prompt, a.gen_tokens) if has_mtp else None]
+                  for _ in range(2)]
+        mine, theirs, theirs_tuned, lcpp, mine_mtp = (
+            None if r[0] is None else (max(x[0] for x in r), max(x[1] for x in r), *r[-1][2:]) for r in zip(*rounds))
     dtype = str(compute_dtype()).rsplit(".", 1)[-1]  # float32 on the CPU backend, bfloat16 on Metal
     setup = f"{a.model or a.params}, {dtype}, {mx.default_device()}, prompt {a.prompt_tokens}, {a.gen_tokens} new"
     for i, name in ((1, "decode_tokens_per_s"), (0, "prefill_tokens_per_s")):
@@ -164,6 +175,11 @@ def main() -> None:
         emit(name, mine[i], "tokens/s", setup=setup, mlx_lm=round(theirs[i], 2),
              ratio_mlx_lm=round(mine[i] / theirs[i], 2), mlx_lm_with_our_cpu_tuning=round(theirs_tuned[i], 2),
              ratio_mlx_lm_with_our_cpu_tuning=round(mine[i] / theirs_tuned[i], 2), **extra)
+    if mine_mtp is not None:  # greedy MTP self-speculative decoding (adaptive policy) on the same main weights
+        extra = {} if lcpp is None else {"llama_cpp": round(lcpp[1], 2),
+                                         "ratio_llama_cpp": round(mine_mtp[1] / lcpp[1], 2)}
+        emit("decode_tokens_per_s_mtp", mine_mtp[1], "tokens/s", setup=setup, plain=round(mine[1], 2),
+             ratio_plain=round(mine_mtp[1] / mine[1], 2), acceptance=mine_mtp[2], **extra)
     active_bytes = count_params(config).active * compute_dtype().size
     bw = read_bandwidth()
     emit("decode_bandwidth_fraction", active_bytes * mine[1] / bw, "fraction",
