@@ -147,7 +147,7 @@ def train(params: Optional[str] = typer.Option(None, help="size preset (default 
           balance_alpha: float = typer.Option(1e-4, help="sequence-wise balance loss weight (0: off)"),
           mtp_lambda: float = typer.Option(0.3, help="MTP loss weight"),
           mtp_distill: bool = typer.Option(False, help="train only the MTP module of --init (added when it has "
-                                                       "none) towards the model's own greedy tokens: higher "
+                                                       "none) towards the model's own next-token distribution: higher "
                                                        "acceptance for --mtp decoding (default --out "
                                                        "runs/NAME-mtp)"),
           eval_every: int = typer.Option(50, help="validate every N steps"),

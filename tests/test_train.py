@@ -302,20 +302,36 @@ def test_squared_norm_matches_float64(shape):
     np.testing.assert_allclose(squared_norm(mx.array(g).T).item(), expected, rtol=1e-5)  # a transposed view
 
 
-def test_mtp_distill_targets_are_the_main_models_greedy_tokens():
+def test_mtp_distill_targets_are_the_main_models_distribution():
     from dh_mlx.train.loss import loss_parts, masked_ce, mtp_mask
     config = make_config()
     model = random_model(config, seed=0)
+    head = model.model.mtp_layers[0].shared_head.head
+    # peaked distributions, so that soft and hard targets give clearly different losses
+    model.lm_head.weight, head.weight = 10 * model.lm_head.weight, 30 * head.weight
     batch = fixed_batch(config)
     _, parts = loss_parts(model, batch, mtp_lambda=0.3, balance_alpha=0.0, mtp_distill=True)
     out = model.forward(batch.inputs, mask=document_mask(batch.segment_ids))
     mask = document_mask(batch.segment_ids)[..., :-1, :-1]
     m = model.mtp_forward(out.hidden[:, :-1], batch.targets[:, :-1], 0, mask=mask)
-    greedy = mx.argmax(out.logits[:, 1:], axis=-1)  # main model's choice of token t+2 at position t+1
-    expect = masked_ce(m.logits, greedy, mtp_mask(batch.loss_mask))
-    data = masked_ce(m.logits, batch.targets[:, 1:], mtp_mask(batch.loss_mask))
-    assert parts.mtp.item() == pytest.approx(expect.item(), rel=1e-5)
-    assert abs(data.item() - expect.item()) > 1e-3  # the data's tokens would give another value
+    p = np.array(mx.softmax(out.logits[:, 1:], axis=-1), np.float64)  # main model's distribution of token t+2
+    logq = np.array(m.logits, np.float64)
+    logq = logq - logq.max(-1, keepdims=True)
+    logq = logq - np.log(np.exp(logq).sum(-1, keepdims=True))
+    valid = np.array(mtp_mask(batch.loss_mask))
+    expect = (-(p * logq).sum(-1) * valid).sum() / valid.sum()
+    assert parts.mtp.item() == pytest.approx(expect, rel=1e-5)
+    valid_mx = mtp_mask(batch.loss_mask)
+    for other in (mx.argmax(out.logits[:, 1:], axis=-1), batch.targets[:, 1:]):  # greedy or data tokens differ
+        assert abs(masked_ce(m.logits, other, valid_mx).item() - expect) > 1e-2
+
+
+def test_soft_cross_entropy_by_hand():
+    from dh_mlx.train.loss import masked_soft_ce
+    q = mx.log(mx.array([[[1.0, 2.0]]]))  # softmax: 1/3, 2/3
+    target = mx.log(mx.array([[[1.0, 3.0]]]))  # softmax: 1/4, 3/4
+    want = -(0.25 * np.log(1 / 3) + 0.75 * np.log(2 / 3))
+    assert masked_soft_ce(q, target, mx.ones((1, 1))).item() == pytest.approx(want, rel=1e-6)
 
 
 def test_mtp_distill_trains_the_mtp_module_only_and_raises_agreement(small_run_inputs):

@@ -20,7 +20,7 @@ class TrainConfig:
     alf_gamma: float = 1e-3  # auxiliary-loss-free bias step; 0 turns ALF off
     balance_alpha: float = 1e-4  # sequence-wise balance loss weight; 0 turns it off
     mtp_lambda: float = 0.3  # MTP loss weight (used when the model has MTP modules)
-    # Train only the MTP modules, towards the main model's own greedy next tokens (self-distillation: the main
+    # Train only the MTP modules, towards the main model's own next-token distribution (self-distillation: the main
     # model, its routing biases included, stays as it is); raises the acceptance of `--mtp` decoding.
     mtp_distill: bool = False
     # Share of training rows whose domain ids are hidden, so plain DeepSeek-V3 routing (no --domain) is

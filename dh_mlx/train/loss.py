@@ -4,7 +4,7 @@ Legend: B batch, T tokens, E routed experts, k experts per token, V vocabulary.
 
     CE      = sum(mask * -log p(target)) / sum(mask)
     MTP     = the same for the depth-1 module: from h_t and embed(token t+1) predict token t+2 (or, distilling
-              the MTP module, the main model's own greedy prediction of token t+2)
+              the MTP module, cross-entropy against the main model's own distribution of token t+2)
     balance = alpha * sum over MoE layers of mean over sequences of sum_i f_i * P_i, where
               f_i = E / (k * T_valid) * (number of valid tokens choosing expert i),
               P_i = mean over valid tokens of s_i / sum_j s_j      (DeepSeek-V3 eqs. 17-20)
@@ -114,6 +114,16 @@ def masked_ce(logits: mx.array, targets: mx.array, mask: mx.array, count: mx.arr
     return (ce * mask).sum() / mx.maximum(mask.sum() if count is None else count, 1.0)
 
 
+def masked_soft_ce(logits: mx.array, target_logits: mx.array, mask: mx.array,
+                   count: mx.array | None = None) -> mx.array:
+    """`masked_ce` against a distribution instead of a token: -sum_v softmax(target_logits)_v log softmax(logits)_v
+    (the KL divergence from the target plus its constant entropy); no gradient into the target."""
+    p = mx.stop_gradient(mx.softmax(target_logits.astype(mx.float32), axis=-1))
+    q = logits.astype(mx.float32)
+    ce = mx.logsumexp(q, axis=-1) - (p * q).sum(axis=-1)  # (B, T)
+    return (ce * mask).sum() / mx.maximum(mask.sum() if count is None else count, 1.0)
+
+
 def expert_counts(r: Routing, valid: mx.array, n_experts: int) -> mx.array:
     """(B, T, k) chosen experts -> (B, E) number of valid tokens per expert."""
     hits = (r.indices[..., None] == mx.arange(n_experts)).sum(axis=-2)  # (B, T, E)
@@ -162,7 +172,8 @@ def loss_parts(model: Model, batch: Batch, *, mtp_lambda: float, balance_alpha: 
                mtp_distill: bool = False) -> tuple[mx.array, LossParts]:
     """The loss of `batch` and its parts; with `counts` of a larger batch that `batch` is some rows of, these
     rows' shares of that batch's loss and parts (summing the shares of all its rows gives them exactly).
-    `mtp_distill`: the MTP module's targets are the main model's greedy next tokens instead of the data's."""
+    `mtp_distill`: the MTP module's target is the main model's next-token distribution instead of the data's
+    token (what speculative decoding accepts: greedy its argmax, sampling min(p, q) summed)."""
     c = model.config
     if counts is None:
         counts = batch_counts(batch)
@@ -176,8 +187,10 @@ def loss_parts(model: Model, batch: Batch, *, mtp_lambda: float, balance_alpha: 
         hidden = mx.stop_gradient(out.hidden) if mtp_distill else out.hidden
         m = model.mtp_forward(hidden[:, :-1], batch.targets[:, :-1], 0, domain_ids=batch.domain_ids[:, :-1],
                               mask=sub)
-        goal = greedy_next(out.logits) if mtp_distill else batch.targets[:, 1:]
-        mtp = masked_ce(m.logits, goal, mtp_mask(batch.loss_mask), counts.mtp_tokens)
+        if mtp_distill:  # towards the main model's own next-token distribution at t+1
+            mtp = masked_soft_ce(m.logits, out.logits[:, 1:], mtp_mask(batch.loss_mask), counts.mtp_tokens)
+        else:
+            mtp = masked_ce(m.logits, batch.targets[:, 1:], mtp_mask(batch.loss_mask), counts.mtp_tokens)
         routing += m.routing
     valid = batch.loss_mask
     # ALF balances plain routing: tokens confined to their domain's experts would push every other expert's
