@@ -1,7 +1,7 @@
 """MTP self-speculative decoding on a model trained with MTP (greedy, prompts from the held-out validation
 documents): the acceptance rate and decode speed of drafting every step, and of the default adaptive policy
 (`DraftPolicy`: drafts only while it measures faster), each against plain decoding in the same run, with
-the greedy output checked identical.
+the greedy output checked identical; then the acceptance when sampling (`--temps`).
 
     python benchmarks/mtp.py --model runs/tiny [--prompts 8] [--gen-tokens 64]
 """
@@ -26,6 +26,8 @@ def main() -> None:
     ap.add_argument("--prompts", type=int, default=8)
     ap.add_argument("--prompt-tokens", type=int, default=64)
     ap.add_argument("--gen-tokens", type=int, default=64)
+    ap.add_argument("--temps", type=float, nargs="*", default=[0.7, 1.0],
+                    help="also the acceptance when sampling at these temperatures (drafting every step)")
     a = ap.parse_args()
     model, tok = dh_mlx.load(a.model)
     if not model.config.num_nextn_predict_layers:
@@ -56,6 +58,7 @@ def main() -> None:
             accepted[name] += s.accepted
         same &= outs["always_draft"] == outs["plain"] == outs["adaptive"]
     tps = {k: tokens[k] / seconds[k] for k in modes}
+    stats_greedy = accepted["always_draft"] / drafted["always_draft"]
     print(json.dumps({"name": "mtp_acceptance_rate", "value": round(accepted["always_draft"] / drafted["always_draft"], 3),
                       "unit": "fraction", "comparison": {"drafted": drafted["always_draft"],
                                                          "accepted": accepted["always_draft"], "model": str(a.model)}}))
@@ -65,6 +68,18 @@ def main() -> None:
                                                       "mtp_tokens_per_s": round(tps[name], 1),
                                                       "drafted": drafted[name], "accepted": accepted[name],
                                                       "greedy_output_identical": same}}))
+
+
+    for temp in a.temps:  # speculative sampling accepts with probability min(1, p/q): distribution quality
+        drafted = accepted = 0
+        for i, prompt in enumerate(rows):
+            s = GenerationStats()
+            list(generate_tokens(model, prompt, max_tokens=a.gen_tokens, temp=temp, seed=i, mtp=True,
+                                 draft_policy=DraftPolicy(adaptive=False), stats=s))
+            drafted, accepted = drafted + s.drafted, accepted + s.accepted
+        print(json.dumps({"name": f"mtp_acceptance_rate_temp_{temp}", "value": round(accepted / drafted, 3),
+                          "unit": "fraction", "comparison": {"drafted": drafted, "accepted": accepted,
+                                                             "greedy": round(stats_greedy, 3), "model": str(a.model)}}))
 
 
 if __name__ == "__main__":
