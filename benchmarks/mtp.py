@@ -37,10 +37,11 @@ def main() -> None:
     modes = {"plain": dict(mtp=False), "always_draft": dict(mtp=True, adaptive=False),
              "adaptive": dict(mtp=True, adaptive=True)}
 
-    def run(prompt, mtp, adaptive=True, max_tokens=a.gen_tokens):
+    def run(prompt, mtp, adaptive=True, max_tokens=a.gen_tokens, **sampling):
         s = GenerationStats()
         policy = DraftPolicy(adaptive=adaptive) if mtp else None
-        out = list(generate_tokens(model, prompt, max_tokens=max_tokens, mtp=mtp, draft_policy=policy, stats=s))
+        out = list(generate_tokens(model, prompt, max_tokens=max_tokens, mtp=mtp, draft_policy=policy, stats=s,
+                                   **sampling))
         return out, s
 
     for kw in modes.values():  # compile and warm up every path
@@ -58,8 +59,8 @@ def main() -> None:
             accepted[name] += s.accepted
         same &= outs["always_draft"] == outs["plain"] == outs["adaptive"]
     tps = {k: tokens[k] / seconds[k] for k in modes}
-    stats_greedy = accepted["always_draft"] / drafted["always_draft"]
-    print(json.dumps({"name": "mtp_acceptance_rate", "value": round(accepted["always_draft"] / drafted["always_draft"], 3),
+    greedy = accepted["always_draft"] / drafted["always_draft"]
+    print(json.dumps({"name": "mtp_acceptance_rate", "value": round(greedy, 3),
                       "unit": "fraction", "comparison": {"drafted": drafted["always_draft"],
                                                          "accepted": accepted["always_draft"], "model": str(a.model)}}))
     for name in ("always_draft", "adaptive"):
@@ -68,18 +69,12 @@ def main() -> None:
                                                       "mtp_tokens_per_s": round(tps[name], 1),
                                                       "drafted": drafted[name], "accepted": accepted[name],
                                                       "greedy_output_identical": same}}))
-
-
     for temp in a.temps:  # speculative sampling accepts with probability min(1, p/q): distribution quality
-        drafted = accepted = 0
-        for i, prompt in enumerate(rows):
-            s = GenerationStats()
-            list(generate_tokens(model, prompt, max_tokens=a.gen_tokens, temp=temp, seed=i, mtp=True,
-                                 draft_policy=DraftPolicy(adaptive=False), stats=s))
-            drafted, accepted = drafted + s.drafted, accepted + s.accepted
-        print(json.dumps({"name": f"mtp_acceptance_rate_temp_{temp}", "value": round(accepted / drafted, 3),
-                          "unit": "fraction", "comparison": {"drafted": drafted, "accepted": accepted,
-                                                             "greedy": round(stats_greedy, 3), "model": str(a.model)}}))
+        runs = [run(prompt, mtp=True, adaptive=False, temp=temp, seed=i)[1] for i, prompt in enumerate(rows)]
+        n_drafted, n_accepted = sum(s.drafted for s in runs), sum(s.accepted for s in runs)
+        print(json.dumps({"name": f"mtp_acceptance_rate_temp_{temp}", "value": round(n_accepted / n_drafted, 3),
+                          "unit": "fraction", "comparison": {"drafted": n_drafted, "accepted": n_accepted,
+                                                             "greedy": round(greedy, 3), "model": str(a.model)}}))
 
 
 if __name__ == "__main__":
