@@ -110,8 +110,12 @@ def _cross_entropy_vjp(primals, cotangents, outputs):
 def masked_ce(logits: mx.array, targets: mx.array, mask: mx.array, count: mx.array | None = None) -> mx.array:
     """Mean cross-entropy over the masked-in tokens, or their sum divided by `count` (a whole batch's count
     when these are some of its rows)."""
-    ce = cross_entropy(logits.astype(mx.float32), targets)[0]  # (B, T)
-    return (ce * mask).sum() / mx.maximum(mask.sum() if count is None else count, 1.0)
+    return _masked_mean(cross_entropy(logits.astype(mx.float32), targets)[0], mask, count)
+
+
+def _masked_mean(per_token: mx.array, mask: mx.array, count: mx.array | None) -> mx.array:
+    """(B, T) -> the mean over the masked-in tokens, or their sum divided by `count`."""
+    return (per_token * mask).sum() / mx.maximum(mask.sum() if count is None else count, 1.0)
 
 
 def masked_soft_ce(logits: mx.array, target_logits: mx.array, mask: mx.array,
@@ -120,8 +124,7 @@ def masked_soft_ce(logits: mx.array, target_logits: mx.array, mask: mx.array,
     (the KL divergence from the target plus its constant entropy); no gradient into the target."""
     p = mx.stop_gradient(mx.softmax(target_logits.astype(mx.float32), axis=-1))
     q = logits.astype(mx.float32)
-    ce = mx.logsumexp(q, axis=-1) - (p * q).sum(axis=-1)  # (B, T)
-    return (ce * mask).sum() / mx.maximum(mask.sum() if count is None else count, 1.0)
+    return _masked_mean(mx.logsumexp(q, axis=-1) - (p * q).sum(axis=-1), mask, count)
 
 
 def expert_counts(r: Routing, valid: mx.array, n_experts: int) -> mx.array:
