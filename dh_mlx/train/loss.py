@@ -162,6 +162,13 @@ def greedy_next(logits: mx.array) -> mx.array:
     return mx.stop_gradient(mx.argmax(logits[:, 1:], axis=-1))
 
 
+def mtp_output(model: Model, hidden: mx.array, batch: Batch, mask):
+    """The depth-1 MTP module at positions t = 0..T-2: the main model's hidden state (B, T, D) at t and the
+    input token t+1 -> its Output for token t+2 (B, T-1, ...)."""
+    sub = mask if isinstance(mask, str) else mask[..., :-1, :-1]
+    return model.mtp_forward(hidden[:, :-1], batch.targets[:, :-1], 0, domain_ids=batch.domain_ids[:, :-1], mask=sub)
+
+
 def mtp_mask(loss_mask: mx.array) -> mx.array:
     return loss_mask[:, 1:] * loss_mask[:, :-1]
 
@@ -186,10 +193,7 @@ def loss_parts(model: Model, batch: Batch, *, mtp_lambda: float, balance_alpha: 
     routing = list(out.routing)
     mtp = mx.array(0.0)
     if mtp_lambda and c.num_nextn_predict_layers:
-        sub = mask if isinstance(mask, str) else mask[..., :-1, :-1]
-        hidden = mx.stop_gradient(out.hidden) if mtp_distill else out.hidden
-        m = model.mtp_forward(hidden[:, :-1], batch.targets[:, :-1], 0, domain_ids=batch.domain_ids[:, :-1],
-                              mask=sub)
+        m = mtp_output(model, mx.stop_gradient(out.hidden) if mtp_distill else out.hidden, batch, mask)
         if mtp_distill:  # towards the main model's own next-token distribution at t+1
             mtp = masked_soft_ce(m.logits, out.logits[:, 1:], mtp_mask(batch.loss_mask), counts.mtp_tokens)
         else:

@@ -27,7 +27,7 @@ from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .config import TrainConfig
 from .data import Batch as NpBatch, Dataset
 from .loss import (Batch, alf_update, batch_counts, document_mask, expert_counts, greedy_next, imbalance,
-                   loss_parts, masked_ce, mtp_mask)
+                   loss_parts, masked_ce, mtp_mask, mtp_output)
 
 
 class TrainingError(RuntimeError):
@@ -259,8 +259,7 @@ def evaluate(model: Model, dataset: Dataset, cfg: TrainConfig, *, use_domains: b
         ce_sum = masked_ce(out.logits, b.targets, b.loss_mask) * b.loss_mask.sum()
         agree = mx.zeros((2,))
         if c.num_nextn_predict_layers:
-            m = model.mtp_forward(out.hidden[:, :-1], b.targets[:, :-1], 0, domain_ids=b.domain_ids[:, :-1],
-                                  mask=mask[..., :-1, :-1])
+            m = mtp_output(model, out.hidden, b, mask)
             valid = mtp_mask(b.loss_mask)
             agree = mx.stack([((mx.argmax(m.logits, axis=-1) == greedy_next(out.logits)) * valid).sum(), valid.sum()])
         if not out.routing:
