@@ -92,7 +92,8 @@ def test_loader_reports_what_it_loaded():
         assert _blas.shim is not None, "OpenBLAS and a C compiler are here, so the shim should have loaded"
 
 
-def test_mkl_is_the_first_choice_when_installed():
+def test_first_choice_follows_the_cpu_vendor():
+    """MKL first on Intel (or an unknown vendor), the system's OpenBLAS/BLIS first elsewhere (AMD)."""
     import importlib.metadata
 
     try:
@@ -101,11 +102,56 @@ def test_mkl_is_the_first_choice_when_installed():
         pytest.skip("the mkl wheel is not installed")
     if os.environ.get("DH_MLX_BLAS"):
         pytest.skip("DH_MLX_BLAS chooses the BLAS")
-    assert "libmkl_rt" in _blas.loaded and _blas.shim is None  # MKL needs no matrix-vector shim
+    intel, amd = list(_blas._candidates("", "GenuineIntel")), list(_blas._candidates("", "AuthenticAMD"))
+    assert "libmkl_rt" in intel[0] and "libmkl_rt" in amd[-1] and "libmkl_rt" not in " ".join(amd[:-1])
+    assert sorted(intel) == sorted(amd)
+    assert list(_blas._candidates("", "")) == intel
+    assert not any("libmkl_rt" in n for n in _blas._candidates("openblas", "GenuineIntel"))
+    assert all("libmkl_rt" in n for n in _blas._candidates("mkl", "AuthenticAMD"))
+    assert list(_blas._candidates(" /x/libfoo.so ", "AuthenticAMD")) == ["/x/libfoo.so"]
+    if _blas.cpu_vendor() in ("GenuineIntel", ""):
+        assert "libmkl_rt" in _blas.loaded and _blas.shim is None  # MKL needs no matrix-vector shim
+    elif ctypes.util.find_library("openblas") or ctypes.util.find_library("blis"):
+        assert "libmkl_rt" not in _blas.loaded
     rng = np.random.default_rng(2)
     a, w = rng.standard_normal((48, 1024), dtype=np.float32), rng.standard_normal((288, 1024), dtype=np.float32)
     np.testing.assert_allclose(np.array(mx.array(a) @ mx.array(w).T), a.astype(np.float64) @ w.T.astype(np.float64),
                                rtol=1e-4, atol=1e-3)
+
+
+WRONG_SGEMM = r"""
+/* A cblas_sgemm that is off by one in one element (a BLAS with a broken kernel for this CPU). */
+void cblas_sgemm(int order, int ta, int tb, int m, int n, int k, float alpha, const float *a, int lda,
+                 const float *b, int ldb, float beta, float *c, int ldc) {
+    for (int i = 0; i < m; i++)
+        for (int j = 0; j < n; j++) {
+            float s = 0;
+            for (int p = 0; p < k; p++)
+                s += a[i * lda + p] * (tb == 112 ? b[j * ldb + p] : b[p * ldb + j]);
+            c[i * ldc + j] = alpha * s + (beta != 0 ? beta * c[i * ldc + j] : 0) + (i == 5 && j == 7);
+        }
+}
+"""
+
+
+def test_a_blas_with_wrong_sgemm_results_is_skipped(tmp_path):
+    cc = shutil.which(os.environ.get("CC", "cc"))
+    if cc is None:
+        pytest.skip("no C compiler")
+    src, lib = tmp_path / "wrong.c", tmp_path / "libwrong.so"
+    src.write_text(WRONG_SGEMM)
+    subprocess.run([cc, "-O1", "-shared", "-fPIC", str(src), "-o", str(lib)], check=True)
+    assert not _blas.sgemm_is_exact(ctypes.CDLL(str(lib)))
+    assert _blas._lib is None or _blas.sgemm_is_exact(_blas._lib)  # the one loaded here passes
+    src.write_text(WRONG_SGEMM.replace("+ (i == 5 && j == 7)", ""))  # the same code, right: accepted
+    right = tmp_path / "libright.so"
+    subprocess.run([cc, "-O1", "-shared", "-fPIC", str(src), "-o", str(right)], check=True)
+    assert _blas.sgemm_is_exact(ctypes.CDLL(str(right)))
+    code = "import dh_mlx; from dh_mlx.device import blas_in_use; print(blas_in_use())"
+    out = subprocess.run([sys.executable, "-c", code], env=dict(os.environ, DH_MLX_BLAS=str(lib)),
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == f"reference ({lib}: wrong cblas_sgemm results, skipped)"
 
 
 @pytest.mark.skipif(_blas.shim is not None or not ctypes.util.find_library("openblas"),
