@@ -27,7 +27,7 @@ import mlx.optimizers as optim
 import numpy as np
 
 from dh_mlx import load_preset, random_model, save_model
-from dh_mlx.device import untuned_environ, widen_eval_order
+from dh_mlx.device import blas_in_use, cpu_description, untuned_environ, widen_eval_order
 from dh_mlx.params import count_params
 from dh_mlx.train.config import TrainConfig
 from dh_mlx.train.loss import Batch
@@ -133,7 +133,7 @@ def main() -> None:
                    run_engine("mlx_lm", path, a)) for _ in range(2)]
     mine, theirs, theirs_tuned = (max(r) for r in zip(*rounds))
     shape = (f"{a.params}{f' ({a.layers} layers)' if a.layers else ''}, batch {a.batch_size} x {a.seq_len}, "
-             f"float32, {mx.default_device()}")
+             f"float32, {mx.default_device()}, {cpu_description()}, our BLAS {blas_in_use()}")
     print(json.dumps({"name": "train_tokens_per_s", "value": round(mine, 1), "unit": "tokens/s", "setup": shape,
                       "comparison": {"mlx_lm_tokens_per_s": round(theirs, 1), "ratio": round(mine / theirs, 2),
                                      "mlx_lm_with_our_cpu_tuning": round(theirs_tuned, 1),

@@ -93,16 +93,21 @@ def set_threads(n: int) -> int | None:
     return None
 
 
-def cpu_vendor() -> str:
-    """The x86 CPU's vendor id ('GenuineIntel', 'AuthenticAMD', ...) from /proc/cpuinfo; '' where unknown."""
+def cpuinfo(field: str) -> str:
+    """A field of the first processor in /proc/cpuinfo ('vendor_id', 'model name'); '' where unknown."""
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
-                if line.startswith("vendor_id"):
+                if line.split(":", 1)[0].strip() == field:
                     return line.split(":", 1)[1].strip()
     except OSError:
         pass
     return ""
+
+
+def cpu_vendor() -> str:
+    """The x86 CPU's vendor id ('GenuineIntel', 'AuthenticAMD', ...); '' where unknown."""
+    return cpuinfo("vendor_id")
 
 
 def _candidates(choice: str, vendor: str) -> Iterator[str]:

@@ -51,6 +51,15 @@ def blas_in_use() -> str:
     return _blas.loaded
 
 
+def cpu_description() -> str:
+    """The CPU benchmarks ran on, e.g. 'AMD EPYC (AuthenticAMD), 2 cores' (the BLAS choice depends on the vendor)."""
+    import platform
+
+    name = _blas.cpuinfo("model name") or platform.processor() or platform.machine()
+    vendor = _blas.cpu_vendor()
+    return f"{name}{f' ({vendor})' if vendor else ''}, {os.cpu_count()} cores"
+
+
 def untuned_environ() -> dict[str, str]:
     """This process's environment for a child process that loads OpenBLAS without dh-mlx's CPU tuning (MKL,
     the matrix-vector shim, the kernel flags of _jit.py, the wide MLX evaluation order): the baseline our

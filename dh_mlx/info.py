@@ -5,8 +5,8 @@ from __future__ import annotations
 from typing import Any
 
 from .config import ModelConfig
-from .device import (WIDE_BFS_WIDTH, blas_in_use, compute_dtype, cpu_kernel_flags, eval_order_width,
-                     native_kernels)
+from .device import (WIDE_BFS_WIDTH, blas_in_use, compute_dtype, cpu_description, cpu_kernel_flags,
+                     eval_order_width, native_kernels)
 from .params import CONTEXTS, KV_REFERENCES, count_params, kv_bytes_per_token, reference_kv_bytes_per_token, \
     weight_bytes
 
@@ -33,6 +33,7 @@ def model_info(config: ModelConfig) -> dict[str, Any]:
                           for name in KV_REFERENCES},
         "domains": config.domain_routing.domains if config.domain_routing else None,
         "compute_dtype": str(compute_dtype()).replace("mlx.core.", ""),
+        "cpu": cpu_description(),
         "blas": blas_in_use(),
         "cpu_kernels": cpu_kernel_flags(),
         "native_kernels": native_kernels(),
@@ -66,6 +67,7 @@ def format_info(info: dict[str, Any], title: str) -> str:
         ratio = ref["kv_bytes_per_token"] / info["kv_bytes_per_token"]
         lines.append(f"    vs {name:<13} {ref['kv_bytes_per_token']:,} B/token ({ratio:.1f}x ours); " +
                      ", ".join(f"{c} {_size(v)}" for c, v in ref["kv_bytes"].items()))
+    lines.append(f"  CPU               {info['cpu']}")
     lines.append(f"  compute dtype     {info['compute_dtype']}   BLAS: {info['blas']}")
     k = info["cpu_kernels"]
     lines.append(f"  compiled kernels  {'vectorising g++ flags, cache ' + k if k.startswith('/') else k}")

@@ -1,6 +1,7 @@
 """Broken input is refused with one line naming the file/tensor and what was expected: no traceback."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -93,3 +94,4 @@ def test_cli_info_json_keys():
     assert {"total_params", "active_params", "kv_bytes_per_token"} <= set(data)
     assert 4.5e9 <= data["total_params"] <= 5.5e9
     assert data["kv_references"]["Llama-3.2-3B"]["kv_bytes_per_token"] == 28 * 2 * 8 * 128 * 2
+    assert data["cpu"].endswith(f", {os.cpu_count()} cores") and len(data["cpu"]) > len(" cores, 1")
