@@ -74,6 +74,8 @@ def load_fast_blas() -> str:
                 _load_gemv_shim(blas)
             _lib = ctypes.CDLL(name, mode=ctypes.RTLD_GLOBAL)
             loaded = name + (" + matrix-vector shim" if shim is not None else "")
+            if wrong:
+                loaded += f" ({', '.join(wrong)}: wrong cblas_sgemm results, skipped)"
             break
     return loaded
 
