@@ -18,7 +18,6 @@ import sys
 CHILD = """
 import json, sys, time
 import dh_mlx, mlx.core as mx
-from dh_mlx import _blas
 from dh_mlx.device import blas_in_use, blas_threads
 out = {"blas": blas_in_use()}
 for spec in sys.argv[1:]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import platform
 import sys
 from contextlib import contextmanager
 from typing import Iterator
@@ -53,8 +54,6 @@ def blas_in_use() -> str:
 
 def cpu_description() -> str:
     """The CPU benchmarks ran on, e.g. 'AMD EPYC (AuthenticAMD), 2 cores' (the BLAS choice depends on the vendor)."""
-    import platform
-
     name = _blas.cpuinfo("model name") or platform.processor() or platform.machine()
     vendor = _blas.cpu_vendor()
     return f"{name}{f' ({vendor})' if vendor else ''}, {os.cpu_count()} cores"
