@@ -68,15 +68,15 @@ def load_fast_blas() -> str:
                 continue
             if not sgemm_is_exact(blas):
                 wrong.append(name)
-                loaded = f"reference ({', '.join(wrong)}: wrong cblas_sgemm results, skipped)"
                 continue
             if "mkl" not in Path(name).name:  # MKL's sgemm handles one-row products itself
                 _load_gemv_shim(blas)
             _lib = ctypes.CDLL(name, mode=ctypes.RTLD_GLOBAL)
             loaded = name + (" + matrix-vector shim" if shim is not None else "")
-            if wrong:
-                loaded += f" ({', '.join(wrong)}: wrong cblas_sgemm results, skipped)"
             break
+        if wrong:
+            skipped = f"{', '.join(wrong)}: wrong cblas_sgemm results, skipped"
+            loaded = f"{loaded} ({skipped})" if _lib is not None else f"reference ({skipped})"
     return loaded
 
 
@@ -119,10 +119,9 @@ def _candidates(choice: str, vendor: str) -> Iterator[str]:
     if mode not in ("", "mkl", "openblas"):
         yield choice.strip()
         return
-    mkl_first = mode == "mkl" or (mode == "" and vendor in ("GenuineIntel", ""))
-    for source in ((_mkl, _system) if mkl_first else (_system, _mkl)):
-        if (source is _mkl and mode == "openblas") or (source is _system and mode == "mkl"):
-            continue
+    sources = {"mkl": (_mkl,), "openblas": (_system,)}.get(mode) or \
+        ((_mkl, _system) if vendor in ("GenuineIntel", "") else (_system, _mkl))
+    for source in sources:
         yield from source()
 
 

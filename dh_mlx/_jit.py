@@ -27,7 +27,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from ._blas import cache_dir
+from ._blas import cache_dir, cpuinfo
 
 FLAGS = ("-march=native", "-fno-trapping-math", "-fno-math-errno", "--param", "vect-max-version-for-alias-checks=200",
          "--param", "max-inline-insns-single=2000", "--param", "max-inline-insns-auto=2000")
@@ -40,11 +40,7 @@ status: str = "not attempted"
 
 
 def _cpu_features() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next((line for line in f if line.startswith(("flags", "Features"))), "")
-    except OSError:
-        return ""
+    return cpuinfo("flags") or cpuinfo("Features")  # x86 / Arm
 
 
 def enable() -> str:
