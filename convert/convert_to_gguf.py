@@ -28,7 +28,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, MemoryError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    print(f"wrote {path}", file=sys.stderr)
+    print(f"wrote {path}: {args.quantize or args.outtype} ({path.stat().st_size / 1e6:.1f} MB)", file=sys.stderr)
     return 0
 
 

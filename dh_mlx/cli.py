@@ -65,11 +65,8 @@ def _generate(*, prompt: str, model: Optional[Path] = None, params: Optional[str
                f"{stats.generation_tokens} tokens, {stats.generation_tps:.1f} tokens/s | peak memory "
                f"{stats.peak_memory_gb:.2f} GB", err=True)
     if stats.acceptance_rate is not None:
-        need = policy.break_even()
-        typer.echo(f"MTP draft acceptance: {stats.accepted}/{stats.drafted} = {stats.acceptance_rate:.1%}"
-                   + ("" if need is None else f" (a draft step took {1 + need:.2f} plain steps here: drafting "
-                                              f"pays above {need:.0%} acceptance, and runs only while it does)"),
-                   err=True)
+        typer.echo(f"MTP draft acceptance: {stats.accepted}/{stats.drafted} = {stats.acceptance_rate:.1%} "
+                   f"({policy.summary()})", err=True)
 
 
 @app.command()
@@ -152,21 +149,20 @@ def train(params: Optional[str] = typer.Option(None, help="size preset (default 
                                                        "runs/NAME-mtp)"),
           eval_every: int = typer.Option(50, help="validate every N steps"),
           save_every: int = typer.Option(100, help="checkpoint every N steps"),
+          keep_checkpoints: int = typer.Option(1, help="keep the newest K checkpoints (each holds weights and "
+                                                       "optimizer state: ~3x the model)"),
           skip_invalid: bool = typer.Option(False, help="skip (and count) invalid JSONL lines instead of failing"),
           resume: bool = typer.Option(False, help="continue the run in --out from its latest checkpoint")) -> None:
     """Train from domain-tagged JSONL with ALF balancing and MTP; --out becomes a loadable model directory."""
     from .device import widen_eval_order
     widen_eval_order()  # before MLX's first eval: lets the step use both CPU streams
-    from .train.run import train as run
+    from .train.run import describe, train as run
     result = run(params=params, config=config, data=data, out=out, tokenizer=tokenizer, init=init, resume=resume, steps=steps, batch_size=batch_size,
                  seq_len=seq_len, grad_accum=grad_accum, lr=lr, warmup_steps=warmup, seed=seed,
                  alf_gamma=alf_gamma, balance_alpha=balance_alpha, mtp_lambda=mtp_lambda, mtp_distill=mtp_distill,
                  eval_every=eval_every,
-                 save_every=save_every, skip_invalid=skip_invalid)
-    val = f", validation loss {result.val.loss:.3f}" if result.val else ""
-    typer.echo(f"{'interrupted at' if result.interrupted else 'finished'} step {result.step}: train loss "
-               f"{result.train_loss:.3f}{val}, {result.tokens_per_s:.0f} tokens/s, peak memory "
-               f"{result.peak_memory_gb:.2f} GB", err=True)
+                 save_every=save_every, keep_checkpoints=keep_checkpoints, skip_invalid=skip_invalid)
+    typer.echo(describe(result), err=True)
 
 
 @app.command()
@@ -217,6 +213,7 @@ def lora(model: Path = typer.Option(..., help="base model directory (float, or q
          grad_checkpoint: bool = typer.Option(False, help="recompute layers in the backward pass (less memory)"),
          eval_every: int = typer.Option(50, help="validate every N steps"),
          save_every: int = typer.Option(100, help="checkpoint (and write the adapters) every N steps"),
+         keep_checkpoints: int = typer.Option(1, help="keep the newest K checkpoints"),
          seed: int = typer.Option(0, help="adapter init, data order and split seed"),
          resume: bool = typer.Option(False, help="continue the run in --out from its latest checkpoint")) -> None:
     """Fine-tune LoRA adapters (QLoRA on a quantized model) with the training loop of `train`."""
@@ -226,7 +223,8 @@ def lora(model: Path = typer.Option(..., help="base model directory (float, or q
     result = run(model=model, data=data, out=out, tokenizer=tokenizer, rank=rank, alpha=alpha, dropout=dropout,
                  targets=[t for item in targets or [] for t in item.split(",") if t] or None, num_layers=num_layers, experts=experts, grad_checkpointing=grad_checkpoint,
                  resume=resume, seed=seed, steps=steps, batch_size=batch_size, seq_len=seq_len, lr=lr,
-                 warmup_steps=warmup, eval_every=eval_every, save_every=save_every)
+                 warmup_steps=warmup, eval_every=eval_every, save_every=save_every,
+                 keep_checkpoints=keep_checkpoints)
     typer.echo(describe(result), err=True)
 
 
@@ -259,7 +257,7 @@ def convert_gguf(model: Path = typer.Option(..., help="model directory (config.j
     """Write a GGUF file for llama.cpp's deepseek2 architecture."""
     from .convert import export_gguf
     path = export_gguf(model, out, outtype=outtype, quantize=quantize, mtp=mtp)
-    typer.echo(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB)", err=True)
+    typer.echo(f"wrote {path}: {quantize or outtype} ({path.stat().st_size / 1e6:.1f} MB)", err=True)
 
 
 @convert_app.command("hf")

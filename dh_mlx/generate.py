@@ -132,6 +132,11 @@ def compiled_decode_step(model: Model, domain: int | None = None):
     return step
 
 
+def limit_vocab(logits: mx.array, vocab_limit: int | None) -> mx.array:
+    """(..., V) -> (..., vocab_limit): the ids a tokenizer smaller than the model's vocabulary can decode."""
+    return logits if vocab_limit is None or vocab_limit >= logits.shape[-1] else logits[..., :vocab_limit]
+
+
 def check_context(model: Model, n_tokens: int) -> None:
     limit = model.config.max_position_embeddings
     if n_tokens > limit:
@@ -144,8 +149,12 @@ def generate_tokens(model: Model, prompt_ids: list[int], *, max_tokens: int = 25
                     repetition_context: int = 64, seed: int | None = None, domain: int | None = None,
                     eos_ids: tuple[int, ...] = (), prefill_step_size: int = 512,
                     prompt_cache: PromptCache | None = None, mtp: bool = False, draft_policy=None,
-                    stats: GenerationStats | None = None, compile_step: bool = True) -> Iterator[int]:
+                    stats: GenerationStats | None = None, compile_step: bool = True,
+                    vocab_limit: int | None = None) -> Iterator[int]:
     """Yield generated token ids (like mlx-lm's generate_step); stops at an id in `eos_ids` or `max_tokens`.
+
+    `vocab_limit` (the tokenizer's size, when the model's vocabulary is padded past it): only ids below it are
+    ever sampled or drafted.
 
     `mtp=True` decodes speculatively with the model's MTP module when it has one, drafting while it pays
     (`draft_policy`: a `speculative.DraftPolicy`, new per call by default). `compile_step=False` decodes
@@ -167,13 +176,13 @@ def generate_tokens(model: Model, prompt_ids: list[int], *, max_tokens: int = 25
     def choose(logits: mx.array) -> mx.array:
         if repetition_penalty != 1.0:
             logits = apply_repetition_penalty(logits, recent, repetition_penalty)
-        return sampler(logits)
+        return sampler(limit_vocab(logits, vocab_limit))
 
     if mtp and model.config.num_nextn_predict_layers and repetition_penalty == 1.0:
         from .speculative import mtp_generate
         yield from mtp_generate(model, pc, todo, stats=stats, max_tokens=max_tokens, eos_ids=eos_ids,
                                 prefill_step_size=prefill_step_size, domain=domain, temp=temp, top_p=top_p,
-                                top_k=top_k, min_p=min_p, policy=draft_policy)
+                                top_k=top_k, min_p=min_p, policy=draft_policy, vocab_limit=vocab_limit)
         return
     step = compiled_decode_step(model, domain) if compile_step else (
         lambda tok, cache: decode_step(model, tok, cache, domain))
@@ -220,6 +229,7 @@ def stream_generate(model: Model, tokenizer: Any, prompt: str | list[int], **kwa
     """Yield text pieces as tokens arrive; `kwargs` are `generate_tokens`' sampling options."""
     ids = tokenizer.encode(prompt, bos=True) if isinstance(prompt, str) else list(prompt)
     kwargs.setdefault("eos_ids", (tokenizer.eos_id,))
+    kwargs.setdefault("vocab_limit", tokenizer.vocab_size)
     stats = kwargs.pop("stats", None) or GenerationStats()
     decoder = tokenizer.stream_decoder()
     for t in generate_tokens(model, ids, stats=stats, **kwargs):

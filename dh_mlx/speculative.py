@@ -22,7 +22,7 @@ from typing import Iterator
 import mlx.core as mx
 
 from .cache import LatentCache
-from .generate import compiled_cached_step
+from .generate import compiled_cached_step, limit_vocab
 from .model import Model
 from .sample import sampling_distribution
 
@@ -56,6 +56,18 @@ class DraftPolicy:
             return None
         return median(self.times["draft"]) / median(self.times["plain"]) - 1
 
+    def summary(self) -> str:
+        """What the measured step times say of drafting, in words; the break-even is a probability in [0, 1]."""
+        need = self.break_even()
+        if need is None:
+            return "draft and plain steps not both timed yet"
+        cost = f"a draft step took {1 + need:.2f} plain steps here"
+        if need >= 1:
+            return f"{cost}: drafting cannot pay at any acceptance, so it runs only to probe"
+        if need <= 0:
+            return f"{cost}: drafting pays at any acceptance"
+        return f"{cost}: drafting pays above {need:.0%} acceptance, and runs only while it does"
+
     def record(self, kind: str, seconds: float | None, accepted: bool | None = None) -> None:
         """One finished step of `kind` ("draft" with its outcome, or "plain"), `seconds` None when the step
         was not a fair sample (it traced a new shape); then choose the next mode."""
@@ -84,7 +96,8 @@ class DraftPolicy:
 
 def mtp_generate(model: Model, pc, todo: list[int], *, stats, max_tokens: int, eos_ids=(),
                  prefill_step_size: int = 512, domain: int | None = None, temp: float = 0.0, top_p: float = 1.0,
-                 top_k: int = 0, min_p: float = 0.0, policy: DraftPolicy | None = None) -> Iterator[int]:
+                 top_k: int = 0, min_p: float = 0.0, policy: DraftPolicy | None = None,
+                 vocab_limit: int | None = None) -> Iterator[int]:
     """Yield tokens like `generate_tokens`; `pc` is a PromptCache already trimmed to the reused prefix.
 
     `policy` decides per step whether to draft (default: a fresh `DraftPolicy`). The MTP cache is left in
@@ -107,7 +120,7 @@ def mtp_generate(model: Model, pc, todo: list[int], *, stats, max_tokens: int, e
         caches_of=lambda c: [c])
 
     def dist(logits: mx.array) -> mx.array:  # (1, V) -> (V,) the distribution sampling draws from
-        return sampling_distribution(logits, temp, top_p, top_k, min_p)[0]
+        return sampling_distribution(limit_vocab(logits, vocab_limit), temp, top_p, top_k, min_p)[0]
 
     def draw(probs: mx.array) -> mx.array:
         return mx.argmax(probs) if temp == 0 else mx.random.categorical(mx.log(probs))
@@ -165,9 +178,10 @@ def mtp_generate(model: Model, pc, todo: list[int], *, stats, max_tokens: int, e
                 last = time.perf_counter()
             # Everything up to the accept decision stays lazy: one host sync per draft.
             if temp == 0:  # greedy: keep the draft iff it is the main model's argmax (few ops over V)
-                draft = mx.argmax(q_logits[0])
+                draft = mx.argmax(limit_vocab(q_logits[0], vocab_limit))
                 logits, hidden = verify(mx.stack([tok, draft])[None], cache)  # positions of token and draft
-                correction, bonus = mx.argmax(logits[0], axis=-1)  # main model's choice at each position
+                # the main model's choice at each position
+                correction, bonus = mx.argmax(limit_vocab(logits[0], vocab_limit), axis=-1)
                 accept = draft == correction
             else:
                 q = dist(q_logits)

@@ -261,8 +261,21 @@ def write_hf_files(tokenizer: Tokenizer, out_dir: str | Path) -> None:
     (out_dir / "special_tokens_map.json").write_text(json.dumps(specials, indent=2) + "\n")
 
 
-def load_tokenizer(model_dir: str | Path) -> Tokenizer | None:
-    """The tokenizer of a model directory, or None when it has no `tokenizer.model`."""
+def load_tokenizer(model_dir: str | Path, *, vocab_size: int | None = None) -> Tokenizer | None:
+    """The tokenizer of a model directory, or None when it has no `tokenizer.model`; with `vocab_size` (the
+    model's), checked against it (`check_vocab`)."""
     path = Path(model_dir) / MODEL_FILE
-    return Tokenizer(path) if path.is_file() else None
+    tok = Tokenizer(path) if path.is_file() else None
+    if tok is not None and vocab_size is not None:
+        check_vocab(tok, vocab_size)
+    return tok
+
+
+def check_vocab(tokenizer: Tokenizer, vocab_size: int) -> None:
+    """A model may have more rows than its tokenizer has pieces (padded vocabularies; generation never samples
+    the extra ids), never fewer: ids past the embedding table would index outside it."""
+    if tokenizer.vocab_size > vocab_size:
+        raise TokenizerError(f"{tokenizer.path}: the tokenizer has {tokenizer.vocab_size} pieces but the model's "
+                             f"vocab_size is {vocab_size}; use a model with vocab_size >= {tokenizer.vocab_size} or "
+                             "a smaller tokenizer")
 

@@ -67,8 +67,13 @@ def check_fits(config: ModelConfig, dtype: mx.Dtype, what: str) -> None:
     have = available_memory()
     if need <= 0.9 * have:
         return
-    options = [f"{bits}-bit quantization ({weight_bytes(n, bits) / 2**30:.1f} GiB)" for bits in (8, 4)
-               if weight_bytes(n, bits) <= 0.9 * have]
+    options = []
+    if dtype.size > 2 and n * 2 <= 0.9 * have:
+        options.append(f"--dtype bfloat16 ({n * 2 / 2**30:.1f} GiB; slow on a CPU)")
+    if not what.startswith("preset"):  # a checkpoint on disk can be quantized; a random preset has none to read
+        options += [f"dh-mlx quantize --bits {bits} ({weight_bytes(n, bits) / 2**30:.1f} GiB)" for bits in (8, 4)
+                    if weight_bytes(n, bits) <= 0.9 * have]
+
     def preset_bytes(name: str) -> int:
         p = count_params(load_preset(name))
         return (p.total + p.mtp) * dtype.size

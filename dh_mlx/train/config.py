@@ -30,7 +30,7 @@ class TrainConfig:
     eval_every: int = 50
     eval_batches: int = 8
     save_every: int = 100
-    keep_checkpoints: int = 2
+    keep_checkpoints: int = 1  # the newest K checkpoints (weights + optimizer state) stay in checkpoints/
     skip_invalid: bool = False
 
     def __post_init__(self) -> None:

@@ -14,6 +14,7 @@ import mlx.core as mx
 import numpy as np
 from mlx.utils import tree_flatten
 
+from ..config import load_config
 from ..model import Model
 from ..model.moe import Routing
 from ..weights import load_model, resolve_path, save_model
@@ -22,6 +23,7 @@ from .data import load_dataset
 from .lora import (ADAPTER_CONFIG, LoRAConfig, apply_lora, fuse_lora, load_adapters, lora_parameters, save_adapters,
                    trainable_count)
 from .run import copy_tokenizer
+from .report import format_bytes
 from .trainer import RunResult, evaluate, train_loop
 
 # Fine-tuning defaults that differ from pretraining: the router and its selection bias stay as trained (no ALF,
@@ -119,7 +121,7 @@ def lora(*, model: str | Path, data: str | Path, out: str | Path, tokenizer: str
     cfg = TrainConfig(**{**LORA_DEFAULTS, "seed": seed, **options})
     lc = LoRAConfig(rank=rank, alpha=alpha, dropout=dropout, targets=targets, num_layers=num_layers,
                     experts=experts)
-    tok = load_tokenizer(tokenizer or base)
+    tok = load_tokenizer(tokenizer or base, vocab_size=load_config(base).vocab_size)
     if tok is None:
         raise ValueError(f"{tokenizer or base}: no tokenizer.model (pass --tokenizer)")
     m = load_model(base, dtype=dtype)
@@ -168,4 +170,4 @@ def describe(result: LoRAResult) -> str:
     return (f"{state} step {r.step}: train loss {r.train_loss:.3f}, validation loss {result.val_loss:.3f}{before}, "
             f"{result.tokens_per_s:.0f} tokens/s, peak memory {r.peak_memory_gb:.3g} GB (estimated "
             f"{result.estimated_peak_gb:.3g} GB); {result.trainable:,} trainable parameters "
-            f"({result.share:.3%})")
+            f"({result.share:.3%}); {r.run_dir} holds {format_bytes(r.run_bytes)}")

@@ -11,6 +11,7 @@ from ..config import DATA_DIR, DEFAULT_PRESET, load_config, resolve_config
 from ..weights import load_model, random_model, save_model, with_mtp_module
 from .config import TrainConfig
 from .data import load_dataset
+from .report import format_bytes
 from .trainer import RunResult, train_loop
 
 DEFAULT_DATA = DATA_DIR / "train_data.jsonl"
@@ -30,7 +31,7 @@ def train(*, params: str | None = None, config: str | Path | None = None, data: 
           **options) -> RunResult:
     """Train a model from scratch, or from the weights of `init` (a model directory); `options` are
     `TrainConfig` fields. With `resume`, continue the run in `out` from its latest checkpoint."""
-    from ..tokenizer import load_tokenizer
+    from ..tokenizer import check_vocab, load_tokenizer
     data, tokenizer = data or DEFAULT_DATA, tokenizer or DEFAULT_TOKENIZER
     cfg = TrainConfig(**options)
     if cfg.mtp_distill and not init:
@@ -43,9 +44,12 @@ def train(*, params: str | None = None, config: str | Path | None = None, data: 
     tok = load_tokenizer(tokenizer)
     if tok is None:
         raise ValueError(f"{tokenizer}: no tokenizer.model (train one with `dh-mlx tokenizer train`)")
-    if tok.vocab_size > model_config.vocab_size:
-        raise ValueError(f"the tokenizer has {tok.vocab_size} tokens but the model's vocab_size is "
-                         f"{model_config.vocab_size}")
+    if not (init or config) and tok.vocab_size != model_config.vocab_size:
+        # A preset gives the architecture; the vocabulary is the tokenizer's (a --config file keeps its own).
+        print(f"note: vocab_size {tok.vocab_size} from the tokenizer {tokenizer} (the preset's is "
+              f"{model_config.vocab_size}; give --config to keep another)", file=sys.stderr)
+        model_config = model_config.replace(vocab_size=tok.vocab_size)
+    check_vocab(tok, model_config.vocab_size)
     domains = model_config.domain_routing.domains if model_config.domain_routing else None
     dataset = load_dataset(data, tok, seq_len=cfg.seq_len, domains=domains, val_fraction=cfg.val_fraction,
                            seed=cfg.seed, skip_invalid=cfg.skip_invalid)
@@ -67,3 +71,11 @@ def train(*, params: str | None = None, config: str | Path | None = None, data: 
 
     return train_loop(model, dataset, cfg, out, export=export, resume=resume, progress=progress,
                       stop_after=stop_after)
+
+
+def describe(result: RunResult) -> str:
+    """The end-of-run summary line."""
+    val = f", validation loss {result.val.loss:.3f}" if result.val else ""
+    return (f"{'interrupted at' if result.interrupted else 'finished'} step {result.step}: train loss "
+            f"{result.train_loss:.3f}{val}, {result.tokens_per_s:.0f} tokens/s, peak memory "
+            f"{result.peak_memory_gb:.2f} GB; {result.run_dir} holds {format_bytes(result.run_bytes)}")

@@ -26,6 +26,7 @@ from ..model.moe import MoE, MoEGate
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .config import TrainConfig
 from .data import Batch as NpBatch, Dataset
+from .report import directory_bytes, make_report
 from .loss import (Batch, alf_update, batch_counts, document_mask, expert_counts, greedy_next, imbalance,
                    loss_parts, masked_ce, mtp_mask, mtp_output)
 
@@ -301,6 +302,8 @@ class RunResult:
     peak_memory_gb: float
     interrupted: bool = False
     history: list[dict] = field(default_factory=list)
+    run_dir: Path | None = None
+    run_bytes: int = 0  # what the run directory takes on disk at the end
 
 
 class MetricsLog:
@@ -357,7 +360,7 @@ def train_loop(model: Model, dataset: Dataset, cfg: TrainConfig, run_dir: Path, 
                         keep=cfg.keep_checkpoints)
         export(run_dir)
 
-    bar = _Progress(cfg.steps, start) if progress else None
+    bar = make_report(cfg.steps, start) if progress else None
     tokens_per_step = cfg.batch_size * cfg.seq_len * cfg.grad_accum
     step, last_loss, tps, interrupted = start, float("nan"), 0.0, False
     val = None
@@ -411,11 +414,12 @@ def train_loop(model: Model, dataset: Dataset, cfg: TrainConfig, run_dir: Path, 
         interrupted = True
         checkpoint(step)
         if bar:
-            bar.console.print(f"interrupted: saved step {step} to {run_dir}; continue with --resume")
+            bar.print(f"interrupted: saved step {step} to {run_dir}; continue with --resume")
     finally:
         if bar:
             bar.stop()
-    return RunResult(step, last_loss, val, tps, mx.get_peak_memory() / 1e9, interrupted, history)
+    return RunResult(step, last_loss, val, tps, mx.get_peak_memory() / 1e9, interrupted, history,
+                     run_dir, directory_bytes(run_dir))
 
 
 def _changing_params(model: Model) -> dict[str, mx.array]:
@@ -423,31 +427,3 @@ def _changing_params(model: Model) -> dict[str, mx.array]:
     out = dict(tree_flatten(model.trainable_parameters()))
     out.update((k, v) for k, v in tree_flatten(model.parameters()) if k.endswith("e_score_correction_bias"))
     return out
-
-
-class _Progress:
-    """A rich progress bar showing loss, tokens/s, learning rate and expert-load imbalance."""
-
-    def __init__(self, total: int, start: int):
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-        self._p = Progress(TextColumn("train"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                           TextColumn("{task.fields[info]}"), transient=False)
-        self.console = self._p.console
-        self._task = self._p.add_task("train", total=total, completed=start, info="")
-        self._p.start()
-
-    def update(self, step: int, r: dict) -> None:
-        info = f"ce {r['ce']:.3f} | {r['tokens_per_s']:.0f} tok/s | lr {r['lr']:.2e}"
-        if r.get("imbalance") is not None:
-            info += f" | imbalance {r['imbalance']:.2f}"
-        if "val_loss" in r:
-            info += f" | val {r['val_loss']:.3f}"
-            mtp = r.get("val_mtp_agreement")
-            self.console.print(f"step {step}: val loss {r['val_loss']:.4f} (ppl {r['val_ppl']:.1f})"
-                               + ("" if mtp is None else f", MTP drafts agreeing with greedy {mtp:.1%}"))
-        elif not self.console.is_terminal and step % 10 == 0:  # a log file gets a line now and then
-            self.console.print(f"step {step}: {info}")
-        self._p.update(self._task, completed=step, info=info)
-
-    def stop(self) -> None:
-        self._p.stop()

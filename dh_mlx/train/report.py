@@ -1,0 +1,86 @@
+"""What a training run prints while it runs: a progress bar on a terminal, plain periodic lines elsewhere.
+
+A log file or a pipe gets one self-contained line per report (as mlx-lm's trainer prints), never a bar's
+redraws; everything goes to stderr, so stdout stays free for a command's result.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import TextIO
+
+
+def _step_info(r: dict) -> str:
+    info = f"ce {r['ce']:.3f} | {r['tokens_per_s']:.0f} tok/s | lr {r['lr']:.2e}"
+    if r.get("imbalance") is not None:
+        info += f" | imbalance {r['imbalance']:.2f}"
+    return info
+
+
+def _validation_line(step: int, r: dict) -> str:
+    mtp = r.get("val_mtp_agreement")
+    return (f"step {step}: val loss {r['val_loss']:.4f} (ppl {r['val_ppl']:.1f})"
+            + ("" if mtp is None else f", MTP drafts agreeing with greedy {mtp:.1%}"))
+
+
+class LineReport:
+    """Plain lines: the first step, every `every` steps, and each validation."""
+
+    def __init__(self, total: int, start: int, *, every: int = 10, stream: TextIO | None = None):
+        self.total, self.every, self.stream = total, every, stream or sys.stderr
+
+    def print(self, text: str) -> None:
+        print(text, file=self.stream, flush=True)
+
+    def update(self, step: int, r: dict) -> None:
+        if step % self.every == 0 or step == 1 or step == self.total:
+            self.print(f"step {step}/{self.total}: {_step_info(r)}")
+        if "val_loss" in r:
+            self.print(_validation_line(step, r))
+
+    def stop(self) -> None:
+        pass
+
+
+class BarReport:
+    """A rich progress bar on stderr showing loss, tokens/s, learning rate and expert-load imbalance."""
+
+    def __init__(self, total: int, start: int):
+        from rich.console import Console
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+        self._p = Progress(TextColumn("train"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                           TextColumn("{task.fields[info]}"), console=Console(stderr=True), transient=False)
+        self._task = self._p.add_task("train", total=total, completed=start, info="")
+        self._p.start()
+
+    def print(self, text: str) -> None:
+        self._p.console.print(text, highlight=False)
+
+    def update(self, step: int, r: dict) -> None:
+        info = _step_info(r)
+        if "val_loss" in r:
+            info += f" | val {r['val_loss']:.3f}"
+            self.print(_validation_line(step, r))
+        self._p.update(self._task, completed=step, info=info)
+
+    def stop(self) -> None:
+        self._p.stop()
+
+
+def make_report(total: int, start: int) -> BarReport | LineReport:
+    """The bar when stderr is a terminal, plain lines otherwise."""
+    return BarReport(total, start) if sys.stderr.isatty() else LineReport(total, start)
+
+
+def directory_bytes(path: Path) -> int:
+    """Bytes of the files under `path` (what a run directory takes on disk)."""
+    return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file())
+
+
+def format_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1000 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} GB"
