@@ -29,9 +29,10 @@ RUN pip install "torch==${TORCH_VERSION}"
 
 WORKDIR /app
 COPY . /app
-# Editable, so the size presets in /app/parameters stay where dh_mlx.config looks for them; installing
+# A plain (non-editable) install: the wheel carries the presets, the sample tokenizer and corpus. Installing
 # without the `torch` extra keeps the torch above.
-RUN pip install -e ".[cpu]" \
-    && python -c "import dh_mlx.torch, dh_mlx.cli; print('dh_mlx.torch imports')"
+RUN pip install ".[cpu]" \
+    && cd / && python -c "import dh_mlx.torch, dh_mlx.cli; print('dh_mlx.torch imports')" \
+    && dh-mlx info --params tiny > /dev/null
 
 CMD ["dh-mlx", "--help"]

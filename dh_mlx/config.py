@@ -14,9 +14,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-REPO_DIR = Path(__file__).resolve().parent.parent
-PARAMETERS_DIR = REPO_DIR / "parameters"
-DATA_DIR = REPO_DIR / "data"  # bundled sample corpus and its tokenizer
+_PACKAGE_DIR = Path(__file__).resolve().parent
+REPO_DIR = _PACKAGE_DIR.parent
+
+
+def _bundled(name: str) -> Path:
+    """A folder of the repository's top level that the wheel also ships: inside the package when installed
+    (`dh_mlx/_bundled/NAME`, put there by setup.py), at the top of the checkout otherwise."""
+    inside = _PACKAGE_DIR / "_bundled" / name
+    return inside if inside.is_dir() else REPO_DIR / name
+
+
+PARAMETERS_DIR = _bundled("parameters")  # size presets
+DATA_DIR = _bundled("data")  # bundled sample corpus and its tokenizer
 DEFAULT_PRESET = "tiny"
 
 _TOPK_METHODS = ("noaux_tc", "greedy", "group_limited_greedy")

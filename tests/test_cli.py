@@ -180,3 +180,15 @@ def test_the_break_even_is_printed_only_as_a_probability(times, words):
     assert words in text
     shown = [int(p) for p in re.findall(r"(-?\d+)%", text)]
     assert all(0 <= p <= 100 for p in shown), text
+
+
+def test_gguf_writers_say_which_type_they_wrote(corpus, tmp_path):
+    from dh_mlx.config import REPO_DIR
+    _, path = _padded_model(corpus[2], tmp_path)
+    r = cli("convert", "gguf", "--model", str(path), "--out", str(tmp_path / "a.gguf"), "--outtype", "f32")
+    assert r.returncode == 0, r.stderr
+    assert f"wrote {tmp_path / 'a.gguf'}: f32 (" in r.stderr
+    r = subprocess.run([sys.executable, str(REPO_DIR / "convert" / "convert_to_gguf.py"), "--model-dir", str(path),
+                        "--out", str(tmp_path / "b.gguf"), "--outtype", "f16"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert f"wrote {tmp_path / 'b.gguf'}: f16 (" in r.stderr
