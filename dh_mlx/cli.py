@@ -280,10 +280,14 @@ def convert_import(input: Path = typer.Option(..., help=".pt/.bin state_dict, .s
                    out: Path = typer.Option(..., help="model directory to write"),
                    tokenizer: Optional[Path] = typer.Option(None, help="directory whose tokenizer to copy along"),
                    dtype: Optional[str] = typer.Option(None, help="float32, bfloat16 or float16 (default: as "
-                                                                  "stored)")) -> None:
-    """Import PyTorch weights (our names or DeepSeek's official ones) as a model directory."""
+                                                                  "stored)"),
+                   trust_code: bool = typer.Option(False, help="read TorchScript / torch.export archives with "
+                                                               "PyTorch's loaders, which RUN CODE from the file: "
+                                                               "only for a file you trust")) -> None:
+    """Import PyTorch weights (our names or DeepSeek's official ones) as a model directory; nothing in the file
+    runs unless --trust-code."""
     from .convert import import_checkpoint
-    import_checkpoint(input, out, config=config, tokenizer=tokenizer, dtype=dtype)
+    import_checkpoint(input, out, config=config, tokenizer=tokenizer, dtype=dtype, trust_code=trust_code)
     typer.echo(f"wrote {out}", err=True)
 
 

@@ -96,6 +96,9 @@ def test_torchscript_archive(source, tmp_path, suffix):
     assert not hasattr(torch.load(tmp_path / f"model{suffix}", weights_only=False), "items")
     import_checkpoint(tmp_path / f"model{suffix}", tmp_path / "out", config=src / "config.json")
     assert np.array_equal(logits_of(tmp_path / "out"), ref)
+    # PyTorch's own loader (it runs the archive's code) only when asked: the same tensors
+    import_checkpoint(tmp_path / f"model{suffix}", tmp_path / "trusted", config=src / "config.json", trust_code=True)
+    assert np.array_equal(logits_of(tmp_path / "trusted"), ref)
 
 
 def test_torch_export_artifact_carries_its_config(source, tmp_path):
@@ -104,6 +107,8 @@ def test_torch_export_artifact_carries_its_config(source, tmp_path):
     twin.export_model(twin.load_model(src, dtype="float32"), tmp_path / "m.pt2", torch.tensor(tokens(4)))
     import_checkpoint(tmp_path / "m.pt2", tmp_path / "out")
     assert np.array_equal(logits_of(tmp_path / "out"), ref)
+    import_checkpoint(tmp_path / "m.pt2", tmp_path / "trusted", trust_code=True)
+    assert np.array_equal(logits_of(tmp_path / "trusted"), ref)
 
 
 def test_wrong_and_missing_tensors_are_listed(source, tmp_path):

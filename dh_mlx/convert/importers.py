@@ -66,15 +66,17 @@ def check_names(weights: dict[str, mx.array], model: Model, source: dict[str, st
 
 
 def import_checkpoint(input: str | Path, out: str | Path, *, config: str | Path | ModelConfig | None = None,
-                      tokenizer: str | Path | None = None, dtype: str | None = None) -> Path:
+                      tokenizer: str | Path | None = None, dtype: str | None = None,
+                      trust_code: bool = False) -> Path:
     """Read `input` (state_dict .pt/.bin, .safetensors, TorchScript .pt/.ot, torch.export .pt2) with our or
     DeepSeek's official tensor names, check it against `config` (a config.json, a directory holding one, or
     a ModelConfig; a .pt2 carries its own), and write our model directory at `out`.
 
-    `tokenizer`: a directory with tokenizer.model to copy along. `dtype`: as stored unless given.
+    `tokenizer`: a directory with tokenizer.model to copy along. `dtype`: as stored unless given. Nothing
+    in the file runs, unless `trust_code` (PyTorch's own TorchScript / torch.export loaders: a trusted file only).
     """
     input, out = Path(input), Path(out)
-    state, stored_config = read_weights_file(input)
+    state, stored_config = read_weights_file(input, trust_code=trust_code)
     if isinstance(config, ModelConfig):
         cfg = config
     elif config is not None:

@@ -3,7 +3,8 @@
 Kinds, told apart by content rather than suffix: safetensors; a torch.export `.pt2` artifact (ours, with its
 config inside); a TorchScript archive (a zip with `constants.pkl` and `code/`, what `torch.jit.save` and
 Rust's tch-rs `VarStore::save` write, often as `.pt` or `.ot`); a pickled state_dict (`torch.save`, `.pt`,
-`.bin`, `.pth`), read with `weights_only=True`.
+`.bin`, `.pth`), read with `weights_only=True`. Nothing in any of them runs: the archives' tensors are read
+by `torch_archive`; PyTorch's own loaders for them, which execute the file's code, only with `trust_code`.
 """
 
 from __future__ import annotations
@@ -14,7 +15,9 @@ from pathlib import Path
 from typing import Any
 
 from ..config import ModelConfig
+from ..layout import to_file_layout
 from .errors import ConvertError
+from .torch_archive import RawTensor, read_export_archive, read_pickle_archive
 
 
 def _is_torchscript(path: Path) -> bool:
@@ -61,8 +64,15 @@ def _state_dict_of(obj: Any, path: Path) -> dict:
     return obj
 
 
-def read_weights_file(path: str | Path) -> tuple[dict[str, Any], ModelConfig | None]:
-    """({name: torch tensor or mx array}, the config stored in the file or None)."""
+def _as_arrays(tensors: dict[str, RawTensor]) -> dict[str, Any]:
+    import mlx.core as mx
+    return {k: mx.array(t.array).view(mx.bfloat16) if t.dtype == "bfloat16" else mx.array(t.array)
+            for k, t in tensors.items()}
+
+
+def read_weights_file(path: str | Path, *, trust_code: bool = False) -> tuple[dict[str, Any], ModelConfig | None]:
+    """({name: torch tensor or mx array}, the config stored in the file or None). `trust_code` reads
+    TorchScript and torch.export archives with PyTorch's loaders, which run code from the file."""
     path = Path(path)
     if not path.is_file():
         raise ConvertError(f"{path}: no such file")
@@ -72,6 +82,12 @@ def read_weights_file(path: str | Path) -> tuple[dict[str, Any], ModelConfig | N
             return dict(mx.load(str(path))), None
         except Exception as e:  # MLX raises RuntimeError/ValueError on a truncated or foreign file
             raise ConvertError(f"{path}: cannot read safetensors file: {e}") from None
+    if _is_export(path) and not trust_code:
+        config = _export_config(path)
+        return to_file_layout(_as_arrays(read_export_archive(path)), config), config
+    if _is_torchscript(path) and not trust_code:
+        # names are normalised: '|' stands for '.' where a writer could not put dots in an attribute name
+        return {k.replace("|", "."): v for k, v in _as_arrays(read_pickle_archive(path)).items()}, None
     if _is_export(path):
         from ..torch.export import state_dict_from_export
         return state_dict_from_export(path), _export_config(path)
