@@ -119,10 +119,11 @@ app.add_typer(tokenizer_app, name="tokenizer")
 def tokenizer_train(data: list[Path] = typer.Option(..., help="JSONL file or directory (repeatable)"),
                     out: Path = typer.Option(..., help="directory for tokenizer.model and the HF files"),
                     vocab_size: int = typer.Option(8192, help="vocabulary size (the model's vocab_size)"),
-                    seed: int = typer.Option(0, help="training seed")) -> None:
+                    seed: int = typer.Option(0, help="training seed"),
+                    force: bool = typer.Option(False, help="write over an existing, non-empty output")) -> None:
     """Train a byte-fallback BPE tokenizer on the `text` of JSONL records; decode(encode(s)) == s for any s."""
     from .tokenizer import train_tokenizer
-    tok = train_tokenizer(data, out, vocab_size=vocab_size, seed=seed)
+    tok = train_tokenizer(data, out, vocab_size=vocab_size, seed=seed, force=force)
     typer.echo(f"wrote {out}: vocabulary {tok.vocab_size} (pad {tok.pad_id}, bos {tok.bos_id}, eos {tok.eos_id})")
 
 
@@ -152,12 +153,14 @@ def train(params: Optional[str] = typer.Option(None, help="size preset (default 
           keep_checkpoints: int = typer.Option(1, help="keep the newest K checkpoints (each holds weights and "
                                                        "optimizer state: ~3x the model)"),
           skip_invalid: bool = typer.Option(False, help="skip (and count) invalid JSONL lines instead of failing"),
-          resume: bool = typer.Option(False, help="continue the run in --out from its latest checkpoint")) -> None:
+          resume: bool = typer.Option(False, help="continue the run in --out from its latest checkpoint"),
+          force: bool = typer.Option(False, help="start afresh in an --out that already holds files")) -> None:
     """Train from domain-tagged JSONL with ALF balancing and MTP; --out becomes a loadable model directory."""
     from .device import widen_eval_order
     widen_eval_order()  # before MLX's first eval: lets the step use both CPU streams
     from .train.run import describe, train as run
-    result = run(params=params, config=config, data=data, out=out, tokenizer=tokenizer, init=init, resume=resume, steps=steps, batch_size=batch_size,
+    result = run(params=params, config=config, data=data, out=out, tokenizer=tokenizer, init=init, resume=resume,
+                 force=force, steps=steps, batch_size=batch_size,
                  seq_len=seq_len, grad_accum=grad_accum, lr=lr, warmup_steps=warmup, seed=seed,
                  alf_gamma=alf_gamma, balance_alpha=balance_alpha, mtp_lambda=mtp_lambda, mtp_distill=mtp_distill,
                  eval_every=eval_every,
@@ -181,10 +184,11 @@ def quantize(model: Path = typer.Option(..., help="float model directory"),
              recipe: str = typer.Option("uniform", help="uniform, or mixed (8 bits for lm_head, embedding, "
                                                         "first and last layers)"),
              mtp: bool = typer.Option(True, "--mtp/--no-mtp", help="keep the MTP modules (mlx-lm cannot load "
-                                                                   "them)")) -> None:
+                                                                   "them)"),
+             force: bool = typer.Option(False, help="write over an existing, non-empty output")) -> None:
     """Write an MLX-quantized copy of a model directory (config.json `quantization` block, as mlx-lm writes it)."""
     from .quant import quantize as run
-    s = run(model, out, bits=bits, group_size=group_size, recipe=recipe, mtp=mtp)
+    s = run(model, out, bits=bits, group_size=group_size, recipe=recipe, mtp=mtp, force=force)
     typer.echo(f"wrote {out}: {s['bits_per_weight']:.2f} bits per weight, {s['bytes'] / 1e6:.1f} MB "
                f"(from {s['source_bytes'] / 1e6:.1f} MB)", err=True)
 
@@ -215,14 +219,15 @@ def lora(model: Path = typer.Option(..., help="base model directory (float, or q
          save_every: int = typer.Option(100, help="checkpoint (and write the adapters) every N steps"),
          keep_checkpoints: int = typer.Option(1, help="keep the newest K checkpoints"),
          seed: int = typer.Option(0, help="adapter init, data order and split seed"),
-         resume: bool = typer.Option(False, help="continue the run in --out from its latest checkpoint")) -> None:
+         resume: bool = typer.Option(False, help="continue the run in --out from its latest checkpoint"),
+         force: bool = typer.Option(False, help="start afresh in an --out that already holds files")) -> None:
     """Fine-tune LoRA adapters (QLoRA on a quantized model) with the training loop of `train`."""
     from .device import widen_eval_order
     widen_eval_order()  # before MLX's first eval: lets the step use both CPU streams
     from .train.lora_run import describe, lora as run
     result = run(model=model, data=data, out=out, tokenizer=tokenizer, rank=rank, alpha=alpha, dropout=dropout,
                  targets=[t for item in targets or [] for t in item.split(",") if t] or None, num_layers=num_layers, experts=experts, grad_checkpointing=grad_checkpoint,
-                 resume=resume, seed=seed, steps=steps, batch_size=batch_size, seq_len=seq_len, lr=lr,
+                 resume=resume, force=force, seed=seed, steps=steps, batch_size=batch_size, seq_len=seq_len, lr=lr,
                  warmup_steps=warmup, eval_every=eval_every, save_every=save_every,
                  keep_checkpoints=keep_checkpoints)
     typer.echo(describe(result), err=True)
@@ -233,10 +238,11 @@ def fuse(model: Path = typer.Option(..., help="base model directory"),
          adapter: Path = typer.Option(..., help="adapter directory (adapters.safetensors + adapter_config.json)"),
          out: Path = typer.Option(..., help="directory for the fused model"),
          keep_quantized: bool = typer.Option(False, help="re-quantize the adapted matrices of a quantized base "
-                                                         "instead of writing a float model")) -> None:
+                                                         "instead of writing a float model"),
+         force: bool = typer.Option(False, help="write over an existing, non-empty output")) -> None:
     """Merge LoRA adapters into the base weights: a plain model directory with the adapted model's logits."""
     from .train.lora_run import fuse as run
-    run(model=model, adapter=adapter, out=out, keep_quantized=keep_quantized)
+    run(model=model, adapter=adapter, out=out, keep_quantized=keep_quantized, force=force)
     typer.echo(f"wrote {out}", err=True)
 
 
@@ -252,11 +258,11 @@ def convert_gguf(model: Path = typer.Option(..., help="model directory (config.j
                                                          "--quantize)"),
                  quantize: Optional[str] = typer.Option(None, help="Q4_K_M, Q5_K_M or Q8_0 with llama.cpp's own "
                                                                   "quantizer (needs llama-cpp-python)"),
-                 mtp: bool = typer.Option(True, "--mtp/--no-mtp", help="write the MTP layers (llama.cpp nextn)")
-                 ) -> None:
+                 mtp: bool = typer.Option(True, "--mtp/--no-mtp", help="write the MTP layers (llama.cpp nextn)"),
+                 force: bool = typer.Option(False, help="replace an existing --out file")) -> None:
     """Write a GGUF file for llama.cpp's deepseek2 architecture."""
     from .convert import export_gguf
-    path = export_gguf(model, out, outtype=outtype, quantize=quantize, mtp=mtp)
+    path = export_gguf(model, out, outtype=outtype, quantize=quantize, mtp=mtp, force=force)
     typer.echo(f"wrote {path}: {quantize or outtype} ({path.stat().st_size / 1e6:.1f} MB)", err=True)
 
 
@@ -266,10 +272,11 @@ def convert_hf(model: Path = typer.Option(..., help="model directory"),
                mtp: bool = typer.Option(True, "--mtp/--no-mtp", help="keep the MTP layers (vLLM speculative "
                                                                      "decoding)"),
                dtype: Optional[str] = typer.Option(None, help="float32, bfloat16 or float16 (default: as stored)"),
-               shard_gb: float = typer.Option(5.0, help="maximum safetensors shard size in GB")) -> None:
+               shard_gb: float = typer.Option(5.0, help="maximum safetensors shard size in GB"),
+               force: bool = typer.Option(False, help="write over an existing, non-empty output")) -> None:
     """Write a Hugging Face DeepseekV3ForCausalLM directory: sharded safetensors, tokenizer, generation config."""
     from .convert import export_hf
-    export_hf(model, out, mtp=mtp, dtype=dtype, max_shard_bytes=int(shard_gb * 1e9))
+    export_hf(model, out, mtp=mtp, dtype=dtype, max_shard_bytes=int(shard_gb * 1e9), force=force)
     typer.echo(f"wrote {out}", err=True)
 
 
@@ -283,11 +290,13 @@ def convert_import(input: Path = typer.Option(..., help=".pt/.bin state_dict, .s
                                                                   "stored)"),
                    trust_code: bool = typer.Option(False, help="read TorchScript / torch.export archives with "
                                                                "PyTorch's loaders, which RUN CODE from the file: "
-                                                               "only for a file you trust")) -> None:
+                                                               "only for a file you trust"),
+                   force: bool = typer.Option(False, help="write over an existing, non-empty output")) -> None:
     """Import PyTorch weights (our names or DeepSeek's official ones) as a model directory; nothing in the file
     runs unless --trust-code."""
     from .convert import import_checkpoint
-    import_checkpoint(input, out, config=config, tokenizer=tokenizer, dtype=dtype, trust_code=trust_code)
+    import_checkpoint(input, out, config=config, tokenizer=tokenizer, dtype=dtype, trust_code=trust_code,
+                      force=force)
     typer.echo(f"wrote {out}", err=True)
 
 

@@ -221,16 +221,19 @@ def dir_bytes(path: str | Path) -> int:
 
 
 def quantize(model: str | Path, out: str | Path, *, bits: int = 4, group_size: int = 64, recipe: str = "uniform",
-             mtp: bool = True) -> dict:
-    """Write a quantized copy of the model directory `model` into `out` (tokenizer files copied).
+             mtp: bool = True, force: bool = False) -> dict:
+    """Write a quantized copy of the model directory `model` into `out` (tokenizer files copied); `out` must
+    not be `model`, and must be empty unless `force`.
 
     `mtp=False` drops the MTP modules (mlx-lm loads MTP layers only at DeepSeek-V3's index 61).
     Returns a summary: bits per weight and bytes on disk before and after.
     """
     from .train.run import copy_tokenizer
     from .weights import load_model, resolve_path, save_model
+    from .outputs import check_output_dir
     qc = QuantConfig(bits, group_size, recipe)
     src = resolve_path(model)
+    check_output_dir(out, inputs=[src], force=force)
     m = load_model(src, dtype="float32")
     if is_quantized(m):
         raise ValueError(f"{src}: already quantized; quantize its float checkpoint instead")

@@ -165,7 +165,8 @@ def _training_sentences(paths: list[Path], errors: list[Exception]) -> Iterator[
         raise
 
 
-def train_tokenizer(data: list[Path] | Path, out_dir: Path, *, vocab_size: int = 8192, seed: int = 0) -> Tokenizer:
+def train_tokenizer(data: list[Path] | Path, out_dir: Path, *, vocab_size: int = 8192, seed: int = 0,
+                    force: bool = False) -> Tokenizer:
     """Train a byte-fallback BPE model on the texts of JSONL files (or directories of them) into `out_dir`.
 
     Writes `tokenizer.model` (SentencePiece), `tokenizer_config.json`, `special_tokens_map.json` and, when the
@@ -177,7 +178,8 @@ def train_tokenizer(data: list[Path] | Path, out_dir: Path, *, vocab_size: int =
     minimum = 4 + 256 + 1  # specials, the 256 byte pieces, at least one learned piece
     if not isinstance(vocab_size, int) or vocab_size < minimum:
         raise TokenizerError(f"vocab_size must be an integer >= {minimum}, got {vocab_size!r}")
-    out_dir = Path(out_dir)
+    from .outputs import check_output_dir
+    out_dir = check_output_dir(out_dir, inputs=paths, force=force)
     out_dir.mkdir(parents=True, exist_ok=True)
     model = io.BytesIO()
     spm.set_random_generator_seed(seed)

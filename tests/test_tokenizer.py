@@ -181,7 +181,7 @@ def test_training_errors(trained, tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"text": "ok"}\n{"text": 5}\n')
     with pytest.raises(DataError, match=rf"^{bad}:2: "):
-        train_tokenizer(bad, tmp_path, vocab_size=300)
+        train_tokenizer(bad, tmp_path / "out", vocab_size=300)
     with pytest.raises(TokenizerError, match="not a SentencePiece model"):
         (tmp_path / "tokenizer.model").write_text("junk")
         load_tokenizer(tmp_path)
@@ -198,7 +198,7 @@ def test_cli_tokenizer_train(trained, tmp_path, monkeypatch, capsys):
     assert "vocabulary 400" in capsys.readouterr().out
     assert load_tokenizer(tmp_path).vocab_size == VOCAB
     monkeypatch.setattr(sys, "argv", ["dh-mlx", "tokenizer", "train", "--data", str(tmp_path / "none.jsonl"),
-                                      "--out", str(tmp_path)])
+                                      "--out", str(tmp_path / "second")])
     with pytest.raises(SystemExit) as e:
         cli.main()
     assert e.value.code == 1

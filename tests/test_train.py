@@ -158,7 +158,8 @@ def test_resume_reproduces_an_uninterrupted_run(small_run_inputs):
     m1, m2 = load_model(d / "full"), load_model(d / "part")
     ids = mx.array([[1, 2, 3, 4]])
     assert mx.array_equal(m1(ids), m2(ids)).item()
-    with pytest.raises(RuntimeError, match="--resume"):
+    from dh_mlx.outputs import OutputError
+    with pytest.raises(OutputError, match="--resume"):
         train(out=d / "full", **common)
 
 

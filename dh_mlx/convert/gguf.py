@@ -17,6 +17,7 @@ import numpy as np
 from mlx.utils import tree_flatten
 
 from ..config import ModelConfig, load_config
+from ..outputs import check_output_file
 from ..tokenizer import load_tokenizer
 from ..weights import load_model
 from .errors import ConvertError
@@ -111,8 +112,11 @@ def add_metadata(writer: gguf.GGUFWriter, config: ModelConfig, *, name: str, out
         writer.add_uint32("darkhorse.experts_per_domain", c.domain_routing.experts_per_domain)
 
 
-def write_gguf(model_dir: str | Path, out: str | Path, *, outtype: str = "f16", mtp: bool = True) -> Path:
-    """Write `model_dir` (config.json, safetensors, tokenizer.model) as one GGUF file at `out`."""
+def write_gguf(model_dir: str | Path, out: str | Path, *, outtype: str = "f16", mtp: bool = True,
+               force: bool = False) -> Path:
+    """Write `model_dir` (config.json, safetensors, tokenizer.model) as one GGUF file at `out` (an existing
+    file only with `force`); written to a temporary file beside it, removed if writing fails."""
+    check_output_file(out, inputs=[model_dir], force=force)
     if outtype not in OUTTYPES:
         raise ConvertError(f"outtype {outtype!r}: expected one of {', '.join(OUTTYPES)}")
     model_dir, out = Path(model_dir), Path(out)
@@ -130,30 +134,34 @@ def write_gguf(model_dir: str | Path, out: str | Path, *, outtype: str = "f16", 
 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".tmp-{out.name}")
-    writer = gguf.GGUFWriter(str(tmp), ARCH)
-    add_metadata(writer, config, name=model_dir.resolve().name, outtype=outtype, mtp=n_mtp)
-    add_vocab(writer, tokenizer, config.vocab_size)
-    for name, a in tensors.items():
-        data, kind = encode(name, a, outtype)
-        writer.add_tensor(name, data, raw_dtype=kind)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    os.replace(tmp, out)
+    try:
+        writer = gguf.GGUFWriter(str(tmp), ARCH)
+        add_metadata(writer, config, name=model_dir.resolve().name, outtype=outtype, mtp=n_mtp)
+        add_vocab(writer, tokenizer, config.vocab_size)
+        for name, a in tensors.items():
+            data, kind = encode(name, a, outtype)
+            writer.add_tensor(name, data, raw_dtype=kind)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+        os.replace(tmp, out)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     return out
 
 
 def export_gguf(model_dir: str | Path, out: str | Path, *, outtype: str = "f16", quantize: str | None = None,
-                mtp: bool = True) -> Path:
+                mtp: bool = True, force: bool = False) -> Path:
     """`model_dir` -> GGUF at `out`: written as `outtype`, then (with `quantize`: Q4_K_M, Q5_K_M, Q8_0) run
     through llama.cpp's own quantizer, the `outtype` file being its input."""
     if quantize is None:
-        return write_gguf(model_dir, out, outtype=outtype, mtp=mtp)
+        return write_gguf(model_dir, out, outtype=outtype, mtp=mtp, force=force)
+    out = check_output_file(out, inputs=[model_dir], force=force)
     check_quantizer(quantize)  # before the (long) write
-    out = Path(out)
     source = out.with_name(f".{outtype}-{out.name}")
-    write_gguf(model_dir, source, outtype=outtype, mtp=mtp)
+    write_gguf(model_dir, source, outtype=outtype, mtp=mtp, force=True)
     try:
         return quantize_gguf(source, out, quantize)
     finally:

@@ -13,6 +13,7 @@ import struct
 from collections import Counter
 from pathlib import Path
 
+from ..outputs import check_output_dir
 from ..tokenizer import load_tokenizer, write_hf_files
 from ..weights import DEFAULT_SHARD_BYTES, load_model, save_model
 from .errors import ConvertError
@@ -34,15 +35,13 @@ def stored_dtype(model_dir: Path) -> str:
 
 
 def export_hf(model_dir: str | Path, out: str | Path, *, mtp: bool = True, dtype: str | None = None,
-              max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> Path:
+              max_shard_bytes: int = DEFAULT_SHARD_BYTES, force: bool = False) -> Path:
     """`model_dir` -> `out`: config.json, sharded safetensors + index, tokenizer files, generation_config.json.
 
     `dtype` (float32, bfloat16, float16) defaults to the dtype the checkpoint is stored in; `mtp=False` leaves
     the MTP layers out (and sets num_nextn_predict_layers to 0).
     """
-    model_dir, out = Path(model_dir), Path(out)
-    if model_dir.resolve() == out.resolve():
-        raise ConvertError(f"{out}: the output directory must differ from the model directory")
+    model_dir, out = Path(model_dir), check_output_dir(out, inputs=[model_dir], force=force)
     dtype = dtype or stored_dtype(model_dir)
     if dtype not in _SAFETENSORS_DTYPES.values():
         raise ConvertError(f"dtype {dtype!r}: expected one of {', '.join(_SAFETENSORS_DTYPES.values())}")

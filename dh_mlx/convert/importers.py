@@ -11,6 +11,7 @@ from mlx.utils import tree_flatten
 
 from ..config import ModelConfig, load_config
 from ..model import Model
+from ..outputs import check_output_dir
 from ..tokenizer import load_tokenizer, write_hf_files
 from ..layout import drop_mtp_embedding_copies, drop_rotary_buffers, split_fused_experts, stack_experts
 from ..weights import save_model
@@ -67,7 +68,7 @@ def check_names(weights: dict[str, mx.array], model: Model, source: dict[str, st
 
 def import_checkpoint(input: str | Path, out: str | Path, *, config: str | Path | ModelConfig | None = None,
                       tokenizer: str | Path | None = None, dtype: str | None = None,
-                      trust_code: bool = False) -> Path:
+                      trust_code: bool = False, force: bool = False) -> Path:
     """Read `input` (state_dict .pt/.bin, .safetensors, TorchScript .pt/.ot, torch.export .pt2) with our or
     DeepSeek's official tensor names, check it against `config` (a config.json, a directory holding one, or
     a ModelConfig; a .pt2 carries its own), and write our model directory at `out`.
@@ -75,7 +76,7 @@ def import_checkpoint(input: str | Path, out: str | Path, *, config: str | Path 
     `tokenizer`: a directory with tokenizer.model to copy along. `dtype`: as stored unless given. Nothing
     in the file runs, unless `trust_code` (PyTorch's own TorchScript / torch.export loaders: a trusted file only).
     """
-    input, out = Path(input), Path(out)
+    input, out = Path(input), check_output_dir(out, inputs=[input], force=force)
     state, stored_config = read_weights_file(input, trust_code=trust_code)
     if isinstance(config, ModelConfig):
         cfg = config

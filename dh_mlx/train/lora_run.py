@@ -16,13 +16,14 @@ from mlx.utils import tree_flatten
 
 from ..config import load_config
 from ..model import Model
+from ..outputs import check_output_dir
 from ..model.moe import Routing
 from ..weights import load_model, resolve_path, save_model
 from .config import TrainConfig
 from .data import load_dataset
 from .lora import (ADAPTER_CONFIG, LoRAConfig, apply_lora, fuse_lora, load_adapters, lora_parameters, save_adapters,
                    trainable_count)
-from .run import copy_tokenizer
+from .run import check_run_dir, copy_tokenizer
 from .report import format_bytes
 from .trainer import RunResult, evaluate, train_loop
 
@@ -110,14 +111,14 @@ def _check_same_adapters(out: Path, now: dict) -> None:
 def lora(*, model: str | Path, data: str | Path, out: str | Path, tokenizer: str | Path | None = None,
          rank: int = 8, alpha: float = 16.0, dropout: float = 0.0, targets: Sequence[str] | None = None,
          num_layers: int | None = None, experts: bool = True, grad_checkpointing: bool = False,
-         resume: bool = False, progress: bool = True, stop_after: int | None = None, dtype: str | None = None,
-         seed: int = 0, **options) -> LoRAResult:
+         resume: bool = False, force: bool = False, progress: bool = True, stop_after: int | None = None,
+         dtype: str | None = None, seed: int = 0, **options) -> LoRAResult:
     """Fine-tune LoRA adapters on the model directory `model` (float or quantized: QLoRA) with the training loop
     of `dh-mlx train`; `out` receives `adapters.safetensors` + `adapter_config.json` and the checkpoints.
     `options` are `TrainConfig` fields (defaults: `LORA_DEFAULTS`)."""
     from ..tokenizer import load_tokenizer
     base = resolve_path(model)
-    out = Path(out)
+    out = check_run_dir(out, resume=resume, force=force, inputs=[base, data, tokenizer])
     cfg = TrainConfig(**{**LORA_DEFAULTS, "seed": seed, **options})
     lc = LoRAConfig(rank=rank, alpha=alpha, dropout=dropout, targets=targets, num_layers=num_layers,
                     experts=experts)
@@ -144,7 +145,8 @@ def lora(*, model: str | Path, data: str | Path, out: str | Path, tokenizer: str
     def export(d: Path) -> None:
         save_adapters(m, d, lc, extra={"model": str(base), "train_config": cfg.to_dict()})
 
-    run = train_loop(m, dataset, cfg, out, export=export, resume=resume, progress=progress, stop_after=stop_after)
+    run = train_loop(m, dataset, cfg, out, export=export, resume=resume, force=force, progress=progress,
+                     stop_after=stop_after)
     m.eval()  # dropout off
     val = evaluate(m, dataset, cfg).loss
     tps = [r["tokens_per_s"] for r in run.history[1:]] or [run.tokens_per_s]
@@ -152,10 +154,11 @@ def lora(*, model: str | Path, data: str | Path, out: str | Path, tokenizer: str
 
 
 def fuse(*, model: str | Path, adapter: str | Path, out: str | Path, keep_quantized: bool = False,
-         dtype: str | None = None) -> Model:
+         dtype: str | None = None, force: bool = False) -> Model:
     """Merge the adapters in `adapter` into the model directory `model`, writing a plain model directory `out`
     (a quantized base is dequantized unless `keep_quantized`; then the adapted matrices are re-quantized)."""
     base = resolve_path(model)
+    check_output_dir(out, inputs=[base, adapter], force=force)
     m = load_adapters(load_model(base, dtype=dtype), adapter)
     fuse_lora(m, keep_quantized=keep_quantized)
     save_model(m, out)

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from ..config import DATA_DIR, DEFAULT_PRESET, load_config, resolve_config
+from ..outputs import OutputError, check_output_dir
 from ..weights import load_model, random_model, save_model, with_mtp_module
 from .config import TrainConfig
 from .data import load_dataset
@@ -24,13 +25,28 @@ def copy_tokenizer(src: Path, dst: Path) -> None:
             shutil.copyfile(src / name, dst / name)
 
 
+def check_run_dir(out: str | Path, *, resume: bool, force: bool, inputs: list) -> Path:
+    """A run directory to train into: with `resume`, one holding a run; otherwise empty or absent unless
+    `force` (which starts the run afresh there)."""
+    out = Path(out)
+    if resume:
+        if not (out / "checkpoints").is_dir():
+            raise OutputError(f"{out}: holds no run to resume (no checkpoints/); drop --resume to start one")
+        return out
+    if (out / "checkpoints").is_dir() and not force:
+        raise OutputError(f"{out}: holds a run (checkpoints/); pass --resume to continue it, --force to start "
+                          "afresh, or choose another --out")
+    return check_output_dir(out, inputs=inputs, force=force)
+
+
 def train(*, params: str | None = None, config: str | Path | None = None, data: str | Path | None = None,
           out: str | Path | None = None, tokenizer: str | Path | None = None, init: str | Path | None = None,
-          resume: bool = False,
+          resume: bool = False, force: bool = False,
           progress: bool = True, stop_after: int | None = None, dtype: str | None = None,
           **options) -> RunResult:
     """Train a model from scratch, or from the weights of `init` (a model directory); `options` are
-    `TrainConfig` fields. With `resume`, continue the run in `out` from its latest checkpoint."""
+    `TrainConfig` fields. With `resume`, continue the run in `out` from its latest checkpoint; `out` must
+    otherwise be empty or absent, unless `force`."""
     from ..tokenizer import check_vocab, load_tokenizer
     data, tokenizer = data or DEFAULT_DATA, tokenizer or DEFAULT_TOKENIZER
     cfg = TrainConfig(**options)
@@ -41,6 +57,7 @@ def train(*, params: str | None = None, config: str | Path | None = None, data: 
         raise ValueError(f"{init}: a quantized model; MTP distillation trains float weights (give the float model)")
     name = params or (Path(config).stem if config else DEFAULT_PRESET)
     out = Path(out) if out else Path("runs") / (f"{Path(init).name}-mtp" if cfg.mtp_distill else name)
+    out = check_run_dir(out, resume=resume, force=force, inputs=[init, data, tokenizer, config])
     tok = load_tokenizer(tokenizer)
     if tok is None:
         raise ValueError(f"{tokenizer}: no tokenizer.model (train one with `dh-mlx tokenizer train`)")
@@ -69,7 +86,7 @@ def train(*, params: str | None = None, config: str | Path | None = None, data: 
         copy_tokenizer(Path(tokenizer), d)
         (d / "train_config.json").write_text(json.dumps(cfg.to_dict(), indent=1) + "\n")
 
-    return train_loop(model, dataset, cfg, out, export=export, resume=resume, progress=progress,
+    return train_loop(model, dataset, cfg, out, export=export, resume=resume, force=force, progress=progress,
                       stop_after=stop_after)
 
 

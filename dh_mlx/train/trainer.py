@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import time
 from dataclasses import dataclass, field
 from functools import partial
@@ -323,7 +324,7 @@ class MetricsLog:
 
 
 def train_loop(model: Model, dataset: Dataset, cfg: TrainConfig, run_dir: Path, *,
-               export: Callable[[Path], None], resume: bool = False, progress: bool = True,
+               export: Callable[[Path], None], resume: bool = False, force: bool = False, progress: bool = True,
                stop_after: int | None = None) -> RunResult:
     """Train `model` in place for `cfg.steps` optimizer steps, checkpointing into `run_dir`.
 
@@ -337,10 +338,13 @@ def train_loop(model: Model, dataset: Dataset, cfg: TrainConfig, run_dir: Path, 
     ckpt = latest_checkpoint(run_dir)
     if resume and ckpt is not None:
         state, opt_state = load_checkpoint(ckpt)
-        model.load_weights(str(ckpt / "weights.safetensors"), strict=False)
+        model.load_weights(list(_resumable_weights(model, ckpt).items()), strict=False)
         optimizer.state = opt_state
         batches.load_state_dict(state["data"])
         start = state["step"]
+    elif ckpt is not None and force:  # a fresh run in place of the old one, as asked
+        shutil.rmtree(run_dir / "checkpoints")
+        ckpt = None
     elif ckpt is not None:
         raise TrainingError(f"{run_dir} already holds a run (checkpoint {ckpt.name}); pass --resume to continue "
                             "it or choose another --out")
@@ -420,6 +424,20 @@ def train_loop(model: Model, dataset: Dataset, cfg: TrainConfig, run_dir: Path, 
             bar.stop()
     return RunResult(step, last_loss, val, tps, mx.get_peak_memory() / 1e9, interrupted, history,
                      run_dir, directory_bytes(run_dir))
+
+
+def _resumable_weights(model: Model, ckpt: Path) -> dict[str, mx.array]:
+    """The checkpoint's weights, refused (naming the first differing tensor) unless they are exactly what this
+    model trains: a --resume with another config must not train on with half-fitting tensors."""
+    saved = mx.load(str(ckpt / "weights.safetensors"))
+    expected = {k: v.shape for k, v in _changing_params(model).items()}
+    for k in sorted(set(saved) | set(expected)):
+        if k not in saved or k not in expected or tuple(saved[k].shape) != tuple(expected[k]):
+            got = tuple(saved[k].shape) if k in saved else "absent"
+            want = tuple(expected[k]) if k in expected else "absent"
+            raise TrainingError(f"{ckpt}: tensor {k} is {got} in the checkpoint but {want} for this config; resume "
+                                "with the run's own config, or start a new run in another --out")
+    return saved
 
 
 def _changing_params(model: Model) -> dict[str, mx.array]:

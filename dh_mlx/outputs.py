@@ -1,0 +1,48 @@
+"""Where a command writes: never over its own input, and over existing data only when the user says so."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterable
+
+
+class OutputError(ValueError):
+    """An output path that would replace data the command was not asked to replace."""
+
+
+def _same(a: Path, b: Path) -> bool:
+    try:
+        return a.resolve() == b.resolve()
+    except OSError:
+        return False
+
+
+def check_output_dir(out: str | Path, *, inputs: Iterable[str | Path | None] = (), force: bool = False,
+                     flag: str = "--out") -> Path:
+    """`out` as a directory to write into: not one of `inputs`, and empty or absent unless `force`."""
+    out = Path(out)
+    for src in inputs:
+        if src is not None and _same(out, Path(src)):
+            raise OutputError(f"{out}: {flag} is the input {src}; writing there would replace it (choose another "
+                              f"{flag})")
+    if out.exists() and not out.is_dir():
+        raise OutputError(f"{out}: exists and is not a directory ({flag} takes a directory)")
+    if out.is_dir() and any(out.iterdir()) and not force:
+        held = sorted(p.name for p in out.iterdir())
+        shown = ", ".join(held[:4]) + (", ..." if len(held) > 4 else "")
+        raise OutputError(f"{out}: already holds {shown}; pass --force to write over it, or choose another {flag}")
+    return out
+
+
+def check_output_file(out: str | Path, *, inputs: Iterable[str | Path | None] = (), force: bool = False,
+                      flag: str = "--out") -> Path:
+    """`out` as a file to write: not a directory, not an input, absent unless `force`."""
+    out = Path(out)
+    if out.is_dir():
+        raise OutputError(f"{out}: is a directory; {flag} takes the file to write (e.g. {out / 'model.gguf'})")
+    for src in inputs:
+        if src is not None and _same(out, Path(src)):
+            raise OutputError(f"{out}: {flag} is the input {src} (choose another {flag})")
+    if out.exists() and not force:
+        raise OutputError(f"{out}: exists; pass --force to replace it, or choose another {flag}")
+    return out
