@@ -94,6 +94,17 @@ def generate(prompt: str = typer.Option(..., help="the prompt text"),
               prefill_step_size=prefill_step_size, dtype=dtype, adapter=adapter, stream=stream)
 
 
+def _exit_if_stopped(signum: int | None) -> None:
+    """A run stopped by a signal (after saving a checkpoint) exits 128 + the signal, saying how to continue."""
+    if signum is None:
+        return
+    import shlex
+    args = [a for a in sys.argv[1:] if a != "--force"]
+    typer.echo("continue with: " + shlex.join(["dh-mlx", *args, *([] if "--resume" in args else ["--resume"])]),
+               err=True)
+    raise typer.Exit(128 + int(signum))
+
+
 def _fail(message: str) -> None:
     typer.echo(f"error: {message}", err=True)
     raise typer.Exit(1)
@@ -166,6 +177,7 @@ def train(params: Optional[str] = typer.Option(None, help="size preset (default 
                  eval_every=eval_every,
                  save_every=save_every, keep_checkpoints=keep_checkpoints, skip_invalid=skip_invalid)
     typer.echo(describe(result), err=True)
+    _exit_if_stopped(result.signal)
 
 
 @app.command()
@@ -231,6 +243,7 @@ def lora(model: Path = typer.Option(..., help="base model directory (float, or q
                  warmup_steps=warmup, eval_every=eval_every, save_every=save_every,
                  keep_checkpoints=keep_checkpoints)
     typer.echo(describe(result), err=True)
+    _exit_if_stopped(result.run.signal)
 
 
 @app.command()
@@ -305,9 +318,12 @@ def main() -> None:
     from .weights import CheckpointError
     try:
         app()
-    except (CheckpointError, ValueError, MemoryError, FileNotFoundError, RuntimeError) as e:
+    except (CheckpointError, ValueError, MemoryError, OSError, RuntimeError) as e:
         typer.echo(f"error: {e}", err=True)
         sys.exit(1)
+    except KeyboardInterrupt:
+        typer.echo("interrupted", err=True)
+        sys.exit(130)
 
 
 if __name__ == "__main__":

@@ -261,7 +261,7 @@ def test_streamed_adamw_with_folded_clipping_equals_mlx(max_norm):
     optim.clip_grad_norm followed by optim.AdamW, over several steps."""
     import mlx.nn as nn
     import mlx.optimizers as optim
-    from dh_mlx.train.trainer import AdamW
+    from dh_mlx.train.optim import AdamW
 
     def net():
         mx.random.seed(0)
@@ -284,7 +284,7 @@ def test_streamed_adamw_with_folded_clipping_equals_mlx(max_norm):
 def test_adamw_refuses_bias_correction():
     """Our AdamW writes mlx's update out without bias correction; asking for it must fail, not be ignored."""
     import mlx.nn as nn
-    from dh_mlx.train.trainer import AdamW
+    from dh_mlx.train.optim import AdamW
 
     net = nn.Linear(4, 2)
     opt = AdamW(learning_rate=1e-2, bias_correction=True)
@@ -295,7 +295,7 @@ def test_adamw_refuses_bias_correction():
 @pytest.mark.parametrize("shape", [(1,), (37, 5), (512, 2048)])
 def test_squared_norm_matches_float64(shape):
     """The gradient norm's per-parameter sum of squares (a BLAS dot on the CPU) against float64 numpy."""
-    from dh_mlx.train.trainer import squared_norm
+    from dh_mlx.train.optim import squared_norm
 
     g = np.random.default_rng(len(shape)).standard_normal(shape, dtype=np.float32) * 3
     expected = (g.astype(np.float64) ** 2).sum()

@@ -1,23 +1,36 @@
 """Training checkpoints: written whole into a temporary directory, then renamed, so a crash mid-write never
-leaves a broken latest checkpoint. Layout under the run directory:
+leaves a broken latest checkpoint; each carries a manifest of its files' sizes and checksums, so a checkpoint
+damaged later is recognised and resume falls back to the newest intact one. Layout under the run directory:
 
-    checkpoints/step_000200/   model (or adapter) files, optimizer.safetensors, trainer_state.json
-    checkpoints/latest         name of the newest complete checkpoint
+    checkpoints/step_000200/   model (or adapter) files, optimizer.safetensors, trainer_state.json, manifest.json
+    checkpoints/latest         name of the newest complete checkpoint (for people; resume checks the manifests)
+    .lock                      held (flock) by the one training writing the run
 """
 
 from __future__ import annotations
 
+import errno
+import fcntl
+import hashlib
 import json
 import os
 import shutil
+import sys
 from pathlib import Path
 from typing import Any, Callable
 
 import mlx.core as mx
 from mlx.utils import tree_flatten, tree_unflatten
 
+from .report import format_bytes
+
 STATE = "trainer_state.json"
 OPTIMIZER = "optimizer.safetensors"
+MANIFEST = "manifest.json"
+
+
+class CheckpointWriteError(RuntimeError):
+    """A checkpoint that could not be written (full disk, say); the message names the path and the free space."""
 
 
 def _write_text_atomic(path: Path, text: str) -> None:
@@ -26,18 +39,43 @@ def _write_text_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def _digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(1 << 22):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def check_free_space(directory: Path, need: int) -> None:
+    """Refuse to start a write of `need` bytes into `directory` that the disk cannot hold."""
+    free = shutil.disk_usage(directory).free
+    if free < need * 1.05:
+        raise CheckpointWriteError(f"{directory}: not enough free disk space for a checkpoint: it needs about "
+                                   f"{format_bytes(need)}, {format_bytes(free)} is free; free some space, then --resume")
+
+
 def save_checkpoint(run_dir: Path, step: int, *, write_weights: Callable[[Path], None], optimizer_state: Any,
-                    trainer_state: dict, keep: int = 2) -> Path:
+                    trainer_state: dict, keep: int = 1, expected_bytes: int = 0) -> Path:
     root = run_dir / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
+    check_free_space(root, expected_bytes)
     name = f"step_{step:06d}"
     tmp, final = root / f".tmp-{name}", root / name
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    write_weights(tmp)
-    flat = dict(tree_flatten(optimizer_state))
-    mx.save_safetensors(str(tmp / OPTIMIZER), flat)
-    (tmp / STATE).write_text(json.dumps({**trainer_state, "step": step}, indent=1))
+    try:
+        tmp.mkdir()
+        write_weights(tmp)
+        mx.save_safetensors(str(tmp / OPTIMIZER), dict(tree_flatten(optimizer_state)))
+        (tmp / STATE).write_text(json.dumps({**trainer_state, "step": step}, indent=1))
+        files = {p.name: [p.stat().st_size, _digest(p)] for p in sorted(tmp.iterdir())}
+        (tmp / MANIFEST).write_text(json.dumps(files, indent=1))
+    except Exception as e:  # MLX reports a full disk as "Unable to write N bytes to file."
+        shutil.rmtree(tmp, ignore_errors=True)
+        free = shutil.disk_usage(root).free
+        full = isinstance(e, OSError) and e.errno == errno.ENOSPC or free < max(expected_bytes, 1 << 26)
+        raise CheckpointWriteError(f"{tmp}: writing checkpoint step {step} failed"
+                                   + (" (disk full" if full else " (") + f"; {format_bytes(free)} free): {e}") from None
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
     _write_text_atomic(root / "latest", name + "\n")
@@ -47,14 +85,36 @@ def save_checkpoint(run_dir: Path, step: int, *, write_weights: Callable[[Path],
     return final
 
 
-def latest_checkpoint(run_dir: Path) -> Path | None:
-    pointer = run_dir / "checkpoints" / "latest"
-    if not pointer.is_file():
-        return None
-    path = run_dir / "checkpoints" / pointer.read_text().strip()
-    if not (path / STATE).is_file():
-        raise ValueError(f"{pointer}: points to {path.name}, which is incomplete (no {STATE})")
-    return path
+def damage(path: Path) -> str | None:
+    """Why the checkpoint directory `path` cannot be resumed from, or None when it is intact."""
+    try:
+        manifest = json.loads((path / MANIFEST).read_text())
+        for name, (size, digest) in manifest.items():
+            f = path / name
+            if not f.is_file() or f.stat().st_size != size:
+                return f"{f}: missing or of the wrong size"
+            if _digest(f) != digest:
+                return f"{f}: its checksum does not match the manifest"
+        json.loads((path / STATE).read_text())["step"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        return f"{path}: {type(e).__name__}: {e}"
+    return None
+
+
+def latest_checkpoint(run_dir: Path, *, report: bool = False) -> Path | None:
+    """The newest intact checkpoint of the run (None without any); with `report`, a damaged newer one is
+    named on stderr as it is passed over."""
+    root = run_dir / "checkpoints"
+    candidates = sorted((p for p in root.glob("step_*") if p.is_dir()), reverse=True) if root.is_dir() else []
+    for i, path in enumerate(candidates):
+        why = damage(path)
+        if why is None:
+            return path
+        if report:
+            print(f"note: checkpoint {path.name} is damaged ({why}); trying an older one", file=sys.stderr)
+    if candidates:
+        raise ValueError(f"{root}: no intact checkpoint to resume from (newest: {candidates[0].name})")
+    return None
 
 
 def load_checkpoint(path: Path) -> tuple[dict, Any]:
@@ -62,3 +122,32 @@ def load_checkpoint(path: Path) -> tuple[dict, Any]:
     state = json.loads((path / STATE).read_text())
     opt = tree_unflatten(list(mx.load(str(path / OPTIMIZER)).items()))
     return state, opt
+
+
+def remove_partial(run_dir: Path) -> None:
+    """Temporary checkpoints that a killed run left behind."""
+    for tmp in (run_dir / "checkpoints").glob(".tmp-*"):
+        shutil.rmtree(tmp, ignore_errors=True) if tmp.is_dir() else tmp.unlink(missing_ok=True)
+
+
+class RunLock:
+    """One training per run directory: an flock on `.lock`, released by the kernel if the process dies."""
+
+    def __init__(self, run_dir: Path):
+        self.path = run_dir / ".lock"
+        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(self.fd, 32).decode(errors="replace").strip() or "?"
+            os.close(self.fd)
+            raise CheckpointWriteError(f"{run_dir}: another training (pid {holder}) is writing this run; wait for "
+                                       "it to finish or choose another --out") from None
+        os.ftruncate(self.fd, 0)
+        os.write(self.fd, str(os.getpid()).encode())
+
+    def release(self) -> None:
+        if self.fd is not None:
+            fcntl.flock(self.fd, fcntl.LOCK_UN)
+            os.close(self.fd)
+            self.fd = None

@@ -6,6 +6,7 @@ redraws; everything goes to stderr, so stdout stays free for a command's result.
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 from typing import TextIO
@@ -84,3 +85,26 @@ def format_bytes(n: float) -> str:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1000
     return f"{n:.1f} GB"
+
+
+class MetricsLog:
+    """Append-only JSONL of metrics; on resume, entries after the resumed step are dropped, and so is a line
+    that a killed run left unfinished."""
+
+    def __init__(self, path: Path, resume_step: int | None):
+        self.path = path
+        if resume_step is not None and path.is_file():
+            keep = []
+            for line in path.read_text().splitlines():
+                try:
+                    if json.loads(line)["step"] <= resume_step:
+                        keep.append(line)
+                except (ValueError, KeyError, TypeError):
+                    print(f"note: {path}: dropped an unreadable line ({line[:40]!r})", file=sys.stderr)
+            path.write_text("".join(l + "\n" for l in keep))
+        elif resume_step is None:
+            path.write_text("")
+
+    def write(self, record: dict) -> None:
+        with self.path.open("a") as f:
+            f.write(json.dumps(record) + "\n")

@@ -6,9 +6,9 @@ bias; LoRA freezes everything but the adapters), so `dh-mlx train` and `dh-mlx l
 
 from __future__ import annotations
 
-import json
 import math
 import shutil
+import signal
 import time
 from dataclasses import dataclass, field
 from functools import partial
@@ -17,17 +17,19 @@ from typing import Callable
 
 import mlx.core as mx
 import mlx.nn as nn
-import mlx.optimizers as optim
 import numpy as np
-from mlx.utils import tree_flatten, tree_map, tree_unflatten
+from mlx.utils import tree_flatten, tree_map
 
-from ..device import batch_streams, blas_threads, on_gpu, side_stream, streams_taken, wide_eval_order
+from ..device import batch_streams, blas_threads, streams_taken, wide_eval_order
 from ..model import Model
 from ..model.moe import MoE, MoEGate
-from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from .checkpoint import (CheckpointWriteError, RunLock, latest_checkpoint, load_checkpoint, remove_partial,
+                         save_checkpoint)
 from .config import TrainConfig
+from .optim import AdamW, make_optimizer
 from .data import Batch as NpBatch, Dataset
-from .report import directory_bytes, make_report
+from .interrupt import stop_on_signals
+from .report import MetricsLog, directory_bytes, format_bytes, make_report
 from .loss import (Batch, alf_update, batch_counts, document_mask, expert_counts, greedy_next, imbalance,
                    loss_parts, masked_ce, mtp_mask, mtp_output)
 
@@ -39,117 +41,6 @@ class TrainingError(RuntimeError):
 def moe_gates(model: Model) -> list[MoEGate]:
     """Routers of the main stack, then of the MTP modules: the order `loss_parts` reports loads in."""
     return [l.mlp.gate for l in model.model.layers if isinstance(l.mlp, MoE)]
-
-
-class AdamW(optim.AdamW):
-    """mlx's AdamW with global-norm clipping folded into the update, each parameter's work on one of the two
-    CPU streams (balanced by size).
-
-    Clipping and the update are chains of elementwise ops over every parameter (the whole MoE, not only the
-    active experts), which MLX's CPU backend runs on one thread: here each parameter's squared norm and its
-    update run on its stream, and the clip factor multiplies the gradient inside the update instead of in a
-    pass of its own. Same arithmetic as `optim.clip_grad_norm` + `optim.AdamW`, same state (checkpoints and
-    resume unchanged). On a GPU the streams are not used.
-    """
-
-    grad_scale: mx.array | None = None
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        b1, b2 = self.betas
-        # [1, b1, 1 - b1, b2, 1 - b2, eps], one array for the main stream and one for the side: see apply_single
-        self._constants = [mx.array([1.0, b1, 1 - b1, b2, 1 - b2, self.eps]) for _ in range(2)]
-
-    def _plan(self, gradients: dict) -> None:
-        side = side_stream()
-        self._side = set()
-        if side is not None:
-            loads = [0, 0]
-            for g in sorted((g for _, g in tree_flatten(gradients)), key=lambda g: -g.size):
-                s = int(loads[1] < loads[0])  # greedy balance of elements per stream
-                loads[s] += g.size
-                if s:
-                    self._side.add(id(g))
-
-    def _stream(self, g: mx.array):
-        return mx.stream(side_stream()) if id(g) in self._side else mx.stream(mx.default_stream(mx.default_device()))
-
-    def clip_and_update(self, model: nn.Module, gradients: dict, max_norm: float) -> mx.array:
-        """`optim.clip_grad_norm(gradients, max_norm)` then `update(model, ...)`; returns the unclipped norm."""
-        # MLX's gradients of `x @ W.T` come out as transposed views (model.layers.linear avoids that; a tied
-        # embedding head or another module may not); strided elementwise kernels are not vectorised, so one
-        # copy to row-major order first makes the norm and the update ~2x cheaper (a no-op when row-major).
-        self._plan(gradients)
-        squares, flat = [], []
-        for k, g in tree_flatten(gradients):
-            with self._stream(g):
-                g = mx.contiguous(g)
-                squares.append(squared_norm(g))
-            flat.append((k, g))
-        gradients = tree_unflatten(flat)
-        self._plan(gradients)  # same sizes, same streams
-        norm = mx.sqrt(mx.stack(squares).sum())
-        self.grad_scale = mx.where(norm < max_norm, 1.0, max_norm / (norm + 1e-6))
-        try:
-            model.update(super().apply_gradients(gradients, model))
-        finally:
-            self.grad_scale = None
-        return norm
-
-    def sum_gradients(self, trees: list[dict]) -> dict:
-        """The sum of gradient trees, in row-major order, each parameter's sum on its stream."""
-        self._plan(trees[0])
-        flat = []
-        for leaves in zip(*(tree_flatten(t) for t in trees)):
-            key, g = leaves[0]
-            with self._stream(g):
-                flat.append((key, mx.contiguous(sum((l for _, l in leaves[1:]), g))))
-        return tree_unflatten(flat)
-
-    def apply_gradients(self, gradients: dict, parameters: dict):
-        self._plan(gradients)
-        return super().apply_gradients(gradients, parameters)
-
-    def apply_single(self, gradient: mx.array, parameter: mx.array, state: dict):
-        """mlx's AdamW update (no bias correction), its constants read from this stream's own array.
-
-        mx.compile merges equal nodes whatever their stream, so a constant's broadcast to a shape that
-        parameters on both streams have would be one node; the other stream's kernel cannot fuse it and
-        reads it as a strided input, running MLX's unvectorised strided loop (the update ~20 % slower)."""
-        if self.bias_correction:
-            raise ValueError("AdamW: bias_correction is not supported by this optimizer")
-        with self._stream(gradient):
-            c = self._constants[id(gradient) in self._side]
-            one, b1, c1, b2, c2, eps = (c[i] for i in range(6))
-            lr = self.learning_rate.astype(gradient.dtype) * one
-            if self.grad_scale is not None:
-                gradient = gradient * (self.grad_scale.astype(gradient.dtype) * one)
-            m = b1 * state["m"] + c1 * gradient
-            v = b2 * state["v"] + c2 * mx.square(gradient)
-            state["m"], state["v"] = m, v
-            return parameter * (1 - lr * self.weight_decay) - lr * m / (mx.sqrt(v) + eps)
-
-
-def squared_norm(g: mx.array) -> mx.array:
-    """sum(g ** 2) in float32. On the CPU by the BLAS, vectorised and accurate, instead of MLX's single-threaded
-    square and sum (whose float32 total of 3 M squares is off by ~3e-3): the trace of the 4 x 4 product of
-    the gradient's four quarters with themselves, a GEMM the BLAS streams through memory ~3x faster than the
-    (1, n) x (n, 1) product (168 MB of gradients on one thread: 65 -> 22 ms)."""
-    v = g.reshape(-1).astype(mx.float32)
-    if on_gpu():
-        return v.square().sum()
-    if v.size % 4:
-        return (v[None] @ v[:, None]).reshape(())
-    a = v.reshape(4, -1)
-    return mx.trace(a @ a.T)
-
-
-def make_optimizer(cfg: TrainConfig) -> AdamW:
-    decay_steps = max(cfg.steps - cfg.warmup_steps, 1)
-    cosine = optim.cosine_decay(cfg.lr, decay_steps, cfg.lr * cfg.min_lr_ratio)
-    schedule = cosine if cfg.warmup_steps == 0 else optim.join_schedules(
-        [optim.linear_schedule(cfg.lr / cfg.warmup_steps, cfg.lr, cfg.warmup_steps), cosine], [cfg.warmup_steps])
-    return AdamW(learning_rate=schedule, betas=[0.9, 0.95], eps=1e-8, weight_decay=cfg.weight_decay)
 
 
 def to_mx(b: NpBatch) -> Batch:
@@ -305,22 +196,7 @@ class RunResult:
     history: list[dict] = field(default_factory=list)
     run_dir: Path | None = None
     run_bytes: int = 0  # what the run directory takes on disk at the end
-
-
-class MetricsLog:
-    """Append-only JSONL of metrics; on resume, entries after the resumed step are dropped."""
-
-    def __init__(self, path: Path, resume_step: int | None):
-        self.path = path
-        if resume_step is not None and path.is_file():
-            keep = [l for l in path.read_text().splitlines() if l.strip() and json.loads(l)["step"] <= resume_step]
-            path.write_text("".join(l + "\n" for l in keep))
-        elif resume_step is None:
-            path.write_text("")
-
-    def write(self, record: dict) -> None:
-        with self.path.open("a") as f:
-            f.write(json.dumps(record) + "\n")
+    signal: int | None = None  # the signal that stopped the run (it saved a checkpoint first)
 
 
 def train_loop(model: Model, dataset: Dataset, cfg: TrainConfig, run_dir: Path, *,
@@ -332,10 +208,22 @@ def train_loop(model: Model, dataset: Dataset, cfg: TrainConfig, run_dir: Path, 
     after that many steps of this invocation, checkpointed like a Ctrl-C (used by the resume test).
     """
     run_dir.mkdir(parents=True, exist_ok=True)
+    lock = RunLock(run_dir)
+    try:
+        with stop_on_signals():
+            return _train(model, dataset, cfg, run_dir, export=export, resume=resume, force=force,
+                          progress=progress, stop_after=stop_after)
+    finally:
+        lock.release()
+
+
+def _train(model: Model, dataset: Dataset, cfg: TrainConfig, run_dir: Path, *, export: Callable[[Path], None],
+           resume: bool, force: bool, progress: bool, stop_after: int | None) -> RunResult:
+    remove_partial(run_dir)
     optimizer = make_optimizer(cfg)
     batches = dataset.train_batches(cfg.batch_size, seed=cfg.seed)
     start = 0
-    ckpt = latest_checkpoint(run_dir)
+    ckpt = latest_checkpoint(run_dir, report=resume)
     if resume and ckpt is not None:
         state, opt_state = load_checkpoint(ckpt)
         model.load_weights(list(_resumable_weights(model, ckpt).items()), strict=False)
@@ -356,17 +244,27 @@ def train_loop(model: Model, dataset: Dataset, cfg: TrainConfig, run_dir: Path, 
     # Where the data stood after the last completed step: a Ctrl-C inside a step must not skip its batches.
     data_state = batches.state_dict()
 
+    model_bytes = sum(v.nbytes for _, v in tree_flatten(model.parameters()))
+
     def checkpoint(step: int) -> None:
+        changing = _changing_params(model)
+        need = sum(v.nbytes for v in changing.values()) + model_bytes + sum(
+            v.nbytes for _, v in tree_flatten(optimizer.state) if isinstance(v, mx.array))
         save_checkpoint(run_dir, step, write_weights=lambda d: mx.save_safetensors(
-                            str(d / "weights.safetensors"), _changing_params(model)),
+                            str(d / "weights.safetensors"), changing),
                         optimizer_state=optimizer.state,
                         trainer_state={"data": data_state, "train_config": cfg.to_dict()},
-                        keep=cfg.keep_checkpoints)
-        export(run_dir)
+                        keep=cfg.keep_checkpoints, expected_bytes=need)
+        try:
+            export(run_dir)
+        except Exception as e:
+            free = format_bytes(shutil.disk_usage(run_dir).free)
+            raise CheckpointWriteError(f"{run_dir}: writing the model failed ({free} free): {e}; checkpoint step "
+                                       f"{step} is intact: --resume") from None
 
     bar = make_report(cfg.steps, start) if progress else None
     tokens_per_step = cfg.batch_size * cfg.seq_len * cfg.grad_accum
-    step, last_loss, tps, interrupted = start, float("nan"), 0.0, False
+    step, last_loss, tps, interrupted, stopped_by = start, float("nan"), 0.0, False, None
     val = None
     mx.reset_peak_memory()
     tic = time.perf_counter()
@@ -414,8 +312,8 @@ def train_loop(model: Model, dataset: Dataset, cfg: TrainConfig, run_dir: Path, 
                 checkpoint(step)
                 interrupted = True
                 break
-    except KeyboardInterrupt:
-        interrupted = True
+    except KeyboardInterrupt as e:
+        interrupted, stopped_by = True, getattr(e, "signum", signal.SIGINT)
         checkpoint(step)
         if bar:
             bar.print(f"interrupted: saved step {step} to {run_dir}; continue with --resume")
@@ -423,7 +321,7 @@ def train_loop(model: Model, dataset: Dataset, cfg: TrainConfig, run_dir: Path, 
         if bar:
             bar.stop()
     return RunResult(step, last_loss, val, tps, mx.get_peak_memory() / 1e9, interrupted, history,
-                     run_dir, directory_bytes(run_dir))
+                     run_dir, directory_bytes(run_dir), stopped_by)
 
 
 def _resumable_weights(model: Model, ckpt: Path) -> dict[str, mx.array]:
