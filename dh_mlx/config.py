@@ -32,6 +32,18 @@ DEFAULT_PRESET = "tiny"
 _TOPK_METHODS = ("noaux_tc", "greedy", "group_limited_greedy")
 _SCORING = ("sigmoid", "softmax")
 _ROPE_TYPES = ("default", "yarn")
+MODEL_TYPES = ("deepseek_v3", "deepseek_v2")  # the HF layouts this model is; anything else is refused
+# Keys a config.json must give: the shapes (a missing one would silently take our default).
+REQUIRED = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+            "kv_lora_rank", "qk_rope_head_dim", "qk_nope_head_dim", "v_head_dim")
+# Hard upper bounds, checked before anything loops over or allocates by a size (a hostile config cannot hang us).
+LIMITS = {"vocab_size": 1 << 24, "hidden_size": 1 << 16, "intermediate_size": 1 << 20, "moe_intermediate_size": 1 << 20,
+          "num_hidden_layers": 1024, "num_attention_heads": 1024, "kv_lora_rank": 1 << 16, "q_lora_rank": 1 << 16,
+          "qk_rope_head_dim": 4096, "qk_nope_head_dim": 4096, "v_head_dim": 4096, "n_routed_experts": 1 << 14,
+          "n_shared_experts": 1 << 10, "num_experts_per_tok": 1 << 10, "n_group": 1 << 10, "topk_group": 1 << 10,
+          "moe_layer_freq": 1024, "first_k_dense_replace": 1024, "num_nextn_predict_layers": 64,
+          "max_position_embeddings": 1 << 24}
+_BOOLS = ("norm_topk_prob", "rope_interleave", "attention_bias", "tie_word_embeddings")
 # Keys we write ourselves or derive; never carried through `extra`.
 _DERIVED = ("rope_parameters", "model_type", "architectures", "head_dim", "qk_head_dim", "num_mtp_layers")
 
@@ -128,6 +140,23 @@ class ModelConfig:
     def __post_init__(self) -> None:
         if self.num_key_value_heads is None:
             self.num_key_value_heads = self.num_attention_heads
+        for name in _BOOLS:
+            v = getattr(self, name)
+            _require(isinstance(v, bool), name, "true or false", v)
+        for name, top in LIMITS.items():
+            v = getattr(self, name)
+            _require(v is None or not isinstance(v, int) or isinstance(v, bool) or v <= top, name,
+                     f"at most {top}", v)
+        _require(self.domain_routing is None or isinstance(self.domain_routing, (dict, DomainRouting)),
+                 "domain_routing", "an object or null", self.domain_routing)
+        for name in ("bos_token_id", "pad_token_id"):
+            v = getattr(self, name)
+            _require(v is None or (isinstance(v, int) and not isinstance(v, bool) and v >= 0), name,
+                     "null or an integer >= 0", v)
+        eos = self.eos_token_id
+        _require(eos is None or all(isinstance(i, int) and not isinstance(i, bool) and i >= 0
+                                    for i in (eos if isinstance(eos, list) else [eos])), "eos_token_id",
+                 "null, an integer >= 0 or a list of them", eos)
         if isinstance(self.domain_routing, dict):
             unknown = set(self.domain_routing) - {"domains", "experts_per_domain"}
             _require(not unknown, "domain_routing", "an object with keys domains, experts_per_domain",
@@ -147,7 +176,8 @@ class ModelConfig:
             _require(isinstance(v, int) and not isinstance(v, bool) and v >= 0, name, "an integer >= 0", v)
         for name in ("q_lora_rank", "n_shared_experts", "n_routed_experts", "moe_intermediate_size"):
             v = getattr(self, name)
-            _require(v is None or (isinstance(v, int) and v >= 1), name, "null or an integer >= 1", v)
+            _require(v is None or (isinstance(v, int) and not isinstance(v, bool) and v >= 1), name,
+                     "null or an integer >= 1", v)
         _require(self.qk_rope_head_dim % 2 == 0, "qk_rope_head_dim", "even", self.qk_rope_head_dim)
         _require(self.num_key_value_heads == self.num_attention_heads, "num_key_value_heads",
                  f"equal to num_attention_heads ({self.num_attention_heads}) under MLA", self.num_key_value_heads)
@@ -158,7 +188,8 @@ class ModelConfig:
         _require(self.topk_method in _TOPK_METHODS, "topk_method", f"one of {_TOPK_METHODS}", self.topk_method)
         for name in ("rms_norm_eps", "rope_theta", "routed_scaling_factor", "initializer_range"):
             v = getattr(self, name)
-            _require(isinstance(v, (int, float)) and v > 0 and math.isfinite(v), name, "a positive number", v)
+            _require(isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0 and math.isfinite(v), name,
+                     "a positive number", v)
         if self.has_moe:
             E = self.n_routed_experts
             _require(self.moe_intermediate_size is not None, "moe_intermediate_size",
@@ -211,8 +242,18 @@ class ModelConfig:
 
     # ---- (de)serialisation ---------------------------------------------------------------------------
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "ModelConfig":
+    def from_dict(cls, d: dict[str, Any], *, strict: bool = False) -> "ModelConfig":
+        """From a `config.json` dict; `strict` (a file from outside) also requires the shape keys."""
         d = dict(d)
+        kind = d.get("model_type", "deepseek_v3")
+        _require(kind in MODEL_TYPES, "model_type", f"one of {', '.join(MODEL_TYPES)}", kind)
+        if strict:
+            missing = [k for k in REQUIRED if k not in d]
+            if missing:
+                raise ValueError(f"config field '{missing[0]}' is missing (a config.json must state every shape: "
+                                 f"{', '.join(REQUIRED)})")
+        for key in ("quantization", "quantization_config"):
+            _require(d.get(key) is None or isinstance(d[key], dict), key, "an object", d.get(key))
         rp = d.pop("rope_parameters", None)
         if isinstance(rp, dict) and rp:  # transformers >= 5 folds rope_theta into rope_parameters
             rp = dict(rp)
@@ -270,7 +311,7 @@ def load_config(path: str | Path) -> ModelConfig:
     if not isinstance(d, dict):
         raise ValueError(f"{p}: expected a JSON object, got {type(d).__name__}")
     try:
-        return ModelConfig.from_dict(d)
+        return ModelConfig.from_dict(d, strict=True)
     except (ValueError, TypeError) as e:
         raise ValueError(f"{p}: {e}") from None
 

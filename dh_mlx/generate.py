@@ -10,7 +10,7 @@ import mlx.core as mx
 
 from .cache import LatentCache, StepCache, make_cache
 from .model import Model
-from .sample import apply_repetition_penalty, make_sampler
+from .sample import apply_repetition_penalty, check_options, make_sampler
 
 
 @dataclass
@@ -160,9 +160,13 @@ def generate_tokens(model: Model, prompt_ids: list[int], *, max_tokens: int = 25
     (`draft_policy`: a `speculative.DraftPolicy`, new per call by default). `compile_step=False` decodes
     with the eager `decode_step` (same tokens; for debugging).
     """
+    check_options(temp=temp, top_p=top_p, top_k=top_k, min_p=min_p, repetition_penalty=repetition_penalty,
+                  max_tokens=max_tokens, prefill_step_size=prefill_step_size)
     if not prompt_ids:
         raise ValueError("the prompt is empty: give at least one token")
     check_context(model, len(prompt_ids) + max_tokens)
+    if max_tokens == 0:
+        return
     if seed is not None:
         mx.random.seed(seed)
     stats = stats if stats is not None else GenerationStats()

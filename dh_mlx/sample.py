@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Callable
 
 import mlx.core as mx
@@ -47,10 +48,32 @@ def apply_repetition_penalty(logits: mx.array, previous: mx.array, penalty: floa
     return mx.put_along_axis(logits, mx.broadcast_to(previous, (*logits.shape[:-1], previous.size)), seen, axis=-1)
 
 
+def check_options(*, temp: float = 0.0, top_p: float = 1.0, top_k: int = 0, min_p: float = 0.0,
+                  repetition_penalty: float = 1.0, max_tokens: int = 0, prefill_step_size: int = 1) -> None:
+    """ValueError naming the first option outside its range (NaN is outside every range)."""
+    def number(v) -> bool:
+        return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+    def integer(v) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool)
+
+    checks = [("--temp", temp, number(temp) and temp >= 0, "a number >= 0 (0 is greedy)"),
+              ("--top-p", top_p, number(top_p) and 0 < top_p <= 1, "in (0, 1]"),
+              ("--top-k", top_k, integer(top_k) and top_k >= 0, "an integer >= 0 (0 is off)"),
+              ("--min-p", min_p, number(min_p) and 0 <= min_p <= 1, "in [0, 1] (0 is off)"),
+              ("--repetition-penalty", repetition_penalty, number(repetition_penalty) and repetition_penalty > 0,
+               "a number > 0 (1 is off)"),
+              ("--max-tokens", max_tokens, integer(max_tokens) and max_tokens >= 0, "an integer >= 0"),
+              ("--prefill-step-size", prefill_step_size, integer(prefill_step_size) and prefill_step_size >= 1,
+               "an integer >= 1")]
+    for name, value, ok, allowed in checks:
+        if not ok:
+            raise ValueError(f"{name} must be {allowed}, got {value!r}")
+
+
 def make_sampler(temp: float = 0.0, top_p: float = 1.0, top_k: int = 0, min_p: float = 0.0) -> Sampler:
     """logits (B, V) -> tokens (B,). temp 0 is argmax."""
-    if temp < 0 or not 0 < top_p <= 1 or min_p < 0 or top_k < 0:
-        raise ValueError("sampling needs temp >= 0, 0 < top_p <= 1, top_k >= 0, min_p >= 0")
+    check_options(temp=temp, top_p=top_p, top_k=top_k, min_p=min_p)
     if temp == 0:
         return lambda logits: mx.argmax(logits, axis=-1)
 

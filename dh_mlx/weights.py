@@ -47,6 +47,22 @@ def read_weights(path: Path) -> dict[str, mx.array]:
     return weights
 
 
+def check_values(weights: dict[str, mx.array], where: Path) -> None:
+    """Refuse tensors the model cannot compute with: a non-float dtype (packed quantized weights excepted), and
+    NaN or infinite values (one evaluation over all tensors); the first offender is named."""
+    packed = {k[: -len(".scales")] + ".weight" for k in weights if k.endswith(".scales")}
+    for k, v in weights.items():
+        if k not in packed and not mx.issubdtype(v.dtype, mx.floating):
+            raise CheckpointError(f"{where}: tensor {k} has dtype {str(v.dtype).rsplit('.', 1)[-1]}; the model "
+                                  "computes in floating point (float32, bfloat16 or float16)")
+    finite = {k: mx.isfinite(v).all() for k, v in weights.items() if mx.issubdtype(v.dtype, mx.floating)}
+    mx.eval(list(finite.values()))
+    bad = [k for k, ok in finite.items() if not ok.item()]
+    if bad:
+        more = f" (and {len(bad) - 1} more tensors)" if len(bad) > 1 else ""
+        raise CheckpointError(f"{where}: tensor {bad[0]} holds NaN or infinite values{more}")
+
+
 def _check_against_model(weights: dict, model: Model, where: Path) -> None:
     expected = {k: v.shape for k, v in tree_flatten(model.parameters())}
     check_tensors({k: v.shape for k, v in weights.items()}, expected, where)
@@ -157,6 +173,7 @@ def load_model(path: str | Path, *, dtype: str | None = None) -> Model:
     if quantization is None:  # (a quantized model's size is not params x dtype; it was measured when written)
         check_fits(config, dt, str(path))
     weights = read_weights(path)
+    check_values(weights, path)
     config = config_for_tensors(config, weights, path)
     weights = dequantize_kv_b_proj(to_memory_layout(weights, config, mx.stack), config)
     model = Model(config)

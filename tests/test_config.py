@@ -56,7 +56,7 @@ def test_load_config_errors_name_the_file(tmp_path):
     (tmp_path / "config.json").write_text("{\n  'bad': 1\n}")
     with pytest.raises(ValueError, match=r"config.json:2: invalid JSON"):
         load_config(tmp_path)
-    (tmp_path / "config.json").write_text(json.dumps({"scoring_func": "tanh"}))
+    (tmp_path / "config.json").write_text(json.dumps({**ModelConfig().to_dict(), "scoring_func": "tanh"}))
     with pytest.raises(ValueError, match="config.json: config field 'scoring_func'"):
         load_config(tmp_path)
 
