@@ -21,8 +21,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="then run llama.cpp's quantizer (needs llama-cpp-python)")
     parser.add_argument("--no-mtp", action="store_true", help="leave the MTP layers out")
     args = parser.parse_args(argv)
-    from dh_mlx.convert import export_gguf
     try:
+        from dh_mlx.convert import export_gguf
         path = export_gguf(args.model_dir, args.out, outtype=args.outtype, quantize=args.quantize,
                            mtp=not args.no_mtp)
     except (ValueError, MemoryError, FileNotFoundError) as e:

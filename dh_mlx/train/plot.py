@@ -29,7 +29,7 @@ def plot_run(run_dir: str | Path) -> list[Path]:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        raise ValueError("plotting needs matplotlib: pip install -e '.[plot]'") from None
+        raise ValueError("plotting needs matplotlib: pip install matplotlib (or 'dh-mlx[plot]')") from None
     run_dir = Path(run_dir)
     records = read_metrics(run_dir)
     out = []
