@@ -69,8 +69,27 @@ def _generate(*, prompt: str, model: Optional[Path] = None, params: Optional[str
                    f"({policy.summary()})", err=True)
 
 
+def _read_prompt(prompt: Optional[str], prompt_file: Optional[Path]) -> str:
+    """The prompt from --prompt (`-`: standard input) or --prompt-file, as valid UTF-8 text."""
+    if (prompt is None) == (prompt_file is None):
+        _fail("give the prompt with --prompt TEXT (or - for standard input) or --prompt-file PATH")
+    where = f"--prompt-file {prompt_file}" if prompt_file else "standard input" if prompt == "-" else "--prompt"
+    if prompt_file is not None or prompt == "-":
+        data = prompt_file.read_bytes() if prompt_file else sys.stdin.buffer.read()
+        try:
+            return data.decode("utf-8")
+        except UnicodeDecodeError as e:
+            _fail(f"{where}: byte 0x{data[e.start]:02X} at offset {e.start} is not UTF-8")
+    for i, ch in enumerate(prompt):  # undecodable argument bytes arrive as U+DC80..U+DCFF (surrogateescape)
+        if 0xD800 <= ord(ch) <= 0xDFFF:
+            byte = f"byte 0x{ord(ch) - 0xDC00:02X}" if ord(ch) >= 0xDC80 else f"U+{ord(ch):04X}"
+            _fail(f"{where}: {byte} at character {i} is not UTF-8 text")
+    return prompt
+
+
 @app.command()
-def generate(prompt: str = typer.Option(..., help="the prompt text"),
+def generate(prompt: Optional[str] = typer.Option(None, help="the prompt text; - reads it from standard input"),
+             prompt_file: Optional[Path] = typer.Option(None, help="read the prompt from this UTF-8 file"),
              model: Optional[Path] = typer.Option(None, help="model directory (or hub repo id)"),
              params: Optional[str] = typer.Option(None, help="size preset with random weights (default tiny)"),
              max_tokens: int = typer.Option(100, help="stop after this many new tokens"),
@@ -89,7 +108,7 @@ def generate(prompt: str = typer.Option(..., help="the prompt text"),
              stream: bool = typer.Option(True, "--stream/--no-stream", help="print tokens as they come")
              ) -> None:
     """Generate text; stdout carries the text alone, speed and memory go to stderr."""
-    _generate(prompt=prompt, model=model, params=params, max_tokens=max_tokens, temp=temp, top_p=top_p,
+    _generate(prompt=_read_prompt(prompt, prompt_file), model=model, params=params, max_tokens=max_tokens, temp=temp, top_p=top_p,
               top_k=top_k, min_p=min_p, repetition_penalty=repetition_penalty, seed=seed, domain=domain, mtp=mtp,
               prefill_step_size=prefill_step_size, dtype=dtype, adapter=adapter, stream=stream)
 
@@ -316,14 +335,32 @@ def convert_import(input: Path = typer.Option(..., help=".pt/.bin state_dict, .s
 def main() -> None:
     """Console entry point: library errors become one-line messages, never tracebacks."""
     from .weights import CheckpointError
+    import os
+    debug = os.environ.get("DH_MLX_DEBUG", "") not in ("", "0")
     try:
-        app()
-    except (CheckpointError, ValueError, MemoryError, OSError, RuntimeError) as e:
-        typer.echo(f"error: {e}", err=True)
-        sys.exit(1)
-    except KeyboardInterrupt:
+        code = app(standalone_mode=False)
+    except typer.Exit as e:
+        code = e.exit_code
+    except typer.TyperException as e:  # a usage error: unknown command, bad option or value
+        ctx = getattr(e, "ctx", None)
+        typer.echo(f"error: {getattr(e, 'format_message', e.__str__)()}"
+                   + (f" (see {ctx.command_path} --help)" if ctx is not None else ""), err=True)
+        code = getattr(e, "exit_code", 2)
+    except (typer.Abort, KeyboardInterrupt):
         typer.echo("interrupted", err=True)
-        sys.exit(130)
+        code = 130
+    except (CheckpointError, ValueError, MemoryError, OSError, RuntimeError) as e:
+        if debug:
+            raise
+        typer.echo(f"error: {e}", err=True)
+        code = 1
+    except Exception as e:  # a bug of ours: still one line, the traceback on request
+        if debug:
+            raise
+        typer.echo(f"error: internal error {type(e).__name__}: {e} (DH_MLX_DEBUG=1 shows the traceback)",
+                   err=True)
+        code = 1
+    sys.exit(code if isinstance(code, int) else 0)
 
 
 if __name__ == "__main__":

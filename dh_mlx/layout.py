@@ -128,9 +128,14 @@ def safetensors_files(path: Path) -> list[Path]:
     index = path / "model.safetensors.index.json"
     if index.is_file():
         try:
-            names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
-            raise CheckpointError(f"{index}: not a safetensors index ({e})") from None
+            weight_map = json.loads(index.read_text())["weight_map"]
+            names = sorted(set(weight_map.values()))
+        except (ValueError, KeyError, TypeError, AttributeError, RecursionError) as e:
+            raise CheckpointError(f"{index}: not a safetensors index ({type(e).__name__}: {e})") from None
+        outside = [n for n in names if not isinstance(n, str) or Path(n).name != n or n in ("", ".", "..")]
+        if outside:
+            raise CheckpointError(f"{index}: weight_map names {outside[0]!r}; shards must be files in the model "
+                                  "directory itself")
         files = [path / n for n in names]
         absent = [str(f) for f in files if not f.is_file()]
         if absent:
@@ -142,6 +147,46 @@ def safetensors_files(path: Path) -> list[Path]:
     if not files:
         raise CheckpointError(f"{path}: no model.safetensors (or index) in this directory")
     return files
+
+
+_ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U64": 8, "U32": 4,
+             "U16": 2, "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
+_MAX_HEADER = 100 << 20
+
+
+def read_safetensors_header(f: Path) -> dict:
+    """The header of a safetensors file, every entry checked against the file (dtype, shape, offsets inside the
+    data and of the size the shape implies), so no reader is handed a header that points past the file."""
+    size = f.stat().st_size
+    with open(f, "rb") as fh:
+        head = fh.read(8)
+        n = int.from_bytes(head, "little") if len(head) == 8 else -1
+        if not 0 < n <= min(size - 8, _MAX_HEADER):
+            raise CheckpointError(f"{f}: not a safetensors file (its header size {n} does not fit its {size} bytes)")
+        try:
+            header = json.loads(fh.read(n))
+        except (ValueError, RecursionError) as e:
+            raise CheckpointError(f"{f}: its safetensors header is not JSON ({type(e).__name__})") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{f}: its safetensors header is not an object")
+    data = size - 8 - n
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        ok = isinstance(info, dict) and isinstance(info.get("dtype"), str) and info["dtype"] in _ITEMSIZE
+        shape, offsets = (info.get("shape"), info.get("data_offsets")) if ok else (None, None)
+        ints = lambda v, k: isinstance(v, list) and len(v) in k and all(  # noqa: E731
+            isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in v)
+        if not (ok and ints(shape, range(0, 9)) and ints(offsets, (2,))):
+            raise CheckpointError(f"{f}: tensor {name!r}: a header entry needs dtype, shape and data_offsets")
+        count = 1
+        for d in shape:
+            count *= d
+        begin, end = offsets
+        if not begin <= end <= data or end - begin != count * _ITEMSIZE[info["dtype"]]:
+            raise CheckpointError(f"{f}: tensor {name!r}: data_offsets {offsets} do not hold {info['dtype']} "
+                                  f"{shape} inside the file's {data} data bytes")
+    return header
 
 
 def check_tensors(shapes: dict[str, tuple], expected: dict[str, tuple], where: Path) -> None:

@@ -89,6 +89,11 @@ class Tokenizer:
 
     def encode(self, text: str, *, bos: bool = False, eos: bool = False) -> list[int]:
         """Token ids of `text`; special tokens only where asked (the text `</s>` is ordinary text)."""
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise TokenizerError(f"the text holds U+{ord(text[e.start]):04X} at character {e.start}: a lone "
+                                 "surrogate, which no UTF-8 text can hold") from None
         parts = text.split(_SPACE_MARK)
         ids = [self.bos_id] if bos else []
         for k, part in enumerate(parts):

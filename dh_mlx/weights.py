@@ -16,7 +16,7 @@ from mlx.utils import tree_flatten, tree_map_with_path
 
 from .config import ModelConfig, load_config, load_preset, preset_names, save_config
 from .layout import (CheckpointError, check_tensors, config_for_tensors, drop_mtp_layers, keep_fp32,
-                     safetensors_files, to_file_layout, to_memory_layout)
+                     read_safetensors_header, safetensors_files, to_file_layout, to_memory_layout)
 from .device import available_memory, compute_dtype
 from .model import Model
 from .params import count_params, weight_bytes
@@ -40,6 +40,7 @@ def dequantize_kv_b_proj(w: dict, config: ModelConfig) -> dict:
 def read_weights(path: Path) -> dict[str, mx.array]:
     weights: dict[str, mx.array] = {}
     for f in safetensors_files(path):
+        read_safetensors_header(f)  # before MLX reads it
         try:
             weights.update(mx.load(str(f)))
         except Exception as e:  # MLX raises RuntimeError/ValueError on truncated or corrupt files

@@ -9,10 +9,10 @@ token as plain DeepSeek-V3 (our domain id -1).
 from __future__ import annotations
 
 import json
-import struct
 from collections import Counter
 from pathlib import Path
 
+from ..layout import read_safetensors_header
 from ..outputs import check_output_dir
 from ..tokenizer import load_tokenizer, write_hf_files
 from ..weights import DEFAULT_SHARD_BYTES, load_model, save_model
@@ -25,9 +25,7 @@ def stored_dtype(model_dir: Path) -> str:
     """The floating dtype most of the checkpoint's tensors are stored in (read from the safetensors headers)."""
     counts: Counter = Counter()
     for f in sorted(model_dir.glob("model*.safetensors")):
-        with open(f, "rb") as fh:
-            (size,) = struct.unpack("<Q", fh.read(8))
-            header = json.loads(fh.read(size))
+        header = read_safetensors_header(f)
         for name, info in header.items():
             if name != "__metadata__" and info["dtype"] in _SAFETENSORS_DTYPES:
                 counts[_SAFETENSORS_DTYPES[info["dtype"]]] += 1

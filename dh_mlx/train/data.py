@@ -85,7 +85,8 @@ class DataSummary:
         out = f"{self.files} file(s), {self.records} records ({by_domain}), {self.tokens} tokens"
         if self.skipped:
             out += f"; skipped {sum(self.skipped.values())} (" + ", ".join(
-                f"{r} {n}" for r, n in sorted(self.skipped.items())) + ")"
+                f"{r} {n}" for r, n in sorted(self.skipped.items())) + "; first: " + "; ".join(
+                self.examples[:3]) + ")"
         return out
 
 
@@ -112,6 +113,15 @@ def _text(obj: dict, key: str, *, empty_ok: bool = False) -> str:
     if not v and not empty_ok:
         raise _Invalid(f"empty {key}", f'"{key}" is empty')
     return v
+
+
+def _check_unicode(text: str) -> None:
+    """JSON can spell a lone surrogate (\\ud800), which no UTF-8 text holds and no tokenizer can read."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise _Invalid("lone surrogate", f"the text holds a lone surrogate U+{ord(text[e.start]):04X} at character "
+                                         f"{e.start}") from None
 
 
 def _chat_parts(messages) -> list[Part]:
@@ -187,8 +197,13 @@ def read_jsonl(path: str | Path, *, domains: Sequence[str] | None = None, skip_i
                 except json.JSONDecodeError as e:
                     invalid(path, line_no, "invalid JSON", f"invalid JSON: {e.msg} (column {e.colno})")
                     continue
+                except RecursionError:
+                    invalid(path, line_no, "nested too deeply", "JSON nested too deeply")
+                    continue
                 try:
                     domain, parts = _parse(obj, domains)
+                    for p in parts:
+                        _check_unicode(p.text)
                 except _Invalid as e:
                     invalid(path, line_no, e.reason, e.detail)
                     continue
