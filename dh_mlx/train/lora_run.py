@@ -21,6 +21,7 @@ from ..model.moe import Routing
 from ..weights import load_model, resolve_path, save_model
 from .config import TrainConfig
 from .data import load_dataset
+from .memory import activation_elements
 from .lora import (ADAPTER_CONFIG, LoRAConfig, apply_lora, fuse_lora, load_adapters, lora_parameters, save_adapters,
                    trainable_count)
 from .run import check_run_dir, copy_tokenizer
@@ -75,25 +76,12 @@ def grad_checkpoint(model: Model) -> None:
 # ---- memory ------------------------------------------------------------------------------------------------------
 def estimate_peak_bytes(model: Model, cfg: TrainConfig, *, checkpointing: bool) -> int:
     """Weights + gradient and Adam moments of the trainable parameters + the activations kept for the backward
-    pass (a rough count of the big tensors per layer) + logits, softmax and their gradient."""
-    c = model.config
+    pass (`memory.activation_elements`)."""
     weights = sum(v.nbytes for _, v in tree_flatten(model.parameters()))
     trainable = sum(v.nbytes for _, v in tree_flatten(model.trainable_parameters()))
-    f = model.model.norm.weight.dtype.size
-    B, T, D, H = cfg.batch_size, cfg.seq_len, c.hidden_size, c.num_attention_heads
-    attention = B * H * T * T * 2 + B * T * (6 * D + 2 * H * (c.qk_head_dim + c.v_head_dim) + 2 * c.kv_lora_rank)
-
-    def layer(i: int) -> int:
-        if not c.is_moe_layer(i):
-            return attention + 3 * B * T * c.intermediate_size
-        k, I = c.num_experts_per_tok, c.moe_intermediate_size
-        return attention + B * T * (2 * k * (3 * I + 2 * D) + 3 * I * (c.n_shared_experts or 0)
-                                    + 2 * c.n_routed_experts)
-
-    per_layer = [layer(i) for i in range(c.num_hidden_layers)]
-    activations = (B * T * D * len(per_layer) + max(per_layer)) if checkpointing else sum(per_layer)
-    logits = 3 * B * T * c.vocab_size
-    return weights + 3 * trainable + f * (activations + logits)
+    kept = activation_elements(model.config, cfg.batch_size, cfg.seq_len, checkpointing=checkpointing,
+                               mtp=cfg.mtp_lambda > 0)
+    return weights + 3 * trainable + model.model.norm.weight.dtype.size * kept
 
 
 # ---- the commands ----------------------------------------------------------------------------------------------

@@ -8,10 +8,13 @@ import sys
 from pathlib import Path
 
 from ..config import DATA_DIR, DEFAULT_PRESET, load_config, resolve_config
+from ..device import compute_dtype
 from ..outputs import OutputError, check_output_dir
+from ..params import count_params
 from ..weights import load_model, random_model, save_model, with_mtp_module
 from .config import TrainConfig
 from .data import load_dataset
+from .memory import check_training_fits
 from .report import format_bytes
 from .trainer import RunResult, train_loop
 
@@ -67,6 +70,9 @@ def train(*, params: str | None = None, config: str | Path | None = None, data: 
               f"{model_config.vocab_size}; give --config to keep another)", file=sys.stderr)
         model_config = model_config.replace(vocab_size=tok.vocab_size)
     check_vocab(tok, model_config.vocab_size)
+    mtp_params = count_params(model_config).mtp if cfg.mtp_distill else None
+    check_training_fits(model_config, cfg, f"{init or name}", dtype_size=compute_dtype(dtype).size,
+                        trainable=mtp_params or None)
     domains = model_config.domain_routing.domains if model_config.domain_routing else None
     dataset = load_dataset(data, tok, seq_len=cfg.seq_len, domains=domains, val_fraction=cfg.val_fraction,
                            seed=cfg.seed, skip_invalid=cfg.skip_invalid)

@@ -1,0 +1,75 @@
+"""What a training step holds at its peak, from the config alone: checked before a model is built or a corpus
+read, so a run that cannot fit is refused at once with what would fit."""
+
+from __future__ import annotations
+
+from ..config import ModelConfig, load_preset, preset_names
+from ..device import available_memory
+from ..params import count_params
+from .config import TrainConfig
+
+
+def activation_elements(c: ModelConfig, batch: int, seq: int, *, checkpointing: bool = False,
+                        mtp: bool = True) -> int:
+    """Values kept for the backward pass: the big tensors of each layer (MTP layers too, when trained) + the
+    logits, their softmax and its gradient per output head. A rough count that lands within ~10 % on tiny."""
+    B, T, D, H = batch, seq, c.hidden_size, c.num_attention_heads
+    attention = B * H * T * T * 2 + B * T * (6 * D + 2 * H * (c.qk_head_dim + c.v_head_dim) + 2 * c.kv_lora_rank)
+
+    def layer(i: int) -> int:
+        if not c.is_moe_layer(i):
+            return attention + 3 * B * T * c.intermediate_size
+        k, inter = c.num_experts_per_tok, c.moe_intermediate_size
+        return attention + B * T * (2 * k * (3 * inter + 2 * D) + 3 * inter * (c.n_shared_experts or 0)
+                                    + 2 * c.n_routed_experts)
+
+    n_mtp = c.num_nextn_predict_layers if mtp else 0
+    per_layer = [layer(i) for i in range(c.num_hidden_layers)] + [layer(c.num_hidden_layers - 1)] * n_mtp
+    kept = B * T * D * len(per_layer) + max(per_layer) if checkpointing else sum(per_layer)
+    return kept + 3 * B * T * c.vocab_size * (1 + n_mtp)
+
+
+def training_peak_bytes(c: ModelConfig, cfg: TrainConfig, *, dtype_size: int = 4,
+                        trainable: int | None = None) -> dict[str, int]:
+    """Bytes of weights, gradients + AdamW moments (of `trainable` parameters; default all) and activations."""
+    p = count_params(c)
+    weights = (p.total + p.mtp) * dtype_size
+    trainable_bytes = weights if trainable is None else trainable * dtype_size
+    return {"weights": weights, "optimizer": 3 * trainable_bytes,
+            "activations": dtype_size * activation_elements(c, cfg.batch_size, cfg.seq_len,
+                                                            mtp=cfg.mtp_lambda > 0)}
+
+
+def _gib(n: float) -> str:
+    return f"{n / 2**30:.1f} GiB"
+
+
+def check_training_fits(c: ModelConfig, cfg: TrainConfig, what: str, *, dtype_size: int = 4,
+                        trainable: int | None = None) -> None:
+    """MemoryError, before anything is allocated, when the step's peak would not fit in free memory; it says
+    what would: a smaller batch (with gradient accumulation to keep the tokens per step), LoRA, a smaller
+    preset."""
+    have = 0.9 * available_memory()
+    parts = training_peak_bytes(c, cfg, dtype_size=dtype_size, trainable=trainable)
+    need = sum(parts.values())
+    if need <= have:
+        return
+    options = []
+    for b in range(cfg.batch_size - 1, 0, -1):
+        smaller = TrainConfig(**{**cfg.to_dict(), "batch_size": b})
+        if sum(training_peak_bytes(c, smaller, dtype_size=dtype_size, trainable=trainable).values()) <= have:
+            accum = -(-cfg.batch_size * cfg.grad_accum // b)  # the same tokens per optimizer step, or more
+            options.append(f"--batch-size {b} --grad-accum {accum}")
+            break
+    lora = parts["weights"] + dtype_size * activation_elements(c, cfg.batch_size, cfg.seq_len, checkpointing=True,
+                                                               mtp=False)
+    if trainable is None and lora <= have:
+        options.append(f"dh-mlx lora on a trained model with --grad-checkpoint (~{_gib(lora)})")
+    fitting = [n for n in preset_names()
+               if sum(training_peak_bytes(load_preset(n), cfg, dtype_size=dtype_size).values()) <= have]
+    if fitting:
+        options.append(f"a smaller preset: {', '.join(fitting)}")
+    raise MemoryError(f"training {what} with batch {cfg.batch_size} x {cfg.seq_len} needs about {_gib(need)} "
+                      f"(weights {_gib(parts['weights'])}, gradients and AdamW state {_gib(parts['optimizer'])}, "
+                      f"activations {_gib(parts['activations'])}), but only {_gib(have / 0.9)} is available; "
+                      f"would fit: {'; '.join(options) or 'a machine with more memory'}")
