@@ -308,6 +308,8 @@ def load_config(path: str | Path) -> ModelConfig:
         d = json.loads(text)
     except json.JSONDecodeError as e:
         raise ValueError(f"{p}:{e.lineno}: invalid JSON: {e.msg}") from None
+    except RecursionError:
+        raise ValueError(f"{p}: JSON nested too deeply") from None
     if not isinstance(d, dict):
         raise ValueError(f"{p}: expected a JSON object, got {type(d).__name__}")
     try:

@@ -149,3 +149,30 @@ def test_a_full_disk_is_named_and_leaves_no_partial_checkpoint(inputs, tmp_path,
                                                    r"needs about [\d.]+ MB, 20.0 KB is free"):
         _train(inputs, tmp_path / "run2", steps=2, save_every=2)
     assert not (tmp_path / "run2" / "checkpoints").exists() or not any((tmp_path / "run2" / "checkpoints").iterdir())
+
+
+def test_kill_9_at_random_moments_then_resume_gives_the_uninterrupted_losses(inputs, tmp_path):
+    import random
+    opts = ["--save-every", "1", "--eval-every", "50"]
+    straight = subprocess.run([sys.executable, "-m", "dh_mlx.cli", *args(inputs, tmp_path / "straight", 150, *opts)],
+                              capture_output=True, text=True, timeout=300)
+    assert straight.returncode == 0, straight.stderr
+    out, rng, kills = tmp_path / "killed", random.Random(0), 0
+    for _ in range(4):
+        started = (out / "checkpoints").is_dir() and latest_checkpoint(out) is not None
+        again = ["--resume"] if started else ["--force"]
+        proc = subprocess.Popen([sys.executable, "-m", "dh_mlx.cli", *args(inputs, out, 150, *opts, *again)],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        for line in proc.stderr:  # training has started (or the run ended)
+            if line.startswith("step ") or line.startswith("finished"):
+                break
+        time.sleep(rng.uniform(0.0, 2.0))  # ~50 ms a step, each checkpointed: mid-step or mid-write
+        if proc.poll() is None:
+            proc.kill()
+            kills += 1
+        proc.wait(timeout=60)
+    assert kills >= 2  # the test's premise: runs were cut short, at different moments
+    done = subprocess.run([sys.executable, "-m", "dh_mlx.cli", *args(inputs, out, 150, *opts, "--resume")],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert losses(out) == losses(tmp_path / "straight") and len(losses(out)) == 150

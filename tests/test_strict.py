@@ -122,3 +122,16 @@ def test_max_tokens_zero_generates_nothing(model_dir, monkeypatch, capsys, mtp):
                               "--max-tokens", "0", mtp)
     assert code == 0, err
     assert out == "\n" and "generation: 0 tokens" in err
+
+
+def test_a_one_document_corpus_warns_instead_of_a_nan_validation_loss(model_dir, tmp_path, monkeypatch, capsys):
+    (tmp_path / "one.jsonl").write_text(json.dumps({"text": " ".join(corpus_lines(40))}) + "\n")
+    code, _, err = run_main(monkeypatch, capsys, "train", "--config", str(model_dir / "config.json"), "--tokenizer",
+                            str(model_dir), "--data", str(tmp_path / "one.jsonl"), "--out", str(tmp_path / "run"),
+                            "--steps", "2", "--batch-size", "2", "--seq-len", "16")
+    assert code == 0, err
+    assert "no validation split" in err and "nan" not in err.lower(), err
+    code, _, err = run_main(monkeypatch, capsys, "lora", "--model", str(model_dir), "--data", str(tmp_path / "one.jsonl"),
+                            "--out", str(tmp_path / "lora"), "--steps", "2", "--batch-size", "2", "--seq-len", "16")
+    assert code == 0, err
+    assert "no validation split" in err and "nan" not in err.lower(), err

@@ -41,7 +41,7 @@ class LoRAResult:
     total: int
     estimated_peak_gb: float
     val_loss_before: float | None  # the base model (fresh adapters are zero); None when resumed
-    val_loss: float
+    val_loss: float | None  # None without a validation split
     tokens_per_s: float  # median over the run's steps (the first, which compiles, left out)
 
     @property
@@ -128,7 +128,11 @@ def lora(*, model: str | Path, data: str | Path, out: str | Path, tokenizer: str
     estimate = estimate_peak_bytes(m, cfg, checkpointing=grad_checkpointing) / 1e9
     print(f"LoRA: {trainable:,} trainable parameters ({trainable / total:.3%} of {total:,}); estimated peak "
           f"memory {estimate:.3g} GB", file=sys.stderr)
-    before = None if resume and (out / "checkpoints").exists() else evaluate(m, dataset, cfg).loss
+    has_val = len(dataset.valid) > 0
+    if not has_val:
+        print(f"warning: {data}: no validation split (too few documents for val_fraction {cfg.val_fraction}); "
+              "no validation loss will be reported", file=sys.stderr)
+    before = None if (resume and (out / "checkpoints").exists()) or not has_val else evaluate(m, dataset, cfg).loss
 
     def export(d: Path) -> None:
         save_adapters(m, d, lc, extra={"model": str(base), "train_config": cfg.to_dict()})
@@ -136,7 +140,7 @@ def lora(*, model: str | Path, data: str | Path, out: str | Path, tokenizer: str
     run = train_loop(m, dataset, cfg, out, export=export, resume=resume, force=force, progress=progress,
                      stop_after=stop_after)
     m.eval()  # dropout off
-    val = evaluate(m, dataset, cfg).loss
+    val = evaluate(m, dataset, cfg).loss if has_val else None
     tps = [r["tokens_per_s"] for r in run.history[1:]] or [run.tokens_per_s]
     return LoRAResult(run, trainable, total, estimate, before, val, float(np.median(tps)))
 
@@ -158,7 +162,8 @@ def describe(result: LoRAResult) -> str:
     r = result.run
     state = "interrupted at" if r.interrupted else "finished"
     before = f" (base {result.val_loss_before:.3f})" if result.val_loss_before is not None else ""
-    return (f"{state} step {r.step}: train loss {r.train_loss:.3f}, validation loss {result.val_loss:.3f}{before}, "
+    val = "no validation split" if result.val_loss is None else f"validation loss {result.val_loss:.3f}{before}"
+    return (f"{state} step {r.step}: train loss {r.train_loss:.3f}, {val}, "
             f"{result.tokens_per_s:.0f} tokens/s, peak memory {r.peak_memory_gb:.3g} GB (estimated "
             f"{result.estimated_peak_gb:.3g} GB); {result.trainable:,} trainable parameters "
             f"({result.share:.3%}); {r.run_dir} holds {format_bytes(r.run_bytes)}")

@@ -78,6 +78,9 @@ def train(*, params: str | None = None, config: str | Path | None = None, data: 
                            seed=cfg.seed, skip_invalid=cfg.skip_invalid)
     print(f"data: {data}: {dataset.summary}; {len(dataset.train)} training and {len(dataset.valid)} validation "
           f"sequences of {cfg.seq_len} tokens", file=sys.stderr)
+    if not len(dataset.valid):
+        print(f"warning: {data}: no validation split (too few documents for val_fraction {cfg.val_fraction}); "
+              "no validation loss will be reported", file=sys.stderr)
     model = load_model(init, dtype=dtype) if init else random_model(model_config, seed=cfg.seed, dtype=dtype)
     if cfg.mtp_distill:  # only the MTP modules learn; their output heads stay the main model's
         model = with_mtp_module(model, seed=cfg.seed)

@@ -298,7 +298,7 @@ def _train(model: Model, dataset: Dataset, cfg: TrainConfig, run_dir: Path, *, e
             record = {"step": step, "loss": loss.item(), "ce": last_loss, "mtp": mtp.item(), "balance": bal.item(),
                       "lr": float(optimizer.learning_rate.item()), "grad_norm": norm.item(), "tokens_per_s": tps,
                       "imbalance": imbalance(loads).item() if loads.size > 1 and loads.sum().item() > 0 else None}
-            if step % cfg.eval_every == 0 or step == cfg.steps:
+            if (step % cfg.eval_every == 0 or step == cfg.steps) and len(dataset.valid):
                 val = evaluate(model, dataset, cfg)
                 record.update(val_loss=val.loss, val_ppl=math.exp(min(val.loss, 50)), val_imbalance=val.imbalance,
                               val_mtp_agreement=val.mtp_agreement, domain_load=val.domain_load)
