@@ -60,3 +60,17 @@ def make_checkpoint(tmp: Path, name: str = "q_lora+groups+yarn+mtp", seed: int =
 
 def tokens(n: int = 12, vocab: int = 97, seed: int = 0, batch: int = 2) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, vocab, (batch, n))
+
+
+def model_with_tokenizer(root: Path, name: str = "m") -> Path:
+    """`root/name`: a random checkpoint with a 400-piece tokenizer trained on a small corpus (`root/data.jsonl`)."""
+    import shutil
+
+    from dh_mlx.tokenizer import train_tokenizer
+    from test_tokenizer import corpus_lines
+    (root / "data.jsonl").write_text("\n".join(corpus_lines(200)) + "\n")
+    tok = train_tokenizer(root / "data.jsonl", root / "tok", vocab_size=400)
+    make_checkpoint(root / name, vocab_size=tok.vocab_size)
+    for f in (root / "tok").iterdir():
+        shutil.copyfile(f, root / name / f.name)
+    return root / name

@@ -119,14 +119,20 @@ def test_torchscript_tensors_are_read_without_running_it(tmp_path):
     assert np.array_equal(got["halves"].array, module.halves.view(torch.int16).numpy().view(np.uint16))
 
 
-def test_a_pickle_in_a_zip_dressed_as_torchscript_runs_nothing(tmp_path, cfg):
-    marker = tmp_path / "ran-pickle"
+def _dressed_as_torchscript(tmp_path, marker, name):
+    """A torch.save zip whose data.pkl runs `touch marker` when unpickled, with TorchScript's entries added."""
     torch.save({"w": torch.ones(2)}, tmp_path / "plain.pt")
     prefix = zipfile.ZipFile(tmp_path / "plain.pt").namelist()[0].split("/")[0]
-    _rezip(tmp_path / "plain.pt", tmp_path / "dressed.pt", {f"{prefix}/data.pkl": pickle.dumps({"w": _Touch(marker)})})
-    with zipfile.ZipFile(tmp_path / "dressed.pt", "a") as z:
+    _rezip(tmp_path / "plain.pt", tmp_path / name, {f"{prefix}/data.pkl": pickle.dumps({"w": _Touch(marker)})})
+    with zipfile.ZipFile(tmp_path / name, "a") as z:
         z.writestr(f"{prefix}/constants.pkl", pickle.dumps(()))
         z.writestr(f"{prefix}/code/__torch__.py", "")
+    return prefix
+
+
+def test_a_pickle_in_a_zip_dressed_as_torchscript_runs_nothing(tmp_path, cfg):
+    marker = tmp_path / "ran-pickle"
+    prefix = _dressed_as_torchscript(tmp_path, marker, "dressed.pt")
     with zipfile.ZipFile(tmp_path / "dressed.pt") as z:
         pickle.loads(z.read(f"{prefix}/data.pkl"))
     assert marker.exists()  # the premise: unpickled as pickle does it, the payload runs
@@ -168,11 +174,7 @@ def test_torch_export_pickled_weights_are_refused(tmp_path, cfg):
 
 def test_the_cli_refuses_in_one_line_and_trust_code_is_explicit(tmp_path, cfg):
     marker = tmp_path / "ran-cli"
-    torch.save({"w": torch.ones(2)}, tmp_path / "plain.pt")
-    prefix = zipfile.ZipFile(tmp_path / "plain.pt").namelist()[0].split("/")[0]
-    _rezip(tmp_path / "plain.pt", tmp_path / "m.ot", {f"{prefix}/data.pkl": pickle.dumps({"w": _Touch(marker)})})
-    with zipfile.ZipFile(tmp_path / "m.ot", "a") as z:
-        z.writestr(f"{prefix}/constants.pkl", pickle.dumps(()))
+    _dressed_as_torchscript(tmp_path, marker, "m.ot")
     r = subprocess.run([sys.executable, "-m", "dh_mlx.cli", "convert", "import", "--input", str(tmp_path / "m.ot"),
                         "--config", str(tmp_path / "cfg.json"), "--out", str(tmp_path / "o")],
                        capture_output=True, text=True, timeout=120)

@@ -10,8 +10,7 @@ import sys
 import pytest
 
 from dh_mlx.outputs import OutputError
-from helpers import make_checkpoint, make_config
-from test_tokenizer import corpus_lines
+from helpers import make_config, model_with_tokenizer
 
 
 def cli(*args):
@@ -33,13 +32,8 @@ def digest(directory) -> dict:
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory):
     """A model directory with a tokenizer, a small corpus, and that tokenizer alone."""
-    from dh_mlx.tokenizer import train_tokenizer
     root = tmp_path_factory.mktemp("outputs")
-    (root / "data.jsonl").write_text("\n".join(corpus_lines(200)) + "\n")
-    tok = train_tokenizer(root / "data.jsonl", root / "tok", vocab_size=400)
-    make_checkpoint(root / "model", vocab_size=tok.vocab_size)
-    for f in (root / "tok").iterdir():
-        shutil.copyfile(f, root / "model" / f.name)
+    model_with_tokenizer(root, "model")
     return root
 
 

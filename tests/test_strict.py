@@ -13,7 +13,7 @@ from safetensors.numpy import load_file, save_file
 
 from dh_mlx import ModelConfig
 from dh_mlx.config import load_config
-from helpers import make_checkpoint
+from helpers import model_with_tokenizer
 from test_tokenizer import corpus_lines
 
 
@@ -38,14 +38,7 @@ def error_line(monkeypatch, capsys, *argv) -> str:
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    from dh_mlx.tokenizer import train_tokenizer
-    root = tmp_path_factory.mktemp("strict")
-    (root / "data.jsonl").write_text("\n".join(corpus_lines(200)) + "\n")
-    tok = train_tokenizer(root / "data.jsonl", root / "tok", vocab_size=400)
-    make_checkpoint(root / "m", vocab_size=tok.vocab_size)
-    for f in (root / "tok").iterdir():
-        shutil.copyfile(f, root / "m" / f.name)
-    return root / "m"
+    return model_with_tokenizer(tmp_path_factory.mktemp("strict"))
 
 
 def write_config(tmp_path, **changes):
