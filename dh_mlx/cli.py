@@ -83,7 +83,7 @@ def _read_prompt(prompt: Optional[str], prompt_file: Optional[Path]) -> str:
     for i, ch in enumerate(prompt):  # undecodable argument bytes arrive as U+DC80..U+DCFF (surrogateescape)
         if 0xD800 <= ord(ch) <= 0xDFFF:
             byte = f"byte 0x{ord(ch) - 0xDC00:02X}" if ord(ch) >= 0xDC80 else f"U+{ord(ch):04X}"
-            _fail(f"{where}: {byte} at character {i} is not UTF-8 text")
+            _fail(f"{where}: {byte} at offset {i} is not UTF-8 text")
     return prompt
 
 

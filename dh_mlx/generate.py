@@ -165,11 +165,12 @@ def generate_tokens(model: Model, prompt_ids: list[int], *, max_tokens: int = 25
     if not prompt_ids:
         raise ValueError("the prompt is empty: give at least one token")
     check_context(model, len(prompt_ids) + max_tokens)
-    if max_tokens == 0:
+    stats = stats if stats is not None else GenerationStats()
+    if max_tokens == 0:  # nothing to generate: the prompt is not even run
+        stats.prompt_tokens = len(prompt_ids)
         return
     if seed is not None:
         mx.random.seed(seed)
-    stats = stats if stats is not None else GenerationStats()
     pc = prompt_cache if prompt_cache is not None else PromptCache.new(model)
     todo = pc.reuse(list(prompt_ids))
     sampler = make_sampler(temp, top_p, top_k, min_p)

@@ -41,8 +41,11 @@ def check_output_file(out: str | Path, *, inputs: Iterable[str | Path | None] = 
     if out.is_dir():
         raise OutputError(f"{out}: is a directory; {flag} takes the file to write (e.g. {out / 'model.gguf'})")
     for src in inputs:
-        if src is not None and _same(out, Path(src)):
-            raise OutputError(f"{out}: {flag} is the input {src} (choose another {flag})")
+        if src is None:
+            continue
+        if _same(out, Path(src)) or (out.exists() and Path(src).is_dir() and _same(out.parent, Path(src))):
+            raise OutputError(f"{out}: {flag} is the input {src} or one of its files; writing there would replace "
+                              f"it (choose another {flag})")
     if out.exists() and not force:
         raise OutputError(f"{out}: exists; pass --force to replace it, or choose another {flag}")
     return out

@@ -73,7 +73,7 @@ def test_prompts_from_a_file_or_stdin_and_never_broken_utf8(tmp_path):
         cli("generate", "--params", "tiny", "--prompt", "-", stdin=b"ok \xff no"))
     r = subprocess.run([sys.executable, "-m", "dh_mlx.cli", "generate", "--params", "tiny", "--prompt", b"a\xffb"],
                        capture_output=True, timeout=120)
-    assert "--prompt: byte 0xFF at character 1 is not UTF-8 text" in one_line(r)
+    assert "--prompt: byte 0xFF at offset 1 is not UTF-8 text" in one_line(r)
 
 
 def test_usage_and_internal_errors_are_one_line(monkeypatch, capsys):

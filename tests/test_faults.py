@@ -74,6 +74,7 @@ def test_a_signal_saves_a_checkpoint_and_exits_with_the_resume_command(inputs, t
                        timeout=300)
     assert r.returncode == 0, r.stderr
     assert f"finished step {step + 2}" in r.stderr
+    assert f"note: resuming step_{step:06d} with other training options: steps 1000000 -> {step + 2}" in r.stderr
 
 
 def test_one_training_per_run_directory_and_a_dead_one_leaves_no_lock(inputs, tmp_path):

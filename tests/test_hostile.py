@@ -98,6 +98,8 @@ def test_torchscript_setstate_runs_nothing(tmp_path, cfg):
     torch.jit.load(str(tmp_path / "evil.pt"))
     assert marker.exists()  # the premise: PyTorch's loader runs the archive's __setstate__
     marker.unlink()
+    with pytest.raises(ConvertError, match="only in a custom __setstate__ state"):  # unnamed without running it
+        read_pickle_archive(tmp_path / "evil.pt")
     _assert_nothing_ran(tmp_path / "evil.pt", marker, tmp_path)
 
 

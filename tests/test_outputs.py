@@ -96,6 +96,12 @@ def test_gguf_onto_a_directory_is_one_line_and_leaves_no_file(inputs, tmp_path):
     msg = one_line_error(cli("convert", "gguf", "--model", str(inputs / "model"), "--out", str(tmp_path / "dir")))
     assert "is a directory" in msg
     assert list(tmp_path.rglob("*")) == [tmp_path / "dir"]
+    before = digest(inputs / "model")
+    for own in ("model.safetensors", "config.json"):  # a file of the input, even with --force
+        msg = one_line_error(cli("convert", "gguf", "--model", str(inputs / "model"), "--out",
+                                 str(inputs / "model" / own), "--force"))
+        assert "is the input" in msg and "one of its files" in msg
+    assert digest(inputs / "model") == before
     (tmp_path / "m.gguf").write_text("keep")
     assert "exists; pass --force" in one_line_error(
         cli("convert", "gguf", "--model", str(inputs / "model"), "--out", str(tmp_path / "m.gguf")))

@@ -114,7 +114,9 @@ def test_max_tokens_zero_generates_nothing(model_dir, monkeypatch, capsys, mtp):
     code, out, err = run_main(monkeypatch, capsys, "generate", "--model", str(model_dir), "--prompt", "the model",
                               "--max-tokens", "0", mtp)
     assert code == 0, err
-    assert out == "\n" and "generation: 0 tokens" in err
+    from dh_mlx.tokenizer import load_tokenizer
+    n = len(load_tokenizer(model_dir).encode("the model", bos=True))
+    assert out == "\n" and f"prompt: {n} tokens" in err and "generation: 0 tokens" in err
 
 
 def test_a_one_document_corpus_warns_instead_of_a_nan_validation_loss(model_dir, tmp_path, monkeypatch, capsys):

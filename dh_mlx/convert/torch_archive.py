@@ -162,8 +162,21 @@ def read_pickle_archive(path: Path) -> dict[str, RawTensor]:
             raise ConvertError(f"{path}: cannot read data.pkl: {type(e).__name__}: {e}") from None
     tensors = _tensors_of(root)
     if not tensors:
-        raise ConvertError(f"{path}: the archive holds no tensors")
+        hidden = _any_tensor(root)
+        raise ConvertError(f"{path}: " + ("its tensors sit only in a custom __setstate__ state, which has no names "
+                                          "without running the archive's code (--trust-code, for a file you trust)"
+                                          if hidden else "the archive holds no tensors"))
     return tensors
+
+
+def _any_tensor(obj: Any, depth: int = 0) -> bool:
+    if isinstance(obj, RawTensor):
+        return True
+    if depth > 64:
+        return False
+    inner = (obj.values() if isinstance(obj, dict) else vars(obj).values() if isinstance(obj, _Stub)
+             else obj if isinstance(obj, (list, tuple)) else ())
+    return any(_any_tensor(v, depth + 1) for v in inner)
 
 
 def read_export_archive(path: Path) -> dict[str, RawTensor]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 import shutil
 import signal
+import sys
 import time
 from dataclasses import dataclass, field
 from functools import partial
@@ -230,6 +231,10 @@ def _train(model: Model, dataset: Dataset, cfg: TrainConfig, run_dir: Path, *, e
         optimizer.state = opt_state
         batches.load_state_dict(state["data"])
         start = state["step"]
+        saved = state.get("train_config", {})
+        changed = [f"{k} {saved[k]!r} -> {v!r}" for k, v in cfg.to_dict().items() if k in saved and saved[k] != v]
+        if changed:  # allowed (e.g. more steps), but the schedule and data order follow the new values
+            print(f"note: resuming {ckpt.name} with other training options: {', '.join(changed)}", file=sys.stderr)
     elif ckpt is not None and force:  # a fresh run in place of the old one, as asked
         shutil.rmtree(run_dir / "checkpoints")
         ckpt = None
