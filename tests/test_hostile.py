@@ -189,3 +189,94 @@ def test_the_cli_refuses_in_one_line_and_trust_code_is_explicit(tmp_path, cfg):
     (flag,) = [p for p in get_command(app).commands["convert"].commands["import"].params if p.name == "trust_code"]
     assert flag.default is False and "RUN CODE" in flag.help
 
+
+
+# ---- crafted pickles: the reader's own limits -------------------------------------------------------------
+def _op_str(x: str) -> bytes:
+    b = x.encode()
+    return b"X" + len(b).to_bytes(4, "little") + b
+
+
+def _op_int(x: int) -> bytes:
+    return b"J" + x.to_bytes(4, "little", signed=True)
+
+
+def _op_global(module: str, name: str) -> bytes:
+    return b"c" + module.encode() + b"\n" + name.encode() + b"\n"
+
+
+def _op_tensor(size, stride, numel=1, storage=None) -> bytes:
+    """_rebuild_tensor_v2(storage '0', offset 0, size, stride, False, {})."""
+    storage = storage if storage is not None else _op_global("torch", "FloatStorage")
+    pid = b"(" + _op_str("storage") + storage + _op_str("0") + _op_str("cpu") + _op_int(numel) + b"tQ"
+    ints = lambda v: b"(" + b"".join(_op_int(x) for x in v) + b"t"  # noqa: E731
+    return _op_global("torch._utils", "_rebuild_tensor_v2") + b"(" + pid + _op_int(0) + ints(size) + ints(stride) \
+        + b"\x89}tR"
+
+
+def _archive(path, body: bytes, storage: bytes = b"\0\0\x80\x3f", compress=zipfile.ZIP_STORED):
+    with zipfile.ZipFile(path, "w") as z:
+        z.writestr("archive/data.pkl", b"\x80\x02" + body + b".")
+        z.writestr("archive/constants.pkl", pickle.dumps(()))
+        z.writestr("archive/data/0", storage, compress_type=compress)
+    return path
+
+
+@pytest.mark.parametrize("case, needle", [
+    # BUILD on the storage marker: a new dtype would make the bounds check count rows, not values
+    ("storage-build", "tries to change a _Storage"),
+    ("tensor-build", "tries to change a RawTensor"),  # BUILD on a tensor: its array replaced by a string
+    ("stride-0", "holds more values than its storage"),  # 4 bytes on disk, 1 GiB in memory
+    ("bomb", "would inflate to 67108864 bytes"),  # 64 MiB of zeros, bzip2'd to a few hundred bytes
+    ("shared-tuples", "holds no tensors"),  # 2^60 paths through 60 shared tuples: visited once each
+])
+def test_crafted_pickles_stay_inside_the_readers_limits(tmp_path, case, needle):
+    import time
+    w = _op_str("w")
+    bodies = {
+        "storage-build": b"}" + w + _op_tensor([1], [1], storage=_op_global("torch", "FloatStorage") + b"}"
+                                               + _op_str("dtype") + _op_str("(4,)f8") + b"sb") + b"s",
+        "tensor-build": b"}" + w + _op_tensor([1], [1]) + b"}" + _op_str("array") + _op_str("x") + b"sb" + b"s",
+        "stride-0": b"}" + w + _op_tensor([16384, 16384], [0, 0]) + b"s",
+        "bomb": b"}" + w + _op_tensor([1], [1]) + b"s",
+        "shared-tuples": b"]q\x00" + b"h\x00h\x00\x86q\x00" * 60,
+    }
+    storage = b"\0" * (64 << 20) if case == "bomb" else b"\0\0\x80\x3f"
+    path = _archive(tmp_path / "m.pt", bodies[case], storage, zipfile.ZIP_BZIP2 if case == "bomb" else 0)
+    t0 = time.perf_counter()
+    with pytest.raises(ConvertError, match=needle) as e:
+        read_pickle_archive(path)
+    assert str(e.value).startswith(str(path)) and time.perf_counter() - t0 < 5
+
+
+def test_malformed_export_tables_are_named_errors(tmp_path):
+    names = _export(tmp_path / "m.pt2")
+    (wcfg,) = [n for n in names if n.endswith("model_weights_config.json")]
+    good = json.loads(zipfile.ZipFile(tmp_path / "m.pt2").read(wcfg))
+    meta = good["config"]["lin.weight"]["tensor_meta"]
+    for i, table in enumerate([{"config": []}, {"config": {"lin.weight": {"tensor_meta": []}}},
+                               {"config": {"lin.weight": {**good["config"]["lin.weight"],
+                                                          "tensor_meta": {**meta, "sizes": 5}}}},
+                               {"config": {"lin.weight": {**good["config"]["lin.weight"], "tensor_meta": {
+                                   **meta, "sizes": [{"as_int": 1 << 40}, {"as_int": 1 << 40}]}}}}]):
+        bad = tmp_path / f"bad{i}.pt2"
+        _rezip(tmp_path / "m.pt2", bad, {wcfg: json.dumps(table).encode()})
+        with pytest.raises(ConvertError, match=rf"^{bad}: "):
+            read_export_archive(bad)
+
+
+class _Typed(torch.nn.Module):  # TorchScript infers List[int] and Dict[str, Tensor] attributes
+    def __init__(self):
+        super().__init__()
+        self.lin = torch.nn.Linear(2, 3)
+        self.shape = [2, 3]
+        self.named = {"scale": torch.ones(3)}
+
+    def forward(self, x):
+        return self.lin(x) * self.named["scale"]
+
+
+def test_torchscript_typed_containers_are_read(tmp_path):
+    torch.jit.script(_Typed()).save(str(tmp_path / "typed.pt"))
+    got = read_pickle_archive(tmp_path / "typed.pt")
+    assert {"lin.weight", "lin.bias", "named.scale"} <= set(got)

@@ -32,12 +32,18 @@ _SCALAR_TYPES = {1: "uint8", 2: "int8", 3: "int16", 4: "int32", 5: "int64", 6: "
                  8: "float64", 12: "bool", 13: "bfloat16"}
 
 
-@dataclass
+def _refuse_setstate(self: Any, state: Any) -> None:
+    """A pickle's BUILD calls `__setstate__`; the one dataclasses add to frozen slots classes would set fields."""
+    raise ConvertError(f"the archive's pickle tries to change a {type(self).__name__}; refused")
+
+
+@dataclass(frozen=True, slots=True)
 class RawTensor:
     """A tensor read from an archive: its values, and its dtype name (bfloat16 values are uint16 bits)."""
 
     array: np.ndarray
     dtype: str
+    __setstate__ = _refuse_setstate
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -52,8 +58,11 @@ def _strided(flat: np.ndarray, dtype: str, offset: Any, size: Any, stride: Any, 
     """`flat[offset:]` viewed with `size` and `stride` (in elements), after checking it stays inside `flat`."""
     ints = lambda v: isinstance(v, (tuple, list)) and all(isinstance(i, int) and not isinstance(i, bool) and i >= 0
                                                           for i in v)
-    if not (isinstance(offset, int) and offset >= 0 and ints(size) and ints(stride) and len(size) == len(stride)):
+    if not (isinstance(flat, np.ndarray) and flat.ndim == 1 and isinstance(offset, int) and offset >= 0
+            and ints(size) and ints(stride) and len(size) == len(stride) <= 16):
         raise ConvertError(f"{where}: a tensor record with offset {offset!r}, size {size!r}, stride {stride!r}")
+    if int(np.prod(size, dtype=object)) > flat.size:  # a weights file has no use for broadcast (stride-0) views
+        raise ConvertError(f"{where}: a tensor of size {tuple(size)} holds more values than its storage ({flat.size})")
     extent = offset + sum((n - 1) * s for n, s in zip(size, stride)) + 1 if all(size) else offset
     if extent > flat.size:
         raise ConvertError(f"{where}: a tensor of size {tuple(size)} reaches element {extent} of a storage "
@@ -63,9 +72,10 @@ def _strided(flat: np.ndarray, dtype: str, offset: Any, size: Any, stride: Any, 
     return RawTensor(np.array(view), dtype)
 
 
-@dataclass
+@dataclass(frozen=True, slots=True)
 class _Storage:
     dtype: str
+    __setstate__ = _refuse_setstate
 
 
 class _Stub:
@@ -85,10 +95,11 @@ class _Stub:
 
 
 class _ArchiveUnpickler(pickle.Unpickler):
-    def __init__(self, data: bytes, archive: zipfile.ZipFile, prefix: str, where: str):
+    def __init__(self, data: bytes, archive: zipfile.ZipFile, prefix: str, where: str, limit: int):
         super().__init__(io.BytesIO(data))
-        self.archive, self.prefix, self.where = archive, prefix, where
+        self.archive, self.prefix, self.where, self.limit = archive, prefix, where, limit
         self.stubs: dict[str, type] = {}
+        self.storages: dict[str, tuple[np.ndarray, str]] = {}  # each read once, however often it is named
 
     def find_class(self, module: str, name: str) -> Any:
         if module == "torch._utils" and name == "_rebuild_tensor_v2":
@@ -97,6 +108,8 @@ class _ArchiveUnpickler(pickle.Unpickler):
             return lambda data, requires_grad=False, hooks=None: data
         if module == "collections" and name == "OrderedDict":
             return collections.OrderedDict
+        if module == "torch.jit._pickle" and name in _TORCHSCRIPT_TAGS:  # typed containers: the value itself
+            return lambda value, *tags: value
         if module == "torch" and name in _STORAGES:
             return _Storage(_STORAGES[name])
         if module.startswith("__torch__"):  # TorchScript classes: a stand-in that never runs their code
@@ -109,20 +122,36 @@ class _ArchiveUnpickler(pickle.Unpickler):
                 and isinstance(pid[2], str) and isinstance(pid[4], int)):
             raise ConvertError(f"{self.where}: an unexpected storage record {pid!r:.80}")
         _, storage, key, _, numel = pid
-        try:
-            raw = self.archive.read(f"{self.prefix}data/{key}")
-        except KeyError:
-            raise ConvertError(f"{self.where}: storage {key!r} is missing from the archive") from None
+        if key in self.storages:
+            return self.storages[key]
+        raw = _read_member(self.archive, f"{self.prefix}data/{key}", self.limit, self.where)
         dtype = _np_dtype(storage.dtype)
         if len(raw) < numel * dtype.itemsize:
             raise ConvertError(f"{self.where}: storage {key!r} holds {len(raw)} bytes, {numel} x {dtype.itemsize} "
                                "expected")
-        return (np.frombuffer(raw, dtype=dtype, count=numel), storage.dtype)
+        self.storages[key] = (np.frombuffer(raw, dtype=dtype, count=numel), storage.dtype)
+        return self.storages[key]
 
     def _rebuild_tensor(self, storage: Any, offset: Any, size: Any, stride: Any, *rest: Any) -> RawTensor:
         if not (isinstance(storage, tuple) and len(storage) == 2 and isinstance(storage[0], np.ndarray)):
             raise ConvertError(f"{self.where}: a tensor without a storage")
         return _strided(storage[0], storage[1], offset, size, stride, self.where)
+
+
+_TORCHSCRIPT_TAGS = ("build_intlist", "build_doublelist", "build_boollist", "build_tensorlist", "restore_type_tag")
+
+
+def _read_member(archive: zipfile.ZipFile, name: str, limit: int, where: str) -> bytes:
+    """One zip member, refused when it would inflate past `limit` bytes (PyTorch stores storages uncompressed,
+    so a member larger than its archive is a zip bomb, not a tensor)."""
+    try:
+        info = archive.getinfo(name)
+    except KeyError:
+        raise ConvertError(f"{where}: {name} is missing from the archive") from None
+    if info.file_size > limit:
+        raise ConvertError(f"{where}: {name} would inflate to {info.file_size} bytes, more than the archive "
+                           f"holds ({limit}); refused")
+    return archive.read(info)
 
 
 def _tensors_of(obj: Any, prefix: str = "", seen: set | None = None) -> dict[str, RawTensor]:
@@ -154,10 +183,12 @@ def read_pickle_archive(path: Path) -> dict[str, RawTensor]:
         prefix = _prefix_of(archive, "data.pkl")
         if prefix is None:
             raise ConvertError(f"{path}: a zip without data.pkl: not a TorchScript or torch.save archive")
+        limit = path.stat().st_size
         try:
-            root = _ArchiveUnpickler(archive.read(prefix + "data.pkl"), archive, prefix, str(path)).load()
-        except ConvertError:
-            raise
+            data = _read_member(archive, prefix + "data.pkl", limit, str(path))
+            root = _ArchiveUnpickler(data, archive, prefix, str(path), limit).load()
+        except ConvertError as e:
+            raise e if str(e).startswith(str(path)) else ConvertError(f"{path}: {e}") from None
         except Exception as e:  # a malformed pickle: truncated, bad opcodes, records of the wrong kind
             raise ConvertError(f"{path}: cannot read data.pkl: {type(e).__name__}: {e}") from None
     tensors = _tensors_of(root)
@@ -169,44 +200,46 @@ def read_pickle_archive(path: Path) -> dict[str, RawTensor]:
     return tensors
 
 
-def _any_tensor(obj: Any, depth: int = 0) -> bool:
+def _any_tensor(obj: Any, seen: set | None = None) -> bool:
+    seen = set() if seen is None else seen
     if isinstance(obj, RawTensor):
         return True
-    if depth > 64:
+    if id(obj) in seen or len(seen) > 100_000:
         return False
+    seen.add(id(obj))
     inner = (obj.values() if isinstance(obj, dict) else vars(obj).values() if isinstance(obj, _Stub)
              else obj if isinstance(obj, (list, tuple)) else ())
-    return any(_any_tensor(v, depth + 1) for v in inner)
+    return any(_any_tensor(v, seen) for v in inner)
 
 
 def read_export_archive(path: Path) -> dict[str, RawTensor]:
     """The weights of a torch.export archive (`.pt2`) by their names in the exported module."""
     with zipfile.ZipFile(path) as archive:
         prefix = _prefix_of(archive, "archive_format")
+        if prefix is None:
+            raise ConvertError(f"{path}: no top-level archive_format (not a torch.export archive)")
+        limit = path.stat().st_size
         cfg_name = f"{prefix}data/weights/model_weights_config.json"
         try:
-            config = json.loads(archive.read(cfg_name))["config"]
-        except KeyError:
-            raise ConvertError(f"{path}: no {cfg_name} (not a torch.export archive of weights)") from None
-        except (ValueError, TypeError) as e:
-            raise ConvertError(f"{path}: {cfg_name}: {e}") from None
-        out = {}
-        for name, entry in config.items():
-            where = f"{path}: weight {name!r}"
-            if not isinstance(entry, dict) or entry.get("use_pickle"):
-                raise ConvertError(f"{where} is stored as a pickle, which could run code; refused (re-export it "
-                                   "with plain tensors, or pass --trust-code for a file you trust)")
-            meta = entry.get("tensor_meta") or {}
-            dtype = _SCALAR_TYPES.get(meta.get("dtype"))
-            if dtype is None:
-                raise ConvertError(f"{where}: dtype number {meta.get('dtype')!r} is not supported")
-            sym = lambda v: v.get("as_int") if isinstance(v, dict) else None
-            try:
-                raw = archive.read(f"{prefix}data/weights/{entry['path_name']}")
-                flat = np.frombuffer(raw, dtype=_np_dtype(dtype), count=len(raw) // _np_dtype(dtype).itemsize)
-                out[name] = _strided(flat, dtype, sym(meta.get("storage_offset", {})),
-                                     [sym(s) for s in meta.get("sizes", [])],
-                                     [sym(s) for s in meta.get("strides", [])], where)
-            except KeyError:
-                raise ConvertError(f"{where}: its storage is missing from the archive") from None
-        return out
+            config = json.loads(_read_member(archive, cfg_name, limit, str(path)))["config"]
+            return {name: _export_weight(archive, prefix, name, entry, limit, f"{path}: weight {name!r}")
+                    for name, entry in config.items()}
+        except ConvertError:
+            raise
+        except (ValueError, TypeError, KeyError, AttributeError, RecursionError) as e:
+            raise ConvertError(f"{path}: {cfg_name} is not a weights table ({type(e).__name__}: {e})") from None
+
+
+def _export_weight(archive: zipfile.ZipFile, prefix: str, name: str, entry: Any, limit: int, where: str) -> RawTensor:
+    if not isinstance(entry, dict) or entry.get("use_pickle"):
+        raise ConvertError(f"{where} is stored as a pickle, which could run code; refused (re-export it "
+                           "with plain tensors, or pass --trust-code for a file you trust)")
+    meta = entry["tensor_meta"]
+    dtype = _SCALAR_TYPES.get(meta.get("dtype"))
+    if dtype is None:
+        raise ConvertError(f"{where}: dtype number {meta.get('dtype')!r} is not supported")
+    sym = lambda v: v.get("as_int") if isinstance(v, dict) else None  # noqa: E731
+    raw = _read_member(archive, f"{prefix}data/weights/{entry['path_name']}", limit, where)
+    flat = np.frombuffer(raw, dtype=_np_dtype(dtype), count=len(raw) // _np_dtype(dtype).itemsize)
+    return _strided(flat, dtype, sym(meta.get("storage_offset", {})), [sym(s) for s in meta["sizes"]],
+                    [sym(s) for s in meta["strides"]], where)
