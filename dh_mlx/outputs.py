@@ -17,14 +17,21 @@ def _same(a: Path, b: Path) -> bool:
         return False
 
 
+def _inside(path: Path, directory: Path) -> bool:
+    try:
+        return path.exists() and path.resolve().is_relative_to(directory.resolve())
+    except OSError:
+        return False
+
+
 def check_output_dir(out: str | Path, *, inputs: Iterable[str | Path | None] = (), force: bool = False,
                      flag: str = "--out") -> Path:
     """`out` as a directory to write into: not one of `inputs`, and empty or absent unless `force`."""
     out = Path(out)
     for src in inputs:
-        if src is not None and _same(out, Path(src)):
-            raise OutputError(f"{out}: {flag} is the input {src}; writing there would replace it (choose another "
-                              f"{flag})")
+        if src is not None and (_same(out, Path(src)) or _inside(Path(src), out)):
+            raise OutputError(f"{out}: {flag} is, or holds, the input {src}; writing there could replace it "
+                              f"(choose another {flag})")
     if out.exists() and not out.is_dir():
         raise OutputError(f"{out}: exists and is not a directory ({flag} takes a directory)")
     if out.is_dir() and any(out.iterdir()) and not force:

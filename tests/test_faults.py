@@ -66,6 +66,13 @@ def test_a_signal_saves_a_checkpoint_and_exits_with_the_resume_command(inputs, t
     assert "Traceback" not in err
     step = json.loads((latest_checkpoint(out) / "trainer_state.json").read_text())["step"]
     assert step >= 10
+    # the checkpoint is exactly step `step`: the same weights as a run stopped there on purpose
+    from dh_mlx.train.run import train
+    import mlx.core as mx
+    train(config=inputs / "config.json", data=inputs / "data.jsonl", tokenizer=inputs / "tok", out=tmp_path / "ref",
+          steps=10**6, batch_size=2, seq_len=16, eval_every=1000, save_every=1000, progress=False, stop_after=step)
+    got, want = (mx.load(str(latest_checkpoint(d) / "weights.safetensors")) for d in (out, tmp_path / "ref"))
+    assert set(got) == set(want) and all(mx.array_equal(got[k], want[k]).item() for k in got)
     (resume,) = [l for l in err.splitlines() if l.startswith("continue with: ")]
     command = shlex.split(resume.removeprefix("continue with: "))
     assert command[0] == "dh-mlx" and command[-1] == "--resume"

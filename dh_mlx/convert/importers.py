@@ -76,7 +76,9 @@ def import_checkpoint(input: str | Path, out: str | Path, *, config: str | Path 
     `tokenizer`: a directory with tokenizer.model to copy along. `dtype`: as stored unless given. Nothing
     in the file runs, unless `trust_code` (PyTorch's own TorchScript / torch.export loaders: a trusted file only).
     """
-    input, out = Path(input), check_output_dir(out, inputs=[input], force=force)
+    input = Path(input)
+    out = check_output_dir(out, inputs=[input, None if isinstance(config, ModelConfig) else config, tokenizer],
+                           force=force)
     state, stored_config = read_weights_file(input, trust_code=trust_code)
     if isinstance(config, ModelConfig):
         cfg = config

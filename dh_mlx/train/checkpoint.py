@@ -62,6 +62,8 @@ def save_checkpoint(run_dir: Path, step: int, *, write_weights: Callable[[Path],
     check_free_space(root, expected_bytes)
     name = f"step_{step:06d}"
     tmp, final = root / f".tmp-{name}", root / name
+    if final.is_dir() and damage(final) is None:  # this step is saved already (a stop right after a save)
+        return final
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         tmp.mkdir()
@@ -79,10 +81,16 @@ def save_checkpoint(run_dir: Path, step: int, *, write_weights: Callable[[Path],
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
     _write_text_atomic(root / "latest", name + "\n")
-    done = sorted(p for p in root.glob("step_*") if p.is_dir())
+    done = _steps(root)
     for old in done[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def _steps(root: Path) -> list[Path]:
+    """The checkpoint directories in step order (by number: step_1000000 comes after step_999999)."""
+    found = [p for p in root.glob("step_*") if p.is_dir() and p.name[5:].isdigit()]
+    return sorted(found, key=lambda p: int(p.name[5:]))
 
 
 def damage(path: Path) -> str | None:
@@ -105,7 +113,7 @@ def latest_checkpoint(run_dir: Path, *, report: bool = False) -> Path | None:
     """The newest intact checkpoint of the run (None without any); with `report`, a damaged newer one is
     named on stderr as it is passed over."""
     root = run_dir / "checkpoints"
-    candidates = sorted((p for p in root.glob("step_*") if p.is_dir()), reverse=True) if root.is_dir() else []
+    candidates = _steps(root)[::-1] if root.is_dir() else []
     for i, path in enumerate(candidates):
         why = damage(path)
         if why is None:

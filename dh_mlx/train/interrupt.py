@@ -1,7 +1,9 @@
-"""SIGINT and SIGTERM during training: the loop saves a checkpoint and the command exits 128 + the signal.
+"""SIGINT and SIGTERM during training: the loop finishes the step it is in, saves a checkpoint, and the command
+exits 128 + the signal.
 
-Handlers are installed for the loop's duration even where SIGINT arrives ignored (a job started in the
-background by a script); a second signal while the checkpoint is written is held back, not raised.
+The handler only records the signal; the loop checks it between steps, so a checkpoint never holds a step's
+new weights under the previous step's number. Handlers are installed for the loop's duration even where SIGINT
+arrives ignored (a job started in the background by a script); later signals change nothing.
 """
 
 from __future__ import annotations
@@ -20,23 +22,30 @@ class Interrupted(KeyboardInterrupt):
         self.signum = signum
 
 
+class StopRequest:
+    signum: int | None = None
+
+    def check(self) -> None:
+        """Raise `Interrupted` if a signal came since the loop started."""
+        if self.signum is not None:
+            raise Interrupted(self.signum)
+
+
 @contextmanager
-def stop_on_signals() -> Iterator[None]:
-    """Turn the first SIGINT / SIGTERM into `Interrupted`; later ones are ignored until the block ends."""
+def stop_on_signals() -> Iterator[StopRequest]:
+    """Record the first SIGINT / SIGTERM in the yielded `StopRequest` for the loop to act on."""
+    request = StopRequest()
     if threading.current_thread() is not threading.main_thread():
-        yield
+        yield request
         return
-    raised = False
 
     def handler(signum, frame):
-        nonlocal raised
-        if not raised:
-            raised = True
-            raise Interrupted(signum)
+        if request.signum is None:
+            request.signum = signum
 
     previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
-        yield
+        yield request
     finally:
         for s, h in previous.items():
             signal.signal(s, h)

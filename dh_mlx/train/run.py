@@ -70,9 +70,11 @@ def train(*, params: str | None = None, config: str | Path | None = None, data: 
               f"{model_config.vocab_size}; give --config to keep another)", file=sys.stderr)
         model_config = model_config.replace(vocab_size=tok.vocab_size)
     check_vocab(tok, model_config.vocab_size)
-    mtp_params = count_params(model_config).mtp if cfg.mtp_distill else None
-    check_training_fits(model_config, cfg, f"{init or name}", dtype_size=compute_dtype(dtype).size,
-                        trainable=mtp_params or None)
+    guarded = model_config  # with --mtp-distill: the model with the MTP module it trains (added if absent)
+    if cfg.mtp_distill and not model_config.num_nextn_predict_layers:
+        guarded = model_config.replace(num_nextn_predict_layers=1)
+    check_training_fits(guarded, cfg, f"{init or name}", dtype_size=compute_dtype(dtype).size,
+                        trainable=count_params(guarded).mtp if cfg.mtp_distill else None)
     domains = model_config.domain_routing.domains if model_config.domain_routing else None
     dataset = load_dataset(data, tok, seq_len=cfg.seq_len, domains=domains, val_fraction=cfg.val_fraction,
                            seed=cfg.seed, skip_invalid=cfg.skip_invalid)

@@ -29,7 +29,7 @@ from .checkpoint import (CheckpointWriteError, RunLock, latest_checkpoint, load_
 from .config import TrainConfig
 from .optim import AdamW, make_optimizer
 from .data import Batch as NpBatch, Dataset
-from .interrupt import stop_on_signals
+from .interrupt import StopRequest, stop_on_signals
 from .report import MetricsLog, directory_bytes, format_bytes, make_report
 from .loss import (Batch, alf_update, batch_counts, document_mask, expert_counts, greedy_next, imbalance,
                    loss_parts, masked_ce, mtp_mask, mtp_output)
@@ -211,21 +211,23 @@ def train_loop(model: Model, dataset: Dataset, cfg: TrainConfig, run_dir: Path, 
     run_dir.mkdir(parents=True, exist_ok=True)
     lock = RunLock(run_dir)
     try:
-        with stop_on_signals():
+        with stop_on_signals() as stop:
             return _train(model, dataset, cfg, run_dir, export=export, resume=resume, force=force,
-                          progress=progress, stop_after=stop_after)
+                          progress=progress, stop_after=stop_after, stop=stop)
     finally:
         lock.release()
 
 
 def _train(model: Model, dataset: Dataset, cfg: TrainConfig, run_dir: Path, *, export: Callable[[Path], None],
-           resume: bool, force: bool, progress: bool, stop_after: int | None) -> RunResult:
+           resume: bool, force: bool, progress: bool, stop_after: int | None, stop: StopRequest) -> RunResult:
     remove_partial(run_dir)
     optimizer = make_optimizer(cfg)
     batches = dataset.train_batches(cfg.batch_size, seed=cfg.seed)
     start = 0
-    ckpt = latest_checkpoint(run_dir, report=resume)
-    if resume and ckpt is not None:
+    ckpt = latest_checkpoint(run_dir, report=True) if resume else None
+    if resume and ckpt is None:
+        raise TrainingError(f"{run_dir}: no checkpoint to resume from; drop --resume (with --force) to start afresh")
+    if resume:
         state, opt_state = load_checkpoint(ckpt)
         model.load_weights(list(_resumable_weights(model, ckpt).items()), strict=False)
         optimizer.state = opt_state
@@ -235,12 +237,11 @@ def _train(model: Model, dataset: Dataset, cfg: TrainConfig, run_dir: Path, *, e
         changed = [f"{k} {saved[k]!r} -> {v!r}" for k, v in cfg.to_dict().items() if k in saved and saved[k] != v]
         if changed:  # allowed (e.g. more steps), but the schedule and data order follow the new values
             print(f"note: resuming {ckpt.name} with other training options: {', '.join(changed)}", file=sys.stderr)
-    elif ckpt is not None and force:  # a fresh run in place of the old one, as asked
+    elif (run_dir / "checkpoints").is_dir() and force:  # a fresh run in place of the old one, as asked
         shutil.rmtree(run_dir / "checkpoints")
-        ckpt = None
-    elif ckpt is not None:
-        raise TrainingError(f"{run_dir} already holds a run (checkpoint {ckpt.name}); pass --resume to continue "
-                            "it or choose another --out")
+    elif (run_dir / "checkpoints").is_dir() and any((run_dir / "checkpoints").glob("step_*")):
+        raise TrainingError(f"{run_dir} already holds a run; pass --resume to continue it, --force to start "
+                            "afresh, or choose another --out")
     mx.random.seed(cfg.seed + start)
     log = MetricsLog(run_dir / "metrics.jsonl", start if resume else None)
     fns = build_steps(model, optimizer, cfg)
@@ -317,6 +318,8 @@ def _train(model: Model, dataset: Dataset, cfg: TrainConfig, run_dir: Path, *, e
                 checkpoint(step)
                 interrupted = True
                 break
+            if step < cfg.steps:
+                stop.check()  # between steps: the weights, the data position and the step number agree
     except KeyboardInterrupt as e:
         interrupted, stopped_by = True, getattr(e, "signum", signal.SIGINT)
         checkpoint(step)
