@@ -15,9 +15,10 @@ import io
 import json
 import pickle
 import zipfile
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 
@@ -172,18 +173,19 @@ def _tensors_of(obj: Any, prefix: str = "", seen: set | None = None) -> dict[str
     return out
 
 
-def _prefix_of(archive: zipfile.ZipFile, leaf: str) -> str | None:
-    names = [n for n in archive.namelist() if n.endswith("/" + leaf) and n.count("/") == 1]
-    return names[0][: -len(leaf)] if names else None
+@contextmanager
+def _opened(path: Path, leaf: str, kind: str) -> Iterator[tuple[zipfile.ZipFile, str, int]]:
+    """(the zip, its top folder `prefix/`, the byte limit for a member) of an archive with `prefix/leaf`."""
+    with zipfile.ZipFile(path) as archive:
+        names = [n for n in archive.namelist() if n.endswith("/" + leaf) and n.count("/") == 1]
+        if not names:
+            raise ConvertError(f"{path}: no top-level {leaf} (not {kind})")
+        yield archive, names[0][: -len(leaf)], path.stat().st_size
 
 
 def read_pickle_archive(path: Path) -> dict[str, RawTensor]:
     """The tensors of a TorchScript archive or a `torch.save` zip (its `data.pkl`), named as in its state_dict."""
-    with zipfile.ZipFile(path) as archive:
-        prefix = _prefix_of(archive, "data.pkl")
-        if prefix is None:
-            raise ConvertError(f"{path}: a zip without data.pkl: not a TorchScript or torch.save archive")
-        limit = path.stat().st_size
+    with _opened(path, "data.pkl", "a TorchScript or torch.save archive") as (archive, prefix, limit):
         try:
             data = _read_member(archive, prefix + "data.pkl", limit, str(path))
             root = _ArchiveUnpickler(data, archive, prefix, str(path), limit).load()
@@ -214,11 +216,7 @@ def _any_tensor(obj: Any, seen: set | None = None) -> bool:
 
 def read_export_archive(path: Path) -> dict[str, RawTensor]:
     """The weights of a torch.export archive (`.pt2`) by their names in the exported module."""
-    with zipfile.ZipFile(path) as archive:
-        prefix = _prefix_of(archive, "archive_format")
-        if prefix is None:
-            raise ConvertError(f"{path}: no top-level archive_format (not a torch.export archive)")
-        limit = path.stat().st_size
+    with _opened(path, "archive_format", "a torch.export archive") as (archive, prefix, limit):
         cfg_name = f"{prefix}data/weights/model_weights_config.json"
         try:
             config = json.loads(_read_member(archive, cfg_name, limit, str(path)))["config"]
