@@ -50,7 +50,7 @@ def check_output_file(out: str | Path, *, inputs: Iterable[str | Path | None] = 
     for src in inputs:
         if src is None:
             continue
-        if _same(out, Path(src)) or (out.exists() and Path(src).is_dir() and _same(out.parent, Path(src))):
+        if _same(out, Path(src)) or _inside(out, Path(src)):
             raise OutputError(f"{out}: {flag} is the input {src} or one of its files; writing there would replace "
                               f"it (choose another {flag})")
     if out.exists() and not force:

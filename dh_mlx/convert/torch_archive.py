@@ -101,6 +101,7 @@ class _ArchiveUnpickler(pickle.Unpickler):
         self.archive, self.prefix, self.where, self.limit = archive, prefix, where, limit
         self.stubs: dict[str, type] = {}
         self.storages: dict[str, tuple[np.ndarray, str]] = {}  # each read once, however often it is named
+        self.rebuilt = 0  # tensors rebuilt, named or not
 
     def find_class(self, module: str, name: str) -> Any:
         if module == "torch._utils" and name == "_rebuild_tensor_v2":
@@ -136,6 +137,7 @@ class _ArchiveUnpickler(pickle.Unpickler):
     def _rebuild_tensor(self, storage: Any, offset: Any, size: Any, stride: Any, *rest: Any) -> RawTensor:
         if not (isinstance(storage, tuple) and len(storage) == 2 and isinstance(storage[0], np.ndarray)):
             raise ConvertError(f"{self.where}: a tensor without a storage")
+        self.rebuilt += 1
         return _strided(storage[0], storage[1], offset, size, stride, self.where)
 
 
@@ -188,30 +190,18 @@ def read_pickle_archive(path: Path) -> dict[str, RawTensor]:
     with _opened(path, "data.pkl", "a TorchScript or torch.save archive") as (archive, prefix, limit):
         try:
             data = _read_member(archive, prefix + "data.pkl", limit, str(path))
-            root = _ArchiveUnpickler(data, archive, prefix, str(path), limit).load()
+            unpickler = _ArchiveUnpickler(data, archive, prefix, str(path), limit)
+            root = unpickler.load()
         except ConvertError as e:
             raise e if str(e).startswith(str(path)) else ConvertError(f"{path}: {e}") from None
         except Exception as e:  # a malformed pickle: truncated, bad opcodes, records of the wrong kind
             raise ConvertError(f"{path}: cannot read data.pkl: {type(e).__name__}: {e}") from None
     tensors = _tensors_of(root)
     if not tensors:
-        hidden = _any_tensor(root)
         raise ConvertError(f"{path}: " + ("its tensors sit only in a custom __setstate__ state, which has no names "
                                           "without running the archive's code (--trust-code, for a file you trust)"
-                                          if hidden else "the archive holds no tensors"))
+                                          if unpickler.rebuilt else "the archive holds no tensors"))
     return tensors
-
-
-def _any_tensor(obj: Any, seen: set | None = None) -> bool:
-    seen = set() if seen is None else seen
-    if isinstance(obj, RawTensor):
-        return True
-    if id(obj) in seen or len(seen) > 100_000:
-        return False
-    seen.add(id(obj))
-    inner = (obj.values() if isinstance(obj, dict) else vars(obj).values() if isinstance(obj, _Stub)
-             else obj if isinstance(obj, (list, tuple)) else ())
-    return any(_any_tensor(v, seen) for v in inner)
 
 
 def read_export_archive(path: Path) -> dict[str, RawTensor]:

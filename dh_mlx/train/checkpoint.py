@@ -59,11 +59,11 @@ def save_checkpoint(run_dir: Path, step: int, *, write_weights: Callable[[Path],
                     trainer_state: dict, keep: int = 1, expected_bytes: int = 0) -> Path:
     root = run_dir / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
-    check_free_space(root, expected_bytes)
     name = f"step_{step:06d}"
     tmp, final = root / f".tmp-{name}", root / name
     if final.is_dir() and damage(final) is None:  # this step is saved already (a stop right after a save)
         return final
+    check_free_space(root, expected_bytes)
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         tmp.mkdir()
@@ -114,7 +114,7 @@ def latest_checkpoint(run_dir: Path, *, report: bool = False) -> Path | None:
     named on stderr as it is passed over."""
     root = run_dir / "checkpoints"
     candidates = _steps(root)[::-1] if root.is_dir() else []
-    for i, path in enumerate(candidates):
+    for path in candidates:
         why = damage(path)
         if why is None:
             return path

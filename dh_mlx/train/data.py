@@ -426,3 +426,13 @@ def unigram_entropy(packed: Packed) -> float:
     counts = np.bincount(b.targets[b.loss_mask > 0])
     p = counts[counts > 0] / counts.sum() if counts.size else np.ones(1)
     return float(-(p * np.log(p)).sum())
+
+
+def describe_dataset(path: str | Path, dataset: Dataset, seq_len: int, val_fraction: float) -> str:
+    """What `train` and `lora` say of their data, with a warning when there is no validation split."""
+    text = (f"data: {path}: {dataset.summary}; {len(dataset.train)} training and {len(dataset.valid)} validation "
+            f"sequences of {seq_len} tokens")
+    if not len(dataset.valid):
+        text += (f"\nwarning: {path}: no validation split (too few documents for val_fraction {val_fraction}); "
+                 "no validation loss will be reported")
+    return text

@@ -20,7 +20,7 @@ from ..outputs import check_output_dir
 from ..model.moe import Routing
 from ..weights import load_model, resolve_path, save_model
 from .config import TrainConfig
-from .data import load_dataset
+from .data import describe_dataset, load_dataset
 from .memory import activation_elements
 from .lora import (ADAPTER_CONFIG, LoRAConfig, apply_lora, fuse_lora, load_adapters, lora_parameters, save_adapters,
                    trainable_count)
@@ -117,8 +117,7 @@ def lora(*, model: str | Path, data: str | Path, out: str | Path, tokenizer: str
     domains = m.config.domain_routing.domains if m.config.domain_routing else None
     dataset = load_dataset(data, tok, seq_len=cfg.seq_len, domains=domains, val_fraction=cfg.val_fraction,
                            seed=cfg.seed, skip_invalid=cfg.skip_invalid)
-    print(f"data: {data}: {dataset.summary}; {len(dataset.train)} training and {len(dataset.valid)} validation "
-          f"sequences of {cfg.seq_len} tokens", file=sys.stderr)
+    print(describe_dataset(data, dataset, cfg.seq_len, cfg.val_fraction), file=sys.stderr)
     apply_lora(m, lc, seed=seed)
     if resume:
         _check_same_adapters(out, lora_parameters(m.config, lc))
@@ -129,9 +128,6 @@ def lora(*, model: str | Path, data: str | Path, out: str | Path, tokenizer: str
     print(f"LoRA: {trainable:,} trainable parameters ({trainable / total:.3%} of {total:,}); estimated peak "
           f"memory {estimate:.3g} GB", file=sys.stderr)
     has_val = len(dataset.valid) > 0
-    if not has_val:
-        print(f"warning: {data}: no validation split (too few documents for val_fraction {cfg.val_fraction}); "
-              "no validation loss will be reported", file=sys.stderr)
     before = None if (resume and (out / "checkpoints").exists()) or not has_val else evaluate(m, dataset, cfg).loss
 
     def export(d: Path) -> None:

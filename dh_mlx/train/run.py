@@ -13,7 +13,7 @@ from ..outputs import OutputError, check_output_dir
 from ..params import count_params
 from ..weights import load_model, random_model, save_model, with_mtp_module
 from .config import TrainConfig
-from .data import load_dataset
+from .data import describe_dataset, load_dataset
 from .memory import check_training_fits
 from .report import format_bytes
 from .trainer import RunResult, train_loop
@@ -78,11 +78,7 @@ def train(*, params: str | None = None, config: str | Path | None = None, data: 
     domains = model_config.domain_routing.domains if model_config.domain_routing else None
     dataset = load_dataset(data, tok, seq_len=cfg.seq_len, domains=domains, val_fraction=cfg.val_fraction,
                            seed=cfg.seed, skip_invalid=cfg.skip_invalid)
-    print(f"data: {data}: {dataset.summary}; {len(dataset.train)} training and {len(dataset.valid)} validation "
-          f"sequences of {cfg.seq_len} tokens", file=sys.stderr)
-    if not len(dataset.valid):
-        print(f"warning: {data}: no validation split (too few documents for val_fraction {cfg.val_fraction}); "
-              "no validation loss will be reported", file=sys.stderr)
+    print(describe_dataset(data, dataset, cfg.seq_len, cfg.val_fraction), file=sys.stderr)
     model = load_model(init, dtype=dtype) if init else random_model(model_config, seed=cfg.seed, dtype=dtype)
     if cfg.mtp_distill:  # only the MTP modules learn; their output heads stay the main model's
         model = with_mtp_module(model, seed=cfg.seed)
