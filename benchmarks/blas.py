@@ -18,8 +18,9 @@ import sys
 CHILD = """
 import json, sys, time
 import dh_mlx, mlx.core as mx
-from dh_mlx.device import blas_in_use, blas_threads
-out = {"blas": blas_in_use()}
+from dh_mlx.backend import blas_threads
+from dh_mlx.backend.cpu.blas import loaded
+out = {"blas": loaded}
 for spec in sys.argv[1:]:
     m, k, n, threads = (int(x) for x in spec.split("x"))
     a = mx.random.normal((m, k)); b = mx.random.normal((k, n))
@@ -46,7 +47,7 @@ def measure(specs: list[str], blas: str | None) -> dict:
 
 
 def main() -> None:
-    from dh_mlx.device import cpu_description
+    from dh_mlx.backend import cpu_description
 
     n = int(sys.argv[1]) if len(sys.argv) > 1 else 1024
     square = f"{n}x{n}x{n}x0"

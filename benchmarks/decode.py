@@ -32,8 +32,11 @@ import mlx.core as mx
 import numpy as np
 
 from dh_mlx import load_preset, random_model, save_model
-from dh_mlx.generate import GenerationStats, generate_tokens
-from dh_mlx.device import blas_in_use, compute_dtype, cpu_description, untuned_environ
+from dh_mlx.generation import GenerationStats, generate_tokens
+from dh_mlx import backend
+from dh_mlx.backend import cpu_description, untuned_environ
+from dh_mlx.backend.cpu import blas
+from dh_mlx.device import compute_dtype
 from dh_mlx.params import count_params
 from dh_mlx.train.run import DEFAULT_TOKENIZER, copy_tokenizer
 
@@ -65,6 +68,7 @@ def best_of(run) -> tuple[float, float]:
 
 
 def ours(path: Path, prompt: list[int], n: int, mtp: bool = False) -> tuple[float, ...]:
+    backend.setup()
     model = dh_mlx.load_model(path)
     acceptance = []
 
@@ -170,7 +174,7 @@ def main() -> None:
             None if r[0] is None else (max(x[0] for x in r), max(x[1] for x in r), *r[-1][2:]) for r in zip(*rounds))
     dtype = str(compute_dtype()).rsplit(".", 1)[-1]  # float32 on the CPU backend, bfloat16 on Metal
     setup = (f"{a.model or a.params}, {dtype}, {mx.default_device()}, prompt {a.prompt_tokens}, {a.gen_tokens} new, "
-             f"{cpu_description()}, our BLAS {blas_in_use()}")
+             f"{cpu_description()}, our BLAS {blas.loaded}")
     for i, name in ((1, "decode_tokens_per_s"), (0, "prefill_tokens_per_s")):
         extra = {} if lcpp is None else {"llama_cpp": round(lcpp[i], 2), "ratio_llama_cpp": round(mine[i] / lcpp[i], 2)}
         emit(name, mine[i], "tokens/s", setup=setup, mlx_lm=round(theirs[i], 2),

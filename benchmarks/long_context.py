@@ -15,11 +15,12 @@ import json
 import time
 
 import dh_mlx  # noqa: F401
+from dh_mlx import backend
 import mlx.core as mx
 
 from dh_mlx import load_preset, random_model
-from dh_mlx.cache import make_cache
-from dh_mlx.generate import compiled_decode_step, decode_step, prefill
+from dh_mlx.generation.cache import make_cache
+from dh_mlx.generation import compiled_decode_step, decode_step, prefill
 from dh_mlx.params import KV_REFERENCES, reference_kv_bytes_per_token
 
 
@@ -58,6 +59,7 @@ def main() -> None:
     ap.add_argument("--lengths", default="4096,32768,131072")
     ap.add_argument("--decode-tokens", type=int, default=16)
     a = ap.parse_args()
+    backend.setup()  # the CPU operations dh_mlx.load would set up
     config = load_preset(a.params)
     model = random_model(config, seed=0)
     dtype_bytes = 4  # float32 on the CPU backend

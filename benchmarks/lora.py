@@ -25,7 +25,7 @@ import numpy as np
 
 from dh_mlx import load_model, save_model
 from dh_mlx.config import DATA_DIR
-from dh_mlx.device import widen_eval_order
+from dh_mlx import backend
 from dh_mlx.quant import quantize
 from dh_mlx.tokenizer import load_tokenizer
 from dh_mlx.train.data import load_dataset
@@ -93,7 +93,7 @@ def main() -> None:
     ap.add_argument("--speed-steps", type=int, default=20, help="steps of each side-by-side speed run")
     ap.add_argument("--rounds", type=int, default=2, help="side-by-side speed runs of each trainer")
     a = ap.parse_args()
-    widen_eval_order()  # before the first eval (children inherit it): both CPU streams in the step
+    backend.setup(training=True)  # before the first eval (children inherit it): both CPU streams in the step
     work = a.work
     for name in ("lora", "qlora_4bit", "full", "lora_speed_0"):
         if (work / name).exists():

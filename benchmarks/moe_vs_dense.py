@@ -16,12 +16,13 @@ import json
 import time
 
 import dh_mlx  # noqa: F401
+from dh_mlx import backend
 import mlx.core as mx
 import numpy as np
 from mlx.utils import tree_flatten
 
 from dh_mlx import load_preset, random_model
-from dh_mlx.generate import GenerationStats, generate_tokens
+from dh_mlx.generation import GenerationStats, generate_tokens
 from dh_mlx.params import count_params
 
 DENSE = dict(model_type="llama", hidden_size=2048, num_hidden_layers=19, intermediate_size=5504,
@@ -50,6 +51,7 @@ def main() -> None:
     ap.add_argument("--gen-tokens", type=int, default=32)
     ap.add_argument("--prompt-tokens", type=int, default=64)
     a = ap.parse_args()
+    backend.setup()  # the CPU operations dh_mlx.load would set up
     config = load_preset(a.params).replace(num_nextn_predict_layers=0)
     prompt = np.random.default_rng(0).integers(3, config.vocab_size, a.prompt_tokens).tolist()
     model = random_model(config, seed=0)

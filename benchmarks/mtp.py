@@ -13,8 +13,9 @@ import json
 from pathlib import Path
 
 import dh_mlx
-from dh_mlx.generate import GenerationStats, generate_tokens
-from dh_mlx.speculative import DraftPolicy
+from dh_mlx import backend
+from dh_mlx.generation import GenerationStats, generate_tokens
+from dh_mlx.generation.speculative import DraftPolicy
 from dh_mlx.train.data import load_dataset
 from dh_mlx.train.run import DEFAULT_DATA
 
@@ -29,6 +30,7 @@ def main() -> None:
     ap.add_argument("--temps", type=float, nargs="*", default=[0.7, 1.0],
                     help="also the acceptance when sampling at these temperatures (drafting every step)")
     a = ap.parse_args()
+    backend.setup()  # the CPU operations dh_mlx.load would set up
     model, tok = dh_mlx.load(a.model)
     if not model.config.num_nextn_predict_layers:
         raise SystemExit(f"{a.model}: has no MTP module")

@@ -19,12 +19,13 @@ import json
 from pathlib import Path
 
 import dh_mlx  # noqa: F401  (fast BLAS first)
+from dh_mlx import backend
 import mlx.core as mx
 import numpy as np
 
 from dh_mlx import load_preset, random_model
-from dh_mlx.generate import GenerationStats, generate_tokens
-from dh_mlx.speculative import DraftPolicy
+from dh_mlx.generation import GenerationStats, generate_tokens
+from dh_mlx.generation.speculative import DraftPolicy
 from dh_mlx.weights import with_mtp_module
 
 
@@ -58,6 +59,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--spoil", type=float, nargs="+", default=[0.0, 0.25, 0.5])
     a = ap.parse_args()
+    backend.setup()  # the CPU operations dh_mlx.load would set up
     if a.model:
         model = dh_mlx.load_model(a.model)
     else:  # as decode.py builds it: the bundled 8K vocabulary

@@ -18,6 +18,7 @@ import tempfile
 from pathlib import Path
 
 import dh_mlx  # noqa: F401  (loads the fast BLAS before mlx.core)
+from dh_mlx import backend
 import mlx.core as mx
 import mlx.nn as nn
 
@@ -54,6 +55,7 @@ def main() -> None:
     ap.add_argument("--batches", type=int, default=16, help="validation batches of 8 sequences")
     ap.add_argument("--group-size", type=int, default=64)
     a = ap.parse_args()
+    backend.setup()  # the CPU operations dh_mlx.load would set up
     work = Path(tempfile.mkdtemp(prefix="quant_quality-"))
     if a.model is None:
         from dh_mlx.train.run import train

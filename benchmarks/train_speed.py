@@ -27,7 +27,9 @@ import mlx.optimizers as optim
 import numpy as np
 
 from dh_mlx import load_preset, random_model, save_model
-from dh_mlx.device import blas_in_use, cpu_description, untuned_environ, widen_eval_order
+from dh_mlx import backend
+from dh_mlx.backend import cpu_description, untuned_environ
+from dh_mlx.backend.cpu import blas
 from dh_mlx.params import count_params
 from dh_mlx.train.config import TrainConfig
 from dh_mlx.train.loss import Batch
@@ -117,7 +119,7 @@ def main() -> None:
     ap.add_argument("--engine", choices=ENGINES, help=argparse.SUPPRESS)  # child process: one engine
     ap.add_argument("--model", type=Path, help=argparse.SUPPRESS)
     a = ap.parse_args()
-    widen_eval_order()  # before the first eval (children inherit it): both CPU streams in the step
+    backend.setup(training=True)  # before the first eval (children inherit it): both CPU streams in the step
     if a.engine:
         config = dh_mlx.load_config(a.model)
         data = batches(config.vocab_size, a.batch_size, a.seq_len, a.steps)
@@ -133,7 +135,7 @@ def main() -> None:
                    run_engine("mlx_lm", path, a)) for _ in range(2)]
     mine, theirs, theirs_tuned = (max(r) for r in zip(*rounds))
     shape = (f"{a.params}{f' ({a.layers} layers)' if a.layers else ''}, batch {a.batch_size} x {a.seq_len}, "
-             f"float32, {mx.default_device()}, {cpu_description()}, our BLAS {blas_in_use()}")
+             f"float32, {mx.default_device()}, {cpu_description()}, our BLAS {blas.loaded}")
     print(json.dumps({"name": "train_tokens_per_s", "value": round(mine, 1), "unit": "tokens/s", "setup": shape,
                       "comparison": {"mlx_lm_tokens_per_s": round(theirs, 1), "ratio": round(mine / theirs, 2),
                                      "mlx_lm_with_our_cpu_tuning": round(theirs_tuned, 1),

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import dh_mlx  # noqa: F401
 from dh_mlx import load_preset, random_model
-from dh_mlx.device import widen_eval_order
+from dh_mlx import backend
 from dh_mlx.tokenizer import load_tokenizer
 from dh_mlx.train.config import TrainConfig
 from dh_mlx.train.data import load_dataset, unigram_entropy
@@ -36,7 +36,7 @@ def main() -> None:
     ap.add_argument("--seq-len", type=int, default=128)
     ap.add_argument("--seed", type=int, default=0)
     a = ap.parse_args()
-    widen_eval_order()  # before the first eval (children inherit it): both CPU streams in the step
+    backend.setup(training=True)  # before the first eval: both CPU streams in the step
     config = load_preset("tiny")
     cfg = TrainConfig(steps=a.steps, batch_size=a.batch_size, seq_len=a.seq_len, seed=a.seed, eval_batches=40)
     tok = load_tokenizer(DEFAULT_TOKENIZER)

@@ -1,24 +1,28 @@
-"""dh-mlx: Darkhorse Genesis (DeepSeek-V3-style MoE with MLA) on Apple's MLX."""
+"""dh-mlx: Darkhorse Genesis (DeepSeek-V3-style MoE with MLA) on Apple's MLX.
 
-import importlib.util
+Importing the package does one thing on Linux: it loads an optimised BLAS, which must happen before MLX is
+first imported (`DH_MLX_BLAS=off` to skip; see docs/internals.md). It imports neither MLX nor PyTorch; the
+names below load their modules on first use. `dh_mlx.backend.setup()` sets the rest of the process up.
+"""
 
-from . import _blas, _jit
+import importlib
 
-_jit.enable()  # vectorised mx.compile kernels on the CPU (Linux); before MLX compiles anything
-_blas.load_fast_blas()  # must precede the first `import mlx.core` (Linux CPU speed)
+from .backend.cpu import blas as _blas
 
-from .config import DomainRouting, ModelConfig, load_config, load_preset  # noqa: E402
-from .layout import CheckpointError  # noqa: E402
+_blas.load_fast_blas()
 
-__all__ = ["ModelConfig", "DomainRouting", "CheckpointError", "load_config", "load_preset"]
 __version__ = "0.1.0"
 
-# A CUDA box may run only the PyTorch twin (dh_mlx.torch), which needs the config and layout above, not MLX.
-if importlib.util.find_spec("mlx") is not None:
-    from .api import load, load_preset_model  # noqa: E402
-    from .generate import generate, generate_tokens, stream_generate  # noqa: E402
-    from .model import Model  # noqa: E402
-    from .weights import load_model, random_model, save_model  # noqa: E402
+_EXPORTS = {
+    "ModelConfig": "config", "DomainRouting": "config", "load_config": "config", "load_preset": "config",
+    "CheckpointError": "layout", "load": "api", "load_preset_model": "api", "Model": "model",
+    "load_model": "weights", "save_model": "weights", "random_model": "weights",
+    "generate": "generation", "generate_tokens": "generation", "stream_generate": "generation",
+}
+__all__ = list(_EXPORTS)
 
-    __all__ += ["Model", "load_model", "save_model", "random_model", "load", "load_preset_model", "generate",
-                "generate_tokens", "stream_generate"]
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+    raise AttributeError(f"module 'dh_mlx' has no attribute {name!r}")

@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from . import backend
 from .config import DATA_DIR, load_config, load_preset
 from .model import Model
 from .weights import load_model, random_model, resolve_path
@@ -19,6 +20,7 @@ def _tokenizer(path: Path, vocab_size: int) -> Any:
 def load(path: str | Path, *, dtype: str | None = None) -> tuple[Model, Any]:
     """(model, tokenizer) from a model directory (or hub repo id); tokenizer is None if the directory has none.
     A tokenizer with more pieces than the model's vocab_size is refused before the weights are read."""
+    backend.setup()
     path = resolve_path(path)
     tokenizer = _tokenizer(path, load_config(path).vocab_size)
     return load_model(path, dtype=dtype), tokenizer
@@ -27,6 +29,7 @@ def load(path: str | Path, *, dtype: str | None = None) -> tuple[Model, Any]:
 def load_preset_model(name: str, *, seed: int = 0, dtype: str | None = None, quiet: bool = False
                       ) -> tuple[Model, Any]:
     """An untrained model from `parameters/NAME.json` with the bundled sample tokenizer."""
+    backend.setup()
     config = load_preset(name)
     tokenizer = _tokenizer(DATA_DIR / "tokenizer", config.vocab_size)
     model = random_model(config, seed=seed, dtype=dtype, name=f"preset {name!r}")

@@ -31,7 +31,7 @@ def _generate(*, prompt: str, model: Optional[Path] = None, params: Optional[str
               adapter: Optional[Path] = None, stream: bool = True) -> None:
     from .api import load, load_preset_model
     from .config import DEFAULT_PRESET
-    from .generate import GenerationStats, stream_generate
+    from .generation import GenerationStats, stream_generate
     if params and model:
         _fail("give either --params or --model, not both")
     if model:
@@ -39,7 +39,7 @@ def _generate(*, prompt: str, model: Optional[Path] = None, params: Optional[str
     else:
         m, tok = load_preset_model(params or DEFAULT_PRESET, seed=seed, dtype=dtype)
     if adapter:
-        from .train.lora import load_adapters
+        from .lora import load_adapters
         load_adapters(m, adapter)
     if tok is None:
         _fail(f"{model}: no tokenizer.model in the model directory")
@@ -48,14 +48,11 @@ def _generate(*, prompt: str, model: Optional[Path] = None, params: Optional[str
         if m.config.domain_routing is None:
             _fail("--domain needs a model with a domain_routing block in its config.json")
         dom = m.config.domain_routing.domain_id(domain)
-    use_mtp = bool(m.config.num_nextn_predict_layers) if mtp is None else mtp
-    from .speculative import DraftPolicy
-    policy = DraftPolicy() if use_mtp else None
     stats = GenerationStats()
     pieces: list[str] = []
     for r in stream_generate(m, tok, prompt, max_tokens=max_tokens, temp=temp, top_p=top_p, top_k=top_k,
                              min_p=min_p, repetition_penalty=repetition_penalty, seed=seed, domain=dom,
-                             mtp=use_mtp, draft_policy=policy, prefill_step_size=prefill_step_size, stats=stats):
+                             mtp=mtp, prefill_step_size=prefill_step_size, stats=stats):
         pieces.append(r.text)
         if stream:
             sys.stdout.write(r.text)
@@ -66,7 +63,7 @@ def _generate(*, prompt: str, model: Optional[Path] = None, params: Optional[str
                f"{stats.peak_memory_gb:.2f} GB", err=True)
     if stats.acceptance_rate is not None:
         typer.echo(f"MTP draft acceptance: {stats.accepted}/{stats.drafted} = {stats.acceptance_rate:.1%} "
-                   f"({policy.summary()})", err=True)
+                   f"({stats.draft_summary})", err=True)
 
 
 def _read_prompt(prompt: Optional[str], prompt_file: Optional[Path]) -> str:
@@ -186,8 +183,6 @@ def train(params: Optional[str] = typer.Option(None, help="size preset (default 
           resume: bool = typer.Option(False, help="continue the run in --out from its latest checkpoint"),
           force: bool = typer.Option(False, help="start afresh in an --out that already holds files")) -> None:
     """Train from domain-tagged JSONL with ALF balancing and MTP; --out becomes a loadable model directory."""
-    from .device import widen_eval_order
-    widen_eval_order()  # before MLX's first eval: lets the step use both CPU streams
     from .train.run import describe, train as run
     result = run(params=params, config=config, data=data, out=out, tokenizer=tokenizer, init=init, resume=resume,
                  force=force, steps=steps, batch_size=batch_size,
@@ -253,8 +248,6 @@ def lora(model: Path = typer.Option(..., help="base model directory (float, or q
          resume: bool = typer.Option(False, help="continue the run in --out from its latest checkpoint"),
          force: bool = typer.Option(False, help="start afresh in an --out that already holds files")) -> None:
     """Fine-tune LoRA adapters (QLoRA on a quantized model) with the training loop of `train`."""
-    from .device import widen_eval_order
-    widen_eval_order()  # before MLX's first eval: lets the step use both CPU streams
     from .train.lora_run import describe, lora as run
     result = run(model=model, data=data, out=out, tokenizer=tokenizer, rank=rank, alpha=alpha, dropout=dropout,
                  targets=[t for item in targets or [] for t in item.split(",") if t] or None, num_layers=num_layers, experts=experts, grad_checkpointing=grad_checkpoint,

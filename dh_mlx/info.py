@@ -5,8 +5,9 @@ from __future__ import annotations
 from typing import Any
 
 from .config import ModelConfig
-from .device import (WIDE_BFS_WIDTH, blas_in_use, compute_dtype, cpu_description, cpu_kernel_flags,
-                     eval_order_width, native_kernels)
+from . import backend
+from .device import compute_dtype
+from .backend.cpu.streams import WIDE_BFS_WIDTH
 from .params import CONTEXTS, KV_REFERENCES, count_params, kv_bytes_per_token, reference_kv_bytes_per_token, \
     weight_bytes
 
@@ -33,12 +34,10 @@ def model_info(config: ModelConfig) -> dict[str, Any]:
                           for name in KV_REFERENCES},
         "domains": config.domain_routing.domains if config.domain_routing else None,
         "compute_dtype": str(compute_dtype()).replace("mlx.core.", ""),
-        "cpu": cpu_description(),
-        "blas": blas_in_use(),
-        "cpu_kernels": cpu_kernel_flags(),
-        "native_kernels": native_kernels(),
-        "mlx_bfs_max_width": eval_order_width(),
     }
+    b = backend.describe()
+    info.update(cpu=b["cpu"], blas=b["blas"], cpu_kernels=b["cpu_kernels"], native_kernels=b["native_kernels"],
+                backend_operations=b["operations"], mlx_bfs_max_width=b["eval_order_width"])
     return info
 
 
@@ -72,6 +71,7 @@ def format_info(info: dict[str, Any], title: str) -> str:
     k = info["cpu_kernels"]
     lines.append(f"  compiled kernels  {'vectorising g++ flags, cache ' + k if k.startswith('/') else k}")
     lines.append(f"  native kernels    {info['native_kernels']}")
+    lines.append(f"  CPU operations    {info['backend_operations']}")
     lines.append(f"  MLX eval order    {info['mlx_bfs_max_width']} wide (MLX_BFS_MAX_WIDTH; `dh-mlx train` and "
                  f"`lora` use {WIDE_BFS_WIDTH})")
     return "\n".join(lines)

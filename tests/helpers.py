@@ -74,3 +74,30 @@ def model_with_tokenizer(root: Path, name: str = "m") -> Path:
     for f in (root / "tok").iterdir():
         shutil.copyfile(f, root / name / f.name)
     return root / name
+
+
+def expert_path(path: str | None):
+    """A block in which the routed experts always run through the CPU backend's `path` (None: as chosen)."""
+    from contextlib import nullcontext
+
+    from dh_mlx import ops
+    from dh_mlx.backend.cpu import experts
+    return nullcontext() if path is None else ops.using(**experts.forced(path))
+
+
+def cpu_attention():
+    """The CPU backend's attention functions, over the streams `backend.setup()` made."""
+    from dh_mlx import backend
+    from dh_mlx.backend.cpu import attention
+    return attention.make(backend.setup().streams)
+
+
+def force_expert_path(monkeypatch, path: str) -> None:
+    """`expert_path(path)` for the rest of a test (undone at its end)."""
+    from dh_mlx import ops
+    from dh_mlx.backend.cpu import experts
+    for name, impl in experts.forced(path).items():
+        if impl is None:
+            monkeypatch.delitem(ops._registered, name, raising=False)
+        else:
+            monkeypatch.setitem(ops._registered, name, impl)

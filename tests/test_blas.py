@@ -12,7 +12,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from dh_mlx import _blas
+from dh_mlx.backend.cpu import blas as _blas
 
 needs_shim = pytest.mark.skipif(_blas.shim is None,
                                 reason=f"no matrix-vector shim in front of {_blas.loaded} (see the last test)")
@@ -147,7 +147,7 @@ def test_a_blas_with_wrong_sgemm_results_is_skipped(tmp_path):
     right = tmp_path / "libright.so"
     subprocess.run([cc, "-O1", "-shared", "-fPIC", str(src), "-o", str(right)], check=True)
     assert _blas.sgemm_is_exact(ctypes.CDLL(str(right)))
-    code = "import dh_mlx; from dh_mlx.device import blas_in_use; print(blas_in_use())"
+    code = "from dh_mlx.backend.cpu import blas; print(blas.loaded)"
     out = subprocess.run([sys.executable, "-c", code], env=dict(os.environ, DH_MLX_BLAS=str(lib)),
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
@@ -174,8 +174,8 @@ def test_shim_tests_pass_in_front_of_openblas():
 
 
 def test_blas_threads_sets_the_count_inside_the_block_and_restores_it():
-    from dh_mlx import _blas
-    from dh_mlx.device import blas_threads
+    from dh_mlx.backend.cpu import blas as _blas
+    from dh_mlx.backend import blas_threads
     before = _blas.set_threads(2)
     if before is None:
         pytest.skip(f"no thread setting in {_blas.loaded}")

@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 
 from dh_mlx import random_model, save_model
-from dh_mlx.generate import generate_tokens
-from dh_mlx.speculative import DraftPolicy
+from dh_mlx.generation import generate_tokens
+from dh_mlx.generation.speculative import DraftPolicy
 from dh_mlx.tokenizer import load_tokenizer, train_tokenizer
 from dh_mlx.train.report import directory_bytes
 from helpers import make_config

@@ -5,12 +5,12 @@ import numpy as np
 import pytest
 
 from dh_mlx import random_model
-from dh_mlx.cache import make_cache
-from dh_mlx.speculative import DraftPolicy
-from dh_mlx.generate import (GenerationStats, PromptCache, compiled_cached_step, compiled_decode_step, decode_step,
-                             generate_tokens, prefill)
-from dh_mlx.sample import (apply_min_p, apply_repetition_penalty, apply_top_k, apply_top_p, make_sampler,
-                           sampling_distribution)
+from dh_mlx.generation import GenerationStats, generate_tokens
+from dh_mlx.generation.cache import make_cache
+from dh_mlx.generation.sample import (apply_min_p, apply_repetition_penalty, apply_top_k, apply_top_p, make_sampler,
+                                      sampling_distribution)
+from dh_mlx.generation.speculative import DraftPolicy
+from dh_mlx.generation.steps import PromptCache, compiled_cached_step, compiled_decode_step, decode_step, prefill
 from helpers import make_config, randomise_for_parity, tokens
 
 
@@ -77,7 +77,7 @@ def test_compiled_decode_step_equals_eager_across_a_capacity_chunk():
         token = mx.argmax(want, axis=-1)[:, None]
     assert compiled[0].offset == eager[0].offset == 260 and compiled[0].latent.shape[2] == 512
     prompt_ids = tokens(20, model.config.vocab_size, seed=4, batch=1)[0].tolist()
-    assert list(generate_tokens(model, prompt_ids, max_tokens=12, temp=0.8, seed=7)) == list(
+    assert list(generate_tokens(model, prompt_ids, max_tokens=12, temp=0.8, seed=7, mtp=False)) == list(
         generate_tokens(model, prompt_ids, max_tokens=12, temp=0.8, seed=7, compile_step=False))
 
 
@@ -175,7 +175,7 @@ def test_mtp_rejections_roll_the_cache_back(model):
 
 def test_mtp_sampling_keeps_the_target_distribution():
     """Speculative sampling with any draft must reproduce the main model's next-token distribution."""
-    from dh_mlx.speculative import mtp_generate  # noqa: F401  (exercised through generate_tokens)
+    from dh_mlx.generation.speculative import mtp_generate  # noqa: F401  (exercised through generate_tokens)
     m = random_model(make_config(vocab_size=5, max_position_embeddings=64), seed=2)
     prompt = [1, 2, 3]
     target = np.array(mx.softmax(m(mx.array([prompt]))[0, -1] / 1.0))
@@ -203,7 +203,7 @@ def test_mtp_with_a_one_token_prompt(model):
 
 
 def test_draft_policy_drafts_only_while_it_pays():
-    from dh_mlx.speculative import DraftPolicy
+    from dh_mlx.generation.speculative import DraftPolicy
 
     def run(policy, t_draft, t_plain, accept, steps):
         modes = []
@@ -235,8 +235,8 @@ def test_draft_policy_drafts_only_while_it_pays():
 
 def test_mtp_cache_catches_up_after_plain_steps(model):
     """Scripted draft/plain steps: output equals plain greedy and the MTP cache equals an eager MTP pass."""
-    from dh_mlx.cache import LatentCache
-    from dh_mlx.speculative import DraftPolicy
+    from dh_mlx.generation.cache import LatentCache
+    from dh_mlx.generation.speculative import DraftPolicy
 
     class Scripted(DraftPolicy):
         def __init__(self, script):

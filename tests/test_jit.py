@@ -1,4 +1,4 @@
-"""The CPU kernel flags (dh_mlx/_jit.py) and the compiled CPU attention they make fast (attention.attend):
+"""The CPU kernel flags (dh_mlx/backend/cpu/jit.py) and the compiled CPU attention they make fast (attention.attend):
 compiled kernels must equal MLX's own ops, and `attend` must equal mx.fast's attention in values and
 gradients for every mask kind and shape, one compiled graph serving them all."""
 
@@ -14,8 +14,8 @@ import mlx.nn as nn
 import numpy as np
 import pytest
 
-from dh_mlx import _jit
-from dh_mlx.model.attention import attend
+from dh_mlx.backend.cpu import jit as _jit
+from dh_mlx.backend.cpu.attention import attend
 
 active = pytest.mark.skipif(not _jit.status.startswith("/"), reason=f"kernel flags not in use ({_jit.status})")
 
@@ -63,8 +63,8 @@ def test_attend_equals_fast_sdpa_in_values_and_gradients(kind):
 def test_a_child_process_can_turn_the_flags_off():
     import subprocess
     import sys
-    code = ("import dh_mlx, os, shutil, tempfile; "
-            "print(dh_mlx._jit.status, shutil.which('g++'), os.environ.get('TMPDIR'), tempfile.gettempdir())")
+    code = ("import os, shutil, tempfile; from dh_mlx.backend.cpu import jit; jit.enable(); "
+            "print(jit.status, shutil.which('g++'), os.environ.get('TMPDIR'), tempfile.gettempdir())")
     out = subprocess.run([sys.executable, "-c", code], env=dict(os.environ, DH_MLX_JIT="off"), capture_output=True,
                          text=True, check=True).stdout.split()
     assert out[:2] == ["MLX", "defaults"]
@@ -81,7 +81,7 @@ def test_a_compiler_that_rejects_the_flags_leaves_mlx_untouched(tmp_path):
     fake.chmod(0o755)
     env = {k: v for k, v in os.environ.items() if not k.startswith("DH_MLX_JIT")}
     env.update(PATH=f"{fake.parent}{os.pathsep}{os.environ['PATH']}", XDG_CACHE_HOME=str(tmp_path / "cache"))
-    code = "import dh_mlx, shutil; print(dh_mlx._jit.status); print(shutil.which('g++'))"
+    code = "import shutil; from dh_mlx.backend.cpu import jit; jit.enable(); print(jit.status); print(shutil.which('g++'))"
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     status, gxx = out.stdout.strip().splitlines()
     assert status.startswith("MLX defaults") and "rejects" in status
@@ -154,7 +154,7 @@ def test_strided_kernel_rewrite_is_bit_identical(tmp_path, strides):
     """`_kernel_vectorize` turns MLX's strided inner loop into unit/zero-stride copies (vectorised) and keeps
     the original for other strides: outputs must be bit-identical to the original source's for each."""
     import ctypes
-    from dh_mlx import _kernel_vectorize
+    from dh_mlx.backend.cpu import kernel_vectorize as _kernel_vectorize
     new = _kernel_vectorize.specialise(STRIDED_KERNEL)
     assert new is not None and new.count("#pragma GCC ivdep") == 4  # 2 inputs: 4 stride combinations
     gxx = real_gxx()
@@ -183,7 +183,7 @@ def test_strided_kernel_rewrite_is_bit_identical(tmp_path, strides):
 def test_a_rewrite_the_compiler_rejects_falls_back_to_mlx_source(tmp_path):
     """The wrapper must never break a kernel build: if the rewritten source fails, MLX's own is compiled."""
     import sys
-    from dh_mlx import _kernel_vectorize
+    from dh_mlx.backend.cpu import kernel_vectorize as _kernel_vectorize
     (tmp_path / "k.cpp").write_text(STRIDED_KERNEL)
     fake = tmp_path / "cc"  # rejects any rewritten file, builds the rest with the real compiler
     gxx = real_gxx()

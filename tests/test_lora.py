@@ -10,12 +10,11 @@ import pytest
 from mlx.utils import tree_flatten
 
 from dh_mlx import load_model, save_model
-from dh_mlx.model.moe import Experts
 from dh_mlx.train.config import TrainConfig
-from dh_mlx.train.lora import (LoRAConfig, LoRAStackedLinear, apply_lora, fuse_lora, load_adapters,
+from dh_mlx.lora import (LoRAConfig, LoRAStackedLinear, apply_lora, fuse_lora, load_adapters,
                                save_adapters)
 from dh_mlx.train.trainer import build_steps, make_optimizer
-from helpers import make_checkpoint, tokens
+from helpers import force_expert_path, make_checkpoint, tokens
 from test_train import fixed_batch, write_corpus
 
 TOL = 1e-4
@@ -41,12 +40,10 @@ def base_dir(tmp_path_factory):
     return d
 
 
-def test_fused_equals_unfused_and_cached_decode_sees_the_adapters(base_dir, tmp_path):
+def test_fused_equals_unfused_and_cached_decode_sees_the_adapters(base_dir, tmp_path, monkeypatch):
     model = load_model(base_dir / "mtp")
     ids = mx.array(tokens())
-    for layer in model.layers:  # adapted experts cannot take the one-node decode kernel: same path on both sides
-        if hasattr(layer.mlp, "experts"):
-            layer.mlp.experts.path = "gather"
+    force_expert_path(monkeypatch, "gather")  # adapted experts cannot take the one-node decode kernel
     base = model(ids)
     apply_lora(model, LoRAConfig(rank=4, targets=ALL))
     assert mx.array_equal(model(ids), base).item()  # B = 0: the adapters start as the identity
@@ -89,13 +86,11 @@ def test_a_step_changes_only_the_adapters(base_dir):
 
 
 @pytest.mark.parametrize("blocked", [False, True])
-def test_expert_adapters_get_gradients_only_from_routed_tokens(base_dir, blocked):
+def test_expert_adapters_get_gradients_only_from_routed_tokens(base_dir, blocked, monkeypatch):
     model = load_model(base_dir / "plain")
     apply_lora(model, LoRAConfig(rank=4, targets=[]))
     randomise_adapters(model)
-    for _, m in model.named_modules():
-        if isinstance(m, Experts):
-            m.path = "blocked" if blocked else "gather"
+    force_expert_path(monkeypatch, "blocked" if blocked else "gather")
     E = model.config.n_routed_experts
     ids = mx.array(tokens(n=3, batch=1))  # 3 tokens x 2 experts: some experts go unchosen in every layer
     chosen = [set(np.array(r.indices).ravel().tolist()) for r in model.forward(ids).routing]

@@ -5,12 +5,12 @@ import numpy as np
 import pytest
 from mlx.utils import tree_flatten
 
-from dh_mlx import load_model, random_model, save_model
-from dh_mlx.cache import make_cache
-from dh_mlx.device import side_stream
-from dh_mlx.model import attention
+from dh_mlx import backend, load_model, ops, random_model, save_model
+from dh_mlx.backend.cpu import attention
+from dh_mlx.backend.cpu import experts as cpu_experts
+from dh_mlx.generation.cache import make_cache
 from dh_mlx.model.moe import MoEGate
-from helpers import CONFIGS, make_checkpoint, make_config, randomise_for_parity, tokens
+from helpers import CONFIGS, cpu_attention, expert_path, make_checkpoint, make_config, randomise_for_parity, tokens
 
 
 def model_for(name, **kw):
@@ -157,11 +157,11 @@ def test_cpu_expert_paths_equal_gathered_rows_in_value_and_gradient(path, monkey
     idx = mx.argpartition(-mx.random.normal((150, 8), key=mx.random.key(1)), kth=2, axis=-1)[:, :3]
     idx = mx.where(idx == 5, 4, idx)  # expert 5 gets no rows: an empty run
     if path == "segments":  # eager, so it must not fall back to the blocked layout
-        monkeypatch.setattr(Experts, "_blocked", lambda *a: pytest.fail("fell back to blocked"))
+        monkeypatch.setattr(cpu_experts, "run_blocked", lambda *a: pytest.fail("fell back to blocked"))
 
     def run(p):
-        ex.path = p
-        return ex(x, idx), mx.grad(lambda x: (ex(x, idx) ** 2).sum())(x)
+        with expert_path(p):
+            return ex(x, idx), mx.grad(lambda x: (ex(x, idx) ** 2).sum())(x)
 
     (y0, g0), (y1, g1) = run("gather"), run(path)
     assert mx.abs(y0 - y1).max().item() <= 1e-4 and mx.abs(g0 - g1).max().item() <= 1e-4
@@ -170,7 +170,7 @@ def test_cpu_expert_paths_equal_gathered_rows_in_value_and_gradient(path, monkey
 
 def test_native_expert_path_matches_gather_in_weight_gradients_compiled():
     """The C++ segment matmuls (one BLAS call per expert's run of rows): values and every gradient, compiled."""
-    from dh_mlx import native
+    from dh_mlx.backend.cpu import native
     from dh_mlx.model.moe import Experts
     assert native.load() is not None, native.status  # the CPU path this project relies on must build here
     c = make_config(n_routed_experts=8, num_experts_per_tok=3)
@@ -184,9 +184,9 @@ def test_native_expert_path_matches_gather_in_weight_gradients_compiled():
     def run(p):
         def loss(params, x):
             ex.update(params)
-            ex.path = p
             return (ex(x, idx) * cot).sum()
-        out = mx.compile(mx.value_and_grad(loss, argnums=(0, 1)))(params, x)
+        with expert_path(p):
+            out = mx.compile(mx.value_and_grad(loss, argnums=(0, 1)))(params, x)
         ex.update(params)  # the traced call left placeholders in the module
         return out
 
@@ -210,15 +210,14 @@ def experts_and_routing(n: int, k: int, seed: int):
 
 def test_segments_path_falls_back_to_blocked_under_compile():
     ex, x, idx = experts_and_routing(200, 2, 0)
-    ex.path = "segments"
-    eager = ex(x, idx)
-    compiled = mx.compile(lambda x, i: ex(x, i))(x, idx)  # routing-dependent shapes cannot be traced
-    ex.path = "blocked"
-    assert mx.abs(compiled - ex(x, idx)).max().item() <= 1e-5
+    with expert_path("segments"):
+        eager = ex(x, idx)
+        compiled = mx.compile(lambda x, i: ex(x, i))(x, idx)  # routing-dependent shapes cannot be traced
+    with expert_path("blocked"):
+        assert mx.abs(compiled - ex(x, idx)).max().item() <= 1e-5
     assert mx.abs(compiled - eager).max().item() <= 1e-4
-    ex.path = "fastest"
-    with pytest.raises(ValueError, match="Experts.path"):
-        ex(x, idx)
+    with pytest.raises(ValueError, match="experts path"):
+        expert_path("fastest")
 
 
 def test_absorbed_path_honours_document_masks():
@@ -235,31 +234,33 @@ def test_absorbed_path_honours_document_masks():
     assert mx.abs(naive[0, 5:] - m(ids[:1, 5:])[0]).max().item() <= 1e-4  # doc 2 sees only itself
 
 
-@pytest.mark.skipif(side_stream() is None, reason="one core or a GPU: attention is never split")
+@pytest.mark.skipif(backend.setup().streams is None, reason="one core or a GPU: attention is never split")
 def test_attention_split_over_two_streams_equals_one_call(monkeypatch):
     monkeypatch.setattr(attention, "SPLIT_MIN_SCORES", 1)  # split every call
+    cpu = cpu_attention()
     rng = np.random.default_rng(0)
     r = lambda *shape: mx.array(rng.standard_normal(shape, dtype=np.float32))  # noqa: E731
     q, k, v = r(2, 4, 24, 16), r(2, 4, 40, 16), r(2, 4, 40, 8)
     masks = ["causal", None, mx.array(rng.random((1, 1, 24, 40)) > 0.3), r(2, 4, 24, 40)]
     for mask in masks:  # split over heads (axis 1) with per-head keys and values
         want = mx.fast.scaled_dot_product_attention(q, k, v, scale=0.3, mask=mask)
-        np.testing.assert_allclose(np.array(attention.sdpa(q, k, v, 0.3, mask)), np.array(want), atol=1e-6)
+        np.testing.assert_allclose(np.array(cpu["_sdpa"](q, k, v, 0.3, mask)), np.array(want), atol=1e-6)
     q, latent, pe = r(1, 1, 30, 16), r(1, 1, 40, 16), r(1, 1, 30, 40)  # absorbed: rows split, one latent head
     want = mx.fast.scaled_dot_product_attention(q, latent, latent, scale=0.3, mask=pe)
-    np.testing.assert_allclose(np.array(attention.sdpa(q, latent, latent, 0.3, pe, axis=2)), np.array(want),
+    np.testing.assert_allclose(np.array(cpu["_sdpa"](q, latent, latent, 0.3, pe, axis=2)), np.array(want),
                                atol=1e-6)
 
 
-@pytest.mark.skipif(side_stream() is None, reason="one core or a GPU: attention is never split")
+@pytest.mark.skipif(backend.setup().streams is None, reason="one core or a GPU: attention is never split")
 def test_causal_attention_in_query_blocks_equals_one_call(monkeypatch):
     monkeypatch.setattr(attention, "SPLIT_MIN_SCORES", 1)
+    cpu = cpu_attention()
     rng = np.random.default_rng(1)
     for L in (8, 13, 40):  # blocks of unequal size when 4 does not divide L
         q, k = (mx.array(rng.standard_normal((2, 3, L, 16), dtype=np.float32)) for _ in range(2))
         v = mx.array(rng.standard_normal((2, 3, L, 8), dtype=np.float32))
         want = mx.fast.scaled_dot_product_attention(q, k, v, scale=0.25, mask="causal")
-        np.testing.assert_allclose(np.array(attention.causal_sdpa(q, k, v, 0.25)), np.array(want), atol=1e-6)
+        np.testing.assert_allclose(np.array(cpu["_causal_sdpa"](q, k, v, 0.25)), np.array(want), atol=1e-6)
 
 
 def test_config_declaring_mtp_that_the_tensors_lack_loads_without_it():
@@ -275,7 +276,7 @@ def test_swiglu_value_and_gradient_match_silu_times_up():
     """swiglu's hand-written gradient (spelled to fuse under mx.compile) against MLX's own, eager and compiled,
     including large |gate| where the sigmoid saturates."""
     import mlx.nn as nn
-    from dh_mlx.model.layers import swiglu
+    from dh_mlx.backend.cpu.layers import swiglu
 
     rng = np.random.default_rng(0)
     saturated = [-120.0, -30.0, 0.0, 30.0, 120.0]
@@ -296,6 +297,7 @@ def test_linear_gradient_matches_mlx_and_is_row_major(bias):
     optimizer's fused update would have to copy)."""
     import mlx.nn as nn
     from dh_mlx.model.layers import Linear
+    assert "linear" in ops.registered()  # the CPU backend's row-major gradient
 
     rng = np.random.default_rng(1)
     ours, ref = Linear(24, 40, bias=bias), nn.Linear(24, 40, bias=bias)
@@ -323,19 +325,16 @@ def test_without_native_kernels_the_cpu_experts_fall_back_to_pure_mlx(monkeypatc
     import os
     import subprocess
     import sys
-    from dh_mlx import native
-    from dh_mlx.model.moe import Experts
+    from dh_mlx.backend.cpu import native
     ex, x, idx = experts_and_routing(200, 2, 5)
-    ex.path = "gather"
-    want = ex(x, idx)
-    ex.path = None
+    with expert_path("gather"):
+        want = ex(x, idx)
     monkeypatch.setattr(native, "load", lambda: None)
-    monkeypatch.setattr(Experts, "_native", lambda *a: pytest.fail("used the native kernels"))
+    monkeypatch.setattr(cpu_experts, "run_native", lambda *a: pytest.fail("used the native kernels"))
     assert mx.abs(ex(x, idx) - want).max().item() <= 1e-4
     assert mx.abs(mx.compile(lambda x: ex(x, idx))(x) - want).max().item() <= 1e-4
-    ex.path = "native"
-    with pytest.raises(ValueError, match="native kernels"):
+    with expert_path("native"), pytest.raises(ValueError, match="native kernels"):
         ex(x, idx)
-    out = subprocess.run([sys.executable, "-c", "from dh_mlx import native; print(native.load(), native.status)"],
+    out = subprocess.run([sys.executable, "-c", "from dh_mlx.backend.cpu import native; print(native.load(), native.status)"],
                          env=dict(os.environ, DH_MLX_NATIVE="off"), capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "None disabled by DH_MLX_NATIVE"

@@ -7,9 +7,10 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from dh_mlx import native, random_model
-from dh_mlx.generate import PromptCache, generate_tokens, prefill
-from helpers import make_config, randomise_for_parity, tokens
+from dh_mlx import random_model
+from dh_mlx.backend.cpu import native
+from dh_mlx.generation import PromptCache, generate_tokens, prefill
+from helpers import expert_path, make_config, randomise_for_parity, tokens
 
 
 @pytest.fixture(scope="module")
@@ -78,35 +79,35 @@ def test_rms_norm_equals_mx_fast_rms_norm_in_value_and_gradients(ext):
 
 def test_expert_rows_equal_the_gathered_experts_in_value_and_gradients(ext):
     """Routed experts for a few tokens as one node (decode), against `Experts` on its gather_mm path."""
-    from dh_mlx.model.moe import Experts, expert_rows
+    from dh_mlx.backend.cpu.experts import expert_rows
+    from dh_mlx.model.moe import Experts
     c = make_config(n_routed_experts=8, num_experts_per_tok=3)
     ex = Experts(c)
-    ex.path = "gather"
-    k = mx.random.split(mx.random.key(3), 4)
-    x = mx.random.normal((2, 3, c.hidden_size), key=k[0])
-    idx = mx.argpartition(-mx.random.normal((2, 3, 8), key=k[1]), kth=2, axis=-1)[..., :3]  # uint32, strided
-    wts = mx.random.uniform(shape=(2, 3, 3), key=k[2])
-    cot = mx.random.normal(x.shape, key=k[3])
-    gate, up, down = (p.weight for p in (ex.gate_proj, ex.up_proj, ex.down_proj))
+    with expert_path("gather"):  # the reference: the model's gather_mm experts
+        k = mx.random.split(mx.random.key(3), 4)
+        x = mx.random.normal((2, 3, c.hidden_size), key=k[0])
+        idx = mx.argpartition(-mx.random.normal((2, 3, 8), key=k[1]), kth=2, axis=-1)[..., :3]  # uint32, strided
+        wts = mx.random.uniform(shape=(2, 3, 3), key=k[2])
+        cot = mx.random.normal(x.shape, key=k[3])
+        gate, up, down = (p.weight for p in (ex.gate_proj, ex.up_proj, ex.down_proj))
 
-    def ref(x, w, g, u, d):
-        ex.gate_proj.weight, ex.up_proj.weight, ex.down_proj.weight = g, u, d
-        return (ex(x, idx) * w[..., None]).sum(axis=-2)
+        def ref(x, w, g, u, d):
+            ex.gate_proj.weight, ex.up_proj.weight, ex.down_proj.weight = g, u, d
+            return (ex(x, idx) * w[..., None]).sum(axis=-2)
 
-    want = ref(x, wts, gate, up, down)
-    close(expert_rows(x, idx, wts, gate, up, down), want, 1e-5)
-    assert mx.abs(want).max().item() > 0.05
-    ours = grads(lambda x, w, g, u, d: (expert_rows(x, idx, w, g, u, d) * cot).sum(), x, wts, gate, up, down)
-    theirs = grads(lambda *a: (ref(*a) * cot).sum(), x, wts, gate, up, down)
-    for a, b in zip(ours, theirs):
-        close(a, b, 1e-4)
-    ex.path = None
+        want = ref(x, wts, gate, up, down)
+        close(expert_rows(x, idx, wts, gate, up, down), want, 1e-5)
+        assert mx.abs(want).max().item() > 0.05
+        ours = grads(lambda x, w, g, u, d: (expert_rows(x, idx, w, g, u, d) * cot).sum(), x, wts, gate, up, down)
+        theirs = grads(lambda *a: (ref(*a) * cot).sum(), x, wts, gate, up, down)
+        for a, b in zip(ours, theirs):
+            close(a, b, 1e-4)
     close(ex.weighted(x, idx, wts), want, 1e-5)  # the default CPU choice for 6 pairs
 
 
 def node_counts(model, cache, dot):
     """Primitive names in the graph of one cached decode step (what mx.compile traces and fuses from)."""
-    from dh_mlx.cache import StepCache
+    from dh_mlx.generation.cache import StepCache
     for c in cache:
         c.reserve(1)
     views = [StepCache(c.latent, c.k_pe, mx.array(c.offset, mx.int32)) for c in cache]
@@ -145,7 +146,8 @@ def test_a_decode_step_is_built_from_the_one_node_kernels(ext, tmp_path, monkeyp
 @pytest.mark.parametrize("mode", [0, 1, 2])
 def test_absorbed_attention_equals_mlx_ops_in_value_and_gradients(ext, mode):
     """MLA's latent-space attention (decode) as one node, for every way keys are hidden, against MLX ops."""
-    from dh_mlx.model.attention import _absorbed_reference, absorbed_attention
+    from dh_mlx.backend.cpu.attention import absorbed_reference as _absorbed_reference
+    from dh_mlx.backend.cpu.attention import native_absorbed as absorbed_attention
     B, H, L, n, p, S, r, v = 2, 4, 3, 16, 8, 20, 32, 12
     k = mx.random.split(mx.random.key(5), 5)
     q = mx.random.normal((B, L, H, n + p), key=k[0]).transpose(0, 2, 1, 3)  # strided, as MLA slices it

@@ -10,9 +10,9 @@ import pytest
 from safetensors import safe_open
 
 from dh_mlx import load_model, save_model
-from dh_mlx.model.moe import Experts, QuantizedStackedLinear
+from dh_mlx.model.moe import QuantizedStackedLinear
 from dh_mlx.quant import QuantConfig, QuantizedLinear, dequantize_model, quantize, quantize_model
-from helpers import make_checkpoint, tokens
+from helpers import force_expert_path, make_checkpoint, tokens
 
 TOL = 1e-4
 # Widths that are multiples of 32, so most matrices quantize; q_b_proj's input (48) stays float.
@@ -82,13 +82,11 @@ def test_eight_bit_is_close_to_float_and_four_bit_further(float_dir, tmp_path):
 
 
 @pytest.mark.parametrize("blocked", [False, True])
-def test_gather_qmm_path_equals_the_dequantized_float_path(float_dir, blocked):
+def test_gather_qmm_path_equals_the_dequantized_float_path(float_dir, blocked, monkeypatch):
     q = load_model(float_dir)
     quantize_model(q, QuantConfig(bits=4, group_size=32))
     ids = mx.array(tokens(n=48, batch=4))  # enough rows for the sorted gather and for CPU blocks
-    for _, m in q.named_modules():
-        if isinstance(m, Experts):
-            m.path = "blocked" if blocked else "gather"
+    force_expert_path(monkeypatch, "blocked" if blocked else "gather")
     a = q(ids)
     b = dequantize_model(q)(ids)
     assert not any(isinstance(m, QuantizedStackedLinear) for _, m in q.named_modules())

@@ -4,15 +4,16 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
 import pytest
 from mlx.utils import tree_flatten, tree_map
 
-from dh_mlx import random_model
+from dh_mlx import ops, random_model
 from dh_mlx.train.config import TrainConfig
-from dh_mlx.train.loss import Batch, alf_update, balance_loss, cross_entropy, document_mask
+from dh_mlx.train.loss import Batch, alf_update, balance_loss, document_mask
 from dh_mlx.train.trainer import build_steps, make_optimizer, moe_gates
 from dh_mlx.model.moe import Routing
 from helpers import make_config
@@ -70,8 +71,8 @@ def test_steps_reduce_loss_on_a_fixed_batch_and_move_biases():
 def test_batch_split_over_two_streams_gives_the_one_pass_loss_and_gradients(monkeypatch):
     """The CPU step splits the rows over two streams; the halves' shares must add up to the batch's loss
     and gradients, also when the halves hold different numbers of masked-in tokens and MTP targets."""
-    import dh_mlx.train.trainer as trainer
-    if trainer.batch_streams() is None:
+    from dh_mlx import backend
+    if backend.training_streams() is None:
         pytest.skip("one core or a GPU: no split")
     config = make_config()
     batch = fixed_batch(config, B=5, T=16, seed=3)  # halves of 3 and 2 rows
@@ -83,12 +84,10 @@ def test_batch_split_over_two_streams_gives_the_one_pass_loss_and_gradients(monk
     batch = batch._replace(loss_mask=mx.array(mask), segment_ids=mx.array(segments))
     results = []
     for split in (True, False):
-        if not split:
-            monkeypatch.setattr(trainer, "batch_streams", lambda: None)
         model = random_model(config, seed=0)
         model.freeze(keys=["e_score_correction_bias"], strict=False)
         cfg = TrainConfig(steps=1, batch_size=5, seq_len=16, balance_alpha=0.1, mtp_lambda=0.3)
-        fns = build_steps(model, make_optimizer(cfg), cfg)
+        fns = build_steps(model, make_optimizer(cfg), cfg, **({} if split else {"streams": None}))
         assert fns.blas_threads == (1 if split else None)
         *values, grads = fns.grads(*batch)
         fns.eval(values, grads)
@@ -103,8 +102,8 @@ def test_batch_split_over_two_streams_gives_the_one_pass_loss_and_gradients(monk
 
 
 def test_widen_eval_order_sets_a_wide_order_unless_the_user_chose_one():
-    """The two-stream step needs MLX to interleave the halves' work (see device.widen_eval_order)."""
-    code = ("import os; from dh_mlx.device import widen_eval_order, wide_eval_order; w = wide_eval_order(); "
+    """The two-stream step needs MLX to interleave the halves' work (see streams.widen_eval_order)."""
+    code = ("import os; from dh_mlx.backend.cpu.streams import widen_eval_order, wide_eval_order; w = wide_eval_order(); "
             "print(w, widen_eval_order(), os.environ['MLX_BFS_MAX_WIDTH'])")
     env = {k: v for k, v in os.environ.items() if k != "MLX_BFS_MAX_WIDTH"}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
@@ -114,10 +113,22 @@ def test_widen_eval_order_sets_a_wide_order_unless_the_user_chose_one():
     assert out.stdout.split() == ["False", "False", "64"]
 
 
-def test_no_split_without_a_wide_eval_order(monkeypatch):
-    monkeypatch.setenv("MLX_BFS_MAX_WIDTH", "20")
-    cfg = TrainConfig(steps=1, batch_size=4)
-    assert build_steps(random_model(make_config(), seed=0), make_optimizer(cfg), cfg).blas_threads is None
+@pytest.mark.parametrize("case", ["narrow", "set up before"])
+def test_no_split_without_a_wide_eval_order(case):
+    """A user's MLX_BFS_MAX_WIDTH=20, or a process whose backend was set up (its first eval) before training
+    asked for the wide order: MLX keeps the narrow order, so the step runs in one pass."""
+    code = ("from dh_mlx import backend\n" + ("backend.setup()\n" if case == "set up before" else "") +
+            "backend.setup(training=True)\n"
+            "from dh_mlx import random_model\nfrom dh_mlx.train.config import TrainConfig\n"
+            "from dh_mlx.train.trainer import build_steps, make_optimizer\nfrom helpers import make_config\n"
+            "cfg = TrainConfig(steps=1, batch_size=4)\n"
+            "print(build_steps(random_model(make_config(), seed=0), make_optimizer(cfg), cfg).blas_threads)\n")
+    env = {k: v for k, v in os.environ.items() if k != "MLX_BFS_MAX_WIDTH"}
+    if case == "narrow":
+        env["MLX_BFS_MAX_WIDTH"] = "20"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True,
+                         cwd=Path(__file__).parent, timeout=300)
+    assert out.stdout.split()[-1] == "None"
 
 
 def write_corpus(path, n=120):
@@ -214,10 +225,10 @@ def test_cross_entropy_value_and_gradient_match_mlx(monkeypatch, two_streams, ke
     """Our CE (native one-pass kernels keeping the log-sum-exp, or MLX ops keeping the probabilities; rows
     split over two streams or not): value and gradient must equal MLX's."""
     import mlx.nn as nn
-    from dh_mlx import native
-    from dh_mlx.train import loss
-    if not two_streams:
-        monkeypatch.setattr(loss, "side_stream", lambda: None)
+    from dh_mlx import backend
+    from dh_mlx.backend.cpu import native, training
+    streams = backend.setup().streams if two_streams else None
+    cross_entropy = training.make(streams)["_cross_entropy_parts"]
     if kernels == "mlx":
         monkeypatch.setattr(native, "usable", lambda *a: None)
     else:
@@ -233,7 +244,7 @@ def test_cross_entropy_value_and_gradient_match_mlx(monkeypatch, two_streams, ke
     np.testing.assert_allclose(np.array(g1), np.array(g2), atol=1e-6)
     assert np.abs(np.array(g1)).max() > 1e-2
     _, k1, k2 = cross_entropy(logits, targets)
-    assert (k2.shape[0] > 0) == (two_streams and loss.side_stream() is not None)
+    assert (k2.shape[0] > 0) == (streams is not None)
     kept = np.concatenate([np.array(k1), np.array(k2)])
     want = mx.logsumexp(logits, axis=-1).reshape(21) if kernels == "native" else mx.softmax(logits, axis=-1).reshape(21, 50)
     np.testing.assert_allclose(kept, np.array(want), atol=1e-5 if kernels == "native" else 1e-6, rtol=1e-6)
@@ -243,10 +254,11 @@ def test_native_cross_entropy_over_a_vocabulary_sized_row():
     """The one-pass kernel over 8K-wide rows (16-lane partial max and sums, a tail) against float64 numpy:
     as accurate as float32 allows (MLX's own ops measure ~1.2e-5 off on this gradient, these ~1.3e-6)."""
     from dh_mlx.train.loss import cross_entropy
+    assert "cross_entropy" in ops.registered()
     rng = np.random.default_rng(1)
     x32 = rng.standard_normal((2, 5, 8203), dtype=np.float32) * 4
     t = rng.integers(0, 8203, (2, 5))
-    value, grad = mx.value_and_grad(lambda x: cross_entropy(x, mx.array(t))[0].sum())(mx.array(x32))
+    value, grad = mx.value_and_grad(lambda x: cross_entropy(x, mx.array(t)).sum())(mx.array(x32))
     x = x32.astype(np.float64)
     lse = np.log(np.exp(x - x.max(-1, keepdims=True)).sum(-1)) + x.max(-1)
     want = np.exp(x - lse[..., None])

@@ -39,8 +39,8 @@ def test_the_wheel_carries_the_presets_tokenizer_and_corpus(installed):
     presets = {f"dh_mlx/_bundled/parameters/{p.name}" for p in (REPO_DIR / "parameters").glob("*.json")}
     assert len(presets) == 5 and presets <= names
     assert {"dh_mlx/_bundled/data/train_data.jsonl", "dh_mlx/_bundled/data/tokenizer/tokenizer.model",
-            "dh_mlx/_bundled/data/tokenizer/tokenizer.json", "dh_mlx/native/kernels.cpp",
-            "dh_mlx/_blas_shim.c"} <= names
+            "dh_mlx/_bundled/data/tokenizer/tokenizer.json", "dh_mlx/backend/cpu/native/kernels.cpp",
+            "dh_mlx/backend/cpu/blas_shim.c"} <= names
 
 
 def run(installed, *args, timeout=600):

@@ -14,6 +14,7 @@ import mlx.core as mx
 import numpy as np
 from mlx.utils import tree_flatten
 
+from .. import backend
 from ..config import load_config
 from ..model import Model
 from ..outputs import check_output_dir
@@ -22,7 +23,7 @@ from ..weights import load_model, resolve_path, save_model
 from .config import TrainConfig
 from .data import describe_dataset, load_dataset
 from .memory import activation_elements
-from .lora import (ADAPTER_CONFIG, LoRAConfig, apply_lora, fuse_lora, load_adapters, lora_parameters, save_adapters,
+from ..lora import (ADAPTER_CONFIG, LoRAConfig, apply_lora, fuse_lora, load_adapters, lora_parameters, save_adapters,
                    trainable_count)
 from .run import check_run_dir, copy_tokenizer
 from .report import format_bytes
@@ -105,6 +106,7 @@ def lora(*, model: str | Path, data: str | Path, out: str | Path, tokenizer: str
     of `dh-mlx train`; `out` receives `adapters.safetensors` + `adapter_config.json` and the checkpoints.
     `options` are `TrainConfig` fields (defaults: `LORA_DEFAULTS`)."""
     from ..tokenizer import load_tokenizer
+    backend.setup(training=True)  # before MLX's first eval: the step may then split over both CPU streams
     base = resolve_path(model)
     out = check_run_dir(out, resume=resume, force=force, inputs=[base, data, tokenizer])
     cfg = TrainConfig(**{**LORA_DEFAULTS, "seed": seed, **options})

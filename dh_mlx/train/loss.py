@@ -19,10 +19,9 @@ from typing import NamedTuple
 
 import mlx.core as mx
 
-from .. import native
-from ..device import side_stream
 from ..model import Model
 from ..model.moe import Routing
+from ..ops import replaceable
 
 
 class Batch(NamedTuple):
@@ -47,70 +46,16 @@ def document_mask(segment_ids: mx.array) -> mx.array:
     return (same & (mx.arange(T)[:, None] >= mx.arange(T)[None]))[:, None]
 
 
-def _ce_rows(logits: mx.array, targets: mx.array) -> tuple[mx.array, mx.array]:
-    """(N, V), (N,) -> (cross-entropy (N,), softmax (N, V))."""
-    m = mx.stop_gradient(logits.max(axis=-1, keepdims=True))
-    e = mx.exp(logits - m)
-    total = e.sum(axis=-1, keepdims=True)
-    return (m + mx.log(total) - mx.take_along_axis(logits, targets[:, None], axis=-1))[:, 0], e / total
-
-
-def _split_rows(n_rows: int) -> int:
-    """Rows computed on the default stream; the rest go to the side stream (0 rows there: no split)."""
-    return n_rows if side_stream() is None or n_rows < 2 else n_rows // 2
-
-
-@mx.custom_function
-def cross_entropy(logits: mx.array, targets: mx.array) -> tuple[mx.array, mx.array, mx.array]:
-    """(..., V) logits, (...) targets -> (per-token cross-entropy (...), what the backward pass reuses for the
-    first rows, for the rest).
-
-    Same value and gradient as `mlx.nn.losses.cross_entropy`, faster on the CPU backend. With the native
-    kernels (`dh_mlx.native`): one pass over each row forward (max, then the sum of exponentials while the row
-    is in cache) keeping only its log-sum-exp, one pass backward. Otherwise MLX ops that keep the forward's
-    probabilities so that the backward pass does not exponentiate again (exp is ~12 ns/element in MLX's
-    single-threaded kernels). The rows are split over two streams either way. Use `[0]`.
-    """
-    V = logits.shape[-1]
-    x, t = logits.reshape(-1, V), targets.reshape(-1).astype(mx.int32)
-    h = _split_rows(x.shape[0])
-    ext = native.usable(x)
-    rows = _ce_rows if ext is None else ext.ce_forward
-    if h < x.shape[0]:
-        with mx.stream(side_stream()):
-            ce2, kept2 = rows(x[h:], t[h:])
-    else:
-        ce2, kept2 = mx.zeros((0,), x.dtype), mx.zeros((0,) if ext else (0, V), x.dtype)
-    ce1, kept1 = rows(x[:h], t[:h])
-    return mx.concatenate([ce1, ce2]).reshape(targets.shape), kept1, kept2
-
-
-@cross_entropy.vjp
-def _cross_entropy_vjp(primals, cotangents, outputs):
-    logits, targets = primals
-    V = logits.shape[-1]
-    x, t, g = logits.reshape(-1, V), targets.reshape(-1).astype(mx.int32), cotangents[0].reshape(-1)
-    _, kept1, kept2 = outputs
-    h = kept1.shape[0]
-
-    def grad(kept, rows):  # d CE / d logits = (softmax - onehot(target)) * cotangent
-        if kept.ndim == 1:  # the native forward kept log-sum-exps
-            return native.load().ce_backward(x[rows], t[rows], kept, g[rows])
-        return (kept - (mx.arange(V) == t[rows, None])) * g[rows, None]
-
-    if kept2.shape[0]:
-        with mx.stream(side_stream()):
-            g2 = grad(kept2, slice(h, None))
-        out = mx.concatenate([grad(kept1, slice(0, h)), g2])
-    else:
-        out = grad(kept1, slice(None))
-    return out.reshape(logits.shape), mx.zeros_like(targets)
+@replaceable("cross_entropy")
+def cross_entropy(logits: mx.array, targets: mx.array) -> mx.array:
+    """(..., V) logits, (...) targets -> per-token cross-entropy (...), as `mlx.nn.losses.cross_entropy`."""
+    return mx.logsumexp(logits, axis=-1) - mx.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
 
 
 def masked_ce(logits: mx.array, targets: mx.array, mask: mx.array, count: mx.array | None = None) -> mx.array:
     """Mean cross-entropy over the masked-in tokens, or their sum divided by `count` (a whole batch's count
     when these are some of its rows)."""
-    return _masked_mean(cross_entropy(logits.astype(mx.float32), targets)[0], mask, count)
+    return _masked_mean(cross_entropy(logits.astype(mx.float32), targets), mask, count)
 
 
 def _masked_mean(per_token: mx.array, mask: mx.array, count: mx.array | None) -> mx.array:

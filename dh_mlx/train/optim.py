@@ -1,4 +1,4 @@
-"""The optimizer: mlx's AdamW with clipping folded into the update, its work spread over the CPU streams."""
+"""The optimizer: mlx's AdamW with clipping folded into the update, its work spread over two streams if given."""
 
 from __future__ import annotations
 
@@ -7,33 +7,31 @@ import mlx.nn as nn
 import mlx.optimizers as optim
 from mlx.utils import tree_flatten, tree_unflatten
 
-from ..device import on_gpu, side_stream
+from .. import backend
+from ..ops import replaceable
 from .config import TrainConfig
 
 
 class AdamW(optim.AdamW):
-    """mlx's AdamW with global-norm clipping folded into the update, each parameter's work on one of the two
-    CPU streams (balanced by size).
-
-    Clipping and the update are chains of elementwise ops over every parameter (the whole MoE, not only the
-    active experts), which MLX's CPU backend runs on one thread: here each parameter's squared norm and its
-    update run on its stream, and the clip factor multiplies the gradient inside the update instead of in a
-    pass of its own. Same arithmetic as `optim.clip_grad_norm` + `optim.AdamW`, same state (checkpoints and
-    resume unchanged). On a GPU the streams are not used.
+    """mlx's AdamW with global-norm clipping folded into the update: the clip factor multiplies the gradient
+    inside the update instead of in a pass of its own. Given `streams` (the CPU backend's two streams), each
+    parameter's squared norm and update run on one of them, balanced by size: these elementwise chains over
+    every parameter run single-threaded on the CPU. Same arithmetic as `optim.clip_grad_norm` + `optim.AdamW`,
+    same state (checkpoints and resume unchanged).
     """
 
     grad_scale: mx.array | None = None
 
-    def __init__(self, *args, **kwargs):
+    def __init__(self, *args, streams=None, **kwargs):
         super().__init__(*args, **kwargs)
+        self.streams = streams
         b1, b2 = self.betas
         # [1, b1, 1 - b1, b2, 1 - b2, eps], one array for the main stream and one for the side: see apply_single
         self._constants = [mx.array([1.0, b1, 1 - b1, b2, 1 - b2, self.eps]) for _ in range(2)]
 
     def _plan(self, gradients: dict) -> None:
-        side = side_stream()
         self._side = set()
-        if side is not None:
+        if self._side_stream() is not None:
             loads = [0, 0]
             for g in sorted((g for _, g in tree_flatten(gradients)), key=lambda g: -g.size):
                 s = int(loads[1] < loads[0])  # greedy balance of elements per stream
@@ -41,8 +39,13 @@ class AdamW(optim.AdamW):
                 if s:
                     self._side.add(id(g))
 
+    def _side_stream(self) -> mx.Stream | None:
+        return None if self.streams is None else self.streams.side()
+
     def _stream(self, g: mx.array):
-        return mx.stream(side_stream()) if id(g) in self._side else mx.stream(mx.default_stream(mx.default_device()))
+        if id(g) in self._side:
+            return mx.stream(self._side_stream())
+        return mx.stream(mx.default_stream(mx.default_device()))
 
     def clip_and_update(self, model: nn.Module, gradients: dict, max_norm: float) -> mx.array:
         """`optim.clip_grad_norm(gradients, max_norm)` then `update(model, ...)`; returns the unclipped norm."""
@@ -100,23 +103,19 @@ class AdamW(optim.AdamW):
             return parameter * (1 - lr * self.weight_decay) - lr * m / (mx.sqrt(v) + eps)
 
 
+@replaceable("squared_norm")
 def squared_norm(g: mx.array) -> mx.array:
-    """sum(g ** 2) in float32. On the CPU by the BLAS, vectorised and accurate, instead of MLX's single-threaded
-    square and sum (whose float32 total of 3 M squares is off by ~3e-3): the trace of the 4 x 4 product of
-    the gradient's four quarters with themselves, a GEMM the BLAS streams through memory ~3x faster than the
-    (1, n) x (n, 1) product (168 MB of gradients on one thread: 65 -> 22 ms)."""
-    v = g.reshape(-1).astype(mx.float32)
-    if on_gpu():
-        return v.square().sum()
-    if v.size % 4:
-        return (v[None] @ v[:, None]).reshape(())
-    a = v.reshape(4, -1)
-    return mx.trace(a @ a.T)
+    """sum(g ** 2) in float32."""
+    return g.reshape(-1).astype(mx.float32).square().sum()
 
 
-def make_optimizer(cfg: TrainConfig) -> AdamW:
+def make_optimizer(cfg: TrainConfig, streams="auto") -> AdamW:
+    """The run's AdamW and learning-rate schedule; `streams`: see AdamW (default: the CPU backend's)."""
+    if streams == "auto":
+        streams = backend.setup().streams
     decay_steps = max(cfg.steps - cfg.warmup_steps, 1)
     cosine = optim.cosine_decay(cfg.lr, decay_steps, cfg.lr * cfg.min_lr_ratio)
     schedule = cosine if cfg.warmup_steps == 0 else optim.join_schedules(
         [optim.linear_schedule(cfg.lr / cfg.warmup_steps, cfg.lr, cfg.warmup_steps), cosine], [cfg.warmup_steps])
-    return AdamW(learning_rate=schedule, betas=[0.9, 0.95], eps=1e-8, weight_decay=cfg.weight_decay)
+    return AdamW(learning_rate=schedule, betas=[0.9, 0.95], eps=1e-8, weight_decay=cfg.weight_decay,
+                 streams=streams)

@@ -7,6 +7,7 @@ import shutil
 import sys
 from pathlib import Path
 
+from .. import backend
 from ..config import DATA_DIR, DEFAULT_PRESET, load_config, resolve_config
 from ..device import compute_dtype
 from ..outputs import OutputError, check_output_dir
@@ -51,6 +52,7 @@ def train(*, params: str | None = None, config: str | Path | None = None, data: 
     `TrainConfig` fields. With `resume`, continue the run in `out` from its latest checkpoint; `out` must
     otherwise be empty or absent, unless `force`."""
     from ..tokenizer import check_vocab, load_tokenizer
+    backend.setup(training=True)  # before MLX's first eval: the step may then split over both CPU streams
     data, tokenizer = data or DEFAULT_DATA, tokenizer or DEFAULT_TOKENIZER
     cfg = TrainConfig(**options)
     if cfg.mtp_distill and not init:

@@ -21,7 +21,7 @@ import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_flatten, tree_map
 
-from ..device import batch_streams, blas_threads, streams_taken, wide_eval_order
+from .. import backend
 from ..model import Model
 from ..model.moe import MoE, MoEGate
 from .checkpoint import (CheckpointWriteError, RunLock, latest_checkpoint, load_checkpoint, remove_partial,
@@ -69,20 +69,25 @@ class StepFunctions:
 
     def eval(self, *arrays) -> None:
         """`mx.eval(*arrays, state)`."""
-        with blas_threads(self.blas_threads):
+        with backend.blas_threads(self.blas_threads):
             mx.eval(*arrays, self.state)
 
 
-def build_steps(model: Model, optimizer: AdamW, cfg: TrainConfig) -> StepFunctions:
-    """The compiled step functions. On a multi-core CPU, in a process that asked MLX for a wide evaluation
-    order (`device.widen_eval_order`, before its first eval), the batch's rows are split in two halves, each
-    half's forward and backward pass on its own stream (MLX runs a stream on one thread, and most of its CPU
-    kernels are single-threaded), the BLAS one thread per call, and the halves' gradients summed: the same
-    loss and gradients as one pass over the batch (the halves' losses are their shares of the batch's).
+AUTO = "auto"
+
+
+def build_steps(model: Model, optimizer: AdamW, cfg: TrainConfig, streams=AUTO) -> StepFunctions:
+    """The compiled step functions. Given two `streams` (default: `backend.training_streams()`, the CPU's
+    when MLX evaluates wide enough), the batch's rows are split in two halves, each half's forward and backward
+    pass on its own stream, the BLAS one thread per call, and the halves' gradients summed: the same loss and
+    gradients as one pass over the batch (the halves' losses are their shares of the batch's).
     """
     gates = moe_gates(model)
     mtp_lambda = cfg.mtp_lambda if model.config.num_nextn_predict_layers else 0.0
-    streams = batch_streams() if cfg.batch_size >= 2 and wide_eval_order() else None
+    if streams == AUTO:
+        streams = backend.training_streams()
+    if cfg.batch_size < 2:
+        streams = None
 
     # Distilling the MTP modules leaves the main model as it is, its routers' selection biases included.
     balanced = [l.mlp.gate for l in model.model.mtp_layers if isinstance(l.mlp, MoE)] if cfg.mtp_distill else gates
@@ -98,8 +103,8 @@ def build_steps(model: Model, optimizer: AdamW, cfg: TrainConfig) -> StepFunctio
         counts = batch_counts(Batch(*arrays))
         h = (arrays[0].shape[0] + 1) // 2
         results = []
-        for stream, rows in zip(streams, (slice(0, h), slice(h, None))):
-            with mx.stream(stream), streams_taken():
+        for stream, rows in zip(streams.pair(), (slice(0, h), slice(h, None))):
+            with streams.running(stream):
                 (loss, parts), g = value_and_grad(model, counts, *(a[rows] for a in arrays))
             results.append(((loss, *parts), g))
         (v1, g1), (v2, g2) = results

@@ -27,10 +27,10 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
 
-from ..config import ModelConfig
-from ..model import Model
-from ..model.layers import Linear
-from ..model.moe import QuantizedStackedLinear, StackedLinear
+from .config import ModelConfig
+from .model import Model
+from .model.layers import Linear
+from .model.moe import QuantizedStackedLinear, StackedLinear
 
 ADAPTERS = "adapters.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
@@ -262,7 +262,7 @@ def fuse_lora(model: Model, *, keep_quantized: bool = False) -> Model:
     if swaps:
         model.update_modules(tree_unflatten(swaps))
     if not keep_quantized:
-        from ..quant import dequantize_model, is_quantized
+        from .quant import dequantize_model, is_quantized
         if is_quantized(model):
             dequantize_model(model)
     mx.eval(model.parameters())

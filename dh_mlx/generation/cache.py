@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import mlx.core as mx
 
-from .config import ModelConfig
+from ..config import ModelConfig
 
 
 class LatentCache:

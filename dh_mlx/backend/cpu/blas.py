@@ -181,7 +181,7 @@ def _mkl() -> tuple[str, ...]:
 
 
 def _load_gemv_shim(blas: ctypes.CDLL) -> None:
-    """Build (once, cached) and load `_blas_shim.c` globally, pointed at `blas`; sets `shim` when it worked.
+    """Build (once, cached) and load `blas_shim.c` globally, pointed at `blas`; sets `shim` when it worked.
 
     The shim sends MLX's matrix-vector `cblas_sgemm` calls to `cblas_sgemv` (~3x faster decode weight reads
     with OpenBLAS 0.3.21). It needs a C compiler on first use, as `mx.compile` on the CPU backend does; without
@@ -192,7 +192,7 @@ def _load_gemv_shim(blas: ctypes.CDLL) -> None:
         return
     try:
         sgemm, sgemv = blas.cblas_sgemm, blas.cblas_sgemv
-        lib = ctypes.CDLL(str(_build(Path(__file__).with_name("_blas_shim.c"))), mode=ctypes.RTLD_GLOBAL)
+        lib = ctypes.CDLL(str(_build(Path(__file__).with_name("blas_shim.c"))), mode=ctypes.RTLD_GLOBAL)
     except (AttributeError, OSError, subprocess.SubprocessError):
         return
     lib.dh_blas_init(ctypes.cast(sgemm, ctypes.c_void_p), ctypes.cast(sgemv, ctypes.c_void_p))
@@ -200,7 +200,7 @@ def _load_gemv_shim(blas: ctypes.CDLL) -> None:
 
 
 def cache_dir() -> Path:
-    """dh-mlx's per-user cache of built native code (the shim here, compiled kernels in _jit.py)."""
+    """dh-mlx's per-user cache of built native code (the shim here, compiled kernels in jit.py)."""
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "dh_mlx"
 
 

@@ -4,27 +4,32 @@ Per draft step the main model reads [last token, draft] (2 positions); the draft
 min(1, p(d)/q(d)) (standard speculative sampling: greedy when temp = 0, where it reduces to "draft == argmax"),
 so the output follows the main model's distribution exactly. A rejected draft's cache position is trimmed.
 
+The loop composes three steps, each compilable alone: `draft` (the MTP module proposes the next token),
+`verify` (the main model's compiled cached step over [token, draft]) and the accept rule (`accept_greedy`,
+`accept_sampled`). The prompt goes through the plain `prefill`, which also fills the MTP cache.
+
 Drafting costs a 2-position verify plus the MTP layer, so it pays only above a break-even acceptance that
-depends on the model and the machine (`tiny` on 2 CPU cores: a draft step takes ~2x a plain one, so drafting
-cannot pay there; the MTP layer is a quarter of its 4-layer stack). `DraftPolicy` times both kinds of step
-in the run itself and switches to plain one-token steps while drafting loses, probing again later; the MTP
-cache catches up over the plain stretch in one forward. Which kind of step runs depends only on earlier
-steps, so every emitted token is still the main model's (greedy identical, sampling exact).
+depends on the model and the machine. `DraftPolicy` times both kinds of step in the run itself and switches
+to plain one-token steps while drafting loses, probing again later; the MTP cache catches up over the plain
+stretch in one forward. Which kind of step runs depends only on earlier steps, so every emitted token is
+still the main model's (greedy identical, sampling exact), repetition penalty included: it adjusts the draft's,
+the verified and the bonus position's logits with the tokens before each.
 """
 
 from __future__ import annotations
 
 import time
 from collections import deque
+from dataclasses import dataclass
 from statistics import median
 from typing import Iterator
 
 import mlx.core as mx
 
+from ..model import Model
 from .cache import LatentCache
-from .generate import compiled_cached_step, limit_vocab
-from .model import Model
-from .sample import sampling_distribution
+from .sample import apply_repetition_penalty, sampling_distribution
+from .steps import compiled_cached_step, domain_array, limit_vocab, prefill
 
 
 class DraftPolicy:
@@ -94,10 +99,82 @@ class DraftPolicy:
             self.pause = min(2 * pause, self.max_pause)
 
 
+@dataclass(frozen=True)
+class Choice:
+    """How the next token is chosen from logits: the sampling options, a repetition penalty over the last
+    `repetition_context` tokens, and the vocabulary the tokenizer can decode."""
+
+    temp: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    repetition_context: int = 64
+    vocab_limit: int | None = None
+
+    def recent(self, history: list[int], then: mx.array | None = None) -> mx.array | None:
+        """The penalised window after `history` (and the lazy token `then`); None without a penalty."""
+        if self.repetition_penalty == 1.0:
+            return None
+        n = self.repetition_context
+        window = mx.array(history[-n:] if then is None else history[-(n - 1):] if n > 1 else [], mx.int32)
+        return window if then is None else mx.concatenate([window, then.reshape(1).astype(mx.int32)])[-n:]
+
+    def logits(self, logits: mx.array, recent: mx.array | None) -> mx.array:
+        if recent is not None:
+            logits = apply_repetition_penalty(logits, recent, self.repetition_penalty)
+        return limit_vocab(logits, self.vocab_limit)
+
+    def distribution(self, logits: mx.array, recent: mx.array | None) -> mx.array:
+        """(V,) the probabilities a token is drawn from (one-hot argmax when greedy)."""
+        return sampling_distribution(self.logits(logits[None], recent), self.temp, self.top_p, self.top_k,
+                                     self.min_p)[0]
+
+    def draw(self, probs: mx.array) -> mx.array:
+        return mx.argmax(probs) if self.temp == 0 else mx.random.categorical(mx.log(probs))
+
+
+def accept_greedy(choice: Choice, draft: mx.array, logits: mx.array, recent0, recent1):
+    """Greedy acceptance: keep the draft iff it is the main model's choice at the token's position.
+    logits (2, V) at [token, draft] -> (accept, correction, bonus), all lazy."""
+    correction = mx.argmax(choice.logits(logits[0], recent0))
+    bonus = mx.argmax(choice.logits(logits[1], recent1))
+    return draft == correction, correction, bonus
+
+
+def accept_sampled(choice: Choice, draft: mx.array, q: mx.array, logits: mx.array, recent0, recent1):
+    """Speculative sampling: keep the draft with probability min(1, p(d) / q(d)); on rejection draw from the
+    residual max(p - q, 0), so the output follows p exactly. -> (accept, correction, bonus), all lazy."""
+    p0, p1 = choice.distribution(logits[0], recent0), choice.distribution(logits[1], recent1)
+    ratio = p0[draft] / mx.maximum(q[draft], 1e-20)
+    accept = (ratio >= 1.0) | (mx.random.uniform() < ratio)
+    residual = mx.maximum(p0 - q, 0.0)
+    bonus, correction = choice.draw(p1), choice.draw(residual / mx.maximum(residual.sum(), 1e-20))
+    return accept, correction, bonus
+
+
+class Drafter:
+    """The MTP module's draft step over its own cache; compiled for one or two new positions (after a draft
+    step, or after one plain step), eager over a longer stretch of plain steps."""
+
+    def __init__(self, model: Model, domain: mx.array | None):
+        self.model, self.domain = model, domain
+        self.cache = LatentCache()
+        self._step = compiled_cached_step(
+            lambda tokens, views, mask, hidden: model.mtp_forward(hidden, tokens, 0, views[0], domain, mask),
+            caches_of=lambda c: [c])
+
+    def __call__(self, hidden: mx.array, tokens: mx.array) -> mx.array:
+        """hidden (1, L, D) of the main model at the positions after the cache's last, tokens (1, L) that follow
+        them -> the logits (1, V) of the token after the last."""
+        if tokens.shape[1] <= 2:
+            return self._step(tokens, self.cache, hidden)[0][:, -1]
+        return self.model.mtp_forward(hidden, tokens, cache=self.cache, domain_ids=self.domain).logits[:, -1]
+
+
 def mtp_generate(model: Model, pc, todo: list[int], *, stats, max_tokens: int, eos_ids=(),
-                 prefill_step_size: int = 512, domain: int | None = None, temp: float = 0.0, top_p: float = 1.0,
-                 top_k: int = 0, min_p: float = 0.0, policy: DraftPolicy | None = None,
-                 vocab_limit: int | None = None) -> Iterator[int]:
+                 prefill_step_size: int = 512, domain: int | None = None, choice: Choice = Choice(),
+                 policy: DraftPolicy | None = None) -> Iterator[int]:
     """Yield tokens like `generate_tokens`; `pc` is a PromptCache already trimmed to the reused prefix.
 
     `policy` decides per step whether to draft (default: a fresh `DraftPolicy`). The MTP cache is left in
@@ -105,44 +182,27 @@ def mtp_generate(model: Model, pc, todo: list[int], *, stats, max_tokens: int, e
     at the end, whose input is only caught up when drafting resumes).
     """
     policy = policy if policy is not None else DraftPolicy()
-    d = None if domain is None else mx.array([domain])
+    d = domain_array(domain)
     cache = pc.cache
     if pc.tokens:  # the MTP cache is not kept across calls: rebuild it from scratch with the main cache
         for c in cache:
             c.trim(c.offset)
         todo = pc.tokens + todo
         pc.tokens = []
-    mtp_cache = pc.mtp_cache = LatentCache()
-    # Both per-step forwards are compiled fixed-capacity steps (see generate.compiled_cached_step).
+    drafter = Drafter(model, d)
+    pc.mtp_cache = drafter.cache
     verify = compiled_cached_step(lambda tokens, views, mask: model.forward(tokens, views, d, mask=mask))
-    propose = compiled_cached_step(
-        lambda tokens, views, mask, hidden: model.mtp_forward(hidden, tokens, 0, views[0], d, mask),
-        caches_of=lambda c: [c])
+    history = list(todo)  # every token so far: the repetition penalty's windows
 
-    def dist(logits: mx.array) -> mx.array:  # (1, V) -> (V,) the distribution sampling draws from
-        return sampling_distribution(limit_vocab(logits, vocab_limit), temp, top_p, top_k, min_p)[0]
-
-    def draw(probs: mx.array) -> mx.array:
-        return mx.argmax(probs) if temp == 0 else mx.random.categorical(mx.log(probs))
-
-    def plain_step(tok: mx.array) -> tuple[mx.array, mx.array]:  # -> (hidden (1, 1, D), next token)
+    def plain_step(tok: mx.array, recent) -> tuple[mx.array, mx.array]:  # -> (hidden (1, 1, D), next token)
         logits, hidden = verify(tok.reshape(1, 1), cache)
-        return hidden, draw(dist(logits[:, 0]))
-
-    ids = mx.array([todo])
-    T = len(todo)
+        return hidden, choice.draw(choice.distribution(logits[0, 0], recent))
 
     tic = time.perf_counter()
-    h = None
-    for s in range(0, T, prefill_step_size):
-        e = min(s + prefill_step_size, T)
-        h, _ = model.model(ids[:, s:e], cache, d)  # (1, L, D) normalised hidden states
-        known = min(e, T - 1) - s  # positions whose next token is already in the prompt
-        if known > 0:
-            model.mtp_forward(h[:, :known], ids[:, s + 1: s + 1 + known], cache=mtp_cache, domain_ids=d)
-        mx.eval(h, *([] if mtp_cache.latent is None else [mtp_cache.latent]))
-    h_last = h[:, -1:]
-    token = draw(dist(model.head(h_last[:, 0]))).item()
+    logits, h_last = prefill(model, mx.array([todo]), cache, step_size=prefill_step_size, domain=domain,
+                             mtp_cache=drafter.cache)
+    token = choice.draw(choice.distribution(logits[0], choice.recent(history))).item()
+    T = len(todo)
     stats.prompt_tokens, stats.prompt_tps = T, T / (time.perf_counter() - tic)
     pc.tokens = list(todo)
 
@@ -153,6 +213,7 @@ def mtp_generate(model: Model, pc, todo: list[int], *, stats, max_tokens: int, e
         nonlocal emitted
         emitted += 1
         pc.tokens.append(t)
+        history.append(t)
         stats.generation_tokens = emitted
         return t in eos_ids or emitted >= max_tokens
 
@@ -161,37 +222,31 @@ def mtp_generate(model: Model, pc, todo: list[int], *, stats, max_tokens: int, e
     tok = mx.array(token)
     # MTP input not yet run: main hidden states (1, L, D) of the positions after the MTP cache's last, and
     # the tokens that follow them. A draft step runs it at once; a stretch of plain steps collects it.
-    pend_h, pend_t = [h_last], [token]
+    pend_h, pend_t = [h_last[:, None]], [token]
     ahead = None  # a plain step queued before the consumer got the previous token
     traced: set[int] = set()  # MTP input lengths the compiled draft step has seen
     last = time.perf_counter()
     while not done:
         if policy.mode == "draft":
-            hidden, nxt = mx.concatenate(pend_h, axis=1), mx.array(pend_t)[None]
-            fair = len(pend_t) in traced  # the MTP step's first call with 1 or 2 positions traces and compiles
+            fair = len(pend_t) in traced  # the draft step's first call with 1 or 2 positions traces and compiles
             traced.add(len(pend_t))
-            if len(pend_t) <= 2:  # after a draft step (or one plain step): the compiled step
-                q_logits = propose(nxt, mtp_cache, hidden)[0][:, -1]
-            else:  # after a stretch of plain steps: one eager forward over it, not timed
-                q_logits = model.mtp_forward(hidden, nxt, cache=mtp_cache, domain_ids=d).logits[:, -1]
+            q_logits = drafter(mx.concatenate(pend_h, axis=1), mx.array(pend_t)[None])
+            if len(pend_t) > 2:  # the eager catch-up forward is not timed
                 mx.eval(q_logits)
                 last = time.perf_counter()
             # Everything up to the accept decision stays lazy: one host sync per draft.
-            if temp == 0:  # greedy: keep the draft iff it is the main model's argmax (few ops over V)
-                draft = mx.argmax(limit_vocab(q_logits[0], vocab_limit))
-                logits, hidden = verify(mx.stack([tok, draft])[None], cache)  # positions of token and draft
-                # the main model's choice at each position
-                correction, bonus = mx.argmax(limit_vocab(logits[0], vocab_limit), axis=-1)
-                accept = draft == correction
+            recent0 = choice.recent(history)
+            if choice.temp == 0:
+                draft = mx.argmax(choice.logits(q_logits[0], recent0))
             else:
-                q = dist(q_logits)
-                draft = draw(q)
-                logits, hidden = verify(mx.stack([tok, draft])[None], cache)
-                p0, p1 = dist(logits[:, 0]), dist(logits[:, 1])
-                ratio = p0[draft] / mx.maximum(q[draft], 1e-20)
-                accept = (ratio >= 1.0) | (mx.random.uniform() < ratio)
-                residual = mx.maximum(p0 - q, 0.0)
-                bonus, correction = draw(p1), draw(residual / mx.maximum(residual.sum(), 1e-20))
+                q = choice.distribution(q_logits[0], recent0)
+                draft = choice.draw(q)
+            logits, hidden = verify(mx.stack([tok, draft])[None], cache)  # positions of token and draft
+            recent1 = choice.recent(history, draft)
+            if choice.temp == 0:
+                accept, correction, bonus = accept_greedy(choice, draft, logits[0], recent0, recent1)
+            else:
+                accept, correction, bonus = accept_sampled(choice, draft, q, logits[0], recent0, recent1)
             mx.eval(accept, draft, bonus, correction)
             stats.drafted += 1
             accepted = accept.item()
@@ -206,7 +261,7 @@ def mtp_generate(model: Model, pc, todo: list[int], *, stats, max_tokens: int, e
                 hidden, tok = hidden[:, :1], correction
             pend_h, pend_t = [hidden], list(new)
         else:
-            hidden, tok = ahead if ahead is not None else plain_step(tok)
+            hidden, tok = ahead if ahead is not None else plain_step(tok, choice.recent(history))
             new = [tok.item()]
             pend_h.append(hidden)
             pend_t.extend(new)
@@ -216,7 +271,7 @@ def mtp_generate(model: Model, pc, todo: list[int], *, stats, max_tokens: int, e
         last = now
         ahead = None
         if policy.mode == "plain" and not (new[-1] in eos_ids or emitted + len(new) >= max_tokens):
-            ahead = plain_step(tok)  # queue the next plain step before handing tokens out
+            ahead = plain_step(tok, choice.recent(history + new))  # queued before the tokens are handed out
             mx.async_eval(ahead[1])
         for t in new:
             done = emit(t)
@@ -226,3 +281,4 @@ def mtp_generate(model: Model, pc, todo: list[int], *, stats, max_tokens: int, e
     pc.tokens = pc.tokens[: cache[0].offset]
     stats.generation_tps = emitted / max(time.perf_counter() - tic, 1e-9)
     stats.peak_memory_gb = mx.get_peak_memory() / 1e9
+    stats.draft_summary = policy.summary()

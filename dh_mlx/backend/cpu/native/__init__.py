@@ -23,7 +23,7 @@ import sysconfig
 from pathlib import Path
 from types import ModuleType
 
-from .._blas import cache_dir
+from ..blas import cache_dir
 
 _SOURCE = Path(__file__).with_name("kernels.cpp")
 #: Why the extension is (not) in use.
@@ -73,7 +73,7 @@ def _build() -> Path:
     import mlx.core as mx
     import nanobind
 
-    from .. import _jit
+    from .. import jit as _jit
 
     mlx_dir = Path(mx.__file__).parent  # not mlx.__path__[0]: a directory named mlx on sys.path can come first
     nb_dir = Path(nanobind.__path__[0])

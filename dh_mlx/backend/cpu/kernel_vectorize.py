@@ -15,7 +15,7 @@ step by 1 or 0 (broadcast), so this rewrites that loop as one copy per combinati
 output with an input of the same index), and keeps the original loop for any other stride. Same arithmetic in
 the same order per element, so results are bit-identical.
 
-Run as `python _kernel_vectorize.py REAL_COMPILER ARGS...` by the wrapper `_jit.py` installs (no dh_mlx import:
+Run as `python kernel_vectorize.py REAL_COMPILER ARGS...` by the wrapper `jit.py` installs (no dh_mlx import:
 it runs per kernel build). Any source it does not recognise is compiled unchanged.
 """
 

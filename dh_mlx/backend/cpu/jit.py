@@ -13,7 +13,7 @@ over tiny's 42 M parameters 97-100 -> 77-81 ms per step.
 `enable()` puts a `g++` wrapper that adds those flags first on PATH and points MLX's kernel cache at a
 directory of ours (named by the flags and the CPU's feature set, so kernels built without them, or for
 another CPU, are never reused). Python's own temporary directory is pinned to the system one first, and
-child processes that import dh_mlx do the same, so only MLX's kernel cache moves. Set `DH_MLX_JIT=off` to
+child processes that set dh_mlx up do the same, so only MLX's kernel cache moves. Set `DH_MLX_JIT=off` to
 leave MLX's compiler untouched. Must run before MLX compiles its first kernel.
 """
 
@@ -27,11 +27,11 @@ import sys
 import tempfile
 from pathlib import Path
 
-from ._blas import cache_dir, cpuinfo
+from .blas import cache_dir, cpuinfo
 
 FLAGS = ("-march=native", "-fno-trapping-math", "-fno-math-errno", "--param", "vect-max-version-for-alias-checks=200",
          "--param", "max-inline-insns-single=2000", "--param", "max-inline-insns-auto=2000")
-_VECTORIZE = Path(__file__).with_name("_kernel_vectorize.py")  # rewrites strided loops (see there)
+_VECTORIZE = Path(__file__).with_name("kernel_vectorize.py")  # rewrites strided loops (see there)
 _SYSTEM_TMPDIR = "DH_MLX_SYSTEM_TMPDIR"  # the temp dir Python programs in this process tree should use
 _WRAPPER_DIR = "DH_MLX_JIT_BIN"  # the wrapper directory a parent process put on PATH
 
@@ -100,7 +100,7 @@ def _flags_work(real: str) -> bool:
 
 
 def _write_wrapper(path: Path, real: str) -> None:
-    """`g++ ARGS` -> the real compiler with FLAGS, MLX's source first through `_kernel_vectorize.py`."""
+    """`g++ ARGS` -> the real compiler with FLAGS, MLX's source first through `kernel_vectorize.py`."""
     script = "#!/bin/sh\nexec " + " ".join([f'"{sys.executable}"', f'"{_VECTORIZE}"', f'"{real}"', *FLAGS,
                                             '"$@"']) + "\n"
     if path.exists() and path.read_text() == script:

@@ -1,0 +1,264 @@
+"""CPU implementations of the routed experts and the router (dh_mlx.model.moe).
+
+gather_mm over single rows is slow on the CPU backend, so the experts run one of these, all exact:
+- "native": pairs sorted by expert, one BLAS call per expert over its exact run of rows (`segment_linear`;
+  the run boundaries are read when the kernel runs, so it compiles): training steps and prefill;
+- "segments": per-expert MLX matmuls over each run, the run lengths read back to the host (not under
+  mx.compile), when the native kernels are missing;
+- "blocked": a static-shape layout padded to blocks of BLOCK_ROWS rows of one expert (compiles; quantized
+  or adapted experts too);
+- "gather": the model's reference;
+and a decode-sized call is one native node (`expert_rows`), as is the decode router (`native_route`).
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import mlx.core as mx
+import numpy as np
+
+from ...model import moe
+from ...model.moe import SORT_THRESHOLD, Experts, MoEGate, Routing, StackedLinear, _mixing_weights, _scores
+from . import native
+from .layers import swiglu
+
+# Rows per block in the blocked layout: a block of rows sharing an expert is one BLAS matmul.
+BLOCK_ROWS = 16
+# Without the native kernels: from this many rows per expert on average, per-expert matmuls beat gather_mm
+# (outside mx.compile); quantized or adapted experts take the blocked layout from 4 blocks per expert.
+SEGMENT_MIN_ROWS = 16
+PATHS = ("gather", "native", "segments", "blocked")
+_METHODS = {"greedy": 0, "group_limited_greedy": 1, "noaux_tc": 2}
+
+
+def plain(experts: Experts) -> bool:
+    """Float weights, no adapters: what the native and per-expert paths take apart per expert."""
+    return all(type(p) is StackedLinear for p in (experts.gate_proj, experts.up_proj, experts.down_proj))
+
+
+def native_ok(experts: Experts, *arrays: mx.array) -> bool:
+    """Plain float32 experts, float32 `arrays` on the CPU and the native kernels built."""
+    return plain(experts) and native.usable(*arrays, experts.gate_proj.weight) is not None
+
+
+def choose_path(experts: Experts, x: mx.array, pairs: int) -> str:
+    if mx.default_device() != mx.cpu:
+        return "gather"
+    if pairs >= SORT_THRESHOLD and native_ok(experts, x):
+        return "native"
+    if plain(experts) and pairs >= SEGMENT_MIN_ROWS * experts.num_experts:
+        return "segments"
+    if pairs >= 4 * experts.num_experts * BLOCK_ROWS:
+        return "blocked"
+    return "gather"
+
+
+def apply(experts: Experts, x: mx.array, indices: mx.array, path: str) -> mx.array:
+    """x (..., D), indices (..., k) -> (..., k, D) through `path` (one of PATHS)."""
+    if path not in PATHS:
+        raise ValueError(f"experts path: expected one of {', '.join(PATHS)}, got {path!r}")
+    *lead, D = x.shape
+    k = indices.shape[-1]
+    xf, idx = x.reshape(-1, D), indices.reshape(-1, k)  # (N, D), (N, k)
+    if path == "native":
+        if not native_ok(experts, x):
+            raise ValueError("experts path 'native' needs the CPU, float32 activations, plain float32 experts and "
+                             f"the native kernels (dh_mlx.backend.cpu.native: {native.status})")
+        return run_native(experts, xf, idx).reshape(*lead, k, D)
+    if path == "segments":
+        y = run_segments(experts, xf, idx)
+        if y is not None:
+            return y.reshape(*lead, k, D)
+        path = "blocked"  # traced (mx.compile): static shapes only
+    if path == "blocked":
+        return run_blocked(experts, xf, idx).reshape(*lead, k, D)
+    return moe.routed_experts.reference(experts, x, indices)
+
+
+def routed_experts(experts: Experts, x: mx.array, indices: mx.array) -> mx.array:
+    return apply(experts, x, indices, choose_path(experts, x, x.size // x.shape[-1] * indices.shape[-1]))
+
+
+def weighted_experts(experts: Experts, x: mx.array, indices: mx.array, weights: mx.array) -> mx.array:
+    pairs = x.size // x.shape[-1] * indices.shape[-1]
+    if pairs < SORT_THRESHOLD and native_ok(experts, x, weights):  # decode: one native node
+        idx = indices if indices.dtype in (mx.int32, mx.uint32) else indices.astype(mx.int32)
+        return expert_rows(x, idx, weights, experts.gate_proj.weight, experts.up_proj.weight,
+                           experts.down_proj.weight)
+    return moe.weighted_experts.reference(experts, x, indices, weights)
+
+
+def forced(path: str) -> dict[str, Callable | None]:
+    """`ops.using(**forced(path))`: the experts always through `path` (what tests compare paths with)."""
+    if path not in PATHS:
+        raise ValueError(f"experts path: expected one of {', '.join(PATHS)}, got {path!r}")
+    return {"routed_experts": lambda e, x, i: apply(e, x, i, path), "weighted_experts": None}
+
+
+def _runs(experts: Experts, idx: mx.array) -> tuple[mx.array, mx.array]:
+    """idx (N, k) -> (order (P,): the N*k pairs grouped by expert, counts (E,): each expert's pairs)."""
+    flat = idx.reshape(-1)
+    return mx.argsort(flat), (flat[:, None] == mx.arange(experts.num_experts)).sum(axis=0)
+
+
+def run_native(experts: Experts, x: mx.array, idx: mx.array) -> mx.array:
+    """x (N, D), idx (N, k) -> (N, k, D): pairs sorted by expert, then `segment_linear`."""
+    N, k = idx.shape
+    order, counts = _runs(experts, idx)
+    offsets = mx.concatenate([mx.zeros((1,), mx.int32), mx.cumsum(counts).astype(mx.int32)])  # (E + 1,)
+    inverse = mx.argsort(order)
+    xs = gather_pairs(x, order, inverse, k)  # (P, D)
+    h = swiglu(segment_linear(xs, experts.gate_proj.weight, offsets),
+               segment_linear(xs, experts.up_proj.weight, offsets))
+    y = segment_linear(h, experts.down_proj.weight, offsets)  # (P, D)
+    return permute_rows(y, inverse, order).reshape(N, k, -1)
+
+
+def run_segments(experts: Experts, x: mx.array, idx: mx.array) -> mx.array | None:
+    """x (N, D), idx (N, k) -> (N, k, D): pairs sorted by expert, then one SwiGLU of matmuls per expert over its
+    run of rows; None under mx.compile (the run lengths are read back) or for quantized or adapted experts.
+    Differentiable, but the gradient through per-expert weight views is slow: eager training wants "blocked"."""
+    if not plain(experts):
+        return None
+    N, k = idx.shape
+    order, counts = _runs(experts, idx)
+    try:
+        counts = counts.tolist()
+    except ValueError:  # tracing (mx.compile): no host reads
+        return None
+    runs = mx.split(x[order // k], np.cumsum(counts)[:-1].tolist())  # E x (count_e, D)
+    gate, up, down = (p.per_expert() for p in (experts.gate_proj, experts.up_proj, experts.down_proj))
+    ys = [swiglu(r @ gate[e].T, r @ up[e].T) @ down[e].T for e, r in enumerate(runs) if counts[e]]
+    return mx.concatenate(ys)[mx.argsort(order)].reshape(N, k, -1)
+
+
+def run_blocked(experts: Experts, x: mx.array, idx: mx.array, b: int = BLOCK_ROWS) -> mx.array:
+    """x (N, D), idx (N, k) -> (N, k, D) through a static-shape padded layout (P = N*k pairs).
+
+    Each expert's pairs get a run of rows rounded up to a multiple of b, so every block of b rows belongs
+    to one expert; R = P + E*(b-1) rows (rounded up to b) always suffice, so shapes never depend on the
+    routing and the step stays compilable. Padding rows read a zero row and are never read back.
+    """
+    N, k = idx.shape
+    E, P = experts.num_experts, N * k
+    flat = idx.reshape(-1)
+    onehot = (flat[:, None] == mx.arange(E)).astype(mx.int32)  # (P, E)
+    rank = mx.take_along_axis(mx.cumsum(onehot, axis=0), flat[:, None], axis=1)[:, 0] - 1  # (P,)
+    counts = onehot.sum(axis=0)  # (E,)
+    padded = (counts + b - 1) // b * b
+    ends = mx.cumsum(padded)
+    dest = (ends - padded)[flat] + rank  # (P,) row of each pair in the padded layout
+    R = (P + E * (b - 1) + b - 1) // b * b
+    src = mx.full((R,), N, mx.int32).at[dest].add(mx.arange(P, dtype=mx.int32) // k - N)  # (R,) token of row
+    xp = mx.concatenate([x, mx.zeros((1, x.shape[1]), x.dtype)])[src].reshape(R // b, b, -1)  # (nb, b, D)
+    owner = mx.minimum((mx.arange(R // b)[None] * b >= ends[:, None]).sum(axis=0), E - 1)  # (nb,)
+    y = experts.glu(xp, owner, True)  # (nb, b, D)
+    return y.reshape(R, -1)[dest].reshape(N, k, -1)
+
+
+@mx.custom_function
+def segment_linear(x: mx.array, w: mx.array, offsets: mx.array) -> mx.array:
+    """x (R, in) rows sorted by expert, w (E, out, in), offsets (E + 1,) int32 -> (R, out): rows offsets[e] to
+    offsets[e + 1] times w[e].T, one BLAS call per expert (`native.load()` must have succeeded)."""
+    return native.load().segment_rows(x, w, offsets, True)
+
+
+@segment_linear.vjp
+def _segment_linear_vjp(primals, dy, y):
+    x, w, offsets = primals
+    ext = native.load()
+    return ext.segment_rows(dy, w, offsets, False), ext.segment_outer(dy, x, offsets), mx.zeros_like(offsets)
+
+
+@mx.custom_function
+def expert_rows(x: mx.array, idx: mx.array, weights: mx.array, gate: mx.array, up: mx.array,
+                down: mx.array) -> mx.array:
+    """x (..., D), idx and weights (..., k), stacked expert weights -> (..., D): each token through its k
+    experts, weighted and summed, as one native node. Differentiated through `rows_reference`."""
+    return native.load().moe_rows(x, idx, weights, gate, up, down)
+
+
+def rows_reference(x, idx, weights, gate, up, down):
+    D, k = x.shape[-1], idx.shape[-1]
+    xs, i = x.reshape(-1, 1, 1, D), idx.reshape(-1, k)
+    h = swiglu(mx.gather_mm(xs, gate.swapaxes(-1, -2), rhs_indices=i),
+               mx.gather_mm(xs, up.swapaxes(-1, -2), rhs_indices=i))
+    y = mx.gather_mm(h, down.swapaxes(-1, -2), rhs_indices=i)  # (N, k, 1, D)
+    return (y.reshape(*idx.shape, D) * weights[..., None]).sum(axis=-2)
+
+
+@expert_rows.vjp
+def _expert_rows_vjp(primals, cotangent, output):
+    x, idx, weights, gate, up, down = primals
+    _, (dx, dw, dg, du, dd) = mx.vjp(lambda x, w, g, u, d: rows_reference(x, idx, w, g, u, d),
+                                     [x, weights, gate, up, down], [cotangent])
+    return dx, mx.zeros_like(idx), dw, dg, du, dd
+
+
+@mx.custom_function
+def gather_pairs(x: mx.array, order: mx.array, inverse: mx.array, k: int) -> mx.array:
+    """x (N, D), order (P,) a permutation of the N*k (token, slot) pairs, inverse its inverse -> x[order // k].
+    The gradient gathers and sums over the k slots instead of MLX's generic (serial) scatter-add."""
+    return x[order // k]
+
+
+@gather_pairs.vjp
+def _gather_pairs_vjp(primals, dy, y):
+    x, order, inverse, k = primals
+    dx = dy[inverse].reshape(x.shape[0], k, -1).sum(axis=1)
+    return dx, mx.zeros_like(order), mx.zeros_like(inverse), None
+
+
+@mx.custom_function
+def permute_rows(y: mx.array, perm: mx.array, inverse: mx.array) -> mx.array:
+    """y[perm] for a permutation `perm` with inverse `inverse`; the gradient is a gather too (not a scatter)."""
+    return y[perm]
+
+
+@permute_rows.vjp
+def _permute_rows_vjp(primals, dy, out):
+    y, perm, inverse = primals
+    return dy[inverse], mx.zeros_like(perm), mx.zeros_like(inverse)
+
+
+def route(gate: MoEGate, logits: mx.array, domain_ids: mx.array | None) -> Routing:
+    bias = gate.e_score_correction_bias if gate.topk_method == "noaux_tc" else mx.zeros(logits.shape[-1:])
+    if not native.usable_small(logits, bias):
+        return moe.route.reference(gate, logits, domain_ids)
+    domains = domain_ids is not None and gate._domain_table is not None
+    allowed = flag = mx.array(False)
+    if domains:
+        d, table = gate.domains(domain_ids, logits.ndim)
+        allowed = mx.broadcast_to(table, logits.shape)
+        flag = mx.broadcast_to(d >= 0, logits.shape[:-1])
+    indices, weights, scores = native_route(logits, bias, allowed, flag, domains, gate.scoring_func == "sigmoid",
+                                            _METHODS[gate.topk_method], gate.n_group, gate.topk_group, gate.top_k,
+                                            gate._renorm, gate.routed_scaling_factor)
+    return Routing(mx.stop_gradient(indices), weights, scores)
+
+
+@mx.custom_function
+def native_route(logits, bias, allowed, flag, domains: bool, sigmoid: bool, method: int, groups: int,
+                 topk_groups: int, k: int, renorm: bool, scaling: float):
+    """The router after its linear as one native node: (indices (..., k) int32, weights (..., k), scores
+    (..., E)); with `domains`, a token whose `flag` is set chooses among its `allowed` experts instead of by
+    group. Differentiated through MLX ops (the choice has no gradient)."""
+    return tuple(native.load().route(logits, bias, allowed, flag, domains, sigmoid, method, groups, topk_groups, k,
+                                     renorm, scaling))
+
+
+@native_route.vjp
+def _native_route_vjp(primals, cotangents, outputs):
+    logits, bias, allowed, flag, domains, sigmoid, method, groups, topk_groups, k, renorm, scaling = primals
+    indices = outputs[0]
+
+    def weights_and_scores(logits):
+        scores = _scores(logits, sigmoid)
+        return _mixing_weights(scores, indices, renorm, scaling), scores
+
+    _, (d_logits,) = mx.vjp(weights_and_scores, [logits], list(cotangents[1:]))
+    return (d_logits, mx.zeros_like(bias), mx.zeros_like(allowed), mx.zeros_like(flag), *([None] * 8))
+
+
+IMPLEMENTATIONS = {"routed_experts": routed_experts, "weighted_experts": weighted_experts, "route": route}

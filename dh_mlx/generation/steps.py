@@ -1,0 +1,130 @@
+"""Generation steps, each usable and compilable alone: prefill, decode_step, and the compiled fixed-capacity
+step that decoding, verification and drafting share."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import mlx.core as mx
+
+from ..model import Model
+from .cache import LatentCache, StepCache, make_cache
+
+
+@dataclass
+class PromptCache:
+    """A latent cache plus the tokens it holds, reusable across calls that share a prompt prefix."""
+
+    cache: list[LatentCache]
+    tokens: list[int] = field(default_factory=list)
+    mtp_cache: LatentCache | None = None  # the MTP module's, from the last MTP generation (rebuilt per call)
+
+    @classmethod
+    def new(cls, model: Model) -> "PromptCache":
+        return cls(make_cache(model.config))
+
+    def reuse(self, prompt: list[int]) -> list[int]:
+        """Trim to the longest common prefix with `prompt`; return the prompt tokens still to prefill."""
+        common = 0
+        for a, b in zip(self.tokens, prompt):
+            if a != b:
+                break
+            common += 1
+        common = min(common, len(prompt) - 1)  # always recompute at least one token for its logits
+        for c in self.cache:
+            c.trim(c.offset - common)
+        self.tokens = self.tokens[:common]
+        return prompt[common:]
+
+
+def domain_array(domain: int | None) -> mx.array | None:
+    return None if domain is None else mx.array([domain])
+
+
+def prefill(model: Model, tokens: mx.array, cache: list[LatentCache], *, step_size: int = 512,
+            domain: int | None = None, mtp_cache: LatentCache | None = None) -> tuple[mx.array, mx.array]:
+    """Run the prompt (1, T) through the cache in chunks; returns (last logits (1, V), last hidden (1, D)).
+
+    Each chunk after the first attends through the absorbed path, so per-head K/V never exist for more than
+    one chunk. With `mtp_cache`, the MTP module also runs over every position but the last (whose next token
+    the prompt gives): what speculative decoding drafts from.
+    """
+    d = domain_array(domain)
+    T = tokens.shape[1]
+    for start in range(0, T - 1, step_size):
+        end = min(start + step_size, T - 1)
+        h, _ = model.model(tokens[:, start:end], cache, d)
+        if mtp_cache is not None:
+            model.mtp_forward(h, tokens[:, start + 1:end + 1], cache=mtp_cache, domain_ids=d)
+        mx.eval([c.latent for c in cache], [] if mtp_cache is None else mtp_cache.latent)
+    out = model.forward(tokens[:, T - 1:], cache, d)
+    return out.logits[:, -1], out.hidden[:, -1]
+
+
+def decode_step(model: Model, token: mx.array, cache: list[LatentCache], domain: int | None = None):
+    """One token (1, 1) -> (logits (1, V), hidden (1, D))."""
+    out = model.forward(token, cache, domain_array(domain))
+    return out.logits[:, -1], out.hidden[:, -1]
+
+
+def compiled_cached_step(forward, caches_of=lambda cache: cache):
+    """Compile `forward(tokens (1, L), caches, mask, *args) -> Output` over fixed-capacity cache views.
+
+    Returns run(tokens, cache, *args) -> (logits (1, L, V), hidden (1, L, D)) that advances the caches by L.
+    Each layer writes its new latents at an array offset into the cache's whole 256-position chunk and
+    attends over it under a mask (`StepCache`), so `mx.compile` traces once per chunk (and per L) and reuses
+    its fused kernels in between. The cache buffers are taken out of the caches for the call, so the step's
+    slice updates write in place. `caches_of` maps the argument to its list of LatentCaches.
+    """
+
+    def step(tokens, offset, latents, k_pes, *args):
+        views = [StepCache(lat, kpe, offset) for lat, kpe in zip(latents, k_pes)]
+        out = forward(tokens, views, views[0].valid_mask(tokens.shape[1]), *args)
+        return out.logits, out.hidden, [v.latent for v in views], [v.k_pe for v in views]
+
+    compiled = mx.compile(step)
+
+    def run(tokens: mx.array, cache, *args) -> tuple[mx.array, mx.array]:
+        caches = caches_of(cache)
+        if not caches[0].has_past:  # nothing cached yet: no capacity to write into
+            out = forward(tokens, caches, "causal", *args)
+            return out.logits, out.hidden
+        L = tokens.shape[1]
+        for c in caches:
+            c.reserve(L)
+        latents, k_pes = [c.latent for c in caches], [c.k_pe for c in caches]
+        for c in caches:
+            c.latent = c.k_pe = None
+        logits, hidden, latents, k_pes = compiled(tokens, mx.array(caches[0].offset, mx.int32), latents, k_pes,
+                                                  *args)
+        for c, lat, kpe in zip(caches, latents, k_pes):
+            c.latent, c.k_pe = lat, kpe
+            c.offset += L
+        return logits, hidden
+
+    return run
+
+
+def compiled_decode_step(model: Model, domain: int | None = None):
+    """`decode_step` as one `mx.compile`d function (see `compiled_cached_step`): (token (1, 1), cache) ->
+    (logits (1, V), hidden (1, D))."""
+    d = domain_array(domain)
+    run = compiled_cached_step(lambda tokens, views, mask: model.forward(tokens, views, d, mask=mask))
+
+    def step(token: mx.array, cache: list[LatentCache]) -> tuple[mx.array, mx.array]:
+        logits, hidden = run(token, cache)
+        return logits[:, -1], hidden[:, -1]
+
+    return step
+
+
+def limit_vocab(logits: mx.array, vocab_limit: int | None) -> mx.array:
+    """(..., V) -> (..., vocab_limit): the ids a tokenizer smaller than the model's vocabulary can decode."""
+    return logits if vocab_limit is None or vocab_limit >= logits.shape[-1] else logits[..., :vocab_limit]
+
+
+def check_context(model: Model, n_tokens: int) -> None:
+    limit = model.config.max_position_embeddings
+    if n_tokens > limit:
+        raise ValueError(f"prompt plus generation needs {n_tokens} positions but the model's context "
+                         f"(max_position_embeddings) is {limit}")
