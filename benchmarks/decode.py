@@ -38,7 +38,8 @@ from dh_mlx.backend import cpu_description, untuned_environ
 from dh_mlx.backend.cpu import blas
 from dh_mlx.device import compute_dtype
 from dh_mlx.params import count_params
-from dh_mlx.train.run import DEFAULT_TOKENIZER, copy_tokenizer
+from dh_mlx.checkpoint.weights import copy_tokenizer
+from dh_mlx.train.run import DEFAULT_TOKENIZER
 
 
 def emit(name, value, unit, **comparison):

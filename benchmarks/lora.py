@@ -26,11 +26,12 @@ import numpy as np
 from dh_mlx import load_model, save_model
 from dh_mlx.config import DATA_DIR
 from dh_mlx import backend
-from dh_mlx.quant import quantize
+from dh_mlx.checkpoint.quantized import quantize
 from dh_mlx.tokenizer import load_tokenizer
 from dh_mlx.train.data import load_dataset
 from dh_mlx.train.lora_run import lora
-from dh_mlx.train.run import copy_tokenizer, train
+from dh_mlx.checkpoint.weights import copy_tokenizer
+from dh_mlx.train.run import train
 
 
 def split_corpus(src: Path, domain: str, work: Path) -> tuple[Path, Path]:

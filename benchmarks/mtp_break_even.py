@@ -26,7 +26,7 @@ import numpy as np
 from dh_mlx import load_preset, random_model
 from dh_mlx.generation import GenerationStats, generate_tokens
 from dh_mlx.generation.speculative import DraftPolicy
-from dh_mlx.weights import with_mtp_module
+from dh_mlx.checkpoint.weights import with_mtp_module
 
 
 def successor_draft(model, sequence: list[int], spoil: float, seed: int = 0):

@@ -15,8 +15,8 @@ __version__ = "0.1.0"
 
 _EXPORTS = {
     "ModelConfig": "config", "DomainRouting": "config", "load_config": "config", "load_preset": "config",
-    "CheckpointError": "layout", "load": "api", "load_preset_model": "api", "Model": "model",
-    "load_model": "weights", "save_model": "weights", "random_model": "weights",
+    "CheckpointError": "checkpoint.layout", "load": "api", "load_preset_model": "api", "Model": "model",
+    "load_model": "checkpoint.weights", "save_model": "checkpoint.weights", "random_model": "checkpoint.weights",
     "generate": "generation", "generate_tokens": "generation", "stream_generate": "generation",
 }
 __all__ = list(_EXPORTS)

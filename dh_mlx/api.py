@@ -9,7 +9,7 @@ from typing import Any
 from . import backend
 from .config import DATA_DIR, load_config, load_preset
 from .model import Model
-from .weights import load_model, random_model, resolve_path
+from .checkpoint.weights import load_model, random_model, resolve_path
 
 
 def _tokenizer(path: Path, vocab_size: int) -> Any:

@@ -149,9 +149,26 @@ def tokenizer_train(data: list[Path] = typer.Option(..., help="JSONL file or dir
                     seed: int = typer.Option(0, help="training seed"),
                     force: bool = typer.Option(False, help="write over an existing, non-empty output")) -> None:
     """Train a byte-fallback BPE tokenizer on the `text` of JSONL records; decode(encode(s)) == s for any s."""
-    from .tokenizer import train_tokenizer
+    from .train.tokenizer import train_tokenizer
     tok = train_tokenizer(data, out, vocab_size=vocab_size, seed=seed, force=force)
     typer.echo(f"wrote {out}: vocabulary {tok.vocab_size} (pad {tok.pad_id}, bos {tok.bos_id}, eos {tok.eos_id})")
+
+
+def _default(name: str, lora: bool = False):
+    from .config import LoRAConfig
+    from .train.config import LORA_DEFAULTS, TrainConfig
+    if lora and name in ("rank", "alpha", "dropout"):
+        return getattr(LoRAConfig, name)
+    return LORA_DEFAULTS[name] if lora and name in LORA_DEFAULTS else getattr(TrainConfig, name)
+
+
+def _option(name: str, help: str, lora: bool = False):
+    """A training option left unset unless given: the library's default (TrainConfig, LORA_DEFAULTS) applies."""
+    return typer.Option(None, help=f"{help} (default {_default(name, lora)})", show_default=False)
+
+
+def _given(**options) -> dict:
+    return {k: v for k, v in options.items() if v is not None}
 
 
 @app.command()
@@ -161,35 +178,35 @@ def train(params: Optional[str] = typer.Option(None, help="size preset (default 
           out: Optional[Path] = typer.Option(None, help="run directory (default runs/PRESET)"),
           tokenizer: Optional[Path] = typer.Option(None, help="tokenizer directory (default: the bundled one)"),
           init: Optional[Path] = typer.Option(None, help="start from this model directory's weights"),
-          steps: int = typer.Option(200, help="optimizer steps (200 x 8 x 128 tokens: ~4-6 min for tiny on 2 cores)"),
-          batch_size: int = typer.Option(8, help="sequences per micro-batch"),
-          seq_len: int = typer.Option(128, help="tokens per sequence"),
-          grad_accum: int = typer.Option(1, help="micro-batches per optimizer step"),
-          lr: float = typer.Option(3e-3, help="peak learning rate (AdamW, warmup then cosine)"),
-          warmup: int = typer.Option(30, help="warmup steps"),
-          seed: int = typer.Option(0, help="init, data order and split seed"),
-          alf_gamma: float = typer.Option(1e-3, help="auxiliary-loss-free bias step (0: off)"),
-          balance_alpha: float = typer.Option(1e-4, help="sequence-wise balance loss weight (0: off)"),
-          mtp_lambda: float = typer.Option(0.3, help="MTP loss weight"),
+          steps: Optional[int] = _option("steps", "optimizer steps"),
+          batch_size: Optional[int] = _option("batch_size", "sequences per micro-batch"),
+          seq_len: Optional[int] = _option("seq_len", "tokens per sequence"),
+          grad_accum: Optional[int] = _option("grad_accum", "micro-batches per optimizer step"),
+          lr: Optional[float] = _option("lr", "peak learning rate (AdamW, warmup then cosine)"),
+          warmup: Optional[int] = _option("warmup_steps", "warmup steps"),
+          seed: Optional[int] = _option("seed", "init, data order and split seed"),
+          alf_gamma: Optional[float] = _option("alf_gamma", "auxiliary-loss-free bias step (0: off)"),
+          balance_alpha: Optional[float] = _option("balance_alpha", "sequence-wise balance loss weight (0: off)"),
+          mtp_lambda: Optional[float] = _option("mtp_lambda", "MTP loss weight"),
           mtp_distill: bool = typer.Option(False, help="train only the MTP module of --init (added when it has "
                                                        "none) towards the model's own next-token distribution: higher "
                                                        "acceptance for --mtp decoding (default --out "
                                                        "runs/NAME-mtp)"),
-          eval_every: int = typer.Option(50, help="validate every N steps"),
-          save_every: int = typer.Option(100, help="checkpoint every N steps"),
-          keep_checkpoints: int = typer.Option(1, help="keep the newest K checkpoints (each holds weights and "
-                                                       "optimizer state: ~3x the model)"),
+          eval_every: Optional[int] = _option("eval_every", "validate every N steps"),
+          save_every: Optional[int] = _option("save_every", "checkpoint every N steps"),
+          keep_checkpoints: Optional[int] = _option("keep_checkpoints", "keep the newest K checkpoints (each holds "
+                                                    "weights and optimizer state: ~3x the model)"),
           skip_invalid: bool = typer.Option(False, help="skip (and count) invalid JSONL lines instead of failing"),
           resume: bool = typer.Option(False, help="continue the run in --out from its latest checkpoint"),
           force: bool = typer.Option(False, help="start afresh in an --out that already holds files")) -> None:
     """Train from domain-tagged JSONL with ALF balancing and MTP; --out becomes a loadable model directory."""
     from .train.run import describe, train as run
     result = run(params=params, config=config, data=data, out=out, tokenizer=tokenizer, init=init, resume=resume,
-                 force=force, steps=steps, batch_size=batch_size,
-                 seq_len=seq_len, grad_accum=grad_accum, lr=lr, warmup_steps=warmup, seed=seed,
-                 alf_gamma=alf_gamma, balance_alpha=balance_alpha, mtp_lambda=mtp_lambda, mtp_distill=mtp_distill,
-                 eval_every=eval_every,
-                 save_every=save_every, keep_checkpoints=keep_checkpoints, skip_invalid=skip_invalid)
+                 force=force, mtp_distill=mtp_distill, skip_invalid=skip_invalid,
+                 **_given(steps=steps, batch_size=batch_size, seq_len=seq_len, grad_accum=grad_accum, lr=lr,
+                          warmup_steps=warmup, seed=seed, alf_gamma=alf_gamma, balance_alpha=balance_alpha,
+                          mtp_lambda=mtp_lambda, eval_every=eval_every, save_every=save_every,
+                          keep_checkpoints=keep_checkpoints))
     typer.echo(describe(result), err=True)
     _exit_if_stopped(result.signal)
 
@@ -213,7 +230,7 @@ def quantize(model: Path = typer.Option(..., help="float model directory"),
                                                                    "them)"),
              force: bool = typer.Option(False, help="write over an existing, non-empty output")) -> None:
     """Write an MLX-quantized copy of a model directory (config.json `quantization` block, as mlx-lm writes it)."""
-    from .quant import quantize as run
+    from .checkpoint.quantized import quantize as run
     s = run(model, out, bits=bits, group_size=group_size, recipe=recipe, mtp=mtp, force=force)
     typer.echo(f"wrote {out}: {s['bits_per_weight']:.2f} bits per weight, {s['bytes'] / 1e6:.1f} MB "
                f"(from {s['source_bytes'] / 1e6:.1f} MB)", err=True)
@@ -225,9 +242,9 @@ def lora(model: Path = typer.Option(..., help="base model directory (float, or q
          out: Path = typer.Option(Path("runs/lora"), help="run directory: adapters.safetensors, "
                                                          "adapter_config.json, checkpoints"),
          tokenizer: Optional[Path] = typer.Option(None, help="tokenizer directory (default: the model's)"),
-         rank: int = typer.Option(8, help="adapter rank r"),
-         alpha: float = typer.Option(16.0, help="adapter scale is alpha / rank"),
-         dropout: float = typer.Option(0.0, help="dropout on the adapters' input"),
+         rank: Optional[int] = _option("rank", "adapter rank r", lora=True),
+         alpha: Optional[float] = _option("alpha", "adapter scale is alpha / rank", lora=True),
+         dropout: Optional[float] = _option("dropout", "dropout on the adapters' input", lora=True),
          targets: Optional[list[str]] = typer.Option(None, help="q_proj q_a_proj q_b_proj kv_a_proj_with_mqa "
                                                                "kv_b_proj o_proj shared_experts gate_proj "
                                                                "up_proj down_proj (repeatable; default: query, "
@@ -235,25 +252,27 @@ def lora(model: Path = typer.Option(..., help="base model directory (float, or q
          num_layers: Optional[int] = typer.Option(None, help="adapt only the last N decoder layers"),
          experts: bool = typer.Option(True, "--experts/--no-experts", help="per-expert adapters on the routed "
                                                                           "experts"),
-         steps: int = typer.Option(100, help="optimizer steps"),
-         batch_size: int = typer.Option(8, help="sequences per batch"),
-         seq_len: int = typer.Option(128, help="tokens per sequence"),
-         lr: float = typer.Option(1e-3, help="peak learning rate"),
-         warmup: int = typer.Option(10, help="warmup steps"),
+         steps: Optional[int] = _option("steps", "optimizer steps", lora=True),
+         batch_size: Optional[int] = _option("batch_size", "sequences per batch", lora=True),
+         seq_len: Optional[int] = _option("seq_len", "tokens per sequence", lora=True),
+         lr: Optional[float] = _option("lr", "peak learning rate", lora=True),
+         warmup: Optional[int] = _option("warmup_steps", "warmup steps", lora=True),
          grad_checkpoint: bool = typer.Option(False, help="recompute layers in the backward pass (less memory)"),
-         eval_every: int = typer.Option(50, help="validate every N steps"),
-         save_every: int = typer.Option(100, help="checkpoint (and write the adapters) every N steps"),
-         keep_checkpoints: int = typer.Option(1, help="keep the newest K checkpoints"),
-         seed: int = typer.Option(0, help="adapter init, data order and split seed"),
+         eval_every: Optional[int] = _option("eval_every", "validate every N steps", lora=True),
+         save_every: Optional[int] = _option("save_every", "checkpoint (and write the adapters) every N steps",
+                                             lora=True),
+         keep_checkpoints: Optional[int] = _option("keep_checkpoints", "keep the newest K checkpoints", lora=True),
+         seed: Optional[int] = _option("seed", "adapter init, data order and split seed", lora=True),
          resume: bool = typer.Option(False, help="continue the run in --out from its latest checkpoint"),
          force: bool = typer.Option(False, help="start afresh in an --out that already holds files")) -> None:
     """Fine-tune LoRA adapters (QLoRA on a quantized model) with the training loop of `train`."""
     from .train.lora_run import describe, lora as run
-    result = run(model=model, data=data, out=out, tokenizer=tokenizer, rank=rank, alpha=alpha, dropout=dropout,
-                 targets=[t for item in targets or [] for t in item.split(",") if t] or None, num_layers=num_layers, experts=experts, grad_checkpointing=grad_checkpoint,
-                 resume=resume, force=force, seed=seed, steps=steps, batch_size=batch_size, seq_len=seq_len, lr=lr,
-                 warmup_steps=warmup, eval_every=eval_every, save_every=save_every,
-                 keep_checkpoints=keep_checkpoints)
+    result = run(model=model, data=data, out=out, tokenizer=tokenizer, num_layers=num_layers, experts=experts,
+                 targets=[t for item in targets or [] for t in item.split(",") if t] or None,
+                 grad_checkpointing=grad_checkpoint, resume=resume, force=force,
+                 **_given(rank=rank, alpha=alpha, dropout=dropout, seed=seed, steps=steps, batch_size=batch_size,
+                          seq_len=seq_len, lr=lr, warmup_steps=warmup, eval_every=eval_every, save_every=save_every,
+                          keep_checkpoints=keep_checkpoints))
     typer.echo(describe(result), err=True)
     _exit_if_stopped(result.run.signal)
 
@@ -327,7 +346,7 @@ def convert_import(input: Path = typer.Option(..., help=".pt/.bin state_dict, .s
 
 def main() -> None:
     """Console entry point: library errors become one-line messages, never tracebacks."""
-    from .weights import CheckpointError
+    from .checkpoint.layout import CheckpointError
     import os
     debug = os.environ.get("DH_MLX_DEBUG", "") not in ("", "0")
     try:

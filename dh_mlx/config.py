@@ -12,7 +12,7 @@ import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 _PACKAGE_DIR = Path(__file__).resolve().parent
 REPO_DIR = _PACKAGE_DIR.parent
@@ -336,3 +336,42 @@ def resolve_config(params: str | None, path: str | Path | None, *, flag: str = "
 def save_config(config: ModelConfig, directory: str | Path, name: str = "config.json") -> None:
     path = Path(directory) / name
     path.write_text(json.dumps(config.to_dict(), indent=2) + "\n")
+
+
+# ---- LoRA adapters -------------------------------------------------------------------------------------
+ATTENTION = ("q_proj", "q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj")
+DENSE_MLP = ("gate_proj", "up_proj", "down_proj")  # the dense layers' MLP
+TARGETS = ATTENTION + ("shared_experts",) + DENSE_MLP
+
+
+@dataclass
+class LoRAConfig:
+    """Which matrices get adapters and how large. `targets` None: the defaults of `default_targets`."""
+
+    rank: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    targets: Sequence[str] | None = None
+    num_layers: int | None = None  # the last N decoder layers of the main stack; None: all
+    experts: bool = True  # per-expert adapters on the routed experts
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.rank, int) or isinstance(self.rank, bool) or self.rank < 1:
+            raise ValueError(f"LoRA option 'rank' must be an integer >= 1, got {self.rank!r}")
+        if not (isinstance(self.alpha, (int, float)) and self.alpha > 0 and math.isfinite(self.alpha)):
+            raise ValueError(f"LoRA option 'alpha' must be a positive number, got {self.alpha!r}")
+        if not 0 <= self.dropout < 1:
+            raise ValueError(f"LoRA option 'dropout' must be in [0, 1), got {self.dropout!r}")
+        if self.num_layers is not None and (not isinstance(self.num_layers, int) or self.num_layers < 1):
+            raise ValueError(f"LoRA option 'num_layers' must be an integer >= 1 (or unset for all), "
+                             f"got {self.num_layers!r}")
+        if self.targets is not None:
+            self.targets = list(self.targets)
+            bad = [t for t in self.targets if t not in TARGETS]
+            if bad:
+                raise ValueError(f"LoRA option 'targets': unknown {', '.join(map(repr, bad))}; choose from "
+                                 f"{', '.join(TARGETS)}")
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.rank

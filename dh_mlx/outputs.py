@@ -56,3 +56,11 @@ def check_output_file(out: str | Path, *, inputs: Iterable[str | Path | None] = 
     if out.exists() and not force:
         raise OutputError(f"{out}: exists; pass --force to replace it, or choose another {flag}")
     return out
+
+
+def format_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1000 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} GB"

@@ -24,9 +24,7 @@ which is mlx-lm's except for routed experts) and its copy `quantization_config`;
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Callable
 
 import mlx.core as mx
@@ -35,6 +33,7 @@ from mlx.utils import tree_flatten, tree_unflatten
 
 from .config import ModelConfig
 from .model import Model
+from .ops import replaceable
 from .model.layers import Linear
 from .model.moe import QuantizedStackedLinear, StackedLinear
 
@@ -47,40 +46,21 @@ NEVER = ("kv_b_proj",)
 QUANTIZED = (nn.QuantizedLinear, nn.QuantizedEmbedding, QuantizedStackedLinear)
 
 
-# CPU only: at this many rows and more, a quantized linear dequantizes its weight and uses BLAS. MLX's CPU
-# quantized_matmul runs ~40x slower than a float matmul at 1024 rows (8192 x 512 head: 3.4 s vs 0.08 s).
-CPU_DEQUANTIZE_ROWS = 32
-
-
-@functools.cache
-def _dequantized_matmul(group_size: int, bits: int, mode: str) -> Callable:
-    """x @ W^T from packed W; the backward pass dequantizes again rather than keep the float W alive."""
-
-    @mx.custom_function
-    def matmul(x, w, scales, biases):
-        return x @ mx.dequantize(w, scales, biases, group_size, bits, mode=mode).T
-
-    @matmul.vjp
-    def matmul_vjp(primals, cotangent, output):
-        x, w, scales, biases = primals
-        dx = cotangent @ mx.dequantize(w, scales, biases, group_size, bits, mode=mode)
-        return dx, mx.zeros_like(w), mx.zeros_like(scales), mx.zeros_like(biases)  # the packed base is frozen
-
-    return matmul
+@replaceable("quantized_linear")
+def quantized_linear(layer: nn.QuantizedLinear, x: mx.array) -> mx.array:
+    """`nn.QuantizedLinear`'s product: x @ dequantize(weight).T (+ bias) through `mx.quantized_matmul`."""
+    return nn.QuantizedLinear.__call__(layer, x)
 
 
 class QuantizedLinear(nn.QuantizedLinear):
-    """`nn.QuantizedLinear` (same parameters and files) that multiplies many rows on the CPU through a transient
-    float weight: the speed of BLAS, the memory of the packed weight."""
+    """`nn.QuantizedLinear` (same parameters and files) through the replaceable `quantized_linear`."""
 
     def __call__(self, x: mx.array) -> mx.array:
-        if mx.default_device() != mx.cpu or x.size // x.shape[-1] < CPU_DEQUANTIZE_ROWS:
-            return super().__call__(x)
-        y = _dequantized_matmul(self.group_size, self.bits, self.mode)(x, self.weight, self.scales, self.biases)
-        return y + self.bias if "bias" in self else y
+        return quantized_linear(self, x)
 
 
-def _use_cpu_path(model: nn.Module) -> None:
+def _use_replaceable_linear(model: nn.Module) -> None:
+    """mlx's QuantizedLinear layers become ours (same parameters), which go through the seam."""
     for _, m in model.named_modules():
         if type(m) is nn.QuantizedLinear:
             m.__class__ = QuantizedLinear
@@ -151,7 +131,7 @@ def quantize_model(model: Model, qc: QuantConfig) -> dict:
         return r
 
     nn.quantize(model, qc.group_size, qc.bits, class_predicate=record)
-    _use_cpu_path(model)
+    _use_replaceable_linear(model)
     _set_block(model, block)
     mx.eval(model.parameters())
     return block
@@ -172,7 +152,7 @@ def quantize_like(model: Model, block: dict, weights: dict[str, mx.array]) -> No
                 "bits": weights[f"{path}.weight"].shape[-1] * 32 // in_dims, "mode": mode}
 
     nn.quantize(model, block["group_size"], block["bits"], class_predicate=predicate)
-    _use_cpu_path(model)
+    _use_replaceable_linear(model)
 
 
 def dequantize_model(model: Model) -> Model:
@@ -213,32 +193,3 @@ def bits_per_weight(model: nn.Module) -> float:
         elif leaf == "weight":
             n_params += a.size * 32 // quantized[owner].bits
     return n_bits / max(n_params, 1)
-
-
-def dir_bytes(path: str | Path) -> int:
-    """Bytes of a model directory's weight files."""
-    return sum(f.stat().st_size for f in Path(path).glob("model*.safetensors"))
-
-
-def quantize(model: str | Path, out: str | Path, *, bits: int = 4, group_size: int = 64, recipe: str = "uniform",
-             mtp: bool = True, force: bool = False) -> dict:
-    """Write a quantized copy of the model directory `model` into `out` (tokenizer files copied); `out` must
-    not be `model`, and must be empty unless `force`.
-
-    `mtp=False` drops the MTP modules (mlx-lm loads MTP layers only at DeepSeek-V3's index 61).
-    Returns a summary: bits per weight and bytes on disk before and after.
-    """
-    from .train.run import copy_tokenizer
-    from .weights import load_model, resolve_path, save_model
-    from .outputs import check_output_dir
-    qc = QuantConfig(bits, group_size, recipe)
-    src = resolve_path(model)
-    check_output_dir(out, inputs=[src], force=force)
-    m = load_model(src, dtype="float32")
-    if is_quantized(m):
-        raise ValueError(f"{src}: already quantized; quantize its float checkpoint instead")
-    quantize_model(m, qc)
-    save_model(m, out, mtp=mtp)
-    copy_tokenizer(src, Path(out))
-    return {"bits": bits, "group_size": group_size, "recipe": recipe, "bits_per_weight": bits_per_weight(m),
-            "bytes": dir_bytes(out), "source_bytes": dir_bytes(src)}

@@ -1,4 +1,4 @@
-"""SentencePiece BPE tokenizer: training on JSONL corpora, exact encode/decode, streaming detokenization.
+"""SentencePiece BPE tokenizer: exact encode/decode, streaming detokenization, Hugging Face files (training: train/tokenizer.py).
 
 Every setting serves one promise: `decode(encode(s)) == s` for any text. The normalizer is the identity (no NFKC,
 no whitespace folding), there is no dummy-prefix space, and characters outside the vocabulary fall back to their
@@ -12,11 +12,9 @@ as our training data does). Two differences remain: they read the literal text `
 from __future__ import annotations
 
 import codecs
-import io
 import json
-import re
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Iterable
 
 import sentencepiece as spm
 
@@ -24,9 +22,6 @@ PAD, BOS, EOS, UNK = "<pad>", "<s>", "</s>", "<unk>"
 MODEL_FILE = "tokenizer.model"
 # SentencePiece writes a space as U+2581 and reads U+2581 back as a space; we escape the literal one as bytes.
 _SPACE_MARK = "\u2581"
-# The trainer drops longer sentences; our chunks stay below it.
-_MAX_SENTENCE_BYTES = 16384
-_CHUNK_CHARS = 4000
 
 # Our chat format (see dh_mlx/train/data.py), for transformers' and mlx-lm's `apply_chat_template`.
 CHAT_TEMPLATE = (
@@ -142,80 +137,6 @@ class StreamDecoder:
 
 
 # ---- training --------------------------------------------------------------------------------------------
-def _chunks(text: str) -> Iterator[str]:
-    """Line-aligned pieces of at most ~_CHUNK_CHARS characters (the trainer's unit is a 'sentence')."""
-    buf, size = [], 0
-    for line in text.splitlines(keepends=True):
-        while len(line) > _CHUNK_CHARS:
-            yield line[:_CHUNK_CHARS]
-            line = line[_CHUNK_CHARS:]
-        if size + len(line) > _CHUNK_CHARS and buf:
-            yield "".join(buf)
-            buf, size = [], 0
-        buf.append(line)
-        size += len(line)
-    if buf:
-        yield "".join(buf)
-
-
-def _training_sentences(paths: list[Path], errors: list[Exception]) -> Iterator[str]:
-    from .train.data import read_jsonl, record_texts
-    try:
-        for path in paths:
-            for record in read_jsonl(path):
-                for text in record_texts(record):
-                    yield from _chunks(text.replace(_SPACE_MARK, " "))
-    except Exception as e:  # the trainer reports it as its own RuntimeError; we re-raise the original
-        errors.append(e)
-        raise
-
-
-def train_tokenizer(data: list[Path] | Path, out_dir: Path, *, vocab_size: int = 8192, seed: int = 0,
-                    force: bool = False) -> Tokenizer:
-    """Train a byte-fallback BPE model on the texts of JSONL files (or directories of them) into `out_dir`.
-
-    Writes `tokenizer.model` (SentencePiece), `tokenizer_config.json`, `special_tokens_map.json` and, when the
-    `tokenizers` package is installed, `tokenizer.json`. The text is streamed, never loaded whole.
-    """
-    paths = [Path(p) for p in (data if isinstance(data, (list, tuple)) else [data])]
-    if not paths:
-        raise TokenizerError("no training data given")
-    minimum = 4 + 256 + 1  # specials, the 256 byte pieces, at least one learned piece
-    if not isinstance(vocab_size, int) or vocab_size < minimum:
-        raise TokenizerError(f"vocab_size must be an integer >= {minimum}, got {vocab_size!r}")
-    from .outputs import check_output_dir
-    out_dir = check_output_dir(out_dir, inputs=paths, force=force)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    model = io.BytesIO()
-    spm.set_random_generator_seed(seed)
-    errors: list[Exception] = []
-    try:
-        spm.SentencePieceTrainer.train(
-            sentence_iterator=_training_sentences(paths, errors), model_writer=model, vocab_size=vocab_size,
-            model_type="bpe", byte_fallback=True, character_coverage=0.9995,
-            normalization_rule_name="identity", add_dummy_prefix=False, remove_extra_whitespaces=False,
-            split_digits=True, allow_whitespace_only_pieces=True, max_sentence_length=_MAX_SENTENCE_BYTES,
-            pad_id=0, bos_id=1, eos_id=2, unk_id=3, pad_piece=PAD, bos_piece=BOS, eos_piece=EOS, unk_piece=UNK,
-            input_sentence_size=5_000_000, shuffle_input_sentence=True,  # a seeded sample of a huge corpus
-            num_threads=1, minloglevel=2)
-    except RuntimeError as e:
-        if errors:
-            raise errors[0] from None
-        reason = str(e).strip().splitlines()[-1]
-        if m := re.search(r"smaller than required_chars\. \d+ vs (\d+)", reason):
-            reason = (f"vocab_size {vocab_size} is too small: this corpus's characters and the 256 byte pieces "
-                      f"need at least {m[1]}")
-        elif m := re.search(r"Vocabulary size too high.*<= (\d+)", reason):
-            reason = f"vocab_size {vocab_size} is too large: this corpus supports at most {m[1]}"
-        elif "sentences_.empty()" in reason:
-            reason = "the training data holds no text"
-        raise TokenizerError(f"{', '.join(map(str, paths))}: tokenizer training failed: {reason}") from None
-    (out_dir / MODEL_FILE).write_bytes(model.getvalue())
-    tokenizer = Tokenizer(out_dir / MODEL_FILE)
-    write_hf_files(tokenizer, out_dir)
-    return tokenizer
-
-
 # ---- Hugging Face files ----------------------------------------------------------------------------------
 def _bpe_merges(tokenizer: Tokenizer) -> list[tuple[str, str]]:
     """BPE merges implied by a SentencePiece BPE vocabulary: a piece's splits into two pieces, ranked by the

@@ -66,7 +66,7 @@ def model_with_tokenizer(root: Path, name: str = "m") -> Path:
     """`root/name`: a random checkpoint with a 400-piece tokenizer trained on a small corpus (`root/data.jsonl`)."""
     import shutil
 
-    from dh_mlx.tokenizer import train_tokenizer
+    from dh_mlx.train.tokenizer import train_tokenizer
     from test_tokenizer import corpus_lines
     (root / "data.jsonl").write_text("\n".join(corpus_lines(200)) + "\n")
     tok = train_tokenizer(root / "data.jsonl", root / "tok", vocab_size=400)

@@ -15,7 +15,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 
 from dh_mlx import CheckpointError
 from dh_mlx.config import load_config
-from dh_mlx.layout import read_safetensors_header
+from dh_mlx.checkpoint.layout import read_safetensors_header
 from dh_mlx.generation.sample import check_options
 from dh_mlx.train.data import DataError, DataSummary, read_jsonl
 

@@ -14,7 +14,8 @@ import pytest
 from dh_mlx import random_model, save_model
 from dh_mlx.generation import generate_tokens
 from dh_mlx.generation.speculative import DraftPolicy
-from dh_mlx.tokenizer import load_tokenizer, train_tokenizer
+from dh_mlx.tokenizer import load_tokenizer
+from dh_mlx.train.tokenizer import train_tokenizer
 from dh_mlx.train.report import directory_bytes
 from helpers import make_config
 from test_tokenizer import corpus_lines
@@ -54,7 +55,7 @@ def test_each_preset_generates_from_the_cli(preset):
 
 def test_a_preset_that_does_not_fit_is_refused_with_what_would(monkeypatch, capsys):
     from dh_mlx.cli import main
-    monkeypatch.setattr("dh_mlx.weights.available_memory", lambda: 16 * 2**30)
+    monkeypatch.setattr("dh_mlx.checkpoint.weights.available_memory", lambda: 16 * 2**30)
     monkeypatch.setattr(sys, "argv", ["dh-mlx", "generate", "--params", "5b", "--prompt", "hi"])
     with pytest.raises(SystemExit) as e:
         main()
@@ -192,3 +193,30 @@ def test_gguf_writers_say_which_type_they_wrote(corpus, tmp_path):
                         "--out", str(tmp_path / "b.gguf"), "--outtype", "f16"], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     assert f"wrote {tmp_path / 'b.gguf'}: f16 (" in r.stderr
+
+
+@pytest.mark.parametrize("command, target", [("train", "dh_mlx.train.run.train"),
+                                             ("lora", "dh_mlx.train.lora_run.lora")])
+def test_the_cli_leaves_every_unset_training_option_to_the_library(monkeypatch, command, target):
+    """Defaults are written once, in TrainConfig / LORA_DEFAULTS / LoRAConfig: the command passes only what it
+    was given, so `dh-mlx train` and `train()` run the same step with the same options."""
+    from dh_mlx.cli import main
+
+    import typer
+    calls = []
+
+    def capture(**kwargs):
+        calls.append(kwargs)
+        raise typer.Exit(0)
+
+    monkeypatch.setattr(target, capture)
+    base = ["dh-mlx", command] + (["--model", "m", "--data", "d.jsonl"] if command == "lora" else [])
+    for extra in ([], ["--steps", "7", "--lr", "0.01"]):
+        monkeypatch.setattr(sys, "argv", base + extra)
+        with pytest.raises(SystemExit):
+            main()
+    training = {"steps", "batch_size", "seq_len", "lr", "warmup_steps", "seed", "eval_every", "save_every",
+                "keep_checkpoints", "grad_accum", "alf_gamma", "balance_alpha", "mtp_lambda", "rank", "alpha",
+                "dropout"}
+    assert not training & calls[0].keys(), calls[0]
+    assert {k: calls[1][k] for k in training & calls[1].keys()} == {"steps": 7, "lr": 0.01}

@@ -9,7 +9,7 @@ import math
 import numpy as np
 import pytest
 
-from dh_mlx.tokenizer import train_tokenizer
+from dh_mlx.train.tokenizer import train_tokenizer
 from dh_mlx.train.data import (BatchIterator, DataError, DataSummary, Document, load_dataset, pack, read_jsonl,
                                split_documents, tokenize, unigram_entropy)
 

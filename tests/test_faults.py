@@ -14,7 +14,7 @@ import time
 
 import pytest
 
-from dh_mlx.train.checkpoint import CheckpointWriteError, latest_checkpoint
+from dh_mlx.checkpoint.training import CheckpointWriteError, latest_checkpoint
 from helpers import make_config
 from test_train import write_corpus
 
@@ -22,7 +22,7 @@ from test_train import write_corpus
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory):
     from dh_mlx.config import save_config
-    from dh_mlx.tokenizer import train_tokenizer
+    from dh_mlx.train.tokenizer import train_tokenizer
     d = tmp_path_factory.mktemp("faults")
     write_corpus(d / "data.jsonl")
     train_tokenizer(d / "data.jsonl", d / "tok", vocab_size=300)
@@ -138,7 +138,7 @@ def test_resume_falls_back_to_the_newest_intact_checkpoint(inputs, tmp_path, cap
 def test_a_full_disk_is_named_and_leaves_no_partial_checkpoint(inputs, tmp_path, monkeypatch):
     import shutil
 
-    import dh_mlx.train.checkpoint as ckpt
+    import dh_mlx.checkpoint.training as ckpt
     real = ckpt.mx.save_safetensors
 
     def full(path, arrays, *a, **k):

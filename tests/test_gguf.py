@@ -23,7 +23,8 @@ llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is not ins
 gguf = pytest.importorskip("gguf", reason="the gguf package is not installed (pip install gguf)")
 
 from dh_mlx.convert import ConvertError, export_gguf  # noqa: E402
-from dh_mlx.tokenizer import load_tokenizer, train_tokenizer  # noqa: E402
+from dh_mlx.tokenizer import load_tokenizer  # noqa: E402
+from dh_mlx.train.tokenizer import train_tokenizer  # noqa: E402
 
 VOCAB = 300
 TOL_F32 = 1e-4

@@ -152,9 +152,9 @@ def test_qlora_trains_on_a_quantized_base_and_fuses_to_float(base_dir, tmp_path)
 
 def test_lora_run_resumes_to_the_same_adapters_and_refuses_other_settings(tmp_path):
     from dh_mlx.config import DomainRouting
-    from dh_mlx.tokenizer import train_tokenizer
+    from dh_mlx.train.tokenizer import train_tokenizer
     from dh_mlx.train.lora_run import lora
-    from dh_mlx.train.run import copy_tokenizer
+    from dh_mlx.checkpoint.weights import copy_tokenizer
     write_corpus(tmp_path / "data.jsonl")
     train_tokenizer(tmp_path / "data.jsonl", tmp_path / "tok", vocab_size=300)
     make_checkpoint(tmp_path / "base", vocab_size=300,

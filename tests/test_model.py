@@ -265,7 +265,7 @@ def test_causal_attention_in_query_blocks_equals_one_call(monkeypatch):
 
 def test_config_declaring_mtp_that_the_tensors_lack_loads_without_it():
     """transformers keeps num_nextn_predict_layers when it saves, but drops the MTP tensors."""
-    from dh_mlx.layout import config_for_tensors
+    from dh_mlx.checkpoint.layout import config_for_tensors
     c = make_config()  # 3 layers, 1 MTP layer
     with pytest.warns(UserWarning, match="declares 1 MTP layer"):
         assert config_for_tensors(c, {"model.layers.2.mlp.gate.weight": 0}, "ckpt").num_nextn_predict_layers == 0

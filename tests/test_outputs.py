@@ -110,7 +110,7 @@ def test_gguf_onto_a_directory_is_one_line_and_leaves_no_file(inputs, tmp_path):
 
 def test_the_library_refuses_as_the_cli_does(inputs, tmp_path):
     from dh_mlx.convert import import_checkpoint
-    from dh_mlx.quant import quantize
+    from dh_mlx.checkpoint.quantized import quantize
     with pytest.raises(OutputError, match="is, or holds, the input"):
         quantize(inputs / "model", inputs / "model")
     with pytest.raises(OutputError, match="holds, the input"):  # the output holds the input file

@@ -11,7 +11,8 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from dh_mlx import tokenizer as tk
-from dh_mlx.tokenizer import StreamDecoder, TokenizerError, load_tokenizer, train_tokenizer
+from dh_mlx.tokenizer import StreamDecoder, TokenizerError, load_tokenizer
+from dh_mlx.train.tokenizer import train_tokenizer
 from dh_mlx.train.data import DataError, chat_text
 
 VOCAB = 400

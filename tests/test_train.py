@@ -142,7 +142,7 @@ def write_corpus(path, n=120):
 @pytest.fixture(scope="module")
 def small_run_inputs(tmp_path_factory):
     from dh_mlx.config import save_config
-    from dh_mlx.tokenizer import train_tokenizer
+    from dh_mlx.train.tokenizer import train_tokenizer
     d = tmp_path_factory.mktemp("run")
     write_corpus(d / "data.jsonl")
     train_tokenizer(d / "data.jsonl", d / "tok", vocab_size=300)
@@ -184,14 +184,14 @@ def test_grad_accumulation_and_a_non_finite_loss_stops_keeping_the_last_checkpoi
     assert r.step == 2 and np.isfinite(r.train_loss)
     with pytest.raises(TrainingError, match="loss is (nan|inf)"):
         train(out=d / "nan", steps=50, lr=1e12, grad_clip=1e30, save_every=1, eval_every=100, **common)
-    from dh_mlx.train.checkpoint import latest_checkpoint
+    from dh_mlx.checkpoint.training import latest_checkpoint
     good = latest_checkpoint(d / "nan")
     assert good is not None and json.loads((good / "trainer_state.json").read_text())["step"] >= 1
 
 
 def test_ctrl_c_saves_a_checkpoint_and_resume_continues(small_run_inputs, monkeypatch):
     import dh_mlx.train.trainer as trainer
-    from dh_mlx.train.checkpoint import latest_checkpoint
+    from dh_mlx.checkpoint.training import latest_checkpoint
     from dh_mlx.train.run import train
     d = small_run_inputs
     common = dict(config=d / "config.json", data=d / "data.jsonl", tokenizer=d / "tok", steps=5, batch_size=2,
@@ -358,7 +358,7 @@ def test_mtp_distill_trains_the_mtp_module_only_and_raises_agreement(small_run_i
     train(config=d / "config.json", out=base, steps=3, eval_every=100, mtp_lambda=0.0, **common)
     from dh_mlx.config import load_config, save_config
     save_config(load_config(base).replace(num_nextn_predict_layers=0), base)
-    from dh_mlx.weights import save_model
+    from dh_mlx.checkpoint.weights import save_model
     save_model(load_model(base), base, mtp=False)
     before = load_model(base)
     assert before.config.num_nextn_predict_layers == 0
@@ -378,7 +378,7 @@ def test_mtp_distill_trains_the_mtp_module_only_and_raises_agreement(small_run_i
         train(config=d / "config.json", out=d / "x", steps=1, mtp_distill=True, **common)
     with pytest.raises(ValueError, match="mtp_lambda"):
         TrainConfig(mtp_distill=True, mtp_lambda=0.0)
-    from dh_mlx.quant import quantize
+    from dh_mlx.checkpoint.quantized import quantize
     quantize(base, d / "q", bits=8, group_size=32)
     with pytest.raises(ValueError, match="quantized"):
         train(init=d / "q", out=d / "y", steps=1, mtp_distill=True, **common)

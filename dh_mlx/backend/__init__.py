@@ -57,14 +57,14 @@ def setup(*, training: bool = False) -> Setup:
 
 
 def _install(done: Setup) -> None:
-    from .cpu import attention, experts, layers, native, training
+    from .cpu import attention, experts, layers, native, quantized, training
     from .cpu.streams import make_streams
     from .. import ops as seam
 
     native.load()  # builds once per machine (cached); its self-test evaluates MLX arrays
     done.evaluated = True
     done.streams = make_streams()
-    impls = {**layers.IMPLEMENTATIONS, **experts.IMPLEMENTATIONS,
+    impls = {**layers.IMPLEMENTATIONS, **experts.IMPLEMENTATIONS, **quantized.IMPLEMENTATIONS,
              **{k: v for k, v in attention.make(done.streams).items() if not k.startswith("_")},
              **{k: v for k, v in training.make(done.streams).items() if not k.startswith("_")}}
     for name, impl in impls.items():

@@ -14,12 +14,11 @@ from pathlib import Path
 
 import gguf
 import numpy as np
-from mlx.utils import tree_flatten
-
+from ..checkpoint.layout import config_for_tensors, read_float32, to_memory_layout
 from ..config import ModelConfig, load_config
 from ..outputs import check_output_file
+from ..params import count_params
 from ..tokenizer import load_tokenizer
-from ..weights import load_model
 from .errors import ConvertError
 from .gguf_tensors import FILE_TYPES, OUTTYPES, encode, gguf_tensors
 from .gguf_vocab import add_vocab
@@ -112,6 +111,24 @@ def add_metadata(writer: gguf.GGUFWriter, config: ModelConfig, *, name: str, out
         writer.add_uint32("darkhorse.experts_per_domain", c.domain_routing.experts_per_domain)
 
 
+def read_weights(model_dir: Path) -> tuple[dict[str, np.ndarray], ModelConfig]:
+    """The directory's float32 tensors in our stacked layout, and its config (without MTP if the checkpoint
+    has none); the parameter count must be the config's."""
+    config = load_config(model_dir)
+    if config.extra.get("quantization"):
+        raise ConvertError(f"{model_dir}: an MLX-quantized model; write the GGUF from its float checkpoint "
+                           "(--quantize runs llama.cpp's own quantizer)")
+    weights = read_float32(model_dir)
+    config = config_for_tensors(config, weights, model_dir)
+    weights = to_memory_layout(weights, config, np.stack)
+    counts = count_params(config)
+    want, have = counts.total + counts.mtp, sum(a.size for a in weights.values())
+    if have != want:
+        raise ConvertError(f"{model_dir}: its tensors hold {have:,} parameters, but config.json describes a model "
+                           f"of {want:,}")
+    return weights, config
+
+
 def write_gguf(model_dir: str | Path, out: str | Path, *, outtype: str = "f16", mtp: bool = True,
                force: bool = False) -> Path:
     """Write `model_dir` (config.json, safetensors, tokenizer.model) as one GGUF file at `out` (an existing
@@ -125,11 +142,8 @@ def write_gguf(model_dir: str | Path, out: str | Path, *, outtype: str = "f16", 
     tokenizer = load_tokenizer(model_dir)
     if tokenizer is None:
         raise ConvertError(f"{model_dir}: no tokenizer.model (a GGUF file carries its vocabulary)")
-    model = load_model(model_dir, dtype="float32")
-    config = model.config  # without MTP if the checkpoint has none
+    weights, config = read_weights(model_dir)
     n_mtp = config.num_nextn_predict_layers if mtp else 0
-    weights = {k: np.array(v, dtype=np.float32) for k, v in tree_flatten(model.parameters())}
-    del model
     tensors = gguf_tensors(weights, config, mtp=bool(n_mtp))
 
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -12,10 +12,10 @@ import json
 from collections import Counter
 from pathlib import Path
 
-from ..layout import read_safetensors_header
+from ..checkpoint.layout import read_safetensors_header
 from ..outputs import check_output_dir
 from ..tokenizer import load_tokenizer, write_hf_files
-from ..weights import DEFAULT_SHARD_BYTES, load_model, save_model
+from ..checkpoint.weights import DEFAULT_SHARD_BYTES, load_model, save_model
 from .errors import ConvertError
 
 _SAFETENSORS_DTYPES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}

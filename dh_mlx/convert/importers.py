@@ -13,8 +13,8 @@ from ..config import ModelConfig, load_config
 from ..model import Model
 from ..outputs import check_output_dir
 from ..tokenizer import load_tokenizer, write_hf_files
-from ..layout import drop_mtp_embedding_copies, drop_rotary_buffers, split_fused_experts, stack_experts
-from ..weights import save_model
+from ..checkpoint.layout import drop_mtp_embedding_copies, drop_rotary_buffers, split_fused_experts, stack_experts
+from ..checkpoint.weights import save_model
 from .errors import ConvertError
 from .names import rename
 from .readers import read_weights_file

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from ..config import ModelConfig
-from ..layout import to_file_layout
+from ..checkpoint.layout import to_file_layout
 from .errors import ConvertError
 from .torch_archive import RawTensor, read_export_archive, read_pickle_archive
 
@@ -88,10 +88,11 @@ def read_weights_file(path: str | Path, *, trust_code: bool = False) -> tuple[di
     if _is_torchscript(path) and not trust_code:
         # names are normalised: '|' stands for '.' where a writer could not put dots in an attribute name
         return {k.replace("|", "."): v for k, v in _as_arrays(read_pickle_archive(path)).items()}, None
-    if _is_export(path):
-        from ..torch.export import state_dict_from_export
-        return state_dict_from_export(path), _export_config(path)
     torch = _torch()
+    if _is_export(path):  # torch.export.load rebuilds the program: it runs the archive's code
+        config = _export_config(path)
+        state = torch.export.load(str(path)).state_dict
+        return to_file_layout({k: v.detach().cpu() for k, v in state.items()}, config), config
     if _is_torchscript(path):
         # torch.load would hand back a RecursiveScriptModule (which has no .items()); its state_dict is what we want
         module = torch.jit.load(str(path), map_location="cpu")

@@ -1,4 +1,4 @@
-"""Checkpoint I/O for the twin: the same HF DeepSeek-V3 directory as dh_mlx.weights, no conversion.
+"""Checkpoint I/O for the twin: the same HF DeepSeek-V3 directory as dh_mlx.checkpoint.weights, no conversion.
 
 One tensor per expert on disk, stacked `[E, out, in]` in memory; MTP layers at
 `model.layers.{num_hidden_layers + i}` with an on-disk copy of the embedding that memory does not keep.
@@ -16,9 +16,9 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from .. import layout
+from ..checkpoint import layout
 from ..config import ModelConfig, load_config, save_config
-from ..layout import (CheckpointError, check_tensors, config_for_tensors, drop_mtp_layers, keep_fp32,
+from ..checkpoint.layout import (CheckpointError, check_tensors, config_for_tensors, drop_mtp_layers, keep_fp32,
                       safetensors_files)
 from .model import Model
 
@@ -112,7 +112,7 @@ def load_model(path: str | Path, device: str | torch.device | None = None,
 def init_weights(model: Model, seed: int = 0) -> Model:
     """Deterministic random init: N(0, initializer_range) for matrices, ones for norms, zeros for biases.
 
-    The same rule as dh_mlx.weights.init_weights, not the same numbers (the generators differ).
+    The same rule as dh_mlx.checkpoint.weights.init_weights, not the same numbers (the generators differ).
     """
     std = model.config.initializer_range
     device = next(model.parameters()).device

@@ -58,3 +58,9 @@ class TrainConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+# What `dh-mlx lora` changes from TrainConfig's defaults: fewer steps, a LoRA-sized learning rate, no weight
+# decay, and no router or MTP terms (the base model's routing and MTP module stay as they are).
+LORA_DEFAULTS = dict(steps=100, lr=1e-3, warmup_steps=10, weight_decay=0.0, alf_gamma=0.0, balance_alpha=0.0,
+                     mtp_lambda=0.0, eval_every=50, save_every=100)

@@ -19,20 +19,19 @@ from ..config import load_config
 from ..model import Model
 from ..outputs import check_output_dir
 from ..model.moe import Routing
-from ..weights import load_model, resolve_path, save_model
-from .config import TrainConfig
+from ..checkpoint.weights import load_model, resolve_path, save_model
+from .config import LORA_DEFAULTS, TrainConfig
 from .data import describe_dataset, load_dataset
 from .memory import activation_elements
 from ..lora import (ADAPTER_CONFIG, LoRAConfig, apply_lora, fuse_lora, load_adapters, lora_parameters, save_adapters,
                    trainable_count)
-from .run import check_run_dir, copy_tokenizer
-from .report import format_bytes
+from ..checkpoint.weights import copy_tokenizer
+from .run import check_run_dir
+from ..outputs import format_bytes
 from .trainer import RunResult, evaluate, train_loop
 
 # Fine-tuning defaults that differ from pretraining: the router and its selection bias stay as trained (no ALF,
 # no balance loss), adapters start from zero (no weight decay), and MTP modules are not adapted (no MTP loss).
-LORA_DEFAULTS = dict(steps=100, lr=1e-3, warmup_steps=10, weight_decay=0.0, alf_gamma=0.0, balance_alpha=0.0,
-                     mtp_lambda=0.0, eval_every=50, save_every=100)
 
 
 @dataclass
@@ -98,13 +97,13 @@ def _check_same_adapters(out: Path, now: dict) -> None:
 
 
 def lora(*, model: str | Path, data: str | Path, out: str | Path, tokenizer: str | Path | None = None,
-         rank: int = 8, alpha: float = 16.0, dropout: float = 0.0, targets: Sequence[str] | None = None,
-         num_layers: int | None = None, experts: bool = True, grad_checkpointing: bool = False,
-         resume: bool = False, force: bool = False, progress: bool = True, stop_after: int | None = None,
-         dtype: str | None = None, seed: int = 0, **options) -> LoRAResult:
+         rank: int = LoRAConfig.rank, alpha: float = LoRAConfig.alpha, dropout: float = LoRAConfig.dropout,
+         targets: Sequence[str] | None = None, num_layers: int | None = None, experts: bool = LoRAConfig.experts,
+         grad_checkpointing: bool = False, resume: bool = False, force: bool = False, progress: bool = True,
+         stop_after: int | None = None, dtype: str | None = None, seed: int = 0, **options) -> LoRAResult:
     """Fine-tune LoRA adapters on the model directory `model` (float or quantized: QLoRA) with the training loop
     of `dh-mlx train`; `out` receives `adapters.safetensors` + `adapter_config.json` and the checkpoints.
-    `options` are `TrainConfig` fields (defaults: `LORA_DEFAULTS`)."""
+    `options` are `TrainConfig` fields (defaults: `LORA_DEFAULTS`, else TrainConfig's)."""
     from ..tokenizer import load_tokenizer
     backend.setup(training=True)  # before MLX's first eval: the step may then split over both CPU streams
     base = resolve_path(model)

@@ -12,7 +12,7 @@ from .config import TrainConfig
 def activation_elements(c: ModelConfig, batch: int, seq: int, *, checkpointing: bool = False,
                         mtp: bool = True) -> int:
     """Values kept for the backward pass: the big tensors of each layer (MTP layers too, when trained) + the
-    logits, their softmax and its gradient per output head. A rough count that lands within ~10 % on tiny."""
+    logits, their softmax and its gradient per output head. A rough count (test_memory.py bounds its error)."""
     B, T, D, H = batch, seq, c.hidden_size, c.num_attention_heads
     attention = B * H * T * T * 2 + B * T * (6 * D + 2 * H * (c.qk_head_dim + c.v_head_dim) + 2 * c.kv_lora_rank)
 

@@ -51,7 +51,7 @@ class AdamW(optim.AdamW):
         """`optim.clip_grad_norm(gradients, max_norm)` then `update(model, ...)`; returns the unclipped norm."""
         # MLX's gradients of `x @ W.T` come out as transposed views (model.layers.linear avoids that; a tied
         # embedding head or another module may not); strided elementwise kernels are not vectorised, so one
-        # copy to row-major order first makes the norm and the update ~2x cheaper (a no-op when row-major).
+        # copy to row-major order first lets the norm and the update vectorise (a no-op when row-major).
         self._plan(gradients)
         squares, flat = [], []
         for k, g in tree_flatten(gradients):
@@ -88,7 +88,7 @@ class AdamW(optim.AdamW):
 
         mx.compile merges equal nodes whatever their stream, so a constant's broadcast to a shape that
         parameters on both streams have would be one node; the other stream's kernel cannot fuse it and
-        reads it as a strided input, running MLX's unvectorised strided loop (the update ~20 % slower)."""
+        reads it as a strided input, running MLX's unvectorised strided loop."""
         if self.bias_correction:
             raise ValueError("AdamW: bias_correction is not supported by this optimizer")
         with self._stream(gradient):

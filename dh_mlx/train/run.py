@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import shutil
 import sys
 from pathlib import Path
 
@@ -12,21 +11,15 @@ from ..config import DATA_DIR, DEFAULT_PRESET, load_config, resolve_config
 from ..device import compute_dtype
 from ..outputs import OutputError, check_output_dir
 from ..params import count_params
-from ..weights import load_model, random_model, save_model, with_mtp_module
+from ..checkpoint.weights import copy_tokenizer, load_model, random_model, save_model, with_mtp_module
 from .config import TrainConfig
 from .data import describe_dataset, load_dataset
 from .memory import check_training_fits
-from .report import format_bytes
+from ..outputs import format_bytes
 from .trainer import RunResult, train_loop
 
 DEFAULT_DATA = DATA_DIR / "train_data.jsonl"
 DEFAULT_TOKENIZER = DATA_DIR / "tokenizer"
-
-
-def copy_tokenizer(src: Path, dst: Path) -> None:
-    for name in ("tokenizer.model", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.json"):
-        if (src / name).is_file():
-            shutil.copyfile(src / name, dst / name)
 
 
 def check_run_dir(out: str | Path, *, resume: bool, force: bool, inputs: list) -> Path:

@@ -24,13 +24,14 @@ from mlx.utils import tree_flatten, tree_map
 from .. import backend
 from ..model import Model
 from ..model.moe import MoE, MoEGate
-from .checkpoint import (CheckpointWriteError, RunLock, latest_checkpoint, load_checkpoint, remove_partial,
+from ..checkpoint.training import (CheckpointWriteError, RunLock, latest_checkpoint, load_checkpoint, remove_partial,
                          save_checkpoint)
 from .config import TrainConfig
 from .optim import AdamW, make_optimizer
 from .data import Batch as NpBatch, Dataset
 from .interrupt import StopRequest, stop_on_signals
-from .report import MetricsLog, directory_bytes, format_bytes, make_report
+from ..outputs import format_bytes
+from .report import MetricsLog, directory_bytes, make_report
 from .loss import (Batch, alf_update, batch_counts, document_mask, expert_counts, greedy_next, imbalance,
                    loss_parts, masked_ce, mtp_mask, mtp_output)
 

@@ -1,14 +1,12 @@
 """Load an optimised BLAS before `mlx.core` on Linux.
 
-The `mlx[cpu]` wheel links the reference BLAS (~2-3 GFLOP/s for float32 matmul on this kind of machine).
-Loading a fast one with RTLD_GLOBAL *before* MLX is imported lets the dynamic linker resolve MLX's
-`cblas_*`/`sgemm_` symbols to it (20-50x faster). The order depends on the CPU's vendor. On Intel CPUs (and
-when the vendor is unknown) first Intel MKL from the `mkl` wheel (the `cpu` extra on x86-64 Linux), whose
-small products (prefill's ~50-row expert matmuls, attention's per-head blocks) run 1.4-1.75x faster than
-OpenBLAS 0.3.21's there; then OpenBLAS or BLIS from the system. On other x86 CPUs (AMD) the system's OpenBLAS or
-BLIS first: MKL does not take its fastest code paths on them (on an AMD EPYC Zen 5 here, OpenBLAS trains
-1.15x and decodes 1.4-1.75x faster than MKL). A library whose `cblas_sgemm` gets a small exact product wrong
-is skipped. `DH_MLX_BLAS` chooses: `off` (the reference BLAS), `mkl`, `openblas` (OpenBLAS/BLIS only) or a
+The `mlx[cpu]` wheel links the reference BLAS, which is slow. Loading a fast one with RTLD_GLOBAL *before* MLX
+is imported lets the dynamic linker resolve MLX's `cblas_*`/`sgemm_` symbols to it. The order depends on the
+CPU's vendor. On Intel CPUs (and when the vendor is unknown) first Intel MKL from the `mkl` wheel (the `cpu`
+extra on x86-64 Linux), whose small products (prefill's expert matmuls, attention's per-head blocks) beat
+OpenBLAS's; then OpenBLAS or BLIS from the system. On other x86 CPUs (AMD) the system's OpenBLAS or BLIS first:
+MKL does not take its fastest code paths on them. BENCHMARKS.md has the figures. A library whose `cblas_sgemm`
+gets a small exact product wrong is skipped. `DH_MLX_BLAS` chooses: `off` (the reference BLAS), `mkl`, `openblas` (OpenBLAS/BLIS only) or a
 library path.
 """
 
@@ -183,9 +181,9 @@ def _mkl() -> tuple[str, ...]:
 def _load_gemv_shim(blas: ctypes.CDLL) -> None:
     """Build (once, cached) and load `blas_shim.c` globally, pointed at `blas`; sets `shim` when it worked.
 
-    The shim sends MLX's matrix-vector `cblas_sgemm` calls to `cblas_sgemv` (~3x faster decode weight reads
-    with OpenBLAS 0.3.21). It needs a C compiler on first use, as `mx.compile` on the CPU backend does; without
-    one, or with `DH_MLX_BLAS_SHIM=off`, MLX calls the BLAS directly.
+    The shim sends MLX's matrix-vector `cblas_sgemm` calls to `cblas_sgemv`, which streams the weights that
+    OpenBLAS's sgemm would pack first. It needs a C compiler on first use, as `mx.compile` on the CPU backend
+    does; without one, or with `DH_MLX_BLAS_SHIM=off`, MLX calls the BLAS directly.
     """
     global shim
     if os.environ.get("DH_MLX_BLAS_SHIM", "").strip().lower() in ("off", "0", "none"):

@@ -1,12 +1,12 @@
 /* dh-mlx BLAS shim: MLX's CPU backend calls only cblas_sgemm, also for matrix-vector products (decode). Some
  * BLAS builds (OpenBLAS 0.3.21, Debian 12) pack the whole matrix in sgemm even when one operand is a single
- * row, which makes a decode step's weight reads ~3x slower than sgemv. This library is loaded before the BLAS
- * (see dh_mlx/_blas.py), so MLX's cblas_sgemm resolves here: products with at most GEMV_ROWS rows (or
+ * row, which makes a decode step's weight reads slower than sgemv. This library is loaded before the BLAS
+ * (see dh_mlx/backend/cpu/blas.py), so MLX's cblas_sgemm resolves here: products with at most GEMV_ROWS rows (or
  * columns) become that many sgemv calls; everything else goes to the real sgemm unchanged. */
 #include <stddef.h>
 
 enum { RowMajor = 101, ColMajor = 102, NoTrans = 111, Trans = 112 };
-enum { GEMV_ROWS = 3 }; /* measured here: one sgemv per row beats sgemm up to 3 rows */
+enum { GEMV_ROWS = 3 }; /* one sgemv per row beats sgemm up to this many rows (BENCHMARKS.md, blas) */
 
 typedef void (*sgemm_fn)(int, int, int, int, int, int, float, const float *, int, const float *, int, float,
                          float *, int);

@@ -3,12 +3,11 @@
 On the CPU backend MLX compiles each fused elementwise kernel at run time with `g++ -std=c++17 -O3 -fPIC
 -shared` (the first `g++` on PATH) and caches the library under `$TMPDIR/mlx/<version>/cpu`. On x86 its SIMD
 type is one lane wide, so without target flags GCC calls libm's `fmaf` six times per element and leaves
-MLX's exp polynomial out of line: a compiled `exp` costs ~11 ns per element here. With `-march=native`, a
-larger inlining budget and `-fno-trapping-math` (which lets GCC vectorise the polynomial's selects; no IEEE
-result changes) the same source runs at ~0.6 ns, and `silu(g) * u` at ~1 ns instead of ~14. Kernels with many inputs stay
-scalar without two more: `-fno-math-errno` (a vector sqrt; results unchanged, only errno is not set) and a
-larger alias-check budget (MLX passes each input as a plain pointer; the fused AdamW update has 14): AdamW
-over tiny's 42 M parameters 97-100 -> 77-81 ms per step.
+MLX's exp polynomial out of line. With `-march=native`, a larger inlining budget and `-fno-trapping-math`
+(which lets GCC vectorise the polynomial's selects; no IEEE result changes) the same source vectorises.
+Kernels with many inputs stay scalar without two more: `-fno-math-errno` (a vector sqrt; results unchanged,
+only errno is not set) and a larger alias-check budget (MLX passes each input as a plain pointer; the fused
+AdamW update has 14). BENCHMARKS.md has the figures.
 
 `enable()` puts a `g++` wrapper that adds those flags first on PATH and points MLX's kernel cache at a
 directory of ours (named by the flags and the CPU's feature set, so kernels built without them, or for

@@ -9,7 +9,7 @@ targets, a constant shared by two streams), walks every input with a pointer and
       A += A_strides[1];  B += B_strides[1];
     }
 
-which GCC keeps scalar (~1-3 ns per element with an exp). In the innermost dimension such inputs almost always
+which GCC keeps scalar. In the innermost dimension such inputs almost always
 step by 1 or 0 (broadcast), so this rewrites that loop as one copy per combination of unit and zero strides
 (zero-stride inputs loaded once, the others indexed), each under `#pragma GCC ivdep` (MLX only ever aliases an
 output with an input of the same index), and keeps the original loop for any other stride. Same arithmetic in

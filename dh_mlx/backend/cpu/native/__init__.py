@@ -1,14 +1,14 @@
-"""Native CPU kernels: an MLX extension (C++ primitive + nanobind), built on first use and cached.
+"""Native CPU kernels: an MLX extension (C++ primitive + nanobind), built once and cached.
 
 `kernels.cpp`: the routed experts' segment matmuls (one BLAS call per expert's run of rows, the run
 boundaries read when the kernel runs: no host sync, static shapes, works under mx.compile), a one-pass
 softmax cross-entropy, and one-node linear, rotary embedding, RMS norm, router, MLA latent attention and
 routed experts for decode-sized inputs, which cut a decode step's graph. Built with the C++ compiler that
 `mx.compile` on the CPU already needs, against the installed MLX headers and nanobind (whose internals must
-match the ones MLX was built with; the `cpu` extra pins a matching release), ~10 s once per machine.
-`load()` returns None, with the reason in `status`, when the build or the self-test fails, and callers fall
-back to pure MLX (`usable` / `usable_small` say whether given arrays can use them). `DH_MLX_NATIVE=off`
-disables it.
+match the ones MLX was built with; the `cpu` extra pins a matching release), once per machine, when
+`backend.setup()` first runs. `load()` returns None, with the reason in `status`, when the build or the
+self-test fails, and callers fall back to pure MLX (`usable` / `usable_small` say whether given arrays can use
+them). `DH_MLX_NATIVE=off` disables it.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-// Native CPU kernels for dh-mlx, as MLX primitives (built at first use by dh_mlx/native/__init__.py).
+// Native CPU kernels for dh-mlx, as MLX primitives (built by dh_mlx/backend/cpu/native/__init__.py).
 //
 // SegmentMatmul: routed experts, one BLAS call per expert over its run of rows. Rows sorted by expert are
 // described by `offsets` (E + 1 int32: expert e owns rows offsets[e] to offsets[e + 1]), read when the kernel
@@ -13,8 +13,8 @@
 // A row (32 KB for V = 8192) stays in cache between its max and its sum of exponentials; MLX's own ops make
 // ~7 passes over the (N, V) array. exp is MLX's polynomial, so values match its kernels to rounding.
 //
-// Decode-sized building blocks, each one node instead of MLX's 3-14 (a compiled 1b decode step had ~2,600
-// nodes at ~4 us of dispatch each, a fifth of the step), each with its gradient as MLX ops:
+// Decode-sized building blocks, each one node instead of MLX's 3-14 (each node of a decode step costs
+// microseconds of dispatch), each with its gradient as MLX ops:
 //   Linear:  x (..., in), w (out, in) -> x @ w^T (one sgemm; MLX adds flatten/transpose/unflatten nodes)
 //   Rope:    rotary embedding of the last axis' first `dims` entries at positions offset + (axis -2 index),
 //            angle = position / wavelength[i] (mx.fast.rope's `freqs`), times `scale`; `inverse` rotates back

@@ -22,7 +22,7 @@ from typing import Any, Callable
 import mlx.core as mx
 from mlx.utils import tree_flatten, tree_unflatten
 
-from .report import format_bytes
+from ..outputs import format_bytes
 
 STATE = "trainer_state.json"
 OPTIMIZER = "optimizer.safetensors"

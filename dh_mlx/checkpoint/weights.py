@@ -8,18 +8,19 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 from pathlib import Path
 from typing import Callable
 
 import mlx.core as mx
 from mlx.utils import tree_flatten, tree_map_with_path
 
-from .config import ModelConfig, load_config, load_preset, preset_names, save_config
+from ..config import ModelConfig, load_config, load_preset, preset_names, save_config
 from .layout import (CheckpointError, check_tensors, config_for_tensors, drop_mtp_layers, keep_fp32,
                      read_safetensors_header, safetensors_files, to_file_layout, to_memory_layout)
-from .device import available_memory, compute_dtype
-from .model import Model
-from .params import count_params, weight_bytes
+from ..device import available_memory, compute_dtype
+from ..model import Model
+from ..params import count_params, weight_bytes
 
 DEFAULT_SHARD_BYTES = 5 * 10**9
 
@@ -179,7 +180,7 @@ def load_model(path: str | Path, *, dtype: str | None = None) -> Model:
     weights = dequantize_kv_b_proj(to_memory_layout(weights, config, mx.stack), config)
     model = Model(config)
     if quantization is not None:
-        from .quant import quantize_like
+        from ..quant import quantize_like
         quantize_like(model, quantization, weights)
     _check_against_model(weights, model, path)
     model.load_weights(list(weights.items()))
@@ -236,3 +237,10 @@ def save_model(model: Model, path: str | Path, *, mtp: bool = True, max_shard_by
 
 def _natural_key(name: str) -> list:
     return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name)]
+
+
+def copy_tokenizer(src: Path, dst: Path) -> None:
+    """Copy the tokenizer files of model directory `src` (those present) into `dst`."""
+    for name in ("tokenizer.model", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.json"):
+        if (src / name).is_file():
+            shutil.copyfile(src / name, dst / name)

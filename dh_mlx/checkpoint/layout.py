@@ -13,7 +13,7 @@ import warnings
 from pathlib import Path
 from typing import Any, Callable
 
-from .config import ModelConfig
+from ..config import ModelConfig
 
 # A quantized expert has `scales` and `biases` beside its packed `weight` (mlx-lm's per-expert layout).
 _EXPERT = re.compile(r"^(model\.layers\.\d+\.mlp\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.(weight|scales|biases)$")
@@ -187,6 +187,36 @@ def read_safetensors_header(f: Path) -> dict:
             raise CheckpointError(f"{f}: tensor {name!r}: data_offsets {offsets} do not hold {info['dtype']} "
                                   f"{shape} inside the file's {data} data bytes")
     return header
+
+
+_NUMPY = {"F32": "<f4", "F16": "<f2", "BF16": "<u2", "F64": "<f8"}
+
+
+def read_float32(path: Path) -> dict:
+    """Every tensor of the model directory `path` as a float32 numpy array (file layout, no framework):
+    headers checked first, bfloat16 widened bit-exactly; a non-float tensor (e.g. packed quantized weights)
+    or a NaN/infinite value is refused, naming the tensor."""
+    import numpy as np
+
+    out = {}
+    for f in safetensors_files(path):
+        header = read_safetensors_header(f)
+        with open(f, "rb") as fh:
+            start = 8 + int.from_bytes(fh.read(8), "little")
+        data = np.memmap(f, dtype=np.uint8, mode="r", offset=start)
+        for name, info in header.items():
+            if name == "__metadata__":
+                continue
+            if info["dtype"] not in _NUMPY:
+                raise CheckpointError(f"{f}: tensor {name} has dtype {info['dtype']}; expected float32, bfloat16 "
+                                      "or float16 (a quantized model? convert its float checkpoint)")
+            begin, end = info["data_offsets"]
+            a = data[begin:end].view(_NUMPY[info["dtype"]]).reshape(info["shape"])
+            a = (a.astype(np.uint32) << 16).view(np.float32) if info["dtype"] == "BF16" else a.astype(np.float32)
+            if not np.isfinite(a).all():
+                raise CheckpointError(f"{f}: tensor {name} holds NaN or infinite values")
+            out[name] = a
+    return out
 
 
 def check_tensors(shapes: dict[str, tuple], expected: dict[str, tuple], where: Path) -> None:

@@ -1,0 +1,119 @@
+"""The package's shape, read from its source with `ast`: no import cycles, every import goes to the same or a
+lower layer (docs/architecture.md), the model never imports a backend, and importing is free of surprises."""
+
+from __future__ import annotations
+
+import ast
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+PACKAGE = Path(__file__).resolve().parent.parent / "dh_mlx"
+
+# Lowest first; a module belongs to the longest prefix listed. docs/architecture.md draws the same table.
+LAYERS = [
+    ["dh_mlx.ops", "dh_mlx.config", "dh_mlx.params", "dh_mlx.rope", "dh_mlx.outputs", "dh_mlx.tokenizer",
+     "dh_mlx.checkpoint.layout", "dh_mlx.checkpoint"],
+    ["dh_mlx.model", "dh_mlx.device"],
+    ["dh_mlx.quant", "dh_mlx.lora", "dh_mlx.backend"],
+    ["dh_mlx.checkpoint.weights", "dh_mlx.checkpoint.quantized", "dh_mlx.checkpoint.training"],
+    ["dh_mlx.generation", "dh_mlx.train", "dh_mlx.torch"],
+    ["dh_mlx.convert", "dh_mlx.info", "dh_mlx.api"],
+    ["dh_mlx.cli", "dh_mlx"],
+]
+
+
+def modules() -> dict[str, Path]:
+    out = {}
+    for p in PACKAGE.rglob("*.py"):
+        parts = list(p.relative_to(PACKAGE.parent).with_suffix("").parts)
+        out[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = p
+    return out
+
+
+def imports(name: str, path: Path, known: dict) -> set[str]:
+    """dh_mlx modules `name` imports anywhere in its source (functions included)."""
+    package = name if path.name == "__init__.py" else name.rsplit(".", 1)[0]
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom):
+            base = package.split(".")[: len(package.split(".")) - node.level + 1] if node.level else []
+            target = ".".join(base + ([node.module] if node.module else [])) if node.level else node.module or ""
+            named = {f"{target}.{a.name}" for a in node.names} & known.keys()  # `from pkg import module`
+            found.update(named or ({target} & known.keys()))
+        elif isinstance(node, ast.Import):
+            found.update(a.name for a in node.names if a.name in known)
+    found.discard(name)
+    return found
+
+
+def layer(name: str) -> int:
+    best, rank = -1, None
+    for i, prefixes in enumerate(LAYERS):
+        for p in prefixes:
+            if (name == p or name.startswith(p + ".")) and len(p) > best:
+                best, rank = len(p), i
+    assert rank is not None, f"{name}: in no layer of LAYERS"
+    return rank
+
+
+def room(name: str) -> str:
+    return ".".join(name.split(".")[:2])
+
+
+GRAPH = {n: imports(n, p, modules()) for n, p in modules().items()}
+
+
+def test_no_import_cycles():
+    assert "dh_mlx.model.moe" in GRAPH and "dh_mlx.cli" in GRAPH  # the whole package was read
+    state: dict[str, int] = {}
+
+    def visit(n: str, trail: list[str]) -> None:
+        state[n] = 1
+        for m in sorted(GRAPH[n]):
+            if state.get(m) == 1:
+                pytest.fail("import cycle: " + " -> ".join(trail[trail.index(m):] + [m]))
+            if m not in state:
+                visit(m, trail + [m])
+        state[n] = 2
+
+    for n in sorted(GRAPH):
+        if n not in state:
+            visit(n, [n])
+
+
+def test_imports_go_to_the_same_or_a_lower_layer():
+    bad = [f"{n} (layer {layer(n)}) imports {m} (layer {layer(m)})" for n, deps in sorted(GRAPH.items())
+           for m in sorted(deps) if room(n) != room(m) and layer(m) > layer(n)]
+    assert not bad, "\n".join(bad)
+
+
+def test_the_model_is_plain_mlx():
+    """model/ imports MLX, the config, RoPE frequencies and the seam: no backend, no device checks."""
+    allowed = {"dh_mlx.config", "dh_mlx.rope", "dh_mlx.ops"}
+    for n, deps in GRAPH.items():
+        if room(n) == "dh_mlx.model":
+            assert {m for m in deps if room(m) != "dh_mlx.model"} <= allowed, (n, deps)
+            source = modules()[n].read_text()
+            assert "default_device" not in source and "mx.cpu" not in source, n
+
+
+def test_no_module_global_is_rebound_outside_the_backend():
+    """State that model, loss and trainer share travels as an argument or an attribute; only the backend keeps
+    process-wide facts (what it loaded, and that setup ran)."""
+    for n, p in modules().items():
+        if room(n) != "dh_mlx.backend":
+            assert not any(isinstance(node, ast.Global) for node in ast.walk(ast.parse(p.read_text()))), n
+
+
+@pytest.mark.parametrize("module", ["dh_mlx", "dh_mlx.torch", "dh_mlx.config", "dh_mlx.checkpoint.layout"])
+def test_importing_imports_no_mlx_and_leaves_the_environment(module):
+    code = ("import os, sys; before = dict(os.environ); import " + module + "; "
+            "print(sorted(m for m in sys.modules if m == 'mlx' or m.startswith('mlx.'))); "
+            "print(sorted(k for k in set(before) | set(os.environ) if before.get(k) != os.environ.get(k)))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=300,
+                         env={k: v for k, v in os.environ.items() if not k.startswith("DH_MLX")})
+    assert out.stdout.split("\n")[:2] == ["[]", "[]"], out.stdout
