@@ -17,7 +17,7 @@ ENV DEBIAN_FRONTEND=noninteractive \
     VIRTUAL_ENV=/opt/venv \
     PATH=/opt/venv/bin:$PATH
 
-# libopenblas: MLX's CPU backend is 20-50x faster with it (dh_mlx/_blas.py loads it before MLX)
+# libopenblas: MLX's CPU backend is much faster with it (dh_mlx/backend/cpu/blas.py loads it before MLX)
 RUN apt-get update \
     && apt-get install -y --no-install-recommends python3 python3-venv libopenblas0-pthread \
     && rm -rf /var/lib/apt/lists/* \

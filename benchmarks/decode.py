@@ -3,8 +3,8 @@ one run (and llama.cpp on the same weights as an F32 GGUF when llama-cpp-python 
 
 Each engine runs in its own process. mlx-lm runs as its users run it (OpenBLAS loaded, as in the brief's
 figures) and, for transparency, once more with dh-mlx's CPU tuning in its process: the BLAS dh-mlx chooses
-(MKL when the `mkl` wheel is installed, else OpenBLAS behind the matrix-vector shim dh_mlx/_blas_shim.c) and
-the vectorising compiler flags for mx.compile kernels (dh_mlx/_jit.py), which speed up any MLX program.
+(MKL when the `mkl` wheel is installed, else OpenBLAS behind the matrix-vector shim dh_mlx/backend/cpu/blas_shim.c) and
+the vectorising compiler flags for mx.compile kernels (dh_mlx/backend/cpu/jit.py), which speed up any MLX program.
 float32 on the CPU backend; on Metal the script uses bfloat16. Also prints decode's fraction of the
 memory-bandwidth limit: active weight bytes per token x tokens/s over the read bandwidth a tuned BLAS reaches
 (numpy's float32 GEMV over a 1 GiB matrix).
@@ -82,6 +82,8 @@ def ours(path: Path, prompt: list[int], n: int, mtp: bool = False) -> tuple[floa
 
 
 def mlx_lm(path: Path, prompt: list[int], n: int) -> tuple[float, float]:
+    from dh_mlx.backend.cpu import jit
+    jit.enable()  # our compiler flags in the tuned run (a no-op under untuned_environ's DH_MLX_JIT=off)
     from mlx_lm.generate import generate_step
     from mlx_lm.utils import load_model
     model, _ = load_model(path)

@@ -4,8 +4,8 @@ shape, in one run. Prints one JSON object per result.
 Each engine runs in its own process, two interleaved rounds, best of each. mlx-lm runs as its users run it
 (OpenBLAS loaded) and once more with dh-mlx's CPU tuning in its process (the BLAS dh-mlx chooses: MKL when
 installed, else OpenBLAS behind the matrix-vector shim, which its sorted gather_mm benefits from; and the
-vectorising flags for mx.compile kernels, dh_mlx/_jit.py). Also prints the roofline: model FLOPs per token x
-tokens/s against a large float32 matmul's GFLOP/s, and the fraction of it a 3x-mlx-lm loop would need.
+vectorising flags for mx.compile kernels, dh_mlx/backend/cpu/jit.py). Also prints the roofline: model FLOPs
+per token x tokens/s against a large float32 matmul's GFLOP/s, and the fraction of it a 3x-mlx-lm loop would need.
 
     python benchmarks/train_speed.py [--params tiny] [--batch-size 4] [--seq-len 256] [--steps 12]
 """

@@ -337,7 +337,7 @@ def main(argv: list[str] | None = None) -> None:
           f"domain: " + ", ".join(f"{d} {n}" for d, n in sorted(counts.items())), file=sys.stderr)
     if args.tokenizer:
         sys.path.insert(0, str(HERE.parent))
-        from dh_mlx.tokenizer import train_tokenizer
+        from dh_mlx.train.tokenizer import train_tokenizer
         tok = train_tokenizer(args.out, args.tokenizer, vocab_size=args.vocab_size, seed=args.seed)
         print(f"wrote {args.tokenizer}: vocabulary {tok.vocab_size}", file=sys.stderr)
 

@@ -1,4 +1,4 @@
-"""The BLAS loader and its matrix-vector shim (dh_mlx/_blas_shim.c): every product it reroutes to sgemv must
+"""The BLAS loader and its matrix-vector shim (dh_mlx/backend/cpu/blas_shim.c): every product it reroutes to sgemv must
 equal a float64 reference, whatever the operand layout, alpha/beta, or the garbage in the output buffer."""
 
 import ctypes

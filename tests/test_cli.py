@@ -88,9 +88,9 @@ def test_ids_past_the_tokenizer_are_never_sampled(corpus, tmp_path):
     tok = corpus[2]
     model, path = _padded_model(tok, tmp_path)
     prompt = tok.encode("the model token", bos=True)
-    unmasked = list(generate_tokens(model, prompt, max_tokens=4))
+    unmasked = list(generate_tokens(model, prompt, max_tokens=4, mtp=False))
     assert all(t >= tok.vocab_size for t in unmasked)  # the test's premise: the padded rows would win
-    for opts in (dict(), dict(temp=1.0, seed=3), dict(mtp=True, draft_policy=DraftPolicy(adaptive=False)),
+    for opts in (dict(mtp=False), dict(temp=1.0, seed=3, mtp=False), dict(mtp=True, draft_policy=DraftPolicy(adaptive=False)),
                  dict(mtp=True, temp=1.0, seed=3)):
         ids = list(generate_tokens(model, prompt, max_tokens=12, vocab_limit=tok.vocab_size, **opts))
         assert len(ids) >= 1 and max(ids) < tok.vocab_size, opts

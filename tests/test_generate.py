@@ -104,18 +104,18 @@ def test_compiled_two_token_step_with_rollback_equals_eager():
 
 def test_prompt_cache_reuse_gives_the_same_tokens(model):
     prompt = tokens(20, batch=1)[0].tolist()
-    fresh = list(generate_tokens(model, prompt, max_tokens=8))
+    fresh = list(generate_tokens(model, prompt, max_tokens=8, mtp=False))
     pc = PromptCache.new(model)
-    first = list(generate_tokens(model, prompt[:12], max_tokens=4, prompt_cache=pc))
+    first = list(generate_tokens(model, prompt[:12], max_tokens=4, mtp=False, prompt_cache=pc))
     assert len(first) == 4
-    reused = list(generate_tokens(model, prompt, max_tokens=8, prompt_cache=pc))
+    reused = list(generate_tokens(model, prompt, max_tokens=8, mtp=False, prompt_cache=pc))
     assert reused == fresh
     assert pc.cache[0].offset == len(prompt) + 7
 
 
 def test_mtp_speculative_greedy_is_identical(model):
     prompt = tokens(10, batch=1)[0].tolist()
-    plain = list(generate_tokens(model, prompt, max_tokens=25))
+    plain = list(generate_tokens(model, prompt, max_tokens=25, mtp=False))
     stats = GenerationStats()
     spec = list(generate_tokens(model, prompt, max_tokens=25, mtp=True, stats=stats))
     assert spec == plain
@@ -126,7 +126,7 @@ def test_mtp_greedy_accepts_good_drafts_and_stays_identical(model, monkeypatch):
     """An oracle draft head (the token that followed `next_token` in the plain greedy output, at its first
     occurrence) is right most of the time: accepted drafts must give the same tokens, faster in steps."""
     prompt = tokens(6, batch=1)[0].tolist()
-    plain = list(generate_tokens(model, prompt, max_tokens=20))
+    plain = list(generate_tokens(model, prompt, max_tokens=20, mtp=False))
     seq = prompt + plain
     table = np.zeros(model.config.vocab_size, np.int64)
     for a, b in reversed(list(zip(seq, seq[1:]))):
@@ -157,7 +157,7 @@ def test_mtp_greedy_accepts_good_drafts_and_stays_identical(model, monkeypatch):
 def test_mtp_rejections_roll_the_cache_back(model):
     """A draft head that always proposes token 0 is mostly rejected; output and cache must stay exact."""
     prompt = tokens(6, batch=1)[0].tolist()
-    plain = list(generate_tokens(model, prompt, max_tokens=12))
+    plain = list(generate_tokens(model, prompt, max_tokens=12, mtp=False))
     layer = model.model.mtp_layers[0]
     saved = layer.shared_head.head.weight
     try:
@@ -199,7 +199,8 @@ def test_prompt_longer_than_context_is_refused(model):
 
 
 def test_mtp_with_a_one_token_prompt(model):
-    assert list(generate_tokens(model, [5], max_tokens=6, mtp=True)) == list(generate_tokens(model, [5], max_tokens=6))
+    assert list(generate_tokens(model, [5], max_tokens=6, mtp=True)) == list(generate_tokens(model, [5], max_tokens=6,
+                                                                                             mtp=False))
 
 
 def test_draft_policy_drafts_only_while_it_pays():
@@ -249,7 +250,7 @@ def test_mtp_cache_catches_up_after_plain_steps(model):
             self.mode = self.script[min(self.i, len(self.script) - 1)]
 
     prompt = tokens(7, batch=1)[0].tolist()
-    plain = list(generate_tokens(model, prompt, max_tokens=24))
+    plain = list(generate_tokens(model, prompt, max_tokens=24, mtp=False))
     script = ["draft", "draft", "plain", "plain", "plain", "draft", "plain", "draft", "draft"] + ["plain"] * 4
     stats, pc = GenerationStats(), PromptCache.new(model)
     out = list(generate_tokens(model, prompt, max_tokens=24, mtp=True, stats=stats, prompt_cache=pc,
@@ -272,15 +273,15 @@ def test_stopping_at_eos_leaves_a_consistent_prompt_cache(model):
     """The next step is queued before the current token is read back, so the EOS token is fed to the cache:
     the recorded tokens must say so, and a reusing call must continue exactly like a fresh one."""
     prompt = tokens(10, batch=1)[0].tolist()
-    free = list(generate_tokens(model, prompt, max_tokens=6))
+    free = list(generate_tokens(model, prompt, max_tokens=6, mtp=False))
     eos = free[2]
     pc = PromptCache.new(model)
-    out = list(generate_tokens(model, prompt, max_tokens=6, eos_ids=(eos,), prompt_cache=pc))
+    out = list(generate_tokens(model, prompt, max_tokens=6, mtp=False, eos_ids=(eos,), prompt_cache=pc))
     assert out == free[: free.index(eos) + 1]
     assert pc.tokens == (prompt + out)[: pc.cache[0].offset] and pc.cache[0].offset >= len(prompt) + len(out) - 1
     longer = prompt + out + [7, 9]
-    assert list(generate_tokens(model, longer, max_tokens=4, prompt_cache=pc)) == list(
-        generate_tokens(model, longer, max_tokens=4))
+    assert list(generate_tokens(model, longer, max_tokens=4, mtp=False, prompt_cache=pc)) == list(
+        generate_tokens(model, longer, max_tokens=4, mtp=False))
 
 
 def test_repetition_penalty_in_generation_equals_a_step_by_step_loop(model):
@@ -288,7 +289,7 @@ def test_repetition_penalty_in_generation_equals_a_step_by_step_loop(model):
     changed = 0
     for n in (5, 9, 14):
         prompt = tokens(n, batch=1)[0].tolist()
-        got = list(generate_tokens(model, prompt, max_tokens=12, repetition_penalty=3.0, repetition_context=8))
+        got = list(generate_tokens(model, prompt, max_tokens=12, mtp=False, repetition_penalty=3.0, repetition_context=8))
         cache, history = make_cache(model.config), list(prompt)
         logits, _ = prefill(model, mx.array([prompt]), cache)
         want = []
@@ -298,5 +299,52 @@ def test_repetition_penalty_in_generation_equals_a_step_by_step_loop(model):
             history.append(t)
             logits, _ = decode_step(model, mx.array([[t]]), cache)
         assert got == want
-        changed += got != list(generate_tokens(model, prompt, max_tokens=12))
+        changed += got != list(generate_tokens(model, prompt, max_tokens=12, mtp=False))
     assert changed  # the penalty changed at least one generation
+
+
+def test_mtp_is_on_by_default_when_the_model_has_a_module(model):
+    """As `dh-mlx generate` does: the library's default drafts with the MTP module (same greedy tokens)."""
+    prompt = tokens(10, batch=1)[0].tolist()
+    stats = GenerationStats()
+    assert list(generate_tokens(model, prompt, max_tokens=10, stats=stats)) == list(
+        generate_tokens(model, prompt, max_tokens=10, mtp=False))
+    assert stats.drafted > 0 and stats.draft_summary
+
+
+@pytest.mark.parametrize("n", [5, 9, 14])
+def test_mtp_with_a_repetition_penalty_equals_the_step_by_step_loop(model, n):
+    """Drafting every step with the penalty on: the draft, the verified position and the bonus position are
+    each penalised by the tokens before them, so the output is the plain penalised greedy loop's."""
+    prompt = tokens(n, batch=1)[0].tolist()
+    stats = GenerationStats()
+    got = list(generate_tokens(model, prompt, max_tokens=12, repetition_penalty=3.0, repetition_context=8,
+                               mtp=True, draft_policy=DraftPolicy(adaptive=False), stats=stats))
+    cache, history = make_cache(model.config), list(prompt)
+    logits, _ = prefill(model, mx.array([prompt]), cache)
+    want = []
+    for _ in range(12):
+        t = mx.argmax(apply_repetition_penalty(logits, mx.array(history[-8:]), 3.0), axis=-1).item()
+        want.append(t)
+        history.append(t)
+        logits, _ = decode_step(model, mx.array([[t]]), cache)
+    assert got == want
+    assert stats.drafted >= 5
+
+
+
+def test_mtp_reuses_the_prompt_cache_across_calls(model):
+    """A second MTP call whose prompt extends the first's prefills only the new tokens (both caches keep the
+    common prefix) and gives the tokens of a fresh call; a diverging plain call in between drops the MTP
+    entries past the new common prefix."""
+    prompt = tokens(30, batch=1)[0].tolist()
+    fresh = list(generate_tokens(model, prompt, max_tokens=8, mtp=True))
+    pc, stats = PromptCache.new(model), GenerationStats()
+    list(generate_tokens(model, prompt[:20], max_tokens=4, mtp=True, prompt_cache=pc))
+    assert pc.mtp_cache.offset >= 10
+    assert list(generate_tokens(model, prompt, max_tokens=8, mtp=True, prompt_cache=pc, stats=stats)) == fresh
+    assert stats.prompt_tokens <= len(prompt) - 10  # the reused prefix was not run again
+    other = prompt[:6] + [(t + 1) % model.config.vocab_size for t in prompt[6:]]
+    list(generate_tokens(model, other, max_tokens=3, mtp=False, prompt_cache=pc))
+    assert pc.mtp_cache.offset <= 5
+    assert list(generate_tokens(model, prompt, max_tokens=8, mtp=True, prompt_cache=pc)) == fresh

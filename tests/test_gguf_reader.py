@@ -23,6 +23,18 @@ def test_tensors_equal_the_loaded_models(tmp_path, name, dtype):
         assert got[k].dtype == np.float32 and np.array_equal(got[k], want[k]), k
 
 
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_the_shape_table_is_the_models(name):
+    """layout.expected_shapes (framework-free) lists exactly the MLX model's parameters and their shapes."""
+    from dh_mlx import random_model
+    from dh_mlx.checkpoint.layout import expected_shapes
+    from helpers import make_config
+    for overrides in ({}, {"tie_word_embeddings": True}):
+        config = make_config(name, **overrides)
+        model = random_model(config, seed=0)
+        assert expected_shapes(config) == {k: v.shape for k, v in tree_flatten(model.parameters())}
+
+
 def test_missing_tensors_and_quantized_models_are_refused(tmp_path):
     from safetensors.numpy import load_file, save_file
 
@@ -32,7 +44,11 @@ def test_missing_tensors_and_quantized_models_are_refused(tmp_path):
     w = load_file(str(src / "model.safetensors"))
     save_file({k: v for k, v in w.items() if k != "model.layers.1.self_attn.o_proj.weight"},
               str(src / "model.safetensors"), metadata={"format": "pt"})
-    with pytest.raises(ConvertError, match="parameters, but config.json describes"):
+    with pytest.raises(CheckpointError, match="missing tensors: model.layers.1.self_attn.o_proj.weight"):
+        read_weights(src)
+    w["model.layers.1.self_attn.o_proj.weight"] = w["model.layers.1.self_attn.o_proj.weight"].T.copy()
+    save_file(w, str(src / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match="o_proj.weight has shape"):
         read_weights(src)
     save_file({k: v for k, v in w.items() if k != "model.layers.1.mlp.experts.3.up_proj.weight"},
               str(src / "model.safetensors"), metadata={"format": "pt"})

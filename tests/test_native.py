@@ -137,10 +137,10 @@ def test_a_decode_step_is_built_from_the_one_node_kernels(ext, tmp_path, monkeyp
     assert sum(ours.values()) < 0.5 * sum(plain.values()), (sum(ours.values()), sum(plain.values()))
     monkeypatch.undo()
     prompt = ids[0].tolist()
-    with_native = list(generate_tokens(model, prompt, max_tokens=6))
+    with_native = list(generate_tokens(model, prompt, max_tokens=6, mtp=False))
     monkeypatch.setattr(native, "usable_small", lambda *a: None)
     monkeypatch.setattr(native, "load", lambda: None)
-    assert list(generate_tokens(model, prompt, max_tokens=6)) == with_native
+    assert list(generate_tokens(model, prompt, max_tokens=6, mtp=False)) == with_native
 
 
 @pytest.mark.parametrize("mode", [0, 1, 2])

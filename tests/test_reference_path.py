@@ -56,3 +56,45 @@ def test_generation_on_the_reference_path_gives_the_backends_tokens(mtp):
         ref_logits, reference = model(ids), list(generate_tokens(model, prompt, max_tokens=12, mtp=mtp))
     np.testing.assert_allclose(np.array(ref_logits), np.array(fast_logits), atol=2e-4, rtol=1e-4)
     assert reference == fast
+
+
+def _arrays(seed: int, *shapes):
+    keys = mx.random.split(mx.random.key(seed), len(shapes))
+    return [mx.random.normal(s, key=k) for s, k in zip(shapes, keys)]
+
+
+def _cases():
+    """(operation, differentiable inputs, fixed arguments) at decode size (native nodes) and at prefill size."""
+    H, n, p, r, v = 4, 16, 8, 32, 12
+    for rows in (3, 200):
+        x, w, g = _arrays(rows, (rows, 48), (40, 48), (48,))
+        yield "linear", [x, w], []
+        yield "rms_norm", [x, g + 2], [1e-6]
+        yield "swiglu", [x, x[::-1] * 0.5], []
+        wl = mx.array(10000.0 ** (np.arange(0, 8, 2) / 8).astype(np.float32))
+        yield "rope", [x.reshape(1, 2 if rows == 200 else 1, -1, 24)[..., :16]], [3, wl, 8, False, 1.3]
+        L, S = (1, 9) if rows == 3 else (40, 40)
+        q, k, vv = _arrays(rows + 1, (2, H, L, 24), (2, H, S, 24), (2, H, S, 12))
+        yield "attention", [q, k, vv], [0.3, "causal" if L == S else None]
+        yield "attention", [q, k, vv], [0.3, mx.array(np.random.default_rng(rows).random((1, 1, L, S)) > 0.3)]
+        qn, qp, lat, kpe, kvb = _arrays(rows + 2, (1, H, L, n), (1, H, L, p), (1, 1, S, r), (1, 1, S, p),
+                                        (H * (n + v), r))
+        yield "absorbed_attention", [qn, qp, lat, kpe, kvb * 0.2], [0.25, "causal" if L > 1 else None]
+        logits, = _arrays(rows + 3, (rows, 50))
+        yield "cross_entropy", [logits * 5], [mx.array(np.random.default_rng(rows).integers(0, 50, rows))]
+
+
+@pytest.mark.parametrize("case", list(_cases()), ids=lambda c: c[0])
+def test_each_cpu_operation_equals_its_reference_in_value_and_gradient(case):
+    name, inputs, fixed = case
+    cot = mx.random.normal(ops.reference(name)(*inputs, *fixed).shape, key=mx.random.key(9))
+
+    def value_and_grads(fn):
+        (out,), grads = mx.vjp(lambda *a: fn(*a, *fixed), inputs, [cot])
+        return out, grads
+
+    (got, got_grads), (want, want_grads) = value_and_grads(ops.registered()[name]), value_and_grads(ops.reference(name))
+    np.testing.assert_allclose(np.array(got), np.array(want), atol=2e-5, rtol=1e-4)
+    for a, b in zip(got_grads, want_grads):
+        np.testing.assert_allclose(np.array(a), np.array(b), atol=5e-5, rtol=1e-4)
+    assert np.abs(np.array(want)).max() > 1e-3

@@ -74,8 +74,9 @@ def _install(done: Setup) -> None:
 
 def training_streams():
     """The two CPU streams a training step may split its batch over, or None: off the CPU, on one core, with
-    the backend off, or when MLX's evaluation order is not the wide one (`setup(training=True)` came after
-    MLX's first eval)."""
+    the backend off, or when the process did not ask MLX for the wide evaluation order in time
+    (`setup(training=True)` after the setup's own first eval; an eval of the caller's before any setup goes
+    unnoticed, and the step then splits under MLX's narrow order: the same numbers, more slowly)."""
     s = setup()
     return s.streams if s.wide_eval_order else None
 
@@ -116,5 +117,5 @@ def untuned_environ() -> dict[str, str]:
     """This process's environment for a child process that runs MLX without dh-mlx's CPU tuning (OpenBLAS
     without the shim, MLX's compiler flags and evaluation order): the baseline benchmarks run mlx-lm on."""
     from .cpu.streams import MLX_DEFAULT_BFS_WIDTH
-    return dict(os.environ, DH_MLX_BLAS="openblas", DH_MLX_BLAS_SHIM="off", DH_MLX_JIT="off",
+    return dict(jit.system_environ(), DH_MLX_BLAS="openblas", DH_MLX_BLAS_SHIM="off", DH_MLX_JIT="off",
                 MLX_BFS_MAX_WIDTH=MLX_DEFAULT_BFS_WIDTH)

@@ -219,6 +219,57 @@ def read_float32(path: Path) -> dict:
     return out
 
 
+def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Every tensor of a model in memory layout (routed experts stacked) and its shape, from the config alone:
+    what a checkpoint must hold, checked without building a model."""
+    c = config
+    D, H, V = c.hidden_size, c.num_attention_heads, c.vocab_size
+    r, n, p, v = c.kv_lora_rank, c.qk_nope_head_dim, c.qk_rope_head_dim, c.v_head_dim
+    out: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (V, D), "model.norm.weight": (D,)}
+    if not c.tie_word_embeddings:
+        out["lm_head.weight"] = (V, D)
+
+    def linear(name: str, rows: int, cols: int, bias: bool = False) -> None:
+        out[f"{name}.weight"] = (rows, cols)
+        if bias:
+            out[f"{name}.bias"] = (rows,)
+
+    for i in range(c.num_hidden_layers + c.num_nextn_predict_layers):
+        pre = f"model.layers.{i}"
+        a = f"{pre}.self_attn"
+        if c.q_lora_rank is None:
+            linear(f"{a}.q_proj", H * (n + p), D)
+        else:
+            linear(f"{a}.q_a_proj", c.q_lora_rank, D, c.attention_bias)
+            out[f"{a}.q_a_layernorm.weight"] = (c.q_lora_rank,)
+            linear(f"{a}.q_b_proj", H * (n + p), c.q_lora_rank)
+        linear(f"{a}.kv_a_proj_with_mqa", r + p, D, c.attention_bias)
+        out[f"{a}.kv_a_layernorm.weight"] = (r,)
+        linear(f"{a}.kv_b_proj", H * (n + v), r)
+        linear(f"{a}.o_proj", D, H * v, c.attention_bias)
+        out[f"{pre}.input_layernorm.weight"] = out[f"{pre}.post_attention_layernorm.weight"] = (D,)
+        if c.is_moe_layer(i):
+            E, I = c.n_routed_experts, c.moe_intermediate_size
+            out[f"{pre}.mlp.gate.weight"] = (E, D)
+            if c.topk_method == "noaux_tc":
+                out[f"{pre}.mlp.gate.e_score_correction_bias"] = (E,)
+            out[f"{pre}.mlp.experts.gate_proj.weight"] = out[f"{pre}.mlp.experts.up_proj.weight"] = (E, I, D)
+            out[f"{pre}.mlp.experts.down_proj.weight"] = (E, D, I)
+            if c.n_shared_experts:
+                S = I * c.n_shared_experts
+                for proj, shape in (("gate_proj", (S, D)), ("up_proj", (S, D)), ("down_proj", (D, S))):
+                    out[f"{pre}.mlp.shared_experts.{proj}.weight"] = shape
+        else:
+            F = c.intermediate_size
+            for proj, shape in (("gate_proj", (F, D)), ("up_proj", (F, D)), ("down_proj", (D, F))):
+                out[f"{pre}.mlp.{proj}.weight"] = shape
+        if i >= c.num_hidden_layers:  # an MTP module
+            out[f"{pre}.enorm.weight"] = out[f"{pre}.hnorm.weight"] = out[f"{pre}.shared_head.norm.weight"] = (D,)
+            out[f"{pre}.eh_proj.weight"] = (D, 2 * D)
+            out[f"{pre}.shared_head.head.weight"] = (V, D)
+    return out
+
+
 def check_tensors(shapes: dict[str, tuple], expected: dict[str, tuple], where: Path) -> None:
     """Names and shapes read (`shapes`) against what the config implies (`expected`)."""
     missing = sorted(set(expected) - set(shapes))

@@ -15,6 +15,7 @@ from typing import Callable
 import mlx.core as mx
 from mlx.utils import tree_flatten, tree_map_with_path
 
+from .. import backend
 from ..config import ModelConfig, load_config, load_preset, preset_names, save_config
 from .layout import (CheckpointError, check_tensors, config_for_tensors, drop_mtp_layers, keep_fp32,
                      read_safetensors_header, safetensors_files, to_file_layout, to_memory_layout)
@@ -126,7 +127,8 @@ def init_weights(model: Model, seed: int = 0) -> Model:
 
 def random_model(config: ModelConfig, *, seed: int = 0, dtype: str | None = None, name: str = "this config"
                  ) -> Model:
-    """An untrained model from a config (e.g. a preset), deterministic by `seed`."""
+    """An untrained model from a config (e.g. a preset), deterministic by `seed`; sets the backend up."""
+    backend.setup()
     dt = compute_dtype(dtype)
     check_fits(config, dt, name)
     model = cast_model(init_weights(Model(config), seed), dt)
@@ -167,7 +169,9 @@ def resolve_path(path: str | Path) -> Path:
 
 
 def load_model(path: str | Path, *, dtype: str | None = None) -> Model:
-    """Read a model directory (config.json + safetensors, HF DeepSeek-V3 names) or a hub repo id."""
+    """Read a model directory (config.json + safetensors, HF DeepSeek-V3 names) or a hub repo id; sets the
+    backend up (`backend.setup()`), as `dh_mlx.load` does."""
+    backend.setup()
     path = resolve_path(path)
     config = load_config(path)
     dt = compute_dtype(dtype)

@@ -14,10 +14,9 @@ from pathlib import Path
 
 import gguf
 import numpy as np
-from ..checkpoint.layout import config_for_tensors, read_float32, to_memory_layout
+from ..checkpoint.layout import check_tensors, config_for_tensors, expected_shapes, read_float32, to_memory_layout
 from ..config import ModelConfig, load_config
 from ..outputs import check_output_file
-from ..params import count_params
 from ..tokenizer import load_tokenizer
 from .errors import ConvertError
 from .gguf_tensors import FILE_TYPES, OUTTYPES, encode, gguf_tensors
@@ -113,7 +112,7 @@ def add_metadata(writer: gguf.GGUFWriter, config: ModelConfig, *, name: str, out
 
 def read_weights(model_dir: Path) -> tuple[dict[str, np.ndarray], ModelConfig]:
     """The directory's float32 tensors in our stacked layout, and its config (without MTP if the checkpoint
-    has none); the parameter count must be the config's."""
+    has none); every tensor's name and shape must be the config's."""
     config = load_config(model_dir)
     if config.extra.get("quantization"):
         raise ConvertError(f"{model_dir}: an MLX-quantized model; write the GGUF from its float checkpoint "
@@ -121,11 +120,7 @@ def read_weights(model_dir: Path) -> tuple[dict[str, np.ndarray], ModelConfig]:
     weights = read_float32(model_dir)
     config = config_for_tensors(config, weights, model_dir)
     weights = to_memory_layout(weights, config, np.stack)
-    counts = count_params(config)
-    want, have = counts.total + counts.mtp, sum(a.size for a in weights.values())
-    if have != want:
-        raise ConvertError(f"{model_dir}: its tensors hold {have:,} parameters, but config.json describes a model "
-                           f"of {want:,}")
+    check_tensors({k: a.shape for k, a in weights.items()}, expected_shapes(config), model_dir)
     return weights, config
 
 

@@ -48,7 +48,7 @@ def generate_tokens(model: Model, prompt_ids: list[int], *, max_tokens: int = 25
     no MTP).
     """
     check_options(temp=temp, top_p=top_p, top_k=top_k, min_p=min_p, repetition_penalty=repetition_penalty,
-                  max_tokens=max_tokens, prefill_step_size=prefill_step_size)
+                  repetition_context=repetition_context, max_tokens=max_tokens, prefill_step_size=prefill_step_size)
     if not prompt_ids:
         raise ValueError("the prompt is empty: give at least one token")
     check_context(model, len(prompt_ids) + max_tokens)
@@ -90,7 +90,7 @@ def generate_tokens(model: Model, prompt_ids: list[int], *, max_tokens: int = 25
     tic = time.perf_counter()
     for n in range(max_tokens):
         # Build and queue step n + 1 from the still-lazy token n before reading token n back, as mlx-lm's
-        # generate_step does: the graph building (Python, ~1/5 of a 1b step) overlaps the evaluation of
+        # generate_step does: the graph building (Python) overlaps the evaluation of
         # step n instead of following it. After an EOS that one step is wasted.
         ahead = None
         if n + 1 < max_tokens:

@@ -49,7 +49,8 @@ def apply_repetition_penalty(logits: mx.array, previous: mx.array, penalty: floa
 
 
 def check_options(*, temp: float = 0.0, top_p: float = 1.0, top_k: int = 0, min_p: float = 0.0,
-                  repetition_penalty: float = 1.0, max_tokens: int = 0, prefill_step_size: int = 1) -> None:
+                  repetition_penalty: float = 1.0, repetition_context: int = 1, max_tokens: int = 0,
+                  prefill_step_size: int = 1) -> None:
     """ValueError naming the first option outside its range (NaN is outside every range)."""
     def number(v) -> bool:
         return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
@@ -63,6 +64,8 @@ def check_options(*, temp: float = 0.0, top_p: float = 1.0, top_k: int = 0, min_
               ("--min-p", min_p, number(min_p) and 0 <= min_p <= 1, "in [0, 1] (0 is off)"),
               ("--repetition-penalty", repetition_penalty, number(repetition_penalty) and repetition_penalty > 0,
                "a number > 0 (1 is off)"),
+              ("repetition_context", repetition_context, integer(repetition_context) and repetition_context >= 1,
+               "an integer >= 1 (the tokens the penalty looks back over)"),
               ("--max-tokens", max_tokens, integer(max_tokens) and max_tokens >= 0, "an integer >= 0"),
               ("--prefill-step-size", prefill_step_size, integer(prefill_step_size) and prefill_step_size >= 1,
                "an integer >= 1")]

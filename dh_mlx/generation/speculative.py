@@ -157,9 +157,9 @@ class Drafter:
     """The MTP module's draft step over its own cache; compiled for one or two new positions (after a draft
     step, or after one plain step), eager over a longer stretch of plain steps."""
 
-    def __init__(self, model: Model, domain: mx.array | None):
+    def __init__(self, model: Model, domain: mx.array | None, cache: LatentCache | None = None):
         self.model, self.domain = model, domain
-        self.cache = LatentCache()
+        self.cache = cache if cache is not None else LatentCache()
         self._step = compiled_cached_step(
             lambda tokens, views, mask, hidden: model.mtp_forward(hidden, tokens, 0, views[0], domain, mask),
             caches_of=lambda c: [c])
@@ -179,20 +179,24 @@ def mtp_generate(model: Model, pc, todo: list[int], *, stats, max_tokens: int, e
 
     `policy` decides per step whether to draft (default: a fresh `DraftPolicy`). The MTP cache is left in
     `pc.mtp_cache`: the positions whose MTP input has run (the main cache's but the last, less any plain steps
-    at the end, whose input is only caught up when drafting resumes).
+    at the end, whose input is only caught up when drafting resumes). A later call reuses the prefix that both
+    caches hold and prefills the rest.
     """
     policy = policy if policy is not None else DraftPolicy()
     d = domain_array(domain)
     cache = pc.cache
-    if pc.tokens:  # the MTP cache is not kept across calls: rebuild it from scratch with the main cache
-        for c in cache:
-            c.trim(c.offset)
-        todo = pc.tokens + todo
-        pc.tokens = []
-    drafter = Drafter(model, d)
+    # MTP entry t ran on (hidden t, token t + 1): it is still right while both lie in the reused prefix.
+    keep = 0 if pc.mtp_cache is None else max(min(pc.mtp_cache.offset, len(pc.tokens) - 1), 0)
+    for c in cache:
+        c.trim(c.offset - keep)
+    if pc.mtp_cache is not None:
+        pc.mtp_cache.trim(pc.mtp_cache.offset - keep)
+    todo = pc.tokens[keep:] + todo
+    pc.tokens = pc.tokens[:keep]
+    drafter = Drafter(model, d, pc.mtp_cache if keep else None)
     pc.mtp_cache = drafter.cache
     verify = compiled_cached_step(lambda tokens, views, mask: model.forward(tokens, views, d, mask=mask))
-    history = list(todo)  # every token so far: the repetition penalty's windows
+    history = pc.tokens + list(todo)  # every token so far: the repetition penalty's windows
 
     def plain_step(tok: mx.array, recent) -> tuple[mx.array, mx.array]:  # -> (hidden (1, 1, D), next token)
         logits, hidden = verify(tok.reshape(1, 1), cache)
@@ -204,7 +208,7 @@ def mtp_generate(model: Model, pc, todo: list[int], *, stats, max_tokens: int, e
     token = choice.draw(choice.distribution(logits[0], choice.recent(history))).item()
     T = len(todo)
     stats.prompt_tokens, stats.prompt_tps = T, T / (time.perf_counter() - tic)
-    pc.tokens = list(todo)
+    pc.tokens = list(history)
 
     tic = time.perf_counter()
     emitted = 0

@@ -17,7 +17,7 @@ class PromptCache:
 
     cache: list[LatentCache]
     tokens: list[int] = field(default_factory=list)
-    mtp_cache: LatentCache | None = None  # the MTP module's, from the last MTP generation (rebuilt per call)
+    mtp_cache: LatentCache | None = None  # the MTP module's, from the last MTP generation
 
     @classmethod
     def new(cls, model: Model) -> "PromptCache":
@@ -33,6 +33,8 @@ class PromptCache:
         common = min(common, len(prompt) - 1)  # always recompute at least one token for its logits
         for c in self.cache:
             c.trim(c.offset - common)
+        if self.mtp_cache is not None:  # its entry t ran on token t + 1, which must be in the kept prefix
+            self.mtp_cache.trim(self.mtp_cache.offset - min(self.mtp_cache.offset, max(common - 1, 0)))
         self.tokens = self.tokens[:common]
         return prompt[common:]
 

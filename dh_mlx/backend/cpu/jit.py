@@ -84,6 +84,19 @@ def enable() -> str:
     return status
 
 
+def system_environ() -> dict[str, str]:
+    """This process's environment without what `enable()` (here or in a parent) exported: the system's
+    TMPDIR and a PATH without the compiler wrapper."""
+    env = dict(os.environ)
+    wrapper = env.pop(_WRAPPER_DIR, None)
+    system_tmp = env.pop(_SYSTEM_TMPDIR, None)
+    if wrapper:
+        env["PATH"] = os.pathsep.join(d for d in env.get("PATH", "").split(os.pathsep) if d != wrapper)
+    if system_tmp:
+        env["TMPDIR"] = system_tmp
+    return env
+
+
 def _flags_work(real: str) -> bool:
     """Whether `real` builds a shared library with FLAGS (checked once, before the wrapper is first written)."""
     with tempfile.TemporaryDirectory() as d:
