@@ -284,21 +284,26 @@ def test_stopping_at_eos_leaves_a_consistent_prompt_cache(model):
         generate_tokens(model, longer, max_tokens=4, mtp=False))
 
 
+def penalised_greedy_loop(model, prompt, n=12, penalty=3.0, context=8):
+    """Greedy decoding one eager step at a time, each step's logits penalised by the last `context` tokens."""
+    cache, history = make_cache(model.config), list(prompt)
+    logits, _ = prefill(model, mx.array([prompt]), cache)
+    out = []
+    for _ in range(n):
+        t = mx.argmax(apply_repetition_penalty(logits, mx.array(history[-context:]), penalty), axis=-1).item()
+        out.append(t)
+        history.append(t)
+        logits, _ = decode_step(model, mx.array([[t]]), cache)
+    return out
+
+
 def test_repetition_penalty_in_generation_equals_a_step_by_step_loop(model):
     """The penalised window is kept on the device (the next step is queued before the token is read back)."""
     changed = 0
     for n in (5, 9, 14):
         prompt = tokens(n, batch=1)[0].tolist()
         got = list(generate_tokens(model, prompt, max_tokens=12, mtp=False, repetition_penalty=3.0, repetition_context=8))
-        cache, history = make_cache(model.config), list(prompt)
-        logits, _ = prefill(model, mx.array([prompt]), cache)
-        want = []
-        for _ in range(12):
-            t = mx.argmax(apply_repetition_penalty(logits, mx.array(history[-8:]), 3.0), axis=-1).item()
-            want.append(t)
-            history.append(t)
-            logits, _ = decode_step(model, mx.array([[t]]), cache)
-        assert got == want
+        assert got == penalised_greedy_loop(model, prompt)
         changed += got != list(generate_tokens(model, prompt, max_tokens=12, mtp=False))
     assert changed  # the penalty changed at least one generation
 
@@ -320,15 +325,7 @@ def test_mtp_with_a_repetition_penalty_equals_the_step_by_step_loop(model, n):
     stats = GenerationStats()
     got = list(generate_tokens(model, prompt, max_tokens=12, repetition_penalty=3.0, repetition_context=8,
                                mtp=True, draft_policy=DraftPolicy(adaptive=False), stats=stats))
-    cache, history = make_cache(model.config), list(prompt)
-    logits, _ = prefill(model, mx.array([prompt]), cache)
-    want = []
-    for _ in range(12):
-        t = mx.argmax(apply_repetition_penalty(logits, mx.array(history[-8:]), 3.0), axis=-1).item()
-        want.append(t)
-        history.append(t)
-        logits, _ = decode_step(model, mx.array([[t]]), cache)
-    assert got == want
+    assert got == penalised_greedy_loop(model, prompt)
     assert stats.drafted >= 5
 
 
