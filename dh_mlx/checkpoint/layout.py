@@ -7,6 +7,7 @@ transform is one function of (tensors, config); the stacking function of the fra
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import warnings
@@ -192,13 +193,25 @@ def read_safetensors_header(f: Path) -> dict:
 _NUMPY = {"F32": "<f4", "F16": "<f2", "BF16": "<u2", "F64": "<f8"}
 
 
-def read_float32(path: Path) -> dict:
-    """Every tensor of the model directory `path` as a float32 numpy array (file layout, no framework):
-    headers checked first, bfloat16 widened bit-exactly; a non-float tensor (e.g. packed quantized weights)
-    or a NaN/infinite value is refused, naming the tensor."""
+def _e4m3_table():
+    """float32 value of each FP8 e4m3fn byte: sign, 4 exponent bits (bias 7), 3 mantissa bits; 0x7f/0xff NaN."""
     import numpy as np
 
-    out = {}
+    b = np.arange(256)
+    exp, mant = (b >> 3) & 15, (b & 7).astype(np.float64)
+    value = np.where(exp == 0, mant / 8 * 2.0 ** -6, (1 + mant / 8) * 2.0 ** (exp - 7))
+    value = np.where((b & 127) == 127, np.nan, value)
+    return np.where(b >= 128, -value, value).astype(np.float32)
+
+
+def read_float32(path: Path, config: ModelConfig | None = None) -> dict:
+    """Every tensor of the model directory `path` as a float32 numpy array (file layout, no framework):
+    headers checked first, bfloat16 widened bit-exactly, FP8 block-scaled weights dequantized (with `config`);
+    any other non-float tensor (e.g. packed quantized weights) or a NaN/infinite value is refused, naming it."""
+    import numpy as np
+
+    block = None if config is None else fp8_blocks(config, path)
+    out, dtypes = {}, {}
     for f in safetensors_files(path):
         header = read_safetensors_header(f)
         with open(f, "rb") as fh:
@@ -207,15 +220,24 @@ def read_float32(path: Path) -> dict:
         for name, info in header.items():
             if name == "__metadata__":
                 continue
-            if info["dtype"] not in _NUMPY:
+            dtypes[name] = info["dtype"]
+            fp8 = info["dtype"] == "F8_E4M3" and block is not None
+            if info["dtype"] not in _NUMPY and not fp8:
                 raise CheckpointError(f"{f}: tensor {name} has dtype {info['dtype']}; expected float32, bfloat16 "
                                       "or float16 (a quantized model? convert its float checkpoint)")
             begin, end = info["data_offsets"]
-            a = data[begin:end].view(_NUMPY[info["dtype"]]).reshape(info["shape"])
-            a = (a.astype(np.uint32) << 16).view(np.float32) if info["dtype"] == "BF16" else a.astype(np.float32)
-            if not np.isfinite(a).all():
-                raise CheckpointError(f"{f}: tensor {name} holds NaN or infinite values")
+            a = data[begin:end].view("u1" if fp8 else _NUMPY[info["dtype"]]).reshape(info["shape"])
+            if not fp8:
+                a = (a.astype(np.uint32) << 16).view(np.float32) if info["dtype"] == "BF16" else a.astype(np.float32)
             out[name] = a
+    if block is not None:
+        table = _e4m3_table()
+        out = dequantize_fp8(out, dtypes, block, lambda a: table[a], np, path)
+    for name, a in out.items():
+        if a.dtype != np.float32:  # FP8 bytes without their scales
+            raise CheckpointError(f"{path}: tensor {name} has dtype {dtypes[name]} without a weight_scale_inv")
+        if not np.isfinite(a).all():
+            raise CheckpointError(f"{path}: tensor {name} holds NaN or infinite values")
     return out
 
 
@@ -267,6 +289,50 @@ def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
             out[f"{pre}.enorm.weight"] = out[f"{pre}.hnorm.weight"] = out[f"{pre}.shared_head.norm.weight"] = (D,)
             out[f"{pre}.eh_proj.weight"] = (D, 2 * D)
             out[f"{pre}.shared_head.head.weight"] = (V, D)
+    return out
+
+
+def fp8_blocks(config: ModelConfig, where: Path) -> tuple[int, int] | None:
+    """The (rows, columns) of one scale block when `quantization_config` says the weights are FP8 with block
+    scales (DeepSeek-V3's release format, `quant_method: fp8`), else None."""
+    qc = config.extra.get("quantization_config") or {}
+    if qc.get("quant_method") != "fp8":
+        return None
+    block = qc.get("weight_block_size", [128, 128])
+    if not (isinstance(block, list) and len(block) == 2 and all(isinstance(b, int) and b > 0 for b in block)):
+        raise CheckpointError(f"{where}: quantization_config.weight_block_size must be two positive integers, "
+                              f"got {block!r}")
+    if qc.get("fmt", "e4m3") != "e4m3":
+        raise CheckpointError(f"{where}: FP8 format {qc.get('fmt')!r}; dh-mlx reads e4m3 (DeepSeek-V3's)")
+    return block[0], block[1]
+
+
+def dequantized_config(config: ModelConfig) -> ModelConfig:
+    """The config of an FP8 checkpoint once its weights are dequantized: without `quantization_config`."""
+    return dataclasses.replace(config, extra={k: v for k, v in config.extra.items() if k != "quantization_config"})
+
+
+def dequantize_fp8(w: dict, dtypes: dict[str, str], block: tuple[int, int], decode: Callable, xp: Any,
+                   where: Path) -> dict:
+    """FP8 e4m3 weights (read as raw bytes) with their `weight_scale_inv` -> float32: each block of the decoded
+    weight times its scale, edge blocks partial. `decode` turns the bytes into float32; `xp` is numpy or mlx."""
+    out, bo, bi = {}, *block
+    for k, v in w.items():
+        if k.endswith(".weight_scale_inv"):
+            continue
+        scale = w.get(k + "_scale_inv")
+        if scale is None:
+            out[k] = v
+            continue
+        if dtypes.get(k) != "F8_E4M3":
+            raise CheckpointError(f"{where}: tensor {k} has a weight_scale_inv but dtype {dtypes.get(k)}; "
+                                  "expected F8_E4M3")
+        rows, cols = v.shape
+        if tuple(scale.shape) != (-(-rows // bo), -(-cols // bi)):
+            raise CheckpointError(f"{where}: tensor {k}_scale_inv has shape {tuple(scale.shape)}; {rows} x {cols} "
+                                  f"in {bo} x {bi} blocks needs {(-(-rows // bo), -(-cols // bi))}")
+        s = xp.repeat(xp.repeat(scale.astype(xp.float32), bo, axis=0), bi, axis=1)[:rows, :cols]
+        out[k] = decode(v) * s
     return out
 
 

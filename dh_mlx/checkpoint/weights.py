@@ -17,8 +17,9 @@ from mlx.utils import tree_flatten, tree_map_with_path
 
 from .. import backend
 from ..config import ModelConfig, load_config, load_preset, preset_names, save_config
-from .layout import (CheckpointError, check_tensors, config_for_tensors, drop_mtp_layers, keep_fp32,
-                     read_safetensors_header, safetensors_files, to_file_layout, to_memory_layout)
+from .layout import (CheckpointError, check_tensors, config_for_tensors, dequantize_fp8, dequantized_config,
+                     drop_mtp_layers, fp8_blocks, keep_fp32, read_safetensors_header, safetensors_files,
+                     to_file_layout, to_memory_layout)
 from ..device import available_memory, compute_dtype
 from ..model import Model
 from ..params import count_params, weight_bytes
@@ -39,14 +40,20 @@ def dequantize_kv_b_proj(w: dict, config: ModelConfig) -> dict:
 
 
 # ---- reading and writing -----------------------------------------------------------------------------------
-def read_weights(path: Path) -> dict[str, mx.array]:
+def read_weights(path: Path, config: ModelConfig | None = None) -> dict[str, mx.array]:
+    """The directory's tensors as stored; with `config`, FP8 block-scaled weights come back as float32."""
     weights: dict[str, mx.array] = {}
+    dtypes: dict[str, str] = {}
     for f in safetensors_files(path):
-        read_safetensors_header(f)  # before MLX reads it
+        header = read_safetensors_header(f)  # before MLX reads it
+        dtypes.update({k: v["dtype"] for k, v in header.items() if k != "__metadata__"})
         try:
             weights.update(mx.load(str(f)))
         except Exception as e:  # MLX raises RuntimeError/ValueError on truncated or corrupt files
             raise CheckpointError(f"{f}: cannot read safetensors file (truncated or corrupt?): {e}") from None
+    block = None if config is None else fp8_blocks(config, path)
+    if block is not None:  # MLX reads F8_E4M3 as its bytes
+        weights = dequantize_fp8(weights, dtypes, block, lambda a: mx.from_fp8(a, dtype=mx.float32), mx, path)
     return weights
 
 
@@ -178,8 +185,10 @@ def load_model(path: str | Path, *, dtype: str | None = None) -> Model:
     quantization = config.extra.get("quantization")  # mlx-lm's block: {"group_size", "bits", per-layer overrides}
     if quantization is None:  # (a quantized model's size is not params x dtype; it was measured when written)
         check_fits(config, dt, str(path))
-    weights = read_weights(path)
+    weights = read_weights(path, config)
     check_values(weights, path)
+    if fp8_blocks(config, path) is not None:  # now a float model
+        config = dequantized_config(config)
     config = config_for_tensors(config, weights, path)
     weights = dequantize_kv_b_proj(to_memory_layout(weights, config, mx.stack), config)
     model = Model(config)

@@ -14,7 +14,8 @@ from pathlib import Path
 
 import gguf
 import numpy as np
-from ..checkpoint.layout import check_tensors, config_for_tensors, expected_shapes, read_float32, to_memory_layout
+from ..checkpoint.layout import (check_tensors, config_for_tensors, dequantized_config, expected_shapes, fp8_blocks,
+                                read_float32, to_memory_layout)
 from ..config import ModelConfig, load_config
 from ..outputs import check_output_file
 from ..tokenizer import load_tokenizer
@@ -117,7 +118,9 @@ def read_weights(model_dir: Path) -> tuple[dict[str, np.ndarray], ModelConfig]:
     if config.extra.get("quantization"):
         raise ConvertError(f"{model_dir}: an MLX-quantized model; write the GGUF from its float checkpoint "
                            "(--quantize runs llama.cpp's own quantizer)")
-    weights = read_float32(model_dir)
+    weights = read_float32(model_dir, config)
+    if fp8_blocks(config, model_dir) is not None:  # dequantized: a float model now
+        config = dequantized_config(config)
     config = config_for_tensors(config, weights, model_dir)
     weights = to_memory_layout(weights, config, np.stack)
     check_tensors({k: a.shape for k, a in weights.items()}, expected_shapes(config), model_dir)

@@ -1,0 +1,99 @@
+"""FP8 checkpoints as DeepSeek-V3 releases them: e4m3 weights with a `weight_scale_inv` per block (block size
+from `quantization_config`, partial edge blocks), dequantized on load; the reference is the dequantized float
+checkpoint, in our model and in transformers."""
+
+import json
+
+import mlx.core as mx
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from dh_mlx import CheckpointError, load_model
+from dh_mlx.convert.gguf import read_weights as read_for_gguf
+from helpers import make_checkpoint, tokens
+
+BLOCK = 16  # DeepSeek-V3 uses 128; the tiny test shapes need a smaller one to have several blocks
+FP8 = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic", "weight_block_size": [BLOCK, BLOCK]}
+
+
+def to_fp8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(e4m3 weight, scale per block, the weight it stands for) as DeepSeek's quantizer writes them."""
+    rows, cols = w.shape
+    pr, pc = -(-rows // BLOCK) * BLOCK, -(-cols // BLOCK) * BLOCK
+    padded = torch.zeros(pr, pc).index_put_((torch.arange(rows)[:, None], torch.arange(cols)), w.float())
+    blocks = padded.reshape(pr // BLOCK, BLOCK, pc // BLOCK, BLOCK)
+    scale = blocks.abs().amax(dim=(1, 3)).clamp(min=1e-12) / 448.0
+    q = (blocks / scale[:, None, :, None]).reshape(pr, pc)[:rows, :cols].to(torch.float8_e4m3fn)
+    full = scale.repeat_interleave(BLOCK, 0).repeat_interleave(BLOCK, 1)[:rows, :cols]
+    return q, scale, q.float() * full
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    """(FP8 directory, its dequantized float directory, the original float directory)."""
+    root = tmp_path_factory.mktemp("fp8")
+    make_checkpoint(root / "float")
+    tensors = load_file(str(root / "float" / "model.safetensors"))
+    fp8, dequantized = {}, {}
+    for k, v in tensors.items():
+        if k.endswith(("_proj.weight", "_proj_with_mqa.weight")) and v.ndim == 2:  # the linears, as released
+            q, scale, deq = to_fp8(v)
+            fp8[k], fp8[k + "_scale_inv"], dequantized[k] = q, scale, deq
+        else:
+            fp8[k] = dequantized[k] = v
+    assert any(v.shape[0] % BLOCK or v.shape[1] % BLOCK for k, v in dequantized.items() if k in fp8 and
+               k + "_scale_inv" in fp8)  # partial edge blocks are in play
+    config = json.loads((root / "float" / "config.json").read_text())
+    for name, weights, extra in (("fp8", fp8, {"quantization_config": FP8}), ("deq", dequantized, {})):
+        (root / name).mkdir()
+        save_file(weights, str(root / name / "model.safetensors"), metadata={"format": "pt"})
+        (root / name / "config.json").write_text(json.dumps({**config, **extra}))
+    return root / "fp8", root / "deq", root / "float"
+
+
+def test_fp8_blocks_load_as_the_dequantized_weights(checkpoints):
+    fp8, deq, original = checkpoints
+    ids = mx.array(tokens())
+    ours, ref = load_model(fp8), load_model(deq)
+    assert "quantization_config" not in ours.config.extra  # a float model once loaded
+    np.testing.assert_array_equal(np.array(ours(ids)), np.array(ref(ids)))
+    assert mx.abs(ours(ids) - load_model(original)(ids)).max().item() > 1e-4  # FP8 changed the weights
+
+
+def test_fp8_logits_equal_transformers_on_the_dequantized_weights(checkpoints):
+    transformers = pytest.importorskip("transformers")
+    fp8, deq, _ = checkpoints
+    ids = tokens()
+    hf = transformers.AutoModelForCausalLM.from_pretrained(deq, dtype=torch.float32)
+    with torch.no_grad():
+        want = hf(torch.tensor(ids)).logits.numpy()
+    got = np.array(load_model(fp8, dtype="float32")(mx.array(ids)))
+    assert np.abs(got - want).max() <= 1e-4
+
+
+def test_the_gguf_reader_dequantizes_fp8_the_same_way(checkpoints):
+    fp8, deq, _ = checkpoints
+    got, config = read_for_gguf(fp8)
+    want, want_config = read_for_gguf(deq)
+    assert config == want_config and got.keys() == want.keys()
+    for k in want:
+        np.testing.assert_array_equal(got[k], want[k], err_msg=k)
+
+
+def test_broken_fp8_scales_are_named(checkpoints, tmp_path):
+    fp8, _, _ = checkpoints
+    tensors = load_file(str(fp8 / "model.safetensors"))
+    key = next(k for k in tensors if k.endswith("o_proj.weight_scale_inv"))
+    tensors[key] = tensors[key][:-1]
+    (tmp_path / "m").mkdir()
+    save_file(tensors, str(tmp_path / "m" / "model.safetensors"), metadata={"format": "pt"})
+    (tmp_path / "m" / "config.json").write_text((fp8 / "config.json").read_text())
+    with pytest.raises(CheckpointError, match="o_proj.weight_scale_inv has shape"):
+        load_model(tmp_path / "m")
+    config = json.loads((fp8 / "config.json").read_text())
+    config["quantization_config"]["weight_block_size"] = [0, 16]
+    (tmp_path / "m" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match="weight_block_size"):
+        load_model(tmp_path / "m")
