@@ -24,14 +24,10 @@ def root(ctx: typer.Context,
     _generate(prompt=prompt)
 
 
-def _generate(*, prompt: str, model: Optional[Path] = None, params: Optional[str] = None, max_tokens: int = 100,
-              temp: float = 0.0, top_p: float = 1.0, top_k: int = 0, min_p: float = 0.0,
-              repetition_penalty: float = 1.0, seed: int = 0, domain: Optional[str] = None,
-              mtp: Optional[bool] = None, prefill_step_size: int = 512, dtype: Optional[str] = None,
-              adapter: Optional[Path] = None, stream: bool = True) -> None:
+def _load_for_generation(model: Optional[Path], params: Optional[str], seed: int, dtype: Optional[str],
+                         adapter: Optional[Path]):
     from .api import load, load_preset_model
     from .config import DEFAULT_PRESET
-    from .generation import GenerationStats, stream_generate
     if params and model:
         _fail("give either --params or --model, not both")
     if model:
@@ -42,28 +38,57 @@ def _generate(*, prompt: str, model: Optional[Path] = None, params: Optional[str
         from .lora import load_adapters
         load_adapters(m, adapter)
     if tok is None:
-        _fail(f"{model}: no tokenizer.model in the model directory")
-    dom = None
-    if domain:
-        if m.config.domain_routing is None:
-            _fail("--domain needs a model with a domain_routing block in its config.json")
-        dom = m.config.domain_routing.domain_id(domain)
-    stats = GenerationStats()
+        _fail(f"{model}: no tokenizer.model or tokenizer.json in the model directory")
+    return m, tok
+
+
+def _domain(m, domain: Optional[str]) -> Optional[int]:
+    if not domain:
+        return None
+    if m.config.domain_routing is None:
+        _fail("--domain needs a model with a domain_routing block in its config.json")
+    return m.config.domain_routing.domain_id(domain)
+
+
+def _stream(responses, stream: bool) -> str:
+    """Write the pieces to stdout as they come (or all at the end); returns the text."""
     pieces: list[str] = []
-    for r in stream_generate(m, tok, prompt, max_tokens=max_tokens, temp=temp, top_p=top_p, top_k=top_k,
-                             min_p=min_p, repetition_penalty=repetition_penalty, seed=seed, domain=dom,
-                             mtp=mtp, prefill_step_size=prefill_step_size, stats=stats):
+    for r in responses:
         pieces.append(r.text)
         if stream:
             sys.stdout.write(r.text)
             sys.stdout.flush()
     sys.stdout.write(("" if stream else "".join(pieces)) + "\n")
+    sys.stdout.flush()
+    return "".join(pieces)
+
+
+def _report(stats) -> None:
     typer.echo(f"prompt: {stats.prompt_tokens} tokens, {stats.prompt_tps:.1f} tokens/s | generation: "
                f"{stats.generation_tokens} tokens, {stats.generation_tps:.1f} tokens/s | peak memory "
                f"{stats.peak_memory_gb:.2f} GB", err=True)
     if stats.acceptance_rate is not None:
         typer.echo(f"MTP draft acceptance: {stats.accepted}/{stats.drafted} = {stats.acceptance_rate:.1%} "
                    f"({stats.draft_summary})", err=True)
+
+
+def _generate(*, prompt: str, model: Optional[Path] = None, params: Optional[str] = None, max_tokens: int = 100,
+              temp: float = 0.0, top_p: float = 1.0, top_k: int = 0, min_p: float = 0.0,
+              repetition_penalty: float = 1.0, seed: int = 0, domain: Optional[str] = None,
+              mtp: Optional[bool] = None, prefill_step_size: int = 512, dtype: Optional[str] = None,
+              adapter: Optional[Path] = None, stream: bool = True, chat: bool = False,
+              system: Optional[str] = None) -> None:
+    from .chat import messages
+    from .generation import GenerationStats, stream_generate
+    m, tok = _load_for_generation(model, params, seed, dtype, adapter)
+    if system and not chat:
+        _fail("--system needs --chat (it is the chat template's system message)")
+    ids = tok.encode_chat(messages(prompt, system)) if chat else prompt
+    stats = GenerationStats()
+    _stream(stream_generate(m, tok, ids, max_tokens=max_tokens, temp=temp, top_p=top_p, top_k=top_k, min_p=min_p,
+                            repetition_penalty=repetition_penalty, seed=seed, domain=_domain(m, domain), mtp=mtp,
+                            prefill_step_size=prefill_step_size, stats=stats), stream)
+    _report(stats)
 
 
 def _read_prompt(prompt: Optional[str], prompt_file: Optional[Path]) -> str:
@@ -102,12 +127,49 @@ def generate(prompt: Optional[str] = typer.Option(None, help="the prompt text; -
              prefill_step_size: int = typer.Option(512, help="prompt tokens per prefill chunk"),
              dtype: Optional[str] = typer.Option(None, help="float32, bfloat16 or float16 (default: by device)"),
              adapter: Optional[Path] = typer.Option(None, help="LoRA adapter directory, applied unfused"),
-             stream: bool = typer.Option(True, "--stream/--no-stream", help="print tokens as they come")
-             ) -> None:
+             stream: bool = typer.Option(True, "--stream/--no-stream", help="print tokens as they come"),
+             chat: bool = typer.Option(False, "--chat", help="apply the model's chat template to the prompt"),
+             system: Optional[str] = typer.Option(None, help="with --chat: the system message")) -> None:
     """Generate text; stdout carries the text alone, speed and memory go to stderr."""
     _generate(prompt=_read_prompt(prompt, prompt_file), model=model, params=params, max_tokens=max_tokens, temp=temp, top_p=top_p,
               top_k=top_k, min_p=min_p, repetition_penalty=repetition_penalty, seed=seed, domain=domain, mtp=mtp,
-              prefill_step_size=prefill_step_size, dtype=dtype, adapter=adapter, stream=stream)
+              prefill_step_size=prefill_step_size, dtype=dtype, adapter=adapter, stream=stream, chat=chat,
+              system=system)
+
+
+@app.command("chat")
+def chat_command(model: Optional[Path] = typer.Option(None, help="model directory (or hub repo id)"),
+                 params: Optional[str] = typer.Option(None, help="size preset with random weights (default tiny)"),
+                 system: Optional[str] = typer.Option(None, help="the system message"),
+                 max_tokens: int = typer.Option(256, help="stop each reply after this many tokens"),
+                 temp: float = typer.Option(0.0, help="sampling temperature; 0 is greedy"),
+                 top_p: float = typer.Option(1.0, help="nucleus sampling mass"),
+                 repetition_penalty: float = typer.Option(1.0, help="penalise recently seen tokens (1: off)"),
+                 seed: int = typer.Option(0, help="sampling seed, and the init seed with --params"),
+                 domain: Optional[str] = typer.Option(None, help="route through this domain's experts"),
+                 mtp: Optional[bool] = typer.Option(None, "--mtp/--no-mtp", help="MTP self-speculative decoding"),
+                 dtype: Optional[str] = typer.Option(None, help="float32, bfloat16 or float16 (default: by device)"),
+                 adapter: Optional[Path] = typer.Option(None, help="LoRA adapter directory, applied unfused")
+                 ) -> None:
+    """A multi-turn chat on standard input, one user turn per line; the KV cache carries over between turns."""
+    from .generation import GenerationStats
+    from .generation.chat import Conversation
+    m, tok = _load_for_generation(model, params, seed, dtype, adapter)
+    conversation = Conversation(m, tok, system=system)
+    dom = _domain(m, domain)
+    while True:
+        if sys.stdin.isatty():
+            sys.stderr.write("> ")
+            sys.stderr.flush()
+        line = sys.stdin.readline()
+        if not line:
+            break
+        if not line.strip():
+            continue
+        stats = GenerationStats()
+        _stream(conversation.reply(line.rstrip("\n"), stats=stats, max_tokens=max_tokens, temp=temp, top_p=top_p,
+                                   repetition_penalty=repetition_penalty, seed=seed, domain=dom, mtp=mtp), True)
+        _report(stats)
 
 
 def _exit_if_stopped(signum: int | None) -> None:

@@ -75,8 +75,25 @@ class Tokenizer:
         return self.sp.eos_id()
 
     @property
+    def eos_ids(self) -> tuple[int, ...]:
+        """The ids that end a turn."""
+        return (self.eos_id,)
+
+    @property
     def pad_id(self) -> int:
         return self.sp.pad_id()
+
+    def encode_chat(self, messages: list[dict], *, add_generation_prompt: bool = True) -> list[int]:
+        """Ids of `messages` in our chat format (CHAT_TEMPLATE), each part tokenized on its own as
+        train/data.py tokenizes a `messages` record; then `Assistant: ` for the reply."""
+        from .chat import check_messages
+        ids = [self.bos_id]
+        for m in check_messages(messages):
+            if m["role"] == "assistant":
+                ids += self.encode("Assistant: ") + self.encode(m["content"]) + [self.eos_id]
+            else:
+                ids += self.encode(f"{m['role'].capitalize()}: {m['content']}\n")
+        return ids + (self.encode("Assistant: ") if add_generation_prompt else [])
 
     @property
     def unk_id(self) -> int:
@@ -174,8 +191,11 @@ def _write_tokenizer_json(tokenizer: Tokenizer, path: Path) -> bool:
 
 
 def write_hf_files(tokenizer: Tokenizer, out_dir: str | Path) -> None:
-    """Write the transformers/mlx-lm side files beside (or from) `tokenizer.model`."""
+    """Write the transformers/mlx-lm side files beside (or from) `tokenizer.model`; a Hugging Face tokenizer's
+    own files are copied."""
     out_dir = Path(out_dir)
+    if not isinstance(tokenizer, Tokenizer):
+        return tokenizer.write_files(out_dir)
     if tokenizer.path.resolve() != (out_dir / MODEL_FILE).resolve():
         (out_dir / MODEL_FILE).write_bytes(tokenizer.path.read_bytes())
     specials = {"bos_token": BOS, "eos_token": EOS, "unk_token": UNK, "pad_token": PAD}
@@ -189,11 +209,21 @@ def write_hf_files(tokenizer: Tokenizer, out_dir: str | Path) -> None:
     (out_dir / "special_tokens_map.json").write_text(json.dumps(specials, indent=2) + "\n")
 
 
-def load_tokenizer(model_dir: str | Path, *, vocab_size: int | None = None) -> Tokenizer | None:
-    """The tokenizer of a model directory, or None when it has no `tokenizer.model`; with `vocab_size` (the
-    model's), checked against it (`check_vocab`)."""
-    path = Path(model_dir) / MODEL_FILE
-    tok = Tokenizer(path) if path.is_file() else None
+def load_tokenizer(model_dir: str | Path, *, vocab_size: int | None = None):
+    """The tokenizer of a model directory: our SentencePiece `tokenizer.model`, else a Hugging Face
+    `tokenizer.json` (dh_mlx.hf_tokenizer), else None. A directory whose tokenizer is only a custom class (code)
+    is refused, naming it. With `vocab_size` (the model's), checked against it (`check_vocab`)."""
+    from .hf_tokenizer import TOKENIZER_JSON, HFTokenizer, custom_tokenizer
+    d = Path(model_dir)
+    if (d / MODEL_FILE).is_file():
+        tok = Tokenizer(d / MODEL_FILE)
+    elif (d / TOKENIZER_JSON).is_file():
+        tok = HFTokenizer(d)
+    elif custom := custom_tokenizer(d):
+        raise TokenizerError(f"{d}: its tokenizer is the custom class {custom}, code that dh-mlx never runs; it "
+                             f"needs a {TOKENIZER_JSON} (or {MODEL_FILE}) beside the weights")
+    else:
+        tok = None
     if tok is not None and vocab_size is not None:
         check_vocab(tok, vocab_size)
     return tok

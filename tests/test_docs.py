@@ -45,7 +45,7 @@ def test_every_command_has_a_worked_example():
         wanted |= {f"{name} {s}" for s in subs} if subs else {name}
     shown = {" ".join(w[1:3]) if len(w) > 2 and f"{w[1]} {w[2]}" in wanted else w[1] for w in _bash_commands(README)
              if w[0] == "dh-mlx" and len(w) > 1}
-    assert wanted == {"train", "generate", "info", "plot", "quantize", "lora", "fuse", "tokenizer train",
+    assert wanted == {"train", "generate", "chat", "info", "plot", "quantize", "lora", "fuse", "tokenizer train",
                       "convert gguf", "convert hf", "convert import"}
     assert wanted <= shown, wanted - shown
 

@@ -254,6 +254,7 @@ def _natural_key(name: str) -> list:
 
 def copy_tokenizer(src: Path, dst: Path) -> None:
     """Copy the tokenizer files of model directory `src` (those present) into `dst`."""
-    for name in ("tokenizer.model", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.json"):
+    for name in ("tokenizer.model", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.json",
+                 "generation_config.json"):
         if (src / name).is_file():
             shutil.copyfile(src / name, dst / name)

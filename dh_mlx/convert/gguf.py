@@ -140,6 +140,9 @@ def write_gguf(model_dir: str | Path, out: str | Path, *, outtype: str = "f16", 
     tokenizer = load_tokenizer(model_dir)
     if tokenizer is None:
         raise ConvertError(f"{model_dir}: no tokenizer.model (a GGUF file carries its vocabulary)")
+    if not hasattr(tokenizer, "sp"):
+        raise ConvertError(f"{model_dir}: its tokenizer is a tokenizer.json (byte-level BPE); convert gguf writes "
+                           "SentencePiece vocabularies only, so far")
     weights, config = read_weights(model_dir)
     n_mtp = config.num_nextn_predict_layers if mtp else 0
     tensors = gguf_tensors(weights, config, mtp=bool(n_mtp))

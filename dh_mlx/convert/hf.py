@@ -54,7 +54,8 @@ def export_hf(model_dir: str | Path, out: str | Path, *, mtp: bool = True, dtype
         # the tokenizer is the truth about special ids; vLLM and generate() read them from these files
         config.update(bos_token_id=tokenizer.bos_id, eos_token_id=tokenizer.eos_id, pad_token_id=tokenizer.pad_id)
     (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    generation = {"bos_token_id": config.get("bos_token_id"), "eos_token_id": config.get("eos_token_id"),
+    eos = list(tokenizer.eos_ids) if tokenizer is not None and len(tokenizer.eos_ids) > 1 else config.get("eos_token_id")
+    generation = {"bos_token_id": config.get("bos_token_id"), "eos_token_id": eos,
                   "pad_token_id": config.get("pad_token_id"), "do_sample": False}
     (out / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
     return out

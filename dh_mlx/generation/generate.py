@@ -122,7 +122,7 @@ class GenerationResponse:
 def stream_generate(model: Model, tokenizer: Any, prompt: str | list[int], **kwargs) -> Iterator[GenerationResponse]:
     """Yield text pieces as tokens arrive; `kwargs` are `generate_tokens`' sampling options."""
     ids = tokenizer.encode(prompt, bos=True) if isinstance(prompt, str) else list(prompt)
-    kwargs.setdefault("eos_ids", (tokenizer.eos_id,))
+    kwargs.setdefault("eos_ids", tuple(tokenizer.eos_ids))
     kwargs.setdefault("vocab_limit", tokenizer.vocab_size)
     stats = kwargs.pop("stats", None) or GenerationStats()
     decoder = tokenizer.stream_decoder()

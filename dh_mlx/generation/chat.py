@@ -1,0 +1,30 @@
+"""A multi-turn conversation over one prompt cache: each reply is generated from the whole conversation under
+the tokenizer's chat template, and only what the cache does not already hold is prefilled."""
+
+from __future__ import annotations
+
+from typing import Any, Iterator
+
+from ..chat import check_messages
+from ..model import Model
+from .generate import GenerationResponse, GenerationStats, stream_generate
+from .steps import PromptCache
+
+
+class Conversation:
+    def __init__(self, model: Model, tokenizer: Any, *, system: str | None = None):
+        self.model, self.tokenizer = model, tokenizer
+        self.messages: list[dict[str, str]] = [{"role": "system", "content": system}] if system else []
+        self.cache = PromptCache.new(model)
+
+    def reply(self, text: str, *, stats: GenerationStats | None = None, **options) -> Iterator[GenerationResponse]:
+        """Stream the assistant's reply to the user's `text` (options: `generate_tokens`'), then keep it in the
+        conversation."""
+        self.messages.append({"role": "user", "content": text})
+        ids = self.tokenizer.encode_chat(check_messages(self.messages))
+        pieces = []
+        for r in stream_generate(self.model, self.tokenizer, ids, prompt_cache=self.cache,
+                                 stats=stats if stats is not None else GenerationStats(), **options):
+            pieces.append(r.text)
+            yield r
+        self.messages.append({"role": "assistant", "content": "".join(pieces)})

@@ -1,0 +1,85 @@
+"""Chat through the CLI on a model whose tokenizer is a tokenizer.json (no tokenizer.model): `generate --chat`
+applies the chat template, and `dh-mlx chat` keeps its KV cache between turns."""
+
+import re
+import subprocess
+import sys
+
+import pytest
+
+from dh_mlx import load, random_model, save_model
+from dh_mlx.chat import messages
+from helpers import make_config
+
+pytest.importorskip("transformers")
+from test_hf_tokenizer import tokenizer_dir  # noqa: E402,F401  (the byte-level BPE fixture)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tokenizer_dir, tmp_path_factory):  # noqa: F811
+    d = tmp_path_factory.mktemp("hf-model")
+    save_model(random_model(make_config(vocab_size=416), seed=0), d)
+    for f in tokenizer_dir.iterdir():
+        (d / f.name).write_bytes(f.read_bytes())
+    return d
+
+
+def cli(*args, stdin=""):
+    return subprocess.run([sys.executable, "-m", "dh_mlx.cli", *args], input=stdin, capture_output=True, text=True,
+                          timeout=300)
+
+
+def prompt_tokens(stderr: str) -> list[int]:
+    return [int(n) for n in re.findall(r"prompt: (\d+) tokens", stderr)]
+
+
+def test_load_reads_the_tokenizer_json_and_its_eos_ids(model_dir):
+    _, tok = load(model_dir)
+    assert type(tok).__name__ == "HFTokenizer" and tok.eos_ids == (1, 401)
+
+
+def test_generate_chat_applies_the_template_with_the_system_message(model_dir):
+    _, tok = load(model_dir)
+    want = len(tok.encode_chat(messages("What is 2 + 2?", "Be brief.")))
+    r = cli("generate", "--model", str(model_dir), "--prompt", "What is 2 + 2?", "--chat", "--system", "Be brief.",
+            "--max-tokens", "4")
+    assert r.returncode == 0, r.stderr
+    assert prompt_tokens(r.stderr) == [want] and want > len(tok.encode("What is 2 + 2?")) + 3
+    assert cli("generate", "--model", str(model_dir), "--prompt", "hi", "--system", "x").returncode == 1
+
+
+def test_chat_turns_reuse_the_kv_cache(model_dir):
+    r = cli("chat", "--model", str(model_dir), "--max-tokens", "6", "--system", "Be brief.",
+            stdin="Hello there\n\nAnd again, once more\n")
+    assert r.returncode == 0, r.stderr
+    first, second = prompt_tokens(r.stderr)  # the blank line is no turn
+    _, tok = load(model_dir)
+    replies = [l for l in r.stdout.split("\n")][:2]
+    whole = tok.encode_chat([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello there"},
+                             {"role": "assistant", "content": replies[0]},
+                             {"role": "user", "content": "And again, once more"}])
+    assert first == len(tok.encode_chat(messages("Hello there", "Be brief.")))
+    assert second < len(whole) - first // 2  # the first turn's tokens were not run again
+
+
+def test_exports_keep_the_tokenizer_json_and_its_eos_ids(model_dir, tmp_path):
+    from dh_mlx.convert import ConvertError, export_gguf, export_hf
+    from dh_mlx.tokenizer import load_tokenizer
+    export_hf(model_dir, tmp_path / "hf")
+    ours, exported = load_tokenizer(model_dir), load_tokenizer(tmp_path / "hf")
+    assert exported.encode("a special token <｜User｜> ½") == ours.encode("a special token <｜User｜> ½")
+    assert exported.eos_ids == (1, 401)
+    with pytest.raises(ConvertError, match="SentencePiece vocabularies only"):
+        export_gguf(model_dir, tmp_path / "m.gguf")
+
+
+def test_lora_on_a_tokenizer_json_model_lowers_its_loss(model_dir, tmp_path):
+    import json as _json
+
+    from dh_mlx.train.lora_run import lora
+    rows = [{"messages": [{"role": "user", "content": f"Say {w}."}, {"role": "assistant", "content": f"{w} {w}."}]}
+            for w in ("apple", "river", "stone", "cloud") * 30]
+    (tmp_path / "chat.jsonl").write_text("\n".join(_json.dumps(r) for r in rows) + "\n")
+    result = lora(model=model_dir, data=tmp_path / "chat.jsonl", out=tmp_path / "run", rank=4, steps=12,
+                  batch_size=4, seq_len=32, eval_every=12, lr=1e-2, progress=False)
+    assert result.val_loss < result.val_loss_before - 0.1

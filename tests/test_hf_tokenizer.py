@@ -1,0 +1,81 @@
+"""tokenizer.json directories as DeepSeek releases ship them (byte-level BPE, added and special tokens, a chat
+template, eos ids in generation_config.json, no tokenizer.model): our ids, text and chat prompts equal
+transformers' AutoTokenizer's, and streaming never breaks a character."""
+
+import json
+
+import pytest
+
+from dh_mlx.tokenizer import TokenizerError, load_tokenizer
+
+transformers = pytest.importorskip("transformers")
+
+BOS, EOS, USER, ASSISTANT = "<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>", "<｜User｜>", "<｜Assistant｜>"
+# Our own template in the DeepSeek style: system text first, then the turns, each reply ended by EOS.
+TEMPLATE = ("{{ bos_token }}{% for m in messages %}{% if m['role'] == 'system' %}{{ m['content'] }}\n"
+            "{% elif m['role'] == 'user' %}" + USER + "{{ m['content'] }}"
+            "{% else %}" + ASSISTANT + "{{ m['content'] }}{{ eos_token }}{% endif %}{% endfor %}"
+            "{% if add_generation_prompt %}" + ASSISTANT + "{% endif %}")
+TEXTS = ["Hello, world!", "  leading   and trailing  spaces \n\n tabs\tand\r\nnewlines ",
+         "naïve café ½ – 中文字符 – emoji 🙂👍🏽", f"a special token {EOS} inside text{USER}", "", "1234567 89"]
+
+
+@pytest.fixture(scope="module")
+def tokenizer_dir(tmp_path_factory):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    d = tmp_path_factory.mktemp("bpe")
+    tk = Tokenizer(models.BPE())
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = decoders.ByteLevel()
+    corpus = [t * 20 for t in TEXTS] + ["the quick brown fox jumps over the lazy dog " * 30, "def f(x): return x\n" * 30]
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=[BOS, EOS],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tk.train_from_iterator(corpus, trainer)
+    tk.add_tokens([USER, ASSISTANT])  # added, not special: they decode to their text
+    tk.save(str(d / "tokenizer.json"))
+    (d / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": {"__type": "AddedToken", "content": BOS}, "eos_token": EOS,
+        "chat_template": TEMPLATE}))
+    (d / "generation_config.json").write_text(json.dumps({"bos_token_id": 0, "eos_token_id": [1, 401]}))
+    return d
+
+
+def test_ids_and_text_equal_autotokenizers(tokenizer_dir):
+    ours, theirs = load_tokenizer(tokenizer_dir), transformers.AutoTokenizer.from_pretrained(tokenizer_dir)
+    assert type(ours).__name__ == "HFTokenizer" and ours.vocab_size == len(theirs)
+    for text in TEXTS:
+        ids = ours.encode(text)
+        assert ids == theirs.encode(text, add_special_tokens=False), text
+        assert ours.decode(ids) == theirs.decode(ids, skip_special_tokens=True), text
+        assert ours.encode(text, bos=True) == [theirs.bos_token_id] + ids
+    assert ours.eos_ids == (1, 401) and ours.bos_id == 0  # generation_config.json's list comes first
+
+
+def test_chat_template_text_and_ids_equal_apply_chat_templates(tokenizer_dir):
+    ours, theirs = load_tokenizer(tokenizer_dir), transformers.AutoTokenizer.from_pretrained(tokenizer_dir)
+    conversation = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "2 + 2 = ?"},
+                    {"role": "assistant", "content": "4."}, {"role": "user", "content": "And 🙂?"}]
+    for add in (True, False):
+        want = theirs.apply_chat_template(conversation, tokenize=False, add_generation_prompt=add)
+        assert ours.apply_chat_template(conversation, add_generation_prompt=add) == want
+        want_ids = theirs.apply_chat_template(conversation, tokenize=True, add_generation_prompt=add,
+                                              return_dict=True)["input_ids"]
+        assert ours.encode_chat(conversation, add_generation_prompt=add) == list(want_ids)
+
+
+def test_streaming_never_emits_half_a_character(tokenizer_dir):
+    tok = load_tokenizer(tokenizer_dir)
+    for text in TEXTS:
+        ids = tok.encode(text, bos=True, eos=True)
+        decoder = tok.stream_decoder()
+        pieces = [decoder.add(i) for i in ids] + [decoder.flush()]
+        assert "".join(pieces) == tok.decode(ids) and "\ufffd" not in "".join(pieces), text
+    assert any(len(tok.encode(c)) > 1 for c in "🙂👍🏽中")  # the premise: characters split over tokens
+
+
+def test_a_custom_tokenizer_class_is_named_not_run(tmp_path):
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({
+        "auto_map": {"AutoTokenizer": ["tokenization_kimi.TikTokenTokenizer", None]}}))
+    (tmp_path / "tokenization_kimi.py").write_text("raise SystemExit('ran code from the checkpoint')\n")
+    with pytest.raises(TokenizerError, match="custom class tokenization_kimi.TikTokenTokenizer, code that dh-mlx"):
+        load_tokenizer(tmp_path)
