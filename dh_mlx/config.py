@@ -33,6 +33,9 @@ _TOPK_METHODS = ("noaux_tc", "greedy", "group_limited_greedy")
 _SCORING = ("sigmoid", "softmax")
 _ROPE_TYPES = ("default", "yarn")
 MODEL_TYPES = ("deepseek_v3", "deepseek_v2")  # the HF layouts this model is; anything else is refused
+# DeepSeek-V2 routes by softmax with greedy top-k and unnormalised weights unless its config says otherwise.
+_V2_DEFAULTS = {"scoring_func": "softmax", "topk_method": "greedy", "norm_topk_prob": False,
+                "routed_scaling_factor": 1.0}
 # Keys a config.json must give: the shapes (a missing one would silently take our default).
 REQUIRED = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
             "kv_lora_rank", "qk_rope_head_dim", "qk_nope_head_dim", "v_head_dim")
@@ -254,6 +257,12 @@ class ModelConfig:
                                  f"{', '.join(REQUIRED)})")
         for key in ("quantization", "quantization_config"):
             _require(d.get(key) is None or isinstance(d[key], dict), key, "an object", d.get(key))
+        if kind == "deepseek_v2":  # what transformers' DeepseekV2Config means by an absent key
+            for key, value in _V2_DEFAULTS.items():
+                d.setdefault(key, value)
+        for key in ("n_group", "topk_group"):  # releases write null for "no expert groups"
+            if key in d and d[key] is None:
+                d[key] = 1
         rp = d.pop("rope_parameters", None)
         if isinstance(rp, dict) and rp:  # transformers >= 5 folds rope_theta into rope_parameters
             rp = dict(rp)

@@ -160,19 +160,30 @@ def with_mtp_module(model: Model, seed: int = 0) -> Model:
     return new
 
 
+HUB_FILES = ["*.json", "*.safetensors", "tokenizer*", "*.model"]
+
+
 def resolve_path(path: str | Path) -> Path:
-    """A local directory, or a Hugging Face hub repo id fetched with huggingface_hub (cached)."""
+    """A local directory, or a Hugging Face hub repo id (`org/name`): from the huggingface_hub cache when it
+    is there (no request), else downloaded into it. A string that could be a local path (it starts with `.`,
+    `/` or `~`, or its first part is a local directory) never reaches the hub."""
     p = Path(path)
     if p.exists():
         return p
-    if re.fullmatch(r"[\w.-]+/[\w.-]+", str(path)):
-        from huggingface_hub import snapshot_download
-        try:
-            return Path(snapshot_download(str(path), allow_patterns=["*.json", "*.safetensors", "tokenizer*",
-                                                                      "*.model"]))
-        except Exception as e:
-            raise CheckpointError(f"{path}: not a local directory, and the hub download failed: {e}") from None
-    raise CheckpointError(f"{path}: no such model directory")
+    s = str(path)
+    local = s.startswith((".", "/", "~")) or p.parent.exists() and str(p.parent) != "."
+    if local or not re.fullmatch(r"[\w.-]+/[\w.-]+", s):
+        raise CheckpointError(f"{path}: no such model directory")
+    from huggingface_hub import snapshot_download
+    try:
+        return Path(snapshot_download(s, allow_patterns=HUB_FILES, local_files_only=True))
+    except Exception:  # not (wholly) in the cache
+        pass
+    try:
+        return Path(snapshot_download(s, allow_patterns=HUB_FILES))
+    except Exception as e:
+        raise CheckpointError(f"{path}: not a local directory, not in the Hugging Face cache, and the hub "
+                              f"download failed ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
 
 
 def load_model(path: str | Path, *, dtype: str | None = None) -> Model:

@@ -1,0 +1,52 @@
+"""Checkpoints in the layouts the DeepSeek-family releases are published in (config keys as released, sharded
+bf16 safetensors with an index): our logits equal transformers' (float32 compute)."""
+
+import json
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+from dh_mlx import load_model, random_model, save_model
+from helpers import make_config, randomise_for_parity, tokens
+
+transformers = pytest.importorskip("transformers")
+torch = pytest.importorskip("torch")
+
+
+def release(tmp_path, name, *, model_type, overrides, drop=(), **config_edits):
+    """A random model saved as bf16 shards with an index, its config.json rewritten as a release writes it."""
+    model = randomise_for_parity(random_model(make_config(name, **overrides), seed=5, dtype="float32"), 5)
+    save_model(model, tmp_path, dtype="bfloat16", max_shard_bytes=200_000)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    arch = {"deepseek_v2": "DeepseekV2ForCausalLM", "deepseek_v3": "DeepseekV3ForCausalLM"}[model_type]
+    cfg.update(model_type=model_type, architectures=[arch], aux_loss_alpha=0.001, seq_aux=True, **config_edits)
+    for key in drop:
+        cfg.pop(key, None)
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    assert len(list(tmp_path.glob("model-*-of-*.safetensors"))) > 1 and (tmp_path / "model.safetensors.index.json").is_file()
+    return tmp_path
+
+
+CASES = {
+    # V2-Lite: no q_lora, softmax (its config states no scoring_func), greedy top-k, no groups (null), yarn "type"
+    "v2_lite": dict(name="softmax_greedy", model_type="deepseek_v2", overrides=dict(q_lora_rank=None),
+                    drop=("scoring_func",), n_group=None, topk_group=None),
+    # V2 / V2.5: q_lora, softmax, group-limited greedy routing
+    "v2": dict(name="softmax_group_limited", model_type="deepseek_v2", overrides={}, drop=("scoring_func",)),
+    # V3 / R1 / Moonlight in bf16: sigmoid, noaux_tc with groups, an MTP module
+    "v3_bf16": dict(name="q_lora+groups+yarn+mtp", model_type="deepseek_v3", overrides={}),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_release_layouts_give_transformers_logits(tmp_path, case):
+    path = release(tmp_path, **CASES[case])
+    ids = tokens()
+    hf = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    with torch.no_grad():
+        want = hf(torch.tensor(ids)).logits.numpy()
+    ours = load_model(path, dtype="float32")
+    if case.startswith("v2"):
+        assert ours.config.scoring_func == "softmax" and ours.config.n_group >= 1
+    assert np.abs(np.array(ours(mx.array(ids))) - want).max() <= 1e-4
