@@ -9,7 +9,7 @@ from typing import Any
 from . import backend
 from .config import DATA_DIR, load_config, load_preset
 from .model import Model
-from .checkpoint.weights import load_model, random_model, resolve_path
+from .checkpoint.weights import load_model, memory_check, random_model, resolve_path
 
 
 def _tokenizer(path: Path, vocab_size: int) -> Any:
@@ -21,7 +21,7 @@ def load(path: str | Path, *, dtype: str | None = None) -> tuple[Model, Any]:
     """(model, tokenizer) from a model directory (or hub repo id); tokenizer is None if the directory has none.
     A tokenizer with more pieces than the model's vocab_size is refused before the weights are read."""
     backend.setup()
-    path = resolve_path(path)
+    path = resolve_path(path, before_download=memory_check(dtype, str(path)))
     tokenizer = _tokenizer(path, load_config(path).vocab_size)
     return load_model(path, dtype=dtype), tokenizer
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from datetime import datetime
 from typing import Any
 
@@ -20,7 +21,11 @@ def render(template: str, messages: list[dict[str, Any]], *, add_generation_prom
     def raise_exception(message: str):
         raise ChatTemplateError(f"chat template: {message}")
 
+    def tojson(value, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+        return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
     env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
+    env.filters["tojson"] = tojson  # as transformers defines it: plain JSON, no HTML escaping
     env.globals.update(raise_exception=raise_exception, strftime_now=lambda fmt: datetime.now().strftime(fmt))
     try:
         return env.from_string(template).render(messages=messages, add_generation_prompt=add_generation_prompt,

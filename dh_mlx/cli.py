@@ -80,9 +80,9 @@ def _generate(*, prompt: str, model: Optional[Path] = None, params: Optional[str
               system: Optional[str] = None) -> None:
     from .chat import messages
     from .generation import GenerationStats, stream_generate
-    m, tok = _load_for_generation(model, params, seed, dtype, adapter)
     if system and not chat:
         _fail("--system needs --chat (it is the chat template's system message)")
+    m, tok = _load_for_generation(model, params, seed, dtype, adapter)
     ids = tok.encode_chat(messages(prompt, system)) if chat else prompt
     stats = GenerationStats()
     _stream(stream_generate(m, tok, ids, max_tokens=max_tokens, temp=temp, top_p=top_p, top_k=top_k, min_p=min_p,

@@ -57,7 +57,13 @@ class HFTokenizer:
         config = _read_json(d / "tokenizer_config.json") if (d / "tokenizer_config.json").is_file() else {}
         self.bos_token, self.eos_token = _token_text(config.get("bos_token")), _token_text(config.get("eos_token"))
         self.pad_token = _token_text(config.get("pad_token"))
+        # the special-token strings a chat template may use (transformers passes them all)
+        self.specials = {k: _token_text(v) for k, v in config.items() if k.endswith("_token") and _token_text(v)}
+        extra = config.get("additional_special_tokens")
+        self.specials["additional_special_tokens"] = [_token_text(t) for t in extra] if isinstance(extra, list) else []
         self.chat_template = config.get("chat_template")
+        if (d / "chat_template.jinja").is_file():  # newer transformers keep the template in its own file
+            self.chat_template = (d / "chat_template.jinja").read_text(encoding="utf-8")
         if isinstance(self.chat_template, list):  # named templates: the default one
             named = {t.get("name"): t.get("template") for t in self.chat_template if isinstance(t, dict)}
             self.chat_template = named.get("default")
@@ -67,27 +73,29 @@ class HFTokenizer:
             listed = _read_json(gen).get("eos_token_id")
             eos = (listed if isinstance(listed, list) else [listed]) + eos
         self.eos_ids = tuple(dict.fromkeys(i for i in eos if isinstance(i, int)))
-        alphabet = _byte_alphabet() if "ByteLevel" in json.dumps(_read_json(self.path).get("decoder")) else None
-        special = {i for i, t in self.tk.get_added_tokens_decoder().items() if t.special}
-        self._bytes = [self._piece_bytes(i, alphabet, special) for i in range(self.vocab_size)]
+        self.byte_level = "ByteLevel" in json.dumps(_read_json(self.path).get("decoder"))
+        added = self.tk.get_added_tokens_decoder()
+        alphabet = _byte_alphabet()
+        # Bytes each id adds to decoded text: None for a special token (it decodes to nothing), an added
+        # token's own text, else (byte-level vocabularies) its characters mapped back to bytes.
+        self._bytes = [None if i in added and added[i].special else added[i].content.encode() if i in added
+                       else self._piece_bytes(i, alphabet) for i in range(self.vocab_size)] if self.byte_level else None
 
     def _id(self, token: str | None) -> int | None:
         return None if token is None else self.tk.token_to_id(token)
 
-    def _piece_bytes(self, i: int, alphabet: dict[str, int] | None, special: set[int]) -> bytes | None:
-        """The bytes id `i` adds to decoded text (None: a special token, which decodes to nothing)."""
-        if i in special:
-            return None
+    def _piece_bytes(self, i: int, alphabet: dict[str, int]) -> bytes:
         piece = self.tk.id_to_token(i)
-        if piece is None:
+        if piece is None:  # a hole in the ids
             return b""
-        if alphabet is not None and all(c in alphabet for c in piece):
+        if all(c in alphabet for c in piece):
             return bytes(alphabet[c] for c in piece)
         return self.tk.decode([i], skip_special_tokens=False).encode()
 
     @property
     def vocab_size(self) -> int:
-        return self.tk.get_vocab_size(with_added_tokens=True)
+        """One past the largest id (ids may have holes)."""
+        return max(self.tk.get_vocab(with_added_tokens=True).values()) + 1
 
     @property
     def bos_id(self) -> int | None:
@@ -118,15 +126,14 @@ class HFTokenizer:
         if not self.chat_template:
             raise HFTokenizerError(f"{self.path.parent}: tokenizer_config.json has no chat_template")
         return chat.render(self.chat_template, messages, add_generation_prompt=add_generation_prompt,
-                           bos_token=self.bos_token or "", eos_token=self.eos_token or "",
-                           pad_token=self.pad_token or "")
+                           **{**self.specials, "bos_token": self.bos_token or "", "eos_token": self.eos_token or ""})
 
     def encode_chat(self, messages: list[dict], *, add_generation_prompt: bool = True) -> list[int]:
         """Ids of the chat template's text (its special tokens spelled out, as transformers tokenizes it)."""
         return self.encode(self.apply_chat_template(chat.check_messages(messages),
                                                     add_generation_prompt=add_generation_prompt))
 
-    FILES = (TOKENIZER_JSON, "tokenizer_config.json", "special_tokens_map.json")
+    FILES = (TOKENIZER_JSON, "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
 
     def write_files(self, out_dir: Path) -> None:
         """Copy the tokenizer's files (those present) into `out_dir`."""
@@ -135,8 +142,8 @@ class HFTokenizer:
             if src.is_file() and src.resolve() != (out_dir / name).resolve():
                 (out_dir / name).write_bytes(src.read_bytes())
 
-    def stream_decoder(self) -> "ByteStreamDecoder":
-        return ByteStreamDecoder(self._bytes)
+    def stream_decoder(self):
+        return ByteStreamDecoder(self._bytes) if self.byte_level else TextStreamDecoder(self)
 
 
 class ByteStreamDecoder:
@@ -154,6 +161,27 @@ class ByteStreamDecoder:
     def flush(self) -> str:
         text = self._utf8.decode(b"", final=True)
         self._utf8.reset()
+        return text
+
+
+class TextStreamDecoder:
+    """For vocabularies that are not byte-level: decode the whole sequence and hand out what it adds, holding
+    back text that ends in U+FFFD (a character whose bytes have not all arrived)."""
+
+    def __init__(self, tokenizer: HFTokenizer):
+        self.tokenizer, self.ids, self.done = tokenizer, [], 0
+
+    def add(self, token_id: int) -> str:
+        self.ids.append(int(token_id))
+        text = self.tokenizer.decode(self.ids)
+        if text.endswith("\ufffd"):
+            return ""
+        new, self.done = text[self.done:], len(text)
+        return new
+
+    def flush(self) -> str:
+        text = self.tokenizer.decode(self.ids)[self.done:]
+        self.ids, self.done = [], 0
         return text
 
 

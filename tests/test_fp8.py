@@ -14,19 +14,19 @@ from dh_mlx import CheckpointError, load_model
 from dh_mlx.convert.gguf import read_weights as read_for_gguf
 from helpers import make_checkpoint, tokens
 
-BLOCK = 16  # DeepSeek-V3 uses 128; the tiny test shapes need a smaller one to have several blocks
-FP8 = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic", "weight_block_size": [BLOCK, BLOCK]}
+BO, BI = 16, 32  # DeepSeek-V3 uses [128, 128]; tiny shapes need smaller blocks, unequal to tell rows from columns
+FP8 = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic", "weight_block_size": [BO, BI]}
 
 
 def to_fp8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(e4m3 weight, scale per block, the weight it stands for) as DeepSeek's quantizer writes them."""
     rows, cols = w.shape
-    pr, pc = -(-rows // BLOCK) * BLOCK, -(-cols // BLOCK) * BLOCK
+    pr, pc = -(-rows // BO) * BO, -(-cols // BI) * BI
     padded = torch.zeros(pr, pc).index_put_((torch.arange(rows)[:, None], torch.arange(cols)), w.float())
-    blocks = padded.reshape(pr // BLOCK, BLOCK, pc // BLOCK, BLOCK)
+    blocks = padded.reshape(pr // BO, BO, pc // BI, BI)
     scale = blocks.abs().amax(dim=(1, 3)).clamp(min=1e-12) / 448.0
     q = (blocks / scale[:, None, :, None]).reshape(pr, pc)[:rows, :cols].to(torch.float8_e4m3fn)
-    full = scale.repeat_interleave(BLOCK, 0).repeat_interleave(BLOCK, 1)[:rows, :cols]
+    full = scale.repeat_interleave(BO, 0).repeat_interleave(BI, 1)[:rows, :cols]
     return q, scale, q.float() * full
 
 
@@ -43,7 +43,7 @@ def checkpoints(tmp_path_factory):
             fp8[k], fp8[k + "_scale_inv"], dequantized[k] = q, scale, deq
         else:
             fp8[k] = dequantized[k] = v
-    assert any(v.shape[0] % BLOCK or v.shape[1] % BLOCK for k, v in dequantized.items() if k in fp8 and
+    assert any(v.shape[0] % BO or v.shape[1] % BI for k, v in dequantized.items() if k in fp8 and
                k + "_scale_inv" in fp8)  # partial edge blocks are in play
     config = json.loads((root / "float" / "config.json").read_text())
     for name, weights, extra in (("fp8", fp8, {"quantization_config": FP8}), ("deq", dequantized, {})):
@@ -80,6 +80,25 @@ def test_the_gguf_reader_dequantizes_fp8_the_same_way(checkpoints):
     assert config == want_config and got.keys() == want.keys()
     for k in want:
         np.testing.assert_array_equal(got[k], want[k], err_msg=k)
+
+
+def test_the_e4m3_table_is_torchs_for_every_byte():
+    from dh_mlx.checkpoint.layout import _e4m3_table
+    table, want = _e4m3_table(), torch.arange(256).to(torch.uint8).view(torch.float8_e4m3fn).float().numpy()
+    assert np.array_equal(np.isnan(table), np.isnan(want)) and np.isnan(table[0x7F]) and np.isnan(table[0xFF])
+    assert np.array_equal(table[~np.isnan(table)], want[~np.isnan(want)]) and table[1] == 2.0 ** -9  # subnormal
+
+
+def test_convert_hf_writes_an_fp8_release_as_bfloat16(checkpoints, tmp_path):
+    from dh_mlx.convert import export_hf
+    fp8, deq, _ = checkpoints
+    export_hf(fp8, tmp_path / "hf")
+    header = json.loads((tmp_path / "hf" / "model.safetensors").read_bytes()[8:][:int.from_bytes(
+        (tmp_path / "hf" / "model.safetensors").read_bytes()[:8], "little")])
+    dtypes = {v["dtype"] for k, v in header.items() if k != "__metadata__" and not k.endswith("gate.weight")
+              and "norm" not in k and "bias" not in k}
+    assert dtypes == {"BF16"}
+    assert "quantization_config" not in json.loads((tmp_path / "hf" / "config.json").read_text())
 
 
 def test_broken_fp8_scales_are_named(checkpoints, tmp_path):

@@ -79,3 +79,19 @@ def test_a_custom_tokenizer_class_is_named_not_run(tmp_path):
     (tmp_path / "tokenization_kimi.py").write_text("raise SystemExit('ran code from the checkpoint')\n")
     with pytest.raises(TokenizerError, match="custom class tokenization_kimi.TikTokenTokenizer, code that dh-mlx"):
         load_tokenizer(tmp_path)
+
+
+def test_a_vocabulary_that_is_not_byte_level_streams_whole_text(tmp_path):
+    """A Metaspace BPE tokenizer.json (SentencePiece-like): pieces join to decode()'s text, spaces kept."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    tk = Tokenizer(models.BPE(unk_token="<unk>"))
+    tk.pre_tokenizer, tk.decoder = pre_tokenizers.Metaspace(), decoders.Metaspace()
+    tk.train_from_iterator([t * 10 for t in TEXTS], trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>"]))
+    tk.save(str(tmp_path / "tokenizer.json"))
+    tok = load_tokenizer(tmp_path)
+    assert not tok.byte_level
+    for text in ("the quick brown fox", "naïve café ½ – 中文字符"):
+        ids = tok.encode(text)
+        decoder = tok.stream_decoder()
+        pieces = [decoder.add(i) for i in ids] + [decoder.flush()]
+        assert "".join(pieces) == tok.decode(ids) and " " in "".join(pieces), text

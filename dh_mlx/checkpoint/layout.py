@@ -313,17 +313,23 @@ def dequantized_config(config: ModelConfig) -> ModelConfig:
 
 
 def dequantize_fp8(w: dict, dtypes: dict[str, str], block: tuple[int, int], decode: Callable, xp: Any,
-                   where: Path) -> dict:
-    """FP8 e4m3 weights (read as raw bytes) with their `weight_scale_inv` -> float32: each block of the decoded
-    weight times its scale, edge blocks partial. `decode` turns the bytes into float32; `xp` is numpy or mlx."""
+                   where: Path, finish: Callable = lambda a: a) -> dict:
+    """FP8 e4m3 weights (read as raw bytes) with their `weight_scale_inv` -> float: each block of the decoded
+    weight times its scale, edge blocks partial. `decode` turns the bytes into float32, `finish` each result
+    into what is kept (e.g. cast to the compute dtype and evaluated: one float32 weight at a time); `xp` is
+    numpy or mlx. Entries of `w` are taken out as they are done."""
     out, bo, bi = {}, *block
-    for k, v in w.items():
-        if k.endswith(".weight_scale_inv"):
+    for k in list(w):
+        if k.endswith(".weight_scale_inv") or k not in w:
             continue
-        scale = w.get(k + "_scale_inv")
+        v = w.pop(k)
+        scale = w.pop(k + "_scale_inv", None)
         if scale is None:
             out[k] = v
             continue
+        if v.ndim != 2:
+            raise CheckpointError(f"{where}: tensor {k} has a weight_scale_inv but {v.ndim} dimensions; FP8 block "
+                                  "scales are for matrices")
         if dtypes.get(k) != "F8_E4M3":
             raise CheckpointError(f"{where}: tensor {k} has a weight_scale_inv but dtype {dtypes.get(k)}; "
                                   "expected F8_E4M3")
@@ -332,7 +338,7 @@ def dequantize_fp8(w: dict, dtypes: dict[str, str], block: tuple[int, int], deco
             raise CheckpointError(f"{where}: tensor {k}_scale_inv has shape {tuple(scale.shape)}; {rows} x {cols} "
                                   f"in {bo} x {bi} blocks needs {(-(-rows // bo), -(-cols // bi))}")
         s = xp.repeat(xp.repeat(scale.astype(xp.float32), bo, axis=0), bi, axis=1)[:rows, :cols]
-        out[k] = decode(v) * s
+        out[k] = finish(decode(v) * s)
     return out
 
 

@@ -17,6 +17,7 @@ from mlx.utils import tree_flatten, tree_map_with_path
 
 from .. import backend
 from ..config import ModelConfig, load_config, load_preset, preset_names, save_config
+from .hub import resolve_path
 from .layout import (CheckpointError, check_tensors, config_for_tensors, dequantize_fp8, dequantized_config,
                      drop_mtp_layers, fp8_blocks, keep_fp32, read_safetensors_header, safetensors_files,
                      to_file_layout, to_memory_layout)
@@ -40,8 +41,9 @@ def dequantize_kv_b_proj(w: dict, config: ModelConfig) -> dict:
 
 
 # ---- reading and writing -----------------------------------------------------------------------------------
-def read_weights(path: Path, config: ModelConfig | None = None) -> dict[str, mx.array]:
-    """The directory's tensors as stored; with `config`, FP8 block-scaled weights come back as float32."""
+def read_weights(path: Path, config: ModelConfig | None = None, dtype: mx.Dtype = mx.float32) -> dict[str, mx.array]:
+    """The directory's tensors as stored; with `config`, FP8 block-scaled weights come back dequantized to
+    `dtype`, one at a time."""
     weights: dict[str, mx.array] = {}
     dtypes: dict[str, str] = {}
     for f in safetensors_files(path):
@@ -53,7 +55,13 @@ def read_weights(path: Path, config: ModelConfig | None = None) -> dict[str, mx.
             raise CheckpointError(f"{f}: cannot read safetensors file (truncated or corrupt?): {e}") from None
     block = None if config is None else fp8_blocks(config, path)
     if block is not None:  # MLX reads F8_E4M3 as its bytes
-        weights = dequantize_fp8(weights, dtypes, block, lambda a: mx.from_fp8(a, dtype=mx.float32), mx, path)
+        def finish(a: mx.array) -> mx.array:
+            a = a.astype(dtype)
+            mx.eval(a)
+            return a
+
+        weights = dequantize_fp8(weights, dtypes, block, lambda a: mx.from_fp8(a, dtype=mx.float32), mx, path,
+                                 finish)
     return weights
 
 
@@ -85,11 +93,12 @@ def cast_model(model: Model, dtype: mx.Dtype) -> Model:
     return model
 
 
-def check_fits(config: ModelConfig, dtype: mx.Dtype, what: str) -> None:
-    """Refuse, before allocating, a model whose weights cannot fit in this machine's free memory."""
+def check_fits(config: ModelConfig, dtype: mx.Dtype, what: str, staged: int = 0) -> None:
+    """Refuse, before allocating, a model whose weights cannot fit in this machine's free memory (`staged`:
+    bytes per parameter held besides while loading, e.g. 1 for FP8 weights being dequantized)."""
     counts = count_params(config)
     n = counts.total + counts.mtp
-    need = n * dtype.size
+    need = n * (dtype.size + staged)
     have = available_memory()
     if need <= 0.9 * have:
         return
@@ -160,43 +169,26 @@ def with_mtp_module(model: Model, seed: int = 0) -> Model:
     return new
 
 
-HUB_FILES = ["*.json", "*.safetensors", "tokenizer*", "*.model"]
-
-
-def resolve_path(path: str | Path) -> Path:
-    """A local directory, or a Hugging Face hub repo id (`org/name`): from the huggingface_hub cache when it
-    is there (no request), else downloaded into it. A string that could be a local path (it starts with `.`,
-    `/` or `~`, or its first part is a local directory) never reaches the hub."""
-    p = Path(path)
-    if p.exists():
-        return p
-    s = str(path)
-    local = s.startswith((".", "/", "~")) or p.parent.exists() and str(p.parent) != "."
-    if local or not re.fullmatch(r"[\w.-]+/[\w.-]+", s):
-        raise CheckpointError(f"{path}: no such model directory")
-    from huggingface_hub import snapshot_download
-    try:
-        return Path(snapshot_download(s, allow_patterns=HUB_FILES, local_files_only=True))
-    except Exception:  # not (wholly) in the cache
-        pass
-    try:
-        return Path(snapshot_download(s, allow_patterns=HUB_FILES))
-    except Exception as e:
-        raise CheckpointError(f"{path}: not a local directory, not in the Hugging Face cache, and the hub "
-                              f"download failed ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
+def memory_check(dtype: str | None, what: str) -> Callable[[Path], None]:
+    """check_fits for the model directory (or a hub repo's JSON files) it is given; a quantized model's size is
+    not params x dtype (it was measured when written), so that one passes."""
+    def check(d: Path) -> None:
+        config = load_config(d)
+        if config.extra.get("quantization") is None:
+            check_fits(config, compute_dtype(dtype), what, staged=1 if fp8_blocks(config, d) else 0)
+    return check
 
 
 def load_model(path: str | Path, *, dtype: str | None = None) -> Model:
     """Read a model directory (config.json + safetensors, HF DeepSeek-V3 names) or a hub repo id; sets the
     backend up (`backend.setup()`), as `dh_mlx.load` does."""
     backend.setup()
-    path = resolve_path(path)
-    config = load_config(path)
     dt = compute_dtype(dtype)
+    path = resolve_path(path, before_download=memory_check(dtype, str(path)))
+    config = load_config(path)
     quantization = config.extra.get("quantization")  # mlx-lm's block: {"group_size", "bits", per-layer overrides}
-    if quantization is None:  # (a quantized model's size is not params x dtype; it was measured when written)
-        check_fits(config, dt, str(path))
-    weights = read_weights(path, config)
+    memory_check(dtype, str(path))(path)
+    weights = read_weights(path, config, dt)
     check_values(weights, path)
     if fp8_blocks(config, path) is not None:  # now a float model
         config = dequantized_config(config)
@@ -266,6 +258,6 @@ def _natural_key(name: str) -> list:
 def copy_tokenizer(src: Path, dst: Path) -> None:
     """Copy the tokenizer files of model directory `src` (those present) into `dst`."""
     for name in ("tokenizer.model", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.json",
-                 "generation_config.json"):
+                 "chat_template.jinja", "generation_config.json"):
         if (src / name).is_file():
             shutil.copyfile(src / name, dst / name)

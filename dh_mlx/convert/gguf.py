@@ -16,6 +16,7 @@ import gguf
 import numpy as np
 from ..checkpoint.layout import (check_tensors, config_for_tensors, dequantized_config, expected_shapes, fp8_blocks,
                                 read_float32, to_memory_layout)
+from ..checkpoint.hub import resolve_path
 from ..config import ModelConfig, load_config
 from ..outputs import check_output_file
 from ..tokenizer import load_tokenizer
@@ -131,10 +132,10 @@ def write_gguf(model_dir: str | Path, out: str | Path, *, outtype: str = "f16", 
                force: bool = False) -> Path:
     """Write `model_dir` (config.json, safetensors, tokenizer.model) as one GGUF file at `out` (an existing
     file only with `force`); written to a temporary file beside it, removed if writing fails."""
+    model_dir, out = resolve_path(model_dir), Path(out)
     check_output_file(out, inputs=[model_dir], force=force)
     if outtype not in OUTTYPES:
         raise ConvertError(f"outtype {outtype!r}: expected one of {', '.join(OUTTYPES)}")
-    model_dir, out = Path(model_dir), Path(out)
     if problems := unsupported(load_config(model_dir)):
         raise ConvertError(f"{model_dir}: llama.cpp cannot run this model exactly: " + "; ".join(problems))
     tokenizer = load_tokenizer(model_dir)

@@ -12,23 +12,26 @@ import json
 from collections import Counter
 from pathlib import Path
 
-from ..checkpoint.layout import read_safetensors_header
+from ..checkpoint.layout import read_safetensors_header, safetensors_files
 from ..outputs import check_output_dir
 from ..tokenizer import load_tokenizer, write_hf_files
-from ..checkpoint.weights import DEFAULT_SHARD_BYTES, load_model, save_model
+from ..checkpoint.weights import DEFAULT_SHARD_BYTES, load_model, resolve_path, save_model
 from .errors import ConvertError
 
 _SAFETENSORS_DTYPES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}
+# FP8 release weights export as bfloat16 (what their non-FP8 tensors are); their block scales do not count.
+_STORED_AS = {**_SAFETENSORS_DTYPES, "F8_E4M3": "bfloat16"}
 
 
 def stored_dtype(model_dir: Path) -> str:
-    """The floating dtype most of the checkpoint's tensors are stored in (read from the safetensors headers)."""
+    """The floating dtype most of the checkpoint's bytes are stored in (read from the safetensors headers)."""
     counts: Counter = Counter()
-    for f in sorted(model_dir.glob("model*.safetensors")):
+    for f in safetensors_files(model_dir):
         header = read_safetensors_header(f)
         for name, info in header.items():
-            if name != "__metadata__" and info["dtype"] in _SAFETENSORS_DTYPES:
-                counts[_SAFETENSORS_DTYPES[info["dtype"]]] += 1
+            if name != "__metadata__" and info["dtype"] in _STORED_AS and not name.endswith("_scale_inv"):
+                begin, end = info["data_offsets"]
+                counts[_STORED_AS[info["dtype"]]] += end - begin
     return counts.most_common(1)[0][0] if counts else "float32"
 
 
@@ -39,7 +42,8 @@ def export_hf(model_dir: str | Path, out: str | Path, *, mtp: bool = True, dtype
     `dtype` (float32, bfloat16, float16) defaults to the dtype the checkpoint is stored in; `mtp=False` leaves
     the MTP layers out (and sets num_nextn_predict_layers to 0).
     """
-    model_dir, out = Path(model_dir), check_output_dir(out, inputs=[model_dir], force=force)
+    model_dir = resolve_path(model_dir)
+    out = check_output_dir(out, inputs=[model_dir], force=force)
     dtype = dtype or stored_dtype(model_dir)
     if dtype not in _SAFETENSORS_DTYPES.values():
         raise ConvertError(f"dtype {dtype!r}: expected one of {', '.join(_SAFETENSORS_DTYPES.values())}")

@@ -20,11 +20,11 @@ class Conversation:
     def reply(self, text: str, *, stats: GenerationStats | None = None, **options) -> Iterator[GenerationResponse]:
         """Stream the assistant's reply to the user's `text` (options: `generate_tokens`'), then keep it in the
         conversation."""
-        self.messages.append({"role": "user", "content": text})
-        ids = self.tokenizer.encode_chat(check_messages(self.messages))
+        turn = {"role": "user", "content": text}
+        ids = self.tokenizer.encode_chat(check_messages(self.messages + [turn]))
         pieces = []
         for r in stream_generate(self.model, self.tokenizer, ids, prompt_cache=self.cache,
                                  stats=stats if stats is not None else GenerationStats(), **options):
             pieces.append(r.text)
             yield r
-        self.messages.append({"role": "assistant", "content": "".join(pieces)})
+        self.messages += [turn, {"role": "assistant", "content": "".join(pieces)}]  # once the reply is whole

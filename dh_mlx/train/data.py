@@ -234,7 +234,8 @@ class Document:
 
 def tokenize(record: Record, tokenizer, domains: Sequence[str] | None = None) -> Document:
     """`<s>` + each part's tokens (+ `</s>` where a part ends a turn), with the trained flag per token."""
-    ids, train = [tokenizer.bos_id], [False]
+    ids = [tokenizer.bos_id] if tokenizer.bos_id is not None else []  # some vocabularies have no BOS
+    train = [False] * len(ids)
     for p in record.parts:
         t = tokenizer.encode(p.text) + ([tokenizer.eos_id] if p.end else [])
         ids += t
