@@ -279,7 +279,10 @@ class ModelConfig:
 
     def to_dict(self) -> dict[str, Any]:
         """The `config.json` dict: HF DeepSeek-V3 keys (what transformers, vLLM and mlx-lm read) + extras."""
-        out: dict[str, Any] = {"architectures": ["DeepseekV3ForCausalLM"], "model_type": "deepseek_v3"}
+        # Softmax routing is DeepSeek-V2's: transformers' and vLLM's DeepSeek-V3 always score by sigmoid.
+        v2 = self.scoring_func == "softmax" and self.topk_method != "noaux_tc"
+        out: dict[str, Any] = {"architectures": ["DeepseekV2ForCausalLM" if v2 else "DeepseekV3ForCausalLM"],
+                               "model_type": "deepseek_v2" if v2 else "deepseek_v3"}
         for f in dataclasses.fields(self):
             if f.name == "extra":
                 continue

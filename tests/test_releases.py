@@ -54,3 +54,16 @@ def test_release_layouts_give_transformers_logits(tmp_path, case):
         assert (c.scoring_func, c.topk_method, c.norm_topk_prob, c.routed_scaling_factor, c.n_group) == (
             "softmax", "greedy", False, 1.0, 1)
     assert np.abs(np.array(ours(mx.array(ids))) - want).max() <= 1e-4
+
+
+def test_a_v2_release_exports_as_v2_so_transformers_still_routes_by_softmax(tmp_path):
+    from dh_mlx.convert import export_hf
+    path = release(tmp_path / "src", **CASES["v2_lite"])
+    export_hf(path, tmp_path / "hf", dtype="float32")
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert config["model_type"] == "deepseek_v2" and config["architectures"] == ["DeepseekV2ForCausalLM"]
+    ids = tokens()
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32)
+    with torch.no_grad():
+        want = hf(torch.tensor(ids)).logits.numpy()
+    assert np.abs(np.array(load_model(path, dtype="float32")(mx.array(ids))) - want).max() <= 1e-4
