@@ -67,3 +67,19 @@ def test_a_v2_release_exports_as_v2_so_transformers_still_routes_by_softmax(tmp_
     with torch.no_grad():
         want = hf(torch.tensor(ids)).logits.numpy()
     assert np.abs(np.array(load_model(path, dtype="float32")(mx.array(ids))) - want).max() <= 1e-4
+
+
+def test_qlora_on_a_v3_release_lowers_its_loss(tmp_path):
+    """A V3 release (bf16 shards as published) quantized to 4 bits, then LoRA adapters trained on it."""
+    from dh_mlx.checkpoint.quantized import quantize
+    from dh_mlx.checkpoint.weights import copy_tokenizer
+    from dh_mlx.train.lora_run import lora
+    from helpers import model_with_tokenizer
+    (tmp_path / "tok").mkdir()
+    tok_dir = model_with_tokenizer(tmp_path / "tok")
+    path = release(tmp_path / "src", **{**CASES["v3_bf16"], "overrides": {"vocab_size": 400}})
+    copy_tokenizer(tok_dir, path)
+    quantize(path, tmp_path / "q4", bits=4, group_size=32)
+    result = lora(model=tmp_path / "q4", data=tmp_path / "tok" / "data.jsonl", out=tmp_path / "run", rank=4,
+                  steps=12, batch_size=4, seq_len=32, eval_every=12, lr=1e-2, progress=False)
+    assert result.val_loss < result.val_loss_before - 0.05
