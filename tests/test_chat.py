@@ -83,3 +83,25 @@ def test_lora_on_a_tokenizer_json_model_lowers_its_loss(model_dir, tmp_path):
     result = lora(model=model_dir, data=tmp_path / "chat.jsonl", out=tmp_path / "run", rank=4, steps=12,
                   batch_size=4, seq_len=32, eval_every=12, lr=1e-2, progress=False)
     assert result.val_loss < result.val_loss_before - 0.1
+
+
+def test_chat_training_data_goes_through_the_models_own_template(tokenizer_dir, tmp_path):  # noqa: F811
+    """A `messages` record for a tokenizer.json model: the ids transformers' apply_chat_template gives, and only
+    the tokens each reply adds (its text and the template's end of turn) trained."""
+    import json as _json
+
+    import transformers
+
+    from dh_mlx.tokenizer import load_tokenizer
+    from dh_mlx.train.data import read_jsonl, tokenize
+    turns = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "2 + 2?"},
+             {"role": "assistant", "content": "4."}, {"role": "user", "content": "And 3 + 3?"},
+             {"role": "assistant", "content": "6 🙂"}]
+    (tmp_path / "d.jsonl").write_text(_json.dumps({"messages": turns}) + "\n")
+    tok = load_tokenizer(tokenizer_dir)
+    doc = tokenize(next(read_jsonl(tmp_path / "d.jsonl")), tok)
+    want = transformers.AutoTokenizer.from_pretrained(tokenizer_dir).apply_chat_template(
+        turns, tokenize=True, return_dict=True)["input_ids"]
+    assert doc.ids.tolist() == list(want)
+    trained = tok.tk.decode(doc.ids[doc.train].tolist(), skip_special_tokens=False)
+    assert trained == "4.<｜end▁of▁sentence｜>6 🙂<｜end▁of▁sentence｜>"

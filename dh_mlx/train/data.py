@@ -60,6 +60,7 @@ class Record:
     line: int
     domain: str | None
     parts: list[Part]
+    messages: list[dict] | None = None  # a `messages` record's turns (rendered with a model's own template)
 
 
 @dataclass
@@ -209,7 +210,7 @@ def read_jsonl(path: str | Path, *, domains: Sequence[str] | None = None, skip_i
                     continue
                 summary.records += 1
                 summary.domains[domain or "-"] = summary.domains.get(domain or "-", 0) + 1
-                yield Record(path, line_no, domain, parts)
+                yield Record(path, line_no, domain, parts, obj["messages"] if "messages" in obj else None)
         if not seen:
             invalid(path, 1, "empty file", "empty file (no JSONL records)")
 
@@ -232,15 +233,38 @@ class Document:
     domain: int        # index into the model's domains; -1 for none
 
 
+def _templated(record: Record, tokenizer) -> tuple[list[int], list[bool]]:
+    """A `messages` record under the tokenizer's own chat template: the whole conversation's ids, with the
+    tokens each assistant turn adds to the conversation before it trained (what the model will generate)."""
+    ms = record.messages
+    ids = tokenizer.encode_chat(ms, add_generation_prompt=False)
+    train = [False] * len(ids)
+    for i, m in enumerate(ms):
+        if m["role"] != "assistant":
+            continue
+        start = len(tokenizer.encode_chat(ms[:i], add_generation_prompt=True)) if i else 0
+        upto = tokenizer.encode_chat(ms[: i + 1], add_generation_prompt=False)
+        end = len(upto)
+        if upto != ids[:end]:
+            raise DataError(f"{record.path}:{record.line}: the model's chat template renders turn {i} differently "
+                            "once later turns follow; split the conversation into one record per reply")
+        train[start:end] = [True] * (end - start)
+    return ids, train
+
+
 def tokenize(record: Record, tokenizer, domains: Sequence[str] | None = None) -> Document:
-    """`<s>` + each part's tokens (+ `</s>` where a part ends a turn), with the trained flag per token."""
+    """`<s>` + each part's tokens (+ `</s>` where a part ends a turn), with the trained flag per token; a
+    `messages` record with a tokenizer that has its own chat template (a release's) goes through it."""
+    domain = domains.index(record.domain) if domains is not None and record.domain is not None else -1
+    if record.messages is not None and getattr(tokenizer, "chat_template", None):
+        ids, train = _templated(record, tokenizer)
+        return Document(np.asarray(ids, np.int32), np.asarray(train, bool), domain)
     ids = [tokenizer.bos_id] if tokenizer.bos_id is not None else []  # some vocabularies have no BOS
     train = [False] * len(ids)
     for p in record.parts:
         t = tokenizer.encode(p.text) + ([tokenizer.eos_id] if p.end else [])
         ids += t
         train += [p.train] * len(t)
-    domain = domains.index(record.domain) if domains is not None and record.domain is not None else -1
     return Document(np.asarray(ids, np.int32), np.asarray(train, bool), domain)
 
 
