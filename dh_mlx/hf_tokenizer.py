@@ -73,7 +73,8 @@ class HFTokenizer:
             listed = _read_json(gen).get("eos_token_id")
             eos = (listed if isinstance(listed, list) else [listed]) + eos
         self.eos_ids = tuple(dict.fromkeys(i for i in eos if isinstance(i, int)))
-        self.byte_level = "ByteLevel" in json.dumps(_read_json(self.path).get("decoder"))
+        decoder = self.tk.decoder
+        self.byte_level = decoder is not None and b'"ByteLevel"' in decoder.__getstate__()
         added = self.tk.get_added_tokens_decoder()
         alphabet = _byte_alphabet()
         # Bytes each id adds to decoded text: None for a special token (it decodes to nothing), an added

@@ -308,7 +308,10 @@ def fp8_blocks(config: ModelConfig, where: Path) -> tuple[int, int] | None:
 
 
 def dequantized_config(config: ModelConfig) -> ModelConfig:
-    """The config of an FP8 checkpoint once its weights are dequantized: without `quantization_config`."""
+    """The config once an FP8 checkpoint's weights are dequantized (without its `quantization_config`); any
+    other config as it is."""
+    if (config.extra.get("quantization_config") or {}).get("quant_method") != "fp8":
+        return config
     return dataclasses.replace(config, extra={k: v for k, v in config.extra.items() if k != "quantization_config"})
 
 

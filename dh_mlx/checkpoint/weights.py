@@ -190,8 +190,7 @@ def load_model(path: str | Path, *, dtype: str | None = None) -> Model:
     memory_check(dtype, str(path))(path)
     weights = read_weights(path, config, dt)
     check_values(weights, path)
-    if fp8_blocks(config, path) is not None:  # now a float model
-        config = dequantized_config(config)
+    config = dequantized_config(config)  # FP8 weights are float now
     config = config_for_tensors(config, weights, path)
     weights = dequantize_kv_b_proj(to_memory_layout(weights, config, mx.stack), config)
     model = Model(config)

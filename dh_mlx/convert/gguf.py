@@ -14,7 +14,7 @@ from pathlib import Path
 
 import gguf
 import numpy as np
-from ..checkpoint.layout import (check_tensors, config_for_tensors, dequantized_config, expected_shapes, fp8_blocks,
+from ..checkpoint.layout import (check_tensors, config_for_tensors, dequantized_config, expected_shapes,
                                 read_float32, to_memory_layout)
 from ..checkpoint.hub import resolve_path
 from ..config import ModelConfig, load_config
@@ -120,8 +120,7 @@ def read_weights(model_dir: Path) -> tuple[dict[str, np.ndarray], ModelConfig]:
         raise ConvertError(f"{model_dir}: an MLX-quantized model; write the GGUF from its float checkpoint "
                            "(--quantize runs llama.cpp's own quantizer)")
     weights = read_float32(model_dir, config)
-    if fp8_blocks(config, model_dir) is not None:  # dequantized: a float model now
-        config = dequantized_config(config)
+    config = dequantized_config(config)  # FP8 weights are float now
     config = config_for_tensors(config, weights, model_dir)
     weights = to_memory_layout(weights, config, np.stack)
     check_tensors({k: a.shape for k, a in weights.items()}, expected_shapes(config), model_dir)

@@ -9,9 +9,9 @@ from typing import Any, Iterator
 import mlx.core as mx
 
 from ..model import Model
-from .sample import apply_repetition_penalty, check_options, make_sampler
+from .sample import check_options, make_sampler
 from .speculative import Choice, DraftPolicy, mtp_generate
-from .steps import PromptCache, check_context, compiled_decode_step, decode_step, limit_vocab, prefill
+from .steps import PromptCache, check_context, compiled_decode_step, decode_step, prefill
 
 
 @dataclass
@@ -62,8 +62,8 @@ def generate_tokens(model: Model, prompt_ids: list[int], *, max_tokens: int = 25
     todo = pc.reuse(list(prompt_ids))
     if mtp is None:
         mtp = compile_step
+    choice = Choice(temp, top_p, top_k, min_p, repetition_penalty, repetition_context, vocab_limit)
     if mtp and model.config.num_nextn_predict_layers:
-        choice = Choice(temp, top_p, top_k, min_p, repetition_penalty, repetition_context, vocab_limit)
         yield from mtp_generate(model, pc, todo, stats=stats, max_tokens=max_tokens, eos_ids=eos_ids,
                                 prefill_step_size=prefill_step_size, domain=domain, choice=choice,
                                 policy=draft_policy)
@@ -74,9 +74,7 @@ def generate_tokens(model: Model, prompt_ids: list[int], *, max_tokens: int = 25
     recent = mx.array(list(prompt_ids)[-repetition_context:])
 
     def choose(logits: mx.array) -> mx.array:
-        if repetition_penalty != 1.0:
-            logits = apply_repetition_penalty(logits, recent, repetition_penalty)
-        return sampler(limit_vocab(logits, vocab_limit))
+        return sampler(choice.logits(logits, recent if repetition_penalty != 1.0 else None))
 
     step = compiled_decode_step(model, domain) if compile_step else (
         lambda tok, cache: decode_step(model, tok, cache, domain))
