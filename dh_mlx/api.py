@@ -9,6 +9,7 @@ from typing import Any
 from . import backend
 from .config import DATA_DIR, load_config, load_preset
 from .model import Model
+from .quant import QuantConfig, quantize_model
 from .checkpoint.weights import load_model, memory_check, random_model, resolve_path
 
 
@@ -17,22 +18,27 @@ def _tokenizer(path: Path, vocab_size: int) -> Any:
     return load_tokenizer(path, vocab_size=vocab_size)
 
 
-def load(path: str | Path, *, dtype: str | None = None) -> tuple[Model, Any]:
+def load(path: str | Path, *, dtype: str | None = None, bits: int | None = None, group_size: int = 64
+         ) -> tuple[Model, Any]:
     """(model, tokenizer) from a model directory (or hub repo id); tokenizer is None if the directory has none.
+    `bits` quantizes a float or FP8 checkpoint to MLX's affine 4/8-bit as it is read (`load_model`).
     A tokenizer with more pieces than the model's vocab_size is refused before the weights are read."""
     backend.setup()
-    path = resolve_path(path, before_download=memory_check(dtype, str(path)))
+    qc = QuantConfig(bits, group_size) if bits else None
+    path = resolve_path(path, before_download=memory_check(dtype, str(path), qc))
     tokenizer = _tokenizer(path, load_config(path).vocab_size)
-    return load_model(path, dtype=dtype), tokenizer
+    return load_model(path, dtype=dtype, bits=bits, group_size=group_size), tokenizer
 
 
-def load_preset_model(name: str, *, seed: int = 0, dtype: str | None = None, quiet: bool = False
-                      ) -> tuple[Model, Any]:
-    """An untrained model from `parameters/NAME.json` with the bundled sample tokenizer."""
+def load_preset_model(name: str, *, seed: int = 0, dtype: str | None = None, bits: int | None = None,
+                      group_size: int = 64, quiet: bool = False) -> tuple[Model, Any]:
+    """An untrained model from `parameters/NAME.json` with the bundled sample tokenizer (quantized with `bits`)."""
     backend.setup()
     config = load_preset(name)
     tokenizer = _tokenizer(DATA_DIR / "tokenizer", config.vocab_size)
     model = random_model(config, seed=seed, dtype=dtype, name=f"preset {name!r}")
+    if bits:
+        quantize_model(model, QuantConfig(bits, group_size))
     if not quiet:
         print(f"note: preset {name!r} with random (untrained) weights, seed {seed}; output is noise until "
               "trained (dh-mlx train)", file=sys.stderr)

@@ -25,15 +25,16 @@ def root(ctx: typer.Context,
 
 
 def _load_for_generation(model: Optional[Path], params: Optional[str], seed: int, dtype: Optional[str],
-                         adapter: Optional[Path]):
+                         adapter: Optional[Path], bits: Optional[int] = None, group_size: int = 64):
     from .api import load, load_preset_model
     from .config import DEFAULT_PRESET
     if params and model:
         _fail("give either --params or --model, not both")
     if model:
-        m, tok = load(model, dtype=dtype)
+        m, tok = load(model, dtype=dtype, bits=bits, group_size=group_size)
     else:
-        m, tok = load_preset_model(params or DEFAULT_PRESET, seed=seed, dtype=dtype)
+        m, tok = load_preset_model(params or DEFAULT_PRESET, seed=seed, dtype=dtype, bits=bits,
+                                   group_size=group_size)
     if adapter:
         from .lora import load_adapters
         load_adapters(m, adapter)
@@ -77,12 +78,12 @@ def _generate(*, prompt: str, model: Optional[Path] = None, params: Optional[str
               repetition_penalty: float = 1.0, seed: int = 0, domain: Optional[str] = None,
               mtp: Optional[bool] = None, prefill_step_size: int = 512, dtype: Optional[str] = None,
               adapter: Optional[Path] = None, stream: bool = True, chat: bool = False,
-              system: Optional[str] = None) -> None:
+              system: Optional[str] = None, bits: Optional[int] = None, group_size: int = 64) -> None:
     from .chat import messages
     from .generation import GenerationStats, stream_generate
     if system and not chat:
         _fail("--system needs --chat (it is the chat template's system message)")
-    m, tok = _load_for_generation(model, params, seed, dtype, adapter)
+    m, tok = _load_for_generation(model, params, seed, dtype, adapter, bits, group_size)
     ids = tok.encode_chat(messages(prompt, system)) if chat else prompt
     stats = GenerationStats()
     _stream(stream_generate(m, tok, ids, max_tokens=max_tokens, temp=temp, top_p=top_p, top_k=top_k, min_p=min_p,
@@ -109,6 +110,9 @@ def _read_prompt(prompt: Optional[str], prompt_file: Optional[Path]) -> str:
     return prompt
 
 
+BITS_HELP = "quantize a float or FP8 model to this many bits as it loads (4 or 8; also 2, 3, 5, 6)"
+
+
 @app.command()
 def generate(prompt: Optional[str] = typer.Option(None, help="the prompt text; - reads it from standard input"),
              prompt_file: Optional[Path] = typer.Option(None, help="read the prompt from this UTF-8 file"),
@@ -129,12 +133,14 @@ def generate(prompt: Optional[str] = typer.Option(None, help="the prompt text; -
              adapter: Optional[Path] = typer.Option(None, help="LoRA adapter directory, applied unfused"),
              stream: bool = typer.Option(True, "--stream/--no-stream", help="print tokens as they come"),
              chat: bool = typer.Option(False, "--chat", help="apply the model's chat template to the prompt"),
-             system: Optional[str] = typer.Option(None, help="with --chat: the system message")) -> None:
+             system: Optional[str] = typer.Option(None, help="with --chat: the system message"),
+             bits: Optional[int] = typer.Option(None, help=BITS_HELP),
+             group_size: int = typer.Option(64, help="with --bits: values sharing a scale and bias")) -> None:
     """Generate text; stdout carries the text alone, speed and memory go to stderr."""
     _generate(prompt=_read_prompt(prompt, prompt_file), model=model, params=params, max_tokens=max_tokens, temp=temp, top_p=top_p,
               top_k=top_k, min_p=min_p, repetition_penalty=repetition_penalty, seed=seed, domain=domain, mtp=mtp,
               prefill_step_size=prefill_step_size, dtype=dtype, adapter=adapter, stream=stream, chat=chat,
-              system=system)
+              system=system, bits=bits, group_size=group_size)
 
 
 @app.command("chat")
@@ -149,12 +155,13 @@ def chat_command(model: Optional[Path] = typer.Option(None, help="model director
                  domain: Optional[str] = typer.Option(None, help="route through this domain's experts"),
                  mtp: Optional[bool] = typer.Option(None, "--mtp/--no-mtp", help="MTP self-speculative decoding"),
                  dtype: Optional[str] = typer.Option(None, help="float32, bfloat16 or float16 (default: by device)"),
-                 adapter: Optional[Path] = typer.Option(None, help="LoRA adapter directory, applied unfused")
-                 ) -> None:
+                 adapter: Optional[Path] = typer.Option(None, help="LoRA adapter directory, applied unfused"),
+                 bits: Optional[int] = typer.Option(None, help=BITS_HELP),
+                 group_size: int = typer.Option(64, help="with --bits: values sharing a scale and bias")) -> None:
     """A multi-turn chat on standard input, one user turn per line; the KV cache carries over between turns."""
     from .generation import GenerationStats
     from .generation.chat import Conversation
-    m, tok = _load_for_generation(model, params, seed, dtype, adapter)
+    m, tok = _load_for_generation(model, params, seed, dtype, adapter, bits, group_size)
     conversation = Conversation(m, tok, system=system)
     dom = _domain(m, domain)
     while True:
@@ -281,6 +288,9 @@ def plot(run_dir: Path = typer.Argument(..., help="a training run directory (hol
         typer.echo(str(p))
 
 
+QDTYPE_HELP = "float32, bfloat16 or float16 for the scales and unquantized tensors (default: the source's)"
+
+
 @app.command()
 def quantize(model: Path = typer.Option(..., help="float model directory"),
              out: Path = typer.Option(..., help="directory for the quantized model"),
@@ -290,10 +300,16 @@ def quantize(model: Path = typer.Option(..., help="float model directory"),
                                                         "first and last layers)"),
              mtp: bool = typer.Option(True, "--mtp/--no-mtp", help="keep the MTP modules (mlx-lm cannot load "
                                                                    "them)"),
+             dtype: Optional[str] = typer.Option(None, help=QDTYPE_HELP),
              force: bool = typer.Option(False, help="write over an existing, non-empty output")) -> None:
-    """Write an MLX-quantized copy of a model directory (config.json `quantization` block, as mlx-lm writes it)."""
+    """Write an MLX-quantized copy of a model directory (config.json `quantization` block, as mlx-lm writes it),
+    one decoder layer in memory at a time."""
     from .checkpoint.quantized import quantize as run
-    s = run(model, out, bits=bits, group_size=group_size, recipe=recipe, mtp=mtp, force=force)
+    _wrote(out, run(model, out, bits=bits, group_size=group_size, recipe=recipe, mtp=mtp, dtype=dtype,
+                    force=force))
+
+
+def _wrote(out: Path, s: dict) -> None:
     typer.echo(f"wrote {out}: {s['bits_per_weight']:.2f} bits per weight, {s['bytes'] / 1e6:.1f} MB "
                f"(from {s['source_bytes'] / 1e6:.1f} MB)", err=True)
 
@@ -320,6 +336,8 @@ def lora(model: Path = typer.Option(..., help="base model directory (float, or q
          lr: Optional[float] = _option("lr", "peak learning rate", lora=True),
          warmup: Optional[int] = _option("warmup_steps", "warmup steps", lora=True),
          grad_checkpoint: bool = typer.Option(False, help="recompute layers in the backward pass (less memory)"),
+         bits: Optional[int] = typer.Option(None, help=BITS_HELP + " (QLoRA)"),
+         group_size: int = typer.Option(64, help="with --bits: values sharing a scale and bias"),
          eval_every: Optional[int] = _option("eval_every", "validate every N steps", lora=True),
          save_every: Optional[int] = _option("save_every", "checkpoint (and write the adapters) every N steps",
                                              lora=True),
@@ -331,7 +349,7 @@ def lora(model: Path = typer.Option(..., help="base model directory (float, or q
     from .train.lora_run import describe, lora as run
     result = run(model=model, data=data, out=out, tokenizer=tokenizer, num_layers=num_layers, experts=experts,
                  targets=[t for item in targets or [] for t in item.split(",") if t] or None,
-                 grad_checkpointing=grad_checkpoint, resume=resume, force=force,
+                 grad_checkpointing=grad_checkpoint, resume=resume, force=force, bits=bits, group_size=group_size,
                  **_given(rank=rank, alpha=alpha, dropout=dropout, seed=seed, steps=steps, batch_size=batch_size,
                           seq_len=seq_len, lr=lr, warmup_steps=warmup, eval_every=eval_every, save_every=save_every,
                           keep_checkpoints=keep_checkpoints))
@@ -352,8 +370,8 @@ def fuse(model: Path = typer.Option(..., help="base model directory"),
     typer.echo(f"wrote {out}", err=True)
 
 
-convert_app = typer.Typer(add_completion=False, help="Convert to GGUF (llama.cpp) or an HF/vLLM directory, or "
-                                                     "import PyTorch weights.")
+convert_app = typer.Typer(add_completion=False, help="Convert to GGUF (llama.cpp), mlx-lm's quantized format or an "
+                                                     "HF/vLLM directory, or import PyTorch weights.")
 app.add_typer(convert_app, name="convert")
 
 
@@ -370,6 +388,23 @@ def convert_gguf(model: Path = typer.Option(..., help="model directory (config.j
     from .convert import export_gguf
     path = export_gguf(model, out, outtype=outtype, quantize=quantize, mtp=mtp, force=force)
     typer.echo(f"wrote {path}: {quantize or outtype} ({path.stat().st_size / 1e6:.1f} MB)", err=True)
+
+
+@convert_app.command("mlx")
+def convert_mlx(model: Path = typer.Option(..., help="model directory or hub repo id (float or FP8)"),
+                out: Path = typer.Option(..., help="directory for the quantized model"),
+                bits: int = typer.Option(4, help="bits per weight: 4 or 8 (also 2, 3, 5, 6)"),
+                group_size: int = typer.Option(64, help="values sharing a scale and bias: 32, 64 or 128"),
+                recipe: str = typer.Option("uniform", help="uniform, or mixed (8 bits for lm_head, embedding, "
+                                                           "first and last layers)"),
+                mtp: bool = typer.Option(False, "--mtp/--no-mtp", help="keep the MTP modules (mlx-lm cannot load "
+                                                                     "them)"),
+                dtype: Optional[str] = typer.Option(None, help=QDTYPE_HELP),
+                force: bool = typer.Option(False, help="write over an existing, non-empty output")) -> None:
+    """Write an mlx-lm model directory quantized to --bits, one decoder layer in memory at a time."""
+    from .checkpoint.quantized import convert_mlx as run
+    _wrote(out, run(model, out, bits=bits, group_size=group_size, recipe=recipe, mtp=mtp, dtype=dtype,
+                    force=force))
 
 
 @convert_app.command("hf")

@@ -32,7 +32,9 @@ DEFAULT_PRESET = "tiny"
 _TOPK_METHODS = ("noaux_tc", "greedy", "group_limited_greedy")
 _SCORING = ("sigmoid", "softmax")
 _ROPE_TYPES = ("default", "yarn")
-MODEL_TYPES = ("deepseek_v3", "deepseek_v2")  # the HF layouts this model is; anything else is refused
+# The HF layouts this model is; anything else is refused. Kimi-K2 is DeepSeek-V3's architecture under its own name
+# (and is written back as deepseek_v3, the name transformers, vLLM and llama.cpp's converter know).
+MODEL_TYPES = ("deepseek_v3", "deepseek_v2", "kimi_k2")
 # DeepSeek-V2 routes by softmax with greedy top-k and unnormalised weights unless its config says otherwise.
 _V2_DEFAULTS = {"scoring_func": "softmax", "topk_method": "greedy", "norm_topk_prob": False,
                 "routed_scaling_factor": 1.0}

@@ -101,3 +101,53 @@ def force_expert_path(monkeypatch, path: str) -> None:
             monkeypatch.delitem(ops._registered, name, raising=False)
         else:
             monkeypatch.setitem(ops._registered, name, impl)
+
+
+BO, BI = 16, 32  # DeepSeek-V3 uses [128, 128]; tiny shapes need smaller blocks, unequal to tell rows from columns
+FP8 = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic", "weight_block_size": [BO, BI]}
+
+
+def to_fp8(w):
+    """(e4m3 weight, scale per block, the weight it stands for) of a torch matrix, as DeepSeek's quantizer
+    writes them."""
+    import torch
+    rows, cols = w.shape
+    pr, pc = -(-rows // BO) * BO, -(-cols // BI) * BI
+    padded = torch.zeros(pr, pc).index_put_((torch.arange(rows)[:, None], torch.arange(cols)), w.float())
+    blocks = padded.reshape(pr // BO, BO, pc // BI, BI)
+    scale = blocks.abs().amax(dim=(1, 3)).clamp(min=1e-12) / 448.0
+    q = (blocks / scale[:, None, :, None]).reshape(pr, pc)[:rows, :cols].to(torch.float8_e4m3fn)
+    full = scale.repeat_interleave(BO, 0).repeat_interleave(BI, 1)[:rows, :cols]
+    return q, scale, q.float() * full
+
+
+def make_fp8(src: Path, fp8_dir: Path, deq_dir: Path) -> tuple[Path, Path, Path]:
+    """(fp8_dir, deq_dir, src): the float directory `src` as DeepSeek-V3 releases it in FP8 (its linears e4m3
+    with block scales, shard for shard) and, in `deq_dir`, the float weights that FP8 stands for."""
+    import json
+    from safetensors.torch import load_file, save_file
+    from dh_mlx.checkpoint.layout import safetensors_files
+    config = json.loads((src / "config.json").read_text())
+    weight_map: dict[str, dict[str, str]] = {"fp8": {}, "deq": {}}
+    partial = False
+    for d in (fp8_dir, deq_dir):
+        d.mkdir(parents=True)
+    for f in safetensors_files(src):
+        fp8, dequantized = {}, {}
+        for k, v in load_file(str(f)).items():
+            if k.endswith(("_proj.weight", "_proj_with_mqa.weight")) and v.ndim == 2:  # the linears, as released
+                q, scale, deq = to_fp8(v)
+                fp8[k], fp8[k + "_scale_inv"], dequantized[k] = q, scale, deq
+                partial |= bool(v.shape[0] % BO or v.shape[1] % BI)
+            else:
+                fp8[k] = dequantized[k] = v
+        for name, d, weights in (("fp8", fp8_dir, fp8), ("deq", deq_dir, dequantized)):
+            save_file(weights, str(d / f.name), metadata={"format": "pt"})
+            weight_map[name].update({k: f.name for k in weights})
+    assert partial  # partial edge blocks are in play
+    for name, d, extra in (("fp8", fp8_dir, {"quantization_config": FP8}), ("deq", deq_dir, {})):
+        (d / "config.json").write_text(json.dumps({**config, **extra}))
+        if (src / "model.safetensors.index.json").is_file():
+            (d / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map[name]}))
+    return fp8_dir, deq_dir, src
+

@@ -12,22 +12,7 @@ from safetensors.torch import load_file, save_file
 
 from dh_mlx import CheckpointError, load_model
 from dh_mlx.convert.gguf import read_weights as read_for_gguf
-from helpers import make_checkpoint, tokens
-
-BO, BI = 16, 32  # DeepSeek-V3 uses [128, 128]; tiny shapes need smaller blocks, unequal to tell rows from columns
-FP8 = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic", "weight_block_size": [BO, BI]}
-
-
-def to_fp8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(e4m3 weight, scale per block, the weight it stands for) as DeepSeek's quantizer writes them."""
-    rows, cols = w.shape
-    pr, pc = -(-rows // BO) * BO, -(-cols // BI) * BI
-    padded = torch.zeros(pr, pc).index_put_((torch.arange(rows)[:, None], torch.arange(cols)), w.float())
-    blocks = padded.reshape(pr // BO, BO, pc // BI, BI)
-    scale = blocks.abs().amax(dim=(1, 3)).clamp(min=1e-12) / 448.0
-    q = (blocks / scale[:, None, :, None]).reshape(pr, pc)[:rows, :cols].to(torch.float8_e4m3fn)
-    full = scale.repeat_interleave(BO, 0).repeat_interleave(BI, 1)[:rows, :cols]
-    return q, scale, q.float() * full
+from helpers import make_checkpoint, make_fp8, tokens
 
 
 @pytest.fixture(scope="module")
@@ -35,22 +20,7 @@ def checkpoints(tmp_path_factory):
     """(FP8 directory, its dequantized float directory, the original float directory)."""
     root = tmp_path_factory.mktemp("fp8")
     make_checkpoint(root / "float")
-    tensors = load_file(str(root / "float" / "model.safetensors"))
-    fp8, dequantized = {}, {}
-    for k, v in tensors.items():
-        if k.endswith(("_proj.weight", "_proj_with_mqa.weight")) and v.ndim == 2:  # the linears, as released
-            q, scale, deq = to_fp8(v)
-            fp8[k], fp8[k + "_scale_inv"], dequantized[k] = q, scale, deq
-        else:
-            fp8[k] = dequantized[k] = v
-    assert any(v.shape[0] % BO or v.shape[1] % BI for k, v in dequantized.items() if k in fp8 and
-               k + "_scale_inv" in fp8)  # partial edge blocks are in play
-    config = json.loads((root / "float" / "config.json").read_text())
-    for name, weights, extra in (("fp8", fp8, {"quantization_config": FP8}), ("deq", dequantized, {})):
-        (root / name).mkdir()
-        save_file(weights, str(root / name / "model.safetensors"), metadata={"format": "pt"})
-        (root / name / "config.json").write_text(json.dumps({**config, **extra}))
-    return root / "fp8", root / "deq", root / "float"
+    return make_fp8(root / "float", root / "fp8", root / "deq")
 
 
 def test_fp8_blocks_load_as_the_dequantized_weights(checkpoints):

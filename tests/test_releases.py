@@ -19,7 +19,7 @@ def release(tmp_path, name, *, model_type, overrides, drop=(), **config_edits):
     model = randomise_for_parity(random_model(make_config(name, **overrides), seed=5, dtype="float32"), 5)
     save_model(model, tmp_path, dtype="bfloat16", max_shard_bytes=200_000)
     cfg = json.loads((tmp_path / "config.json").read_text())
-    arch = {"deepseek_v2": "DeepseekV2ForCausalLM", "deepseek_v3": "DeepseekV3ForCausalLM"}[model_type]
+    arch = {"deepseek_v2": "DeepseekV2ForCausalLM"}.get(model_type, "DeepseekV3ForCausalLM")  # kimi_k2 too
     cfg.update(model_type=model_type, architectures=[arch], aux_loss_alpha=0.001, seq_aux=True, **config_edits)
     for key in drop:
         cfg.pop(key, None)
@@ -83,3 +83,37 @@ def test_qlora_on_a_v3_release_lowers_its_loss(tmp_path):
     result = lora(model=tmp_path / "q4", data=tmp_path / "tok" / "data.jsonl", out=tmp_path / "run", rank=4,
                   steps=12, batch_size=4, seq_len=32, eval_every=12, lr=1e-2, progress=False)
     assert result.val_loss < result.val_loss_before - 0.05
+
+
+def test_lora_and_qlora_straight_from_an_fp8_release_lower_its_loss(tmp_path):
+    """FP8 blocks (as V3/R1 ship) read by `dh-mlx lora`: dequantized (LoRA) or quantized to 4 bits as they
+    load (`--bits 4`, QLoRA without a quantized copy on disk)."""
+    from dh_mlx.checkpoint.weights import copy_tokenizer
+    from dh_mlx.train.lora_run import lora
+    from helpers import make_fp8, model_with_tokenizer
+    (tmp_path / "tok").mkdir()
+    tok_dir = model_with_tokenizer(tmp_path / "tok")
+    wide = dict(vocab_size=400, hidden_size=64, moe_intermediate_size=64, kv_lora_rank=64)
+    bf16 = release(tmp_path / "bf16", **{**CASES["v3_bf16"], "overrides": wide})
+    fp8 = make_fp8(bf16, tmp_path / "fp8", tmp_path / "deq")[0]
+    copy_tokenizer(tok_dir, fp8)
+    for bits in (None, 4):
+        result = lora(model=fp8, data=tmp_path / "tok" / "data.jsonl", out=tmp_path / f"run{bits}", rank=4,
+                      steps=12, batch_size=4, seq_len=32, eval_every=12, lr=1e-2, progress=False, bits=bits,
+                      group_size=32)
+        assert result.val_loss < result.val_loss_before - 0.05
+        config = json.loads((tmp_path / f"run{bits}" / "adapter_config.json").read_text())
+        assert config.get("base_bits") == bits
+
+
+def test_a_kimi_k2_layout_is_deepseek_v3_under_its_own_name(tmp_path):
+    """Kimi-K2 (`model_type: kimi_k2`, DeepSeek-V3's architecture, one expert group) loads as the V3 model it
+    is, whose logits equal transformers' (above), and is written back as deepseek_v3."""
+    from dh_mlx.convert import export_hf
+    overrides = dict(n_group=1, topk_group=1)
+    kimi = release(tmp_path / "kimi", **{**CASES["v3_bf16"], "model_type": "kimi_k2", "overrides": overrides})
+    v3 = release(tmp_path / "v3", **{**CASES["v3_bf16"], "overrides": overrides})
+    ids = mx.array(tokens())
+    assert mx.array_equal(load_model(kimi)(ids), load_model(v3)(ids)).item()
+    export_hf(kimi, tmp_path / "hf")
+    assert json.loads((tmp_path / "hf" / "config.json").read_text())["model_type"] == "deepseek_v3"

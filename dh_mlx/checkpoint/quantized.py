@@ -1,12 +1,17 @@
-"""Quantized copies of model directories: `dh-mlx quantize` (the transform itself is dh_mlx.quant)."""
+"""Quantized model directories: `dh-mlx quantize` and `dh-mlx convert mlx` (one decoder layer in memory at a
+time), and quantizing on load (the transform itself is dh_mlx.quant; the streaming is .streaming)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
+from ..config import load_config
+from ..device import compute_dtype
 from ..outputs import check_output_dir
-from ..quant import QuantConfig, bits_per_weight, is_quantized, quantize_model
-from .weights import copy_tokenizer, load_model, resolve_path, save_model
+from ..quant import QuantConfig
+from .shards import DEFAULT_SHARD_BYTES, ShardWriter
+from .streaming import QuantizedStream
+from .weights import copy_tokenizer, resolve_path
 
 
 def dir_bytes(path: str | Path) -> int:
@@ -15,21 +20,31 @@ def dir_bytes(path: str | Path) -> int:
 
 
 def quantize(model: str | Path, out: str | Path, *, bits: int = 4, group_size: int = 64, recipe: str = "uniform",
-             mtp: bool = True, force: bool = False) -> dict:
-    """Write a quantized copy of the model directory `model` into `out` (tokenizer files copied); `out` must
-    not be `model`, and must be empty unless `force`.
+             mtp: bool = True, dtype: str | None = None, max_shard_bytes: int = DEFAULT_SHARD_BYTES,
+             force: bool = False) -> dict:
+    """Write a quantized copy of the model directory (or hub id) `model` into `out`, in mlx-lm's format
+    (tokenizer files copied), reading and writing one decoder layer at a time; `out` must not be `model`, and
+    must be empty unless `force`.
 
+    `dtype` stores the float tensors and the scales (default: the source's dtype, bfloat16 for FP8).
     `mtp=False` drops the MTP modules (mlx-lm loads MTP layers only at DeepSeek-V3's index 61).
     Returns a summary: bits per weight and bytes on disk before and after.
     """
     qc = QuantConfig(bits, group_size, recipe)
     src = resolve_path(model)
     check_output_dir(out, inputs=[src], force=force)
-    m = load_model(src, dtype="float32")
-    if is_quantized(m):
-        raise ValueError(f"{src}: already quantized; quantize its float checkpoint instead")
-    quantize_model(m, qc)
-    save_model(m, out, mtp=mtp)
+    stream = QuantizedStream(src, load_config(src), qc, mtp=mtp, dtype=compute_dtype(dtype) if dtype else None)
+    writer = ShardWriter(out, max_shard_bytes)
+    for tensors in stream.layers():
+        writer.add(tensors)
+        del tensors
+    writer.finish(stream.config)
     copy_tokenizer(src, Path(out))
-    return {"bits": bits, "group_size": group_size, "recipe": recipe, "bits_per_weight": bits_per_weight(m),
+    return {"bits": bits, "group_size": group_size, "recipe": recipe, "bits_per_weight": stream.bits_per_weight(),
             "bytes": dir_bytes(out), "source_bytes": dir_bytes(src)}
+
+
+def convert_mlx(model: str | Path, out: str | Path, *, bits: int = 4, group_size: int = 64,
+                recipe: str = "uniform", mtp: bool = False, dtype: str | None = None, force: bool = False) -> dict:
+    """`quantize` for mlx-lm: the same files, without the MTP modules unless `mtp`."""
+    return quantize(model, out, bits=bits, group_size=group_size, recipe=recipe, mtp=mtp, dtype=dtype, force=force)

@@ -5,9 +5,6 @@ Each transform between the file layout and our modules is one small function.
 
 from __future__ import annotations
 
-import json
-import os
-import re
 import shutil
 from pathlib import Path
 from typing import Callable
@@ -16,17 +13,17 @@ import mlx.core as mx
 from mlx.utils import tree_flatten, tree_map_with_path
 
 from .. import backend
-from ..config import ModelConfig, load_config, load_preset, preset_names, save_config
+from ..config import ModelConfig, load_config, load_preset, preset_names
 from .hub import resolve_path
+from .shards import DEFAULT_SHARD_BYTES, ShardWriter
 from .layout import (CheckpointError, check_tensors, config_for_tensors, dequantize_fp8, dequantized_config,
                      drop_mtp_layers, fp8_blocks, keep_fp32, read_safetensors_header, safetensors_files,
                      to_file_layout, to_memory_layout)
 from ..device import available_memory, compute_dtype
 from ..model import Model
 from ..params import count_params, weight_bytes
-
-DEFAULT_SHARD_BYTES = 5 * 10**9
-
+from ..quant import QuantConfig, quantize_like
+from .streaming import quantized_weights
 
 def dequantize_kv_b_proj(w: dict, config: ModelConfig) -> dict:
     """A quantized `kv_b_proj` (written by another tool) becomes float: the absorbed path reads its per-head
@@ -93,12 +90,18 @@ def cast_model(model: Model, dtype: mx.Dtype) -> Model:
     return model
 
 
-def check_fits(config: ModelConfig, dtype: mx.Dtype, what: str, staged: int = 0) -> None:
+def check_fits(config: ModelConfig, dtype: mx.Dtype, what: str, staged: int = 0, qc: QuantConfig | None = None
+               ) -> None:
     """Refuse, before allocating, a model whose weights cannot fit in this machine's free memory (`staged`:
-    bytes per parameter held besides while loading, e.g. 1 for FP8 weights being dequantized)."""
+    bytes per parameter held besides while loading, e.g. 1 for FP8 weights being dequantized; with `qc`, the
+    size once quantized on load, besides which a layer's quantized copy and a float32 embedding are held)."""
     counts = count_params(config)
     n = counts.total + counts.mtp
-    need = n * (dtype.size + staged)
+    if qc is not None:
+        layer = weight_bytes(n // max(config.num_hidden_layers, 1), qc.bits, qc.group_size)
+        need = weight_bytes(n, qc.bits, qc.group_size) + layer + 8 * config.vocab_size * config.hidden_size
+    else:
+        need = n * (dtype.size + staged)
     have = available_memory()
     if need <= 0.9 * have:
         return
@@ -106,8 +109,8 @@ def check_fits(config: ModelConfig, dtype: mx.Dtype, what: str, staged: int = 0)
     if dtype.size > 2 and n * 2 <= 0.9 * have:
         options.append(f"--dtype bfloat16 ({n * 2 / 2**30:.1f} GiB; slow on a CPU)")
     if not what.startswith("preset"):  # a checkpoint on disk can be quantized; a random preset has none to read
-        options += [f"dh-mlx quantize --bits {bits} ({weight_bytes(n, bits) / 2**30:.1f} GiB)" for bits in (8, 4)
-                    if weight_bytes(n, bits) <= 0.9 * have]
+        options += [f"--bits {bits} or dh-mlx quantize --bits {bits} ({weight_bytes(n, bits) / 2**30:.1f} GiB)"
+                    for bits in (8, 4) if (qc is None or bits < qc.bits) and weight_bytes(n, bits) <= 0.9 * have]
 
     def preset_bytes(name: str) -> int:
         p = count_params(load_preset(name))
@@ -116,8 +119,8 @@ def check_fits(config: ModelConfig, dtype: mx.Dtype, what: str, staged: int = 0)
     smaller = [p for p in preset_names() if preset_bytes(p) <= 0.9 * have]
     hint = "; ".join(filter(None, [", ".join(options), f"a smaller preset: {', '.join(smaller)}" if smaller
                                    else ""])) or "a machine with more memory"
-    dtype_name = str(dtype).rsplit(".", 1)[-1]
-    raise MemoryError(f"{what}: {n / 1e9:.2f} B parameters need {need / 2**30:.1f} GiB as {dtype_name}, "
+    form = f"at {qc.bits} bits" if qc is not None else "as " + str(dtype).rsplit(".", 1)[-1]
+    raise MemoryError(f"{what}: {n / 1e9:.2f} B parameters need {need / 2**30:.1f} GiB {form}, "
                       f"but only {have / 2**30:.1f} GiB is available; would fit: {hint}")
 
 
@@ -169,33 +172,40 @@ def with_mtp_module(model: Model, seed: int = 0) -> Model:
     return new
 
 
-def memory_check(dtype: str | None, what: str) -> Callable[[Path], None]:
-    """check_fits for the model directory (or a hub repo's JSON files) it is given; a quantized model's size is
-    not params x dtype (it was measured when written), so that one passes."""
+def memory_check(dtype: str | None, what: str, qc: QuantConfig | None = None) -> Callable[[Path], None]:
+    """check_fits for the model directory (or a hub repo's JSON files) it is given, at the size after
+    quantizing on load when `qc`; a quantized model's size is not params x dtype (it was measured when
+    written), so that one passes."""
     def check(d: Path) -> None:
         config = load_config(d)
         if config.extra.get("quantization") is None:
-            check_fits(config, compute_dtype(dtype), what, staged=1 if fp8_blocks(config, d) else 0)
+            check_fits(config, compute_dtype(dtype), what, staged=1 if fp8_blocks(config, d) else 0, qc=qc)
     return check
 
 
-def load_model(path: str | Path, *, dtype: str | None = None) -> Model:
+def load_model(path: str | Path, *, dtype: str | None = None, bits: int | None = None, group_size: int = 64,
+               recipe: str = "uniform") -> Model:
     """Read a model directory (config.json + safetensors, HF DeepSeek-V3 names) or a hub repo id; sets the
-    backend up (`backend.setup()`), as `dh_mlx.load` does."""
+    backend up (`backend.setup()`), as `dh_mlx.load` does. With `bits`, a float (or FP8) checkpoint is
+    quantized as it is read, one layer at a time (as `dh-mlx quantize` would write it), so only the
+    quantized model has to fit in memory."""
     backend.setup()
     dt = compute_dtype(dtype)
-    path = resolve_path(path, before_download=memory_check(dtype, str(path)))
+    qc = QuantConfig(bits, group_size, recipe) if bits else None
+    path = resolve_path(path, before_download=memory_check(dtype, str(path), qc))
     config = load_config(path)
-    quantization = config.extra.get("quantization")  # mlx-lm's block: {"group_size", "bits", per-layer overrides}
-    memory_check(dtype, str(path))(path)
-    weights = read_weights(path, config, dt)
-    check_values(weights, path)
-    config = dequantized_config(config)  # FP8 weights are float now
-    config = config_for_tensors(config, weights, path)
-    weights = dequantize_kv_b_proj(to_memory_layout(weights, config, mx.stack), config)
+    memory_check(dtype, str(path), qc)(path)
+    if qc is not None:
+        config, weights = quantized_weights(path, config, qc, dt)
+    else:
+        weights = read_weights(path, config, dt)
+        check_values(weights, path)
+        config = dequantized_config(config)  # FP8 weights are float now
+        config = config_for_tensors(config, weights, path)
+        weights = dequantize_kv_b_proj(to_memory_layout(weights, config, mx.stack), config)
     model = Model(config)
+    quantization = config.extra.get("quantization")  # mlx-lm's block: {"group_size", "bits", per-layer overrides}
     if quantization is not None:
-        from ..quant import quantize_like
         quantize_like(model, quantization, weights)
     _check_against_model(weights, model, path)
     model.load_weights(list(weights.items()))
@@ -204,17 +214,9 @@ def load_model(path: str | Path, *, dtype: str | None = None) -> Model:
     return model
 
 
-def _atomic_write(path: Path, write: Callable[[str], None]) -> None:
-    tmp = path.with_name(f".tmp-{path.name}")  # same suffix (mx.save_safetensors insists); readers skip dotfiles
-    write(str(tmp))
-    os.replace(tmp, path)
-
-
 def save_model(model: Model, path: str | Path, *, mtp: bool = True, max_shard_bytes: int = DEFAULT_SHARD_BYTES,
                dtype: str | None = None) -> None:
     """Write `model` as an HF DeepSeek-V3 directory. `mtp=False` writes an MTP-free copy (for mlx-lm)."""
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
     config = model.config
     weights = dict(tree_flatten(model.parameters()))
     if not mtp and config.num_nextn_predict_layers:
@@ -225,33 +227,9 @@ def save_model(model: Model, path: str | Path, *, mtp: bool = True, max_shard_by
         target = compute_dtype(dtype)
         weights = {k: v.astype(mx.float32 if keep_fp32(k) else target) if mx.issubdtype(v.dtype, mx.floating)
                    else v for k, v in weights.items()}  # packed quantized weights stay uint32
-    shards: list[dict[str, mx.array]] = [{}]
-    size = 0
-    for k in sorted(weights, key=_natural_key):
-        if shards[-1] and size + weights[k].nbytes > max_shard_bytes:
-            shards.append({})
-            size = 0
-        shards[-1][k] = weights[k]
-        size += weights[k].nbytes
-    for old in list(path.glob("model*.safetensors")) + list(path.glob("model.safetensors.index.json")):
-        old.unlink()
-    if len(shards) == 1:
-        _atomic_write(path / "model.safetensors",
-                      lambda f: mx.save_safetensors(f, shards[0], metadata={"format": "pt"}))
-    else:
-        weight_map = {}
-        for i, shard in enumerate(shards):
-            name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-            _atomic_write(path / name, lambda f, s=shard: mx.save_safetensors(f, s, metadata={"format": "pt"}))
-            weight_map.update({k: name for k in shard})
-        index = {"metadata": {"total_size": sum(v.nbytes for v in weights.values())}, "weight_map": weight_map}
-        _atomic_write(path / "model.safetensors.index.json",
-                      lambda f: Path(f).write_text(json.dumps(index, indent=2) + "\n"))
-    _atomic_write(path / "config.json", lambda f: save_config(config, Path(f).parent, name=Path(f).name))
-
-
-def _natural_key(name: str) -> list:
-    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name)]
+    writer = ShardWriter(path, max_shard_bytes)
+    writer.add(weights)
+    writer.finish(config)
 
 
 def copy_tokenizer(src: Path, dst: Path) -> None:

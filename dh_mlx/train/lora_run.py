@@ -100,9 +100,11 @@ def lora(*, model: str | Path, data: str | Path, out: str | Path, tokenizer: str
          rank: int = LoRAConfig.rank, alpha: float = LoRAConfig.alpha, dropout: float = LoRAConfig.dropout,
          targets: Sequence[str] | None = None, num_layers: int | None = None, experts: bool = LoRAConfig.experts,
          grad_checkpointing: bool = False, resume: bool = False, force: bool = False, progress: bool = True,
-         stop_after: int | None = None, dtype: str | None = None, seed: int = 0, **options) -> LoRAResult:
+         stop_after: int | None = None, dtype: str | None = None, bits: int | None = None, group_size: int = 64,
+         seed: int = 0, **options) -> LoRAResult:
     """Fine-tune LoRA adapters on the model directory `model` (float or quantized: QLoRA) with the training loop
     of `dh-mlx train`; `out` receives `adapters.safetensors` + `adapter_config.json` and the checkpoints.
+    `bits` quantizes a float or FP8 base as it loads (QLoRA without a quantized copy on disk).
     `options` are `TrainConfig` fields (defaults: `LORA_DEFAULTS`, else TrainConfig's)."""
     from ..tokenizer import load_tokenizer
     backend.setup(training=True)  # before MLX's first eval: the step may then split over both CPU streams
@@ -114,7 +116,7 @@ def lora(*, model: str | Path, data: str | Path, out: str | Path, tokenizer: str
     tok = load_tokenizer(tokenizer or base, vocab_size=load_config(base).vocab_size)
     if tok is None:
         raise ValueError(f"{tokenizer or base}: no tokenizer.model (pass --tokenizer)")
-    m = load_model(base, dtype=dtype)
+    m = load_model(base, dtype=dtype, bits=bits, group_size=group_size)
     domains = m.config.domain_routing.domains if m.config.domain_routing else None
     dataset = load_dataset(data, tok, seq_len=cfg.seq_len, domains=domains, val_fraction=cfg.val_fraction,
                            seed=cfg.seed, skip_invalid=cfg.skip_invalid)
@@ -132,7 +134,8 @@ def lora(*, model: str | Path, data: str | Path, out: str | Path, tokenizer: str
     before = None if (resume and (out / "checkpoints").exists()) or not has_val else evaluate(m, dataset, cfg).loss
 
     def export(d: Path) -> None:
-        save_adapters(m, d, lc, extra={"model": str(base), "train_config": cfg.to_dict()})
+        quantized = {"base_bits": bits, "base_group_size": group_size} if bits else {}
+        save_adapters(m, d, lc, extra={"model": str(base), **quantized, "train_config": cfg.to_dict()})
 
     run = train_loop(m, dataset, cfg, out, export=export, resume=resume, force=force, progress=progress,
                      stop_after=stop_after)

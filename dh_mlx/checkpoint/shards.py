@@ -1,0 +1,73 @@
+"""Writing a model directory's weights as safetensors shards (HF naming and index), one shard at a time.
+
+Shards are written under temporary dotfile names (which readers skip) and renamed once their count is known,
+then the index and config.json last, so an interrupted write never leaves a directory that looks complete.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+from typing import Callable
+
+import mlx.core as mx
+
+from ..config import ModelConfig, save_config
+
+DEFAULT_SHARD_BYTES = 5 * 10**9
+
+
+def atomic_write(path: Path, write: Callable[[str], None]) -> None:
+    tmp = path.with_name(f".tmp-{path.name}")  # same suffix (mx.save_safetensors insists); readers skip dotfiles
+    write(str(tmp))
+    os.replace(tmp, path)
+
+
+def natural_key(name: str) -> list:
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name)]
+
+
+class ShardWriter:
+    """Collects tensors (`add`) into shards of at most `max_shard_bytes`, writing each as it fills; `finish`
+    names them `model-0000i-of-0000N.safetensors` (or `model.safetensors` when one) and writes the index and
+    the config. Earlier weight files in `path` are removed first."""
+
+    def __init__(self, path: str | Path, max_shard_bytes: int = DEFAULT_SHARD_BYTES):
+        self.path, self.max = Path(path), max_shard_bytes
+        self.path.mkdir(parents=True, exist_ok=True)
+        for old in [*self.path.glob("model*.safetensors"), *self.path.glob("model.safetensors.index.json"),
+                    *self.path.glob(".tmp-shard-*.safetensors")]:
+            old.unlink()
+        self.pending: dict[str, mx.array] = {}
+        self.size = self.total = 0
+        self.written: list[tuple[Path, list[str]]] = []
+
+    def add(self, tensors: dict[str, mx.array]) -> None:
+        for k in sorted(tensors, key=natural_key):
+            if self.pending and self.size + tensors[k].nbytes > self.max:
+                self._flush()
+            self.pending[k] = tensors[k]
+            self.size += tensors[k].nbytes
+            self.total += tensors[k].nbytes
+
+    def _flush(self) -> None:
+        f = self.path / f".tmp-shard-{len(self.written) + 1:05d}.safetensors"
+        mx.save_safetensors(str(f), self.pending, metadata={"format": "pt"})
+        self.written.append((f, list(self.pending)))
+        self.pending, self.size = {}, 0
+
+    def finish(self, config: ModelConfig) -> None:
+        if self.pending or not self.written:
+            self._flush()
+        n = len(self.written)
+        names = ["model.safetensors"] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+        for (tmp, _), name in zip(self.written, names):
+            os.replace(tmp, self.path / name)
+        if n > 1:
+            index = {"metadata": {"total_size": self.total},
+                     "weight_map": {k: name for (_, keys), name in zip(self.written, names) for k in keys}}
+            atomic_write(self.path / "model.safetensors.index.json",
+                         lambda f: Path(f).write_text(json.dumps(index, indent=2) + "\n"))
+        atomic_write(self.path / "config.json", lambda f: save_config(config, Path(f).parent, name=Path(f).name))
