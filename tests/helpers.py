@@ -151,3 +151,41 @@ def make_fp8(src: Path, fp8_dir: Path, deq_dir: Path) -> tuple[Path, Path, Path]
             (d / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map[name]}))
     return fp8_dir, deq_dir, src
 
+
+BOS, EOS, USER, ASSISTANT = "<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>", "<｜User｜>", "<｜Assistant｜>"
+# A template in the DeepSeek style: system text first, then the turns, each reply ended by EOS.
+TEMPLATE = ("{{ bos_token }}{% for m in messages %}{% if m['role'] == 'system' %}{{ m['content'] }}\n"
+            "{% elif m['role'] == 'user' %}" + USER + "{{ m['content'] }}"
+            "{% else %}" + ASSISTANT + "{{ m['content'] }}{{ eos_token }}{% endif %}{% endfor %}"
+            "{% if add_generation_prompt %}" + ASSISTANT + "{% endif %}")
+TEXTS = ["Hello, world!", "  leading   and trailing  spaces \n\n tabs\tand\r\nnewlines ",
+         "naïve café ½ – 中文字符 – かなカナ – emoji 🙂👍🏽", f"a special token {EOS} inside text{USER}", "",
+         "1234567 89 3.14159", "don't 'quote' (x+y)*z=[1,2]; a_b-c/d"]
+
+
+def make_bpe_tokenizer(d: Path, pre: str = "deepseek-v3", vocab_size: int = 400) -> Path:
+    """A byte-level BPE tokenizer.json as DeepSeek releases ship (BOS/EOS special, User/Assistant added, a chat
+    template, eos ids in generation_config.json), with the pre-tokenizer llama.cpp calls `pre`."""
+    import json
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+    from dh_mlx.convert.gguf_vocab import PRE_TOKENIZERS
+    tk = Tokenizer(models.BPE())
+    if pre == "gpt-2":
+        tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    else:
+        tk.pre_tokenizer = pre_tokenizers.Sequence(
+            [pre_tokenizers.Split(Regex(r), "isolated") for r in PRE_TOKENIZERS[pre]]
+            + [pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    tk.decoder = decoders.ByteLevel()
+    corpus = [t * 20 for t in TEXTS] + ["the quick brown fox jumps over the lazy dog " * 30, "def f(x): return x\n" * 30]
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[BOS, EOS],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tk.train_from_iterator(corpus, trainer)
+    tk.add_tokens([USER, ASSISTANT])  # added, not special: they decode to their text
+    d.mkdir(parents=True, exist_ok=True)
+    tk.save(str(d / "tokenizer.json"))
+    (d / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": {"__type": "AddedToken", "content": BOS},
+        "eos_token": EOS, "chat_template": TEMPLATE}))
+    (d / "generation_config.json").write_text(json.dumps({"bos_token_id": 0, "eos_token_id": [1, vocab_size + 1]}))
+    return d

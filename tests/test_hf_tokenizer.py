@@ -7,37 +7,15 @@ import json
 import pytest
 
 from dh_mlx.tokenizer import TokenizerError, load_tokenizer
+from helpers import TEXTS, make_bpe_tokenizer
 
 transformers = pytest.importorskip("transformers")
 
-BOS, EOS, USER, ASSISTANT = "<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>", "<｜User｜>", "<｜Assistant｜>"
-# Our own template in the DeepSeek style: system text first, then the turns, each reply ended by EOS.
-TEMPLATE = ("{{ bos_token }}{% for m in messages %}{% if m['role'] == 'system' %}{{ m['content'] }}\n"
-            "{% elif m['role'] == 'user' %}" + USER + "{{ m['content'] }}"
-            "{% else %}" + ASSISTANT + "{{ m['content'] }}{{ eos_token }}{% endif %}{% endfor %}"
-            "{% if add_generation_prompt %}" + ASSISTANT + "{% endif %}")
-TEXTS = ["Hello, world!", "  leading   and trailing  spaces \n\n tabs\tand\r\nnewlines ",
-         "naïve café ½ – 中文字符 – emoji 🙂👍🏽", f"a special token {EOS} inside text{USER}", "", "1234567 89"]
 
 
 @pytest.fixture(scope="module")
 def tokenizer_dir(tmp_path_factory):
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    d = tmp_path_factory.mktemp("bpe")
-    tk = Tokenizer(models.BPE())
-    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tk.decoder = decoders.ByteLevel()
-    corpus = [t * 20 for t in TEXTS] + ["the quick brown fox jumps over the lazy dog " * 30, "def f(x): return x\n" * 30]
-    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=[BOS, EOS],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tk.train_from_iterator(corpus, trainer)
-    tk.add_tokens([USER, ASSISTANT])  # added, not special: they decode to their text
-    tk.save(str(d / "tokenizer.json"))
-    (d / "tokenizer_config.json").write_text(json.dumps({
-        "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": {"__type": "AddedToken", "content": BOS}, "eos_token": EOS,
-        "chat_template": TEMPLATE}))
-    (d / "generation_config.json").write_text(json.dumps({"bos_token_id": 0, "eos_token_id": [1, 401]}))
-    return d
+    return make_bpe_tokenizer(tmp_path_factory.mktemp("bpe"))
 
 
 def test_ids_and_text_equal_autotokenizers(tokenizer_dir):
