@@ -34,7 +34,7 @@ def check_output_dir(out: str | Path, *, inputs: Iterable[str | Path | None] = (
                               f"(choose another {flag})")
     if out.exists() and not out.is_dir():
         raise OutputError(f"{out}: exists and is not a directory ({flag} takes a directory)")
-    # `.tmp-*` files are what an interrupted write of ours leaves (readers skip them; the writer clears them)
+    # `.tmp-*` files are what an interrupted write of ours leaves (readers skip them; a rerun writes over them)
     held = sorted(p.name for p in out.iterdir() if not p.name.startswith(".tmp-")) if out.is_dir() else []
     if held and not force:
         shown = ", ".join(held[:4]) + (", ..." if len(held) > 4 else "")

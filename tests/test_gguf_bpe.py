@@ -86,11 +86,43 @@ def test_metadata(tmp_path):
     assert "{{ bos_token }}" in field(reader, "tokenizer.chat_template")
 
 
-def test_a_pre_tokenizer_llama_cpp_lacks_is_refused(tmp_path):
+def _edit(spec: dict, change: str) -> None:
+    steps = spec["pre_tokenizer"]["pretokenizers"]
+    if change == "regex":
+        steps[0]["pattern"]["Regex"] = r"\p{N}{1,4}"
+    elif change == "behavior":
+        steps[1]["behavior"] = "Removed"
+    elif change == "prefix_space":
+        steps[-1]["add_prefix_space"] = True
+    elif change == "normalizer":
+        spec["normalizer"] = {"type": "Lowercase"}
+    elif change == "byte_fallback":
+        spec["model"]["byte_fallback"] = True
+
+
+@pytest.mark.parametrize("change", ["regex", "behavior", "prefix_space", "normalizer", "byte_fallback"])
+def test_what_llama_cpp_would_tokenize_otherwise_is_refused_before_reading_weights(tmp_path, monkeypatch, change):
+    import dh_mlx.convert.gguf as writer
     _, d = model_dir(tmp_path, "deepseek-v3")
     spec = json.loads((d / "tokenizer.json").read_text())
-    spec["pre_tokenizer"]["pretokenizers"][0]["pattern"]["Regex"] = r"\p{N}{1,4}"
+    _edit(spec, change)
     (d / "tokenizer.json").write_text(json.dumps(spec))
-    with pytest.raises(ConvertError, match="pre_tokenizer is none that llama.cpp implements"):
+    monkeypatch.setattr(writer, "read_weights", lambda *a: pytest.fail("read the weights first"))
+    with pytest.raises(ConvertError, match="llama.cpp"):
         export_gguf(d, tmp_path / "m.gguf")
     assert not (tmp_path / "m.gguf").exists()
+
+
+def test_a_digits_step_reads_as_its_split(tmp_path, llama_cpp):
+    """DeepSeek-LLM's digit step written as tokenizers' `Digits`: the same split, and llama.cpp agrees."""
+    _, d = model_dir(tmp_path, "deepseek-llm")
+    spec = json.loads((d / "tokenizer.json").read_text())
+    steps = spec["pre_tokenizer"]["pretokenizers"]
+    assert steps[-2]["pattern"]["Regex"] == r"\p{N}+"
+    steps[-2] = {"type": "Digits", "individual_digits": False}
+    (d / "tokenizer.json").write_text(json.dumps(spec))
+    export_gguf(d, tmp_path / "m.gguf", outtype="f32")
+    llm = llama_cpp.Llama(model_path=str(tmp_path / "m.gguf"), vocab_only=True, verbose=False)
+    ours = load_tokenizer(d)
+    for text in TEXTS + [PROMPT]:
+        assert llm.tokenize(text.encode(), add_bos=True, special=True) == ours.encode(text, bos=True), text

@@ -97,13 +97,19 @@ def test_lora_and_qlora_straight_from_an_fp8_release_lower_its_loss(tmp_path):
     bf16 = release(tmp_path / "bf16", **{**CASES["v3_bf16"], "overrides": wide})
     fp8 = make_fp8(bf16, tmp_path / "fp8", tmp_path / "deq")[0]
     copy_tokenizer(tok_dir, fp8)
+    import dh_mlx.train.lora_run as lora_run
+    from dh_mlx.quant import is_quantized
+    loaded = []
+    real = lora_run.load_model
+    lora_run.load_model = lambda *a, **k: loaded.append(real(*a, **k)) or loaded[-1]
     for bits in (None, 4):
         result = lora(model=fp8, data=tmp_path / "tok" / "data.jsonl", out=tmp_path / f"run{bits}", rank=4,
                       steps=12, batch_size=4, seq_len=32, eval_every=12, lr=1e-2, progress=False, bits=bits,
                       group_size=32)
         assert result.val_loss < result.val_loss_before - 0.05
         config = json.loads((tmp_path / f"run{bits}" / "adapter_config.json").read_text())
-        assert config.get("base_bits") == bits
+        assert config.get("base_bits") == bits and is_quantized(loaded[-1]) == bool(bits)
+    lora_run.load_model = real
 
 
 def test_a_kimi_k2_layout_is_deepseek_v3_under_its_own_name(tmp_path):

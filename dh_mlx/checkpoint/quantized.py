@@ -38,8 +38,8 @@ def quantize(model: str | Path, out: str | Path, *, bits: int = 4, group_size: i
     for tensors in stream.layers():
         writer.add(tensors)
         del tensors
+    copy_tokenizer(src, Path(out))  # before config.json, the last file: a directory with one is complete
     writer.finish(stream.config)
-    copy_tokenizer(src, Path(out))
     return {"bits": bits, "group_size": group_size, "recipe": recipe, "bits_per_weight": stream.bits_per_weight(),
             "bytes": dir_bytes(out), "source_bytes": dir_bytes(src)}
 

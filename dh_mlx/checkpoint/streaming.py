@@ -38,10 +38,11 @@ class QuantizedStream:
     """
 
     def __init__(self, path: Path, config: ModelConfig, qc: QuantConfig, *, mtp: bool = True,
-                 dtype: mx.Dtype | None = None):
+                 dtype: mx.Dtype | None = None, embedding_copies: bool = True):
         if config.extra.get("quantization") is not None:
-            raise CheckpointError(f"{path}: already quantized; quantize its float checkpoint instead")
-        self.path, self.qc = path, qc
+            raise CheckpointError(f"{path}: already quantized (load it as it is, without --bits; to quantize it "
+                                  "again, start from its float checkpoint)")
+        self.path, self.qc, self.embedding_copies = path, qc, embedding_copies
         self.dtypes: dict[str, str] = {}
         self.lazy: dict[str, mx.array] = {}
         for f in safetensors_files(path):
@@ -75,7 +76,7 @@ class QuantizedStream:
 
     def _source_dtype(self) -> mx.Dtype:
         kinds = [self.dtypes[k] for k in self.dtypes if k.endswith(".weight") and not k.endswith("norm.weight")]
-        return _SOURCE_DTYPES.get(max(set(kinds), key=kinds.count) if kinds else "F32", mx.float32)
+        return _SOURCE_DTYPES.get(max(sorted(set(kinds)), key=kinds.count) if kinds else "F32", mx.float32)
 
     def _float(self, w: dict[str, mx.array]) -> dict[str, mx.array]:
         """FP8 block-scaled weights as float32 (lazily); every other tensor as it is."""
@@ -86,7 +87,11 @@ class QuantizedStream:
 
     def _check(self, model: Model, config: ModelConfig) -> None:
         """Names and shapes, from the headers (a lazy graph), before any tensor is read."""
-        w = to_memory_layout(self._float(dict(self.lazy)), config, mx.stack)
+        w = self._float(dict(self.lazy))
+        raw = [k for k, v in w.items() if v.dtype == mx.uint8]  # FP8 bytes that no weight_scale_inv scaled
+        if raw:
+            raise CheckpointError(f"{self.path}: tensor {raw[0]} has dtype F8_E4M3 without a weight_scale_inv")
+        w = to_memory_layout(w, config, mx.stack)
         check_tensors({k: v.shape for k, v in w.items()},
                       {k: v.shape for k, v in tree_flatten(model.parameters())}, self.path)
 
@@ -97,7 +102,8 @@ class QuantizedStream:
         for k in self.lazy:
             m = _LAYER.match(k)
             i = int(m[1]) if m else -1
-            if i < last:
+            copy = not self.embedding_copies and _MTP_EMBED.match(k.rsplit(".", 1)[0])  # in memory: the main one
+            if i < last and not copy:
                 groups.setdefault(i, []).append(k)
         return [groups[i] for i in sorted(groups)]
 
@@ -145,11 +151,11 @@ def quantized_weights(path: Path, config: ModelConfig, qc: QuantConfig, dtype: m
                       ) -> tuple[ModelConfig, dict[str, mx.array]]:
     """(config, weights in memory layout) of the float checkpoint at `path` quantized as it is read, one
     layer at a time: what load_model(bits=...) builds its model from."""
-    stream = QuantizedStream(path, config, qc, dtype=dtype)
+    stream = QuantizedStream(path, config, qc, dtype=dtype, embedding_copies=False)
     weights: dict[str, mx.array] = {}
     for tensors in stream.layers():
         layer = to_memory_layout(tensors, stream.config, mx.stack)
-        del tensors
-        mx.eval(list(layer.values()))  # the per-expert arrays are let go layer by layer
+        tensors.clear()  # the generator holds this dict too: once stacked, only the stacks keep the experts
+        mx.eval(list(layer.values()))
         weights.update(layer)
     return stream.config, weights

@@ -90,18 +90,30 @@ def cast_model(model: Model, dtype: mx.Dtype) -> Model:
     return model
 
 
+def load_bytes(config: ModelConfig, dtype: mx.Dtype, staged: int = 0, qc: QuantConfig | None = None) -> int:
+    """Memory loading a model takes: its weights at `dtype` plus `staged` bytes per parameter held besides (e.g.
+    1 for FP8 weights being dequantized), or with `qc` its size once quantized on load."""
+    c = config
+    counts = count_params(c)
+    n = counts.total + counts.mtp
+    if qc is None:
+        return n * (dtype.size + staged)
+    # What stays float (kv_b_proj, the routers) at the compute dtype; while a layer's experts are stacked they
+    # are held twice; the largest float32 matrix read (the embedding) besides.
+    layers = c.num_hidden_layers + c.num_nextn_predict_layers
+    kept = layers * c.kv_lora_rank * c.num_attention_heads * (c.qk_nope_head_dim + c.v_head_dim) + layers * (
+        c.n_routed_experts or 0) * c.hidden_size
+    layer = weight_bytes(n // max(c.num_hidden_layers, 1), qc.bits, qc.group_size)
+    return (weight_bytes(n - kept, qc.bits, qc.group_size) + kept * max(dtype.size, 4) + 2 * layer
+            + 8 * c.vocab_size * c.hidden_size)
+
+
 def check_fits(config: ModelConfig, dtype: mx.Dtype, what: str, staged: int = 0, qc: QuantConfig | None = None
                ) -> None:
-    """Refuse, before allocating, a model whose weights cannot fit in this machine's free memory (`staged`:
-    bytes per parameter held besides while loading, e.g. 1 for FP8 weights being dequantized; with `qc`, the
-    size once quantized on load, besides which a layer's quantized copy and a float32 embedding are held)."""
+    """Refuse, before allocating, a model whose weights cannot fit in this machine's free memory (`load_bytes`)."""
     counts = count_params(config)
     n = counts.total + counts.mtp
-    if qc is not None:
-        layer = weight_bytes(n // max(config.num_hidden_layers, 1), qc.bits, qc.group_size)
-        need = weight_bytes(n, qc.bits, qc.group_size) + layer + 8 * config.vocab_size * config.hidden_size
-    else:
-        need = n * (dtype.size + staged)
+    need = load_bytes(config, dtype, staged, qc)
     have = available_memory()
     if need <= 0.9 * have:
         return

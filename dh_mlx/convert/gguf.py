@@ -22,7 +22,7 @@ from ..outputs import check_output_file
 from ..tokenizer import load_tokenizer
 from .errors import ConvertError
 from .gguf_tensors import FILE_TYPES, OUTTYPES, encode, gguf_tensors
-from .gguf_vocab import add_bpe_vocab, add_vocab
+from .gguf_vocab import add_bpe_vocab, add_vocab, bpe_vocab
 from .quantize import check_quantizer, quantize_gguf
 
 ARCH = gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.DEEPSEEK2]
@@ -140,6 +140,7 @@ def write_gguf(model_dir: str | Path, out: str | Path, *, outtype: str = "f16", 
     tokenizer = load_tokenizer(model_dir)
     if tokenizer is None:
         raise ConvertError(f"{model_dir}: no tokenizer.model or tokenizer.json (a GGUF file carries its vocabulary)")
+    bpe = None if hasattr(tokenizer, "sp") else bpe_vocab(tokenizer, load_config(model_dir).vocab_size)
     weights, config = read_weights(model_dir)
     n_mtp = config.num_nextn_predict_layers if mtp else 0
     tensors = gguf_tensors(weights, config, mtp=bool(n_mtp))
@@ -149,7 +150,10 @@ def write_gguf(model_dir: str | Path, out: str | Path, *, outtype: str = "f16", 
     try:
         writer = gguf.GGUFWriter(str(tmp), ARCH)
         add_metadata(writer, config, name=model_dir.resolve().name, outtype=outtype, mtp=n_mtp)
-        (add_vocab if hasattr(tokenizer, "sp") else add_bpe_vocab)(writer, tokenizer, config.vocab_size)
+        if bpe is None:
+            add_vocab(writer, tokenizer, config.vocab_size)
+        else:
+            add_bpe_vocab(writer, tokenizer, bpe)
         for name, a in tensors.items():
             data, kind = encode(name, a, outtype)
             writer.add_tensor(name, data, raw_dtype=kind)

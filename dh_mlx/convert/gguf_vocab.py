@@ -80,38 +80,52 @@ def add_vocab(writer: gguf.GGUFWriter, tokenizer: Tokenizer, vocab_size: int) ->
     writer.add_chat_template(CHAT_TEMPLATE)
 
 
-def _split_regexes(pre: dict | None, where) -> tuple[tuple[str, ...], bool]:
-    """(the regexes of the Split steps, whether the last step is a ByteLevel that splits nothing itself)."""
+def _split_regexes(pre: dict | None, where) -> tuple[tuple[str, ...], dict]:
+    """(the regexes of the Split steps, the last step): each Split isolating its matches, as llama.cpp does."""
     steps = (pre or {}).get("pretokenizers", []) if (pre or {}).get("type") == "Sequence" else [pre or {}]
     regexes = []
     for step in steps[:-1]:
-        if step.get("type") == "Split" and "Regex" in (step.get("pattern") or {}):
+        kind = step.get("type")
+        if kind == "Split" and "Regex" in (step.get("pattern") or {}) and (
+                step.get("behavior") == "Isolated" and not step.get("invert")):
             regexes.append(step["pattern"]["Regex"])
-        elif step.get("type") == "Digits":  # as a Split of digit runs (or of single digits)
+        elif kind == "Digits":  # as a Split of digit runs (or of single digits)
             regexes.append("\\p{N}" if step.get("individual_digits") else "\\p{N}+")
         else:
-            raise ConvertError(f"{where}: pre_tokenizer step {step.get('type')!r} has no llama.cpp equivalent")
-    last = steps[-1] if steps else {}
-    return tuple(regexes), last.get("type") == "ByteLevel" and not last.get("use_regex", True)
+            raise ConvertError(f"{where}: pre_tokenizer step {json.dumps(step)[:120]} has no llama.cpp equivalent")
+    return tuple(regexes), steps[-1] if steps else {}
 
 
-def pre_tokenizer_name(pre: dict | None, where) -> str:
-    """llama.cpp's `tokenizer.ggml.pre` for tokenizer.json's pre_tokenizer: `deepseek-v3`, `deepseek-llm`, or
-    `gpt-2` for a plain GPT-2 ByteLevel one; anything else is refused, since llama.cpp would split text its own
-    way and produce other tokens."""
-    if (pre or {}).get("type") == "ByteLevel" and pre.get("use_regex", True):
+def pre_tokenizer_name(spec: dict, where) -> str:
+    """llama.cpp's `tokenizer.ggml.pre` for a tokenizer.json: `deepseek-v3`, `deepseek-llm`, or `gpt-2` for a
+    plain GPT-2 ByteLevel one. Anything llama.cpp would split or normalise differently is refused: another
+    pre-tokenizer, a normalizer, a prefix space, BPE options it does not apply."""
+    model = spec.get("model") or {}
+    normalizer = spec.get("normalizer")
+    if normalizer and not (normalizer.get("type") == "Sequence" and not normalizer.get("normalizers")):
+        raise ConvertError(f"{where}: a {normalizer.get('type')} normalizer, which llama.cpp's gpt2 tokenizer "
+                           "does not apply")
+    odd = {k: model.get(k) for k in ("dropout", "continuing_subword_prefix", "end_of_word_suffix")
+           if model.get(k)} | {k: True for k in ("byte_fallback", "ignore_merges") if model.get(k)}
+    if odd:
+        raise ConvertError(f"{where}: BPE options llama.cpp does not apply: {odd}")
+    pre = spec.get("pre_tokenizer") or {}
+    if pre.get("type") == "ByteLevel" and pre.get("use_regex", True) and not pre.get("add_prefix_space"):
         return "gpt-2"
-    regexes, byte_level = _split_regexes(pre, where)
-    for name, known in PRE_TOKENIZERS.items():
-        if byte_level and regexes == known:
-            return name
+    regexes, last = _split_regexes(pre, where)
+    if last.get("type") == "ByteLevel" and not last.get("use_regex", True) and not last.get("add_prefix_space"):
+        for name, known in PRE_TOKENIZERS.items():
+            if regexes == known:
+                return name
     raise ConvertError(f"{where}: its pre_tokenizer is none that llama.cpp implements for DeepSeek models "
                        f"({', '.join(PRE_TOKENIZERS)}, or GPT-2's ByteLevel); llama.cpp would tokenize differently")
 
 
-def add_bpe_vocab(writer: gguf.GGUFWriter, tokenizer: HFTokenizer, vocab_size: int) -> None:
-    """A byte-level BPE tokenizer.json as llama.cpp's `gpt2` tokenizer, padded with unused `[PAD{i}]` pieces up
-    to the model's `vocab_size`; added tokens are CONTROL when special, USER_DEFINED otherwise."""
+def bpe_vocab(tokenizer: HFTokenizer, vocab_size: int) -> dict:
+    """The GGUF fields of a byte-level BPE tokenizer.json (checked before any weight is read): tokens padded
+    with unused `[PAD{i}]` pieces up to the model's `vocab_size`, types, merges and the pre-tokenizer's name.
+    Special added tokens are CONTROL; the others USER_DEFINED, so their text is decoded, as transformers does
+    (llama.cpp's own converter makes `<｜...｜>`-looking ones CONTROL)."""
     where = tokenizer.path
     spec = json.loads(where.read_text(encoding="utf-8"))
     model = spec.get("model") or {}
@@ -128,16 +142,22 @@ def add_bpe_vocab(writer: gguf.GGUFWriter, tokenizer: HFTokenizer, vocab_size: i
         tokens[t["id"]] = t["content"]
         types[t["id"]] = gguf.TokenType.CONTROL if t.get("special") else gguf.TokenType.USER_DEFINED
     merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]  # "a b" or ["a", "b"]
+    return {"pre": pre_tokenizer_name(spec, where), "tokens": tokens, "types": types, "merges": merges}
+
+
+def add_bpe_vocab(writer: gguf.GGUFWriter, tokenizer: HFTokenizer, vocab: dict) -> None:
+    """`bpe_vocab`'s fields as llama.cpp's `gpt2` tokenizer, with the special ids and the chat template."""
     writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre(pre_tokenizer_name(spec.get("pre_tokenizer"), where))
-    writer.add_token_list(tokens)
-    writer.add_token_types(types)
-    writer.add_token_merges(merges)
+    writer.add_tokenizer_pre(vocab["pre"])
+    writer.add_token_list(vocab["tokens"])
+    writer.add_token_types(vocab["types"])
+    writer.add_token_merges(vocab["merges"])
+    pad = tokenizer.tk.token_to_id(tokenizer.pad_token) if tokenizer.pad_token else None  # only one it names
     for add, i in ((writer.add_bos_token_id, tokenizer.bos_id), (writer.add_eos_token_id, tokenizer.eos_id),
-                   (writer.add_pad_token_id, tokenizer.pad_id)):
+                   (writer.add_pad_token_id, pad)):
         if i is not None:
             add(i)
-    writer.add_add_bos_token(tokenizer.bos_id is not None)  # as our generation and training do
+    writer.add_add_bos_token(tokenizer.bos_id is not None)  # as our generation and training prepend it
     writer.add_add_eos_token(False)
     if isinstance(tokenizer.chat_template, str):
         writer.add_chat_template(tokenizer.chat_template)
