@@ -26,6 +26,7 @@ from .memory import activation_elements
 from ..lora import (ADAPTER_CONFIG, LoRAConfig, apply_lora, fuse_lora, load_adapters, lora_parameters, save_adapters,
                    trainable_count)
 from ..checkpoint.weights import copy_tokenizer
+from .distributed import on_main, world
 from .run import check_run_dir
 from ..outputs import format_bytes
 from .trainer import RunResult, evaluate, train_loop
@@ -109,7 +110,9 @@ def lora(*, model: str | Path, data: str | Path, out: str | Path, tokenizer: str
     from ..tokenizer import load_tokenizer
     backend.setup(training=True)  # before MLX's first eval: the step may then split over both CPU streams
     base = resolve_path(model)
-    out = check_run_dir(out, resume=resume, force=force, inputs=[base, data, tokenizer])
+    w = world()  # under mlx.launch: one of several data-parallel ranks, of which rank 0 writes
+    out = Path(out)
+    on_main(w, check_run_dir, out, resume=resume, force=force, inputs=[base, data, tokenizer])
     cfg = TrainConfig(**{**LORA_DEFAULTS, "seed": seed, **options})
     lc = LoRAConfig(rank=rank, alpha=alpha, dropout=dropout, targets=targets, num_layers=num_layers,
                     experts=experts)
@@ -120,27 +123,29 @@ def lora(*, model: str | Path, data: str | Path, out: str | Path, tokenizer: str
     domains = m.config.domain_routing.domains if m.config.domain_routing else None
     dataset = load_dataset(data, tok, seq_len=cfg.seq_len, domains=domains, val_fraction=cfg.val_fraction,
                            seed=cfg.seed, skip_invalid=cfg.skip_invalid)
-    print(describe_dataset(data, dataset, cfg.seq_len, cfg.val_fraction), file=sys.stderr)
+    if w.main:
+        print(describe_dataset(data, dataset, cfg.seq_len, cfg.val_fraction), file=sys.stderr)
     apply_lora(m, lc, seed=seed)
     if resume:
-        _check_same_adapters(out, lora_parameters(m.config, lc))
+        on_main(w, _check_same_adapters, out, lora_parameters(m.config, lc))
     if grad_checkpointing:
         grad_checkpoint(m)
     trainable, total = trainable_count(m)
     estimate = estimate_peak_bytes(m, cfg, checkpointing=grad_checkpointing) / 1e9
-    print(f"LoRA: {trainable:,} trainable parameters ({trainable / total:.3%} of {total:,}); estimated peak "
-          f"memory {estimate:.3g} GB", file=sys.stderr)
+    if w.main:
+        print(f"LoRA: {trainable:,} trainable parameters ({trainable / total:.3%} of {total:,}); estimated peak "
+              f"memory {estimate:.3g} GB", file=sys.stderr)
     has_val = len(dataset.valid) > 0
-    before = None if (resume and (out / "checkpoints").exists()) or not has_val else evaluate(m, dataset, cfg).loss
+    before = None if resume or not has_val else evaluate(m, dataset, cfg, w=w).loss
 
     def export(d: Path) -> None:
         quantized = {"base_bits": bits, "base_group_size": group_size} if bits else {}
         save_adapters(m, d, lc, extra={"model": str(base), **quantized, "train_config": cfg.to_dict()})
 
     run = train_loop(m, dataset, cfg, out, export=export, resume=resume, force=force, progress=progress,
-                     stop_after=stop_after)
+                     stop_after=stop_after, w=w)
     m.eval()  # dropout off
-    val = evaluate(m, dataset, cfg).loss if has_val else None
+    val = evaluate(m, dataset, cfg, w=w).loss if has_val else None
     tps = [r["tokens_per_s"] for r in run.history[1:]] or [run.tokens_per_s]
     return LoRAResult(run, trainable, total, estimate, before, val, float(np.median(tps)))
 

@@ -14,6 +14,7 @@ from ..params import count_params
 from ..checkpoint.weights import copy_tokenizer, load_model, random_model, save_model, with_mtp_module
 from .config import TrainConfig
 from .data import describe_dataset, load_dataset
+from .distributed import on_main, world
 from .memory import check_training_fits
 from ..outputs import format_bytes
 from .trainer import RunResult, train_loop
@@ -55,7 +56,8 @@ def train(*, params: str | None = None, config: str | Path | None = None, data: 
         raise ValueError(f"{init}: a quantized model; MTP distillation trains float weights (give the float model)")
     name = params or (Path(config).stem if config else DEFAULT_PRESET)
     out = Path(out) if out else Path("runs") / (f"{Path(init).name}-mtp" if cfg.mtp_distill else name)
-    out = check_run_dir(out, resume=resume, force=force, inputs=[init, data, tokenizer, config])
+    w = world()  # under mlx.launch: one of several data-parallel ranks, of which rank 0 writes
+    on_main(w, check_run_dir, out, resume=resume, force=force, inputs=[init, data, tokenizer, config])
     tok = load_tokenizer(tokenizer)
     if tok is None:
         raise ValueError(f"{tokenizer}: no tokenizer.model (train one with `dh-mlx tokenizer train`)")
@@ -73,7 +75,8 @@ def train(*, params: str | None = None, config: str | Path | None = None, data: 
     domains = model_config.domain_routing.domains if model_config.domain_routing else None
     dataset = load_dataset(data, tok, seq_len=cfg.seq_len, domains=domains, val_fraction=cfg.val_fraction,
                            seed=cfg.seed, skip_invalid=cfg.skip_invalid)
-    print(describe_dataset(data, dataset, cfg.seq_len, cfg.val_fraction), file=sys.stderr)
+    if w.main:
+        print(describe_dataset(data, dataset, cfg.seq_len, cfg.val_fraction), file=sys.stderr)
     model = load_model(init, dtype=dtype) if init else random_model(model_config, seed=cfg.seed, dtype=dtype)
     if cfg.mtp_distill:  # only the MTP modules learn; their output heads stay the main model's
         model = with_mtp_module(model, seed=cfg.seed)
@@ -89,7 +92,7 @@ def train(*, params: str | None = None, config: str | Path | None = None, data: 
         (d / "train_config.json").write_text(json.dumps(cfg.to_dict(), indent=1) + "\n")
 
     return train_loop(model, dataset, cfg, out, export=export, resume=resume, force=force, progress=progress,
-                      stop_after=stop_after)
+                      stop_after=stop_after, w=w)
 
 
 def describe(result: RunResult) -> str:
@@ -97,4 +100,15 @@ def describe(result: RunResult) -> str:
     val = f", validation loss {result.val.loss:.3f}" if result.val else ""
     return (f"{'interrupted at' if result.interrupted else 'finished'} step {result.step}: train loss "
             f"{result.train_loss:.3f}{val}, {result.tokens_per_s:.0f} tokens/s, peak memory "
-            f"{result.peak_memory_gb:.2f} GB; {result.run_dir} holds {format_bytes(result.run_bytes)}")
+            f"{result.peak_memory_gb:.2f} GB; {result.run_dir} holds {format_bytes(result.run_bytes)}"
+            + communication(result.history))
+
+
+def communication(history: list[dict]) -> str:
+    """', N ranks: B communicated per step in S' for a data-parallel run (the median step), else ''."""
+    steps = [r for r in history if "comm_bytes" in r]
+    if not steps:
+        return ""
+    mid = sorted(steps, key=lambda r: r["comm_s"])[len(steps) // 2]
+    return (f"; {mid['ranks']} ranks: {format_bytes(mid['comm_bytes'])} all-summed per step in "
+            f"{mid['comm_s'] * 1e3:.0f} ms")

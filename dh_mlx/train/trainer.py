@@ -18,7 +18,6 @@ from typing import Callable
 
 import mlx.core as mx
 import mlx.nn as nn
-import numpy as np
 from mlx.utils import tree_flatten, tree_map
 
 from .. import backend
@@ -28,12 +27,14 @@ from ..checkpoint.training import (CheckpointWriteError, RunLock, latest_checkpo
                          save_checkpoint)
 from .config import TrainConfig
 from .optim import AdamW, make_optimizer
-from .data import Batch as NpBatch, Dataset
-from .interrupt import StopRequest, stop_on_signals
+from .data import Dataset
+from .distributed import (Reducer, World, any_rank, broadcast, broadcast_json, global_counts, on_main, own_rows,
+                          world)
+from .evaluate import EvalResult, drop_domains, evaluate, to_mx
+from .interrupt import Interrupted, StopRequest, stop_on_signals
 from ..outputs import format_bytes
 from .report import MetricsLog, directory_bytes, make_report
-from .loss import (Batch, alf_update, batch_counts, document_mask, expert_counts, greedy_next, imbalance,
-                   loss_parts, masked_ce, mtp_mask, mtp_output)
+from .loss import Batch, Counts, alf_update, batch_counts, imbalance, loss_parts
 
 
 class TrainingError(RuntimeError):
@@ -45,18 +46,6 @@ def moe_gates(model: Model) -> list[MoEGate]:
     return [l.mlp.gate for l in model.model.layers if isinstance(l.mlp, MoE)]
 
 
-def to_mx(b: NpBatch) -> Batch:
-    return Batch(*(mx.array(a) for a in b))
-
-
-def drop_domains(b: NpBatch, p: float, seed: int, step: int) -> NpBatch:
-    """Hide the domain of a seeded random share `p` of the rows (deterministic per step, so resume matches)."""
-    if p <= 0:
-        return b
-    hide = np.random.default_rng([seed, step, 7]).random(b.domain_ids.shape[0]) < p
-    return b._replace(domain_ids=np.where(hide[:, None], -1, b.domain_ids))
-
-
 @dataclass
 class StepFunctions:
     """Compiled pieces of one optimizer step; `state` is what they read and write besides their arguments.
@@ -66,6 +55,7 @@ class StepFunctions:
     grads: Callable  # (*batch) -> (loss, ce, mtp, balance, loads, grads)             [grad_accum > 1]
     apply: Callable  # (grads, loads) -> grad_norm
     state: list
+    shared_grads: Callable | None = None  # (tokens, mtp_tokens, *rows) -> as `grads`, shares of a global batch
     blas_threads: int | None = None  # threads per BLAS call while evaluating (None: as configured)
 
     def eval(self, *arrays) -> None:
@@ -77,11 +67,14 @@ class StepFunctions:
 AUTO = "auto"
 
 
-def build_steps(model: Model, optimizer: AdamW, cfg: TrainConfig, streams=AUTO) -> StepFunctions:
+def build_steps(model: Model, optimizer: AdamW, cfg: TrainConfig, streams=AUTO, global_rows: int | None = None
+                ) -> StepFunctions:
     """The compiled step functions. Given two `streams` (default: `backend.training_streams()`, the CPU's
     when MLX evaluates wide enough), the batch's rows are split in two halves, each half's forward and backward
     pass on its own stream, the BLAS one thread per call, and the halves' gradients summed: the same loss and
     gradients as one pass over the batch (the halves' losses are their shares of the batch's).
+    With `global_rows` (data-parallel), `shared_grads` gives this rank's rows' shares of a global batch of
+    that many rows, from its token counts.
     """
     gates = moe_gates(model)
     mtp_lambda = cfg.mtp_lambda if model.config.num_nextn_predict_layers else 0.0
@@ -100,8 +93,7 @@ def build_steps(model: Model, optimizer: AdamW, cfg: TrainConfig, streams=AUTO) 
     value_and_grad = nn.value_and_grad(model, loss_fn)
     state = [model.state, optimizer.state]
 
-    def halves_grads(*arrays):
-        counts = batch_counts(Batch(*arrays))
+    def halves_grads(counts, *arrays):
         h = (arrays[0].shape[0] + 1) // 2
         results = []
         for stream, rows in zip(streams.pair(), (slice(0, h), slice(h, None))):
@@ -120,76 +112,23 @@ def build_steps(model: Model, optimizer: AdamW, cfg: TrainConfig, streams=AUTO) 
                 g.e_score_correction_bias = b
         return norm
 
-    def grads(*arrays):
+    def grads(*arrays, counts=None):
         if streams is not None and arrays[0].shape[0] >= 2:
-            return halves_grads(*arrays)
-        (loss, parts), g = value_and_grad(model, None, *arrays)
+            return halves_grads(counts or batch_counts(Batch(*arrays)), *arrays)
+        (loss, parts), g = value_and_grad(model, counts, *arrays)
         return loss, parts.ce, parts.mtp, parts.balance, parts.loads, g
+
+    def shared_grads(tokens, mtp_tokens, *arrays):
+        return grads(*arrays, counts=Counts(tokens, mtp_tokens, global_rows))
 
     def step(*arrays):
         loss, ce, mtp, bal, loads, g = grads(*arrays)
         return loss, ce, mtp, bal, loads, apply(g, loads)
 
     compile_ = partial(mx.compile, inputs=state, outputs=state)
-    return StepFunctions(compile_(step), compile_(grads), compile_(apply), state, 1 if streams else None)
-
-
-@dataclass
-class EvalResult:
-    loss: float
-    tokens: int
-    imbalance: float | None
-    domain_load: list[list[float]] | None  # (domains + 1 for 'none', E): expert choices summed over MoE layers
-    # Share of MTP positions whose draft (the MTP module's argmax) is the main model's greedy token: what
-    # greedy `--mtp` decoding accepts, teacher-forced. None without MTP modules.
-    mtp_agreement: float | None = None
-
-
-def evaluate(model: Model, dataset: Dataset, cfg: TrainConfig, *, use_domains: bool = True) -> EvalResult:
-    """Validation cross-entropy and expert load over up to `eval_batches` batches (domain ids hidden unless
-    `use_domains`)."""
-    c = model.config
-    E = c.n_routed_experts or 0
-    n_dom = len(c.domain_routing.domains) if c.domain_routing else 0
-
-    def batch_stats(*arrays):
-        b = Batch(*arrays)
-        mask = document_mask(b.segment_ids)
-        out = model.forward(b.inputs, domain_ids=b.domain_ids, mask=mask)
-        ce_sum = masked_ce(out.logits, b.targets, b.loss_mask) * b.loss_mask.sum()
-        agree = mx.zeros((2,))
-        if c.num_nextn_predict_layers:
-            m = mtp_output(model, out.hidden, b, mask)
-            valid = mtp_mask(b.loss_mask)
-            agree = mx.stack([((mx.argmax(m.logits, axis=-1) == greedy_next(out.logits)) * valid).sum(), valid.sum()])
-        if not out.routing:
-            return ce_sum, b.loss_mask.sum(), mx.zeros((1, 1)), mx.zeros((1, 1)), agree
-        loads = mx.stack([expert_counts(r, b.loss_mask, E).sum(axis=0) for r in out.routing])  # (layers, E)
-        dom = (b.domain_ids[..., None] + 1 == mx.arange(n_dom + 1)) * b.loss_mask[..., None]  # (B, T, D+1)
-        hits = sum((r.indices[..., None] == mx.arange(E)).sum(axis=-2) for r in out.routing)  # (B, T, E)
-        per_domain = mx.einsum("btd,bte->de", dom.astype(mx.float32), hits.astype(mx.float32))
-        return ce_sum, b.loss_mask.sum(), loads, per_domain, agree
-
-    if len(dataset.valid) == 0:
-        return EvalResult(float("nan"), 0, None, None)
-    ce_total, n_total, loads_total, dom_total, agree_total = 0.0, 0.0, None, None, 0
-    it = dataset.valid_batches(cfg.batch_size)
-    for i, nb in enumerate(it):
-        if i >= cfg.eval_batches:
-            break
-        if not use_domains:
-            nb = drop_domains(nb, 1.0, 0, 0)
-        ce_sum, n, loads, per_domain, agree = batch_stats(*to_mx(nb))
-        mx.eval(ce_sum, n, loads, per_domain, agree)
-        agree_total = agree_total + np.array(agree)
-        ce_total += ce_sum.item()
-        n_total += n.item()
-        loads_total = loads if loads_total is None else loads_total + loads
-        dom_total = per_domain if dom_total is None else dom_total + per_domain
-    imb = imbalance(loads_total).item() if E else None
-    return EvalResult(ce_total / max(n_total, 1.0), int(n_total), imb,
-                      np.array(dom_total).tolist() if E else None,
-                      float(agree_total[0] / agree_total[1]) if c.num_nextn_predict_layers and agree_total[1] else None)
+    return StepFunctions(compile_(step), compile_(grads), compile_(apply), state,
+                         shared_grads=compile_(shared_grads) if global_rows else None,
+                         blas_threads=1 if streams else None)
 
 
 @dataclass
@@ -208,28 +147,31 @@ class RunResult:
 
 def train_loop(model: Model, dataset: Dataset, cfg: TrainConfig, run_dir: Path, *,
                export: Callable[[Path], None], resume: bool = False, force: bool = False, progress: bool = True,
-               stop_after: int | None = None) -> RunResult:
+               stop_after: int | None = None, w: World | None = None) -> RunResult:
     """Train `model` in place for `cfg.steps` optimizer steps, checkpointing into `run_dir`.
 
     `export(dir)` writes the usable result (model directory, or adapters) at each checkpoint. `stop_after` ends the run early
     after that many steps of this invocation, checkpointed like a Ctrl-C (used by the resume test).
+    Under `mlx.launch` (`w`, default: this process's world) the ranks train data-parallel (.distributed);
+    only rank 0 touches `run_dir`.
     """
-    run_dir.mkdir(parents=True, exist_ok=True)
-    lock = RunLock(run_dir)
+    w = w or world()
+    if w.main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    lock = RunLock(run_dir) if w.main else None
     try:
         with stop_on_signals() as stop:
             return _train(model, dataset, cfg, run_dir, export=export, resume=resume, force=force,
-                          progress=progress, stop_after=stop_after, stop=stop)
+                          progress=progress and w.main, stop_after=stop_after, stop=stop, w=w)
     finally:
-        lock.release()
+        if lock:
+            lock.release()
 
 
-def _train(model: Model, dataset: Dataset, cfg: TrainConfig, run_dir: Path, *, export: Callable[[Path], None],
-           resume: bool, force: bool, progress: bool, stop_after: int | None, stop: StopRequest) -> RunResult:
+def _restore(model: Model, optimizer: AdamW, batches, cfg: TrainConfig, run_dir: Path, *, resume: bool,
+             force: bool) -> int:
+    """Rank 0's start: the step to continue from (model, optimizer and data position restored), or 0."""
     remove_partial(run_dir)
-    optimizer = make_optimizer(cfg)
-    batches = dataset.train_batches(cfg.batch_size, seed=cfg.seed)
-    start = 0
     ckpt = latest_checkpoint(run_dir, report=True) if resume else None
     if resume and ckpt is None:
         raise TrainingError(f"{run_dir}: no checkpoint to resume from; drop --resume (with --force) to start afresh")
@@ -238,19 +180,45 @@ def _train(model: Model, dataset: Dataset, cfg: TrainConfig, run_dir: Path, *, e
         model.load_weights(list(_resumable_weights(model, ckpt).items()), strict=False)
         optimizer.state = opt_state
         batches.load_state_dict(state["data"])
-        start = state["step"]
         saved = state.get("train_config", {})
         changed = [f"{k} {saved[k]!r} -> {v!r}" for k, v in cfg.to_dict().items() if k in saved and saved[k] != v]
         if changed:  # allowed (e.g. more steps), but the schedule and data order follow the new values
             print(f"note: resuming {ckpt.name} with other training options: {', '.join(changed)}", file=sys.stderr)
-    elif (run_dir / "checkpoints").is_dir() and force:  # a fresh run in place of the old one, as asked
+        return state["step"]
+    if (run_dir / "checkpoints").is_dir() and force:  # a fresh run in place of the old one, as asked
         shutil.rmtree(run_dir / "checkpoints")
     elif (run_dir / "checkpoints").is_dir() and any((run_dir / "checkpoints").glob("step_*")):
         raise TrainingError(f"{run_dir} already holds a run; pass --resume to continue it, --force to start "
                             "afresh, or choose another --out")
+    return 0
+
+
+def _share_start(model: Model, optimizer: AdamW, batches, start: int, resume: bool, w: World) -> int:
+    """Every rank from rank 0's start: its trained weights, optimizer state and data position."""
+    start = broadcast_json(start, w)
+    if resume:
+        if not w.main:
+            optimizer.init(model.trainable_parameters())  # the shapes rank 0's loaded state fills
+        optimizer.state = broadcast(optimizer.state, w)
+    model.load_weights(list(broadcast(_changing_params(model), w).items()), strict=False)
+    state = broadcast_json(batches.state_dict(), w)
+    if not w.main:
+        batches.load_state_dict(state)
+    return start
+
+
+def _train(model: Model, dataset: Dataset, cfg: TrainConfig, run_dir: Path, *, export: Callable[[Path], None],
+           resume: bool, force: bool, progress: bool, stop_after: int | None, stop: StopRequest, w: World
+           ) -> RunResult:
+    optimizer = make_optimizer(cfg)
+    batches = dataset.train_batches(cfg.batch_size * w.size, seed=cfg.seed)  # the global batch, on every rank
+    start = on_main(w, _restore, model, optimizer, batches, cfg, run_dir, resume=resume, force=force) or 0
+    if w.size > 1:
+        start = _share_start(model, optimizer, batches, start, resume, w)
     mx.random.seed(cfg.seed + start)
-    log = MetricsLog(run_dir / "metrics.jsonl", start if resume else None)
-    fns = build_steps(model, optimizer, cfg)
+    log = MetricsLog(run_dir / "metrics.jsonl", start if resume else None) if w.main else None
+    fns = build_steps(model, optimizer, cfg, global_rows=cfg.batch_size * w.size if w.size > 1 else None)
+    reducer = Reducer(w)
     history: list[dict] = []
 
     # Where the data stood after the last completed step: a Ctrl-C inside a step must not skip its batches.
@@ -259,6 +227,8 @@ def _train(model: Model, dataset: Dataset, cfg: TrainConfig, run_dir: Path, *, e
     model_bytes = sum(v.nbytes for _, v in tree_flatten(model.parameters()))
 
     def checkpoint(step: int) -> None:
+        if not w.main:
+            return
         changing = _changing_params(model)
         need = sum(v.nbytes for v in changing.values()) + model_bytes + sum(
             v.nbytes for _, v in tree_flatten(optimizer.state) if isinstance(v, mx.array))
@@ -275,23 +245,39 @@ def _train(model: Model, dataset: Dataset, cfg: TrainConfig, run_dir: Path, *, e
                                        f"{step} is intact: --resume") from None
 
     bar = make_report(cfg.steps, start) if progress else None
-    tokens_per_step = cfg.batch_size * cfg.seq_len * cfg.grad_accum
+    tokens_per_step = cfg.batch_size * cfg.seq_len * cfg.grad_accum * w.size
     step, last_loss, tps, interrupted, stopped_by = start, float("nan"), 0.0, False, None
     val = None
     mx.reset_peak_memory()
     tic = time.perf_counter()
 
-    def next_batch(micro: int) -> Batch:
-        return to_mx(drop_domains(next(batches), cfg.domain_dropout, cfg.seed, step * cfg.grad_accum + micro))
+    def next_batch(micro: int):
+        return drop_domains(next(batches), cfg.domain_dropout, cfg.seed, step * cfg.grad_accum + micro)
+
+    def shared_step():
+        """This rank's shares of the global batch, summed over the ranks in a few all_sums, then the update."""
+        g_sum, loads, sums = None, 0, [0.0] * 4
+        for micro in range(cfg.grad_accum):
+            nb = next_batch(micro)
+            *values, loads_i, g = fns.shared_grads(*global_counts(nb), *to_mx(own_rows(nb, w)))
+            g_sum = g if g_sum is None else tree_map(mx.add, g_sum, g)
+            loads = loads + loads_i
+            sums = [a + v for a, v in zip(sums, values)]
+        fns.eval(g_sum, loads, *sums)
+        g_sum, loads, sums = reducer.sum([g_sum, loads, sums])
+        return (*(v / cfg.grad_accum for v in sums), loads,
+                fns.apply(tree_map(lambda x: x / cfg.grad_accum, g_sum), loads))
 
     try:
         while step < cfg.steps:
-            if cfg.grad_accum == 1:
-                loss, ce, mtp, bal, loads, norm = fns.step(*next_batch(0))
+            if w.size > 1:
+                loss, ce, mtp, bal, loads, norm = shared_step()
+            elif cfg.grad_accum == 1:
+                loss, ce, mtp, bal, loads, norm = fns.step(*to_mx(next_batch(0)))
             else:
                 g_sum, loads, sums = None, 0, [0.0] * 4
                 for micro in range(cfg.grad_accum):
-                    *values, loads_i, g = fns.grads(*next_batch(micro))
+                    *values, loads_i, g = fns.grads(*to_mx(next_batch(micro)))
                     g_sum = g if g_sum is None else tree_map(mx.add, g_sum, g)
                     loads = loads + loads_i
                     sums = [a + v for a, v in zip(sums, values)]
@@ -310,11 +296,14 @@ def _train(model: Model, dataset: Dataset, cfg: TrainConfig, run_dir: Path, *, e
             record = {"step": step, "loss": loss.item(), "ce": last_loss, "mtp": mtp.item(), "balance": bal.item(),
                       "lr": float(optimizer.learning_rate.item()), "grad_norm": norm.item(), "tokens_per_s": tps,
                       "imbalance": imbalance(loads).item() if loads.size > 1 and loads.sum().item() > 0 else None}
+            if w.size > 1:
+                record.update(ranks=w.size, **reducer.take())
             if (step % cfg.eval_every == 0 or step == cfg.steps) and len(dataset.valid):
-                val = evaluate(model, dataset, cfg)
+                val = evaluate(model, dataset, cfg, w=w)
                 record.update(val_loss=val.loss, val_ppl=math.exp(min(val.loss, 50)), val_imbalance=val.imbalance,
                               val_mtp_agreement=val.mtp_agreement, domain_load=val.domain_load)
-            log.write(record)
+            if log:
+                log.write(record)
             history.append(record)
             if bar:
                 bar.update(step, record)
@@ -324,6 +313,8 @@ def _train(model: Model, dataset: Dataset, cfg: TrainConfig, run_dir: Path, *, e
                 checkpoint(step)
                 interrupted = True
                 break
+            if step < cfg.steps and w.size > 1 and any_rank(stop.signum is not None, w):
+                raise Interrupted(stop.signum or signal.SIGTERM)  # every rank stops at the same step
             if step < cfg.steps:
                 stop.check()  # between steps: the weights, the data position and the step number agree
     except KeyboardInterrupt as e:
@@ -335,7 +326,7 @@ def _train(model: Model, dataset: Dataset, cfg: TrainConfig, run_dir: Path, *, e
         if bar:
             bar.stop()
     return RunResult(step, last_loss, val, tps, mx.get_peak_memory() / 1e9, interrupted, history,
-                     run_dir, directory_bytes(run_dir), stopped_by)
+                     run_dir, directory_bytes(run_dir) if w.main else 0, stopped_by)
 
 
 def _resumable_weights(model: Model, ckpt: Path) -> dict[str, mx.array]:
