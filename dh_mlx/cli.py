@@ -9,6 +9,8 @@ from typing import Optional
 
 import typer
 
+from .cli_convert import QDTYPE_HELP, convert_app, wrote
+
 app = typer.Typer(add_completion=False, help="Darkhorse Genesis on MLX: a DeepSeek-V3-style MoE with latent attention.")
 
 
@@ -198,13 +200,26 @@ def _fail(message: str) -> None:
 @app.command()
 def info(params: Optional[str] = typer.Option(None, help="size preset (tiny, 1b, 5b, 30b, 500b)"),
          model: Optional[Path] = typer.Option(None, help="model directory with config.json"),
-         as_json: bool = typer.Option(False, "--json", help="print one JSON object")) -> None:
-    """Parameters (total/active/MTP), KV cache and weight memory, compared with dense models of similar size."""
+         as_json: bool = typer.Option(False, "--json", help="print one JSON object"),
+         plan: bool = typer.Option(False, "--plan", help="estimate layouts over several machines (training: "
+                                                         "data-parallel, FSDP, pipeline; serving)"),
+         machines: int = typer.Option(2, help="with --plan: how many machines"),
+         memory: float = typer.Option(192.0, help="with --plan: memory per machine, GB"),
+         link: str = typer.Option("thunderbolt5", help="with --plan: 10gbe, thunderbolt5, infiniband or nvlink")
+         ) -> None:
+    """Parameters (total/active/MTP), KV cache and weight memory, compared with dense models of similar size;
+    with --plan, memory per rank and bytes per step of multi-machine layouts (estimates)."""
     from .info import format_info, model_info
     from .config import resolve_config
     config = resolve_config(params, model, flag="--model")
+    title = str(model or f"preset {params or 'tiny'}")
+    if plan:
+        from .plan import format_plan, plan as make_plan
+        data = make_plan(config, machines=machines, memory_gb=memory, link=link)
+        typer.echo(json.dumps(data) if as_json else format_plan(data, title))
+        return
     data = model_info(config)
-    typer.echo(json.dumps(data) if as_json else format_info(data, str(model or f"preset {params or 'tiny'}")))
+    typer.echo(json.dumps(data) if as_json else format_info(data, title))
 
 
 tokenizer_app = typer.Typer(add_completion=False, help="Train a SentencePiece tokenizer.")
@@ -288,9 +303,6 @@ def plot(run_dir: Path = typer.Argument(..., help="a training run directory (hol
         typer.echo(str(p))
 
 
-QDTYPE_HELP = "float32, bfloat16 or float16 for the scales and unquantized tensors (default: the source's)"
-
-
 @app.command()
 def quantize(model: Path = typer.Option(..., help="float model directory"),
              out: Path = typer.Option(..., help="directory for the quantized model"),
@@ -305,13 +317,8 @@ def quantize(model: Path = typer.Option(..., help="float model directory"),
     """Write an MLX-quantized copy of a model directory (config.json `quantization` block, as mlx-lm writes it),
     one decoder layer in memory at a time."""
     from .checkpoint.quantized import quantize as run
-    _wrote(out, run(model, out, bits=bits, group_size=group_size, recipe=recipe, mtp=mtp, dtype=dtype,
+    wrote(out, run(model, out, bits=bits, group_size=group_size, recipe=recipe, mtp=mtp, dtype=dtype,
                     force=force))
-
-
-def _wrote(out: Path, s: dict) -> None:
-    typer.echo(f"wrote {out}: {s['bits_per_weight']:.2f} bits per weight, {s['bytes'] / 1e6:.1f} MB "
-               f"(from {s['source_bytes'] / 1e6:.1f} MB)", err=True)
 
 
 @app.command()
@@ -370,75 +377,7 @@ def fuse(model: Path = typer.Option(..., help="base model directory"),
     typer.echo(f"wrote {out}", err=True)
 
 
-convert_app = typer.Typer(add_completion=False, help="Convert to GGUF (llama.cpp), mlx-lm's quantized format or an "
-                                                     "HF/vLLM directory, or import PyTorch weights.")
 app.add_typer(convert_app, name="convert")
-
-
-@convert_app.command("gguf")
-def convert_gguf(model: Path = typer.Option(..., help="model directory (config.json, safetensors, tokenizer.model)"),
-                 out: Path = typer.Option(..., help="the .gguf file to write"),
-                 outtype: str = typer.Option("f16", help="f32, f16, bf16 or q8_0 (the quantizer's input with "
-                                                         "--quantize)"),
-                 quantize: Optional[str] = typer.Option(None, help="Q4_K_M, Q5_K_M or Q8_0 with llama.cpp's own "
-                                                                  "quantizer (needs llama-cpp-python)"),
-                 mtp: bool = typer.Option(True, "--mtp/--no-mtp", help="write the MTP layers (llama.cpp nextn)"),
-                 force: bool = typer.Option(False, help="replace an existing --out file")) -> None:
-    """Write a GGUF file for llama.cpp's deepseek2 architecture."""
-    from .convert import export_gguf
-    path = export_gguf(model, out, outtype=outtype, quantize=quantize, mtp=mtp, force=force)
-    typer.echo(f"wrote {path}: {quantize or outtype} ({path.stat().st_size / 1e6:.1f} MB)", err=True)
-
-
-@convert_app.command("mlx")
-def convert_mlx(model: Path = typer.Option(..., help="model directory or hub repo id (float or FP8)"),
-                out: Path = typer.Option(..., help="directory for the quantized model"),
-                bits: int = typer.Option(4, help="bits per weight: 4 or 8 (also 2, 3, 5, 6)"),
-                group_size: int = typer.Option(64, help="values sharing a scale and bias: 32, 64 or 128"),
-                recipe: str = typer.Option("uniform", help="uniform, or mixed (8 bits for lm_head, embedding, "
-                                                           "first and last layers)"),
-                mtp: bool = typer.Option(False, "--mtp/--no-mtp", help="keep the MTP modules (mlx-lm cannot load "
-                                                                     "them)"),
-                dtype: Optional[str] = typer.Option(None, help=QDTYPE_HELP),
-                force: bool = typer.Option(False, help="write over an existing, non-empty output")) -> None:
-    """Write an mlx-lm model directory quantized to --bits, one decoder layer in memory at a time."""
-    from .checkpoint.quantized import convert_mlx as run
-    _wrote(out, run(model, out, bits=bits, group_size=group_size, recipe=recipe, mtp=mtp, dtype=dtype,
-                    force=force))
-
-
-@convert_app.command("hf")
-def convert_hf(model: Path = typer.Option(..., help="model directory"),
-               out: Path = typer.Option(..., help="output directory (transformers / vLLM)"),
-               mtp: bool = typer.Option(True, "--mtp/--no-mtp", help="keep the MTP layers (vLLM speculative "
-                                                                     "decoding)"),
-               dtype: Optional[str] = typer.Option(None, help="float32, bfloat16 or float16 (default: as stored)"),
-               shard_gb: float = typer.Option(5.0, help="maximum safetensors shard size in GB"),
-               force: bool = typer.Option(False, help="write over an existing, non-empty output")) -> None:
-    """Write a Hugging Face DeepseekV3ForCausalLM directory: sharded safetensors, tokenizer, generation config."""
-    from .convert import export_hf
-    export_hf(model, out, mtp=mtp, dtype=dtype, max_shard_bytes=int(shard_gb * 1e9), force=force)
-    typer.echo(f"wrote {out}", err=True)
-
-
-@convert_app.command("import")
-def convert_import(input: Path = typer.Option(..., help=".pt/.bin state_dict, .safetensors, TorchScript .pt/.ot, "
-                                                        "or torch.export .pt2"),
-                   config: Optional[Path] = typer.Option(None, help="config.json (a .pt2 carries its own)"),
-                   out: Path = typer.Option(..., help="model directory to write"),
-                   tokenizer: Optional[Path] = typer.Option(None, help="directory whose tokenizer to copy along"),
-                   dtype: Optional[str] = typer.Option(None, help="float32, bfloat16 or float16 (default: as "
-                                                                  "stored)"),
-                   trust_code: bool = typer.Option(False, help="read TorchScript / torch.export archives with "
-                                                               "PyTorch's loaders, which RUN CODE from the file: "
-                                                               "only for a file you trust"),
-                   force: bool = typer.Option(False, help="write over an existing, non-empty output")) -> None:
-    """Import PyTorch weights (our names or DeepSeek's official ones) as a model directory; nothing in the file
-    runs unless --trust-code."""
-    from .convert import import_checkpoint
-    import_checkpoint(input, out, config=config, tokenizer=tokenizer, dtype=dtype, trust_code=trust_code,
-                      force=force)
-    typer.echo(f"wrote {out}", err=True)
 
 
 def main() -> None:
