@@ -43,3 +43,20 @@ def load_preset_model(name: str, *, seed: int = 0, dtype: str | None = None, bit
         print(f"note: preset {name!r} with random (untrained) weights, seed {seed}; output is noise until "
               "trained (dh-mlx train)", file=sys.stderr)
     return model, tokenizer
+
+
+def load_pipelined(path: str | Path, *, dtype: str | None = None) -> tuple[Any, Any]:
+    """(this rank's part of the model, tokenizer) for pipeline-parallel generation under `mlx.launch`: the
+    decoder layers split evenly over the ranks, each rank reading only its own weights
+    (`generation.pipeline`)."""
+    import mlx.core as mx
+    from .device import compute_dtype
+    from .generation.pipeline import PipelineModel, split_layers
+    backend.setup()
+    group = mx.distributed.init()
+    path = resolve_path(path)
+    config = load_config(path)
+    own = split_layers(config.num_hidden_layers, group.size())[group.rank()]
+    tokenizer = _tokenizer(path, config.vocab_size)
+    model = load_model(path, dtype=dtype, layers=own)
+    return PipelineModel(model, group, own, compute_dtype(dtype)), tokenizer

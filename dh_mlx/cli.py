@@ -10,6 +10,7 @@ from typing import Optional
 import typer
 
 from .cli_convert import QDTYPE_HELP, convert_app, wrote
+from .cli_generate import _domain, _generate, _load_for_generation, _read_prompt, _report, _stream
 
 app = typer.Typer(add_completion=False, help="Darkhorse Genesis on MLX: a DeepSeek-V3-style MoE with latent attention.")
 
@@ -24,92 +25,6 @@ def root(ctx: typer.Context,
         typer.echo(ctx.get_help())
         return
     _generate(prompt=prompt)
-
-
-def _load_for_generation(model: Optional[Path], params: Optional[str], seed: int, dtype: Optional[str],
-                         adapter: Optional[Path], bits: Optional[int] = None, group_size: int = 64):
-    from .api import load, load_preset_model
-    from .config import DEFAULT_PRESET
-    if params and model:
-        _fail("give either --params or --model, not both")
-    if model:
-        m, tok = load(model, dtype=dtype, bits=bits, group_size=group_size)
-    else:
-        m, tok = load_preset_model(params or DEFAULT_PRESET, seed=seed, dtype=dtype, bits=bits,
-                                   group_size=group_size)
-    if adapter:
-        from .lora import load_adapters
-        load_adapters(m, adapter)
-    if tok is None:
-        _fail(f"{model}: no tokenizer.model or tokenizer.json in the model directory")
-    return m, tok
-
-
-def _domain(m, domain: Optional[str]) -> Optional[int]:
-    if not domain:
-        return None
-    if m.config.domain_routing is None:
-        _fail("--domain needs a model with a domain_routing block in its config.json")
-    return m.config.domain_routing.domain_id(domain)
-
-
-def _stream(responses, stream: bool) -> str:
-    """Write the pieces to stdout as they come (or all at the end); returns the text."""
-    pieces: list[str] = []
-    for r in responses:
-        pieces.append(r.text)
-        if stream:
-            sys.stdout.write(r.text)
-            sys.stdout.flush()
-    sys.stdout.write(("" if stream else "".join(pieces)) + "\n")
-    sys.stdout.flush()
-    return "".join(pieces)
-
-
-def _report(stats) -> None:
-    typer.echo(f"prompt: {stats.prompt_tokens} tokens, {stats.prompt_tps:.1f} tokens/s | generation: "
-               f"{stats.generation_tokens} tokens, {stats.generation_tps:.1f} tokens/s | peak memory "
-               f"{stats.peak_memory_gb:.2f} GB", err=True)
-    if stats.acceptance_rate is not None:
-        typer.echo(f"MTP draft acceptance: {stats.accepted}/{stats.drafted} = {stats.acceptance_rate:.1%} "
-                   f"({stats.draft_summary})", err=True)
-
-
-def _generate(*, prompt: str, model: Optional[Path] = None, params: Optional[str] = None, max_tokens: int = 100,
-              temp: float = 0.0, top_p: float = 1.0, top_k: int = 0, min_p: float = 0.0,
-              repetition_penalty: float = 1.0, seed: int = 0, domain: Optional[str] = None,
-              mtp: Optional[bool] = None, prefill_step_size: int = 512, dtype: Optional[str] = None,
-              adapter: Optional[Path] = None, stream: bool = True, chat: bool = False,
-              system: Optional[str] = None, bits: Optional[int] = None, group_size: int = 64) -> None:
-    from .chat import messages
-    from .generation import GenerationStats, stream_generate
-    if system and not chat:
-        _fail("--system needs --chat (it is the chat template's system message)")
-    m, tok = _load_for_generation(model, params, seed, dtype, adapter, bits, group_size)
-    ids = tok.encode_chat(messages(prompt, system)) if chat else prompt
-    stats = GenerationStats()
-    _stream(stream_generate(m, tok, ids, max_tokens=max_tokens, temp=temp, top_p=top_p, top_k=top_k, min_p=min_p,
-                            repetition_penalty=repetition_penalty, seed=seed, domain=_domain(m, domain), mtp=mtp,
-                            prefill_step_size=prefill_step_size, stats=stats), stream)
-    _report(stats)
-
-
-def _read_prompt(prompt: Optional[str], prompt_file: Optional[Path]) -> str:
-    """The prompt from --prompt (`-`: standard input) or --prompt-file, as valid UTF-8 text."""
-    if (prompt is None) == (prompt_file is None):
-        _fail("give the prompt with --prompt TEXT (or - for standard input) or --prompt-file PATH")
-    where = f"--prompt-file {prompt_file}" if prompt_file else "standard input" if prompt == "-" else "--prompt"
-    if prompt_file is not None or prompt == "-":
-        data = prompt_file.read_bytes() if prompt_file else sys.stdin.buffer.read()
-        try:
-            return data.decode("utf-8")
-        except UnicodeDecodeError as e:
-            _fail(f"{where}: byte 0x{data[e.start]:02X} at offset {e.start} is not UTF-8")
-    for i, ch in enumerate(prompt):  # undecodable argument bytes arrive as U+DC80..U+DCFF (surrogateescape)
-        if 0xD800 <= ord(ch) <= 0xDFFF:
-            byte = f"byte 0x{ord(ch) - 0xDC00:02X}" if ord(ch) >= 0xDC80 else f"U+{ord(ch):04X}"
-            _fail(f"{where}: {byte} at offset {i} is not UTF-8 text")
-    return prompt
 
 
 BITS_HELP = "quantize a float or FP8 model to this many bits as it loads (4 or 8; also 2, 3, 5, 6)"
@@ -137,12 +52,15 @@ def generate(prompt: Optional[str] = typer.Option(None, help="the prompt text; -
              chat: bool = typer.Option(False, "--chat", help="apply the model's chat template to the prompt"),
              system: Optional[str] = typer.Option(None, help="with --chat: the system message"),
              bits: Optional[int] = typer.Option(None, help=BITS_HELP),
-             group_size: int = typer.Option(64, help="with --bits: values sharing a scale and bias")) -> None:
+             group_size: int = typer.Option(64, help="with --bits: values sharing a scale and bias"),
+             pipeline: bool = typer.Option(False, "--pipeline", help="under mlx.launch: split the decoder layers "
+                                                                     "over the ranks, each loading only its own")
+             ) -> None:
     """Generate text; stdout carries the text alone, speed and memory go to stderr."""
     _generate(prompt=_read_prompt(prompt, prompt_file), model=model, params=params, max_tokens=max_tokens, temp=temp, top_p=top_p,
               top_k=top_k, min_p=min_p, repetition_penalty=repetition_penalty, seed=seed, domain=domain, mtp=mtp,
               prefill_step_size=prefill_step_size, dtype=dtype, adapter=adapter, stream=stream, chat=chat,
-              system=system, bits=bits, group_size=group_size)
+              system=system, bits=bits, group_size=group_size, pipeline=pipeline)
 
 
 @app.command("chat")
@@ -190,11 +108,6 @@ def _exit_if_stopped(signum: int | None) -> None:
     typer.echo("continue with: " + shlex.join(["dh-mlx", *args, *([] if "--resume" in args else ["--resume"])]),
                err=True)
     raise typer.Exit(128 + int(signum))
-
-
-def _fail(message: str) -> None:
-    typer.echo(f"error: {message}", err=True)
-    raise typer.Exit(1)
 
 
 @app.command()

@@ -5,11 +5,13 @@ Each transform between the file layout and our modules is one small function.
 
 from __future__ import annotations
 
+import re
 import shutil
 from pathlib import Path
 from typing import Callable
 
 import mlx.core as mx
+import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_map_with_path
 
 from .. import backend
@@ -38,16 +40,17 @@ def dequantize_kv_b_proj(w: dict, config: ModelConfig) -> dict:
 
 
 # ---- reading and writing -----------------------------------------------------------------------------------
-def read_weights(path: Path, config: ModelConfig | None = None, dtype: mx.Dtype = mx.float32) -> dict[str, mx.array]:
-    """The directory's tensors as stored; with `config`, FP8 block-scaled weights come back dequantized to
-    `dtype`, one at a time."""
+def read_weights(path: Path, config: ModelConfig | None = None, dtype: mx.Dtype = mx.float32,
+                 keep: Callable[[str], bool] | None = None) -> dict[str, mx.array]:
+    """The directory's tensors as stored (those `keep` accepts; none is read before), FP8 block-scaled
+    weights, with `config`, dequantized to `dtype` one at a time."""
     weights: dict[str, mx.array] = {}
     dtypes: dict[str, str] = {}
     for f in safetensors_files(path):
         header = read_safetensors_header(f)  # before MLX reads it
         dtypes.update({k: v["dtype"] for k, v in header.items() if k != "__metadata__"})
         try:
-            weights.update(mx.load(str(f)))
+            weights.update((k, v) for k, v in mx.load(str(f)).items() if keep is None or keep(k))  # lazy
         except Exception as e:  # MLX raises RuntimeError/ValueError on truncated or corrupt files
             raise CheckpointError(f"{f}: cannot read safetensors file (truncated or corrupt?): {e}") from None
     block = None if config is None else fp8_blocks(config, path)
@@ -195,27 +198,68 @@ def memory_check(dtype: str | None, what: str, qc: QuantConfig | None = None) ->
     return check
 
 
+class Absent(nn.Module):
+    """Where a module another pipeline rank holds would be (no parameters; never called)."""
+
+
+def owned_by(layers: range, config: ModelConfig) -> Callable[[str], bool]:
+    """Which tensors a pipeline rank holding decoder `layers` reads: theirs, the embedding on the first rank
+    (and on the last when the head is tied to it), the final norm and head on the last; no MTP layers."""
+    n = config.num_hidden_layers
+
+    def keep(name: str) -> bool:
+        m = re.match(r"model\.layers\.(\d+)\.", name)
+        if m:
+            return int(m[1]) in layers
+        if name.startswith("model.embed_tokens."):
+            return layers.start == 0 or (config.tie_word_embeddings and layers.stop == n)
+        return layers.stop == n
+    return keep
+
+
+def _prune(model: Model, keep: Callable[[str], bool]) -> None:
+    m = model.model
+    for i in range(len(m.layers)):
+        if not keep(f"model.layers.{i}.x"):
+            m.layers[i] = Absent()
+    for owner, name in ((m, "embed_tokens"), (m, "norm"), (model, "lm_head")):
+        prefix = "" if owner is model else "model."
+        if name in owner and not keep(f"{prefix}{name}.weight"):
+            setattr(owner, name, Absent())
+
+
 def load_model(path: str | Path, *, dtype: str | None = None, bits: int | None = None, group_size: int = 64,
-               recipe: str = "uniform") -> Model:
+               recipe: str = "uniform", layers: range | None = None) -> Model:
     """Read a model directory (config.json + safetensors, HF DeepSeek-V3 names) or a hub repo id; sets the
     backend up (`backend.setup()`), as `dh_mlx.load` does. With `bits`, a float (or FP8) checkpoint is
     quantized as it is read, one layer at a time (as `dh-mlx quantize` would write it), so only the
-    quantized model has to fit in memory."""
+    quantized model has to fit in memory. With `layers` (a pipeline rank's), only those decoder layers and
+    what `owned_by` adds are read; the other modules are `Absent`."""
     backend.setup()
     dt = compute_dtype(dtype)
     qc = QuantConfig(bits, group_size, recipe) if bits else None
+    if qc is not None and layers is not None:
+        raise ValueError("--bits with --pipeline: quantize the model first (dh-mlx quantize), then run the "
+                         "quantized copy in the pipeline")
     path = resolve_path(path, before_download=memory_check(dtype, str(path), qc))
     config = load_config(path)
-    memory_check(dtype, str(path), qc)(path)
+    keep = None
+    if layers is None:
+        memory_check(dtype, str(path), qc)(path)
+    else:
+        config = config.replace(num_nextn_predict_layers=0)
+        keep = owned_by(layers, config)
     if qc is not None:
         config, weights = quantized_weights(path, config, qc, dt)
     else:
-        weights = read_weights(path, config, dt)
+        weights = read_weights(path, config, dt, keep)
         check_values(weights, path)
         config = dequantized_config(config)  # FP8 weights are float now
-        config = config_for_tensors(config, weights, path)
+        config = config_for_tensors(config, weights, path) if keep is None else config
         weights = dequantize_kv_b_proj(to_memory_layout(weights, config, mx.stack), config)
-    model = Model(config)
+    model = Model(config)  # unevaluated: the modules pruned away never take memory
+    if keep is not None:
+        _prune(model, keep)
     quantization = config.extra.get("quantization")  # mlx-lm's block: {"group_size", "bits", per-layer overrides}
     if quantization is not None:
         quantize_like(model, quantization, weights)

@@ -105,7 +105,7 @@ def generate_tokens(model: Model, prompt_ids: list[int], *, max_tokens: int = 25
             break
         token = ahead
     # The cache holds every token fed so far (not the last one when max_tokens ended the run).
-    pc.tokens = pc.tokens[: pc.cache[0].offset]
+    pc.tokens = pc.tokens[: max(c.offset for c in pc.cache)]  # (a pipeline rank fills only its layers' caches)
     stats.generation_tps = stats.generation_tokens / max(time.perf_counter() - tic, 1e-9)
     stats.peak_memory_gb = mx.get_peak_memory() / 1e9
 

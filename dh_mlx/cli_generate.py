@@ -1,0 +1,128 @@
+"""What `dh-mlx generate` and `dh-mlx chat` share: loading (one process or a pipeline rank), streaming the
+text, the stats line, reading the prompt; and the one-line failure every command uses."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+
+def _fail(message: str) -> None:
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(1)
+
+
+def _load_for_generation(model: Optional[Path], params: Optional[str], seed: int, dtype: Optional[str],
+                         adapter: Optional[Path], bits: Optional[int] = None, group_size: int = 64):
+    from .api import load, load_preset_model
+    from .config import DEFAULT_PRESET
+    if params and model:
+        _fail("give either --params or --model, not both")
+    if model:
+        m, tok = load(model, dtype=dtype, bits=bits, group_size=group_size)
+    else:
+        m, tok = load_preset_model(params or DEFAULT_PRESET, seed=seed, dtype=dtype, bits=bits,
+                                   group_size=group_size)
+    if adapter:
+        from .lora import load_adapters
+        load_adapters(m, adapter)
+    if tok is None:
+        _fail(f"{model}: no tokenizer.model or tokenizer.json in the model directory")
+    return m, tok
+
+
+def _domain(m, domain: Optional[str]) -> Optional[int]:
+    if not domain:
+        return None
+    if m.config.domain_routing is None:
+        _fail("--domain needs a model with a domain_routing block in its config.json")
+    return m.config.domain_routing.domain_id(domain)
+
+
+def _stream(responses, stream: bool) -> str:
+    """Write the pieces to stdout as they come (or all at the end); returns the text."""
+    pieces: list[str] = []
+    for r in responses:
+        pieces.append(r.text)
+        if stream:
+            sys.stdout.write(r.text)
+            sys.stdout.flush()
+    sys.stdout.write(("" if stream else "".join(pieces)) + "\n")
+    sys.stdout.flush()
+    return "".join(pieces)
+
+
+def _report(stats) -> None:
+    typer.echo(f"prompt: {stats.prompt_tokens} tokens, {stats.prompt_tps:.1f} tokens/s | generation: "
+               f"{stats.generation_tokens} tokens, {stats.generation_tps:.1f} tokens/s | peak memory "
+               f"{stats.peak_memory_gb:.2f} GB", err=True)
+    if stats.acceptance_rate is not None:
+        typer.echo(f"MTP draft acceptance: {stats.accepted}/{stats.drafted} = {stats.acceptance_rate:.1%} "
+                   f"({stats.draft_summary})", err=True)
+
+
+def _generate(*, prompt: str, model: Optional[Path] = None, params: Optional[str] = None, max_tokens: int = 100,
+              temp: float = 0.0, top_p: float = 1.0, top_k: int = 0, min_p: float = 0.0,
+              repetition_penalty: float = 1.0, seed: int = 0, domain: Optional[str] = None,
+              mtp: Optional[bool] = None, prefill_step_size: int = 512, dtype: Optional[str] = None,
+              adapter: Optional[Path] = None, stream: bool = True, chat: bool = False,
+              system: Optional[str] = None, bits: Optional[int] = None, group_size: int = 64,
+              pipeline: bool = False) -> None:
+    from .chat import messages
+    from .generation import GenerationStats, stream_generate
+    if system and not chat:
+        _fail("--system needs --chat (it is the chat template's system message)")
+    main, extra = True, {}
+    if pipeline:
+        m, tok = _load_pipelined(model, params, dtype, adapter, bits, mtp)
+        main, extra = m.rank == 0, {"mtp": False, "compile_step": False}
+    else:
+        m, tok = _load_for_generation(model, params, seed, dtype, adapter, bits, group_size)
+        extra = {"mtp": mtp}
+    ids = tok.encode_chat(messages(prompt, system)) if chat else prompt
+    stats = GenerationStats()
+    pieces = stream_generate(m, tok, ids, max_tokens=max_tokens, temp=temp, top_p=top_p, top_k=top_k, min_p=min_p,
+                             repetition_penalty=repetition_penalty, seed=seed, domain=_domain(m, domain),
+                             prefill_step_size=prefill_step_size, stats=stats, **extra)
+    if not main:  # every rank runs the loop; rank 0 alone prints
+        for _ in pieces:
+            pass
+        return
+    _stream(pieces, stream)
+    _report(stats)
+
+
+def _load_pipelined(model, params, dtype, adapter, bits, mtp):
+    from .api import load_pipelined
+    from .outputs import format_bytes
+    from mlx.utils import tree_flatten
+    if params or not model or adapter or bits or mtp:
+        _fail("--pipeline runs a model directory (--model) as it is: no --params, --adapter, --bits or --mtp")
+    m, tok = load_pipelined(model, dtype=dtype)
+    if tok is None:
+        _fail(f"{model}: no tokenizer.model or tokenizer.json in the model directory")
+    held = sum(v.nbytes for _, v in tree_flatten(m.inner.parameters()))
+    typer.echo(f"pipeline rank {m.rank} of {m.size}: decoder layers {m.own.start}-{m.own.stop - 1}, weights "
+               f"{format_bytes(held)} ({held} bytes)", err=True)
+    return m, tok
+
+
+def _read_prompt(prompt: Optional[str], prompt_file: Optional[Path]) -> str:
+    """The prompt from --prompt (`-`: standard input) or --prompt-file, as valid UTF-8 text."""
+    if (prompt is None) == (prompt_file is None):
+        _fail("give the prompt with --prompt TEXT (or - for standard input) or --prompt-file PATH")
+    where = f"--prompt-file {prompt_file}" if prompt_file else "standard input" if prompt == "-" else "--prompt"
+    if prompt_file is not None or prompt == "-":
+        data = prompt_file.read_bytes() if prompt_file else sys.stdin.buffer.read()
+        try:
+            return data.decode("utf-8")
+        except UnicodeDecodeError as e:
+            _fail(f"{where}: byte 0x{data[e.start]:02X} at offset {e.start} is not UTF-8")
+    for i, ch in enumerate(prompt):  # undecodable argument bytes arrive as U+DC80..U+DCFF (surrogateescape)
+        if 0xD800 <= ord(ch) <= 0xDFFF:
+            byte = f"byte 0x{ord(ch) - 0xDC00:02X}" if ord(ch) >= 0xDC80 else f"U+{ord(ch):04X}"
+            _fail(f"{where}: {byte} at offset {i} is not UTF-8 text")
+    return prompt
