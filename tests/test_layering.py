@@ -111,7 +111,8 @@ def test_no_module_global_is_rebound_outside_the_backend():
             assert not any(isinstance(node, ast.Global) for node in ast.walk(ast.parse(p.read_text()))), n
 
 
-@pytest.mark.parametrize("module", ["dh_mlx", "dh_mlx.torch", "dh_mlx.config", "dh_mlx.checkpoint.layout"])
+@pytest.mark.parametrize("module", ["dh_mlx", "dh_mlx.torch", "dh_mlx.torch.train", "dh_mlx.config",
+                                    "dh_mlx.checkpoint.layout"])
 def test_importing_imports_no_mlx_and_leaves_the_environment(module):
     code = ("import os, sys; before = dict(os.environ); import " + module + "; "
             "print(sorted(m for m in sys.modules if m == 'mlx' or m.startswith('mlx.'))); "

@@ -17,7 +17,7 @@ torch = pytest.importorskip("torch")
 @pytest.mark.parametrize("name", ["q_lora+groups+yarn+mtp", "no_q_lora+flat+dense0"])
 def test_one_step_matches_the_twin(tmp_path, name):
     import dh_mlx.torch as twin
-    from dh_mlx.torch.train import TrainConfig as TwinConfig, make_optimizer as twin_optimizer, train_step
+    from dh_mlx.torch.step import TrainConfig as TwinConfig, make_optimizer as twin_optimizer, train_step
     make_checkpoint(tmp_path, name)
     ids = np.random.default_rng(5).integers(0, 97, (3, 17))
 

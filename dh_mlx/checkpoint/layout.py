@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
+import shutil
 import warnings
 from pathlib import Path
 from typing import Any, Callable
@@ -365,3 +366,11 @@ def check_tensors(shapes: dict[str, tuple], expected: dict[str, tuple], where: P
 def keep_fp32(name: str) -> bool:
     # The router runs in float32 everywhere (as transformers keeps it); its bias moves in 1e-3 steps.
     return name.endswith("mlp.gate.weight") or name.endswith("e_score_correction_bias")
+
+
+def copy_tokenizer(src: Path, dst: Path) -> None:
+    """Copy the tokenizer files of model directory `src` (those present) into `dst`."""
+    for name in ("tokenizer.model", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.json",
+                 "chat_template.jinja", "generation_config.json"):
+        if (src / name).is_file():
+            shutil.copyfile(src / name, dst / name)

@@ -6,7 +6,6 @@ Each transform between the file layout and our modules is one small function.
 from __future__ import annotations
 
 import re
-import shutil
 from pathlib import Path
 from typing import Callable
 
@@ -18,6 +17,7 @@ from .. import backend
 from ..config import ModelConfig, load_config, load_preset, preset_names
 from .hub import resolve_path
 from .shards import DEFAULT_SHARD_BYTES, ShardWriter
+from .layout import copy_tokenizer  # noqa: F401  (re-exported: where the commands copy tokenizers from)
 from .layout import (CheckpointError, check_tensors, config_for_tensors, dequantize_fp8, dequantized_config,
                      drop_mtp_layers, fp8_blocks, keep_fp32, read_safetensors_header, safetensors_files,
                      to_file_layout, to_memory_layout)
@@ -286,11 +286,3 @@ def save_model(model: Model, path: str | Path, *, mtp: bool = True, max_shard_by
     writer = ShardWriter(path, max_shard_bytes)
     writer.add(weights)
     writer.finish(config)
-
-
-def copy_tokenizer(src: Path, dst: Path) -> None:
-    """Copy the tokenizer files of model directory `src` (those present) into `dst`."""
-    for name in ("tokenizer.model", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.json",
-                 "chat_template.jinja", "generation_config.json"):
-        if (src / name).is_file():
-            shutil.copyfile(src / name, dst / name)

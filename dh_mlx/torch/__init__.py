@@ -8,7 +8,7 @@ from .export import config_from_export, export_model, state_dict_from_export
 from .generate import decode_step, generate_greedy, prefill
 from .model import Model, Output
 from .moe import Routing
-from .train import TrainConfig, alf_update, balance_loss, loss_terms, make_optimizer, train_step
+from .step import TrainConfig, alf_update, balance_loss, loss_terms, make_optimizer, train_step
 from .weights import CheckpointError, load_model, random_model, save_model
 
 __all__ = ["Model", "Output", "Routing", "LatentCache", "make_cache", "load_model", "save_model", "random_model",

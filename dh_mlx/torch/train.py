@@ -1,156 +1,169 @@
-"""One training step of the twin: next-token + MTP + sequence-wise balance loss, AdamW, then the ALF bias update.
+"""Training the twin on GPU clusters: `torchrun --nproc_per_node N -m dh_mlx.torch.train --data x.jsonl ...`.
 
-Legend: B sequences, T tokens per sequence, V vocab, E routed experts, K experts per token
-(num_experts_per_tok), D MTP depths (num_nextn_predict_layers), L the MoE layers of the main stack.
-
-The definitions (the MLX trainer uses the same, and a parity test compares them):
-
-    loss      = CE + mtp_lambda * MTP + balance_alpha * BAL
-    The model reads x[:, :T-1] (the last token is only a target), so routing, BAL and ALF see T-1 tokens.
-    CE        = mean over b, t < T-1 of  -log softmax(logits[b, t])[x[b, t+1]]
-    MTP       = (1/D) * sum_{d=0}^{D-1} MTP_d, where depth d (0-based; "depth d+1" in the paper) takes
-                h_d[b, t] (h_0 = the main model's final hidden state, after the final norm; h_{d+1} = depth d's
-                block output) and token x[b, t+d+1], and MTP_d = mean over b, t < T-d-2 of
-                -log softmax(mtp_logits_d[b, t])[x[b, t+d+2]]  (depth 0: h_t and x_{t+1} predict x_{t+2})
-    BAL       = sum over l in L of  mean over b of  sum_i f[l,b,i] * P[l,b,i]     (DeepSeek-V3 eq. 17-20)
-                f[l,b,i] = E / (K*(T-1)) * #{t : expert i in the top-K of token (b, t)}   (a count, no gradient)
-                P[l,b,i] = (1/(T-1)) * sum_t s[l,b,t,i] / sum_j s[l,b,t,j]   (s: the sigmoid/softmax affinities,
-                           before the selection bias; the gradient flows through s into the router)
-    optimizer = torch.optim.AdamW(all parameters, lr, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
-    ALF       = after the optimizer step, for each MoE layer that has `e_score_correction_bias` (noaux_tc),
-                the main stack's and the MTP modules' alike:
-                load[i] = #{(b, t) : expert i in the top-K of token (b, t)} in this step's forward pass,
-                bias[i] += alf_gamma * sign(mean_j load[j] - load[i])   (sign(0) = 0: no change)
-
-BAL counts only the main stack's MoE layers (the routing `Model.forward_full` returns); ALF also moves the
-biases of the MTP modules' MoE layers, from the tokens they routed. The MTP modules run only when
-mtp_lambda > 0. A per-token domain map (B, T) routes MTP position t (h_t with token t+d+1) by the domain of
-position t.
+PyTorch's FSDP2 (`fully_shard`, one unit per decoder layer and the root) shards the parameters, gradients
+and AdamW state over the ranks; torch.distributed is the engine (NCCL on CUDA, gloo on the CPU). The data is
+`dh_mlx.train.data`'s: every rank draws the same global batch (batch_size x ranks packed rows, one seeded
+order) and takes its own rows; the loss is the twin's (`step.loss_terms`: causal attention over each packed
+row, every position counted), so the gradients FSDP averages are the global batch's. ALF sums the experts'
+loads over the ranks before moving the biases (buffers, the same on every rank). Rank 0 writes
+`metrics.jsonl` and, at the end, the model directory (full weights gathered to it), which dh-mlx loads with
+the twin's logits. Without torchrun this is one process on one device.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import NamedTuple
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
 
+import numpy as np
 import torch
-import torch.nn.functional as F
+import torch.distributed as dist
 
+from ..checkpoint.layout import copy_tokenizer
+from ..config import DATA_DIR, load_config, resolve_config
+from ..outputs import check_output_dir
 from .model import Model
-from .moe import Routing
+from .step import TrainConfig, loss_terms
+from .weights import default_device, load_model, random_model, save_model
 
 
-@dataclass
-class TrainConfig:
-    lr: float = 3e-4
-    betas: tuple[float, float] = (0.9, 0.95)
-    eps: float = 1e-8
-    weight_decay: float = 0.1
-    mtp_lambda: float = 0.3
-    balance_alpha: float = 1e-4
-    alf_gamma: float = 1e-3
-
-    def __post_init__(self) -> None:
-        for name in ("lr", "eps"):
-            v = getattr(self, name)
-            if not (isinstance(v, (int, float)) and v > 0):
-                raise ValueError(f"train field '{name}' must be a positive number, got {v!r}")
-        for name in ("weight_decay", "mtp_lambda", "balance_alpha", "alf_gamma"):
-            v = getattr(self, name)
-            if not (isinstance(v, (int, float)) and v >= 0):
-                raise ValueError(f"train field '{name}' must be a number >= 0, got {v!r}")
-        if not (len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas)):
-            raise ValueError(f"train field 'betas' must be two numbers in [0, 1), got {self.betas!r}")
+def _ranked() -> bool:
+    return "RANK" in os.environ and "WORLD_SIZE" in os.environ
 
 
-class LossTerms(NamedTuple):
-    loss: torch.Tensor  # scalar: ce + mtp_lambda * mtp + balance_alpha * balance
-    ce: torch.Tensor
-    mtp: torch.Tensor  # mean over depths (0 without MTP modules)
-    balance: torch.Tensor  # BAL, before balance_alpha
-    routing: list[Routing]  # every MoE layer that ran (main stack, then MTP depths), for the ALF update
-
-
-def _ce(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
-
-
-def balance_loss(routing: list[Routing], n_experts: int, top_k: int) -> torch.Tensor:
-    """BAL above: sum over layers of the per-sequence f.P, averaged over sequences (no alpha)."""
-    per_layer = []
-    for r in routing:
-        B, T, _ = r.scores.shape
-        ones = torch.ones(B, T * top_k, device=r.scores.device)
-        counts = torch.zeros(B, n_experts, device=r.scores.device).scatter_add_(
-            1, r.indices.reshape(B, T * top_k), ones)  # (B, E)
-        f = counts * (n_experts / (top_k * T))
-        P = (r.scores / r.scores.sum(dim=-1, keepdim=True)).mean(dim=1)  # (B, E)
-        per_layer.append((f * P).sum(dim=-1).mean())
-    return torch.stack(per_layer).sum() if per_layer else torch.zeros(())
-
-
-def loss_terms(model: Model, input_ids: torch.Tensor, domain_ids: torch.Tensor | None = None, *,
-               mtp_lambda: float = 0.3, balance_alpha: float = 1e-4) -> LossTerms:
-    """The loss of one batch `input_ids` (B, T) as defined in this module's docstring."""
-    c = model.config
-    D, T = c.num_nextn_predict_layers, input_ids.shape[1]
-    need = D + 3 if mtp_lambda and D else 2  # the deepest MTP module needs one target
-    if T < need:
-        raise ValueError(f"input_ids must have at least {need} tokens per sequence (num_nextn_predict_layers={D}, "
-                         f"mtp_lambda={mtp_lambda}), got {T}")
-    L = T - 1  # the last token is only ever a target
-    inputs = input_ids[:, :L]
-    dom_all = domain_ids[:, :L] if domain_ids is not None and domain_ids.dim() == 2 else domain_ids
-    out = model.forward_full(inputs, domain_ids=dom_all)
-    ce = _ce(out.logits, input_ids[:, 1:])
-    bal = balance_loss(out.routing, c.n_routed_experts, c.num_experts_per_tok).to(ce.device)
-    routing = list(out.routing)
-    mtp = torch.zeros((), device=ce.device)
-    if mtp_lambda and D:
-        h = out.hidden  # (B, L, D)
-        for d in range(D):
-            n = L - d - 1  # positions t whose target x[t+d+2] exists
-            dom = domain_ids[:, :n] if domain_ids is not None and domain_ids.dim() == 2 else domain_ids
-            m = model.mtp_forward(h[:, :n], input_ids[:, d + 1:d + 1 + n], d, domain_ids=dom)  # (B, n, V)
-            mtp = mtp + _ce(m.logits, input_ids[:, d + 2:d + 2 + n])
-            h = m.hidden
-            routing += m.routing
-        mtp = mtp / D
-    loss = ce + mtp_lambda * mtp + balance_alpha * bal
-    return LossTerms(loss, ce, mtp, bal, routing)
+def shard(model: Model) -> Model:
+    """FSDP2 units: each decoder layer of the main stack, then the root (embedding, norm, head, MTP modules);
+    the root's other entry points unshard it too."""
+    from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
+    for layer in list(model.model.layers)[: model.config.num_hidden_layers]:
+        fully_shard(layer)
+    fully_shard(model)
+    for method in ("forward_full", "mtp_forward"):
+        register_fsdp_forward_method(model, method)
+    return model
 
 
 @torch.no_grad()
-def alf_update(model: Model, routing: list[Routing], gamma: float = 1e-3) -> list[torch.Tensor]:
-    """ALF above; `routing` in `Model.moe_layers()` order (main stack first). Returns each updated layer's load."""
-    moes = model.moe_layers()
-    if len(routing) > len(moes):
-        raise ValueError(f"routing has {len(routing)} entries, the model has {len(moes)} MoE layers")
-    loads = []
-    for moe, r in zip(moes, routing):
-        if not hasattr(moe.gate, "e_score_correction_bias"):
-            continue
-        bias = moe.gate.e_score_correction_bias
-        load = torch.bincount(r.indices.flatten(), minlength=bias.numel()).float()  # (E,)
+def alf_update_summed(model: Model, routing, gamma: float) -> None:
+    """`step.alf_update` with each layer's expert loads summed over the ranks first."""
+    moes = [m for m in model.moe_layers() if hasattr(m.gate, "e_score_correction_bias")]
+    if not moes or not gamma:
+        return
+    loads = torch.stack([torch.bincount(r.indices.flatten(), minlength=m.gate.e_score_correction_bias.numel())
+                         .float() for m, r in zip(model.moe_layers(), routing)
+                         if hasattr(m.gate, "e_score_correction_bias")])
+    if dist.is_initialized():
+        dist.all_reduce(loads)
+    for m, load in zip(moes, loads):
+        bias = m.gate.e_score_correction_bias
         bias.add_(gamma * torch.sign(load.mean() - load).to(bias.device, bias.dtype))
-        loads.append(load)
-    return loads
 
 
-def make_optimizer(model: Model, config: TrainConfig | None = None) -> torch.optim.AdamW:
-    c = config or TrainConfig()
-    return torch.optim.AdamW(model.parameters(), lr=c.lr, betas=c.betas, eps=c.eps, weight_decay=c.weight_decay)
+def train(*, data: str | Path, out: str | Path, init: str | Path | None = None, config: str | Path | None = None,
+          params: str | None = None, tokenizer: str | Path | None = None, steps: int = 100, batch_size: int = 8,
+          seq_len: int = 128, seed: int = 0, force: bool = False, train_config: TrainConfig | None = None,
+          log_every: int = 1) -> list[dict]:
+    """Train (FSDP2 under torchrun) and write the model directory `out`; returns the per-step records."""
+    from ..tokenizer import load_tokenizer
+    from ..train.data import load_dataset
+    tc = train_config or TrainConfig()
+    if _ranked() and not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    rank, size = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    device = default_device()
+    if device.type == "cuda" and dist.is_initialized():
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(device)
+    out = Path(out)
+    if rank == 0:
+        check_output_dir(out, inputs=[init, data, tokenizer, config], force=force)
+    tok_dir = Path(tokenizer or init or DATA_DIR / "tokenizer")
+    tok = load_tokenizer(tok_dir)
+    if tok is None:
+        raise ValueError(f"{tok_dir}: no tokenizer.model or tokenizer.json (pass --tokenizer)")
+    model_config = load_config(init) if init else resolve_config(params, config)
+    model = (load_model(init, device=device, dtype="float32") if init else
+             random_model(model_config, seed=seed, device=device, dtype=torch.float32))
+    domains = model_config.domain_routing.domains if model_config.domain_routing else None
+    dataset = load_dataset(data, tok, seq_len=seq_len, domains=domains, seed=seed)
+    batches = dataset.train_batches(batch_size * size, seed=seed)
+    if size > 1:
+        shard(model)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=tc.lr, betas=tc.betas, eps=tc.eps,
+                                  weight_decay=tc.weight_decay)
+    records = []
+    for step in range(1, steps + 1):
+        tic = time.perf_counter()
+        b = next(batches)
+        rows = slice(rank * batch_size, (rank + 1) * batch_size)
+        ids = torch.from_numpy(np.concatenate([b.inputs[rows], b.targets[rows, -1:]], axis=1).astype(np.int64))
+        dom = torch.from_numpy(b.domain_ids[rows].astype(np.int64)) if domains else None
+        model.train()
+        optimizer.zero_grad(set_to_none=True)
+        terms = loss_terms(model, ids.to(device), None if dom is None else dom.to(device),
+                           mtp_lambda=tc.mtp_lambda, balance_alpha=tc.balance_alpha)
+        terms.loss.backward()
+        optimizer.step()
+        alf_update_summed(model, terms.routing, tc.alf_gamma)
+        parts = torch.stack([terms.loss, terms.ce, terms.mtp, terms.balance]).detach()
+        if dist.is_initialized():
+            dist.all_reduce(parts)
+            parts /= size
+        loss, ce, mtp, bal = parts.tolist()
+        records.append({"step": step, "loss": loss, "ce": ce, "mtp": mtp, "balance": bal, "ranks": size,
+                        "tokens_per_s": batch_size * size * seq_len / (time.perf_counter() - tic)})
+        if rank == 0 and (step % log_every == 0 or step == steps):
+            print(f"step {step}/{steps}: loss {loss:.4f} ce {ce:.4f} | {records[-1]['tokens_per_s']:.0f} tok/s "
+                  f"| {size} rank(s)", file=sys.stderr, flush=True)
+    _write(model, out, tok_dir, records, rank)
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+    return records
 
 
-def train_step(model: Model, optimizer: torch.optim.Optimizer, input_ids: torch.Tensor,
-               domain_ids: torch.Tensor | None = None, config: TrainConfig | None = None) -> dict[str, float]:
-    """Loss, backward, AdamW step, ALF update; returns the loss terms as floats."""
-    c = config or TrainConfig()
-    model.train()
-    optimizer.zero_grad(set_to_none=True)
-    terms = loss_terms(model, input_ids, domain_ids, mtp_lambda=c.mtp_lambda, balance_alpha=c.balance_alpha)
-    terms.loss.backward()
-    optimizer.step()
-    alf_update(model, terms.routing, c.alf_gamma)
-    return {"loss": terms.loss.item(), "ce": terms.ce.item(), "mtp": terms.mtp.item(),
-            "balance": terms.balance.item()}
+def _write(model: Model, out: Path, tok_dir: Path, records: list[dict], rank: int) -> None:
+    """The full weights gathered on rank 0, saved as a model directory with its tokenizer and metrics."""
+    state = model.state_dict()
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+        state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if rank != 0:
+        return
+    plain = Model(model.config)
+    plain.load_state_dict({k: v.to("cpu") for k, v in state.items()})
+    save_model(plain, out)
+    copy_tokenizer(tok_dir, out)
+    (out / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="python -m dh_mlx.torch.train", description=__doc__.split("\n\n")[0])
+    p.add_argument("--data", required=True, help="JSONL file or directory")
+    p.add_argument("--out", required=True, help="model directory to write")
+    p.add_argument("--init", help="start from this model directory")
+    p.add_argument("--config", help="a config.json (instead of --params or --init)")
+    p.add_argument("--params", help="size preset")
+    p.add_argument("--tokenizer", help="tokenizer directory (default: --init's, else the bundled one)")
+    p.add_argument("--steps", type=int, default=100)
+    p.add_argument("--batch-size", type=int, default=8, help="rows per rank")
+    p.add_argument("--seq-len", type=int, default=128)
+    p.add_argument("--lr", type=float, default=TrainConfig.lr)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--force", action="store_true", help="write over a non-empty --out")
+    a = p.parse_args(argv)
+    try:
+        train(data=a.data, out=a.out, init=a.init, config=a.config, params=a.params, tokenizer=a.tokenizer,
+              steps=a.steps, batch_size=a.batch_size, seq_len=a.seq_len, seed=a.seed, force=a.force,
+              train_config=TrainConfig(lr=a.lr))
+    except (ValueError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

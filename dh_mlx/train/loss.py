@@ -10,7 +10,7 @@ Legend: B batch, T tokens, E routed experts, k experts per token, V vocabulary.
               P_i = mean over valid tokens of s_i / sum_j s_j      (DeepSeek-V3 eqs. 17-20)
     loss    = CE + mtp_lambda * MTP + balance
 
-The same definitions are implemented by the PyTorch twin (dh_mlx/torch/train.py).
+The same definitions are implemented by the PyTorch twin (dh_mlx/torch/step.py).
 """
 
 from __future__ import annotations
