@@ -143,6 +143,7 @@ class RunResult:
     run_dir: Path | None = None
     run_bytes: int = 0  # what the run directory takes on disk at the end
     signal: int | None = None  # the signal that stopped the run (it saved a checkpoint first)
+    rank: int = 0  # this process's rank under mlx.launch (0 writes and reports)
 
 
 def train_loop(model: Model, dataset: Dataset, cfg: TrainConfig, run_dir: Path, *,
@@ -326,7 +327,7 @@ def _train(model: Model, dataset: Dataset, cfg: TrainConfig, run_dir: Path, *, e
         if bar:
             bar.stop()
     return RunResult(step, last_loss, val, tps, mx.get_peak_memory() / 1e9, interrupted, history,
-                     run_dir, directory_bytes(run_dir) if w.main else 0, stopped_by)
+                     run_dir, directory_bytes(run_dir) if w.main else 0, stopped_by, w.rank)
 
 
 def _resumable_weights(model: Model, ckpt: Path) -> dict[str, mx.array]:
