@@ -42,7 +42,8 @@ def generate(prompt: Optional[str] = typer.Option(None, help="the prompt text; -
              min_p: float = typer.Option(0.0, help="drop tokens below min_p x the top probability"),
              repetition_penalty: float = typer.Option(1.0, help="penalise recently seen tokens (1: off)"),
              seed: int = typer.Option(0, help="sampling seed, and the init seed with --params"),
-             domain: Optional[str] = typer.Option(None, help="route through this domain's experts"),
+             domain: Optional[str] = typer.Option(None, help="route through this domain's experts (auto: the "
+                                                             "domain the prompt is likeliest under)"),
              mtp: Optional[bool] = typer.Option(None, "--mtp/--no-mtp",
                                                 help="MTP self-speculative decoding (default: on if present)"),
              prefill_step_size: int = typer.Option(512, help="prompt tokens per prefill chunk"),
@@ -72,7 +73,8 @@ def chat_command(model: Optional[Path] = typer.Option(None, help="model director
                  top_p: float = typer.Option(1.0, help="nucleus sampling mass"),
                  repetition_penalty: float = typer.Option(1.0, help="penalise recently seen tokens (1: off)"),
                  seed: int = typer.Option(0, help="sampling seed, and the init seed with --params"),
-                 domain: Optional[str] = typer.Option(None, help="route through this domain's experts"),
+                 domain: Optional[str] = typer.Option(None, help="route through this domain's experts (auto: the "
+                                                             "domain the prompt is likeliest under)"),
                  mtp: Optional[bool] = typer.Option(None, "--mtp/--no-mtp", help="MTP self-speculative decoding"),
                  dtype: Optional[str] = typer.Option(None, help="float32, bfloat16 or float16 (default: by device)"),
                  adapter: Optional[Path] = typer.Option(None, help="LoRA adapter directory, applied unfused"),
@@ -204,7 +206,8 @@ def train(params: Optional[str] = typer.Option(None, help="size preset (default 
                           warmup_steps=warmup, seed=seed, alf_gamma=alf_gamma, balance_alpha=balance_alpha,
                           mtp_lambda=mtp_lambda, eval_every=eval_every, save_every=save_every,
                           keep_checkpoints=keep_checkpoints))
-    typer.echo(describe(result), err=True)
+    if result.rank == 0:
+        typer.echo(describe(result), err=True)
     _exit_if_stopped(result.signal)
 
 
@@ -273,7 +276,8 @@ def lora(model: Path = typer.Option(..., help="base model directory (float, or q
                  **_given(rank=rank, alpha=alpha, dropout=dropout, seed=seed, steps=steps, batch_size=batch_size,
                           seq_len=seq_len, lr=lr, warmup_steps=warmup, eval_every=eval_every, save_every=save_every,
                           keep_checkpoints=keep_checkpoints))
-    typer.echo(describe(result), err=True)
+    if result.run.rank == 0:
+        typer.echo(describe(result), err=True)
     _exit_if_stopped(result.run.signal)
 
 
@@ -291,6 +295,32 @@ def fuse(model: Path = typer.Option(..., help="base model directory"),
 
 
 app.add_typer(convert_app, name="convert")
+domains_app = typer.Typer(add_completion=False, help="A model's domains as parts: extract one as a standalone "
+                                                     "DeepSeek-V3, or remove one.")
+app.add_typer(domains_app, name="domains")
+
+
+@domains_app.command("extract")
+def domains_extract(model: Path = typer.Option(..., help="model directory with a domain_routing block"),
+                    name: str = typer.Option(..., help="the domain to extract"),
+                    out: Path = typer.Option(..., help="directory for the standalone model"),
+                    force: bool = typer.Option(False, help="write over an existing, non-empty output")) -> None:
+    """Write one domain's experts and the common ones as a plain DeepSeek-V3 (the full model's logits with
+    that domain's id)."""
+    from .domains import extract_domain
+    m = extract_domain(model, name, out, force=force)
+    typer.echo(f"wrote {out}: domain {name!r}, {m.config.n_routed_experts} routed experts", err=True)
+
+
+@domains_app.command("remove")
+def domains_remove(model: Path = typer.Option(..., help="model directory with a domain_routing block"),
+                   name: str = typer.Option(..., help="the domain to remove"),
+                   out: Path = typer.Option(..., help="directory for the model without it"),
+                   force: bool = typer.Option(False, help="write over an existing, non-empty output")) -> None:
+    """Write the model without one domain and its experts (the other domains route as before)."""
+    from .domains import remove_domain
+    m = remove_domain(model, name, out, force=force)
+    typer.echo(f"wrote {out}: without {name!r}, {m.config.n_routed_experts} routed experts", err=True)
 
 
 def main() -> None:

@@ -34,12 +34,13 @@ def _load_for_generation(model: Optional[Path], params: Optional[str], seed: int
     return m, tok
 
 
-def _domain(m, domain: Optional[str]) -> Optional[int]:
+def _domain(m, domain: Optional[str]):
+    """The domain id for --domain NAME, "auto" as it is (inferred from the prompt), None without."""
     if not domain:
         return None
     if m.config.domain_routing is None:
         _fail("--domain needs a model with a domain_routing block in its config.json")
-    return m.config.domain_routing.domain_id(domain)
+    return "auto" if domain == "auto" else m.config.domain_routing.domain_id(domain)
 
 
 def _stream(responses, stream: bool) -> str:
@@ -59,6 +60,10 @@ def _report(stats) -> None:
     typer.echo(f"prompt: {stats.prompt_tokens} tokens, {stats.prompt_tps:.1f} tokens/s | generation: "
                f"{stats.generation_tokens} tokens, {stats.generation_tps:.1f} tokens/s | peak memory "
                f"{stats.peak_memory_gb:.2f} GB", err=True)
+    if stats.domain_posterior is not None:
+        ranked = sorted(stats.domain_posterior.items(), key=lambda kv: -kv[1])
+        typer.echo(f"domain auto: {ranked[0][0]} (posterior {ranked[0][1]:.2f}; then "
+                   + ", ".join(f"{n} {p:.2f}" for n, p in ranked[1:3]) + ")", err=True)
     if stats.acceptance_rate is not None:
         typer.echo(f"MTP draft acceptance: {stats.accepted}/{stats.drafted} = {stats.acceptance_rate:.1%} "
                    f"({stats.draft_summary})", err=True)

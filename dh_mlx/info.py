@@ -33,6 +33,7 @@ def model_info(config: ModelConfig) -> dict[str, Any]:
                                  "kv_bytes": {c: reference_kv_bytes_per_token(name) * n for c, n in CONTEXTS.items()}}
                           for name in KV_REFERENCES},
         "domains": config.domain_routing.domains if config.domain_routing else None,
+        "domain_experts": _domain_experts(config),
         "compute_dtype": str(compute_dtype()).replace("mlx.core.", ""),
     }
     b = backend.describe()
@@ -41,12 +42,30 @@ def model_info(config: ModelConfig) -> dict[str, Any]:
     return info
 
 
+def _domain_experts(config: ModelConfig) -> dict[str, Any] | None:
+    """Each domain's routed experts and the size of the model `dh-mlx domains extract` writes for it."""
+    if config.domain_routing is None:
+        return None
+    from .domains import domain_experts, extract_config
+    experts = domain_experts(config)
+    out = {}
+    for name in config.domain_routing.domains:
+        p = count_params(extract_config(config, name))
+        out[name] = {"experts": experts[name], "extracted_params": p.total + p.mtp,
+                     "extracted_bytes": weight_bytes(p.total + p.mtp, 16)}
+    return {"common": experts["common"], "domains": out}
+
+
 def _size(n: float, unit: str = "B") -> str:
     for prefix in ("", "Ki", "Mi", "Gi", "Ti"):
         if abs(n) < 1024 or prefix == "Ti":
             return f"{n:.1f} {prefix}{unit}" if prefix else f"{n:.0f} {unit}"
         n /= 1024
     return ""
+
+
+def _span(ids: list[int]) -> str:
+    return "none" if not ids else f"{ids[0]}-{ids[-1]}" if ids == list(range(ids[0], ids[-1] + 1)) else str(ids)
 
 
 def format_info(info: dict[str, Any], title: str) -> str:
@@ -58,6 +77,12 @@ def format_info(info: dict[str, Any], title: str) -> str:
         lines.append(f"  experts           {info['routed_experts']} routed, {info['experts_per_token']} per token")
     if info["domains"]:
         lines.append(f"  domains           {', '.join(info['domains'])}")
+        de = info["domain_experts"]
+        common = de["common"]
+        lines.append(f"    common experts  {_span(common)} (every domain's)")
+        for name, d in de["domains"].items():
+            lines.append(f"    {name:<15} experts {_span(d['experts'])}; extracted: {d['extracted_params'] / 1e6:,.1f} M "
+                         f"parameters, {_size(d['extracted_bytes'])} bf16")
     lines.append(f"  context           {info['max_position_embeddings']:,} tokens")
     lines.append("  weights           " + ", ".join(f"{k} {_size(v)}" for k, v in info["weight_bytes"].items()))
     lines.append(f"  KV cache (bf16)   {info['kv_bytes_per_token']:,} B/token; " +

@@ -16,15 +16,22 @@ class Conversation:
         self.model, self.tokenizer = model, tokenizer
         self.messages: list[dict[str, str]] = [{"role": "system", "content": system}] if system else []
         self.cache = PromptCache.new(model)
+        self.auto: tuple | None = None  # with domain="auto": inferred once, from the first turn (the cache holds
+                                        # keys computed under that routing)
 
     def reply(self, text: str, *, stats: GenerationStats | None = None, **options) -> Iterator[GenerationResponse]:
         """Stream the assistant's reply to the user's `text` (options: `generate_tokens`'), then keep it in the
         conversation."""
         turn = {"role": "user", "content": text}
         ids = self.tokenizer.encode_chat(check_messages(self.messages + [turn]))
+        stats = stats if stats is not None else GenerationStats()
+        if options.get("domain") == "auto":
+            if self.auto is None:
+                from .domains import infer_domain
+                self.auto = infer_domain(self.model, ids)
+            options["domain"], stats.domain_posterior = self.auto
         pieces = []
-        for r in stream_generate(self.model, self.tokenizer, ids, prompt_cache=self.cache,
-                                 stats=stats if stats is not None else GenerationStats(), **options):
+        for r in stream_generate(self.model, self.tokenizer, ids, prompt_cache=self.cache, stats=stats, **options):
             pieces.append(r.text)
             yield r
         self.messages += [turn, {"role": "assistant", "content": "".join(pieces)}]  # once the reply is whole

@@ -24,6 +24,7 @@ class GenerationStats:
     drafted: int = 0
     accepted: int = 0
     draft_summary: str | None = None  # what the draft policy measured (MTP generation only)
+    domain_posterior: dict[str, float] | None = None  # with domain="auto": P(domain | prompt)
 
     @property
     def acceptance_rate(self) -> float | None:
@@ -118,11 +119,15 @@ class GenerationResponse:
 
 
 def stream_generate(model: Model, tokenizer: Any, prompt: str | list[int], **kwargs) -> Iterator[GenerationResponse]:
-    """Yield text pieces as tokens arrive; `kwargs` are `generate_tokens`' sampling options."""
+    """Yield text pieces as tokens arrive; `kwargs` are `generate_tokens`' sampling options, and `domain` may
+    also be "auto" (inferred from the prompt; the posterior lands in `stats.domain_posterior`)."""
     ids = tokenizer.encode(prompt, bos=True) if isinstance(prompt, str) else list(prompt)
+    stats = kwargs.pop("stats", None) or GenerationStats()
+    if kwargs.get("domain") == "auto":  # inferred from the prompt (generation.domains)
+        from .domains import infer_domain
+        kwargs["domain"], stats.domain_posterior = infer_domain(model, ids)
     kwargs.setdefault("eos_ids", tuple(tokenizer.eos_ids))
     kwargs.setdefault("vocab_limit", tokenizer.vocab_size)
-    stats = kwargs.pop("stats", None) or GenerationStats()
     decoder = tokenizer.stream_decoder()
     for t in generate_tokens(model, ids, stats=stats, **kwargs):
         piece = "" if t in kwargs["eos_ids"] else decoder.add(t)

@@ -1,0 +1,38 @@
+"""`--domain auto`: the domain inferred from the prompt, as DEMix infers it: the prompt's likelihood under
+each domain's routing (one batched forward pass, a row per domain), turned into a posterior with a uniform
+prior; generation then routes by the most probable domain."""
+
+from __future__ import annotations
+
+import mlx.core as mx
+
+from ..model import Model
+
+MAX_TOKENS = 256  # the prompt's first tokens that vote: enough for the likelihoods to separate
+
+
+def domain_posterior(model: Model, prompt_ids: list[int]) -> dict[str, float] | None:
+    """P(domain | prompt) for each of the model's domains, or None for a prompt too short to judge (one
+    token: nothing is predicted)."""
+    dr = model.config.domain_routing
+    if dr is None:
+        raise ValueError("--domain auto needs a model with a domain_routing block in its config.json")
+    ids = list(prompt_ids)[:MAX_TOKENS]
+    if len(ids) < 2:
+        return None
+    D = len(dr.domains)
+    rows = mx.array([ids] * D)  # (D, T): the same prompt, row d routed as domain d
+    logits = model(rows[:, :-1], domain_ids=mx.arange(D)).astype(mx.float32)  # (D, T-1, V)
+    targets = rows[:, 1:]
+    nll = (mx.logsumexp(logits, axis=-1) - mx.take_along_axis(logits, targets[..., None], -1)[..., 0]).sum(-1)
+    post = mx.softmax(-nll, axis=0)  # the log-likelihoods summed over the prompt; uniform prior
+    return dict(zip(dr.domains, post.tolist()))
+
+
+def infer_domain(model: Model, prompt_ids: list[int]) -> tuple[int | None, dict[str, float] | None]:
+    """(the most probable domain's id, the posterior), or (None, None) when the prompt cannot tell."""
+    post = domain_posterior(model, prompt_ids)
+    if post is None:
+        return None, None
+    best = max(post, key=post.get)
+    return model.config.domain_routing.domain_id(best), post
