@@ -307,9 +307,32 @@ def domains_extract(model: Path = typer.Option(..., help="model directory with a
                     force: bool = typer.Option(False, help="write over an existing, non-empty output")) -> None:
     """Write one domain's experts and the common ones as a plain DeepSeek-V3 (the full model's logits with
     that domain's id)."""
-    from .domains import extract_domain
+    from .checkpoint.domains import extract_domain
     m = extract_domain(model, name, out, force=force)
     typer.echo(f"wrote {out}: domain {name!r}, {m.config.n_routed_experts} routed experts", err=True)
+
+
+@domains_app.command("add")
+def domains_add(model: Path = typer.Option(..., help="model directory with a domain_routing block"),
+                name: str = typer.Option(..., help="the new domain's name"),
+                data: Path = typer.Option(..., help="JSONL of the new domain (every record trained as it)"),
+                out: Path = typer.Option(..., help="run directory: the model with the domain added"),
+                steps: Optional[int] = _option("steps", "optimizer steps"),
+                batch_size: Optional[int] = _option("batch_size", "sequences per batch"),
+                seq_len: Optional[int] = _option("seq_len", "tokens per sequence"),
+                lr: Optional[float] = _option("lr", "peak learning rate"),
+                seed: Optional[int] = _option("seed", "data order and split seed"),
+                resume: bool = typer.Option(False, help="continue the run in --out from its latest checkpoint"),
+                force: bool = typer.Option(False, help="start afresh in an --out that already holds files")) -> None:
+    """Add a domain: new experts (and their router rows) trained on its data; every other weight unchanged."""
+    from .train.domain_add import add_domain
+    from .train.run import describe
+    r = add_domain(model=model, name=name, data=data, out=out, resume=resume, force=force,
+                   **_given(steps=steps, batch_size=batch_size, seq_len=seq_len, lr=lr, seed=seed))
+    if r.run.rank == 0:
+        change = f"; {name} validation loss {r.before:.3f} -> {r.after:.3f}" if r.before is not None else ""
+        typer.echo(describe(r.run) + change, err=True)
+    _exit_if_stopped(r.run.signal)
 
 
 @domains_app.command("remove")
@@ -318,7 +341,7 @@ def domains_remove(model: Path = typer.Option(..., help="model directory with a 
                    out: Path = typer.Option(..., help="directory for the model without it"),
                    force: bool = typer.Option(False, help="write over an existing, non-empty output")) -> None:
     """Write the model without one domain and its experts (the other domains route as before)."""
-    from .domains import remove_domain
+    from .checkpoint.domains import remove_domain
     m = remove_domain(model, name, out, force=force)
     typer.echo(f"wrote {out}: without {name!r}, {m.config.n_routed_experts} routed experts", err=True)
 

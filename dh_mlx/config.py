@@ -70,6 +70,18 @@ class DomainRouting:
 
     domains: list[str]
     experts_per_domain: int
+    # Domains added to a trained model (`dh-mlx domains add`): each owns experts_per_domain experts after the
+    # common ones, used only by tokens with its id; tokens without one route among the others as before.
+    added: list[str] = dataclasses.field(default_factory=list)
+
+    @property
+    def names(self) -> list[str]:
+        """Every domain, in id order: the original ones, then the added."""
+        return self.domains + self.added
+
+    def base_experts(self, n_routed_experts: int) -> int:
+        """The experts before the added domains' (those a token without a domain id may use)."""
+        return n_routed_experts - len(self.added) * self.experts_per_domain
 
     def validate(self, n_routed_experts: int, top_k: int) -> None:
         _require(isinstance(self.domains, list) and len(self.domains) > 0
@@ -77,8 +89,12 @@ class DomainRouting:
                  "domain_routing.domains", "a non-empty list of names", self.domains)
         _require(len(set(self.domains)) == len(self.domains), "domain_routing.domains", "unique names",
                  self.domains)
+        _require(isinstance(self.added, list) and all(isinstance(d, str) and d for d in self.added)
+                 and len(set(self.names)) == len(self.names), "domain_routing.added",
+                 "a list of names, none of them in domains", self.added)
         k = self.experts_per_domain
         _require(isinstance(k, int) and k >= 1, "domain_routing.experts_per_domain", "an integer >= 1", k)
+        n_routed_experts = self.base_experts(n_routed_experts)
         owned = len(self.domains) * k
         _require(owned <= n_routed_experts, "domain_routing.experts_per_domain",
                  f"at most n_routed_experts / len(domains) = {n_routed_experts // len(self.domains)}", k)
@@ -87,15 +103,17 @@ class DomainRouting:
                  f"(its own plus {n_routed_experts - owned} common)", k)
 
     def allowed(self, n_routed_experts: int) -> list[list[bool]]:
-        """Row d: which experts domain d may use (its own block and the common tail)."""
-        k, owned = self.experts_per_domain, len(self.domains) * self.experts_per_domain
-        return [[d * k <= e < (d + 1) * k or e >= owned for e in range(n_routed_experts)]
-                for d in range(len(self.domains))]
+        """Row d: which experts domain d may use (its own block and the common ones)."""
+        k, owned, base = self.experts_per_domain, len(self.domains) * self.experts_per_domain, \
+            self.base_experts(n_routed_experts)
+        common = [owned <= e < base for e in range(n_routed_experts)]
+        starts = [d * k for d in range(len(self.domains))] + [base + i * k for i in range(len(self.added))]
+        return [[s <= e < s + k or common[e] for e in range(n_routed_experts)] for s in starts]
 
     def domain_id(self, name: str) -> int:
-        if name not in self.domains:
-            raise ValueError(f"unknown domain {name!r}; this model's domains are {', '.join(self.domains)}")
-        return self.domains.index(name)
+        if name not in self.names:
+            raise ValueError(f"unknown domain {name!r}; this model's domains are {', '.join(self.names)}")
+        return self.names.index(name)
 
 
 @dataclass
@@ -163,8 +181,8 @@ class ModelConfig:
                                     for i in (eos if isinstance(eos, list) else [eos])), "eos_token_id",
                  "null, an integer >= 0 or a list of them", eos)
         if isinstance(self.domain_routing, dict):
-            unknown = set(self.domain_routing) - {"domains", "experts_per_domain"}
-            _require(not unknown, "domain_routing", "an object with keys domains, experts_per_domain",
+            unknown = set(self.domain_routing) - {"domains", "experts_per_domain", "added"}
+            _require(not unknown, "domain_routing", "an object with keys domains, experts_per_domain (, added)",
                      sorted(unknown))
             try:
                 self.domain_routing = DomainRouting(**self.domain_routing)
@@ -196,7 +214,9 @@ class ModelConfig:
             _require(isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0 and math.isfinite(v), name,
                      "a positive number", v)
         if self.has_moe:
-            E = self.n_routed_experts
+            # Group-limited routing covers the experts a token without a domain may use (added domains aside).
+            E = self.n_routed_experts if self.domain_routing is None or isinstance(self.domain_routing, dict) \
+                else self.domain_routing.base_experts(self.n_routed_experts)
             _require(self.moe_intermediate_size is not None, "moe_intermediate_size",
                      "an integer >= 1 when n_routed_experts is set", None)
             _require(E % self.n_group == 0, "n_group", f"a divisor of n_routed_experts ({E})", self.n_group)
@@ -210,7 +230,7 @@ class ModelConfig:
                 _require(per_group >= 2, "n_group", "small enough that each group has >= 2 experts (noaux_tc "
                          "scores a group by its top-2 experts)", self.n_group)
             if self.domain_routing is not None:
-                self.domain_routing.validate(E, self.num_experts_per_tok)
+                self.domain_routing.validate(self.n_routed_experts, self.num_experts_per_tok)
         else:
             _require(self.domain_routing is None, "domain_routing", "null for a model without routed experts",
                      self.domain_routing)
@@ -292,7 +312,7 @@ class ModelConfig:
             if f.name == "domain_routing":
                 if v is None:
                     continue
-                v = dataclasses.asdict(v)
+                v = {k: x for k, x in dataclasses.asdict(v).items() if k != "added" or x}  # plain V3 keys unless added
             out[f.name] = v
         # HF's config does not store scoring_func/topk_method defaults; we always write them explicitly.
         for k, v in self.extra.items():

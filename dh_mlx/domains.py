@@ -1,6 +1,6 @@
-"""Domains as parts of a model: `dh-mlx domains extract` (a standalone DeepSeek-V3 holding one domain's experts
-and the common ones) and `dh-mlx domains remove` (the model without a domain's experts), by selecting routed
-experts: the router's rows, the selection biases and the stacked expert matrices, in every MoE layer (MTP
+"""Domains as parts of a model, by selecting routed experts: one domain's experts and the common ones as a
+standalone DeepSeek-V3 (`extract`), the model without a domain's experts (`remove`), a new domain's experts
+appended (`add_experts`, trained by `train.domain_add`). What is selected: the router's rows, the selection biases and the stacked expert matrices, in every MoE layer (MTP
 modules included). Nothing else changes: attention, dense layers, shared experts and embeddings are copied.
 
 Why extraction is exact: a token with domain d already chooses only among d's experts and the common ones
@@ -13,7 +13,6 @@ not claimed.
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import mlx.core as mx
 
@@ -50,12 +49,14 @@ def select_experts(model: Model, keep: list[int], **config_changes) -> Model:
 
 
 def domain_experts(config: ModelConfig) -> dict[str, list[int]]:
-    """Each domain's routed experts, and under "common" those every domain may use."""
+    """Each domain's routed experts (added domains' after the common ones), and under "common" those every
+    domain may use."""
     dr = _routing(config)
-    k = dr.experts_per_domain
+    k, base = dr.experts_per_domain, dr.base_experts(config.n_routed_experts)
     owned = len(dr.domains) * k
     out = {name: list(range(i * k, (i + 1) * k)) for i, name in enumerate(dr.domains)}
-    out["common"] = list(range(owned, config.n_routed_experts))
+    out.update({name: list(range(base + i * k, base + (i + 1) * k)) for i, name in enumerate(dr.added)})
+    out["common"] = list(range(owned, base))
     return out
 
 
@@ -85,35 +86,34 @@ def extract(model: Model, name: str) -> Model:
 def remove(model: Model, name: str) -> Model:
     """`model` without domain `name` and its experts; the other domains keep theirs (renumbered) and route as
     before with their ids. Group-limited routing of id-less tokens stays when the groups still divide the
-    experts, else it becomes plain top-k."""
+    experts, else it becomes plain top-k (removing an added domain changes nothing else)."""
     dr = _routing(model.config)
     dr.domain_id(name)
-    if len(dr.domains) == 1:
-        raise ValueError(f"{name!r} is the model's only domain; without it use `domains extract` on nothing: "
-                         "drop the domain_routing block instead")
+    if len(dr.domains) == 1 and name in dr.domains:
+        raise ValueError(f"{name!r} is the model's only original domain; drop the domain_routing block instead")
     experts = domain_experts(model.config)
-    keep = [e for d in dr.domains if d != name for e in experts[d]] + experts["common"]
-    routing = DomainRouting([d for d in dr.domains if d != name], dr.experts_per_domain)
-    return select_experts(model, keep, domain_routing=routing, **_regroup(model.config, len(keep)))
+    base = [d for d in dr.domains if d != name]
+    added = [d for d in dr.added if d != name]
+    keep = [e for d in base for e in experts[d]] + experts["common"] + [e for d in added for e in experts[d]]
+    routing = DomainRouting(base, dr.experts_per_domain, added)
+    n_base = len(keep) - len(added) * dr.experts_per_domain
+    return select_experts(model, keep, domain_routing=routing, **_regroup(model.config, n_base))
 
 
-def _run(op, model_dir: str | Path, name: str, out: str | Path, force: bool) -> Model:
-    from .checkpoint.weights import copy_tokenizer, load_model, resolve_path, save_model
-    from .outputs import check_output_dir
-    src = resolve_path(model_dir)
-    check_output_dir(out, inputs=[src], force=force)
-    model = op(load_model(src, dtype="float32"), name)
-    save_model(model, out)
-    copy_tokenizer(src, Path(out))
-    return model
-
-
-def extract_domain(model: str | Path, name: str, out: str | Path, *, force: bool = False) -> Model:
-    """`dh-mlx domains extract`: write domain `name` of the model directory `model` as a standalone
-    DeepSeek-V3 directory `out` (tokenizer copied)."""
-    return _run(extract, model, name, out, force)
-
-
-def remove_domain(model: str | Path, name: str, out: str | Path, *, force: bool = False) -> Model:
-    """`dh-mlx domains remove`: write the model directory `model` without domain `name` into `out`."""
-    return _run(remove, model, name, out, force)
+def add_experts(model: Model, name: str) -> Model:
+    """`model` with domain `name` added: `experts_per_domain` new experts after all others in every MoE
+    layer, started as copies of the common experts (their router rows and selection biases too), used only
+    by tokens with the new id; every existing weight unchanged, and tokens without an id, or with another
+    domain's, route exactly as before."""
+    dr = _routing(model.config)
+    if name in dr.names:
+        raise ValueError(f"domain {name!r} is already one of this model's: {', '.join(dr.names)}")
+    if model.config.scoring_func != "sigmoid":
+        raise ValueError("domains add needs sigmoid routing (DeepSeek-V3's): softmax scores of the old experts "
+                         "would change with every expert added")
+    experts = domain_experts(model.config)
+    source = experts["common"] or experts[dr.names[0]]
+    E = model.config.n_routed_experts
+    keep = list(range(E)) + [source[i % len(source)] for i in range(dr.experts_per_domain)]
+    return select_experts(model, keep, domain_routing=DomainRouting(dr.domains, dr.experts_per_domain,
+                                                                    dr.added + [name]))

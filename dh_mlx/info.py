@@ -32,7 +32,7 @@ def model_info(config: ModelConfig) -> dict[str, Any]:
         "kv_references": {name: {"kv_bytes_per_token": reference_kv_bytes_per_token(name),
                                  "kv_bytes": {c: reference_kv_bytes_per_token(name) * n for c, n in CONTEXTS.items()}}
                           for name in KV_REFERENCES},
-        "domains": config.domain_routing.domains if config.domain_routing else None,
+        "domains": config.domain_routing.names if config.domain_routing else None,
         "domain_experts": _domain_experts(config),
         "compute_dtype": str(compute_dtype()).replace("mlx.core.", ""),
     }
@@ -49,7 +49,7 @@ def _domain_experts(config: ModelConfig) -> dict[str, Any] | None:
     from .domains import domain_experts, extract_config
     experts = domain_experts(config)
     out = {}
-    for name in config.domain_routing.domains:
+    for name in config.domain_routing.names:
         p = count_params(extract_config(config, name))
         out[name] = {"experts": experts[name], "extracted_params": p.total + p.mtp,
                      "extracted_bytes": weight_bytes(p.total + p.mtp, 16)}

@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 
 from dh_mlx import load_model, random_model, save_model
-from dh_mlx.domains import domain_experts, extract, extract_domain, remove
+from dh_mlx.checkpoint.domains import extract_domain
+from dh_mlx.domains import domain_experts, extract, remove
 from dh_mlx.generation.domains import domain_posterior, infer_domain
 from dh_mlx.checkpoint.quantized import dir_bytes
 from helpers import make_config, randomise_for_parity, tokens
@@ -151,3 +152,43 @@ def test_cli_extract_remove_info_and_auto(tmp_path):
     llm.eval(ids)
     want = np.array(load_model(tmp_path / "m")(mx.array([ids]), domain_ids=ids_for(2, 1))[0])
     assert np.abs(np.array(llm.scores[: len(ids)]) - want).max() <= 1e-4
+
+
+def test_adding_a_domain_trains_only_its_experts(tmp_path):
+    import shutil
+    from mlx.utils import tree_flatten
+    from dh_mlx.train.domain_add import add_domain
+    from helpers import model_with_tokenizer
+    (tmp_path / "tok").mkdir()
+    tok = model_with_tokenizer(tmp_path / "tok")
+    config = make_config(n_routed_experts=12, n_group=4, topk_group=2, domain_routing=DOMAINS, vocab_size=400)
+    base = randomise_for_parity(random_model(config, seed=2, dtype="float32"), 2)
+    save_model(base, tmp_path / "base")
+    for f in tok.iterdir():
+        if f.name.startswith(("tokenizer", "special_tokens")):
+            shutil.copy(f, tmp_path / "base" / f.name)
+    r = add_domain(model=tmp_path / "base", name="poetry", data=tmp_path / "tok" / "data.jsonl",
+                   out=tmp_path / "added", steps=16, batch_size=4, seq_len=32, lr=3e-3, eval_every=16,
+                   progress=False)
+    assert r.after < r.before - 0.1  # the new domain learned
+    new = load_model(tmp_path / "added")
+    dr = new.config.domain_routing
+    assert (dr.domains, dr.added, new.config.n_routed_experts, new.config.n_group) == (
+        DOMAINS["domains"], ["poetry"], 15, 4)
+    assert domain_experts(new.config)["poetry"] == [12, 13, 14]
+    old, grown = dict(tree_flatten(base.parameters())), dict(tree_flatten(new.parameters()))
+    for k, v in old.items():  # every existing weight bit-identical; the new experts' rows changed
+        g = grown[k]
+        if g.shape != v.shape:
+            assert np.array_equal(np.array(g[:12]), np.array(v)), k
+            if k.endswith("experts.down_proj.weight"):
+                assert not np.array_equal(np.array(g[12:]), np.array(v[9:12]))
+        else:
+            assert np.array_equal(np.array(g), np.array(v)), k
+    ids = mx.array(tokens(vocab=400))
+    for d in (None, 0, 1, 2):  # without an id, or with an old one, the model computes what it did
+        di = None if d is None else ids_for(d)
+        assert mx.abs(new(ids, domain_ids=di) - base(ids, domain_ids=di)).max().item() <= 1e-5
+    e = extract(new, "poetry")  # the added domain extracts like any other
+    assert mx.abs(e(ids) - new(ids, domain_ids=ids_for(3))).max().item() <= 1e-6
+    assert remove(new, "poetry").config.n_routed_experts == 12

@@ -19,11 +19,11 @@ LAYERS = [
      "dh_mlx.hf_tokenizer", "dh_mlx.chat",
      "dh_mlx.checkpoint.layout", "dh_mlx.checkpoint"],
     ["dh_mlx.model", "dh_mlx.device"],
-    ["dh_mlx.quant", "dh_mlx.lora", "dh_mlx.backend"],
+    ["dh_mlx.quant", "dh_mlx.lora", "dh_mlx.domains", "dh_mlx.backend"],
     ["dh_mlx.checkpoint.shards", "dh_mlx.checkpoint.streaming", "dh_mlx.checkpoint.weights",
-     "dh_mlx.checkpoint.quantized", "dh_mlx.checkpoint.training"],
+     "dh_mlx.checkpoint.quantized", "dh_mlx.checkpoint.training", "dh_mlx.checkpoint.domains"],
     ["dh_mlx.generation", "dh_mlx.train", "dh_mlx.torch"],
-    ["dh_mlx.convert", "dh_mlx.info", "dh_mlx.plan", "dh_mlx.domains", "dh_mlx.api"],
+    ["dh_mlx.convert", "dh_mlx.info", "dh_mlx.plan", "dh_mlx.api"],
     ["dh_mlx.cli", "dh_mlx.cli_convert", "dh_mlx.cli_generate", "dh_mlx"],
 ]
 

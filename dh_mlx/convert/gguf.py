@@ -108,7 +108,7 @@ def add_metadata(writer: gguf.GGUFWriter, config: ModelConfig, *, name: str, out
         writer.add_expert_group_used_count(c.topk_group)
     writer.add_nextn_predict_layers(mtp)
     if c.domain_routing is not None:
-        writer.add_array("darkhorse.domains", list(c.domain_routing.domains))
+        writer.add_array("darkhorse.domains", list(c.domain_routing.names))
         writer.add_uint32("darkhorse.experts_per_domain", c.domain_routing.experts_per_domain)
 
 

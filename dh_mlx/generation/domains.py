@@ -17,16 +17,16 @@ def domain_posterior(model: Model, prompt_ids: list[int]) -> dict[str, float] | 
     dr = model.config.domain_routing
     if dr is None:
         raise ValueError("--domain auto needs a model with a domain_routing block in its config.json")
-    ids = list(prompt_ids)[:MAX_TOKENS]
+    ids = [int(i) for i in list(prompt_ids)[:MAX_TOKENS]]
     if len(ids) < 2:
         return None
-    D = len(dr.domains)
+    D = len(dr.names)
     rows = mx.array([ids] * D)  # (D, T): the same prompt, row d routed as domain d
     logits = model(rows[:, :-1], domain_ids=mx.arange(D)).astype(mx.float32)  # (D, T-1, V)
     targets = rows[:, 1:]
     nll = (mx.logsumexp(logits, axis=-1) - mx.take_along_axis(logits, targets[..., None], -1)[..., 0]).sum(-1)
     post = mx.softmax(-nll, axis=0)  # the log-likelihoods summed over the prompt; uniform prior
-    return dict(zip(dr.domains, post.tolist()))
+    return dict(zip(dr.names, post.tolist()))
 
 
 def infer_domain(model: Model, prompt_ids: list[int]) -> tuple[int | None, dict[str, float] | None]:

@@ -57,9 +57,11 @@ class MoEGate(nn.Module):
         if c.topk_method == "noaux_tc":
             self.e_score_correction_bias = mx.zeros((c.n_routed_experts,))
         dr = c.domain_routing
-        # Row 0: no domain (every expert allowed); row d+1: domain d's experts and the common ones.
+        # Experts before the added domains' own: what group-limited selection and id-less tokens use.
+        self.n_base = c.n_routed_experts if dr is None else dr.base_experts(c.n_routed_experts)
+        # Row 0: no domain (every expert but the added domains'); row d+1: domain d's experts and the common ones.
         self._domain_table = None if dr is None else mx.array(
-            [[True] * c.n_routed_experts] + dr.allowed(c.n_routed_experts))
+            [[e < self.n_base for e in range(c.n_routed_experts)]] + dr.allowed(c.n_routed_experts))
 
     def __call__(self, x: mx.array, domain_ids: mx.array | None = None) -> Routing:
         logits = linear(x.astype(mx.float32), self.weight.astype(mx.float32))  # (..., E)
@@ -75,6 +77,10 @@ class MoEGate(nn.Module):
         G = self.n_group
         if G == 1 or self.topk_method == "greedy":
             return None
+        E = choice.shape[-1]
+        if self.n_base < E:  # groups over the base experts; the added domains' are outside every group
+            keep = self._group_mask(choice[..., : self.n_base]) if self.n_base else None
+            return mx.concatenate([keep, mx.zeros((*choice.shape[:-1], E - self.n_base), mx.bool_)], axis=-1)
         grouped = mx.unflatten(mx.stop_gradient(choice), -1, (G, -1))  # (..., G, E/G)
         if self.topk_method == "noaux_tc":  # V3: a group scores the sum of its two best experts
             group_scores = mx.topk(grouped, 2, axis=-1).sum(axis=-1)
@@ -95,6 +101,8 @@ def route(gate: MoEGate, logits: mx.array, domain_ids: mx.array | None) -> Routi
     if gate.topk_method == "noaux_tc":
         choice = scores + gate.e_score_correction_bias
     allowed = gate._group_mask(choice)
+    if allowed is None and gate.n_base < choice.shape[-1]:  # the added domains' experts need their id
+        allowed = mx.arange(choice.shape[-1]) < gate.n_base
     if domain_ids is not None and gate._domain_table is not None:
         d, domain_allowed = gate.domains(domain_ids, logits.ndim)
         allowed = domain_allowed if allowed is None else mx.where((d >= 0)[..., None], domain_allowed, allowed)

@@ -48,9 +48,11 @@ class MoEGate(nn.Module):
         self.init_buffers()
 
     def init_buffers(self) -> None:
-        """Row 0: no domain (every expert allowed); row d+1: domain d's experts and the common ones."""
+        """Row 0: no domain (every expert but added domains'); row d+1: domain d's experts and the common ones."""
         dr, E = self.config.domain_routing, self.config.n_routed_experts
-        table = None if dr is None else torch.tensor([[True] * E] + dr.allowed(E), device=self.weight.device)
+        self.n_base = E if dr is None else dr.base_experts(E)  # what groups and id-less tokens cover
+        table = None if dr is None else torch.tensor([[e < self.n_base for e in range(E)]] + dr.allowed(E),
+                                                     device=self.weight.device)
         self.register_buffer("domain_table", table, persistent=False)
 
     def forward(self, x: torch.Tensor, domain_ids: torch.Tensor | None = None) -> Routing:
@@ -60,6 +62,8 @@ class MoEGate(nn.Module):
         if self.topk_method == "noaux_tc":
             choice = choice + self.e_score_correction_bias.float()
         allowed = self._group_mask(choice)
+        if allowed is None and self.n_base < choice.shape[-1]:  # the added domains' experts need their id
+            allowed = torch.arange(choice.shape[-1], device=choice.device) < self.n_base
         if domain_ids is not None and self.domain_table is not None:
             d = domain_ids if domain_ids.dim() == x.dim() - 1 else domain_ids[:, None]  # (B, T) or (B, 1)
             domain_allowed = self.domain_table[d + 1]  # (B, T|1, E)
@@ -80,6 +84,10 @@ class MoEGate(nn.Module):
         G = self.n_group
         if G == 1 or self.topk_method == "greedy":
             return None
+        E = choice.shape[-1]
+        if self.n_base < E:  # groups over the base experts; the added domains' are outside every group
+            keep = self._group_mask(choice[..., : self.n_base])
+            return torch.cat([keep, keep.new_zeros((*choice.shape[:-1], E - self.n_base))], dim=-1)
         grouped = choice.unflatten(-1, (G, -1))  # (..., G, E/G)
         if self.topk_method == "noaux_tc":  # V3: a group scores the sum of its two best experts
             group_scores = grouped.topk(2, dim=-1).values.sum(dim=-1)

@@ -88,7 +88,7 @@ def train(*, data: str | Path, out: str | Path, init: str | Path | None = None, 
     model_config = load_config(init) if init else resolve_config(params, config)
     model = (load_model(init, device=device, dtype="float32") if init else
              random_model(model_config, seed=seed, device=device, dtype=torch.float32))
-    domains = model_config.domain_routing.domains if model_config.domain_routing else None
+    domains = model_config.domain_routing.names if model_config.domain_routing else None
     dataset = load_dataset(data, tok, seq_len=seq_len, domains=domains, seed=seed)
     batches = dataset.train_batches(batch_size * size, seed=seed)
     if size > 1:

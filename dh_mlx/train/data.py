@@ -427,15 +427,20 @@ class Dataset:
 
 
 def load_dataset(path: str | Path, tokenizer, *, seq_len: int, domains: Sequence[str] | None = None,
-                 val_fraction: float = 0.05, seed: int = 0, skip_invalid: bool = False) -> Dataset:
+                 val_fraction: float = 0.05, seed: int = 0, skip_invalid: bool = False,
+                 as_domain: str | None = None) -> Dataset:
     """Read, validate, tokenize, split (by document) and pack a JSONL file or directory.
 
     `tokenizer` needs `encode`, `bos_id`, `eos_id` and `pad_id` (a `dh_mlx.tokenizer.Tokenizer`); `domains` is
-    the model's `domain_routing.domains` (None: domain labels are accepted and not used, ids are -1).
+    the model's domains in id order (None: domain labels are accepted and not used, ids are -1). With
+    `as_domain` (one of `domains`), every record is that domain's, whatever its own label.
     """
     summary = DataSummary()
-    documents = [tokenize(r, tokenizer, domains)
-                 for r in read_jsonl(path, domains=domains, skip_invalid=skip_invalid, summary=summary)]
+    read = None if as_domain else domains
+    documents = [tokenize(r, tokenizer, read)
+                 for r in read_jsonl(path, domains=read, skip_invalid=skip_invalid, summary=summary)]
+    if as_domain:
+        documents = [Document(d.ids, d.train, list(domains).index(as_domain)) for d in documents]
     if not documents:
         raise DataError(f"{path}: no valid records" + (f" ({summary})" if summary.skipped else ""))
     summary.tokens = sum(len(d.ids) for d in documents)

@@ -44,7 +44,7 @@ def evaluate(model: Model, dataset: Dataset, cfg: TrainConfig, *, use_domains: b
     w = w or World(None)
     c = model.config
     E = c.n_routed_experts or 0
-    n_dom = len(c.domain_routing.domains) if c.domain_routing else 0
+    n_dom = len(c.domain_routing.names) if c.domain_routing else 0
 
     def batch_stats(*arrays):
         b = Batch(*arrays)

@@ -120,7 +120,7 @@ def lora(*, model: str | Path, data: str | Path, out: str | Path, tokenizer: str
     if tok is None:
         raise ValueError(f"{tokenizer or base}: no tokenizer.model (pass --tokenizer)")
     m = load_model(base, dtype=dtype, bits=bits, group_size=group_size)
-    domains = m.config.domain_routing.domains if m.config.domain_routing else None
+    domains = m.config.domain_routing.names if m.config.domain_routing else None
     dataset = load_dataset(data, tok, seq_len=cfg.seq_len, domains=domains, val_fraction=cfg.val_fraction,
                            seed=cfg.seed, skip_invalid=cfg.skip_invalid)
     if w.main:

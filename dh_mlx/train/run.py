@@ -72,7 +72,7 @@ def train(*, params: str | None = None, config: str | Path | None = None, data: 
         guarded = model_config.replace(num_nextn_predict_layers=1)
     check_training_fits(guarded, cfg, f"{init or name}", dtype_size=compute_dtype(dtype).size,
                         trainable=count_params(guarded).mtp if cfg.mtp_distill else None)
-    domains = model_config.domain_routing.domains if model_config.domain_routing else None
+    domains = model_config.domain_routing.names if model_config.domain_routing else None
     dataset = load_dataset(data, tok, seq_len=cfg.seq_len, domains=domains, val_fraction=cfg.val_fraction,
                            seed=cfg.seed, skip_invalid=cfg.skip_invalid)
     if w.main:

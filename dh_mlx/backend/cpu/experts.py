@@ -224,7 +224,7 @@ def _permute_rows_vjp(primals, dy, out):
 
 def route(gate: MoEGate, logits: mx.array, domain_ids: mx.array | None) -> Routing:
     bias = gate.e_score_correction_bias if gate.topk_method == "noaux_tc" else mx.zeros(logits.shape[-1:])
-    if not native.usable_small(logits, bias):
+    if not native.usable_small(logits, bias) or gate.n_base < logits.shape[-1]:  # (added domains: the reference)
         return moe.route.reference(gate, logits, domain_ids)
     domains = domain_ids is not None and gate._domain_table is not None
     allowed = flag = mx.array(False)
