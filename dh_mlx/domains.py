@@ -23,7 +23,7 @@ from .model.moe import MoE
 
 def _regroup(config: ModelConfig, n_experts: int) -> dict:
     """Group-limited routing kept when the groups still divide the experts, else plain top-k."""
-    if config.n_group > 1 and n_experts % config.n_group == 0:
+    if config.n_group > 1 and n_experts % config.n_group == 0 and n_experts // config.n_group >= 2:
         return {}
     return {"n_group": 1, "topk_group": 1}
 

@@ -192,3 +192,19 @@ def test_adding_a_domain_trains_only_its_experts(tmp_path):
     e = extract(new, "poetry")  # the added domain extracts like any other
     assert mx.abs(e(ids) - new(ids, domain_ids=ids_for(3))).max().item() <= 1e-6
     assert remove(new, "poetry").config.n_routed_experts == 12
+
+
+def test_alf_leaves_added_experts_alone_and_exports_refuse_an_added_model(tmp_path):
+    from dh_mlx.convert import ConvertError, export_hf
+    from dh_mlx.convert.gguf import unsupported
+    from dh_mlx.domains import add_experts
+    from dh_mlx.train.loss import alf_update
+    bias, loads = mx.zeros((5,)), mx.array([[3.0, 1.0, 2.0, 0.0, 0.0]])  # experts 3, 4 added: no id-less load
+    (new,) = alf_update([bias], loads, 0.1, n_base=3)
+    np.testing.assert_allclose(np.array(new), [-0.1, 0.1, 0.0, 0.0, 0.0])
+    m = add_experts(domain_model(), "poetry")
+    assert m.model.layers[1].mlp.gate.n_base == 12
+    assert any("added domains (poetry)" in p for p in unsupported(m.config))
+    save_model(m, tmp_path / "added")
+    with pytest.raises(ConvertError, match="domains extract"):
+        export_hf(tmp_path / "added", tmp_path / "hf")

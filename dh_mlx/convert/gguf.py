@@ -44,6 +44,9 @@ def unsupported(config: ModelConfig) -> list[str]:
         if grouped and c.topk_method == "group_limited_greedy":
             problems.append("topk_method 'group_limited_greedy' with topk_group < n_group: llama.cpp scores a "
                             "group by its two best experts (noaux_tc), not by its best one")
+    if c.domain_routing is not None and c.domain_routing.added:
+        problems.append(f"added domains ({', '.join(c.domain_routing.added)}): llama.cpp would route id-less "
+                        "tokens to their experts; extract a domain (dh-mlx domains extract) and convert that")
     if c.attention_bias:
         problems.append("attention_bias=true: llama.cpp's deepseek2 has no attention biases")
     if c.rope_type == "yarn" and not c.rope_scaling.get("truncate", True):

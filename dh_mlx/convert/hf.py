@@ -48,6 +48,10 @@ def export_hf(model_dir: str | Path, out: str | Path, *, mtp: bool = True, dtype
     if dtype not in _SAFETENSORS_DTYPES.values():
         raise ConvertError(f"dtype {dtype!r}: expected one of {', '.join(_SAFETENSORS_DTYPES.values())}")
     model = load_model(model_dir, dtype="float32")
+    dr = model.config.domain_routing
+    if dr is not None and dr.added:  # transformers and vLLM ignore domain_routing: they would use these experts
+        raise ConvertError(f"{model_dir}: has added domains ({', '.join(dr.added)}), which transformers and vLLM "
+                           "would route every token to; export a domain with dh-mlx domains extract instead")
     save_model(model, out, mtp=mtp, max_shard_bytes=max_shard_bytes, dtype=dtype)
 
     config = json.loads((out / "config.json").read_text())

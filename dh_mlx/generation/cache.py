@@ -45,7 +45,7 @@ class LatentCache:
 
     def trim(self, n: int) -> int:
         """Forget the last `n` positions (speculative decoding rollback); returns how many were dropped."""
-        n = min(self.offset, n)
+        n = max(0, min(self.offset, n))
         self.offset -= n
         return n
 

@@ -75,7 +75,7 @@ class PipelineModel:
         h = self._run(inputs, cache, domain_ids, mask)
         if self.last:
             return self.inner.model.norm(h)
-        sent = mx.distributed.send(h, self.rank + 1, group=self.group)
+        sent = mx.distributed.send(h.astype(self.dtype), self.rank + 1, group=self.group)  # what the next receives
         return mx.depends(mx.zeros_like(h), sent)
 
     def forward(self, inputs, cache=None, domain_ids=None, mask="causal") -> Output:

@@ -132,7 +132,8 @@ def alf_update(model: Model, routing: list[Routing], gamma: float = 1e-3) -> lis
             continue
         bias = moe.gate.e_score_correction_bias
         load = torch.bincount(r.indices.flatten(), minlength=bias.numel()).float()  # (E,)
-        bias.add_(gamma * torch.sign(load.mean() - load).to(bias.device, bias.dtype))
+        n = moe.gate.n_base  # an added domain's experts are left alone (no id-less token reaches them)
+        bias[:n].add_(gamma * torch.sign(load[:n].mean() - load[:n]).to(bias.device, bias.dtype))
         loads.append(load)
     return loads
 

@@ -59,8 +59,8 @@ def alf_update_summed(model: Model, routing, gamma: float) -> None:
     if dist.is_initialized():
         dist.all_reduce(loads)
     for m, load in zip(moes, loads):
-        bias = m.gate.e_score_correction_bias
-        bias.add_(gamma * torch.sign(load.mean() - load).to(bias.device, bias.dtype))
+        bias, n = m.gate.e_score_correction_bias, m.gate.n_base  # (added domains' experts left alone)
+        bias[:n].add_(gamma * torch.sign(load[:n].mean() - load[:n]).to(bias.device, bias.dtype))
 
 
 def train(*, data: str | Path, out: str | Path, init: str | Path | None = None, config: str | Path | None = None,

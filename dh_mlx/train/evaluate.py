@@ -68,7 +68,7 @@ def evaluate(model: Model, dataset: Dataset, cfg: TrainConfig, *, use_domains: b
         return EvalResult(float("nan"), 0, None, None)
     ce_total, n_total, arrays = 0.0, 0.0, None
     for i, nb in enumerate(dataset.valid_batches(cfg.batch_size)):
-        if i >= cfg.eval_batches:
+        if i >= cfg.eval_batches * w.size:  # the rows one process on the global batch would score
             break
         if i % w.size != w.rank:
             continue

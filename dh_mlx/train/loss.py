@@ -160,9 +160,12 @@ def loss_parts(model: Model, batch: Batch, *, mtp_lambda: float, balance_alpha: 
     return loss, LossParts(ce, mtp, bal, mx.stop_gradient(loads))
 
 
-def alf_update(biases: list[mx.array], loads: mx.array, gamma: float) -> list[mx.array]:
-    """Auxiliary-loss-free balancing: b_i += gamma * sign(mean load - load_i), per MoE layer."""
-    return [b + gamma * mx.sign(l.mean() - l) for b, l in zip(biases, loads)]
+def alf_update(biases: list[mx.array], loads: mx.array, gamma: float, n_base: int | None = None) -> list[mx.array]:
+    """Auxiliary-loss-free balancing: b_i += gamma * sign(mean load - load_i), per MoE layer, over the first
+    `n_base` experts: an added domain's experts take no id-less tokens, so their biases are left alone (a zero
+    load would push them up for ever)."""
+    n = loads.shape[-1] if n_base is None else n_base
+    return [mx.concatenate([b[:n] + gamma * mx.sign(l[:n].mean() - l[:n]), b[n:]]) for b, l in zip(biases, loads)]
 
 
 def imbalance(loads: mx.array) -> mx.array:

@@ -107,7 +107,7 @@ def build_steps(model: Model, optimizer: AdamW, cfg: TrainConfig, streams=AUTO, 
         norm = optimizer.clip_and_update(model, grads, cfg.grad_clip)
         if cfg.alf_gamma and balanced and loads.shape[0]:
             new = alf_update([g.e_score_correction_bias for g in balanced], loads[len(gates) - len(balanced):],
-                             cfg.alf_gamma)
+                             cfg.alf_gamma, balanced[0].n_base)
             for g, b in zip(balanced, new):
                 g.e_score_correction_bias = b
         return norm
@@ -216,7 +216,7 @@ def _train(model: Model, dataset: Dataset, cfg: TrainConfig, run_dir: Path, *, e
     start = on_main(w, _restore, model, optimizer, batches, cfg, run_dir, resume=resume, force=force) or 0
     if w.size > 1:
         start = _share_start(model, optimizer, batches, start, resume, w)
-    mx.random.seed(cfg.seed + start)
+    mx.random.seed(cfg.seed + start + 1_000_003 * w.rank)  # (dropout: each rank its own draws)
     log = MetricsLog(run_dir / "metrics.jsonl", start if resume else None) if w.main else None
     fns = build_steps(model, optimizer, cfg, global_rows=cfg.batch_size * w.size if w.size > 1 else None)
     reducer = Reducer(w)
@@ -316,7 +316,7 @@ def _train(model: Model, dataset: Dataset, cfg: TrainConfig, run_dir: Path, *, e
                 break
             if step < cfg.steps and w.size > 1 and any_rank(stop.signum is not None, w):
                 raise Interrupted(stop.signum or signal.SIGTERM)  # every rank stops at the same step
-            if step < cfg.steps:
+            elif step < cfg.steps:  # (several ranks act on the shared answer above alone)
                 stop.check()  # between steps: the weights, the data position and the step number agree
     except KeyboardInterrupt as e:
         interrupted, stopped_by = True, getattr(e, "signum", signal.SIGINT)
