@@ -68,7 +68,10 @@ def plan(config: ModelConfig, *, machines: int = 2, memory_gb: float = 192.0, li
     need_train = math.ceil(sum((w, g, o)) / max(memory - act - 2 * largest_layer, 1))
     need_serve = {s["layout"]: math.ceil(weight_bytes(n, b) / max(memory - kv, 1))
                   for s, b in zip(serving, (16, 8, 4))}
-    return {"params": n, "active_params": p.active + p.mtp_active, "machines": N, "memory": memory,
+    return {"estimate": "from the config alone (dh_mlx/plan.py): not a measurement",
+            "assumptions": "bf16 weights and gradients on the wire, fp32 master weights and AdamW moments "
+                           "(16 B/parameter), activation checkpointing, nominal one-way link bandwidth",
+            "params": n, "active_params": p.active + p.mtp_active, "machines": N, "memory": memory,
             "link": link_name, "bandwidth": bw, "batch": batch, "seq_len": seq_len, "context": context,
             "training": training, "serving": serving, "fsdp_machines_needed": need_train,
             "serving_machines_needed": need_serve}

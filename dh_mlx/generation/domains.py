@@ -21,11 +21,16 @@ def domain_posterior(model: Model, prompt_ids: list[int]) -> dict[str, float] | 
     if len(ids) < 2:
         return None
     D = len(dr.names)
-    rows = mx.array([ids] * D)  # (D, T): the same prompt, row d routed as domain d
-    logits = model(rows[:, :-1], domain_ids=mx.arange(D)).astype(mx.float32)  # (D, T-1, V)
-    targets = rows[:, 1:]
-    nll = (mx.logsumexp(logits, axis=-1) - mx.take_along_axis(logits, targets[..., None], -1)[..., 0]).sum(-1)
-    post = mx.softmax(-nll, axis=0)  # the log-likelihoods summed over the prompt; uniform prior
+    # rows of domains per pass: all at once unless their float32 logits would pass ~256 MB (large vocabularies)
+    per = max(1, min(D, (256 << 20) // (4 * len(ids) * model.config.vocab_size)))
+    nll = []
+    for start in range(0, D, per):
+        d = mx.arange(start, min(start + per, D))
+        rows = mx.array([ids] * d.size)  # the same prompt, row i routed as domain d[i]
+        logits = model(rows[:, :-1], domain_ids=d).astype(mx.float32)  # (rows, T-1, V)
+        gold = mx.take_along_axis(logits, rows[:, 1:, None], -1)[..., 0]
+        nll.append((mx.logsumexp(logits, axis=-1) - gold).sum(-1))
+    post = mx.softmax(-mx.concatenate(nll), axis=0)  # the log-likelihoods summed over the prompt; uniform prior
     return dict(zip(dr.names, post.tolist()))
 
 
