@@ -9,7 +9,7 @@ from typing import Optional
 
 import typer
 
-from .cli_convert import QDTYPE_HELP, convert_app, wrote
+from .cli_convert import MTP_HELP, QBITS_HELP, QDTYPE_HELP, QGROUP_HELP, RECIPE_HELP, convert_app, wrote
 from .cli_generate import _domain, _generate, _load_for_generation, _read_prompt, _report, _stream
 
 app = typer.Typer(add_completion=False, help="Darkhorse Genesis on MLX: a DeepSeek-V3-style MoE with latent attention.")
@@ -222,12 +222,10 @@ def plot(run_dir: Path = typer.Argument(..., help="a training run directory (hol
 @app.command()
 def quantize(model: Path = typer.Option(..., help="float model directory"),
              out: Path = typer.Option(..., help="directory for the quantized model"),
-             bits: int = typer.Option(4, help="bits per weight: 4 or 8 (also 2, 3, 5, 6)"),
-             group_size: int = typer.Option(64, help="values sharing a scale and bias: 32, 64 or 128"),
-             recipe: str = typer.Option("uniform", help="uniform, or mixed (8 bits for lm_head, embedding, "
-                                                        "first and last layers)"),
-             mtp: bool = typer.Option(True, "--mtp/--no-mtp", help="keep the MTP modules (mlx-lm cannot load "
-                                                                   "them)"),
+             bits: int = typer.Option(4, help=QBITS_HELP),
+             group_size: int = typer.Option(64, help=QGROUP_HELP),
+             recipe: str = typer.Option("uniform", help=RECIPE_HELP),
+             mtp: bool = typer.Option(True, "--mtp/--no-mtp", help=MTP_HELP),
              dtype: Optional[str] = typer.Option(None, help=QDTYPE_HELP),
              force: bool = typer.Option(False, help="write over an existing, non-empty output")) -> None:
     """Write an MLX-quantized copy of a model directory (config.json `quantization` block, as mlx-lm writes it),

@@ -7,6 +7,10 @@ from typing import Optional
 
 import typer
 
+QBITS_HELP = "bits per weight: 4 or 8 (also 2, 3, 5, 6)"
+QGROUP_HELP = "values sharing a scale and bias: 32, 64 or 128"
+RECIPE_HELP = "uniform, or mixed (8 bits for lm_head, embedding, first and last layers)"
+MTP_HELP = "keep the MTP modules (mlx-lm cannot load them)"
 QDTYPE_HELP = "float32, bfloat16 or float16 for the scales and unquantized tensors (default: the source's)"
 
 
@@ -38,12 +42,10 @@ def convert_gguf(model: Path = typer.Option(..., help="model directory (config.j
 @convert_app.command("mlx")
 def convert_mlx(model: Path = typer.Option(..., help="model directory or hub repo id (float or FP8)"),
                 out: Path = typer.Option(..., help="directory for the quantized model"),
-                bits: int = typer.Option(4, help="bits per weight: 4 or 8 (also 2, 3, 5, 6)"),
-                group_size: int = typer.Option(64, help="values sharing a scale and bias: 32, 64 or 128"),
-                recipe: str = typer.Option("uniform", help="uniform, or mixed (8 bits for lm_head, embedding, "
-                                                           "first and last layers)"),
-                mtp: bool = typer.Option(False, "--mtp/--no-mtp", help="keep the MTP modules (mlx-lm cannot load "
-                                                                     "them)"),
+                bits: int = typer.Option(4, help=QBITS_HELP),
+                group_size: int = typer.Option(64, help=QGROUP_HELP),
+                recipe: str = typer.Option("uniform", help=RECIPE_HELP),
+                mtp: bool = typer.Option(False, "--mtp/--no-mtp", help=MTP_HELP),
                 dtype: Optional[str] = typer.Option(None, help=QDTYPE_HELP),
                 force: bool = typer.Option(False, help="write over an existing, non-empty output")) -> None:
     """Write an mlx-lm model directory quantized to --bits, one decoder layer in memory at a time."""
