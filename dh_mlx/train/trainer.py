@@ -228,8 +228,9 @@ def _train(model: Model, dataset: Dataset, cfg: TrainConfig, run_dir: Path, *, e
     model_bytes = sum(v.nbytes for _, v in tree_flatten(model.parameters()))
 
     def checkpoint(step: int) -> None:
-        if not w.main:
-            return
+        on_main(w, save, step)  # every rank calls it; a failure on rank 0 stops them all, none left waiting
+
+    def save(step: int) -> None:
         changing = _changing_params(model)
         need = sum(v.nbytes for v in changing.values()) + model_bytes + sum(
             v.nbytes for _, v in tree_flatten(optimizer.state) if isinstance(v, mx.array))
