@@ -171,6 +171,8 @@ def test_adding_a_domain_trains_only_its_experts(tmp_path):
                    out=tmp_path / "added", steps=16, batch_size=4, seq_len=32, lr=3e-3, eval_every=16,
                    progress=False)
     assert r.after < r.before - 0.1  # the new domain learned
+    from dh_mlx.checkpoint.layout import stored_dtype
+    assert stored_dtype(tmp_path / "added") == stored_dtype(tmp_path / "base") == "float32"
     new = load_model(tmp_path / "added")
     dr = new.config.domain_routing
     assert (dr.domains, dr.added, new.config.n_routed_experts, new.config.n_group) == (

@@ -374,3 +374,19 @@ def copy_tokenizer(src: Path, dst: Path) -> None:
                  "chat_template.jinja", "generation_config.json"):
         if (src / name).is_file():
             shutil.copyfile(src / name, dst / name)
+
+
+_STORED_AS = {"F32": "float32", "BF16": "bfloat16", "F16": "float16", "F8_E4M3": "bfloat16"}
+
+
+def stored_dtype(model_dir: Path) -> str:
+    """The floating dtype most of the checkpoint's bytes are stored in (read from the safetensors headers; FP8
+    counts as bfloat16, what it is written back as)."""
+    counts: dict[str, int] = {}
+    for f in safetensors_files(model_dir):
+        for name, info in read_safetensors_header(f).items():
+            if name != "__metadata__" and info["dtype"] in _STORED_AS and not name.endswith("_scale_inv"):
+                begin, end = info["data_offsets"]
+                kind = _STORED_AS[info["dtype"]]
+                counts[kind] = counts.get(kind, 0) + end - begin
+    return max(counts, key=counts.get) if counts else "float32"

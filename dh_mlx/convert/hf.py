@@ -9,30 +9,15 @@ token as plain DeepSeek-V3 (our domain id -1).
 from __future__ import annotations
 
 import json
-from collections import Counter
 from pathlib import Path
 
-from ..checkpoint.layout import read_safetensors_header, safetensors_files
+from ..checkpoint.layout import stored_dtype
 from ..outputs import check_output_dir
 from ..tokenizer import load_tokenizer, write_hf_files
 from ..checkpoint.weights import DEFAULT_SHARD_BYTES, load_model, resolve_path, save_model
 from .errors import ConvertError
 
 _SAFETENSORS_DTYPES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}
-# FP8 release weights export as bfloat16 (what their non-FP8 tensors are); their block scales do not count.
-_STORED_AS = {**_SAFETENSORS_DTYPES, "F8_E4M3": "bfloat16"}
-
-
-def stored_dtype(model_dir: Path) -> str:
-    """The floating dtype most of the checkpoint's bytes are stored in (read from the safetensors headers)."""
-    counts: Counter = Counter()
-    for f in safetensors_files(model_dir):
-        header = read_safetensors_header(f)
-        for name, info in header.items():
-            if name != "__metadata__" and info["dtype"] in _STORED_AS and not name.endswith("_scale_inv"):
-                begin, end = info["data_offsets"]
-                counts[_STORED_AS[info["dtype"]]] += end - begin
-    return counts.most_common(1)[0][0] if counts else "float32"
 
 
 def export_hf(model_dir: str | Path, out: str | Path, *, mtp: bool = True, dtype: str | None = None,

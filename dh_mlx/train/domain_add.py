@@ -17,6 +17,7 @@ import mlx.core as mx
 from mlx.utils import tree_flatten
 
 from .. import backend
+from ..checkpoint.layout import stored_dtype
 from ..checkpoint.weights import copy_tokenizer, load_model, resolve_path, save_model
 from ..domains import add_experts
 from ..model import Model
@@ -117,8 +118,10 @@ def add_domain(*, model: str | Path, name: str, data: str | Path, out: str | Pat
     has_val = len(dataset.valid) > 0
     before = evaluate(m, dataset, cfg, w=w).loss if has_val and not resume else None
 
+    stored = stored_dtype(base)
+
     def export(d: Path) -> None:
-        save_model(merged(m), d)
+        save_model(merged(m), d, dtype=stored)  # the base's dtype: old values round-trip exactly
         copy_tokenizer(base, d)
 
     run = train_loop(m, dataset, cfg, out, export=export, resume=resume, force=force, progress=progress, w=w)
