@@ -139,3 +139,12 @@ def test_a_rank_0_refusal_stops_every_rank(base, tmp_path):
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=120)  # (mlx.launch itself exits 0)
     assert "exited with code 1" in r.stderr and "already holds notes.txt" in r.stderr
     assert (tmp_path / "taken" / "notes.txt").read_text() == "someone's file"
+
+
+def test_resuming_on_another_number_of_ranks_is_refused(base, tmp_path):
+    model, data = base
+    run(train_args(model, data, tmp_path / "one", 4, 2), tmp_path / "d1")
+    cmd = [str(LAUNCH), "--backend", "ring", "-n", "2", "--hosts", "127.0.0.1", "--starting-port", str(free_port()),
+           "--", sys.executable, "-m", "dh_mlx.cli", *train_args(model, data, tmp_path / "one", 2, 4, "--resume")]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert "saved by a run on 1 rank(s); resume it on as many (this run has 2)" in r.stderr, r.stderr[-2000:]

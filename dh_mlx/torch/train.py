@@ -160,7 +160,7 @@ def main(argv: list[str] | None = None) -> None:
         train(data=a.data, out=a.out, init=a.init, config=a.config, params=a.params, tokenizer=a.tokenizer,
               steps=a.steps, batch_size=a.batch_size, seq_len=a.seq_len, seed=a.seed, force=a.force,
               train_config=TrainConfig(lr=a.lr))
-    except (ValueError, OSError) as e:
+    except (ValueError, OSError, ImportError) as e:  # ImportError: a PyTorch without FSDP2 (fully_shard)
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
 

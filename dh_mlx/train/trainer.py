@@ -170,7 +170,7 @@ def train_loop(model: Model, dataset: Dataset, cfg: TrainConfig, run_dir: Path, 
 
 
 def _restore(model: Model, optimizer: AdamW, batches, cfg: TrainConfig, run_dir: Path, *, resume: bool,
-             force: bool) -> int:
+             force: bool, ranks: int = 1) -> int:
     """Rank 0's start: the step to continue from (model, optimizer and data position restored), or 0."""
     remove_partial(run_dir)
     ckpt = latest_checkpoint(run_dir, report=True) if resume else None
@@ -178,6 +178,9 @@ def _restore(model: Model, optimizer: AdamW, batches, cfg: TrainConfig, run_dir:
         raise TrainingError(f"{run_dir}: no checkpoint to resume from; drop --resume (with --force) to start afresh")
     if resume:
         state, opt_state = load_checkpoint(ckpt)
+        if state.get("ranks", 1) != ranks:  # the data position is one of global batches of batch_size x ranks
+            raise TrainingError(f"{ckpt}: saved by a run on {state.get('ranks', 1)} rank(s); resume it on as many "
+                                f"(this run has {ranks})")
         model.load_weights(list(_resumable_weights(model, ckpt).items()), strict=False)
         optimizer.state = opt_state
         batches.load_state_dict(state["data"])
@@ -213,7 +216,8 @@ def _train(model: Model, dataset: Dataset, cfg: TrainConfig, run_dir: Path, *, e
            ) -> RunResult:
     optimizer = make_optimizer(cfg)
     batches = dataset.train_batches(cfg.batch_size * w.size, seed=cfg.seed)  # the global batch, on every rank
-    start = on_main(w, _restore, model, optimizer, batches, cfg, run_dir, resume=resume, force=force) or 0
+    start = on_main(w, _restore, model, optimizer, batches, cfg, run_dir, resume=resume, force=force,
+                    ranks=w.size) or 0
     if w.size > 1:
         start = _share_start(model, optimizer, batches, start, resume, w)
     mx.random.seed(cfg.seed + start + 1_000_003 * w.rank)  # (dropout: each rank its own draws)
@@ -237,7 +241,7 @@ def _train(model: Model, dataset: Dataset, cfg: TrainConfig, run_dir: Path, *, e
         save_checkpoint(run_dir, step, write_weights=lambda d: mx.save_safetensors(
                             str(d / "weights.safetensors"), changing),
                         optimizer_state=optimizer.state,
-                        trainer_state={"data": data_state, "train_config": cfg.to_dict()},
+                        trainer_state={"data": data_state, "train_config": cfg.to_dict(), "ranks": w.size},
                         keep=cfg.keep_checkpoints, expected_bytes=need)
         try:
             export(run_dir)
