@@ -9,7 +9,8 @@ from typing import Optional
 
 import typer
 
-from .cli_convert import MTP_HELP, QBITS_HELP, QDTYPE_HELP, QGROUP_HELP, RECIPE_HELP, convert_app, wrote
+from .cli_convert import (MTP_HELP, QBITS_HELP, QDTYPE_HELP, QGROUP_HELP, RECIPE_HELP, convert_app,
+                          wrote)
 from .cli_generate import _domain, _generate, _load_for_generation, _read_prompt, _report, _stream
 
 app = typer.Typer(add_completion=False, help="Darkhorse Genesis on MLX: a DeepSeek-V3-style MoE with latent attention.")
@@ -73,8 +74,8 @@ def chat_command(model: Optional[Path] = typer.Option(None, help="model director
                  top_p: float = typer.Option(1.0, help="nucleus sampling mass"),
                  repetition_penalty: float = typer.Option(1.0, help="penalise recently seen tokens (1: off)"),
                  seed: int = typer.Option(0, help="sampling seed, and the init seed with --params"),
-                 domain: Optional[str] = typer.Option(None, help="route through this domain's experts (auto: the "
-                                                             "domain the prompt is likeliest under)"),
+                 domain: Optional[str] = typer.Option(None, help="route through this domain's experts (auto: "
+                                                                 "inferred from the first turn)"),
                  mtp: Optional[bool] = typer.Option(None, "--mtp/--no-mtp", help="MTP self-speculative decoding"),
                  dtype: Optional[str] = typer.Option(None, help="float32, bfloat16 or float16 (default: by device)"),
                  adapter: Optional[Path] = typer.Option(None, help="LoRA adapter directory, applied unfused"),

@@ -215,7 +215,7 @@ class ModelConfig:
                      "a positive number", v)
         if self.has_moe:
             # Group-limited routing covers the experts a token without a domain may use (added domains aside).
-            E = self.n_routed_experts if self.domain_routing is None or isinstance(self.domain_routing, dict) \
+            E = self.n_routed_experts if self.domain_routing is None \
                 else self.domain_routing.base_experts(self.n_routed_experts)
             _require(self.moe_intermediate_size is not None, "moe_intermediate_size",
                      "an integer >= 1 when n_routed_experts is set", None)

@@ -1,7 +1,8 @@
 """Domains as parts of a model, by selecting routed experts: one domain's experts and the common ones as a
 standalone DeepSeek-V3 (`extract`), the model without a domain's experts (`remove`), a new domain's experts
-appended (`add_experts`, trained by `train.domain_add`). What is selected: the router's rows, the selection biases and the stacked expert matrices, in every MoE layer (MTP
-modules included). Nothing else changes: attention, dense layers, shared experts and embeddings are copied.
+appended (`add_experts`, trained by `train.domain_add`). What is selected: the router's rows, the selection
+biases and the stacked expert matrices, in every MoE layer (MTP modules included). Nothing else changes:
+attention, dense layers, shared experts and embeddings are copied.
 
 Why extraction is exact: a token with domain d already chooses only among d's experts and the common ones
 (the domain mask replaces group-limited selection), by sigmoid scores plus the selection bias, and sigmoid
@@ -13,8 +14,8 @@ not claimed.
 
 from __future__ import annotations
 
-
 import mlx.core as mx
+from mlx.utils import tree_flatten
 
 from .config import ModelConfig, DomainRouting
 from .model import Model
@@ -28,20 +29,18 @@ def _regroup(config: ModelConfig, n_experts: int) -> dict:
     return {"n_group": 1, "topk_group": 1}
 
 
-def select_experts(model: Model, keep: list[int], **config_changes) -> Model:
-    """A new float model holding routed experts `keep` (in that order) of every MoE layer of `model`."""
+def select_experts(model: Model, keep: list[int], config: ModelConfig) -> Model:
+    """A new float model of `config` (with `n_routed_experts == len(keep)`) holding routed experts `keep` (in
+    that order) of every MoE layer of `model`, everything else copied."""
     if model.config.extra.get("quantization"):
         raise ValueError("domains are selected from a float model; dequantize or use the float checkpoint")
-    config = model.config.replace(n_routed_experts=len(keep), **config_changes)
     new = Model(config)
     idx = mx.array(keep)
     weights = {}
-    from mlx.utils import tree_flatten
-    old_moes = {i: l.mlp for i, l in enumerate(model.model.layers) if isinstance(l.mlp, MoE)}
+    moe_layers = {i for i, l in enumerate(model.model.layers) if isinstance(l.mlp, MoE)}
     for k, v in tree_flatten(model.parameters()):
-        parts = k.split(".")
-        layer = int(parts[2]) if k.startswith("model.layers.") else None
-        routed = layer in old_moes and (".mlp.gate." in k or ".mlp.experts." in k)
+        layer = int(k.split(".")[2]) if k.startswith("model.layers.") else None
+        routed = layer in moe_layers and (".mlp.gate." in k or ".mlp.experts." in k)
         weights[k] = v[idx] if routed else v
     new.load_weights(list(weights.items()))
     mx.eval(new.parameters())
@@ -78,9 +77,7 @@ def extract(model: Model, name: str) -> Model:
     """`model`'s domain `name` as a plain DeepSeek-V3: with no domain id it computes what `model` computes
     with that domain's id."""
     experts = domain_experts(model.config)
-    c = extract_config(model.config, name)
-    return select_experts(model, experts[name] + experts["common"], domain_routing=None, n_group=c.n_group,
-                          topk_group=c.topk_group)
+    return select_experts(model, experts[name] + experts["common"], extract_config(model.config, name))
 
 
 def remove(model: Model, name: str) -> Model:
@@ -97,7 +94,8 @@ def remove(model: Model, name: str) -> Model:
     keep = [e for d in base for e in experts[d]] + experts["common"] + [e for d in added for e in experts[d]]
     routing = DomainRouting(base, dr.experts_per_domain, added)
     n_base = len(keep) - len(added) * dr.experts_per_domain
-    return select_experts(model, keep, domain_routing=routing, **_regroup(model.config, n_base))
+    return select_experts(model, keep, model.config.replace(n_routed_experts=len(keep), domain_routing=routing,
+                                                            **_regroup(model.config, n_base)))
 
 
 def add_experts(model: Model, name: str) -> Model:
@@ -115,5 +113,5 @@ def add_experts(model: Model, name: str) -> Model:
     source = experts["common"] or experts[dr.names[0]]
     E = model.config.n_routed_experts
     keep = list(range(E)) + [source[i % len(source)] for i in range(dr.experts_per_domain)]
-    return select_experts(model, keep, domain_routing=DomainRouting(dr.domains, dr.experts_per_domain,
-                                                                    dr.added + [name]))
+    routing = DomainRouting(dr.domains, dr.experts_per_domain, dr.added + [name])
+    return select_experts(model, keep, model.config.replace(n_routed_experts=len(keep), domain_routing=routing))

@@ -81,8 +81,8 @@ def format_info(info: dict[str, Any], title: str) -> str:
         common = de["common"]
         lines.append(f"    common experts  {_span(common)} (every domain's)")
         for name, d in de["domains"].items():
-            lines.append(f"    {name:<15} experts {_span(d['experts'])}; extracted: {d['extracted_params'] / 1e6:,.1f} M "
-                         f"parameters, {_size(d['extracted_bytes'])} bf16")
+            lines.append(f"    {name:<15} experts {_span(d['experts'])}; extracted: "
+                         f"{d['extracted_params'] / 1e6:,.1f} M parameters, {_size(d['extracted_bytes'])} bf16")
     lines.append(f"  context           {info['max_position_embeddings']:,} tokens")
     lines.append("  weights           " + ", ".join(f"{k} {_size(v)}" for k, v in info["weight_bytes"].items()))
     lines.append(f"  KV cache (bf16)   {info['kv_bytes_per_token']:,} B/token; " +

@@ -48,13 +48,13 @@ def plan(config: ModelConfig, *, machines: int = 2, memory_gb: float = 192.0, li
     act = 2 * activation_elements(config, batch, seq_len, checkpointing=True)
     w, g, o = (n * BYTES_PER_PARAM[k] for k in ("weights", "gradients", "optimizer"))
     layers = config.num_hidden_layers + config.num_nextn_predict_layers
-    largest_layer = max(weight_bytes(n // layers, 16), 1)  # an FSDP rank gathers one layer's weights at a time
+    layer_bytes = max(weight_bytes(n // layers, 16), 1)  # an FSDP rank gathers a layer's weights (the mean layer)
     hidden = batch * seq_len * config.hidden_size * WIRE
     micro = 2 * N  # micro-batches per step, enough to keep the pipeline's bubble near a third
     training = [
         _layout("data-parallel", w, g, o, act, 2 * (N - 1) / N * n * WIRE, memory, bw,
                 "every rank holds the whole model; the gradients are all-reduced"),
-        _layout("FSDP", w / N + 2 * largest_layer, g / N, o / N, act, 3 * (N - 1) / N * n * WIRE, memory, bw,
+        _layout("FSDP", w / N + 2 * layer_bytes, g / N, o / N, act, 3 * (N - 1) / N * n * WIRE, memory, bw,
                 "weights, gradients and AdamW state sharded over the ranks (FSDP2 fully_shard, ZeRO-3)"),
         # 1F1B: a stage keeps up to N micro-batches in flight for its 1/N of the layers
         _layout("pipeline", w / N, g / N, o / N, act, 2 * micro * hidden if N > 1 else 0, memory, bw,
@@ -65,7 +65,7 @@ def plan(config: ModelConfig, *, machines: int = 2, memory_gb: float = 192.0, li
     serving = [{"layout": f"{bits}-bit" if bits < 16 else "bf16",
                 "weights_per_rank": weight_bytes(n, bits) / N, "kv_cache": kv,
                 "fits": weight_bytes(n, bits) / N + kv <= memory} for bits in (16, 8, 4)]
-    need_train = math.ceil(sum((w, g, o)) / max(memory - act - 2 * largest_layer, 1))
+    need_train = math.ceil(sum((w, g, o)) / max(memory - act - 2 * layer_bytes, 1))
     need_serve = {s["layout"]: math.ceil(weight_bytes(n, b) / max(memory - kv, 1))
                   for s, b in zip(serving, (16, 8, 4))}
     return {"estimate": "from the config alone (dh_mlx/plan.py): not a measurement",

@@ -13,21 +13,41 @@ from __future__ import annotations
 import re
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Callable
 
 import mlx.core as mx
 from mlx.utils import tree_flatten
 
 from ..config import ModelConfig
+from ..device import DTYPES
 from ..model import Model
 from ..quant import KEYS, QuantConfig, quant_predicate
 from .layout import (CheckpointError, check_tensors, config_for_tensors, dequantize_fp8, dequantized_config,
                      drop_rotary_buffers, fp8_blocks, keep_fp32, read_safetensors_header,
-                     safetensors_files, split_fused_experts, to_memory_layout, unstack_experts)
+                     safetensors_files, split_fused_experts, stored_dtype, to_memory_layout, unstack_experts)
 
 _LAYER = re.compile(r"^model\.layers\.(\d+)\.")
 _EXPERT = re.compile(r"^(model\.layers\.\d+\.mlp\.experts)\.\d+\.")
 _MTP_EMBED = re.compile(r"^model\.layers\.\d+\.embed_tokens$")
-_SOURCE_DTYPES = {"F32": mx.float32, "BF16": mx.bfloat16, "F16": mx.float16, "F8_E4M3": mx.bfloat16}
+
+
+def lazy_tensors(path: Path, keep: Callable[[str], bool] | None = None) -> tuple[dict[str, mx.array], dict[str, str]]:
+    """(the directory's tensors that `keep` accepts, unread: `mx.load` reads one only when it is evaluated;
+    every tensor's dtype as stored), each shard's header checked before MLX opens it."""
+    lazy: dict[str, mx.array] = {}
+    dtypes: dict[str, str] = {}
+    for f in safetensors_files(path):
+        dtypes.update({k: v["dtype"] for k, v in read_safetensors_header(f).items() if k != "__metadata__"})
+        try:
+            lazy.update((k, v) for k, v in mx.load(str(f)).items() if keep is None or keep(k))
+        except Exception as e:  # MLX raises RuntimeError/ValueError on truncated or corrupt files
+            raise CheckpointError(f"{f}: cannot read safetensors file (truncated or corrupt?): {e}") from None
+    return lazy, dtypes
+
+
+def decode_fp8(a: mx.array) -> mx.array:
+    """FP8 e4m3 bytes (as MLX reads F8_E4M3) as float32."""
+    return mx.from_fp8(a, dtype=mx.float32)
 
 
 class QuantizedStream:
@@ -43,14 +63,7 @@ class QuantizedStream:
             raise CheckpointError(f"{path}: already quantized (load it as it is, without --bits; to quantize it "
                                   "again, start from its float checkpoint)")
         self.path, self.qc, self.embedding_copies = path, qc, embedding_copies
-        self.dtypes: dict[str, str] = {}
-        self.lazy: dict[str, mx.array] = {}
-        for f in safetensors_files(path):
-            self.dtypes.update({k: v["dtype"] for k, v in read_safetensors_header(f).items() if k != "__metadata__"})
-            try:
-                self.lazy.update(mx.load(str(f)))  # nothing is read yet
-            except Exception as e:
-                raise CheckpointError(f"{f}: cannot read safetensors file (truncated or corrupt?): {e}") from None
+        self.lazy, self.dtypes = lazy_tensors(path)  # nothing is read yet
         self.block = fp8_blocks(config, path)
         other = [k for k, d in self.dtypes.items() if d not in ("F32", "BF16", "F16") and not self._fp8(k)]
         if other:
@@ -60,7 +73,7 @@ class QuantizedStream:
         config = config_for_tensors(dequantized_config(config), self.lazy, path)
         if not mtp:
             config = config.replace(num_nextn_predict_layers=0)
-        self.dtype = dtype or self._source_dtype()
+        self.dtype = dtype or DTYPES[stored_dtype(path)]
         model = Model(config)  # never evaluated: its modules give the plan and the expected shapes
         self._check(model, config)
         choose = quant_predicate(config, qc)
@@ -74,16 +87,11 @@ class QuantizedStream:
     def _fp8(self, k: str) -> bool:
         return self.block is not None and self.dtypes.get(k) == "F8_E4M3"
 
-    def _source_dtype(self) -> mx.Dtype:
-        kinds = [self.dtypes[k] for k in self.dtypes if k.endswith(".weight") and not k.endswith("norm.weight")]
-        return _SOURCE_DTYPES.get(max(sorted(set(kinds)), key=kinds.count) if kinds else "F32", mx.float32)
-
     def _float(self, w: dict[str, mx.array]) -> dict[str, mx.array]:
         """FP8 block-scaled weights as float32 (lazily); every other tensor as it is."""
         if self.block is None:
             return w
-        return dequantize_fp8(w, self.dtypes, self.block, lambda a: mx.from_fp8(a, dtype=mx.float32), mx,
-                              self.path)
+        return dequantize_fp8(w, self.dtypes, self.block, decode_fp8, mx, self.path)
 
     def _check(self, model: Model, config: ModelConfig) -> None:
         """Names and shapes, from the headers (a lazy graph), before any tensor is read."""

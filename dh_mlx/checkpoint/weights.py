@@ -19,13 +19,13 @@ from .hub import resolve_path
 from .shards import DEFAULT_SHARD_BYTES, ShardWriter
 from .layout import copy_tokenizer  # noqa: F401  (re-exported: where the commands copy tokenizers from)
 from .layout import (CheckpointError, check_tensors, config_for_tensors, dequantize_fp8, dequantized_config,
-                     drop_mtp_layers, fp8_blocks, keep_fp32, read_safetensors_header, safetensors_files,
-                     to_file_layout, to_memory_layout)
+                     drop_mtp_layers, fp8_blocks, keep_fp32, to_file_layout, to_memory_layout)
 from ..device import available_memory, compute_dtype
 from ..model import Model
 from ..params import count_params, weight_bytes
 from ..quant import QuantConfig, quantize_like
-from .streaming import quantized_weights
+from .streaming import decode_fp8, lazy_tensors, quantized_weights
+
 
 def dequantize_kv_b_proj(w: dict, config: ModelConfig) -> dict:
     """A quantized `kv_b_proj` (written by another tool) becomes float: the absorbed path reads its per-head
@@ -44,15 +44,7 @@ def read_weights(path: Path, config: ModelConfig | None = None, dtype: mx.Dtype 
                  keep: Callable[[str], bool] | None = None) -> dict[str, mx.array]:
     """The directory's tensors as stored (those `keep` accepts; none is read before), FP8 block-scaled
     weights, with `config`, dequantized to `dtype` one at a time."""
-    weights: dict[str, mx.array] = {}
-    dtypes: dict[str, str] = {}
-    for f in safetensors_files(path):
-        header = read_safetensors_header(f)  # before MLX reads it
-        dtypes.update({k: v["dtype"] for k, v in header.items() if k != "__metadata__"})
-        try:
-            weights.update((k, v) for k, v in mx.load(str(f)).items() if keep is None or keep(k))  # lazy
-        except Exception as e:  # MLX raises RuntimeError/ValueError on truncated or corrupt files
-            raise CheckpointError(f"{f}: cannot read safetensors file (truncated or corrupt?): {e}") from None
+    weights, dtypes = lazy_tensors(path, keep)
     block = None if config is None else fp8_blocks(config, path)
     if block is not None:  # MLX reads F8_E4M3 as its bytes
         def finish(a: mx.array) -> mx.array:
@@ -60,8 +52,7 @@ def read_weights(path: Path, config: ModelConfig | None = None, dtype: mx.Dtype 
             mx.eval(a)
             return a
 
-        weights = dequantize_fp8(weights, dtypes, block, lambda a: mx.from_fp8(a, dtype=mx.float32), mx, path,
-                                 finish)
+        weights = dequantize_fp8(weights, dtypes, block, decode_fp8, mx, path, finish)
     return weights
 
 

@@ -31,7 +31,7 @@ position t.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -121,21 +121,25 @@ def loss_terms(model: Model, input_ids: torch.Tensor, domain_ids: torch.Tensor |
 
 
 @torch.no_grad()
-def alf_update(model: Model, routing: list[Routing], gamma: float = 1e-3) -> list[torch.Tensor]:
-    """ALF above; `routing` in `Model.moe_layers()` order (main stack first). Returns each updated layer's load."""
+def alf_update(model: Model, routing: list[Routing], gamma: float = 1e-3,
+               reduce: Callable[[torch.Tensor], None] | None = None) -> list[torch.Tensor]:
+    """ALF above; `routing` in `Model.moe_layers()` order (main stack first). Returns each updated layer's load.
+    `reduce` sums the stacked loads (L, E) in place first, e.g. over the ranks of a distributed run."""
     moes = model.moe_layers()
     if len(routing) > len(moes):
         raise ValueError(f"routing has {len(routing)} entries, the model has {len(moes)} MoE layers")
-    loads = []
-    for moe, r in zip(moes, routing):
-        if not hasattr(moe.gate, "e_score_correction_bias"):
-            continue
+    pairs = [(moe, r) for moe, r in zip(moes, routing) if hasattr(moe.gate, "e_score_correction_bias")]
+    if not pairs:
+        return []
+    loads = torch.stack([torch.bincount(r.indices.flatten(), minlength=moe.gate.e_score_correction_bias.numel())
+                         .float() for moe, r in pairs])  # (L, E)
+    if reduce is not None:
+        reduce(loads)
+    for (moe, _), load in zip(pairs, loads):
         bias = moe.gate.e_score_correction_bias
-        load = torch.bincount(r.indices.flatten(), minlength=bias.numel()).float()  # (E,)
         n = moe.gate.n_base  # an added domain's experts are left alone (no id-less token reaches them)
         bias[:n].add_(gamma * torch.sign(load[:n].mean() - load[:n]).to(bias.device, bias.dtype))
-        loads.append(load)
-    return loads
+    return list(loads)
 
 
 def make_optimizer(model: Model, config: TrainConfig | None = None) -> torch.optim.AdamW:

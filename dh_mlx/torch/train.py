@@ -27,7 +27,7 @@ from ..checkpoint.layout import copy_tokenizer
 from ..config import DATA_DIR, load_config, resolve_config
 from ..outputs import check_output_dir
 from .model import Model
-from .step import TrainConfig, loss_terms
+from .step import TrainConfig, alf_update, loss_terms
 from .weights import default_device, load_model, random_model, save_model
 
 
@@ -45,22 +45,6 @@ def shard(model: Model) -> Model:
     for method in ("forward_full", "mtp_forward"):
         register_fsdp_forward_method(model, method)
     return model
-
-
-@torch.no_grad()
-def alf_update_summed(model: Model, routing, gamma: float) -> None:
-    """`step.alf_update` with each layer's expert loads summed over the ranks first."""
-    moes = [m for m in model.moe_layers() if hasattr(m.gate, "e_score_correction_bias")]
-    if not moes or not gamma:
-        return
-    loads = torch.stack([torch.bincount(r.indices.flatten(), minlength=m.gate.e_score_correction_bias.numel())
-                         .float() for m, r in zip(model.moe_layers(), routing)
-                         if hasattr(m.gate, "e_score_correction_bias")])
-    if dist.is_initialized():
-        dist.all_reduce(loads)
-    for m, load in zip(moes, loads):
-        bias, n = m.gate.e_score_correction_bias, m.gate.n_base  # (added domains' experts left alone)
-        bias[:n].add_(gamma * torch.sign(load[:n].mean() - load[:n]).to(bias.device, bias.dtype))
 
 
 def train(*, data: str | Path, out: str | Path, init: str | Path | None = None, config: str | Path | None = None,
@@ -108,7 +92,9 @@ def train(*, data: str | Path, out: str | Path, init: str | Path | None = None, 
                            mtp_lambda=tc.mtp_lambda, balance_alpha=tc.balance_alpha)
         terms.loss.backward()
         optimizer.step()
-        alf_update_summed(model, terms.routing, tc.alf_gamma)
+        if tc.alf_gamma:  # the experts' loads summed over the ranks, so every rank moves its biases alike
+            alf_update(model, terms.routing, tc.alf_gamma,
+                       reduce=dist.all_reduce if dist.is_initialized() else None)
         parts = torch.stack([terms.loss, terms.ce, terms.mtp, terms.balance]).detach()
         if dist.is_initialized():
             dist.all_reduce(parts)

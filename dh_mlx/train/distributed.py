@@ -20,6 +20,7 @@ import numpy as np
 from mlx.utils import tree_flatten, tree_unflatten
 
 from .data import Batch as NpBatch
+from .loss import mtp_mask
 
 BUCKET_BYTES = 64 << 20  # per all_sum: large enough that the link, not the call, sets the time
 
@@ -50,8 +51,8 @@ def own_rows(batch: NpBatch, w: World) -> NpBatch:
 
 def global_counts(batch: NpBatch) -> tuple[mx.array, mx.array]:
     """(target tokens, MTP target tokens) of the whole global batch: what every rank's losses divide by."""
-    m = batch.loss_mask
-    return mx.array(m.sum(), mx.float32), mx.array((m[:, 1:] * m[:, :-1]).sum(), mx.float32)
+    m = mx.array(batch.loss_mask)
+    return m.sum(), mtp_mask(m).sum()
 
 
 class Reducer:
@@ -68,11 +69,14 @@ class Reducer:
         tic = time.perf_counter()
         out: list = [None] * len(flat)
         buckets: dict[Any, list[list[int]]] = {}
+        filled: dict[Any, int] = {}  # bytes in each dtype's last bucket
         for i, (_, v) in enumerate(flat):
             groups = buckets.setdefault(v.dtype, [[]])
-            if groups[-1] and sum(flat[j][1].nbytes for j in groups[-1]) + v.nbytes > self.bucket_bytes:
+            if groups[-1] and filled[v.dtype] + v.nbytes > self.bucket_bytes:
                 groups.append([])
+                filled[v.dtype] = 0
             groups[-1].append(i)
+            filled[v.dtype] = filled.get(v.dtype, 0) + v.nbytes
         for groups in buckets.values():
             for idx in groups:
                 joined = mx.concatenate([flat[i][1].reshape(-1) for i in idx])

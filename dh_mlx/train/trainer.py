@@ -260,35 +260,33 @@ def _train(model: Model, dataset: Dataset, cfg: TrainConfig, run_dir: Path, *, e
     def next_batch(micro: int):
         return drop_domains(next(batches), cfg.domain_dropout, cfg.seed, step * cfg.grad_accum + micro)
 
-    def shared_step():
-        """This rank's shares of the global batch, summed over the ranks in a few all_sums, then the update."""
+    def rank_grads(nb):
+        """This rank's rows' shares of the global batch `nb` (data-parallel)."""
+        return fns.shared_grads(*global_counts(nb), *to_mx(own_rows(nb, w)))
+
+    def accumulated_step(grads_of):
+        """The micro-batches' gradients, loads and loss parts summed (over the ranks too, in a few all_sums),
+        averaged, then the update."""
         g_sum, loads, sums = None, 0, [0.0] * 4
         for micro in range(cfg.grad_accum):
-            nb = next_batch(micro)
-            *values, loads_i, g = fns.shared_grads(*global_counts(nb), *to_mx(own_rows(nb, w)))
+            *values, loads_i, g = grads_of(next_batch(micro))
             g_sum = g if g_sum is None else tree_map(mx.add, g_sum, g)
             loads = loads + loads_i
             sums = [a + v for a, v in zip(sums, values)]
-        fns.eval(g_sum, loads, *sums)
-        g_sum, loads, sums = reducer.sum([g_sum, loads, sums])
+        if w.size > 1:
+            fns.eval(g_sum, loads, *sums)
+            g_sum, loads, sums = reducer.sum([g_sum, loads, sums])
         return (*(v / cfg.grad_accum for v in sums), loads,
                 fns.apply(tree_map(lambda x: x / cfg.grad_accum, g_sum), loads))
 
     try:
         while step < cfg.steps:
             if w.size > 1:
-                loss, ce, mtp, bal, loads, norm = shared_step()
+                loss, ce, mtp, bal, loads, norm = accumulated_step(rank_grads)
             elif cfg.grad_accum == 1:
                 loss, ce, mtp, bal, loads, norm = fns.step(*to_mx(next_batch(0)))
             else:
-                g_sum, loads, sums = None, 0, [0.0] * 4
-                for micro in range(cfg.grad_accum):
-                    *values, loads_i, g = fns.grads(*to_mx(next_batch(micro)))
-                    g_sum = g if g_sum is None else tree_map(mx.add, g_sum, g)
-                    loads = loads + loads_i
-                    sums = [a + v for a, v in zip(sums, values)]
-                loss, ce, mtp, bal = (v / cfg.grad_accum for v in sums)
-                norm = fns.apply(tree_map(lambda x: x / cfg.grad_accum, g_sum), loads)
+                loss, ce, mtp, bal, loads, norm = accumulated_step(lambda nb: fns.grads(*to_mx(nb)))
             fns.eval(loss, ce, mtp, bal, loads, norm)
             step += 1
             data_state = batches.state_dict()
