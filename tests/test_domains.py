@@ -210,3 +210,16 @@ def test_alf_leaves_added_experts_alone_and_exports_refuse_an_added_model(tmp_pa
     save_model(m, tmp_path / "added")
     with pytest.raises(ConvertError, match="domains extract"):
         export_hf(tmp_path / "added", tmp_path / "hf")
+
+
+def test_extract_and_remove_write_the_sources_dtype(tmp_path):
+    from dh_mlx.checkpoint.domains import remove_domain
+    from dh_mlx.checkpoint.layout import stored_dtype
+    m = domain_model()
+    save_model(m, tmp_path / "bf16", dtype="bfloat16")
+    extract_domain(tmp_path / "bf16", "code", tmp_path / "code")
+    remove_domain(tmp_path / "bf16", "code", tmp_path / "rest")
+    assert stored_dtype(tmp_path / "code") == stored_dtype(tmp_path / "rest") == "bfloat16"
+    ids = mx.array(tokens())
+    full = load_model(tmp_path / "bf16")
+    assert mx.abs(load_model(tmp_path / "code")(ids) - full(ids, domain_ids=ids_for(0))).max().item() <= 1e-6

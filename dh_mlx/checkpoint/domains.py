@@ -7,6 +7,7 @@ from pathlib import Path
 from ..domains import extract, remove
 from ..model import Model
 from ..outputs import check_output_dir
+from .layout import stored_dtype
 from .weights import copy_tokenizer, load_model, resolve_path, save_model
 
 
@@ -14,7 +15,7 @@ def _run(op, model_dir: str | Path, name: str, out: str | Path, force: bool) -> 
     src = resolve_path(model_dir)
     check_output_dir(out, inputs=[src], force=force)
     model = op(load_model(src, dtype="float32"), name)
-    save_model(model, out)
+    save_model(model, out, dtype=stored_dtype(src))  # the source's dtype: every value round-trips exactly
     copy_tokenizer(src, Path(out))
     return model
 
