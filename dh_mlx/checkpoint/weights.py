@@ -232,7 +232,8 @@ def load_model(path: str | Path, *, dtype: str | None = None, bits: int | None =
     if qc is not None and layers is not None:
         raise ValueError("--bits with --pipeline: quantize the model first (dh-mlx quantize), then run the "
                          "quantized copy in the pipeline")
-    path = resolve_path(path, before_download=memory_check(dtype, str(path), qc))
+    # (a pipeline rank holds only its layers: the whole model need not fit)
+    path = resolve_path(path, before_download=memory_check(dtype, str(path), qc) if layers is None else None)
     config = load_config(path)
     keep = None
     if layers is None:
