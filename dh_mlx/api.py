@@ -18,7 +18,7 @@ def _tokenizer(path: Path, vocab_size: int) -> Any:
     return load_tokenizer(path, vocab_size=vocab_size)
 
 
-def load(path: str | Path, *, dtype: str | None = None, bits: int | None = None, group_size: int = 64
+def load(path: str | Path, *, dtype: str | None = None, bits: int | None = None, group_size: int | None = None
          ) -> tuple[Model, Any]:
     """(model, tokenizer) from a model directory (or hub repo id); tokenizer is None if the directory has none.
     `bits` quantizes a float or FP8 checkpoint to MLX's affine 4/8-bit as it is read (`load_model`).
@@ -31,7 +31,7 @@ def load(path: str | Path, *, dtype: str | None = None, bits: int | None = None,
 
 
 def load_preset_model(name: str, *, seed: int = 0, dtype: str | None = None, bits: int | None = None,
-                      group_size: int = 64, quiet: bool = False) -> tuple[Model, Any]:
+                      group_size: int | None = None, quiet: bool = False) -> tuple[Model, Any]:
     """An untrained model from `parameters/NAME.json` with the bundled sample tokenizer (quantized with `bits`)."""
     backend.setup()
     config = load_preset(name)

@@ -29,6 +29,7 @@ def root(ctx: typer.Context,
 
 
 BITS_HELP = "quantize a float or FP8 model to this many bits as it loads (4 or 8; also 2, 3, 5, 6)"
+GROUP_HELP = "with --bits: values sharing a scale and bias (default: per matrix, the largest of 128/64/32 dividing it)"
 
 
 @app.command()
@@ -54,7 +55,7 @@ def generate(prompt: Optional[str] = typer.Option(None, help="the prompt text; -
              chat: bool = typer.Option(False, "--chat", help="apply the model's chat template to the prompt"),
              system: Optional[str] = typer.Option(None, help="with --chat: the system message"),
              bits: Optional[int] = typer.Option(None, help=BITS_HELP),
-             group_size: int = typer.Option(64, help="with --bits: values sharing a scale and bias"),
+             group_size: Optional[int] = typer.Option(None, help=GROUP_HELP),
              pipeline: bool = typer.Option(False, "--pipeline", help="under mlx.launch: split the decoder layers "
                                                                      "over the ranks, each loading only its own")
              ) -> None:
@@ -80,7 +81,7 @@ def chat_command(model: Optional[Path] = typer.Option(None, help="model director
                  dtype: Optional[str] = typer.Option(None, help="float32, bfloat16 or float16 (default: by device)"),
                  adapter: Optional[Path] = typer.Option(None, help="LoRA adapter directory, applied unfused"),
                  bits: Optional[int] = typer.Option(None, help=BITS_HELP),
-                 group_size: int = typer.Option(64, help="with --bits: values sharing a scale and bias")) -> None:
+                 group_size: Optional[int] = typer.Option(None, help=GROUP_HELP)) -> None:
     """A multi-turn chat on standard input, one user turn per line; the KV cache carries over between turns."""
     from .generation import GenerationStats
     from .generation.chat import Conversation
@@ -224,7 +225,7 @@ def plot(run_dir: Path = typer.Argument(..., help="a training run directory (hol
 def quantize(model: Path = typer.Option(..., help="float model directory"),
              out: Path = typer.Option(..., help="directory for the quantized model"),
              bits: int = typer.Option(4, help=QBITS_HELP),
-             group_size: int = typer.Option(64, help=QGROUP_HELP),
+             group_size: Optional[int] = typer.Option(None, help=QGROUP_HELP),
              recipe: str = typer.Option("uniform", help=RECIPE_HELP),
              mtp: bool = typer.Option(True, "--mtp/--no-mtp", help=MTP_HELP),
              dtype: Optional[str] = typer.Option(None, help=QDTYPE_HELP),
@@ -259,7 +260,7 @@ def lora(model: Path = typer.Option(..., help="base model directory (float, or q
          warmup: Optional[int] = _option("warmup_steps", "warmup steps", lora=True),
          grad_checkpoint: bool = typer.Option(False, help="recompute layers in the backward pass (less memory)"),
          bits: Optional[int] = typer.Option(None, help=BITS_HELP + " (QLoRA)"),
-         group_size: int = typer.Option(64, help="with --bits: values sharing a scale and bias"),
+         group_size: Optional[int] = typer.Option(None, help=GROUP_HELP),
          eval_every: Optional[int] = _option("eval_every", "validate every N steps", lora=True),
          save_every: Optional[int] = _option("save_every", "checkpoint (and write the adapters) every N steps",
                                              lora=True),

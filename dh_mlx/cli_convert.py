@@ -8,7 +8,7 @@ from typing import Optional
 import typer
 
 QBITS_HELP = "bits per weight: 4 or 8 (also 2, 3, 5, 6)"
-QGROUP_HELP = "values sharing a scale and bias: 32, 64 or 128"
+QGROUP_HELP = "values sharing a scale and bias: 32, 64 or 128 (default: per matrix, the largest dividing its width)"
 RECIPE_HELP = "uniform, or mixed (8 bits for lm_head, embedding, first and last layers)"
 MTP_HELP = "keep the MTP modules (mlx-lm cannot load them)"
 QDTYPE_HELP = "float32, bfloat16 or float16 for the scales and unquantized tensors (default: the source's)"
@@ -16,8 +16,9 @@ QDTYPE_HELP = "float32, bfloat16 or float16 for the scales and unquantized tenso
 
 def wrote(out: Path, s: dict) -> None:
     """The summary line of a quantized copy."""
+    kept = ", ".join(s.get("kept_float", [])) or "none"
     typer.echo(f"wrote {out}: {s['bits_per_weight']:.2f} bits per weight, {s['bytes'] / 1e6:.1f} MB "
-               f"(from {s['source_bytes'] / 1e6:.1f} MB)", err=True)
+               f"(from {s['source_bytes'] / 1e6:.1f} MB); matrices kept in float: {kept}", err=True)
 
 
 convert_app = typer.Typer(add_completion=False, help="Convert to GGUF (llama.cpp), mlx-lm's quantized format or an "
@@ -43,7 +44,7 @@ def convert_gguf(model: Path = typer.Option(..., help="model directory (config.j
 def convert_mlx(model: Path = typer.Option(..., help="model directory or hub repo id (float or FP8)"),
                 out: Path = typer.Option(..., help="directory for the quantized model"),
                 bits: int = typer.Option(4, help=QBITS_HELP),
-                group_size: int = typer.Option(64, help=QGROUP_HELP),
+                group_size: Optional[int] = typer.Option(None, help=QGROUP_HELP),
                 recipe: str = typer.Option("uniform", help=RECIPE_HELP),
                 mtp: bool = typer.Option(False, "--mtp/--no-mtp", help=MTP_HELP),
                 dtype: Optional[str] = typer.Option(None, help=QDTYPE_HELP),

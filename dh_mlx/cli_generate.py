@@ -16,7 +16,7 @@ def _fail(message: str) -> None:
 
 
 def _load_for_generation(model: Optional[Path], params: Optional[str], seed: int, dtype: Optional[str],
-                         adapter: Optional[Path], bits: Optional[int] = None, group_size: int = 64):
+                         adapter: Optional[Path], bits: Optional[int] = None, group_size: Optional[int] = None):
     from .api import load, load_preset_model
     from .config import DEFAULT_PRESET
     if params and model:
@@ -74,7 +74,7 @@ def _generate(*, prompt: str, model: Optional[Path] = None, params: Optional[str
               repetition_penalty: float = 1.0, seed: int = 0, domain: Optional[str] = None,
               mtp: Optional[bool] = None, prefill_step_size: int = 512, dtype: Optional[str] = None,
               adapter: Optional[Path] = None, stream: bool = True, chat: bool = False,
-              system: Optional[str] = None, bits: Optional[int] = None, group_size: int = 64,
+              system: Optional[str] = None, bits: Optional[int] = None, group_size: Optional[int] = None,
               pipeline: bool = False) -> None:
     from .chat import messages
     from .generation import GenerationStats, stream_generate

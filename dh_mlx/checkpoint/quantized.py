@@ -19,16 +19,17 @@ def dir_bytes(path: str | Path) -> int:
     return sum(f.stat().st_size for f in Path(path).glob("model*.safetensors"))
 
 
-def quantize(model: str | Path, out: str | Path, *, bits: int = 4, group_size: int = 64, recipe: str = "uniform",
-             mtp: bool = True, dtype: str | None = None, max_shard_bytes: int = DEFAULT_SHARD_BYTES,
-             force: bool = False) -> dict:
+def quantize(model: str | Path, out: str | Path, *, bits: int = 4, group_size: int | None = None,
+             recipe: str = "uniform", mtp: bool = True, dtype: str | None = None,
+             max_shard_bytes: int = DEFAULT_SHARD_BYTES, force: bool = False) -> dict:
     """Write a quantized copy of the model directory (or hub id) `model` into `out`, in mlx-lm's format
     (tokenizer files copied), reading and writing one decoder layer at a time; `out` must not be `model`, and
     must be empty unless `force`.
 
+    `group_size` None picks, per matrix, the largest of 128, 64 and 32 that divides its input width.
     `dtype` stores the float tensors and the scales (default: the source's dtype, bfloat16 for FP8).
     `mtp=False` drops the MTP modules (mlx-lm loads MTP layers only at DeepSeek-V3's index 61).
-    Returns a summary: bits per weight and bytes on disk before and after.
+    Returns a summary: bits per weight, bytes on disk before and after, and the matrices kept in float.
     """
     qc = QuantConfig(bits, group_size, recipe)
     src = resolve_path(model)
@@ -41,10 +42,10 @@ def quantize(model: str | Path, out: str | Path, *, bits: int = 4, group_size: i
     copy_tokenizer(src, Path(out))  # before config.json, the last file: a directory with one is complete
     writer.finish(stream.config)
     return {"bits": bits, "group_size": group_size, "recipe": recipe, "bits_per_weight": stream.bits_per_weight(),
-            "bytes": dir_bytes(out), "source_bytes": dir_bytes(src)}
+            "bytes": dir_bytes(out), "source_bytes": dir_bytes(src), "kept_float": stream.kept_float}
 
 
-def convert_mlx(model: str | Path, out: str | Path, *, bits: int = 4, group_size: int = 64,
+def convert_mlx(model: str | Path, out: str | Path, *, bits: int = 4, group_size: int | None = None,
                 recipe: str = "uniform", mtp: bool = False, dtype: str | None = None, force: bool = False) -> dict:
     """`quantize` for mlx-lm: the same files, without the MTP modules unless `mtp`."""
     return quantize(model, out, bits=bits, group_size=group_size, recipe=recipe, mtp=mtp, dtype=dtype, force=force)

@@ -21,7 +21,7 @@ from mlx.utils import tree_flatten
 from ..config import ModelConfig
 from ..device import DTYPES
 from ..model import Model
-from ..quant import KEYS, QuantConfig, quant_predicate
+from ..quant import KEYS, QuantConfig, kept_float, quant_block, quant_predicate
 from .layout import (CheckpointError, check_tensors, config_for_tensors, dequantize_fp8, dequantized_config,
                      drop_rotary_buffers, fp8_blocks, keep_fp32, read_safetensors_header,
                      safetensors_files, split_fused_experts, stored_dtype, to_memory_layout, unstack_experts)
@@ -77,9 +77,10 @@ class QuantizedStream:
         model = Model(config)  # never evaluated: its modules give the plan and the expected shapes
         self._check(model, config)
         choose = quant_predicate(config, qc)
-        self.plan = {p: choose(p, m) for p, m in model.named_modules() if "weight" in m}
-        block: dict = {"group_size": qc.group_size, "bits": qc.bits, "mode": "affine"}
-        block.update({p: r for p, r in self.plan.items() if isinstance(r, dict)})
+        modules = {p: m for p, m in model.named_modules() if "weight" in m}
+        self.plan = {p: choose(p, m) for p, m in modules.items()}
+        self.kept_float = kept_float(self.plan, {p: m.weight.shape for p, m in modules.items()})
+        block = quant_block(self.plan, qc.bits)
         self.config = ModelConfig.from_dict({**{k: v for k, v in config.to_dict().items() if k not in KEYS},
                                              **{k: block for k in KEYS}})
         self.stored_bits = self.params = 0  # for bits_per_weight, over the tensors in memory layout
@@ -128,8 +129,7 @@ class QuantizedStream:
             raise CheckpointError(f"{self.path}: tensor {name} holds NaN or infinite values")
         counted = not _MTP_EMBED.match(owner)  # a copy of the embedding, not a parameter of its own
         if choice:
-            p = {"group_size": self.qc.group_size, "bits": self.qc.bits, **(choice if isinstance(choice, dict) else {})}
-            q, scales, biases = mx.quantize(v, group_size=p["group_size"], bits=p["bits"])
+            q, scales, biases = mx.quantize(v, group_size=choice["group_size"], bits=choice["bits"])
             parts = {name: q, f"{owner}.scales": scales.astype(self.dtype), f"{owner}.biases": biases.astype(self.dtype)}
         else:
             parts = {name: v.astype(mx.float32 if keep_fp32(name) else self.dtype)}

@@ -97,8 +97,9 @@ def load_bytes(config: ModelConfig, dtype: mx.Dtype, staged: int = 0, qc: QuantC
     layers = c.num_hidden_layers + c.num_nextn_predict_layers
     kept = layers * c.kv_lora_rank * c.num_attention_heads * (c.qk_nope_head_dim + c.v_head_dim) + layers * (
         c.n_routed_experts or 0) * c.hidden_size
-    layer = weight_bytes(n // max(c.num_hidden_layers, 1), qc.bits, qc.group_size)
-    return (weight_bytes(n - kept, qc.bits, qc.group_size) + kept * max(dtype.size, 4) + 2 * layer
+    group = qc.group_size or 32  # chosen per matrix: at most the bytes of the smallest groups
+    layer = weight_bytes(n // max(c.num_hidden_layers, 1), qc.bits, group)
+    return (weight_bytes(n - kept, qc.bits, group) + kept * max(dtype.size, 4) + 2 * layer
             + 8 * c.vocab_size * c.hidden_size)
 
 
@@ -219,7 +220,7 @@ def _prune(model: Model, keep: Callable[[str], bool]) -> None:
             setattr(owner, name, Absent())
 
 
-def load_model(path: str | Path, *, dtype: str | None = None, bits: int | None = None, group_size: int = 64,
+def load_model(path: str | Path, *, dtype: str | None = None, bits: int | None = None, group_size: int | None = None,
                recipe: str = "uniform", layers: range | None = None) -> Model:
     """Read a model directory (config.json + safetensors, HF DeepSeek-V3 names) or a hub repo id; sets the
     backend up (`backend.setup()`), as `dh_mlx.load` does. With `bits`, a float (or FP8) checkpoint is

@@ -101,8 +101,8 @@ def lora(*, model: str | Path, data: str | Path, out: str | Path, tokenizer: str
          rank: int = LoRAConfig.rank, alpha: float = LoRAConfig.alpha, dropout: float = LoRAConfig.dropout,
          targets: Sequence[str] | None = None, num_layers: int | None = None, experts: bool = LoRAConfig.experts,
          grad_checkpointing: bool = False, resume: bool = False, force: bool = False, progress: bool = True,
-         stop_after: int | None = None, dtype: str | None = None, bits: int | None = None, group_size: int = 64,
-         seed: int = 0, **options) -> LoRAResult:
+         stop_after: int | None = None, dtype: str | None = None, bits: int | None = None,
+         group_size: int | None = None, seed: int = 0, **options) -> LoRAResult:
     """Fine-tune LoRA adapters on the model directory `model` (float or quantized: QLoRA) with the training loop
     of `dh-mlx train`; `out` receives `adapters.safetensors` + `adapter_config.json` and the checkpoints.
     `bits` quantizes a float or FP8 base as it loads (QLoRA without a quantized copy on disk).

@@ -2,13 +2,16 @@
 
 gather_mm over single rows is slow on the CPU backend, so the experts run one of these, all exact:
 - "native": pairs sorted by expert, one BLAS call per expert over its exact run of rows (`segment_linear`;
-  the run boundaries are read when the kernel runs, so it compiles): training steps and prefill;
+  the run boundaries are read when the kernel runs, so it compiles): training steps and prefill; experts with
+  4/8-bit packed or bfloat16/float16 weights (and LoRA adapters over them) take the same layout through the
+  weight kernels (`segment_project`, `native/quantized.cpp`);
 - "segments": per-expert MLX matmuls over each run, the run lengths read back to the host (not under
   mx.compile), when the native kernels are missing;
 - "blocked": a static-shape layout padded to blocks of BLOCK_ROWS rows of one expert (compiles; quantized
   or adapted experts too);
 - "gather": the model's reference;
-and a decode-sized call is one native node (`expert_rows`), as is the decode router (`native_route`).
+and a decode-sized call is one native node (`expert_rows`, or `packed_expert_rows` for packed or half-precision
+weights), as is the decode router (`native_route`).
 """
 
 from __future__ import annotations
@@ -22,6 +25,8 @@ from ...model import moe
 from ...model.moe import SORT_THRESHOLD, Experts, MoEGate, Routing, StackedLinear, _mixing_weights, _scores
 from . import native
 from .layers import swiglu
+from .quantized import kernels
+from .weight_experts import kind, packed_expert_rows, segment_linear, segment_project  # noqa: F401 (segment_linear)
 
 # Rows per block in the blocked layout: a block of rows sharing an expert is one BLAS matmul.
 BLOCK_ROWS = 16
@@ -37,9 +42,17 @@ def plain(experts: Experts) -> bool:
     return all(type(p) is StackedLinear for p in (experts.gate_proj, experts.up_proj, experts.down_proj))
 
 
+def _projections(experts: Experts) -> tuple:
+    return experts.gate_proj, experts.up_proj, experts.down_proj
+
+
 def native_ok(experts: Experts, *arrays: mx.array) -> bool:
-    """Plain float32 experts, float32 `arrays` on the CPU and the native kernels built."""
-    return plain(experts) and native.usable(*arrays, experts.gate_proj.weight) is not None
+    """The CPU, the native kernels built, and either plain float32 experts with float32 `arrays`, or float
+    `arrays` and projections every one of which the weight kernels read (`kind`)."""
+    kinds = {kind(p) for p in _projections(experts)}
+    if kinds == {"float32"}:
+        return native.usable(*arrays, experts.gate_proj.weight) is not None
+    return None not in kinds and kernels(*arrays) is not None
 
 
 def choose_path(experts: Experts, x: mx.array, pairs: int) -> str:
@@ -84,8 +97,11 @@ def weighted_experts(experts: Experts, x: mx.array, indices: mx.array, weights: 
     pairs = x.size // x.shape[-1] * indices.shape[-1]
     if pairs < SORT_THRESHOLD and native_ok(experts, x, weights):  # decode: one native node
         idx = indices if indices.dtype in (mx.int32, mx.uint32) else indices.astype(mx.int32)
-        return expert_rows(x, idx, weights, experts.gate_proj.weight, experts.up_proj.weight,
-                           experts.down_proj.weight)
+        if plain(experts) and experts.gate_proj.weight.dtype == mx.float32:
+            return expert_rows(x, idx, weights, experts.gate_proj.weight, experts.up_proj.weight,
+                               experts.down_proj.weight)
+        if "lora" not in {kind(p) for p in _projections(experts)}:
+            return packed_expert_rows(x, idx, weights, _projections(experts))
     return moe.weighted_experts.reference(experts, x, indices, weights)
 
 
@@ -109,9 +125,8 @@ def run_native(experts: Experts, x: mx.array, idx: mx.array) -> mx.array:
     offsets = mx.concatenate([mx.zeros((1,), mx.int32), mx.cumsum(counts).astype(mx.int32)])  # (E + 1,)
     inverse = mx.argsort(order)
     xs = gather_pairs(x, order, inverse, k)  # (P, D)
-    h = swiglu(segment_linear(xs, experts.gate_proj.weight, offsets),
-               segment_linear(xs, experts.up_proj.weight, offsets))
-    y = segment_linear(h, experts.down_proj.weight, offsets)  # (P, D)
+    h = swiglu(segment_project(experts.gate_proj, xs, offsets), segment_project(experts.up_proj, xs, offsets))
+    y = segment_project(experts.down_proj, h, offsets)  # (P, D)
     return permute_rows(y, inverse, order).reshape(N, k, -1)
 
 
@@ -155,20 +170,6 @@ def run_blocked(experts: Experts, x: mx.array, idx: mx.array, b: int = BLOCK_ROW
     owner = mx.minimum((mx.arange(R // b)[None] * b >= ends[:, None]).sum(axis=0), E - 1)  # (nb,)
     y = experts.glu(xp, owner, True)  # (nb, b, D)
     return y.reshape(R, -1)[dest].reshape(N, k, -1)
-
-
-@mx.custom_function
-def segment_linear(x: mx.array, w: mx.array, offsets: mx.array) -> mx.array:
-    """x (R, in) rows sorted by expert, w (E, out, in), offsets (E + 1,) int32 -> (R, out): rows offsets[e] to
-    offsets[e + 1] times w[e].T, one BLAS call per expert (`native.load()` must have succeeded)."""
-    return native.load().segment_rows(x, w, offsets, True)
-
-
-@segment_linear.vjp
-def _segment_linear_vjp(primals, dy, y):
-    x, w, offsets = primals
-    ext = native.load()
-    return ext.segment_rows(dy, w, offsets, False), ext.segment_outer(dy, x, offsets), mx.zeros_like(offsets)
 
 
 @mx.custom_function

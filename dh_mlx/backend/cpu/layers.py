@@ -2,7 +2,8 @@
 
 Decode-sized float32 inputs (at most `native.SMALL_ROWS` rows) run as one native node each instead of
 several MLX ones; larger linears keep the BLAS call but take a gradient laid out for the optimizer, and
-SwiGLU runs as one fused compiled kernel both ways.
+SwiGLU runs as one fused compiled kernel both ways. A bfloat16 / float16 weight goes through the native weight
+kernels (`quantized.half_linear`: half storage, float32 sums), not MLX's scalar half-precision matmul.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import mlx.nn as nn
 
 from ...model import layers
 from . import native
+from .quantized import half_linear
 
 
 @mx.custom_function
@@ -43,7 +45,10 @@ def _swiglu_vjp(primals, cotangent, output):
 
 def linear(x: mx.array, weight: mx.array) -> mx.array:
     ext = native.usable_small(x, weight)
-    return ext.linear(x, weight) if ext is not None else row_major_linear(x, weight)
+    if ext is not None:
+        return ext.linear(x, weight)
+    y = half_linear(x, weight)
+    return y if y is not None else row_major_linear(x, weight)
 
 
 @mx.custom_function

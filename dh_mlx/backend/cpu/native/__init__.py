@@ -25,7 +25,9 @@ from types import ModuleType
 
 from ..blas import cache_dir
 
-_SOURCE = Path(__file__).with_name("kernels.cpp")
+_DIR = Path(__file__).parent
+_SOURCES = ("kernels.cpp", "quantized.cpp", "isa_generic.cpp", "isa_avx2.cpp", "isa_avx512.cpp")
+_HEADERS = ("common.h", "quantized.h")
 #: Why the extension is (not) in use.
 status: str = "not attempted"
 _module: ModuleType | None = None
@@ -78,7 +80,8 @@ def _build() -> Path:
     mlx_dir = Path(mx.__file__).parent  # not mlx.__path__[0]: a directory named mlx on sys.path can come first
     nb_dir = Path(nanobind.__path__[0])
     flags = _jit.FLAGS if sys.platform.startswith("linux") else ()  # -march=native: keyed by the CPU below
-    key = hashlib.sha256(_SOURCE.read_bytes() + repr((mx.__version__, nanobind.__version__, sys.version, flags,
+    source = b"".join((_DIR / f).read_bytes() for f in (*_SOURCES, *_HEADERS))
+    key = hashlib.sha256(source + repr((mx.__version__, nanobind.__version__, sys.version, flags,
                                                       _jit._cpu_features())).encode())
     out = cache_dir() / f"native-{key.hexdigest()[:16]}{sysconfig.get_config_var('EXT_SUFFIX')}"
     if out.exists():
@@ -88,7 +91,7 @@ def _build() -> Path:
     cmd = [os.environ.get("CXX", "g++" if sys.platform.startswith("linux") else "c++"), "-std=c++20", "-O3", *flags,
            "-fPIC", "-shared", "-fvisibility=hidden", "-DNB_DOMAIN=mlx",  # MLX's nanobind domain
            f"-I{mlx_dir / 'include'}", f"-I{nb_dir / 'include'}", f"-I{nb_dir / 'ext' / 'robin_map' / 'include'}",
-           f"-I{sysconfig.get_paths()['include']}", str(_SOURCE), str(nb_dir / "src" / "nb_combined.cpp"),
+           f"-I{sysconfig.get_paths()['include']}", *(str(_DIR / f) for f in _SOURCES), str(nb_dir / "src" / "nb_combined.cpp"),
            f"-L{mlx_dir / 'lib'}", "-lmlx", f"-Wl,-rpath,{mlx_dir / 'lib'}", "-o", str(tmp)]
     if sys.platform == "darwin":  # Python's symbols come from the interpreter at load time
         cmd[1:1] = ["-undefined", "dynamic_lookup"]

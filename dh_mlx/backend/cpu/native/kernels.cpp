@@ -33,48 +33,12 @@
 //            down[e] (silu(gate[e] x[n]) * up[e] x[n]), e = idx[n, j]: 3k sgemv per token (what gather_mm
 //            does) in one node instead of ~25 (no gradient: dh_mlx differentiates it through MLX ops).
 // Inputs with gaps or odd strides are copied to a dense buffer first.
-#include <algorithm>
-#include <cmath>
-#include <cstring>
-#include <stdexcept>
-#include <string>
-
-#include <nanobind/nanobind.h>
-#include <nanobind/stl/variant.h>
-#include <nanobind/stl/vector.h>
-
-#include "mlx/allocator.h"
-#include "mlx/backend/cpu/encoder.h"
-#include "mlx/backend/cpu/unary_ops.h"
-#include "mlx/mlx.h"
-#include "mlx/primitives.h"
-
-namespace nb = nanobind;
-namespace mx = mlx::core;
-
-extern "C" void cblas_sgemm(int order, int trans_a, int trans_b, int m, int n, int k, float alpha,
-                            const float* a, int lda, const float* b, int ldb, float beta, float* c, int ldc);
-extern "C" void cblas_sgemv(int order, int trans, int m, int n, float alpha, const float* a, int lda, const float* x,
-                            int incx, float beta, float* y, int incy);
+#include "common.h"
 
 namespace {
 
-constexpr int kRowMajor = 101, kNoTrans = 111, kTrans = 112;
+using namespace dhn;
 
-// What every kernel here shares: CPU only, and outputs allocated before the work is dispatched.
-class CpuPrimitive : public mx::Primitive {
- public:
-  using mx::Primitive::Primitive;
-
-  void eval_gpu(const std::vector<mx::array>&, std::vector<mx::array>&) override {
-    throw std::runtime_error(std::string(name()) + " runs on the CPU only");
-  }
-
- protected:
-  static void allocate(std::vector<mx::array>& outputs) {
-    for (auto& o : outputs) o.set_data(mx::allocator::malloc(o.nbytes()));
-  }
-};
 
 class SegmentMatmul : public CpuPrimitive {
  public:
@@ -132,7 +96,6 @@ class SegmentMatmul : public CpuPrimitive {
 };
 
 
-inline float exp_(float x) { return mx::detail::Exp{}(x); }
 
 constexpr int kLanes = 16;  // independent partial results per row: lets GCC vectorise the reductions
 
@@ -204,38 +167,6 @@ class CrossEntropy : public CpuPrimitive {
 };
 
 
-
-// What a kernel needs of an input, taken when the primitive is scheduled (eval_cpu runs on the thread that
-// calls eval; the task it dispatches runs later on the stream's thread). A task must capture everything it
-// uses by value, never `this`: the scheduling thread may release the primitive before the task runs.
-template <typename T>
-struct View {
-  const T* data;
-  bool row_contiguous;
-  mx::Shape shape;
-  mx::Strides strides;
-  size_t size;
-  explicit View(const mx::array& a)
-      : data(a.data<T>()), row_contiguous(a.flags().row_contiguous), shape(a.shape()), strides(a.strides()),
-        size(a.size()) {}
-  // Row-major data: the array's own when row-contiguous, else a copy into `scratch`.
-  const T* dense(std::vector<T>& scratch) const {
-    if (row_contiguous) return data;
-    scratch.resize(size);
-    const int nd = shape.size();
-    std::vector<int64_t> idx(nd, 0);
-    for (size_t i = 0; i < size; ++i) {
-      int64_t off = 0;
-      for (int d = 0; d < nd; ++d) off += idx[d] * strides[d];
-      scratch[i] = data[off];
-      for (int d = nd - 1; d >= 0; --d) {
-        if (++idx[d] < shape[d]) break;
-        idx[d] = 0;
-      }
-    }
-    return scratch.data();
-  }
-};
 
 class Linear : public CpuPrimitive {
  public:
@@ -796,6 +727,7 @@ std::vector<mx::array> route(const mx::array& logits, const mx::array& bias, con
 }  // namespace
 
 NB_MODULE(_dh_native, m) {
+  dhn::register_quantized(m);
   m.def("segment_rows", &segment_rows, nb::arg("x"), nb::arg("w"), nb::arg("offsets"), nb::arg("transpose"));
   m.def("segment_outer", &segment_outer, nb::arg("a"), nb::arg("b"), nb::arg("offsets"));
   m.def("ce_forward", &ce_forward, nb::arg("logits"), nb::arg("targets"));
