@@ -27,7 +27,7 @@ from ..blas import cache_dir
 
 _DIR = Path(__file__).parent
 _SOURCES = ("kernels.cpp", "quantized.cpp", "isa_generic.cpp", "isa_avx2.cpp", "isa_avx512.cpp")
-_HEADERS = ("common.h", "quantized.h")
+_HEADERS = ("common.h", "pool.h", "quantized.h")
 #: Why the extension is (not) in use.
 status: str = "not attempted"
 _module: ModuleType | None = None
@@ -89,7 +89,7 @@ def _build() -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f"{out.name}.{os.getpid()}.tmp")
     cmd = [os.environ.get("CXX", "g++" if sys.platform.startswith("linux") else "c++"), "-std=c++20", "-O3", *flags,
-           "-fPIC", "-shared", "-fvisibility=hidden", "-DNB_DOMAIN=mlx",  # MLX's nanobind domain
+           "-fPIC", "-shared", "-pthread", "-fvisibility=hidden", "-DNB_DOMAIN=mlx",  # MLX's nanobind domain
            f"-I{mlx_dir / 'include'}", f"-I{nb_dir / 'include'}", f"-I{nb_dir / 'ext' / 'robin_map' / 'include'}",
            f"-I{sysconfig.get_paths()['include']}", *(str(_DIR / f) for f in _SOURCES), str(nb_dir / "src" / "nb_combined.cpp"),
            f"-L{mlx_dir / 'lib'}", "-lmlx", f"-Wl,-rpath,{mlx_dir / 'lib'}", "-o", str(tmp)]

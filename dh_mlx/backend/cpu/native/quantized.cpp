@@ -10,12 +10,15 @@
 //
 // The kernels come in three instruction sets, chosen when the module loads: AVX-512 (F/BW/VL/DQ), AVX2 (+FMA,
 // F16C) or portable C++, the best the CPU has, or the one DH_MLX_ISA names; `set_isa` switches (for tests).
+// Direct products of at least kParallelWork weights x rows split their output rows over a thread pool (pool.h;
+// DH_MLX_THREADS threads, default one per core; `set_threads`), as do the decode experts over (token, expert).
 #include <atomic>
 #include <cstdlib>
 
 #include <nanobind/stl/string.h>
 
 #include "common.h"
+#include "pool.h"
 #include "quantized.h"
 
 namespace dhq {
@@ -37,6 +40,27 @@ using dhq::Kernels;
 using dhq::QMat;
 
 constexpr int kDirectRows = 8;
+constexpr size_t kParallelWork = 1 << 16;
+
+Pool& pool() {
+  static Pool p([] {
+    const char* env = std::getenv("DH_MLX_THREADS");
+    const int n = env && *env ? std::atoi(env) : static_cast<int>(std::thread::hardware_concurrency());
+    return std::max(1, n);
+  }());
+  return p;
+}
+
+// f(n0, n1) over [0, N) in one part per thread, boundaries on multiples of 4 rows (the kernels' row blocks).
+void split_rows(int N, size_t work, const std::function<void(int, int)>& f) {
+  const int parts = work >= kParallelWork ? std::min(pool().size(), (N + 3) / 4) : 1;
+  if (parts <= 1) return f(0, N);
+  const int per = ((N + parts - 1) / parts + 3) / 4 * 4;
+  pool().run(parts, [&](int p) {
+    const int n0 = std::min(N, p * per), n1 = std::min(N, n0 + per);
+    if (n0 < n1) f(n0, n1);
+  });
+}
 constexpr size_t kTileFloats = 1 << 18;  // weight rows converted per BLAS call: 1 MB of float32
 
 std::vector<const Kernels*> supported() {
@@ -163,12 +187,18 @@ void forward(const Kernels& k, const Weight& W, int e, const float* x, int M, fl
     return;
   }
   if (M <= kDirectRows) {
-    if (W.kind == 1) return k.hdot(W.h(e), x, M, K, 0, N, y, yld);
+    const size_t work = static_cast<size_t>(N) * K * M;
+    if (W.kind == 1) {
+      const HMat h = W.h(e);
+      return split_rows(N, work, [&](int n0, int n1) { k.hdot(h, x, M, K, n0, n1, y, yld); });
+    }
     const size_t ld = dhq::prepared_len(K, W.bits, k.chunk_words), G = K / W.group;
     float* xp = buffer(0, M * ld).data();
     float* sums = buffer(1, M * G).data();
     for (int r = 0; r < M; ++r) dhq::prepare_row(x + r * K, K, W.bits, W.group, k.chunk_words, xp + r * ld, sums + r * G);
-    return k.qdot(W.q(e), {xp, ld, sums, G, M}, 0, N, y, yld);
+    const QMat q = W.q(e);
+    const dhq::Prepared px{xp, ld, sums, G, M};
+    return split_rows(N, work, [&](int n0, int n1) { k.qdot(q, px, n0, n1, y, yld); });
   }
   const int T = tile_rows(N, K);
   float* tile = buffer(2, static_cast<size_t>(T) * K).data();
@@ -302,21 +332,31 @@ class QExperts : public WeightPrimitive {  // y[t] = sum_j w[t, j] down_e(silu(g
       const float* wp = in[2].floats(sw);
       const Weight G = weight(gs, in[3], in[4], in[5], raw), U = weight(us, in[6], in[7], in[8], raw + 3),
                    Dn = weight(ds, in[9], in[10], in[11], raw + 6);
-      std::vector<float> g(I), u(I), d(D), acc(D);
-      for (int t = 0; t < T; ++t) {
-        const float* xt = xp + static_cast<size_t>(t) * D;
-        std::fill(acc.begin(), acc.end(), 0.0f);
-        for (int j = 0; j < kk; ++j) {
-          const int e = static_cast<int>(std::clamp<int64_t>(in[1].index(t * kk + j, raw[9]), 0, E - 1));
+      std::vector<int> ids(static_cast<size_t>(T) * kk);
+      for (size_t i = 0; i < ids.size(); ++i)
+        ids[i] = static_cast<int>(std::clamp<int64_t>(in[1].index(i, raw[9]), 0, E - 1));
+      // Parts take (token, expert) pairs in turn, each summing into its own rows; then the parts are added.
+      const size_t work = static_cast<size_t>(ids.size()) * 3 * I * D;
+      const int parts = work >= kParallelWork ? std::min<int>(pool().size(), ids.size()) : 1;
+      std::vector<float> acc(static_cast<size_t>(parts) * T * D, 0.0f);
+      pool().run(parts, [&](int p) {
+        std::vector<float> g(I), u(I), d(D);
+        for (size_t pair = p; pair < ids.size(); pair += parts) {
+          const int t = static_cast<int>(pair / kk), e = ids[pair];
+          const float* xt = xp + static_cast<size_t>(t) * D;
           forward(*k, G, e, xt, 1, g.data(), I);
           forward(*k, U, e, xt, 1, u.data(), I);
           for (int i = 0; i < I; ++i) g[i] = silu_(g[i]) * u[i];
           forward(*k, Dn, e, g.data(), 1, d.data(), D);
-          const float wj = wp[t * kk + j];
-          for (int i = 0; i < D; ++i) acc[i] += wj * d[i];
+          float* at = acc.data() + (static_cast<size_t>(p) * T + t) * D;
+          const float wj = wp[pair];
+          for (int i = 0; i < D; ++i) at[i] += wj * d[i];
         }
-        store(acc.data(), op + static_cast<size_t>(t) * D * dhq::fmt_size(ot), ot, D);
-      }
+      });
+      for (int p = 1; p < parts; ++p)
+        for (size_t i = 0; i < static_cast<size_t>(T) * D; ++i) acc[i] += acc[static_cast<size_t>(p) * T * D + i];
+      for (int t = 0; t < T; ++t)
+        store(acc.data() + static_cast<size_t>(t) * D, op + static_cast<size_t>(t) * D * dhq::fmt_size(ot), ot, D);
     });
   }
   const char* name() const override { return "QExperts"; }
@@ -448,6 +488,12 @@ void register_quantized(nb::module_& m) {
   m.def("isa", []() { return std::string(g_active.load()->name); });
   m.def("isas", &isas);
   m.def("set_isa", &set_isa, nb::arg("name"));
+  m.def("threads", []() { return pool().size(); });
+  m.def("set_threads", [](int n) {
+    const int before = pool().size();
+    pool().resize(std::max(1, n));
+    return before;
+  }, nb::arg("n"));
 }
 
 }  // namespace dhn
