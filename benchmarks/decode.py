@@ -13,6 +13,15 @@ memory-bandwidth limit: active weight bytes per token x tokens/s over the read b
 
 With `--model` a directory whose model has MTP modules, ours also decodes with `--mtp` (greedy speculation,
 adaptive policy) on the same main weights, against plain decoding and llama.cpp.
+
+    python benchmarks/decode.py --quantized [--prompt-tokens 32] [--gen-tokens 64] [--prefill-tokens 512]
+
+`--quantized`: one random checkpoint (`1b` with 64 experts of width 352, 11 layers, the 8K vocabulary: 820 M
+parameters besides the embedding, 131 M active) as float32, bfloat16 and `dh-mlx quantize --bits 4` / `--bits 8`
+(group sizes chosen per matrix), against llama.cpp's Q4_K_M and Q8_0 GGUF of it at 1 and 2 threads (its best is
+the comparison): decode and 512-token prefill tokens/s, each figure's fraction of the read-bandwidth limit (bytes
+of the weights a token reads over the measured bandwidth), QLoRA training tokens/s against float32 LoRA's, and the
+peak memory of `generate --bits 4` and of a bfloat16 model.
 """
 
 from __future__ import annotations
@@ -21,6 +30,7 @@ import argparse
 import gc
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -39,7 +49,10 @@ from dh_mlx.backend.cpu import blas
 from dh_mlx.device import compute_dtype
 from dh_mlx.params import count_params
 from dh_mlx.checkpoint.weights import copy_tokenizer
+from dh_mlx.config import DATA_DIR
 from dh_mlx.train.run import DEFAULT_TOKENIZER
+
+DATA = DATA_DIR / "train_data.jsonl"
 
 
 def emit(name, value, unit, **comparison):
@@ -124,8 +137,54 @@ def llama_cpp(path: Path, prompt: list[int], n: int) -> tuple[float, float] | No
     return best_of(run)
 
 
+def ours_formats(path: Path, job: dict) -> tuple[float, float]:
+    """(prefill tokens/s of job's long prompt, decode tokens/s after its short one) of a model directory."""
+    backend.setup()
+    model = dh_mlx.load_model(path, dtype=job.get("dtype"))
+
+    def decode():
+        stats = GenerationStats()
+        list(generate_tokens(model, job["prompt"], max_tokens=job["n"], mtp=False, stats=stats))
+        return 0.0, stats.generation_tps
+
+    def prompt():
+        stats = GenerationStats()
+        list(generate_tokens(model, job["prefill"], max_tokens=1, mtp=False, stats=stats))
+        return stats.prompt_tps, 0.0
+    return best_of(prompt)[0], best_of(decode)[1]
+
+
+def llama_formats(gguf: Path, job: dict) -> tuple[float, float]:
+    """(prefill, decode) tokens/s of llama.cpp on a GGUF file at job's thread count (weights read into memory)."""
+    import llama_cpp
+    t = job["threads"]
+    llm = llama_cpp.Llama(model_path=str(gguf), n_ctx=len(job["prefill"]) + job["n"] + 8, n_batch=512,
+                          verbose=False, n_threads=t, n_threads_batch=t, use_mmap=False)
+
+    def run(tokens, n):
+        llm.reset()
+        tic = time.perf_counter()
+        llm.eval(tokens)
+        prompt_tps = len(tokens) / (time.perf_counter() - tic)
+        tic = time.perf_counter()
+        for _ in range(n):
+            llm.eval([llm.sample(temp=0.0)])
+        return prompt_tps, n / (time.perf_counter() - tic) if n else 0.0
+    return best_of(lambda: run(job["prefill"], 0))[0], best_of(lambda: run(job["prompt"], job["n"]))[1]
+
+
+def lora_speed(base: Path, job: dict) -> float:
+    """Median tokens/s of LoRA training steps (default targets, rank 8) on a float or quantized base."""
+    from dh_mlx.train.lora_run import lora
+    with tempfile.TemporaryDirectory() as out:
+        r = lora(model=base, data=DATA, out=Path(out) / "a", steps=job["steps"], batch_size=4, seq_len=128,
+                 eval_every=10**6, save_every=10**6, progress=False, force=True)
+    return r.tokens_per_s
+
+
 ENGINES = {"ours": ours, "ours_mtp": lambda path, prompt, n: ours(path, prompt, n, mtp=True), "mlx_lm": mlx_lm,
            "llama_cpp": llama_cpp}
+JOB_ENGINES = {"ours_formats": ours_formats, "llama_formats": llama_formats, "lora_speed": lora_speed}
 
 
 def run_engine(engine: str, path: Path, prompt: list[int], n: int, tuned: bool = True) -> tuple[float, float] | None:
@@ -144,11 +203,19 @@ def main() -> None:
     ap.add_argument("--model", type=Path, help="an existing model directory instead of a random preset")
     ap.add_argument("--prompt-tokens", type=int, default=512)
     ap.add_argument("--gen-tokens", type=int, default=64)
-    ap.add_argument("--engine", choices=ENGINES, help=argparse.SUPPRESS)  # child process: one engine
+    ap.add_argument("--quantized", action="store_true", help="4/8-bit and bfloat16 against float32 and llama.cpp")
+    ap.add_argument("--prefill-tokens", type=int, default=512, help="with --quantized: the prefill prompt")
+    ap.add_argument("--train-steps", type=int, default=8, help="with --quantized: LoRA steps per speed run")
+    ap.add_argument("--engine", choices=[*ENGINES, *JOB_ENGINES], help=argparse.SUPPRESS)  # child: one engine
     a = ap.parse_args()
+    if a.engine in JOB_ENGINES:
+        print(json.dumps(JOB_ENGINES[a.engine](a.model, json.loads(sys.stdin.read()))))
+        return
     if a.engine:
         print(json.dumps(ENGINES[a.engine](a.model, json.loads(sys.stdin.read()), a.gen_tokens)))
         return
+    if a.quantized:
+        return quantized(a)
     with tempfile.TemporaryDirectory() as d, tempfile.TemporaryDirectory() as d_mtp:
         path, path_mtp = Path(d), Path(d_mtp)
         if a.model:
@@ -193,6 +260,113 @@ def main() -> None:
     emit("decode_bandwidth_fraction", active_bytes * mine[1] / bw, "fraction",
          active_weight_bytes_per_token=active_bytes, read_bandwidth_gb_s=round(bw / 1e9, 1),
          llama_cpp=None if lcpp is None else round(active_bytes * lcpp[1] / bw, 2))
+
+
+# ---- --quantized ------------------------------------------------------------------------------------------------
+MOE_820M = dict(num_nextn_predict_layers=0, vocab_size=8192, moe_intermediate_size=352, num_hidden_layers=11,
+                first_k_dense_replace=0)
+
+
+def run_job(engine: str, path: Path, job: dict):
+    out = subprocess.run([sys.executable, __file__, "--engine", engine, "--model", str(path)], input=json.dumps(job),
+                         capture_output=True, text=True)
+    if out.returncode:
+        raise SystemExit(f"{engine} {path.name} failed:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def token_bytes(path: Path, k: int, experts: int, vocab: int) -> int:
+    """Bytes of weights one decoded token reads: all but the routed experts (k of `experts`) and the embedding (a
+    row); from the safetensors headers of a model directory, or the tensor table of a GGUF file."""
+    if path.suffix == ".gguf":
+        from gguf import GGUFReader
+        sizes = {t.name: int(t.n_bytes) for t in GGUFReader(str(path)).tensors}
+        routed = lambda n: "_exps." in n  # noqa: E731
+        embedding = lambda n: n.startswith("token_embd")  # noqa: E731
+    else:
+        from dh_mlx.checkpoint.layout import read_safetensors_header, safetensors_files
+        sizes = {n: v["data_offsets"][1] - v["data_offsets"][0] for f in safetensors_files(path)
+                 for n, v in read_safetensors_header(f).items() if n != "__metadata__"}
+        routed = lambda n: ".mlp.experts." in n  # noqa: E731
+        embedding = lambda n: n.startswith("model.embed_tokens.")  # noqa: E731
+    return round(sum(b * (k / experts if routed(n) else 1 / vocab if embedding(n) else 1) for n, b in sizes.items()))
+
+
+def peak_memory(args: list[str]) -> tuple[float, float]:
+    """(MLX's peak GB as `generate` reports it, the process's peak resident GB) of a `dh-mlx generate` run."""
+    out = subprocess.run(["/usr/bin/time", "-f", "maxrss %M", sys.executable, "-m", "dh_mlx.cli", "generate", *args,
+                          "--prompt", "The quick brown fox", "--max-tokens", "16"], capture_output=True, text=True)
+    if out.returncode:
+        raise SystemExit(f"generate {args} failed:\n{out.stderr[-3000:]}")
+    mlx_peak = float(re.search(r"peak memory ([0-9.]+) GB", out.stderr)[1])
+    return mlx_peak, int(re.search(r"maxrss (\d+)", out.stderr)[1]) * 1024 / 1e9
+
+
+def quantized(a) -> None:
+    from dh_mlx.checkpoint.quantized import quantize
+    from dh_mlx.convert.gguf import export_gguf
+    config = load_preset(a.params).replace(**MOE_820M)
+    rng = np.random.default_rng(0)
+    job = {"prompt": rng.integers(3, config.vocab_size, a.prompt_tokens).tolist(), "n": a.gen_tokens,
+           "prefill": rng.integers(3, config.vocab_size, a.prefill_tokens).tolist(), "steps": a.train_steps}
+    with tempfile.TemporaryDirectory() as d:
+        root = Path(d)
+        model = random_model(config, seed=0)
+        for name, dtype in (("f32", None), ("bf16", "bfloat16")):
+            save_model(model, root / name, mtp=False, dtype=dtype)
+            copy_tokenizer(DEFAULT_TOKENIZER, root / name)
+        del model
+        gc.collect()
+        bpw = {bits: quantize(root / "f32", root / f"q{bits}", bits=bits)["bits_per_weight"] for bits in (4, 8)}
+        export_gguf(root / "f32", root / "q4_k_m.gguf", outtype="f32", quantize="Q4_K_M")
+        export_gguf(root / "f32", root / "q8_0.gguf", outtype="q8_0")
+        ours_runs = {"f32": None, "bf16": "bfloat16", "q4": None, "q8": None}
+        llama_runs = [(g, t) for g in ("q4_k_m", "q8_0") for t in (1, 2)]
+        results: dict = {}
+        for _ in range(2):  # two rounds, engines interleaved, best of each: the machine is shared
+            for name, dtype in ours_runs.items():
+                results.setdefault(name, []).append(run_job("ours_formats", root / name, {**job, "dtype": dtype}))
+            for g, t in llama_runs:
+                results.setdefault((g, t), []).append(run_job("llama_formats", root / f"{g}.gguf",
+                                                              {**job, "threads": t}))
+            for name in ("f32", "q4"):
+                results.setdefault(f"lora_{name}", []).append(run_job("lora_speed", root / name, job))
+        best = {k: ([max(r[i] for r in v) for i in range(2)] if isinstance(v[0], list) else max(v))
+                for k, v in results.items()}
+        sizes = {name: token_bytes(root / name, config.num_experts_per_tok, config.n_routed_experts,
+                                   config.vocab_size) for name in ours_runs}
+        sizes.update({g: token_bytes(root / f"{g}.gguf", config.num_experts_per_tok, config.n_routed_experts,
+                                     config.vocab_size) for g in ("q4_k_m", "q8_0")})
+        memory = {"generate --bits 4 (float32 checkpoint)": peak_memory(["--model", str(root / "f32"), "--bits", "4"]),
+                  "bfloat16 checkpoint, --dtype bfloat16": peak_memory(["--model", str(root / "bf16"), "--dtype",
+                                                                        "bfloat16"]),
+                  "float32 checkpoint": peak_memory(["--model", str(root / "f32")])}
+    bw = read_bandwidth()
+    setup = (f"{a.params} x {MOE_820M}, prompt {a.prompt_tokens} + {a.gen_tokens} new, prefill {a.prefill_tokens}, "
+             f"{cpu_description()}, our BLAS {blas.loaded}, read bandwidth {bw / 1e9:.1f} GB/s")
+    frac = lambda name, tps: round(tps * sizes[name] / bw, 3)  # noqa: E731
+
+    def llama(g, i):  # llama.cpp at its best thread count
+        t = max((1, 2), key=lambda t: best[(g, t)][i])
+        return best[(g, t)][i], t
+
+    for what, name, g, i in (("decode_4bit", "q4", "q4_k_m", 1), ("decode_8bit", "q8", "q8_0", 1),
+                             ("prefill_4bit", "q4", "q4_k_m", 0)):
+        lv, lt = llama(g, i)
+        emit(what, best[name][i], "tokens/s", setup=setup, llama_cpp=round(lv, 2), llama_cpp_threads=lt,
+             ratio_llama_cpp=round(best[name][i] / lv, 2), float32=round(best["f32"][i], 2),
+             ratio_float32=round(best[name][i] / best["f32"][i], 2), bits_per_weight=round(bpw[int(name[1])], 2),
+             bandwidth_fraction=frac(name, best[name][i]) if i else None,
+             llama_cpp_bandwidth_fraction=frac(g, lv) if i else None, bytes_per_token=sizes[name],
+             llama_cpp_bytes_per_token=sizes[g], llama_cpp_all=[[t, *best[(g, t)]] for t in (1, 2)])
+    for name in ("bf16", "f32"):
+        emit(f"decode_{name}", best[name][1], "tokens/s", setup=setup, ratio_float32=round(best[name][1] /
+             best["f32"][1], 2), prefill=round(best[name][0], 1), bandwidth_fraction=frac(name, best[name][1]),
+             bytes_per_token=sizes[name])
+    emit("qlora_4bit_training", best["lora_q4"], "tokens/s", setup=setup, lora_float32=round(best["lora_f32"], 1),
+         ratio_lora_float32=round(best["lora_q4"] / best["lora_f32"], 2))
+    for what, (mlx_peak, rss) in memory.items():
+        emit("peak_memory", round(mlx_peak, 3), "GB", setup=setup, run=what, peak_resident_GB=round(rss, 3))
 
 
 if __name__ == "__main__":

@@ -38,7 +38,8 @@ def model_info(config: ModelConfig) -> dict[str, Any]:
     }
     b = backend.describe()
     info.update(cpu=b["cpu"], blas=b["blas"], cpu_kernels=b["cpu_kernels"], native_kernels=b["native_kernels"],
-                backend_operations=b["operations"], mlx_bfs_max_width=b["eval_order_width"])
+                weight_kernels=b["weight_kernels"], backend_operations=b["operations"],
+                mlx_bfs_max_width=b["eval_order_width"])
     return info
 
 
@@ -96,6 +97,7 @@ def format_info(info: dict[str, Any], title: str) -> str:
     k = info["cpu_kernels"]
     lines.append(f"  compiled kernels  {'vectorising g++ flags, cache ' + k if k.startswith('/') else k}")
     lines.append(f"  native kernels    {info['native_kernels']}")
+    lines.append(f"  weight kernels    {info['weight_kernels']} (4/8-bit and bfloat16/float16 weights)")
     lines.append(f"  CPU operations    {info['backend_operations']}")
     lines.append(f"  MLX eval order    {info['mlx_bfs_max_width']} wide (MLX_BFS_MAX_WIDTH; `dh-mlx train` and "
                  f"`lora` use {WIDE_BFS_WIDTH})")

@@ -100,8 +100,11 @@ def describe() -> dict[str, str]:
     from .cpu import native, streams
     s = setup()
     on_cpu = mx.default_device() == mx.cpu
+    ext = native.load() if on_cpu else None
+    weights = (f"{ext.isa()} (of {', '.join(ext.isas())}), {ext.threads()} threads" if ext is not None
+               else "not used" if not on_cpu else "unavailable (the native kernels are not loaded)")
     return {"cpu": cpu_description(), "blas": blas.loaded, "cpu_kernels": jit.status,
-            "native_kernels": native.status if on_cpu else "not used on the GPU",
+            "native_kernels": native.status if on_cpu else "not used on the GPU", "weight_kernels": weights,
             "operations": ", ".join(s.replaced) or "reference (DH_MLX_BACKEND=off or not on the CPU)",
             "eval_order_width": streams.eval_order_width()}
 

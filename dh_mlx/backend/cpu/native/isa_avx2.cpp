@@ -35,7 +35,7 @@ T2 INL void finish(const QMat& m, const Prepared& x, int n, int r, float dot, fl
 
 // 4 bits: lane l of a 64-value chunk holds word l; its nibble j is value 8 l + j.
 template <int NB, int MB>
-T2 INL void q4(const QMat& m, const Prepared& x, int n, int r0, float* y, size_t yld, __m256i sidx) {
+T2 INL void q4(const QMat& m, const Prepared& x, int n, int r0, float* y, size_t yld, __m256i) {
   const __m256i low = _mm256_set1_epi32(0xF), half = _mm256_setr_epi32(-1, -1, -1, -1, 0, 0, 0, 0);
   const size_t wrow = m.wrow(), srow = m.srow();
   __m256 tot[NB][MB];
@@ -59,11 +59,11 @@ T2 INL void q4(const QMat& m, const Prepared& x, int n, int r0, float* y, size_t
         for (int b = 0; b < NB; ++b) acc[b][r] = j ? _mm256_fmadd_ps(q[b], xv, acc[b][r]) : _mm256_mul_ps(q[b], xv);
       }
     }
-    const int g0 = k0 / m.group, ns = std::max(1, (full ? 64 : 32) / m.group);
-    for (int b = 0; b < NB; ++b) {
-      float s[8] = {};
-      for (int i = 0; i < ns; ++i) s[i] = load_f(m.s, m.st, (n + b) * srow + g0 + i);
-      const __m256 sv = _mm256_permutevar8x32_ps(_mm256_loadu_ps(s), sidx);
+    const int g0 = k0 / m.group;
+    for (int b = 0; b < NB; ++b) {  // lanes 0-3 and 4-7 take one scale each (two for group 32: two groups)
+      const size_t i = (n + b) * srow + g0;
+      const float s0 = load_f(m.s, m.st, i), s1 = m.group == 32 && full ? load_f(m.s, m.st, i + 1) : s0;
+      const __m256 sv = _mm256_set_m128(_mm_set1_ps(s1), _mm_set1_ps(s0));
       for (int r = 0; r < MB; ++r) tot[b][r] = _mm256_fmadd_ps(acc[b][r], sv, tot[b][r]);
     }
   }

@@ -24,19 +24,16 @@ T512 INL __m512 load16(const void* p, Fmt t, __mmask16 mask) {
   return _mm512_cvtph_ps(h);
 }
 
-T512 float bias_dot16(const void* b, Fmt t, const float* sums, int n) {
-  __m512 acc = _mm512_setzero_ps();
-  for (int g = 0; g < n; g += 16) {
-    const __mmask16 mk = first(n - g);
-    acc = _mm512_fmadd_ps(load16(static_cast<const char*>(b) + g * fmt_size(t), t, mk), _mm512_maskz_loadu_ps(mk, sums + g),
-                          acc);
-  }
-  return _mm512_reduce_add_ps(acc);
-}
-
-T512 INL void finish(const QMat& m, const Prepared& x, int n, int r, float dot, float* y, size_t yld) {
+// y = the lanes of `tot` plus the biases' share, sum over groups of b * sum(x_group), in one reduction.
+T512 INL void finish(const QMat& m, const Prepared& x, int n, int r, __m512 tot, float* y, size_t yld) {
   const char* b = static_cast<const char*>(m.b) + n * m.srow() * fmt_size(m.st);
-  y[r * yld + n] = dot + bias_dot16(b, m.st, x.sums + r * x.sums_ld, m.K / m.group);
+  const float* sums = x.sums + r * x.sums_ld;
+  const int groups = m.K / m.group;
+  for (int g = 0; g < groups; g += 16) {
+    const __mmask16 mk = first(groups - g);
+    tot = _mm512_fmadd_ps(load16(b + g * fmt_size(m.st), m.st, mk), _mm512_maskz_loadu_ps(mk, sums + g), tot);
+  }
+  y[r * yld + n] = _mm512_reduce_add_ps(tot);
 }
 
 // 4 bits: lane l of a chunk holds word l; nibble j indexes the table of floats 0..15 (vpermps reads the low 4 bits).
@@ -64,12 +61,13 @@ T512 INL void q4(const QMat& m, const Prepared& x, int n, int r0, float* y, size
     }
     for (int b = 0; b < NB; ++b) {
       const char* s = static_cast<const char*>(m.s) + ((n + b) * srow + c * per_chunk) * es;
-      const __m512 sv = _mm512_permutexvar_ps(sidx, load16(s, m.st, first(words * 8 / m.group)));
+      const __m512 sv = per_chunk == 1 ? _mm512_set1_ps(load_f(s, m.st, 0))
+                                       : _mm512_permutexvar_ps(sidx, load16(s, m.st, first(words * 8 / m.group)));
       for (int r = 0; r < MB; ++r) tot[b][r] = _mm512_fmadd_ps(acc[b][r], sv, tot[b][r]);
     }
   }
   for (int b = 0; b < NB; ++b)
-    for (int r = 0; r < MB; ++r) finish(m, x, n + b, r0 + r, _mm512_reduce_add_ps(tot[b][r]), y, yld);
+    for (int r = 0; r < MB; ++r) finish(m, x, n + b, r0 + r, tot[b][r], y, yld);
 }
 
 // 8 bits: 16 bytes at a time zero-extended to 16 lanes; one scale per group.
@@ -101,7 +99,7 @@ T512 INL void q8(const QMat& m, const Prepared& x, int n, int r0, float* y, size
     }
   }
   for (int b = 0; b < NB; ++b)
-    for (int r = 0; r < MB; ++r) finish(m, x, n + b, r0 + r, _mm512_reduce_add_ps(tot[b][r]), y, yld);
+    for (int r = 0; r < MB; ++r) finish(m, x, n + b, r0 + r, tot[b][r], y, yld);
 }
 
 // Rows n0..n1 against activation rows r0..r0+MB: NB rows at a time, then one at a time.
