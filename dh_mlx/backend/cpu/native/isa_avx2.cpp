@@ -14,6 +14,13 @@
 namespace dhq {
 namespace {
 
+constexpr int kPanel = 16;  // weight rows per panel (a multiple of every row block)
+
+constexpr int kAhead = 4096;  // software prefetch distance (see isa_avx512.cpp)
+inline void ahead(const void* p, int bytes = kAhead) {
+  _mm_prefetch(static_cast<const char*>(p) + bytes, _MM_HINT_T0);
+}
+
 // 8 values of dtype t as float.
 T2 INL __m256 load8(const void* p, Fmt t) {
   if (t == kF32) return _mm256_loadu_ps(static_cast<const float*>(p));
@@ -48,6 +55,9 @@ T2 INL void q4(const QMat& m, const Prepared& x, int n, int r0, float* y, size_t
       const uint32_t* p = m.w + (n + b) * wrow + c * 8;
       wv[b] = full ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))
                    : _mm256_maskload_epi32(reinterpret_cast<const int*>(p), half);
+      if ((c & 1) == 0) ahead(p);
+      ahead(static_cast<const char*>(m.s) + ((n + b) * srow + k0 / m.group) * fmt_size(m.st), kAhead / 4);
+      ahead(static_cast<const char*>(m.b) + ((n + b) * srow + k0 / m.group) * fmt_size(m.st), kAhead / 4);
     }
     __m256 acc[NB][MB];
 #pragma GCC unroll 8
@@ -87,6 +97,7 @@ T2 INL void q8(const QMat& m, const Prepared& x, int n, int r0, float* y, size_t
       for (int b = 0; b < NB; ++b) {
         const uint8_t* p = reinterpret_cast<const uint8_t*>(m.w) + (n + b) * wrow + k;
         q[b] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
+        if ((k & 63) == 0) ahead(p);
       }
       for (int r = 0; r < MB; ++r) {
         const __m256 xv = _mm256_loadu_ps(x.x + (r0 + r) * x.ld + k);
@@ -94,6 +105,8 @@ T2 INL void q8(const QMat& m, const Prepared& x, int n, int r0, float* y, size_t
       }
     }
     for (int b = 0; b < NB; ++b) {
+      ahead(static_cast<const char*>(m.s) + ((n + b) * srow + g) * fmt_size(m.st), kAhead / 4);
+      ahead(static_cast<const char*>(m.b) + ((n + b) * srow + g) * fmt_size(m.st), kAhead / 4);
       const __m256 sv = _mm256_set1_ps(load_f(m.s, m.st, (n + b) * srow + g));
       for (int r = 0; r < MB; ++r) tot[b][r] = _mm256_fmadd_ps(acc[b][r], sv, tot[b][r]);
     }
@@ -120,12 +133,15 @@ template <bool FOUR>
 T2 void q_all(const QMat& m, const Prepared& x, int n0, int n1, float* y, size_t yld) {
   const int shift = m.group == 32 ? 5 : m.group == 64 ? 6 : 7;  // lane l's scale: the chunk's (8 l / group)-th
   const __m256i sidx = _mm256_srl_epi32(_mm256_setr_epi32(0, 8, 16, 24, 32, 40, 48, 56), _mm_cvtsi32_si128(shift));
-  int r = 0;
-  for (; r + 4 <= x.M; r += 4) q_rows<4, FOUR>(m, x, n0, n1, r, y, yld, sidx);
-  switch (x.M - r) {
-    case 3: q_rows<3, FOUR>(m, x, n0, n1, r, y, yld, sidx); break;
-    case 2: q_rows<2, FOUR>(m, x, n0, n1, r, y, yld, sidx); break;
-    case 1: q_rows<1, FOUR>(m, x, n0, n1, r, y, yld, sidx); break;
+  for (int p0 = n0; p0 < n1; p0 += kPanel) {  // a panel of weight rows stays in cache for every activation row
+    const int p1 = std::min(n1, p0 + kPanel);
+    int r = 0;
+    for (; r + 4 <= x.M; r += 4) q_rows<4, FOUR>(m, x, p0, p1, r, y, yld, sidx);
+    switch (x.M - r) {
+      case 3: q_rows<3, FOUR>(m, x, p0, p1, r, y, yld, sidx); break;
+      case 2: q_rows<2, FOUR>(m, x, p0, p1, r, y, yld, sidx); break;
+      case 1: q_rows<1, FOUR>(m, x, p0, p1, r, y, yld, sidx); break;
+    }
   }
 }
 
@@ -142,6 +158,7 @@ T2 void dequant(const QMat& m, int n0, int n1, float* out) {
       const size_t g = n * m.srow() + k / m.group;
       const __m256 s = _mm256_set1_ps(load_f(m.s, m.st, g)), b = _mm256_set1_ps(load_f(m.b, m.st, g));
       __m128i v[2];
+      ahead(row + k * m.bits / 8);
       if (m.bits == 4) {
         const __m128i p = _mm_loadu_si128(reinterpret_cast<const __m128i*>(row + k / 2));
         const __m128i lo = _mm_and_si128(p, low), hi = _mm_and_si128(_mm_srli_epi16(p, 4), low);
@@ -167,7 +184,10 @@ T2 INL void h_rows(const HMat& m, const float* x, size_t xld, int n, int r0, flo
   const int K8 = m.K / 8 * 8;
   for (int k = 0; k < K8; k += 8) {
     __m256 w[NB];
-    for (int b = 0; b < NB; ++b) w[b] = load8(m.w + static_cast<size_t>(n + b) * m.K + k, m.t);
+    for (int b = 0; b < NB; ++b) {
+      w[b] = load8(m.w + static_cast<size_t>(n + b) * m.K + k, m.t);
+      if ((k & 31) == 0) ahead(m.w + static_cast<size_t>(n + b) * m.K + k);
+    }
     for (int r = 0; r < MB; ++r) {
       const __m256 xv = _mm256_loadu_ps(x + (r0 + r) * xld + k);
       for (int b = 0; b < NB; ++b) acc[b][r] = _mm256_fmadd_ps(w[b], xv, acc[b][r]);
@@ -190,12 +210,15 @@ T2 void h_block(const HMat& m, const float* x, size_t xld, int n0, int n1, int r
 }
 
 T2 void hdot(const HMat& m, const float* x, int M, size_t xld, int n0, int n1, float* y, size_t yld) {
-  int r = 0;
-  for (; r + 4 <= M; r += 4) h_block<4>(m, x, xld, n0, n1, r, y, yld);
-  switch (M - r) {
-    case 3: h_block<3>(m, x, xld, n0, n1, r, y, yld); break;
-    case 2: h_block<2>(m, x, xld, n0, n1, r, y, yld); break;
-    case 1: h_block<1>(m, x, xld, n0, n1, r, y, yld); break;
+  for (int p0 = n0; p0 < n1; p0 += kPanel) {
+    const int p1 = std::min(n1, p0 + kPanel);
+    int r = 0;
+    for (; r + 4 <= M; r += 4) h_block<4>(m, x, xld, p0, p1, r, y, yld);
+    switch (M - r) {
+      case 3: h_block<3>(m, x, xld, p0, p1, r, y, yld); break;
+      case 2: h_block<2>(m, x, xld, p0, p1, r, y, yld); break;
+      case 1: h_block<1>(m, x, xld, p0, p1, r, y, yld); break;
+    }
   }
 }
 

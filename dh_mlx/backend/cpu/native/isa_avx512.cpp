@@ -14,6 +14,15 @@
 namespace dhq {
 namespace {
 
+constexpr int kPanel = 16;  // weight rows per panel (a multiple of every row block)
+
+// Weights stream from memory once per token; rows of a few hundred bytes are too short for the hardware
+// prefetcher to ramp up, so each kernel asks for the bytes kAhead further on in the same array.
+constexpr int kAhead = 4096;
+inline void ahead(const void* p, int bytes = kAhead) {
+  _mm_prefetch(static_cast<const char*>(p) + bytes, _MM_HINT_T0);
+}
+
 inline __mmask16 first(int n) { return n >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << n) - 1); }
 
 // Up to 16 values of dtype t as float (masked-off lanes 0).
@@ -48,7 +57,12 @@ T512 INL void q4(const QMat& m, const Prepared& x, int n, int r0, float* y, size
   for (int c = 0, k0 = 0; k0 < m.K; ++c, k0 += 128) {
     const int words = std::min(16, (m.K - k0) / 8);
     __m512i wv[NB];
-    for (int b = 0; b < NB; ++b) wv[b] = _mm512_maskz_loadu_epi32(first(words), m.w + (n + b) * wrow + c * 16);
+    for (int b = 0; b < NB; ++b) {
+      wv[b] = _mm512_maskz_loadu_epi32(first(words), m.w + (n + b) * wrow + c * 16);
+      ahead(m.w + (n + b) * wrow + c * 16);
+      ahead(static_cast<const char*>(m.s) + ((n + b) * srow + c * per_chunk) * es, kAhead / 4);
+      ahead(static_cast<const char*>(m.b) + ((n + b) * srow + c * per_chunk) * es, kAhead / 4);
+    }
     __m512 acc[NB][MB];
 #pragma GCC unroll 8
     for (int j = 0; j < 8; ++j) {
@@ -87,6 +101,7 @@ T512 INL void q8(const QMat& m, const Prepared& x, int n, int r0, float* y, size
       for (int b = 0; b < NB; ++b) {
         const uint8_t* p = reinterpret_cast<const uint8_t*>(m.w) + (n + b) * wrow + k;
         q[b] = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+        if ((k & 63) == 0) ahead(p);
       }
       for (int r = 0; r < MB; ++r) {
         const __m512 xv = _mm512_loadu_ps(x.x + (r0 + r) * x.ld + k);
@@ -94,6 +109,8 @@ T512 INL void q8(const QMat& m, const Prepared& x, int n, int r0, float* y, size
       }
     }
     for (int b = 0; b < NB; ++b) {
+      ahead(static_cast<const char*>(m.s) + ((n + b) * srow + g) * fmt_size(m.st), kAhead / 4);
+      ahead(static_cast<const char*>(m.b) + ((n + b) * srow + g) * fmt_size(m.st), kAhead / 4);
       const __m512 sv = _mm512_set1_ps(load_f(m.s, m.st, (n + b) * srow + g));
       for (int r = 0; r < MB; ++r) tot[b][r] = _mm512_fmadd_ps(acc[b][r], sv, tot[b][r]);
     }
@@ -124,12 +141,15 @@ T512 void q_all(const QMat& m, const Prepared& x, int n0, int n1, float* y, size
   const __m512i sidx = _mm512_srl_epi32(_mm512_slli_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12,
                                                                              13, 14, 15), 3),
                                         _mm_cvtsi32_si128(shift));
-  int r = 0;
-  for (; r + 4 <= x.M; r += 4) q_rows<4, FOUR>(m, x, n0, n1, r, y, yld, sidx);
-  switch (x.M - r) {
-    case 3: q_rows<3, FOUR>(m, x, n0, n1, r, y, yld, sidx); break;
-    case 2: q_rows<2, FOUR>(m, x, n0, n1, r, y, yld, sidx); break;
-    case 1: q_rows<1, FOUR>(m, x, n0, n1, r, y, yld, sidx); break;
+  for (int p0 = n0; p0 < n1; p0 += kPanel) {  // a panel of weight rows stays in cache for every activation row
+    const int p1 = std::min(n1, p0 + kPanel);
+    int r = 0;
+    for (; r + 4 <= x.M; r += 4) q_rows<4, FOUR>(m, x, p0, p1, r, y, yld, sidx);
+    switch (x.M - r) {
+      case 3: q_rows<3, FOUR>(m, x, p0, p1, r, y, yld, sidx); break;
+      case 2: q_rows<2, FOUR>(m, x, p0, p1, r, y, yld, sidx); break;
+      case 1: q_rows<1, FOUR>(m, x, p0, p1, r, y, yld, sidx); break;
+    }
   }
 }
 
@@ -146,6 +166,7 @@ T512 void dequant(const QMat& m, int n0, int n1, float* out) {
       const size_t g = n * m.srow() + k / m.group;
       const __m512 s = _mm512_set1_ps(load_f(m.s, m.st, g)), b = _mm512_set1_ps(load_f(m.b, m.st, g));
       __m128i v[2];
+      ahead(row + k * m.bits / 8);
       if (m.bits == 4) {
         const __m128i p = _mm_loadu_si128(reinterpret_cast<const __m128i*>(row + k / 2));
         const __m128i lo = _mm_and_si128(p, low), hi = _mm_and_si128(_mm_srli_epi16(p, 4), low);
@@ -169,7 +190,10 @@ T512 INL void h_rows(const HMat& m, const float* x, size_t xld, int n, int r0, f
   for (int k = 0; k < m.K; k += 16) {
     const __mmask16 mk = first(m.K - k);
     __m512 w[NB];
-    for (int b = 0; b < NB; ++b) w[b] = load16(m.w + static_cast<size_t>(n + b) * m.K + k, m.t, mk);
+    for (int b = 0; b < NB; ++b) {
+      w[b] = load16(m.w + static_cast<size_t>(n + b) * m.K + k, m.t, mk);
+      if ((k & 31) == 0) ahead(m.w + static_cast<size_t>(n + b) * m.K + k);
+    }
     for (int r = 0; r < MB; ++r) {
       const __m512 xv = _mm512_maskz_loadu_ps(mk, x + (r0 + r) * xld + k);
       for (int b = 0; b < NB; ++b) acc[b][r] = _mm512_fmadd_ps(w[b], xv, acc[b][r]);
@@ -188,12 +212,15 @@ T512 void h_block(const HMat& m, const float* x, size_t xld, int n0, int n1, int
 }
 
 T512 void hdot(const HMat& m, const float* x, int M, size_t xld, int n0, int n1, float* y, size_t yld) {
-  int r = 0;
-  for (; r + 4 <= M; r += 4) h_block<4>(m, x, xld, n0, n1, r, y, yld);
-  switch (M - r) {
-    case 3: h_block<3>(m, x, xld, n0, n1, r, y, yld); break;
-    case 2: h_block<2>(m, x, xld, n0, n1, r, y, yld); break;
-    case 1: h_block<1>(m, x, xld, n0, n1, r, y, yld); break;
+  for (int p0 = n0; p0 < n1; p0 += kPanel) {
+    const int p1 = std::min(n1, p0 + kPanel);
+    int r = 0;
+    for (; r + 4 <= M; r += 4) h_block<4>(m, x, xld, p0, p1, r, y, yld);
+    switch (M - r) {
+      case 3: h_block<3>(m, x, xld, p0, p1, r, y, yld); break;
+      case 2: h_block<2>(m, x, xld, p0, p1, r, y, yld); break;
+      case 1: h_block<1>(m, x, xld, p0, p1, r, y, yld); break;
+    }
   }
 }
 

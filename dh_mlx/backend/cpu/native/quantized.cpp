@@ -5,7 +5,7 @@
 //   QExperts: a few tokens through their k experts (SwiGLU), weighted and summed: decode, one node
 //   QEmbed:   rows of a quantized embedding
 // Each takes W as `kind` 1 (bfloat16 / float16 weights) or 2 (packed weights, scales, biases); QExperts also 0
-// (float32, through the BLAS). Up to kDirectRows activation rows run the direct kernels (the weights converted in
+// (float32, through the BLAS). Up to `direct_rows()` activation rows run the direct kernels (the weights converted in
 // registers); more rows convert a tile of weight rows to float32 and multiply it with the BLAS.
 //
 // The kernels come in three instruction sets, chosen when the module loads: AVX-512 (F/BW/VL/DQ), AVX2 (+FMA,
@@ -39,7 +39,7 @@ using dhq::HMat;
 using dhq::Kernels;
 using dhq::QMat;
 
-constexpr int kDirectRows = 8;
+std::atomic<int> g_direct_rows{8};  // up to this many activation rows: the direct kernels (`direct_rows`)
 constexpr size_t kParallelWork = 1 << 16;
 
 Pool& pool() {
@@ -61,7 +61,7 @@ void split_rows(int N, size_t work, const std::function<void(int, int)>& f) {
     if (n0 < n1) f(n0, n1);
   });
 }
-constexpr size_t kTileFloats = 1 << 18;  // weight rows converted per BLAS call: 1 MB of float32
+constexpr size_t kTileFloats = 1 << 21;  // weight rows converted per BLAS call: 8 MB of float32
 
 std::vector<const Kernels*> supported() {
   std::vector<const Kernels*> out;
@@ -186,7 +186,7 @@ void forward(const Kernels& k, const Weight& W, int e, const float* x, int M, fl
     cblas_sgemm(kRowMajor, kNoTrans, kTrans, M, N, K, 1.0f, x, K, W.f(e), K, 0.0f, y, yld);
     return;
   }
-  if (M <= kDirectRows) {
+  if (M <= g_direct_rows.load()) {
     const size_t work = static_cast<size_t>(N) * K * M;
     if (W.kind == 1) {
       const HMat h = W.h(e);
@@ -489,6 +489,8 @@ void register_quantized(nb::module_& m) {
   m.def("isas", &isas);
   m.def("set_isa", &set_isa, nb::arg("name"));
   m.def("threads", []() { return pool().size(); });
+  m.def("direct_rows", [](int n) { return n < 0 ? g_direct_rows.load() : g_direct_rows.exchange(n); },
+        nb::arg("n") = -1);
   m.def("set_threads", [](int n) {
     const int before = pool().size();
     pool().resize(std::max(1, n));
