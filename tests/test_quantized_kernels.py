@@ -187,3 +187,42 @@ def test_quantized_embedding_rows_equal_mlx_lookup(isa, bits):
     want = nn.QuantizedEmbedding.__call__(emb, ids)
     got = _packed_rows(bits, 32)(ids, emb.weight, emb.scales, emb.biases)
     assert got.shape == want.shape and rel(got, want) <= 1e-6
+
+
+def test_threads_split_the_work_without_changing_the_result(ext):
+    """Output rows (and decode experts' pairs) split over the pool: the same values on 1 and 2 threads."""
+    from dh_mlx.backend.cpu.weight_experts import _rows
+    w, s, b = packed(512, 1024, 64, 4)
+    x = mx.random.normal((2, 1024), key=mx.random.key(14))
+    projs = [stacked(8, 96, 128, 4, 128, 15), stacked(8, 96, 128, 4, 128, 16), stacked(8, 128, 96, 4, 32, 17)]
+    arrays = [a for p in projs for a in p[:3]]
+    idx = mx.array([[0, 3, 7], [1, 3, 5]], mx.int32)
+    wts = mx.random.uniform(shape=(2, 3), key=mx.random.key(18))
+    xe = mx.random.normal((2, 128), key=mx.random.key(19))
+    before = ext.set_threads(1)
+    try:
+        one = [packed_matmul(4, 64)(x, w, s, b), _rows(tuple(p[3:] for p in projs))(xe, idx, wts, *arrays)]
+        mx.eval(one)
+        ext.set_threads(2)
+        assert ext.threads() == 2
+        two = [packed_matmul(4, 64)(x, w, s, b), _rows(tuple(p[3:] for p in projs))(xe, idx, wts, *arrays)]
+        assert all(mx.array_equal(a, b).item() for a, b in zip(one, two))
+    finally:
+        ext.set_threads(before)
+
+
+def test_two_mlx_streams_may_call_the_kernels_at_once(ext):
+    """Training splits a step over two CPU streams: both may run a pooled kernel at the same moment (the second
+    runs it serially); every result is the one-stream result."""
+    w, s, b = packed(1024, 512, 32, 4)
+    xs = [mx.random.normal((3, 512), key=mx.random.key(20 + i)) for i in range(8)]
+    want = [packed_matmul(4, 32)(x, w, s, b) for x in xs]
+    mx.eval(want)
+    streams = [mx.new_stream(mx.cpu), mx.new_stream(mx.cpu)]
+    for _ in range(5):
+        got = []
+        for i, x in enumerate(xs):
+            with mx.stream(streams[i % 2]):
+                got.append(packed_matmul(4, 32)(x, w, s, b))
+        mx.eval(got)
+        assert all(mx.array_equal(a, b).item() for a, b in zip(got, want))

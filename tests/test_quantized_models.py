@@ -120,3 +120,15 @@ def test_a_bfloat16_model_runs_at_its_size_with_float32_sums(float_dir, tmp_path
     from test_native import node_counts
     counts = node_counts(model, pc.cache, tmp_path / "g.dot")
     assert counts["QMatmul"] > 0 and counts["QExperts"] == 2 and "GatherMM" not in counts, counts
+    assert min(counts[k] for k in ("MlaAbsorbed", "Rope", "RmsNorm")) > 0, counts  # in float32, rounded once
+
+
+def test_the_quantize_command_picks_group_sizes_and_lists_what_stays_float(float_dir, tmp_path):
+    import subprocess
+    import sys
+    out = subprocess.run([sys.executable, "-m", "dh_mlx.cli", "quantize", "--model", str(float_dir), "--out",
+                          str(tmp_path / "q"), "--bits", "4"], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert "matrices kept in float: mlp.gate x3, self_attn.kv_b_proj x4" in out.stderr  # with the MTP layer
+    q = json.loads((tmp_path / "q" / "config.json").read_text())["quantization"]
+    assert q["model.layers.2.mlp.switch_mlp.down_proj"] == {"group_size": 32, "bits": 4}

@@ -3,7 +3,7 @@
 `attend` computes softmax attention with MLX ops compiled once for every shape, so the mask, exp and
 normalisation run as fused vectorised kernels; mx.fast's CPU fallback runs a scalar exp. On a multi-core CPU
 large attentions split into two halves on the two streams. Decode-sized absorbed attention runs as one
-native node.
+native node (in float32 for bfloat16 / float16 inputs).
 """
 
 from __future__ import annotations
@@ -83,7 +83,9 @@ def make(streams: Streams | None) -> dict:
         B, H, L, n = q_nope.shape
         S, r = latent.shape[2], latent.shape[3]
         v_dim = kv_b.shape[0] // H - n
-        if native.usable_small(q_nope, q_pe, latent, k_pe, kv_b):
+        # bfloat16 / float16: the node computes in float32 (MLX's half-precision CPU matmuls are scalar)
+        args = tuple(a.astype(mx.float32) for a in (q_nope, q_pe, latent, k_pe, kv_b))
+        if native.usable_small(*args):
             if mask is None or isinstance(mask, str):
                 mode, kernel_mask = (1 if L > 1 and mask == "causal" else 0), mx.array(True)
             elif mask.dtype == mx.bool_ and mask.shape[1:] == (1, L, S) and mask.shape[0] in (1, B):
@@ -91,7 +93,7 @@ def make(streams: Streams | None) -> dict:
             else:
                 mode = -1
             if mode >= 0:  # decode: one native node
-                return native_absorbed(q_nope, q_pe, latent, k_pe, kv_b, kernel_mask, mode, scale, v_dim)
+                return native_absorbed(*args, kernel_mask, mode, scale, v_dim).astype(q_nope.dtype)
         w = kv_b.reshape(H, n + v_dim, r)
         q_lat = q_nope @ w[:, :n]  # (B, H, L, n) @ (H, n, r) -> (B, H, L, r)
         # Every head attends to the same latent "head": heads folded into rows make one (H*L, r) x (r, S)

@@ -15,7 +15,7 @@ import mlx.nn as nn
 
 from ...model import layers
 from . import native
-from .quantized import half_linear
+from .quantized import half_linear, result_dtype
 
 
 @mx.custom_function
@@ -67,16 +67,20 @@ def _row_major_linear_vjp(primals, cotangent, output):
 
 
 def rms_norm(x: mx.array, weight: mx.array, eps: float) -> mx.array:
-    ext = native.usable_small(x, weight)
-    return ext.rms_norm(x, weight, eps) if ext is not None else layers.rms_norm.reference(x, weight, eps)
+    xf, wf = x.astype(mx.float32), weight.astype(mx.float32)  # half precision: computed in float32, rounded once
+    ext = native.usable_small(xf, wf)
+    if ext is None:
+        return layers.rms_norm.reference(x, weight, eps)
+    return ext.rms_norm(xf, wf, eps).astype(result_dtype(x.dtype, weight.dtype))
 
 
 def rope(x, offset, wavelengths, dims: int, traditional: bool, scale: float) -> mx.array:
-    ext = native.usable_small(x, wavelengths)
+    xf = x.astype(mx.float32)
+    ext = native.usable_small(xf, wavelengths)
     if ext is None:
         return layers.rope.reference(x, offset, wavelengths, dims, traditional, scale)
     off = offset.astype(mx.int32) if isinstance(offset, mx.array) else mx.array(offset, mx.int32)
-    return ext.rope(x, off, wavelengths, dims, traditional, scale)  # cos/sin from the wavelengths in-kernel
+    return ext.rope(xf, off, wavelengths, dims, traditional, scale).astype(x.dtype)  # cos/sin in-kernel
 
 
 def cpu_swiglu(gate: mx.array, up: mx.array) -> mx.array:

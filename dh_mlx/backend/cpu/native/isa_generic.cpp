@@ -36,13 +36,18 @@ float bias_dot(const void* b, Fmt t, const float* sums, int n) {
 
 namespace {
 
-inline int value(const uint32_t* row, int bits, int k) {
-  const int per = 32 / bits;
-  return (row[k / per] >> ((k % per) * bits)) & ((1u << bits) - 1);
+// The `per` values of one packed word (a whole number of words per group: group >= 32 values).
+template <int BITS>
+inline void unpack(uint32_t word, float* out) {
+  constexpr int per = 32 / BITS;
+  for (int j = 0; j < per; ++j) out[j] = static_cast<float>((word >> (j * BITS)) & ((1u << BITS) - 1));
 }
 
-void qdot(const QMat& m, const Prepared& x, int n0, int n1, float* y, size_t yld) {
-  const int groups = m.K / m.group;
+template <int BITS>
+void qdot_bits(const QMat& m, const Prepared& x, int n0, int n1, float* y, size_t yld) {
+  constexpr int per = 32 / BITS;
+  const int groups = m.K / m.group, words = m.group / per;
+  float q[per];
   for (int n = n0; n < n1; ++n) {
     const uint32_t* row = m.w + n * m.wrow();
     const size_t so = n * m.srow();
@@ -51,7 +56,11 @@ void qdot(const QMat& m, const Prepared& x, int n0, int n1, float* y, size_t yld
       float acc = 0.0f;
       for (int g = 0; g < groups; ++g) {
         float d = 0.0f;
-        for (int k = g * m.group; k < (g + 1) * m.group; ++k) d += xr[k] * value(row, m.bits, k);
+        for (int i = 0; i < words; ++i) {
+          unpack<BITS>(row[g * words + i], q);
+          const float* xi = xr + (g * words + i) * per;
+          for (int j = 0; j < per; ++j) d += xi[j] * q[j];
+        }
         acc += load_f(m.s, m.st, so + g) * d;
       }
       const char* b = static_cast<const char*>(m.b) + so * fmt_size(m.st);
@@ -60,15 +69,30 @@ void qdot(const QMat& m, const Prepared& x, int n0, int n1, float* y, size_t yld
   }
 }
 
-void dequant(const QMat& m, int n0, int n1, float* out) {
+template <int BITS>
+void dequant_bits(const QMat& m, int n0, int n1, float* out) {
+  constexpr int per = 32 / BITS;
+  const int words = m.group / per;
+  float q[per];
   for (int n = n0; n < n1; ++n) {
     const uint32_t* row = m.w + n * m.wrow();
     float* o = out + static_cast<size_t>(n - n0) * m.K;
-    for (int k = 0; k < m.K; ++k) {
-      const size_t g = n * m.srow() + k / m.group;
-      o[k] = load_f(m.s, m.st, g) * value(row, m.bits, k) + load_f(m.b, m.st, g);
+    for (int g = 0; g < m.K / m.group; ++g) {
+      const float s = load_f(m.s, m.st, n * m.srow() + g), b = load_f(m.b, m.st, n * m.srow() + g);
+      for (int i = 0; i < words; ++i) {
+        unpack<BITS>(row[g * words + i], q);
+        for (int j = 0; j < per; ++j) o[(g * words + i) * per + j] = s * q[j] + b;
+      }
     }
   }
+}
+
+void qdot(const QMat& m, const Prepared& x, int n0, int n1, float* y, size_t yld) {
+  m.bits == 4 ? qdot_bits<4>(m, x, n0, n1, y, yld) : qdot_bits<8>(m, x, n0, n1, y, yld);
+}
+
+void dequant(const QMat& m, int n0, int n1, float* out) {
+  m.bits == 4 ? dequant_bits<4>(m, n0, n1, out) : dequant_bits<8>(m, n0, n1, out);
 }
 
 void hdot(const HMat& m, const float* x, int M, size_t xld, int n0, int n1, float* y, size_t yld) {

@@ -1,7 +1,9 @@
 // A small persistent thread pool for the weight kernels: `run(parts, f)` calls f(0) .. f(parts - 1) on the calling
-// thread and the workers and returns when all are done. Decode calls it dozens of times per token, each a few tens
-// of microseconds of work, so a worker spins (with pause) for a while after its last part before it sleeps: a
-// hand-off then costs about a microsecond instead of a futex wake-up. A call from inside a part runs serially.
+// thread and the workers (each takes the next part when it is free) and returns when all are done. Decode calls it
+// dozens of times per token, each a few tens of microseconds of work, so a worker keeps polling for a while after
+// its last part before it sleeps: a hand-off then costs about a microsecond instead of a futex wake-up. The polling
+// yields the core now and then, so on a machine busy with other work it gives way rather than spin against it.
+// A call from inside a part, or while another thread's call has the workers, runs serially.
 #pragma once
 
 #include <atomic>
@@ -36,7 +38,10 @@ class Pool {
   }
 
   void run(int parts, const std::function<void(int)>& f) {
-    if (parts <= 1 || workers_.empty() || inside_) {
+    // Serial: nothing to share, no workers, called from a part, or another thread (a second MLX stream) has the
+    // workers now.
+    std::unique_lock<std::mutex> caller(caller_, std::defer_lock);
+    if (parts <= 1 || workers_.empty() || inside_ || !caller.try_lock()) {
       for (int p = 0; p < parts; ++p) f(p);
       return;
     }
@@ -53,7 +58,7 @@ class Pool {
     inside_ = true;
     drain();
     inside_ = false;
-    while (done_.load() < parts) DHN_PAUSE();
+    for (int i = 1; done_.load() < parts; ++i) relax(i);
   }
 
  private:
@@ -69,9 +74,9 @@ class Pool {
     uint64_t seen = epoch_.load();
     for (;;) {
       const auto spin_until = std::chrono::steady_clock::now() + std::chrono::microseconds(kSpinMicros);
-      for (int i = 0; epoch_.load() == seen && !stopping_.load(); ++i) {
-        DHN_PAUSE();
-        if ((i & 255) == 255 && std::chrono::steady_clock::now() > spin_until) {
+      for (int i = 1; epoch_.load() == seen && !stopping_.load(); ++i) {
+        relax(i);
+        if ((i & 255) == 0 && std::chrono::steady_clock::now() > spin_until) {
           std::unique_lock<std::mutex> lock(mutex_);
           sleepers_.fetch_add(1);
           wake_.wait(lock, [&] { return epoch_.load() != seen || stopping_.load(); });
@@ -87,6 +92,11 @@ class Pool {
       }
       busy_.fetch_sub(1);
     }
+  }
+
+  static void relax(int i) {  // pause; every 64th time let another thread have the core
+    if (i % 64 == 0) std::this_thread::yield();
+    else DHN_PAUSE();
   }
 
   void stop() {
@@ -106,7 +116,7 @@ class Pool {
   std::atomic<uint64_t> epoch_{0};
   std::atomic<int> next_{0}, done_{0}, busy_{0}, sleepers_{0};
   std::atomic<bool> stopping_{false};
-  std::mutex mutex_;
+  std::mutex mutex_, caller_;
   std::condition_variable wake_;
   static inline thread_local bool inside_ = false;
 };

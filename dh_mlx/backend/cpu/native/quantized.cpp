@@ -51,9 +51,10 @@ Pool& pool() {
   return p;
 }
 
-// f(n0, n1) over [0, N) in one part per thread, boundaries on multiples of 4 rows (the kernels' row blocks).
+// f(n0, n1) over [0, N) in a few parts per thread (a thread the OS leaves waiting holds up only a small one),
+// boundaries on multiples of 4 rows (the kernels' row blocks).
 void split_rows(int N, size_t work, const std::function<void(int, int)>& f) {
-  const int parts = work >= kParallelWork ? std::min(pool().size(), (N + 3) / 4) : 1;
+  const int parts = work >= kParallelWork && pool().size() > 1 ? std::min(4 * pool().size(), (N + 3) / 4) : 1;
   if (parts <= 1) return f(0, N);
   const int per = ((N + parts - 1) / parts + 3) / 4 * 4;
   pool().run(parts, [&](int p) {
@@ -177,6 +178,14 @@ struct Weight {
   const float* f(int e) const { return static_cast<const float*>(w) + static_cast<size_t>(e) * N * K; }
 };
 
+// Rows n0..n1 of W_e as float32 into `tile`, split over the pool.
+void convert(const Kernels& k, const Weight& W, int e, int n0, int n1, float* tile) {
+  const size_t K = W.K;
+  split_rows(n1 - n0, (n1 - n0) * K, [&](int a, int b) {
+    W.kind == 1 ? k.hconv(W.h(e), n0 + a, n0 + b, tile + a * K) : k.dequant(W.q(e), n0 + a, n0 + b, tile + a * K);
+  });
+}
+
 int tile_rows(int N, int K) { return std::max(1, std::min<int>(N, static_cast<int>(kTileFloats / K))); }
 
 // y (M, N; row stride yld) = x (M, K) @ W_e^T, float32.
@@ -204,7 +213,7 @@ void forward(const Kernels& k, const Weight& W, int e, const float* x, int M, fl
   float* tile = buffer(2, static_cast<size_t>(T) * K).data();
   for (int n0 = 0; n0 < N; n0 += T) {
     const int n1 = std::min(N, n0 + T);
-    W.kind == 1 ? k.hconv(W.h(e), n0, n1, tile) : k.dequant(W.q(e), n0, n1, tile);
+    convert(k, W, e, n0, n1, tile);
     cblas_sgemm(kRowMajor, kNoTrans, kTrans, M, n1 - n0, K, 1.0f, x, K, tile, K, 0.0f, y + n0, yld);
   }
 }
@@ -219,7 +228,7 @@ void backward(const Kernels& k, const Weight& W, int e, const float* g, int M, f
   float* tile = buffer(2, static_cast<size_t>(T) * K).data();
   for (int n0 = 0; n0 < N; n0 += T) {
     const int n1 = std::min(N, n0 + T);
-    W.kind == 1 ? k.hconv(W.h(e), n0, n1, tile) : k.dequant(W.q(e), n0, n1, tile);
+    convert(k, W, e, n0, n1, tile);
     cblas_sgemm(kRowMajor, kNoTrans, kNoTrans, M, K, n1 - n0, 1.0f, g + n0, N, tile, K, n0 ? 1.0f : 0.0f, y, K);
   }
 }
@@ -335,28 +344,30 @@ class QExperts : public WeightPrimitive {  // y[t] = sum_j w[t, j] down_e(silu(g
       std::vector<int> ids(static_cast<size_t>(T) * kk);
       for (size_t i = 0; i < ids.size(); ++i)
         ids[i] = static_cast<int>(std::clamp<int64_t>(in[1].index(i, raw[9]), 0, E - 1));
-      // Parts take (token, expert) pairs in turn, each summing into its own rows; then the parts are added.
-      const size_t work = static_cast<size_t>(ids.size()) * 3 * I * D;
-      const int parts = work >= kParallelWork ? std::min<int>(pool().size(), ids.size()) : 1;
-      std::vector<float> acc(static_cast<size_t>(parts) * T * D, 0.0f);
-      pool().run(parts, [&](int p) {
-        std::vector<float> g(I), u(I), d(D);
-        for (size_t pair = p; pair < ids.size(); pair += parts) {
-          const int t = static_cast<int>(pair / kk), e = ids[pair];
-          const float* xt = xp + static_cast<size_t>(t) * D;
-          forward(*k, G, e, xt, 1, g.data(), I);
-          forward(*k, U, e, xt, 1, u.data(), I);
-          for (int i = 0; i < I; ++i) g[i] = silu_(g[i]) * u[i];
-          forward(*k, Dn, e, g.data(), 1, d.data(), D);
-          float* at = acc.data() + (static_cast<size_t>(p) * T + t) * D;
-          const float wj = wp[pair];
-          for (int i = 0; i < D; ++i) at[i] += wj * d[i];
+      // One part per (token, expert) pair, each into its own row of `out`; a token's k rows are then summed in
+      // order (the same result however the parts were shared out).
+      const size_t P = ids.size();
+      std::vector<float> out(P * D);
+      auto pair = [&](int p) {
+        std::vector<float> g(I), u(I);
+        const int e = ids[p];
+        const float* xt = xp + static_cast<size_t>(p / kk) * D;
+        forward(*k, G, e, xt, 1, g.data(), I);
+        forward(*k, U, e, xt, 1, u.data(), I);
+        for (int i = 0; i < I; ++i) g[i] = silu_(g[i]) * u[i];
+        forward(*k, Dn, e, g.data(), 1, out.data() + p * D, D);
+      };
+      if (P * 3 * I * D >= kParallelWork) pool().run(static_cast<int>(P), pair);
+      else for (size_t p = 0; p < P; ++p) pair(static_cast<int>(p));
+      std::vector<float> acc(D);
+      for (int t = 0; t < T; ++t) {
+        std::fill(acc.begin(), acc.end(), 0.0f);
+        for (int j = 0; j < kk; ++j) {
+          const float wj = wp[t * kk + j], *d = out.data() + (static_cast<size_t>(t) * kk + j) * D;
+          for (int i = 0; i < D; ++i) acc[i] += wj * d[i];
         }
-      });
-      for (int p = 1; p < parts; ++p)
-        for (size_t i = 0; i < static_cast<size_t>(T) * D; ++i) acc[i] += acc[static_cast<size_t>(p) * T * D + i];
-      for (int t = 0; t < T; ++t)
-        store(acc.data() + static_cast<size_t>(t) * D, op + static_cast<size_t>(t) * D * dhq::fmt_size(ot), ot, D);
+        store(acc.data(), op + static_cast<size_t>(t) * D * dhq::fmt_size(ot), ot, D);
+      }
     });
   }
   const char* name() const override { return "QExperts"; }
