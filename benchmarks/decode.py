@@ -201,7 +201,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--params", default="1b")
     ap.add_argument("--model", type=Path, help="an existing model directory instead of a random preset")
-    ap.add_argument("--prompt-tokens", type=int, default=512)
+    ap.add_argument("--prompt-tokens", type=int, help="default 512 (with --quantized: 32, then the decode)")
     ap.add_argument("--gen-tokens", type=int, default=64)
     ap.add_argument("--quantized", action="store_true", help="4/8-bit and bfloat16 against float32 and llama.cpp")
     ap.add_argument("--prefill-tokens", type=int, default=512, help="with --quantized: the prefill prompt")
@@ -214,6 +214,7 @@ def main() -> None:
     if a.engine:
         print(json.dumps(ENGINES[a.engine](a.model, json.loads(sys.stdin.read()), a.gen_tokens)))
         return
+    a.prompt_tokens = a.prompt_tokens or (32 if a.quantized else 512)
     if a.quantized:
         return quantized(a)
     with tempfile.TemporaryDirectory() as d, tempfile.TemporaryDirectory() as d_mtp:
@@ -267,9 +268,10 @@ MOE_820M = dict(num_nextn_predict_layers=0, vocab_size=8192, moe_intermediate_si
                 first_k_dense_replace=0)
 
 
-def run_job(engine: str, path: Path, job: dict):
+def run_job(engine: str, path: Path, job: dict, threads: int | None = None):
+    env = dict(os.environ, **({"DH_MLX_THREADS": str(threads)} if threads else {}))
     out = subprocess.run([sys.executable, __file__, "--engine", engine, "--model", str(path)], input=json.dumps(job),
-                         capture_output=True, text=True)
+                         capture_output=True, text=True, env=env)
     if out.returncode:
         raise SystemExit(f"{engine} {path.name} failed:\n{out.stderr[-3000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -320,12 +322,15 @@ def quantized(a) -> None:
         bpw = {bits: quantize(root / "f32", root / f"q{bits}", bits=bits)["bits_per_weight"] for bits in (4, 8)}
         export_gguf(root / "f32", root / "q4_k_m.gguf", outtype="f32", quantize="Q4_K_M")
         export_gguf(root / "f32", root / "q8_0.gguf", outtype="q8_0")
-        ours_runs = {"f32": None, "bf16": "bfloat16", "q4": None, "q8": None}
+        ours_runs = {"f32": None, "bf16": "bfloat16", "q4": None, "q8": None}  # our weight kernels: all cores
+        one_thread = ("q4", "q8")  # and on one thread (DH_MLX_THREADS=1)
         llama_runs = [(g, t) for g in ("q4_k_m", "q8_0") for t in (1, 2)]
         results: dict = {}
         for _ in range(2):  # two rounds, engines interleaved, best of each: the machine is shared
             for name, dtype in ours_runs.items():
                 results.setdefault(name, []).append(run_job("ours_formats", root / name, {**job, "dtype": dtype}))
+            for name in one_thread:
+                results.setdefault(f"{name}_1", []).append(run_job("ours_formats", root / name, job, threads=1))
             for g, t in llama_runs:
                 results.setdefault((g, t), []).append(run_job("llama_formats", root / f"{g}.gguf",
                                                               {**job, "threads": t}))
@@ -358,7 +363,8 @@ def quantized(a) -> None:
              ratio_float32=round(best[name][i] / best["f32"][i], 2), bits_per_weight=round(bpw[int(name[1])], 2),
              bandwidth_fraction=frac(name, best[name][i]) if i else None,
              llama_cpp_bandwidth_fraction=frac(g, lv) if i else None, bytes_per_token=sizes[name],
-             llama_cpp_bytes_per_token=sizes[g], llama_cpp_all=[[t, *best[(g, t)]] for t in (1, 2)])
+             llama_cpp_bytes_per_token=sizes[g], llama_cpp_all=[[t, *best[(g, t)]] for t in (1, 2)],
+             ours_one_thread=round(best[f"{name}_1"][i], 2))
     for name in ("bf16", "f32"):
         emit(f"decode_{name}", best[name][1], "tokens/s", setup=setup, ratio_float32=round(best[name][1] /
              best["f32"][1], 2), prefill=round(best[name][0], 1), bandwidth_fraction=frac(name, best[name][1]),

@@ -226,3 +226,22 @@ def test_two_mlx_streams_may_call_the_kernels_at_once(ext):
                 got.append(packed_matmul(4, 32)(x, w, s, b))
         mx.eval(got)
         assert all(mx.array_equal(a, b).item() for a, b in zip(got, want))
+
+
+def test_blas_threads_keeps_the_weight_kernels_on_one_thread_inside_the_block(ext):
+    """Training on two MLX streams runs inside blas_threads(1): the native products then stay on their caller's
+    thread (the other stream has the other core), with the same values, and the pool is free again after."""
+    from dh_mlx.backend import blas_threads
+    w, s, b = packed(512, 1024, 64, 4)
+    x = mx.random.normal((2, 1024), key=mx.random.key(21))
+    want = packed_matmul(4, 64)(x, w, s, b)
+    mx.eval(want)
+    assert ext.limit_threads(0) == 0
+    with blas_threads(1):
+        assert ext.limit_threads(1) == 1
+        got = packed_matmul(4, 64)(x, w, s, b)
+        mx.eval(got)
+    assert ext.limit_threads(0) == 0
+    with blas_threads(None):  # leaves it alone
+        assert ext.limit_threads(0) == 0
+    assert mx.array_equal(got, want).item()

@@ -13,7 +13,7 @@ from helpers import make_config, randomise_for_parity, tokens
 from test_train import fixed_batch
 
 REPLACED = {"linear", "rms_norm", "rope", "swiglu", "attention", "absorbed_attention", "route", "routed_experts",
-            "weighted_experts", "cross_entropy", "squared_norm", "quantized_linear"}
+            "weighted_experts", "cross_entropy", "squared_norm", "quantized_linear", "quantized_embedding"}
 
 
 def test_the_cpu_backend_replaces_every_operation_and_can_be_turned_off():

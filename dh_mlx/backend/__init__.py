@@ -83,14 +83,19 @@ def training_streams():
 
 @contextmanager
 def blas_threads(n: int | None) -> Iterator[None]:
-    """Run the BLAS with `n` threads per call inside the block (None: leave it). Work split over both CPU
-    streams wants 1: each stream's thread then has a core."""
+    """Run the BLAS, and the native weight kernels, with at most `n` threads per call inside the block (None:
+    leave them). Work split over both CPU streams wants 1: each stream's thread then has a core."""
+    from .cpu import native
+    ext = None if n is None else native.loaded()
     previous = None if n is None else blas.set_threads(n)
+    previous_native = None if ext is None else ext.limit_threads(n)
     try:
         yield
     finally:
         if previous is not None:
             blas.set_threads(previous)
+        if previous_native is not None:
+            ext.limit_threads(previous_native)
 
 
 def describe() -> dict[str, str]:

@@ -170,6 +170,9 @@ def _mkl() -> tuple[str, ...]:
     if mkl is None:
         return ()
     omp = wheel_library("intel-openmp", "libiomp5.so")
+    # OpenMP's threads otherwise spin 200 ms after each parallel call; decode then runs cores hot that the native
+    # weight kernels' own pool and other processes need (a 4-bit decode took twice the CPU time).
+    os.environ.setdefault("KMP_BLOCKTIME", "0")
     try:
         if omp:
             ctypes.CDLL(omp, mode=ctypes.RTLD_GLOBAL)

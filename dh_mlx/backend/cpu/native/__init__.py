@@ -52,6 +52,11 @@ def usable_small(x, *others) -> ModuleType | None:
     return usable(x, *others) if x.size <= SMALL_ROWS * x.shape[-1] else None
 
 
+def loaded() -> ModuleType | None:
+    """The extension if `load()` has already succeeded (never builds)."""
+    return _module
+
+
 def load() -> ModuleType | None:
     """The built extension module (`segment_rows`, `segment_outer`, `ce_forward`, `ce_backward`, `linear`,
     `rope`, `rms_norm`, `route`, `mla_absorbed`, `moe_rows`), or None (see `status`)."""

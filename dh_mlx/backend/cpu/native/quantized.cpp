@@ -11,7 +11,9 @@
 // The kernels come in three instruction sets, chosen when the module loads: AVX-512 (F/BW/VL/DQ), AVX2 (+FMA,
 // F16C) or portable C++, the best the CPU has, or the one DH_MLX_ISA names; `set_isa` switches (for tests).
 // Direct products of at least kParallelWork weights x rows split their output rows over a thread pool (pool.h;
-// DH_MLX_THREADS threads, default one per core; `set_threads`), as do the decode experts over (token, expert).
+// DH_MLX_THREADS threads, default one per core; `set_threads`), as do the decode experts over (token, expert) and
+// the conversion of tiles; `limit_threads(n)` splits a product for n threads only (1: it runs on its caller's
+// thread, as while two MLX streams train, each with its core; 0: every pool thread).
 #include <atomic>
 #include <cstdlib>
 
@@ -40,7 +42,9 @@ using dhq::Kernels;
 using dhq::QMat;
 
 std::atomic<int> g_direct_rows{8};  // up to this many activation rows: the direct kernels (`direct_rows`)
+std::atomic<int> g_thread_limit{0};  // split a product for this many threads (0: the pool's; `limit_threads`)
 constexpr size_t kParallelWork = 1 << 16;
+constexpr size_t kTileFloats = 1 << 21;  // weight rows converted per BLAS call: 8 MB of float32
 
 Pool& pool() {
   static Pool p([] {
@@ -51,10 +55,15 @@ Pool& pool() {
   return p;
 }
 
+int threads() {
+  const int limit = g_thread_limit.load();
+  return limit > 0 ? std::min(limit, pool().size()) : pool().size();
+}
+
 // f(n0, n1) over [0, N) in a few parts per thread (a thread the OS leaves waiting holds up only a small one),
 // boundaries on multiples of 4 rows (the kernels' row blocks).
 void split_rows(int N, size_t work, const std::function<void(int, int)>& f) {
-  const int parts = work >= kParallelWork && pool().size() > 1 ? std::min(4 * pool().size(), (N + 3) / 4) : 1;
+  const int parts = work >= kParallelWork && threads() > 1 ? std::min(4 * threads(), (N + 3) / 4) : 1;
   if (parts <= 1) return f(0, N);
   const int per = ((N + parts - 1) / parts + 3) / 4 * 4;
   pool().run(parts, [&](int p) {
@@ -62,8 +71,6 @@ void split_rows(int N, size_t work, const std::function<void(int, int)>& f) {
     if (n0 < n1) f(n0, n1);
   });
 }
-constexpr size_t kTileFloats = 1 << 21;  // weight rows converted per BLAS call: 8 MB of float32
-
 std::vector<const Kernels*> supported() {
   std::vector<const Kernels*> out;
 #if defined(__x86_64__) || defined(_M_X64)
@@ -357,7 +364,7 @@ class QExperts : public WeightPrimitive {  // y[t] = sum_j w[t, j] down_e(silu(g
         for (int i = 0; i < I; ++i) g[i] = silu_(g[i]) * u[i];
         forward(*k, Dn, e, g.data(), 1, out.data() + p * D, D);
       };
-      if (P * 3 * I * D >= kParallelWork) pool().run(static_cast<int>(P), pair);
+      if (P * 3 * I * D >= kParallelWork && threads() > 1) pool().run(static_cast<int>(P), pair);
       else for (size_t p = 0; p < P; ++p) pair(static_cast<int>(p));
       std::vector<float> acc(D);
       for (int t = 0; t < T; ++t) {
@@ -500,6 +507,7 @@ void register_quantized(nb::module_& m) {
   m.def("isas", &isas);
   m.def("set_isa", &set_isa, nb::arg("name"));
   m.def("threads", []() { return pool().size(); });
+  m.def("limit_threads", [](int n) { return g_thread_limit.exchange(std::max(0, n)); }, nb::arg("n"));
   m.def("direct_rows", [](int n) { return n < 0 ? g_direct_rows.load() : g_direct_rows.exchange(n); },
         nb::arg("n") = -1);
   m.def("set_threads", [](int n) {
