@@ -34,6 +34,15 @@ def test_the_readme_is_short_and_starts_with_the_two_commands():
     assert "session" not in README.lower()  # it describes the software, not how it was made
 
 
+def test_ci_runs_the_readme_test_command_in_a_virtual_environment():
+    first = re.search(r"```bash\n(.*?)```", README, flags=re.S).group(1)
+    (command,) = [line for line in first.splitlines() if "pytest" in line]
+    assert command.startswith("python3 -m venv .venv && . .venv/bin/activate && ")
+    ci = (REPO_DIR / ".ci" / "run").read_text()
+    (line,) = [line for line in ci.splitlines() if "pytest" in line and not line.startswith("#")]
+    assert line.startswith(command.replace("pip install -e", "pip install -q -e")), (line, command)
+
+
 def test_every_command_has_a_worked_example():
     from typer.main import get_command
 
