@@ -48,18 +48,25 @@ def test_generate_chat_applies_the_template_with_the_system_message(model_dir):
     assert cli("generate", "--model", str(model_dir), "--prompt", "hi", "--system", "x").returncode == 1
 
 
-def test_chat_turns_reuse_the_kv_cache(model_dir):
-    r = cli("chat", "--model", str(model_dir), "--max-tokens", "6", "--system", "Be brief.",
-            stdin="Hello there\n\nAnd again, once more\n")
+@pytest.mark.parametrize("mtp", ["--mtp", "--no-mtp"])
+def test_chat_turns_reuse_the_kv_cache(model_dir, mtp):
+    """Turn 2 prefills only what the cache does not hold: the tokens of the conversation so far that are not a
+    prefix of it (the model has an MTP module; with it on, its cache is caught up instead of prefilled again)."""
+    from dh_mlx.generation.chat import Conversation
+    turns = ["Hello there", "And again, once more"]
+    r = cli("chat", "--model", str(model_dir), "--max-tokens", "6", "--system", "Be brief.", mtp,
+            stdin=f"{turns[0]}\n\n{turns[1]}\n")
     assert r.returncode == 0, r.stderr
-    first, second = prompt_tokens(r.stderr)  # the blank line is no turn
-    _, tok = load(model_dir)
-    replies = [l for l in r.stdout.split("\n")][:2]
-    whole = tok.encode_chat([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello there"},
-                             {"role": "assistant", "content": replies[0]},
-                             {"role": "user", "content": "And again, once more"}])
-    assert first == len(tok.encode_chat(messages("Hello there", "Be brief.")))
-    assert second < len(whole) - first // 2  # the first turn's tokens were not run again
+    m, tok = load(model_dir)
+    assert m.config.num_nextn_predict_layers == 1
+    conversation = Conversation(m, tok, system="Be brief.")
+    first = len(tok.encode_chat(conversation.messages + [{"role": "user", "content": turns[0]}]))
+    "".join(piece.text for piece in conversation.reply(turns[0], max_tokens=6, mtp=False))
+    held = conversation.cache.tokens
+    second = tok.encode_chat(conversation.messages + [{"role": "user", "content": turns[1]}])
+    common = next(i for i, (a, b) in enumerate(zip(held + [None], second)) if a != b)
+    assert 0 < len(second) - common < len(second) - first  # the first turn is not run again
+    assert prompt_tokens(r.stderr) == [first, len(second) - common]  # the blank line is no turn
 
 
 def test_exports_keep_the_tokenizer_json_and_its_eos_ids(model_dir, tmp_path):

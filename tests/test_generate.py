@@ -345,3 +345,61 @@ def test_mtp_reuses_the_prompt_cache_across_calls(model):
     list(generate_tokens(model, other, max_tokens=3, mtp=False, prompt_cache=pc))
     assert pc.mtp_cache.offset <= 5
     assert list(generate_tokens(model, prompt, max_tokens=8, mtp=True, prompt_cache=pc)) == fresh
+
+
+class ScriptedPolicy(DraftPolicy):
+    """Drafts or not as the script says (then its last entry forever)."""
+
+    def __init__(self, script):
+        super().__init__()
+        self.script, self.i, self.mode = script, 0, script[0]
+
+    def record(self, kind, seconds, accepted=None):
+        self.i += 1
+        self.mode = self.script[min(self.i, len(self.script) - 1)]
+
+
+def assert_mtp_cache_is_an_eager_pass(model, pc, seq):
+    """The MTP cache's entries equal one eager MTP pass over the main model's hidden states of `seq`."""
+    from dh_mlx.generation.cache import LatentCache
+    n = pc.mtp_cache.offset
+    h, _ = model.model(mx.array([seq[:n]]))
+    ref = LatentCache()
+    model.mtp_forward(h, mx.array([seq[1:n + 1]]), cache=ref)
+    np.testing.assert_allclose(np.array(pc.mtp_cache.latent[:, :, :n]), np.array(ref.latent[:, :, :n]), atol=2e-5,
+                               rtol=1e-4)
+
+
+@pytest.mark.parametrize("script", [["draft", "plain"], ["plain"], ["draft"]])
+def test_mtp_continuation_prefills_only_the_new_tokens(model, script):
+    """However the last call ended (plain steps the MTP cache has not seen, or drafts), a call whose prompt
+    extends everything cached prefills only the new tokens, as plain decoding does: the main model's hidden
+    states of the positions the MTP cache lacks are kept for it. Tokens equal a fresh call's."""
+    prompt = tokens(12, batch=1)[0].tolist()
+    pc = PromptCache.new(model)
+    out = list(generate_tokens(model, prompt, max_tokens=9, mtp=True, prompt_cache=pc,
+                               draft_policy=ScriptedPolicy(script)))
+    assert len(pc.tokens) == len(prompt) + 8 and pc.mtp_cache.offset + pc.mtp_hidden.shape[1] == len(pc.tokens)
+    longer = prompt + out + [3, 5, 7]
+    stats = GenerationStats()
+    got = list(generate_tokens(model, longer, max_tokens=6, mtp=True, prompt_cache=pc, stats=stats,
+                               draft_policy=ScriptedPolicy(["draft"])))
+    assert stats.prompt_tokens == 4  # the last generated token (never fed) and the three new ones
+    assert got == list(generate_tokens(model, longer, max_tokens=6, mtp=False))
+    assert_mtp_cache_is_an_eager_pass(model, pc, longer + got)
+
+
+@pytest.mark.parametrize("mtp", [False, True])
+def test_a_consumer_stopping_early_leaves_a_consistent_prompt_cache(model, mtp):
+    """A caller that stops reading (a stop string, a closed connection, Ctrl-C) leaves caches that hold exactly
+    the recorded tokens: the next call continues like a fresh one."""
+    prompt = tokens(10, batch=1)[0].tolist()
+    pc = PromptCache.new(model)
+    gen = generate_tokens(model, prompt, max_tokens=20, mtp=mtp, prompt_cache=pc,
+                          draft_policy=ScriptedPolicy(["draft", "draft", "plain"]))
+    taken = [next(gen) for _ in range(5)]
+    gen.close()
+    assert pc.tokens == (prompt + taken)[: len(pc.tokens)] and pc.cache[0].offset == len(pc.tokens)
+    longer = prompt + taken + [4]
+    assert list(generate_tokens(model, longer, max_tokens=5, mtp=mtp, prompt_cache=pc)) == list(
+        generate_tokens(model, longer, max_tokens=5, mtp=False))

@@ -87,28 +87,30 @@ def generate_tokens(model: Model, prompt_ids: list[int], *, max_tokens: int = 25
     stats.prompt_tps = len(todo) / (time.perf_counter() - tic)
     pc.tokens = list(prompt_ids)
     tic = time.perf_counter()
-    for n in range(max_tokens):
-        # Build and queue step n + 1 from the still-lazy token n before reading token n back, as mlx-lm's
-        # generate_step does: the graph building (Python) overlaps the evaluation of
-        # step n instead of following it. After an EOS that one step is wasted.
-        ahead = None
-        if n + 1 < max_tokens:
-            logits, _ = step(token[:, None], pc.cache)
-            if repetition_penalty != 1.0:
-                recent = mx.concatenate([recent, token])[-repetition_context:]
-            ahead = choose(logits)
-            mx.async_eval(ahead)
-        t = token.item()
-        pc.tokens.append(t)
-        stats.generation_tokens = n + 1
-        yield t
-        if t in eos_ids:
-            break
-        token = ahead
-    # The cache holds every token fed so far (not the last one when max_tokens ended the run).
-    pc.tokens = pc.tokens[: max(c.offset for c in pc.cache)]  # (a pipeline rank fills only its layers' caches)
-    stats.generation_tps = stats.generation_tokens / max(time.perf_counter() - tic, 1e-9)
-    stats.peak_memory_gb = mx.get_peak_memory() / 1e9
+    try:
+        for n in range(max_tokens):
+            # Build and queue step n + 1 from the still-lazy token n before reading token n back, as mlx-lm's
+            # generate_step does: the graph building (Python) overlaps the evaluation of
+            # step n instead of following it. After an EOS that one step is wasted.
+            ahead = None
+            if n + 1 < max_tokens:
+                logits, _ = step(token[:, None], pc.cache)
+                if repetition_penalty != 1.0:
+                    recent = mx.concatenate([recent, token])[-repetition_context:]
+                ahead = choose(logits)
+                mx.async_eval(ahead)
+            t = token.item()
+            pc.tokens.append(t)
+            stats.generation_tokens = n + 1
+            yield t
+            if t in eos_ids:
+                break
+            token = ahead
+    finally:  # also when the consumer stops early
+        # The cache holds every token fed so far (not the last one when max_tokens ended the run).
+        pc.tokens = pc.tokens[: max(c.offset for c in pc.cache)]  # (a pipeline rank fills only its layers')
+        stats.generation_tps = stats.generation_tokens / max(time.perf_counter() - tic, 1e-9)
+        stats.peak_memory_gb = mx.get_peak_memory() / 1e9
 
 
 @dataclass

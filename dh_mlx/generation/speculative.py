@@ -185,16 +185,23 @@ def mtp_generate(model: Model, pc, todo: list[int], *, stats, max_tokens: int, e
     policy = policy if policy is not None else DraftPolicy()
     d = domain_array(domain)
     cache = pc.cache
-    # MTP entry t ran on (hidden t, token t + 1): it is still right while both lie in the reused prefix.
-    keep = 0 if pc.mtp_cache is None else max(min(pc.mtp_cache.offset, len(pc.tokens) - 1), 0)
-    for c in cache:
-        c.trim(c.offset - keep)
-    if pc.mtp_cache is not None:
-        pc.mtp_cache.trim(pc.mtp_cache.offset - keep)
-    todo = pc.tokens[keep:] + todo
-    pc.tokens = pc.tokens[:keep]
-    drafter = Drafter(model, d, pc.mtp_cache if keep else None)
-    pc.mtp_cache = drafter.cache
+    n_cached, pending = len(pc.tokens), pc.mtp_hidden
+    if pc.mtp_cache is None or pending is None or pc.mtp_cache.offset + pending.shape[1] != n_cached:
+        # No hidden states for the positions the MTP cache lacks: prefill them again. MTP entry t ran on
+        # (hidden t, token t + 1): it is still right while both lie in the reused prefix.
+        keep = 0 if pc.mtp_cache is None else max(min(pc.mtp_cache.offset, n_cached - 1), 0)
+        for c in cache:
+            c.trim(c.offset - keep)
+        if pc.mtp_cache is not None:
+            pc.mtp_cache.trim(pc.mtp_cache.offset - keep)
+        todo = pc.tokens[keep:] + todo
+        pc.tokens, pending = pc.tokens[:keep], None
+    drafter = Drafter(model, d, pc.mtp_cache if pc.tokens else None)
+    pc.mtp_cache, pc.mtp_hidden = drafter.cache, None
+    if pending is not None and pending.shape[1]:  # the waiting MTP entries, now that their next tokens are known
+        start = drafter.cache.offset
+        model.mtp_forward(pending, mx.array([pc.tokens[start + 1:] + todo[:1]]), cache=drafter.cache,
+                          domain_ids=d)
     verify = compiled_cached_step(lambda tokens, views, mask: model.forward(tokens, views, d, mask=mask))
     history = pc.tokens + list(todo)  # every token so far: the repetition penalty's windows
 
@@ -221,68 +228,76 @@ def mtp_generate(model: Model, pc, todo: list[int], *, stats, max_tokens: int, e
         stats.generation_tokens = emitted
         return t in eos_ids or emitted >= max_tokens
 
-    done = emit(token)
-    yield token
     tok = mx.array(token)
     # MTP input not yet run: main hidden states (1, L, D) of the positions after the MTP cache's last, and
     # the tokens that follow them. A draft step runs it at once; a stretch of plain steps collects it.
     pend_h, pend_t = [h_last[:, None]], [token]
     ahead = None  # a plain step queued before the consumer got the previous token
     traced: set[int] = set()  # MTP input lengths the compiled draft step has seen
-    last = time.perf_counter()
-    while not done:
-        if policy.mode == "draft":
-            fair = len(pend_t) in traced  # the draft step's first call with 1 or 2 positions traces and compiles
-            traced.add(len(pend_t))
-            q_logits = drafter(mx.concatenate(pend_h, axis=1), mx.array(pend_t)[None])
-            if len(pend_t) > 2:  # the eager catch-up forward is not timed
-                mx.eval(q_logits)
-                last = time.perf_counter()
-            # Everything up to the accept decision stays lazy: one host sync per draft.
-            recent0 = choice.recent(history)
-            if choice.temp == 0:
-                draft = mx.argmax(choice.logits(q_logits[0], recent0))
+    try:
+        done = emit(token)
+        yield token
+        last = time.perf_counter()
+        while not done:
+            if policy.mode == "draft":
+                fair = len(pend_t) in traced  # its first call with 1 or 2 positions traces and compiles
+                traced.add(len(pend_t))
+                q_logits = drafter(mx.concatenate(pend_h, axis=1), mx.array(pend_t)[None])
+                if len(pend_t) > 2:  # the eager catch-up forward is not timed
+                    mx.eval(q_logits)
+                    last = time.perf_counter()
+                # Everything up to the accept decision stays lazy: one host sync per draft.
+                recent0 = choice.recent(history)
+                if choice.temp == 0:
+                    draft = mx.argmax(choice.logits(q_logits[0], recent0))
+                else:
+                    q = choice.distribution(q_logits[0], recent0)
+                    draft = choice.draw(q)
+                logits, hidden = verify(mx.stack([tok, draft])[None], cache)  # positions of token and draft
+                recent1 = choice.recent(history, draft)
+                if choice.temp == 0:
+                    accept, correction, bonus = accept_greedy(choice, draft, logits[0], recent0, recent1)
+                else:
+                    accept, correction, bonus = accept_sampled(choice, draft, q, logits[0], recent0, recent1)
+                mx.eval(accept, draft, bonus, correction)
+                stats.drafted += 1
+                accepted = accept.item()
+                if accepted:
+                    stats.accepted += 1
+                    new = [draft.item(), bonus.item()]
+                    tok = bonus
+                else:
+                    for c in cache:
+                        c.trim(1)  # the rejected draft's position
+                    new = [correction.item()]
+                    hidden, tok = hidden[:, :1], correction
+                pend_h, pend_t = [hidden], list(new)
             else:
-                q = choice.distribution(q_logits[0], recent0)
-                draft = choice.draw(q)
-            logits, hidden = verify(mx.stack([tok, draft])[None], cache)  # positions of token and draft
-            recent1 = choice.recent(history, draft)
-            if choice.temp == 0:
-                accept, correction, bonus = accept_greedy(choice, draft, logits[0], recent0, recent1)
-            else:
-                accept, correction, bonus = accept_sampled(choice, draft, q, logits[0], recent0, recent1)
-            mx.eval(accept, draft, bonus, correction)
-            stats.drafted += 1
-            accepted = accept.item()
-            if accepted:
-                stats.accepted += 1
-                new = [draft.item(), bonus.item()]
-                tok = bonus
-            else:
-                for c in cache:
-                    c.trim(1)  # the rejected draft's position
-                new = [correction.item()]
-                hidden, tok = hidden[:, :1], correction
-            pend_h, pend_t = [hidden], list(new)
-        else:
-            hidden, tok = ahead if ahead is not None else plain_step(tok, choice.recent(history))
-            new = [tok.item()]
-            pend_h.append(hidden)
-            pend_t.extend(new)
-            accepted, fair = None, True
-        now = time.perf_counter()
-        policy.record("plain" if accepted is None else "draft", now - last if fair else None, accepted)
-        last = now
-        ahead = None
-        if policy.mode == "plain" and not (new[-1] in eos_ids or emitted + len(new) >= max_tokens):
-            ahead = plain_step(tok, choice.recent(history + new))  # queued before the tokens are handed out
-            mx.async_eval(ahead[1])
-        for t in new:
-            done = emit(t)
-            yield t
-            if done:
-                break
-    pc.tokens = pc.tokens[: cache[0].offset]
-    stats.generation_tps = emitted / max(time.perf_counter() - tic, 1e-9)
-    stats.peak_memory_gb = mx.get_peak_memory() / 1e9
-    stats.draft_summary = policy.summary()
+                hidden, tok = ahead if ahead is not None else plain_step(tok, choice.recent(history))
+                new = [tok.item()]
+                pend_h.append(hidden)
+                pend_t.extend(new)
+                accepted, fair = None, True
+            now = time.perf_counter()
+            policy.record("plain" if accepted is None else "draft", now - last if fair else None, accepted)
+            last = now
+            ahead = None
+            if policy.mode == "plain" and not (new[-1] in eos_ids or emitted + len(new) >= max_tokens):
+                ahead = plain_step(tok, choice.recent(history + new))  # queued before the tokens are handed out
+                mx.async_eval(ahead[1])
+            for t in new:
+                done = emit(t)
+                yield t
+                if done:
+                    break
+    finally:  # also when the consumer stops early: the caches hold exactly pc.tokens
+        n = min(cache[0].offset, len(pc.tokens))
+        for c in cache:
+            c.trim(c.offset - n)
+        pc.tokens = pc.tokens[:n]
+        held = mx.concatenate(pend_h + ([ahead[0]] if ahead is not None else []), axis=1)
+        wanted = n - drafter.cache.offset  # positions whose MTP entry waits for its next token
+        pc.mtp_hidden = held[:, :wanted] if 0 <= wanted <= held.shape[1] else None
+        stats.generation_tps = emitted / max(time.perf_counter() - tic, 1e-9)
+        stats.peak_memory_gb = mx.get_peak_memory() / 1e9
+        stats.draft_summary = policy.summary()

@@ -18,6 +18,9 @@ class PromptCache:
     cache: list[LatentCache]
     tokens: list[int] = field(default_factory=list)
     mtp_cache: LatentCache | None = None  # the MTP module's, from the last MTP generation
+    # The main model's hidden states (1, K, D) at the K cached positions after the MTP cache's last: their MTP
+    # entries wait for the next tokens, so a later call runs them instead of prefilling those positions again.
+    mtp_hidden: mx.array | None = None
 
     @classmethod
     def new(cls, model: Model) -> "PromptCache":
@@ -34,7 +37,11 @@ class PromptCache:
         for c in self.cache:
             c.trim(c.offset - common)
         if self.mtp_cache is not None:  # its entry t ran on token t + 1, which must be in the kept prefix
-            self.mtp_cache.trim(self.mtp_cache.offset - min(self.mtp_cache.offset, max(common - 1, 0)))
+            kept = min(self.mtp_cache.offset, max(common - 1, 0))
+            if self.mtp_hidden is not None:  # pending hidden states of positions kept..common-1, if still held
+                ok = kept == self.mtp_cache.offset and self.mtp_hidden.shape[1] >= common - kept
+                self.mtp_hidden = self.mtp_hidden[:, : common - kept] if ok else None
+            self.mtp_cache.trim(self.mtp_cache.offset - kept)
         self.tokens = self.tokens[:common]
         return prompt[common:]
 
