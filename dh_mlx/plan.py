@@ -71,7 +71,8 @@ def plan(config: ModelConfig, *, machines: int = 2, memory_gb: float = 192.0, li
     return {"estimate": "from the config alone (dh_mlx/plan.py): not a measurement",
             "assumptions": "bf16 weights and gradients on the wire, fp32 master weights and AdamW moments "
                            "(16 B/parameter), activation checkpointing, nominal one-way link bandwidth",
-            "params": n, "active_params": p.active + p.mtp_active, "machines": N, "memory": memory,
+            "params": n, "active_params": p.active + p.mtp_active, "params_without_mtp": p.total,
+            "active_params_without_mtp": p.active, "machines": N, "memory": memory,
             "link": link_name, "bandwidth": bw, "batch": batch, "seq_len": seq_len, "context": context,
             "training": training, "serving": serving, "fsdp_machines_needed": need_train,
             "serving_machines_needed": need_serve}
@@ -82,8 +83,11 @@ def _gb(n: float) -> str:
 
 
 def format_plan(p: dict[str, Any], title: str) -> str:
-    lines = [f"{title}: {p['params'] / 1e9:.1f} B parameters ({p['active_params'] / 1e9:.1f} B active per token); "
-             f"{p['machines']} machine(s) of {_gb(p['memory'])}, linked by {p['link']} "
+    mtp = p["params"] - p["params_without_mtp"]
+    counted = (f" with the MTP module, which every figure below counts ({p['params_without_mtp'] / 1e9:.1f} B / "
+               f"{p['active_params_without_mtp'] / 1e9:.1f} B without it)" if mtp else "")
+    lines = [f"{title}: {p['params'] / 1e9:.1f} B parameters, {p['active_params'] / 1e9:.1f} B active per token"
+             f"{counted}; {p['machines']} machine(s) of {_gb(p['memory'])}, linked by {p['link']} "
              f"({p['bandwidth'] / 1e9:g} GB/s one way, nominal)",
              "ESTIMATES from the config (dh_mlx/plan.py), not measurements.",
              f"training, {p['batch']} x {p['seq_len']} tokens per rank and micro-batch, activation checkpointing; "
