@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -31,17 +30,15 @@ def load(path: str | Path, *, dtype: str | None = None, bits: int | None = None,
 
 
 def load_preset_model(name: str, *, seed: int = 0, dtype: str | None = None, bits: int | None = None,
-                      group_size: int = 64, quiet: bool = False) -> tuple[Model, Any]:
-    """An untrained model from `parameters/NAME.json` with the bundled sample tokenizer (quantized with `bits`)."""
+                      group_size: int = 64) -> tuple[Model, Any]:
+    """An untrained model from `parameters/NAME.json` with the bundled sample tokenizer (quantized with `bits`):
+    its output is noise until trained. Building the weights reports progress (`dh_mlx.progress`)."""
     backend.setup()
     config = load_preset(name)
     tokenizer = _tokenizer(DATA_DIR / "tokenizer", config.vocab_size)
     model = random_model(config, seed=seed, dtype=dtype, name=f"preset {name!r}")
     if bits:
         quantize_model(model, QuantConfig(bits, group_size))
-    if not quiet:
-        print(f"note: preset {name!r} with random (untrained) weights, seed {seed}; output is noise until "
-              "trained (dh-mlx train)", file=sys.stderr)
     return model, tokenizer
 
 

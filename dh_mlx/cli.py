@@ -11,15 +11,24 @@ import typer
 
 from .cli_convert import (MTP_HELP, QBITS_HELP, QDTYPE_HELP, QGROUP_HELP, RECIPE_HELP, convert_app,
                           wrote)
-from .cli_generate import _domain, _generate, _load_for_generation, _read_prompt, _report, _stream
+from .cli_generate import _domain, _generate, _load_for_generation, _read_prompt, _stream
 
 app = typer.Typer(add_completion=False, help="Darkhorse Genesis on MLX: a DeepSeek-V3-style MoE with latent attention.")
+
+
+def _version(value: bool) -> None:
+    if value:
+        from . import __version__
+        typer.echo(f"dh-mlx {__version__}")
+        raise typer.Exit()
 
 
 @app.callback(invoke_without_command=True)
 def root(ctx: typer.Context,
          prompt: Optional[str] = typer.Option(None, help="generate from this prompt on the default preset "
-                                                          "(the seed's bare form)")) -> None:
+                                                          "(short for dh-mlx generate --prompt)"),
+         version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                      help="print the version and exit")) -> None:
     if ctx.invoked_subcommand is not None:
         return
     if prompt is None:
@@ -56,13 +65,14 @@ def generate(prompt: Optional[str] = typer.Option(None, help="the prompt text; -
              bits: Optional[int] = typer.Option(None, help=BITS_HELP),
              group_size: int = typer.Option(64, help="with --bits: values sharing a scale and bias"),
              pipeline: bool = typer.Option(False, "--pipeline", help="under mlx.launch: split the decoder layers "
-                                                                     "over the ranks, each loading only its own")
+                                                                     "over the ranks, each loading only its own"),
+             verbose: bool = typer.Option(False, "--verbose", help="also print what MTP drafting measured")
              ) -> None:
     """Generate text; stdout carries the text alone, speed and memory go to stderr."""
     _generate(prompt=_read_prompt(prompt, prompt_file), model=model, params=params, max_tokens=max_tokens, temp=temp, top_p=top_p,
               top_k=top_k, min_p=min_p, repetition_penalty=repetition_penalty, seed=seed, domain=domain, mtp=mtp,
               prefill_step_size=prefill_step_size, dtype=dtype, adapter=adapter, stream=stream, chat=chat,
-              system=system, bits=bits, group_size=group_size, pipeline=pipeline)
+              system=system, bits=bits, group_size=group_size, pipeline=pipeline, verbose=verbose)
 
 
 @app.command("chat")
@@ -80,8 +90,11 @@ def chat_command(model: Optional[Path] = typer.Option(None, help="model director
                  dtype: Optional[str] = typer.Option(None, help="float32, bfloat16 or float16 (default: by device)"),
                  adapter: Optional[Path] = typer.Option(None, help="LoRA adapter directory, applied unfused"),
                  bits: Optional[int] = typer.Option(None, help=BITS_HELP),
-                 group_size: int = typer.Option(64, help="with --bits: values sharing a scale and bias")) -> None:
-    """A multi-turn chat on standard input, one user turn per line; the KV cache carries over between turns."""
+                 group_size: int = typer.Option(64, help="with --bits: values sharing a scale and bias"),
+                 verbose: bool = typer.Option(False, "--verbose", help="also print what MTP drafting measured")
+                 ) -> None:
+    """A multi-turn chat on standard input, one user turn per line; the KV cache carries over between turns.
+    Piped, each reply is followed by an empty line."""
     from .generation import GenerationStats
     from .generation.chat import Conversation
     m, tok = _load_for_generation(model, params, seed, dtype, adapter, bits, group_size)
@@ -91,15 +104,22 @@ def chat_command(model: Optional[Path] = typer.Option(None, help="model director
         if sys.stdin.isatty():
             sys.stderr.write("> ")
             sys.stderr.flush()
-        line = sys.stdin.readline()
+        try:
+            line = sys.stdin.readline()
+        except KeyboardInterrupt:
+            typer.echo("", err=True)
+            raise typer.Exit(130)
         if not line:
             break
         if not line.strip():
             continue
         stats = GenerationStats()
         _stream(conversation.reply(line.rstrip("\n"), stats=stats, max_tokens=max_tokens, temp=temp, top_p=top_p,
-                                   repetition_penalty=repetition_penalty, seed=seed, domain=dom, mtp=mtp), True)
-        _report(stats)
+                                   repetition_penalty=repetition_penalty, seed=seed, domain=dom, mtp=mtp), True,
+                stats, verbose)
+        if not sys.stdout.isatty():  # replies apart, even where one holds line breaks of its own
+            sys.stdout.write("\n")
+            sys.stdout.flush()
 
 
 def _exit_if_stopped(signum: int | None) -> None:
@@ -151,7 +171,8 @@ def tokenizer_train(data: list[Path] = typer.Option(..., help="JSONL file or dir
     """Train a byte-fallback BPE tokenizer on the `text` of JSONL records; decode(encode(s)) == s for any s."""
     from .train.tokenizer import train_tokenizer
     tok = train_tokenizer(data, out, vocab_size=vocab_size, seed=seed, force=force)
-    typer.echo(f"wrote {out}: vocabulary {tok.vocab_size} (pad {tok.pad_id}, bos {tok.bos_id}, eos {tok.eos_id})")
+    typer.echo(f"wrote {out}: vocabulary {tok.vocab_size} (pad {tok.pad_id}, bos {tok.bos_id}, eos {tok.eos_id})",
+               err=True)
 
 
 def _default(name: str, lora: bool = False):
@@ -345,13 +366,31 @@ def domains_remove(model: Path = typer.Option(..., help="model directory with a 
     typer.echo(f"wrote {out}: without {name!r}, {m.config.n_routed_experts} routed experts", err=True)
 
 
+def _command():
+    """The click command of `app`, with flags shown without a `<bool>` type in help."""
+    import click
+    from typer.main import get_command
+    root_command = get_command(app)
+
+    def walk(command) -> None:
+        for param in [*command.params, command.get_help_option(click.Context(command))]:
+            if getattr(param, "is_flag", False):
+                param.metavar = ""
+        for sub in getattr(command, "commands", {}).values():
+            walk(sub)
+    walk(root_command)
+    return root_command
+
+
 def main() -> None:
     """Console entry point: library errors become one-line messages, never tracebacks."""
     from .checkpoint.layout import CheckpointError
+    from .progress import show_progress
     import os
     debug = os.environ.get("DH_MLX_DEBUG", "") not in ("", "0")
+    show_progress()
     try:
-        code = app(standalone_mode=False)
+        code = _command()(standalone_mode=False)
     except typer.Exit as e:
         code = e.exit_code
     except typer.TyperException as e:  # a usage error: unknown command, bad option or value

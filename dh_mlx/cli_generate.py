@@ -24,6 +24,8 @@ def _load_for_generation(model: Optional[Path], params: Optional[str], seed: int
     if model:
         m, tok = load(model, dtype=dtype, bits=bits, group_size=group_size)
     else:
+        typer.echo(f"note: preset {params or DEFAULT_PRESET!r} with random (untrained) weights, seed {seed}; "
+                   "output is noise until trained (dh-mlx train)", err=True)
         m, tok = load_preset_model(params or DEFAULT_PRESET, seed=seed, dtype=dtype, bits=bits,
                                    group_size=group_size)
     if adapter:
@@ -43,20 +45,32 @@ def _domain(m, domain: Optional[str]):
     return "auto" if domain == "auto" else m.config.domain_routing.domain_id(domain)
 
 
-def _stream(responses, stream: bool) -> str:
-    """Write the pieces to stdout as they come (or all at the end); returns the text."""
+def _stream(responses, stream: bool, stats, verbose: bool = False) -> str:
+    """Write the pieces to stdout as they come (or all at the end), then a newline and the stats line on
+    stderr; returns the text. Ctrl-C ends the text where it stands, still with the newline and the stats,
+    then exits 130."""
     pieces: list[str] = []
-    for r in responses:
-        pieces.append(r.text)
-        if stream:
-            sys.stdout.write(r.text)
-            sys.stdout.flush()
+    interrupted = False
+    try:
+        for r in responses:
+            pieces.append(r.text)
+            if stream:
+                sys.stdout.write(r.text)
+                sys.stdout.flush()
+    except KeyboardInterrupt:
+        interrupted = True
+    finally:
+        responses.close()
     sys.stdout.write(("" if stream else "".join(pieces)) + "\n")
     sys.stdout.flush()
+    _report(stats, verbose)
+    if interrupted:
+        typer.echo("interrupted", err=True)
+        raise typer.Exit(130)
     return "".join(pieces)
 
 
-def _report(stats) -> None:
+def _report(stats, verbose: bool = False) -> None:
     typer.echo(f"prompt: {stats.prompt_tokens} tokens, {stats.prompt_tps:.1f} tokens/s | generation: "
                f"{stats.generation_tokens} tokens, {stats.generation_tps:.1f} tokens/s | peak memory "
                f"{stats.peak_memory_gb:.2f} GB", err=True)
@@ -64,7 +78,7 @@ def _report(stats) -> None:
         ranked = sorted(stats.domain_posterior.items(), key=lambda kv: -kv[1])
         typer.echo(f"domain auto: {ranked[0][0]} (posterior {ranked[0][1]:.2f}; then "
                    + ", ".join(f"{n} {p:.2f}" for n, p in ranked[1:3]) + ")", err=True)
-    if stats.acceptance_rate is not None:
+    if stats.acceptance_rate is not None and (stats.drafting_paid or verbose):
         typer.echo(f"MTP draft acceptance: {stats.accepted}/{stats.drafted} = {stats.acceptance_rate:.1%} "
                    f"({stats.draft_summary})", err=True)
 
@@ -75,7 +89,7 @@ def _generate(*, prompt: str, model: Optional[Path] = None, params: Optional[str
               mtp: Optional[bool] = None, prefill_step_size: int = 512, dtype: Optional[str] = None,
               adapter: Optional[Path] = None, stream: bool = True, chat: bool = False,
               system: Optional[str] = None, bits: Optional[int] = None, group_size: int = 64,
-              pipeline: bool = False) -> None:
+              pipeline: bool = False, verbose: bool = False) -> None:
     from .chat import messages
     from .generation import GenerationStats, stream_generate
     if system and not chat:
@@ -96,8 +110,7 @@ def _generate(*, prompt: str, model: Optional[Path] = None, params: Optional[str
         for _ in pieces:
             pass
         return
-    _stream(pieces, stream)
-    _report(stats)
+    _stream(pieces, stream, stats, verbose)
 
 
 def _load_pipelined(model, params, dtype, adapter, bits, mtp):

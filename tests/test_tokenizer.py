@@ -196,7 +196,7 @@ def test_cli_tokenizer_train(trained, tmp_path, monkeypatch, capsys):
     with pytest.raises(SystemExit) as e:
         cli.main()
     assert e.value.code in (0, None)
-    assert "vocabulary 400" in capsys.readouterr().out
+    assert "vocabulary 400" in capsys.readouterr().err  # a status line: stdout stays free
     assert load_tokenizer(tmp_path).vocab_size == VOCAB
     monkeypatch.setattr(sys, "argv", ["dh-mlx", "tokenizer", "train", "--data", str(tmp_path / "none.jsonl"),
                                       "--out", str(tmp_path / "second")])

@@ -23,6 +23,7 @@ from .layout import (CheckpointError, check_tensors, config_for_tensors, dequant
 from ..device import available_memory, compute_dtype
 from ..model import Model
 from ..params import count_params, weight_bytes
+from ..progress import Task
 from ..quant import QuantConfig, quantize_like
 from .streaming import decode_fp8, lazy_tensors, quantized_weights
 
@@ -157,7 +158,11 @@ def random_model(config: ModelConfig, *, seed: int = 0, dtype: str | None = None
     dt = compute_dtype(dtype)
     check_fits(config, dt, name)
     model = cast_model(init_weights(Model(config), seed), dt)
-    mx.eval(model.parameters())
+    parts = [model.model.embed_tokens, *model.model.layers, model]  # (the rest: norm, head)
+    with Task("building random weights", len(parts), "parts") as task:
+        for part in parts:
+            mx.eval(part.parameters())
+            task.advance()
     return model
 
 

@@ -24,6 +24,7 @@ class GenerationStats:
     drafted: int = 0
     accepted: int = 0
     draft_summary: str | None = None  # what the draft policy measured (MTP generation only)
+    drafting_paid: bool = False  # the acceptance measured was above the break-even the policy measured
     domain_posterior: dict[str, float] | None = None  # with domain="auto": P(domain | prompt)
 
     @property
@@ -131,9 +132,13 @@ def stream_generate(model: Model, tokenizer: Any, prompt: str | list[int], **kwa
     kwargs.setdefault("eos_ids", tuple(tokenizer.eos_ids))
     kwargs.setdefault("vocab_limit", tokenizer.vocab_size)
     decoder = tokenizer.stream_decoder()
-    for t in generate_tokens(model, ids, stats=stats, **kwargs):
-        piece = "" if t in kwargs["eos_ids"] else decoder.add(t)
-        yield GenerationResponse(piece, t, stats)
+    tokens = generate_tokens(model, ids, stats=stats, **kwargs)
+    try:
+        for t in tokens:
+            piece = "" if t in kwargs["eos_ids"] else decoder.add(t)
+            yield GenerationResponse(piece, t, stats)
+    finally:  # a consumer that stops early stops the loop at once (its caches are left consistent)
+        tokens.close()
     tail = decoder.flush()
     if tail:
         yield GenerationResponse(tail, -1, stats)

@@ -301,3 +301,5 @@ def mtp_generate(model: Model, pc, todo: list[int], *, stats, max_tokens: int, e
         stats.generation_tps = emitted / max(time.perf_counter() - tic, 1e-9)
         stats.peak_memory_gb = mx.get_peak_memory() / 1e9
         stats.draft_summary = policy.summary()
+        need = policy.break_even()
+        stats.drafting_paid = bool(need is not None and stats.drafted and stats.accepted > need * stats.drafted)

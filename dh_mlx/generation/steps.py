@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 import mlx.core as mx
 
 from ..model import Model
+from ..progress import Task
 from .cache import LatentCache, StepCache, make_cache
 
 
@@ -60,13 +61,15 @@ def prefill(model: Model, tokens: mx.array, cache: list[LatentCache], *, step_si
     """
     d = domain_array(domain)
     T = tokens.shape[1]
-    for start in range(0, T - 1, step_size):
-        end = min(start + step_size, T - 1)
-        h, _ = model.model(tokens[:, start:end], cache, d)
-        if mtp_cache is not None:
-            model.mtp_forward(h, tokens[:, start + 1:end + 1], cache=mtp_cache, domain_ids=d)
-        mx.eval([c.latent for c in cache], [] if mtp_cache is None else mtp_cache.latent,
-                h if getattr(model, "pipelined", False) else [])  # a pipeline rank's output carries its send
+    with Task("prefill", T, "tokens") as task:  # (shown by the CLI when it takes a while)
+        for start in range(0, T - 1, step_size):
+            end = min(start + step_size, T - 1)
+            h, _ = model.model(tokens[:, start:end], cache, d)
+            if mtp_cache is not None:
+                model.mtp_forward(h, tokens[:, start + 1:end + 1], cache=mtp_cache, domain_ids=d)
+            mx.eval([c.latent for c in cache], [] if mtp_cache is None else mtp_cache.latent,
+                    h if getattr(model, "pipelined", False) else [])  # a pipeline rank's output carries its send
+            task.advance(end - start)
     out = model.forward(tokens[:, T - 1:], cache, d)
     return out.logits[:, -1], out.hidden[:, -1]
 

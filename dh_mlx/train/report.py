@@ -16,9 +16,8 @@ def _step_info(r: dict) -> str:
     info = f"ce {r['ce']:.3f} | {r['tokens_per_s']:.0f} tok/s | lr {r['lr']:.2e}"
     if "comm_bytes" in r:  # data-parallel: what the step's all_sums carried, and how long they took
         info += f" | all_sum {r['comm_bytes'] / 1e6:.1f} MB {r['comm_s'] * 1e3:.0f} ms"
-    if r.get("imbalance") is not None:
-        info += f" | imbalance {r['imbalance']:.2f}"
-    return info
+    imb = r.get("imbalance")  # None where no routed expert was trained (e.g. LoRA without --experts)
+    return info + (" | imbalance -" if imb is None else f" | imbalance {imb:.2f}")
 
 
 def _validation_line(step: int, r: dict) -> str:

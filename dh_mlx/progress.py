@@ -1,0 +1,77 @@
+"""Progress of long library work (building random weights, a long prefill), reported through `logging`.
+
+The library never prints: it logs records on the `dh_mlx.progress` logger, each carrying the task's name, units
+done and total. Whoever runs it decides how they show; the CLI (`show_progress`) rewrites one line in place on
+a terminal once a task has run for a couple of seconds, and writes plain lines now and then otherwise.
+Pure Python.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from typing import TextIO
+
+log = logging.getLogger("dh_mlx.progress")
+
+
+class Task:
+    """`with Task("prefill", total, "tokens") as t: ... t.advance(n)`: one record per advance, one at the end."""
+
+    def __init__(self, name: str, total: int, unit: str = ""):
+        self.name, self.total, self.unit, self.done = name, total, unit, 0
+        self.start = time.perf_counter()
+
+    def advance(self, n: int = 1) -> None:
+        self.done += n
+        self._emit(False)
+
+    def _emit(self, end: bool) -> None:
+        if log.isEnabledFor(logging.INFO):
+            log.info("%s: %d/%d %s", self.name, self.done, self.total, self.unit,
+                     extra={"task": self, "end": end, "elapsed": time.perf_counter() - self.start})
+
+    def __enter__(self) -> "Task":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._emit(True)
+
+
+class ProgressHandler(logging.Handler):
+    """Shows task records on `stream`: after `after` seconds of a task, a line rewritten in place on a terminal;
+    otherwise a plain line at most every `every` seconds. Nothing for tasks shorter than `after`."""
+
+    def __init__(self, stream: TextIO | None = None, after: float = 2.0, every: float = 10.0):
+        super().__init__(logging.INFO)
+        self.stream, self.after, self.every = stream or sys.stderr, after, every
+        self.shown: dict[int, float] = {}  # task id -> elapsed time of its last shown line
+
+    def emit(self, record: logging.LogRecord) -> None:
+        task, end, elapsed = getattr(record, "task", None), getattr(record, "end", False), record.elapsed
+        if task is None or elapsed < self.after and id(task) not in self.shown:
+            return
+        tty = self.stream.isatty()
+        last = self.shown.get(id(task))
+        if not end and not tty and last is not None and elapsed - last < self.every:
+            return
+        line = f"{task.name}: {task.done:,}/{task.total:,}{' ' + task.unit if task.unit else ''} ({elapsed:.0f} s)"
+        if tty:
+            self.stream.write("\r\033[K" + ("" if end else line))
+        elif not end:
+            self.stream.write(line + "\n")
+        self.stream.flush()
+        if end:
+            self.shown.pop(id(task), None)
+        else:
+            self.shown[id(task)] = elapsed
+
+
+def show_progress(stream: TextIO | None = None) -> ProgressHandler:
+    """Route the library's progress records to `stream` (default stderr); returns the handler."""
+    handler = ProgressHandler(stream)
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    log.propagate = False
+    return handler
