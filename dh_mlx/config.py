@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
+from .files import read_json, write_atomic
+
 _PACKAGE_DIR = Path(__file__).resolve().parent
 REPO_DIR = _PACKAGE_DIR.parent
 
@@ -333,17 +335,11 @@ def load_config(path: str | Path) -> ModelConfig:
     if p.is_dir():
         p = p / "config.json"
     try:
-        text = p.read_text()
+        d = read_json(p, "config")
     except FileNotFoundError:
         raise ValueError(f"{p}: no such file (a model directory needs a config.json)") from None
     except OSError as e:
         raise ValueError(f"{p}: cannot read: {e.strerror}") from None
-    try:
-        d = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{p}:{e.lineno}: invalid JSON: {e.msg}") from None
-    except RecursionError:
-        raise ValueError(f"{p}: JSON nested too deeply") from None
     if not isinstance(d, dict):
         raise ValueError(f"{p}: expected a JSON object, got {type(d).__name__}")
     try:
@@ -368,8 +364,7 @@ def resolve_config(params: str | None, path: str | Path | None, *, flag: str = "
 
 
 def save_config(config: ModelConfig, directory: str | Path, name: str = "config.json") -> None:
-    path = Path(directory) / name
-    path.write_text(json.dumps(config.to_dict(), indent=2) + "\n")
+    write_atomic(Path(directory) / name, json.dumps(config.to_dict(), indent=2) + "\n")
 
 
 # ---- LoRA adapters -------------------------------------------------------------------------------------

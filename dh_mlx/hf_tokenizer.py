@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from . import chat
+from .files import copy_file, same_file
 
 TOKENIZER_JSON = "tokenizer.json"
 
@@ -140,8 +141,8 @@ class HFTokenizer:
         """Copy the tokenizer's files (those present) into `out_dir`."""
         for name in self.FILES:
             src = self.path.parent / name
-            if src.is_file() and src.resolve() != (out_dir / name).resolve():
-                (out_dir / name).write_bytes(src.read_bytes())
+            if src.exists() and not same_file(src, out_dir / name):
+                copy_file(src, out_dir / name)
 
     def stream_decoder(self):
         return ByteStreamDecoder(self._bytes) if self.byte_level else TextStreamDecoder(self)

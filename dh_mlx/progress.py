@@ -1,7 +1,8 @@
-"""Progress of long library work (building random weights, a long prefill), reported through `logging`.
+"""Progress of long library work (building random weights, a long prefill) and notes for the user (what a
+command removed, say), reported through `logging`.
 
 The library never prints: it logs records on the `dh_mlx.progress` logger, each carrying the task's name, units
-done and total. Whoever runs it decides how they show; the CLI (`show_progress`) rewrites one line in place on
+done and total, and notes on `dh_mlx.notes`. Whoever runs it decides how they show; the CLI (`show_progress`) rewrites one line in place on
 a terminal once a task has run for a couple of seconds, and writes plain lines now and then otherwise.
 Pure Python.
 """
@@ -14,6 +15,12 @@ import time
 from typing import TextIO
 
 log = logging.getLogger("dh_mlx.progress")
+notes = logging.getLogger("dh_mlx.notes")
+
+
+def note(message: str) -> None:
+    """Something the user should know that is no error (the CLI prints it as `note: ...` on stderr)."""
+    notes.warning(message)
 
 
 class Task:
@@ -45,8 +52,12 @@ class ProgressHandler(logging.Handler):
 
     def __init__(self, stream: TextIO | None = None, after: float = 2.0, every: float = 10.0):
         super().__init__(logging.INFO)
-        self.stream, self.after, self.every = stream or sys.stderr, after, every
+        self._stream, self.after, self.every = stream, after, every
         self.shown: dict[int, float] = {}  # task id -> elapsed time of its last shown line
+
+    @property
+    def stream(self) -> TextIO:  # sys.stderr as it is when a record comes (tests and tools replace it)
+        return self._stream or sys.stderr
 
     def emit(self, record: logging.LogRecord) -> None:
         task, end, elapsed = getattr(record, "task", None), getattr(record, "end", False), record.elapsed
@@ -68,10 +79,27 @@ class ProgressHandler(logging.Handler):
             self.shown[id(task)] = elapsed
 
 
+class NoteHandler(logging.Handler):
+    """Notes as `note: ...` lines on `stream` (default: sys.stderr as it is when a note comes)."""
+
+    def __init__(self, stream: TextIO | None = None):
+        super().__init__(logging.INFO)
+        self._stream = stream
+
+    def emit(self, record: logging.LogRecord) -> None:
+        stream = self._stream or sys.stderr
+        stream.write(f"note: {record.getMessage()}\n")
+        stream.flush()
+
+
 def show_progress(stream: TextIO | None = None) -> ProgressHandler:
-    """Route the library's progress records to `stream` (default stderr); returns the handler."""
+    """Route the library's progress records and notes to `stream` (default stderr), replacing any routing an
+    earlier call set up; returns the progress handler."""
     handler = ProgressHandler(stream)
-    log.addHandler(handler)
-    log.setLevel(logging.INFO)
-    log.propagate = False
+    for logger, new in ((log, handler), (notes, NoteHandler(stream))):
+        for old in [h for h in logger.handlers if isinstance(h, (ProgressHandler, NoteHandler))]:
+            logger.removeHandler(old)
+        logger.addHandler(new)
+        logger.setLevel(logging.INFO)
+        logger.propagate = False
     return handler

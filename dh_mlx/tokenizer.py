@@ -18,6 +18,8 @@ from typing import Iterable
 
 import sentencepiece as spm
 
+from .files import copy_file, same_file, write_atomic
+
 PAD, BOS, EOS, UNK = "<pad>", "<s>", "</s>", "<unk>"
 MODEL_FILE = "tokenizer.model"
 # SentencePiece writes a space as U+2581 and reads U+2581 back as a space; we escape the literal one as bytes.
@@ -186,7 +188,7 @@ def _write_tokenizer_json(tokenizer: Tokenizer, path: Path) -> bool:
     hf.post_processor = processors.TemplateProcessing(single=f"{BOS} $A", pair=f"{BOS} $A {BOS} $B",
                                                       special_tokens=[(BOS, tokenizer.bos_id)])
     hf.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in (PAD, BOS, EOS, UNK)])
-    hf.save(str(path), pretty=False)
+    write_atomic(path, lambda f: hf.save(f, pretty=False))
     return True
 
 
@@ -196,8 +198,8 @@ def write_hf_files(tokenizer: Tokenizer, out_dir: str | Path) -> None:
     out_dir = Path(out_dir)
     if not isinstance(tokenizer, Tokenizer):
         return tokenizer.write_files(out_dir)
-    if tokenizer.path.resolve() != (out_dir / MODEL_FILE).resolve():
-        (out_dir / MODEL_FILE).write_bytes(tokenizer.path.read_bytes())
+    if not same_file(tokenizer.path, out_dir / MODEL_FILE):
+        copy_file(tokenizer.path, out_dir / MODEL_FILE)
     specials = {"bos_token": BOS, "eos_token": EOS, "unk_token": UNK, "pad_token": PAD}
     has_json = _write_tokenizer_json(tokenizer, out_dir / "tokenizer.json")
     config = {
@@ -205,8 +207,8 @@ def write_hf_files(tokenizer: Tokenizer, out_dir: str | Path) -> None:
         "tokenizer_class": "PreTrainedTokenizerFast" if has_json else "LlamaTokenizer",
         **specials, "add_bos_token": True, "add_eos_token": False, "add_prefix_space": False, "legacy": False,
         "clean_up_tokenization_spaces": False, "model_max_length": 131072, "chat_template": CHAT_TEMPLATE}
-    (out_dir / "tokenizer_config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
-    (out_dir / "special_tokens_map.json").write_text(json.dumps(specials, indent=2) + "\n")
+    write_atomic(out_dir / "tokenizer_config.json", json.dumps(config, indent=2, ensure_ascii=False) + "\n")
+    write_atomic(out_dir / "special_tokens_map.json", json.dumps(specials, indent=2) + "\n")
 
 
 def load_tokenizer(model_dir: str | Path, *, vocab_size: int | None = None):

@@ -10,12 +10,12 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
-import shutil
 import warnings
 from pathlib import Path
 from typing import Any, Callable
 
 from ..config import ModelConfig
+from ..files import copy_file, same_file
 
 # A quantized expert has `scales` and `biases` beside its packed `weight` (mlx-lm's per-expert layout).
 _EXPERT = re.compile(r"^(model\.layers\.\d+\.mlp\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.(weight|scales|biases)$")
@@ -126,6 +126,10 @@ def to_file_layout(w: dict, config: ModelConfig) -> dict:
 
 
 # ---- files and checks --------------------------------------------------------------------------------------
+#: What a model directory's weights are written as (and all --force may remove of an earlier write there).
+WEIGHT_FILES = r"model(-\d{5}-of-\d{5})?\.safetensors|model\.safetensors\.index\.json|\.tmp-shard-\d{5}\.safetensors"
+
+
 def safetensors_files(path: Path) -> list[Path]:
     index = path / "model.safetensors.index.json"
     if index.is_file():
@@ -369,11 +373,11 @@ def keep_fp32(name: str) -> bool:
 
 
 def copy_tokenizer(src: Path, dst: Path) -> None:
-    """Copy the tokenizer files of model directory `src` (those present) into `dst`."""
+    """Copy the tokenizer files of model directory `src` (those present) into `dst` (never through a link)."""
     for name in ("tokenizer.model", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.json",
                  "chat_template.jinja", "generation_config.json"):
-        if (src / name).is_file():
-            shutil.copyfile(src / name, dst / name)
+        if (src / name).exists() and not same_file(src / name, dst / name):
+            copy_file(src / name, dst / name)
 
 
 _STORED_AS = {"F32": "float32", "BF16": "bfloat16", "F16": "float16", "F8_E4M3": "bfloat16"}

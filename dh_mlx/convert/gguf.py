@@ -19,6 +19,7 @@ from ..checkpoint.layout import (check_tensors, config_for_tensors, dequantized_
 from ..checkpoint.hub import resolve_path
 from ..config import ModelConfig, load_config
 from ..outputs import check_output_file
+from ..files import remove
 from ..tokenizer import load_tokenizer
 from .errors import ConvertError
 from .gguf_tensors import FILE_TYPES, OUTTYPES, encode, gguf_tensors
@@ -150,6 +151,7 @@ def write_gguf(model_dir: str | Path, out: str | Path, *, outtype: str = "f16", 
 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".tmp-{out.name}")
+    remove(tmp)  # (a link planted there would be written through)
     try:
         writer = gguf.GGUFWriter(str(tmp), ARCH)
         add_metadata(writer, config, name=model_dir.resolve().name, outtype=outtype, mtp=n_mtp)

@@ -12,6 +12,7 @@ import json
 from pathlib import Path
 
 from ..checkpoint.layout import stored_dtype
+from ..files import read_json, write_atomic
 from ..outputs import check_output_dir
 from ..tokenizer import load_tokenizer, write_hf_files
 from ..checkpoint.weights import DEFAULT_SHARD_BYTES, load_model, resolve_path, save_model
@@ -39,16 +40,16 @@ def export_hf(model_dir: str | Path, out: str | Path, *, mtp: bool = True, dtype
                            "would route every token to; export a domain with dh-mlx domains extract instead")
     save_model(model, out, mtp=mtp, max_shard_bytes=max_shard_bytes, dtype=dtype)
 
-    config = json.loads((out / "config.json").read_text())
+    config = read_json(out / "config.json", "config")
     config["torch_dtype"] = dtype
     tokenizer = load_tokenizer(model_dir)
     if tokenizer is not None:
         write_hf_files(tokenizer, out)
         # the tokenizer is the truth about special ids; vLLM and generate() read them from these files
         config.update(bos_token_id=tokenizer.bos_id, eos_token_id=tokenizer.eos_id, pad_token_id=tokenizer.pad_id)
-    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    write_atomic(out / "config.json", json.dumps(config, indent=2) + "\n")
     eos = list(tokenizer.eos_ids) if tokenizer is not None and len(tokenizer.eos_ids) > 1 else config.get("eos_token_id")
     generation = {"bos_token_id": config.get("bos_token_id"), "eos_token_id": eos,
                   "pad_token_id": config.get("pad_token_id"), "do_sample": False}
-    (out / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
+    write_atomic(out / "generation_config.json", json.dumps(generation, indent=2) + "\n")
     return out

@@ -5,6 +5,7 @@ from __future__ import annotations
 import ctypes
 from pathlib import Path
 
+from ..files import write_atomic
 from .errors import ConvertError
 
 # --quantize name -> llama.cpp's llama_ftype constant
@@ -39,7 +40,10 @@ def quantize_gguf(src: str | Path, dst: str | Path, kind: str, *, threads: int =
         *[llama_cpp.llama_model_tensor_override(p.encode(), GGML_TYPE_F32) for p in KEEP_F32],
         llama_cpp.llama_model_tensor_override(None, 0))  # the list ends at a null pattern
     params.tt_overrides = overrides
-    code = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params))
-    if code != 0:
-        raise ConvertError(f"{src}: llama.cpp's quantizer failed (code {code}); its log above says why")
+
+    def run(tmp: str) -> None:  # into a fresh temporary file, renamed over `dst` (never through a link there)
+        code = llama_cpp.llama_model_quantize(str(src).encode(), tmp.encode(), ctypes.byref(params))
+        if code != 0:
+            raise ConvertError(f"{src}: llama.cpp's quantizer failed (code {code}); its log above says why")
+    write_atomic(Path(dst), run)
     return Path(dst)

@@ -26,6 +26,7 @@ import torch.distributed as dist
 from ..checkpoint.layout import copy_tokenizer
 from ..config import DATA_DIR, load_config, resolve_config
 from ..outputs import check_output_dir
+from ..files import write_atomic
 from .model import Model
 from .step import TrainConfig, alf_update, loss_terms
 from .weights import default_device, load_model, random_model, save_model
@@ -124,7 +125,7 @@ def _write(model: Model, out: Path, tok_dir: Path, records: list[dict], rank: in
     plain.load_state_dict({k: v.to("cpu") for k, v in state.items()})
     save_model(plain, out)
     copy_tokenizer(tok_dir, out)
-    (out / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    write_atomic(out / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in records))
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -11,6 +11,8 @@ import sys
 from pathlib import Path
 from typing import TextIO
 
+from ..files import append_line, write_atomic
+
 
 def _step_info(r: dict) -> str:
     info = f"ce {r['ce']:.3f} | {r['tokens_per_s']:.0f} tok/s | lr {r['lr']:.2e}"
@@ -94,10 +96,9 @@ class MetricsLog:
                         keep.append(line)
                 except (ValueError, KeyError, TypeError):
                     print(f"note: {path}: dropped an unreadable line ({line[:40]!r})", file=sys.stderr)
-            path.write_text("".join(l + "\n" for l in keep))
+            write_atomic(path, "".join(l + "\n" for l in keep))
         elif resume_step is None:
-            path.write_text("")
+            write_atomic(path, "")
 
     def write(self, record: dict) -> None:
-        with self.path.open("a") as f:
-            f.write(json.dumps(record) + "\n")
+        append_line(self.path, json.dumps(record) + "\n")

@@ -10,6 +10,7 @@ from .. import backend
 from ..config import DATA_DIR, DEFAULT_PRESET, load_config, resolve_config
 from ..device import compute_dtype
 from ..outputs import OutputError, check_output_dir
+from ..files import write_atomic
 from ..params import count_params
 from ..checkpoint.weights import copy_tokenizer, load_model, random_model, save_model, with_mtp_module
 from .config import TrainConfig
@@ -89,7 +90,7 @@ def train(*, params: str | None = None, config: str | Path | None = None, data: 
     def export(d: Path) -> None:
         save_model(model, d)
         copy_tokenizer(Path(tokenizer), d)
-        (d / "train_config.json").write_text(json.dumps(cfg.to_dict(), indent=1) + "\n")
+        write_atomic(d / "train_config.json", json.dumps(cfg.to_dict(), indent=1) + "\n")
 
     return train_loop(model, dataset, cfg, out, export=export, resume=resume, force=force, progress=progress,
                       stop_after=stop_after, w=w)

@@ -10,6 +10,7 @@ from typing import Iterator
 import sentencepiece as spm
 
 from ..outputs import check_output_dir
+from ..files import write_atomic
 from ..tokenizer import _SPACE_MARK, BOS, EOS, MODEL_FILE, PAD, UNK, Tokenizer, TokenizerError, write_hf_files
 from .data import read_jsonl, record_texts
 
@@ -83,7 +84,7 @@ def train_tokenizer(data: list[Path] | Path, out_dir: Path, *, vocab_size: int =
         elif "sentences_.empty()" in reason:
             reason = "the training data holds no text"
         raise TokenizerError(f"{', '.join(map(str, paths))}: tokenizer training failed: {reason}") from None
-    (out_dir / MODEL_FILE).write_bytes(model.getvalue())
+    write_atomic(out_dir / MODEL_FILE, model.getvalue())
     tokenizer = Tokenizer(out_dir / MODEL_FILE)
     write_hf_files(tokenizer, out_dir)
     return tokenizer

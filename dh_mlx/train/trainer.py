@@ -23,8 +23,8 @@ from mlx.utils import tree_flatten, tree_map
 from .. import backend
 from ..model import Model
 from ..model.moe import MoE, MoEGate
-from ..checkpoint.training import (CheckpointWriteError, RunLock, latest_checkpoint, load_checkpoint, remove_partial,
-                         save_checkpoint)
+from ..checkpoint.training import (CheckpointWriteError, RunLock, latest_checkpoint, load_checkpoint,
+                                   remove_checkpoints, remove_partial, save_checkpoint)
 from .config import TrainConfig
 from .optim import AdamW, make_optimizer
 from .data import Dataset
@@ -33,6 +33,7 @@ from .distributed import (Reducer, World, any_rank, broadcast, broadcast_json, g
 from .evaluate import EvalResult, drop_domains, evaluate, to_mx
 from .interrupt import Interrupted, StopRequest, stop_on_signals
 from ..outputs import format_bytes
+from ..progress import note
 from .report import MetricsLog, directory_bytes, make_report
 from .loss import Batch, Counts, alf_update, batch_counts, imbalance, loss_parts
 
@@ -170,8 +171,9 @@ def train_loop(model: Model, dataset: Dataset, cfg: TrainConfig, run_dir: Path, 
 
 
 def _restore(model: Model, optimizer: AdamW, batches, cfg: TrainConfig, run_dir: Path, *, resume: bool,
-             force: bool, ranks: int = 1) -> int:
-    """Rank 0's start: the step to continue from (model, optimizer and data position restored), or 0."""
+             force: bool, ranks: int = 1, created: list[str] | None = None) -> int:
+    """Rank 0's start: the step to continue from (model, optimizer and data position restored), or 0;
+    `created` gets the names of the checkpoints the run wrote (the only ones its rotation may remove)."""
     remove_partial(run_dir)
     ckpt = latest_checkpoint(run_dir, report=True) if resume else None
     if resume and ckpt is None:
@@ -184,13 +186,17 @@ def _restore(model: Model, optimizer: AdamW, batches, cfg: TrainConfig, run_dir:
         model.load_weights(list(_resumable_weights(model, ckpt).items()), strict=False)
         optimizer.state = opt_state
         batches.load_state_dict(state["data"])
+        if created is not None:
+            created.extend(state.get("checkpoints", [ckpt.name]))
         saved = state.get("train_config", {})
         changed = [f"{k} {saved[k]!r} -> {v!r}" for k, v in cfg.to_dict().items() if k in saved and saved[k] != v]
         if changed:  # allowed (e.g. more steps), but the schedule and data order follow the new values
             print(f"note: resuming {ckpt.name} with other training options: {', '.join(changed)}", file=sys.stderr)
         return state["step"]
-    if (run_dir / "checkpoints").is_dir() and force:  # a fresh run in place of the old one, as asked
-        shutil.rmtree(run_dir / "checkpoints")
+    if (run_dir / "checkpoints").exists() and force:  # a fresh run in place of the old one, as asked
+        removed = remove_checkpoints(run_dir)
+        if removed:
+            note(f"{run_dir / 'checkpoints'}: removed the earlier run's {', '.join(removed)}")
     elif (run_dir / "checkpoints").is_dir() and any((run_dir / "checkpoints").glob("step_*")):
         raise TrainingError(f"{run_dir} already holds a run; pass --resume to continue it, --force to start "
                             "afresh, or choose another --out")
@@ -216,8 +222,9 @@ def _train(model: Model, dataset: Dataset, cfg: TrainConfig, run_dir: Path, *, e
            ) -> RunResult:
     optimizer = make_optimizer(cfg)
     batches = dataset.train_batches(cfg.batch_size * w.size, seed=cfg.seed)  # the global batch, on every rank
+    created: list[str] = []  # the checkpoints this run wrote
     start = on_main(w, _restore, model, optimizer, batches, cfg, run_dir, resume=resume, force=force,
-                    ranks=w.size) or 0
+                    ranks=w.size, created=created) or 0
     if w.size > 1:
         start = _share_start(model, optimizer, batches, start, resume, w)
     mx.random.seed(cfg.seed + start + 1_000_003 * w.rank)  # (dropout: each rank its own draws)
@@ -242,7 +249,7 @@ def _train(model: Model, dataset: Dataset, cfg: TrainConfig, run_dir: Path, *, e
                             str(d / "weights.safetensors"), changing),
                         optimizer_state=optimizer.state,
                         trainer_state={"data": data_state, "train_config": cfg.to_dict(), "ranks": w.size},
-                        keep=cfg.keep_checkpoints, expected_bytes=need)
+                        keep=cfg.keep_checkpoints, expected_bytes=need, created=created)
         try:
             export(run_dir)
         except Exception as e:
