@@ -9,7 +9,9 @@ from . import backend
 from .config import DATA_DIR, load_config, load_preset
 from .model import Model
 from .quant import QuantConfig, quantize_model
-from .checkpoint.weights import load_model, memory_check, random_model, resolve_path
+from .checkpoint.weights import check_fits, load_model, memory_check, random_model, resolve_path
+from .device import compute_dtype
+from .progress import note
 
 
 def _tokenizer(path: Path, vocab_size: int) -> Any:
@@ -36,6 +38,9 @@ def load_preset_model(name: str, *, seed: int = 0, dtype: str | None = None, bit
     backend.setup()
     config = load_preset(name)
     tokenizer = _tokenizer(DATA_DIR / "tokenizer", config.vocab_size)
+    check_fits(config, compute_dtype(dtype), f"preset {name!r}")
+    note(f"preset {name!r} with random (untrained) weights, seed {seed}; output is noise until trained "
+         "(dh-mlx train)")
     model = random_model(config, seed=seed, dtype=dtype, name=f"preset {name!r}")
     if bits:
         quantize_model(model, QuantConfig(bits, group_size))

@@ -24,8 +24,6 @@ def _load_for_generation(model: Optional[Path], params: Optional[str], seed: int
     if model:
         m, tok = load(model, dtype=dtype, bits=bits, group_size=group_size)
     else:
-        typer.echo(f"note: preset {params or DEFAULT_PRESET!r} with random (untrained) weights, seed {seed}; "
-                   "output is noise until trained (dh-mlx train)", err=True)
         m, tok = load_preset_model(params or DEFAULT_PRESET, seed=seed, dtype=dtype, bits=bits,
                                    group_size=group_size)
     if adapter:
@@ -101,7 +99,7 @@ def _generate(*, prompt: str, model: Optional[Path] = None, params: Optional[str
     else:
         m, tok = _load_for_generation(model, params, seed, dtype, adapter, bits, group_size)
         extra = {"mtp": mtp}
-    ids = tok.encode_chat(messages(prompt, system)) if chat else prompt
+    ids = tok.encode_chat(messages(prompt, system), limit=m.config.max_position_embeddings) if chat else prompt
     stats = GenerationStats()
     pieces = stream_generate(m, tok, ids, max_tokens=max_tokens, temp=temp, top_p=top_p, top_k=top_k, min_p=min_p,
                              repetition_penalty=repetition_penalty, seed=seed, domain=_domain(m, domain),
@@ -130,11 +128,14 @@ def _load_pipelined(model, params, dtype, adapter, bits, mtp):
 
 def _read_prompt(prompt: Optional[str], prompt_file: Optional[Path]) -> str:
     """The prompt from --prompt (`-`: standard input) or --prompt-file, as valid UTF-8 text."""
+    from .files import LIMITS, read_bytes
     if (prompt is None) == (prompt_file is None):
         _fail("give the prompt with --prompt TEXT (or - for standard input) or --prompt-file PATH")
     where = f"--prompt-file {prompt_file}" if prompt_file else "standard input" if prompt == "-" else "--prompt"
     if prompt_file is not None or prompt == "-":
-        data = prompt_file.read_bytes() if prompt_file else sys.stdin.buffer.read()
+        data = read_bytes(prompt_file, "prompt") if prompt_file else sys.stdin.buffer.read(LIMITS["prompt"] + 1)
+        if len(data) > LIMITS["prompt"]:
+            _fail(f"{where}: more than {LIMITS['prompt']:,} bytes")
         try:
             return data.decode("utf-8")
         except UnicodeDecodeError as e:

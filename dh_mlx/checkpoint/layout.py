@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from ..config import ModelConfig
-from ..files import copy_file, same_file
+from ..files import FileKindError, copy_file, read_json, regular_file, same_file
 
 # A quantized expert has `scales` and `biases` beside its packed `weight` (mlx-lm's per-expert layout).
 _EXPERT = re.compile(r"^(model\.layers\.\d+\.mlp\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.(weight|scales|biases)$")
@@ -132,10 +132,12 @@ WEIGHT_FILES = r"model(-\d{5}-of-\d{5})?\.safetensors|model\.safetensors\.index\
 
 def safetensors_files(path: Path) -> list[Path]:
     index = path / "model.safetensors.index.json"
-    if index.is_file():
+    if index.exists():
         try:
-            weight_map = json.loads(index.read_text())["weight_map"]
+            weight_map = read_json(index, "index")["weight_map"]
             names = sorted(set(weight_map.values()))
+        except FileKindError as e:
+            raise CheckpointError(str(e)) from None
         except (ValueError, KeyError, TypeError, AttributeError, RecursionError) as e:
             raise CheckpointError(f"{index}: not a safetensors index ({type(e).__name__}: {e})") from None
         outside = [n for n in names if not isinstance(n, str) or Path(n).name != n or n in ("", ".", "..")]
@@ -143,16 +145,24 @@ def safetensors_files(path: Path) -> list[Path]:
             raise CheckpointError(f"{index}: weight_map names {outside[0]!r}; shards must be files in the model "
                                   "directory itself")
         files = [path / n for n in names]
-        absent = [str(f) for f in files if not f.is_file()]
+        absent = [str(f) for f in files if not f.exists()]
         if absent:
             raise CheckpointError(f"{index}: lists shards that do not exist: {', '.join(absent)}")
-        return files
+        return _regular(files)
     # Only model weights: a directory may also hold adapters.safetensors or a checkpoint's optimizer state.
     single = path / "model.safetensors"
-    files = [single] if single.is_file() else sorted(path.glob("model*.safetensors"))
+    files = [single] if single.exists() else sorted(path.glob("model*.safetensors"))
     if not files:
         raise CheckpointError(f"{path}: no model.safetensors (or index) in this directory")
-    return files
+    return _regular(files)
+
+
+def _regular(files: list[Path]) -> list[Path]:
+    """`files` if each is a regular file: a FIFO or device would block or never end."""
+    try:
+        return [regular_file(f) for f in files]
+    except FileKindError as e:
+        raise CheckpointError(str(e)) from None
 
 
 _ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U64": 8, "U32": 4,
@@ -163,6 +173,7 @@ _MAX_HEADER = 100 << 20
 def read_safetensors_header(f: Path) -> dict:
     """The header of a safetensors file, every entry checked against the file (dtype, shape, offsets inside the
     data and of the size the shape implies), so no reader is handed a header that points past the file."""
+    _regular([f])
     size = f.stat().st_size
     with open(f, "rb") as fh:
         head = fh.read(8)

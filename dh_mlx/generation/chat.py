@@ -23,7 +23,8 @@ class Conversation:
         """Stream the assistant's reply to the user's `text` (options: `generate_tokens`'), then keep it in the
         conversation."""
         turn = {"role": "user", "content": text}
-        ids = self.tokenizer.encode_chat(check_messages(self.messages + [turn]))
+        ids = self.tokenizer.encode_chat(check_messages(self.messages + [turn]),
+                                         limit=self.model.config.max_position_embeddings)
         stats = stats if stats is not None else GenerationStats()
         if options.get("domain") == "auto":
             if self.auto is None:

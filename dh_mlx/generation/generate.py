@@ -124,7 +124,8 @@ class GenerationResponse:
 def stream_generate(model: Model, tokenizer: Any, prompt: str | list[int], **kwargs) -> Iterator[GenerationResponse]:
     """Yield text pieces as tokens arrive; `kwargs` are `generate_tokens`' sampling options, and `domain` may
     also be "auto" (inferred from the prompt; the posterior lands in `stats.domain_posterior`)."""
-    ids = tokenizer.encode(prompt, bos=True) if isinstance(prompt, str) else list(prompt)
+    context = model.config.max_position_embeddings  # a text that cannot fit is refused before it is tokenized
+    ids = tokenizer.encode(prompt, bos=True, limit=context) if isinstance(prompt, str) else list(prompt)
     stats = kwargs.pop("stats", None) or GenerationStats()
     if kwargs.get("domain") == "auto":  # inferred from the prompt (generation.domains)
         from .domains import infer_domain

@@ -33,6 +33,8 @@ from typing import Iterator, NamedTuple, Sequence
 
 import numpy as np
 
+from ..files import FileKindError, regular_file
+
 ROLES = ("system", "user", "assistant")
 
 
@@ -100,9 +102,12 @@ def jsonl_files(path: str | Path) -> list[Path]:
         if not files:
             raise DataError(f"{path}: directory holds no .jsonl files")
         return files
-    if not path.is_file():
+    if not path.exists():
         raise DataError(f"{path}: no such file or directory")
-    return [path]
+    try:
+        return [regular_file(path)]
+    except FileKindError as e:  # a FIFO would block the read forever
+        raise DataError(str(e)) from None
 
 
 def _text(obj: dict, key: str, *, empty_ok: bool = False) -> str:

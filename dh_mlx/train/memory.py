@@ -55,12 +55,18 @@ def check_training_fits(c: ModelConfig, cfg: TrainConfig, what: str, *, dtype_si
     if need <= have:
         return
     options = []
-    for b in range(cfg.batch_size - 1, 0, -1):
+
+    def fits(b: int) -> bool:
         smaller = TrainConfig(**{**cfg.to_dict(), "batch_size": b})
-        if sum(training_peak_bytes(c, smaller, dtype_size=dtype_size, trainable=trainable).values()) <= have:
-            accum = -(-cfg.batch_size * cfg.grad_accum // b)  # the same tokens per optimizer step, or more
-            options.append(f"--batch-size {b} --grad-accum {accum}")
-            break
+        return sum(training_peak_bytes(c, smaller, dtype_size=dtype_size, trainable=trainable).values()) <= have
+
+    lo, hi = 0, cfg.batch_size - 1  # the largest batch that fits, by bisection (the need grows with the batch)
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        lo, hi = (mid, hi) if fits(mid) else (lo, mid - 1)
+    if lo:
+        accum = -(-cfg.batch_size * cfg.grad_accum // lo)  # the same tokens per optimizer step, or more
+        options.append(f"--batch-size {lo} --grad-accum {accum}")
     lora = parts["weights"] + dtype_size * activation_elements(c, cfg.batch_size, cfg.seq_len, checkpointing=True,
                                                                mtp=False)
     if trainable is None and lora <= have:
