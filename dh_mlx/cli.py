@@ -11,7 +11,7 @@ import typer
 
 from .cli_convert import (MTP_HELP, QBITS_HELP, QDTYPE_HELP, QGROUP_HELP, RECIPE_HELP, convert_app,
                           wrote)
-from .cli_generate import _domain, _generate, _load_for_generation, _read_prompt, _stream
+from .cli_generate import _domain, _fail, _generate, _load_for_generation, _read_prompt, _stream
 
 app = typer.Typer(add_completion=False, help="Darkhorse Genesis on MLX: a DeepSeek-V3-style MoE with latent attention.")
 
@@ -95,22 +95,29 @@ def chat_command(model: Optional[Path] = typer.Option(None, help="model director
                  ) -> None:
     """A multi-turn chat on standard input, one user turn per line; the KV cache carries over between turns.
     Piped, each reply is followed by an empty line."""
+    from .files import LIMITS
     from .generation import GenerationStats
     from .generation.chat import Conversation
     m, tok = _load_for_generation(model, params, seed, dtype, adapter, bits, group_size)
     conversation = Conversation(m, tok, system=system)
     dom = _domain(m, domain)
+    number = 0
     while True:
         if sys.stdin.isatty():
             sys.stderr.write("> ")
             sys.stderr.flush()
         try:
-            line = sys.stdin.readline()
+            raw = sys.stdin.buffer.readline(LIMITS["prompt"])
         except KeyboardInterrupt:
             typer.echo("", err=True)
             raise typer.Exit(130)
-        if not line:
+        if not raw:
             break
+        number += 1
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            _fail(f"standard input, line {number}: byte 0x{raw[e.start]:02X} at offset {e.start} is not UTF-8")
         if not line.strip():
             continue
         stats = GenerationStats()
@@ -382,6 +389,18 @@ def _command():
     return root_command
 
 
+def _message(e: BaseException) -> str:
+    """The error's own words; an out-of-memory error, which often has none, says so and what is free."""
+    text = str(e).strip()
+    if isinstance(e, MemoryError) and not text or any(w in text.lower() for w in ("unable to allocate",
+                                                                               "out of memory")):
+        from .device import available_memory
+        from .files import format_bytes
+        return (f"out of memory{': ' + text if text else ''} ({format_bytes(available_memory())} available now; a "
+                "smaller model, --bits 4, a smaller --batch-size or a shorter prompt needs less)")
+    return text or type(e).__name__
+
+
 def main() -> None:
     """Console entry point: library errors become one-line messages, never tracebacks."""
     from .checkpoint.layout import CheckpointError
@@ -404,7 +423,7 @@ def main() -> None:
     except (CheckpointError, ValueError, MemoryError, OSError, RuntimeError) as e:
         if debug:
             raise
-        typer.echo(f"error: {e}", err=True)
+        typer.echo(f"error: {_message(e)}", err=True)
         code = 1
     except Exception as e:  # a bug of ours: still one line, the traceback on request
         if debug:

@@ -241,9 +241,16 @@ class ModelConfig:
             _require(isinstance(rs, dict), "rope_scaling", "an object or null", rs)
             kind = rs.get("rope_type", rs.get("type", "default"))
             _require(kind in _ROPE_TYPES, "rope_scaling.rope_type", f"one of {_ROPE_TYPES}", kind)
+            for key, v in rs.items():  # NaN or infinite values would make every logit NaN
+                _require(not isinstance(v, float) or math.isfinite(v), f"rope_scaling.{key}", "a finite number", v)
             if kind == "yarn":
                 f = rs.get("factor")
-                _require(isinstance(f, (int, float)) and f >= 1, "rope_scaling.factor", "a number >= 1", f)
+                _require(isinstance(f, (int, float)) and not isinstance(f, bool) and f >= 1, "rope_scaling.factor",
+                         "a number >= 1", f)
+                for key in ("beta_fast", "beta_slow", "mscale", "mscale_all_dim"):
+                    v = rs.get(key)
+                    _require(v is None or isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0,
+                             f"rope_scaling.{key}", "null or a finite number >= 0", v)
                 o = rs.get("original_max_position_embeddings")
                 _require(isinstance(o, int) and o >= 1, "rope_scaling.original_max_position_embeddings",
                          "an integer >= 1", o)

@@ -97,6 +97,32 @@ def read_json(path: str | Path, kind: str = "json") -> Any:
 
 
 # ---- writing -------------------------------------------------------------------------------------------------
+class WriteError(OSError):
+    """A write that failed: the message names the file, the cause (a full disk, say) and the free space."""
+
+
+def format_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1000 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} GB"
+
+
+def write_failure(path: str | Path, e: BaseException) -> BaseException:
+    """The one-line error for a failed write of `path`: disk full (with the free space) or the OS's reason.
+    Libraries report a full disk in words of their own ("Unable to write N bytes"), so under 64 MB free after
+    a failed write counts as full."""
+    if not isinstance(e, (OSError, RuntimeError)) or isinstance(e, WriteError):  # (not a write's: as it is)
+        return e
+    try:
+        free = shutil.disk_usage(Path(path).parent).free
+    except OSError:
+        return e
+    full = isinstance(e, OSError) and e.errno == errno.ENOSPC or free < 64 * MB
+    reason = "the disk is full" if full else (e.strerror if isinstance(e, OSError) and e.strerror else
+                                              str(e).splitlines()[0][:200] if str(e) else type(e).__name__)
+    return WriteError(f"{path}: writing failed: {reason} ({format_bytes(free)} free)")
 def _no_link(path: Path, what: str = "") -> None:
     if path.is_symlink():
         raise FileKindError(f"{path}: is a symbolic link; dh-mlx does not write {what or 'through'} it (remove it, "
@@ -132,9 +158,12 @@ def write_atomic(path: str | Path, data: bytes | str | Callable[[str], None]) ->
         if path.is_dir() and not path.is_symlink():
             raise FileKindError(f"{path}: is a directory; cannot write a file there")
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         remove(tmp)
-        raise
+        failure = write_failure(path, e)
+        if failure is e:
+            raise
+        raise failure from None
 
 
 def copy_file(src: str | Path, dst: str | Path, kind: str = "tokenizer") -> None:

@@ -6,7 +6,7 @@ import re
 from pathlib import Path
 from typing import Iterable
 
-from .files import inside, remove, same_file
+from .files import format_bytes, inside, remove, same_file  # noqa: F401  (format_bytes re-exported)
 
 
 class OutputError(ValueError):
@@ -46,14 +46,6 @@ def check_output_file(out: str | Path, *, inputs: Iterable[str | Path | None] = 
     if out.exists() and not force:
         raise OutputError(f"{out}: exists; pass --force to replace it, or choose another {flag}")
     return out
-
-
-def format_bytes(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if n < 1000 or unit == "GB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000
-    return f"{n:.1f} GB"
 
 
 def remove_owned(directory: str | Path, names: str) -> list[str]:

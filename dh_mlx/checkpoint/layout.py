@@ -165,6 +165,33 @@ def _regular(files: list[Path]) -> list[Path]:
         raise CheckpointError(str(e)) from None
 
 
+def shard_headers(path: Path) -> list[tuple[Path, dict]]:
+    """Each weight file of the model directory `path` with its checked header. A tensor in two files, or in a
+    file other than the one the index names for it, is refused by name (a reader would take one silently)."""
+    files = safetensors_files(path)  # (checks the index)
+    index = path / "model.safetensors.index.json"
+    weight_map = read_json(index, "index")["weight_map"] if index.exists() else None
+    seen: dict[str, Path] = {}
+    out = []
+    for f in files:
+        header = read_safetensors_header(f)
+        for name in header:
+            if name == "__metadata__":
+                continue
+            if name in seen:
+                raise CheckpointError(f"{path}: tensor {name} is in both {seen[name].name} and {f.name}")
+            if weight_map is not None and weight_map.get(name) != f.name:
+                raise CheckpointError(f"{index}: names {weight_map.get(name)!r} for tensor {name}, which is in "
+                                      f"{f.name}")
+            seen[name] = f
+        out.append((f, header))
+    missing = sorted(set(weight_map or ()) - set(seen))
+    if missing:
+        raise CheckpointError(f"{index}: names {weight_map[missing[0]]} for tensor {missing[0]}, which it does not "
+                              "hold")
+    return out
+
+
 _ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U64": 8, "U32": 4,
              "U16": 2, "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
 _MAX_HEADER = 100 << 20
@@ -228,8 +255,7 @@ def read_float32(path: Path, config: ModelConfig | None = None) -> dict:
 
     block = None if config is None else fp8_blocks(config, path)
     out, dtypes = {}, {}
-    for f in safetensors_files(path):
-        header = read_safetensors_header(f)
+    for f, header in shard_headers(path):
         with open(f, "rb") as fh:
             start = 8 + int.from_bytes(fh.read(8), "little")
         data = np.memmap(f, dtype=np.uint8, mode="r", offset=start)

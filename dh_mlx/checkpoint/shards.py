@@ -14,7 +14,7 @@ from pathlib import Path
 import mlx.core as mx
 
 from ..config import ModelConfig, save_config
-from ..files import remove, write_atomic
+from ..files import remove, write_atomic, write_failure
 from .layout import WEIGHT_FILES
 from ..outputs import remove_owned
 from ..progress import note
@@ -55,7 +55,11 @@ class ShardWriter:
     def _flush(self) -> None:
         f = self.path / f".tmp-shard-{len(self.written) + 1:05d}.safetensors"
         remove(f)
-        mx.save_safetensors(str(f), self.pending, metadata={"format": "pt"})
+        try:
+            mx.save_safetensors(str(f), self.pending, metadata={"format": "pt"})
+        except Exception as e:
+            remove(f)
+            raise write_failure(f, e) from None
         self.written.append((f, list(self.pending)))
         self.pending, self.size = {}, 0
 

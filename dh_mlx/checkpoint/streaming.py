@@ -23,8 +23,7 @@ from ..device import DTYPES
 from ..model import Model
 from ..quant import KEYS, QuantConfig, quant_predicate
 from .layout import (CheckpointError, check_tensors, config_for_tensors, dequantize_fp8, dequantized_config,
-                     drop_rotary_buffers, fp8_blocks, keep_fp32, read_safetensors_header,
-                     safetensors_files, split_fused_experts, stored_dtype, to_memory_layout, unstack_experts)
+                     drop_rotary_buffers, fp8_blocks, keep_fp32, shard_headers, split_fused_experts, stored_dtype, to_memory_layout, unstack_experts)
 
 _LAYER = re.compile(r"^model\.layers\.(\d+)\.")
 _EXPERT = re.compile(r"^(model\.layers\.\d+\.mlp\.experts)\.\d+\.")
@@ -36,8 +35,8 @@ def lazy_tensors(path: Path, keep: Callable[[str], bool] | None = None) -> tuple
     every tensor's dtype as stored), each shard's header checked before MLX opens it."""
     lazy: dict[str, mx.array] = {}
     dtypes: dict[str, str] = {}
-    for f in safetensors_files(path):
-        dtypes.update({k: v["dtype"] for k, v in read_safetensors_header(f).items() if k != "__metadata__"})
+    for f, header in shard_headers(path):
+        dtypes.update({k: v["dtype"] for k, v in header.items() if k != "__metadata__"})
         try:
             lazy.update((k, v) for k, v in mx.load(str(f)).items() if keep is None or keep(k))
         except Exception as e:  # MLX raises RuntimeError/ValueError on truncated or corrupt files

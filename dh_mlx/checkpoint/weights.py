@@ -155,6 +155,8 @@ def random_model(config: ModelConfig, *, seed: int = 0, dtype: str | None = None
                  ) -> Model:
     """An untrained model from a config (e.g. a preset), deterministic by `seed`; sets the backend up."""
     backend.setup()
+    if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2**63:
+        raise ValueError(f"seed must be an integer in [0, 2**63), got {seed!r}")
     dt = compute_dtype(dtype)
     check_fits(config, dt, name)
     model = cast_model(init_weights(Model(config), seed), dt)
@@ -259,7 +261,10 @@ def load_model(path: str | Path, *, dtype: str | None = None, bits: int | None =
         _prune(model, keep)
     quantization = config.extra.get("quantization")  # mlx-lm's block: {"group_size", "bits", per-layer overrides}
     if quantization is not None:
-        quantize_like(model, quantization, weights)
+        try:
+            quantize_like(model, quantization, weights)
+        except ValueError as e:
+            raise CheckpointError(f"{path}: {e}") from None
     _check_against_model(weights, model, path)
     model.load_weights(list(weights.items()))
     cast_model(model, dt)

@@ -19,7 +19,7 @@ from ..checkpoint.layout import (check_tensors, config_for_tensors, dequantized_
 from ..checkpoint.hub import resolve_path
 from ..config import ModelConfig, load_config
 from ..outputs import check_output_file
-from ..files import remove
+from ..files import remove, write_failure
 from ..tokenizer import load_tokenizer
 from .errors import ConvertError
 from .gguf_tensors import FILE_TYPES, OUTTYPES, encode, gguf_tensors
@@ -167,9 +167,12 @@ def write_gguf(model_dir: str | Path, out: str | Path, *, outtype: str = "f16", 
         writer.write_tensors_to_file()
         writer.close()
         os.replace(tmp, out)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    except BaseException as e:
+        remove(tmp)
+        failure = write_failure(out, e)
+        if failure is e:
+            raise
+        raise failure from None
     return out
 
 

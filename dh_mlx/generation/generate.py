@@ -50,7 +50,8 @@ def generate_tokens(model: Model, prompt_ids: list[int], *, max_tokens: int = 25
     no MTP).
     """
     check_options(temp=temp, top_p=top_p, top_k=top_k, min_p=min_p, repetition_penalty=repetition_penalty,
-                  repetition_context=repetition_context, max_tokens=max_tokens, prefill_step_size=prefill_step_size)
+                  repetition_context=repetition_context, max_tokens=max_tokens, prefill_step_size=prefill_step_size,
+                  seed=seed)
     if not prompt_ids:
         raise ValueError("the prompt is empty: give at least one token")
     check_context(model, len(prompt_ids) + max_tokens)

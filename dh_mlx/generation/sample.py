@@ -50,7 +50,7 @@ def apply_repetition_penalty(logits: mx.array, previous: mx.array, penalty: floa
 
 def check_options(*, temp: float = 0.0, top_p: float = 1.0, top_k: int = 0, min_p: float = 0.0,
                   repetition_penalty: float = 1.0, repetition_context: int = 1, max_tokens: int = 0,
-                  prefill_step_size: int = 1) -> None:
+                  prefill_step_size: int = 1, seed: int | None = None) -> None:
     """ValueError naming the first option outside its range (NaN is outside every range)."""
     def number(v) -> bool:
         return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
@@ -67,6 +67,7 @@ def check_options(*, temp: float = 0.0, top_p: float = 1.0, top_k: int = 0, min_
               ("repetition_context", repetition_context, integer(repetition_context) and repetition_context >= 1,
                "an integer >= 1 (the tokens the penalty looks back over)"),
               ("--max-tokens", max_tokens, integer(max_tokens) and max_tokens >= 0, "an integer >= 0"),
+              ("--seed", seed, seed is None or integer(seed) and 0 <= seed < 2**63, "an integer in [0, 2**63)"),
               ("--prefill-step-size", prefill_step_size, integer(prefill_step_size) and prefill_step_size >= 1,
                "an integer >= 1")]
     for name, value, ok, allowed in checks:
@@ -82,7 +83,7 @@ def make_sampler(temp: float = 0.0, top_p: float = 1.0, top_k: int = 0, min_p: f
 
     def sample(logits: mx.array) -> mx.array:
         logits = apply_min_p(apply_top_p(apply_top_k(logits.astype(mx.float32), top_k), top_p), min_p)
-        return mx.random.categorical(logits / temp, axis=-1)
+        return mx.random.categorical(_scaled(logits, temp), axis=-1)
 
     return sample
 
@@ -93,4 +94,12 @@ def sampling_distribution(logits: mx.array, temp: float, top_p: float = 1.0, top
     if temp == 0:
         return (mx.arange(logits.shape[-1]) == mx.argmax(logits, axis=-1, keepdims=True)).astype(mx.float32)
     logits = apply_min_p(apply_top_p(apply_top_k(logits.astype(mx.float32), top_k), top_p), min_p)
-    return mx.softmax(logits / temp, axis=-1)
+    return mx.softmax(_scaled(logits, temp), axis=-1)
+
+
+def _scaled(logits: mx.array, temp: float) -> mx.array:
+    """logits / temp. At a tiny temperature the quotient overflows to inf and the draw turns uniform (NaN);
+    shifted by the row's maximum first it stays finite, and the top token gets all the probability."""
+    if temp < 1e-3:
+        logits = logits - logits.max(axis=-1, keepdims=True)
+    return logits / temp

@@ -20,7 +20,7 @@ from ..files import write_atomic
 from ..outputs import remove_owned
 from ..progress import note
 from ..checkpoint.layout import (WEIGHT_FILES, CheckpointError, check_tensors, config_for_tensors,
-                                 drop_mtp_layers, keep_fp32, safetensors_files)
+                                 drop_mtp_layers, keep_fp32)
 from .model import Model
 
 DEFAULT_SHARD_BYTES = 5 * 10**9
@@ -62,7 +62,7 @@ def cast_model(model: Model, dtype: torch.dtype) -> Model:
 # ---- reading and writing -----------------------------------------------------------------------------------
 def read_weights(path: Path) -> dict[str, torch.Tensor]:
     weights: dict[str, torch.Tensor] = {}
-    for f in safetensors_files(path):
+    for f, _ in layout.shard_headers(path):  # (each checked: a tensor in two shards is refused by name)
         try:
             with safe_open(str(f), "pt") as g:
                 weights.update({k: g.get_tensor(k) for k in g.keys()})

@@ -142,8 +142,9 @@ def lora(*, model: str | Path, data: str | Path, out: str | Path, tokenizer: str
         quantized = {"base_bits": bits, "base_group_size": group_size} if bits else {}
         save_adapters(m, d, lc, extra={"model": str(base), **quantized, "train_config": cfg.to_dict()})
 
+    adapters = sum(v.nbytes for _, v in tree_flatten(m.trainable_parameters()))  # what `export` writes
     run = train_loop(m, dataset, cfg, out, export=export, resume=resume, force=force, progress=progress,
-                     stop_after=stop_after, w=w)
+                     stop_after=stop_after, w=w, export_bytes=adapters)
     m.eval()  # dropout off
     val = evaluate(m, dataset, cfg, w=w).loss if has_val else None
     tps = [r["tokens_per_s"] for r in run.history[1:]] or [run.tokens_per_s]

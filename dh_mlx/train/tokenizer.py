@@ -56,6 +56,8 @@ def train_tokenizer(data: list[Path] | Path, out_dir: Path, *, vocab_size: int =
     if not paths:
         raise TokenizerError("no training data given")
     minimum = 4 + 256 + 1  # specials, the 256 byte pieces, at least one learned piece
+    if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2**32:
+        raise TokenizerError(f"seed must be an integer in [0, 2**32), got {seed!r}")
     if not isinstance(vocab_size, int) or vocab_size < minimum:
         raise TokenizerError(f"vocab_size must be an integer >= {minimum}, got {vocab_size!r}")
     out_dir = check_output_dir(out_dir, inputs=paths, force=force)

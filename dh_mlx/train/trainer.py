@@ -149,8 +149,12 @@ class RunResult:
 
 def train_loop(model: Model, dataset: Dataset, cfg: TrainConfig, run_dir: Path, *,
                export: Callable[[Path], None], resume: bool = False, force: bool = False, progress: bool = True,
-               stop_after: int | None = None, w: World | None = None) -> RunResult:
+               stop_after: int | None = None, w: World | None = None, export_bytes: int | None = None
+               ) -> RunResult:
     """Train `model` in place for `cfg.steps` optimizer steps, checkpointing into `run_dir`.
+
+    `export_bytes`: about what `export` writes (the free-space check before a checkpoint counts it; default the
+    whole model; LoRA writes only its adapters).
 
     `export(dir)` writes the usable result (model directory, or adapters) at each checkpoint. `stop_after` ends the run early
     after that many steps of this invocation, checkpointed like a Ctrl-C (used by the resume test).
@@ -164,7 +168,8 @@ def train_loop(model: Model, dataset: Dataset, cfg: TrainConfig, run_dir: Path, 
     try:
         with stop_on_signals() as stop:
             return _train(model, dataset, cfg, run_dir, export=export, resume=resume, force=force,
-                          progress=progress and w.main, stop_after=stop_after, stop=stop, w=w)
+                          progress=progress and w.main, stop_after=stop_after, stop=stop, w=w,
+                          export_bytes=export_bytes)
     finally:
         if lock:
             lock.release()
@@ -203,6 +208,16 @@ def _restore(model: Model, optimizer: AdamW, batches, cfg: TrainConfig, run_dir:
     return 0
 
 
+def _last_good(run_dir: Path, w: World) -> str:
+    """Where a stopped run can continue from, in words: its newest intact checkpoint, or that it has none."""
+    try:
+        ckpt = latest_checkpoint(run_dir) if w.main else None
+    except ValueError:
+        ckpt = None
+    return (f"the last good checkpoint is {ckpt}: --resume continues from it" if ckpt is not None
+            else "the run has no checkpoint yet")
+
+
 def _share_start(model: Model, optimizer: AdamW, batches, start: int, resume: bool, w: World) -> int:
     """Every rank from rank 0's start: its trained weights, optimizer state and data position."""
     start = broadcast_json(start, w)
@@ -218,8 +233,8 @@ def _share_start(model: Model, optimizer: AdamW, batches, start: int, resume: bo
 
 
 def _train(model: Model, dataset: Dataset, cfg: TrainConfig, run_dir: Path, *, export: Callable[[Path], None],
-           resume: bool, force: bool, progress: bool, stop_after: int | None, stop: StopRequest, w: World
-           ) -> RunResult:
+           resume: bool, force: bool, progress: bool, stop_after: int | None, stop: StopRequest, w: World,
+           export_bytes: int | None = None) -> RunResult:
     optimizer = make_optimizer(cfg)
     batches = dataset.train_batches(cfg.batch_size * w.size, seed=cfg.seed)  # the global batch, on every rank
     created: list[str] = []  # the checkpoints this run wrote
@@ -236,14 +251,15 @@ def _train(model: Model, dataset: Dataset, cfg: TrainConfig, run_dir: Path, *, e
     # Where the data stood after the last completed step: a Ctrl-C inside a step must not skip its batches.
     data_state = batches.state_dict()
 
-    model_bytes = sum(v.nbytes for _, v in tree_flatten(model.parameters()))
+    if export_bytes is None:
+        export_bytes = sum(v.nbytes for _, v in tree_flatten(model.parameters()))
 
     def checkpoint(step: int) -> None:
         on_main(w, save, step)  # every rank calls it; a failure on rank 0 stops them all, none left waiting
 
     def save(step: int) -> None:
         changing = _changing_params(model)
-        need = sum(v.nbytes for v in changing.values()) + model_bytes + sum(
+        need = sum(v.nbytes for v in changing.values()) + export_bytes + sum(
             v.nbytes for _, v in tree_flatten(optimizer.state) if isinstance(v, mx.array))
         save_checkpoint(run_dir, step, write_weights=lambda d: mx.save_safetensors(
                             str(d / "weights.safetensors"), changing),
@@ -299,8 +315,8 @@ def _train(model: Model, dataset: Dataset, cfg: TrainConfig, run_dir: Path, *, e
             data_state = batches.state_dict()
             last_loss = ce.item()
             if not math.isfinite(loss.item()):
-                raise TrainingError(f"step {step}: the loss is {loss.item()}; stopping. The last good checkpoint is "
-                                    f"kept in {run_dir / 'checkpoints'} (try a lower --lr)")
+                raise TrainingError(f"step {step}: the loss is {loss.item()}; stopping ({_last_good(run_dir, w)}; "
+                                    "try a lower learning rate)")
             now = time.perf_counter()
             tps = tokens_per_step / (now - tic)
             tic = now
