@@ -134,9 +134,10 @@ def real_dir(path: str | Path) -> Path:
     directory (writing below a link would write wherever it points)."""
     path = Path(path)
     _no_link(path, "into")
+    if path.exists() and not path.is_dir():
+        raise FileKindError(f"{path}: is {_kind(os.stat(path).st_mode)}, not a directory (remove it, or choose "
+                            "another output)")
     path.mkdir(exist_ok=True)
-    if not path.is_dir():
-        raise FileKindError(f"{path}: exists and is not a directory")
     return path
 
 
@@ -172,13 +173,22 @@ def copy_file(src: str | Path, dst: str | Path, kind: str = "tokenizer") -> None
 
 
 def open_nofollow(path: str | Path, flags: int, mode: int = 0o644) -> int:
-    """os.open with O_NOFOLLOW: a link at `path` is refused by name instead of followed."""
+    """os.open for writing in place (appends, locks) that refuses by name what would write elsewhere: a
+    symbolic link, a file with other names (a hard link shares its data), or anything but a regular file."""
     try:
-        return os.open(path, flags | os.O_NOFOLLOW | os.O_CLOEXEC, mode)
+        fd = os.open(path, flags | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK, mode)
     except OSError as e:
         if e.errno == errno.ELOOP:
             raise FileKindError(f"{path}: is a symbolic link; dh-mlx does not write through it (remove it)") from None
+        if e.errno == errno.ENXIO:  # a FIFO that nobody reads
+            raise FileKindError(f"{path}: is a FIFO (named pipe); dh-mlx does not write into it (remove it)") from None
         raise
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode) or st.st_nlink > 1:
+        os.close(fd)
+        what = _kind(st.st_mode) if not stat.S_ISREG(st.st_mode) else "a file with other names (hard links)"
+        raise FileKindError(f"{path}: is {what}; dh-mlx does not write into it (remove it)")
+    return fd
 
 
 def append_line(path: str | Path, line: str) -> None:

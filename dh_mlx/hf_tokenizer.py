@@ -8,7 +8,9 @@ Unlike our SentencePiece tokenizer, text that spells a special token encodes to 
 from __future__ import annotations
 
 import codecs
+import contextlib
 import functools
+import os
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -49,6 +51,22 @@ def _read_json(path: Path) -> dict:
 def _token_text(value: Any) -> str | None:
     """A special token as tokenizer_config.json writes it: a string or an AddedToken dict."""
     return value.get("content") if isinstance(value, dict) else value if isinstance(value, str) else None
+
+
+@contextlib.contextmanager
+def _rust_panics_unprinted():
+    """File descriptor 2 closed to the tokenizers library while it runs: a panic of its (a regex search past its
+    retry limit) writes a Rust backtrace there before it becomes a Python exception, which we report in one
+    line instead."""
+    saved = os.dup(2)
+    null = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(null, 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(null)
 
 
 def check_length(tokenizer, size: int, limit: int | None) -> None:
@@ -155,8 +173,11 @@ class HFTokenizer:
             raise HFTokenizerError(f"the text holds U+{ord(text[e.start]):04X} at character {e.start}: a lone "
                                    "surrogate, which no UTF-8 text can hold") from None
         try:
-            ids = self.tk.encode(text, add_special_tokens=False).ids
-        except Exception as e:  # the library's own errors (a pre-tokenizer regex that gave up, memory)
+            with _rust_panics_unprinted():
+                ids = self.tk.encode(text, add_special_tokens=False).ids
+        except (KeyboardInterrupt, SystemExit):
+            raise
+        except BaseException as e:  # the library's own errors, and its panics (a pre-tokenizer regex that gave up)
             raise HFTokenizerError(f"{self.path}: tokenizing failed: {str(e).splitlines()[0][:200]}") from None
         return ([self.bos_id] if bos and self.bos_id is not None else []) + ids + (
             [self.eos_id] if eos and self.eos_id is not None else [])

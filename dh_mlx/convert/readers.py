@@ -18,7 +18,7 @@ from ..config import ModelConfig
 from ..checkpoint.layout import to_file_layout
 from .errors import ConvertError
 from .torch_archive import RawTensor, read_export_archive, read_pickle_archive
-from ..files import LIMITS
+from ..files import LIMITS, FileKindError, regular_file
 
 
 def _is_torchscript(path: Path) -> bool:
@@ -78,8 +78,12 @@ def read_weights_file(path: str | Path, *, trust_code: bool = False) -> tuple[di
     """({name: torch tensor or mx array}, the config stored in the file or None). `trust_code` reads
     TorchScript and torch.export archives with PyTorch's loaders, which run code from the file."""
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise ConvertError(f"{path}: no such file")
+    try:
+        regular_file(path)
+    except FileKindError as e:
+        raise ConvertError(str(e)) from None
     if path.suffix == ".safetensors":
         import mlx.core as mx
         try:
