@@ -145,3 +145,16 @@ def test_a_write_below_a_linked_directory_is_refused(tmp_path, outside):
     with pytest.raises(FileKindError, match="symbolic link"):
         real_dir(tmp_path / "checkpoints")
     assert untouched()
+
+
+def test_plot_replaces_a_linked_png_and_leaves_its_target(outside, tmp_path):
+    pytest.importorskip("matplotlib")
+    from dh_mlx.train.plot import plot_run
+    d, untouched = outside
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text("".join(
+        f'{{"step": {i}, "ce": {5 - i / 10}, "mtp": 5.0, "loss": 5.0, "val_loss": 4.0}}\n' for i in range(1, 4)))
+    (run / "loss.png").symlink_to(d / "victim.txt")
+    assert plot_run(run) == [run / "loss.png"]
+    assert untouched() and not (run / "loss.png").is_symlink()
