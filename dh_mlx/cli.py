@@ -129,6 +129,39 @@ def chat_command(model: Optional[Path] = typer.Option(None, help="model director
             sys.stdout.flush()
 
 
+@app.command()
+def serve(model: Optional[str] = typer.Option(None, help="model directory (or hub repo id)"),
+          params: Optional[str] = typer.Option(None, help="size preset with random weights (default tiny)"),
+          host: str = typer.Option("127.0.0.1", help="address to listen on"),
+          port: int = typer.Option(8080, help="port to listen on (0: any free one)"),
+          max_concurrency: int = typer.Option(16, help="sequences decoding together"),
+          max_queue: int = typer.Option(64, help="requests waiting beyond them; more are answered 429"),
+          prefill_chunk: int = typer.Option(512, help="prompt tokens per prefill chunk"),
+          prefix_cache_gb: float = typer.Option(1.0, help="memory for reusable prompt prefixes, GB"),
+          kv_budget_gb: Optional[float] = typer.Option(None, help="latent-cache memory admission may use, GB "
+                                                                  "(default: half of what is free)"),
+          api_key: Optional[str] = typer.Option(None, help="require this bearer token on /v1/"),
+          model_name: Optional[str] = typer.Option(None, help="the name /v1/models lists (default: --model)"),
+          dtype: Optional[str] = typer.Option(None, help="float32, bfloat16 or float16 (default: by device)"),
+          bits: Optional[int] = typer.Option(None, help=BITS_HELP),
+          group_size: int = typer.Option(64, help="with --bits: values sharing a scale and bias"),
+          adapter: Optional[Path] = typer.Option(None, help="LoRA adapter directory, applied unfused")) -> None:
+    """An OpenAI-compatible server (chat and text completions, streaming, structured output, tool calls) that
+    batches concurrent requests; Ctrl-C or SIGTERM finishes the requests in flight, then exits."""
+    import logging
+
+    from .serve import serve as run
+    logging.basicConfig(format="%(asctime)s %(message)s", level=logging.WARNING)
+
+    def ready(bound: int) -> None:
+        typer.echo(f"serving {model or f'preset {params or DEFAULT_PRESET}'} on http://{host}:{bound}/v1 "
+                   f"(up to {max_concurrency} at once)", err=True)
+    from .config import DEFAULT_PRESET
+    run(model=model, params=params, host=host, port=port, max_concurrency=max_concurrency, max_queue=max_queue,
+        prefill_chunk=prefill_chunk, prefix_cache_gb=prefix_cache_gb, kv_budget_gb=kv_budget_gb, api_key=api_key,
+        model_name=model_name, dtype=dtype, bits=bits, group_size=group_size, adapter=adapter, on_ready=ready)
+
+
 def _exit_if_stopped(signum: int | None) -> None:
     """A run stopped by a signal (after saving a checkpoint) exits 128 + the signal, saying how to continue."""
     if signum is None:

@@ -158,6 +158,14 @@ class HFTokenizer:
         pad = self._id(self.pad_token)
         return pad if pad is not None else self.eos_id
 
+    def token_bytes(self) -> list[bytes | None]:
+        """The bytes each id stands for in decoded text (None: a special token, which decodes to nothing)."""
+        if self._bytes is not None:
+            return list(self._bytes)
+        added = self.tk.get_added_tokens_decoder()
+        return [None if i in added and added[i].special else self.tk.decode([i], skip_special_tokens=False).encode()
+                for i in range(self.vocab_size)]
+
     @functools.cached_property
     def max_token_bytes(self) -> int:
         """The most bytes of text one token stands for (so a text of n bytes needs >= n / this tokens)."""

@@ -88,6 +88,10 @@ class Tokenizer:
     def pad_id(self) -> int:
         return self.sp.pad_id()
 
+    def token_bytes(self) -> list[bytes | None]:
+        """The bytes each id stands for in decoded text (None: a control token, which decodes to nothing)."""
+        return list(self._bytes)
+
     @functools.cached_property
     def max_token_bytes(self) -> int:
         """The most bytes of text one token stands for (so a text of n bytes needs >= n / this tokens)."""

@@ -63,23 +63,32 @@ class LatentCache:
 
 class StepCache:
     """A compiled step's view of a LatentCache, with shapes that do not change per token: the L new positions
-    are written at `offset` (an int32 array) into the full capacity-C buffers, and attention reads all C
-    positions under a mask of the valid ones (`valid_mask`)."""
+    are written at `write` (an int32 array) into the full capacity-C buffers, and attention reads all C
+    positions under a mask of the valid ones (`valid_mask`).
+
+    With `pad` (B,), the view of a left-padded batch (`batch.BatchCache`): row b's positions start at pad[b],
+    so its RoPE positions (`offset`, per row) are write - pad and the mask also hides the padding."""
 
     has_past = True
 
-    def __init__(self, latent: mx.array, k_pe: mx.array, offset: mx.array):
-        self.latent, self.k_pe, self.offset = latent, k_pe, offset  # (B, 1, C, r), (B, 1, C, p), ()
+    def __init__(self, latent: mx.array, k_pe: mx.array, write: mx.array, pad: mx.array | None = None):
+        self.latent, self.k_pe, self.write, self.pad = latent, k_pe, write, pad  # (B, 1, C, r), (B, 1, C, p)
+        self.offset = write if pad is None else write - pad  # () or (B,): what RoPE rotates by
 
     def update_and_fetch(self, latent: mx.array, k_pe: mx.array) -> tuple[mx.array, mx.array]:
-        start = self.offset.reshape(1)
+        start = self.write.reshape(1)
         self.latent = mx.slice_update(self.latent, latent, start, axes=(2,))
         self.k_pe = mx.slice_update(self.k_pe, k_pe, start, axes=(2,))
         return self.latent, self.k_pe
 
     def valid_mask(self, L: int = 1) -> mx.array:
-        """(1, 1, L, C) bool: new token i sees the positions up to and including its own, offset + i."""
-        return (mx.arange(self.latent.shape[2])[None] <= self.offset + mx.arange(L)[:, None])[None, None]
+        """(1|B, 1, L, C) bool: new token i sees the positions up to and including its own, write + i (and,
+        in a padded batch, none of its row's padding)."""
+        positions = mx.arange(self.latent.shape[2])
+        seen = (positions[None] <= self.write + mx.arange(L)[:, None])[None, None]  # (1, 1, L, C)
+        if self.pad is None:
+            return seen
+        return seen & (positions >= self.pad[:, None])[:, None, None]  # (B, 1, L, C)
 
 
 def make_cache(config: ModelConfig) -> list[LatentCache]:

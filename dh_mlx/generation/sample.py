@@ -83,7 +83,7 @@ def make_sampler(temp: float = 0.0, top_p: float = 1.0, top_k: int = 0, min_p: f
 
     def sample(logits: mx.array) -> mx.array:
         logits = apply_min_p(apply_top_p(apply_top_k(logits.astype(mx.float32), top_k), top_p), min_p)
-        return mx.random.categorical(_scaled(logits, temp), axis=-1)
+        return mx.random.categorical(scaled(logits, temp), axis=-1)
 
     return sample
 
@@ -94,10 +94,10 @@ def sampling_distribution(logits: mx.array, temp: float, top_p: float = 1.0, top
     if temp == 0:
         return (mx.arange(logits.shape[-1]) == mx.argmax(logits, axis=-1, keepdims=True)).astype(mx.float32)
     logits = apply_min_p(apply_top_p(apply_top_k(logits.astype(mx.float32), top_k), top_p), min_p)
-    return mx.softmax(_scaled(logits, temp), axis=-1)
+    return mx.softmax(scaled(logits, temp), axis=-1)
 
 
-def _scaled(logits: mx.array, temp: float) -> mx.array:
+def scaled(logits: mx.array, temp: float) -> mx.array:
     """logits / temp. At a tiny temperature the quotient overflows to inf and the draw turns uniform (NaN);
     shifted by the row's maximum first it stays finite, and the top token gets all the probability."""
     if temp < 1e-3:
