@@ -19,7 +19,15 @@ class ParamCount:
     mtp_active: int
 
 
-def _attention(c: ModelConfig) -> int:
+def _indexer(c: ModelConfig, idx: int) -> int:
+    """The sparse-attention indexer of layer `idx`: wq_b, wk, k_norm (weight and bias), weights_proj."""
+    if not c.has_indexer(idx):
+        return 0
+    h, d = c.index_n_heads, c.index_head_dim
+    return c.q_lora_rank * h * d + c.hidden_size * d + 2 * d + c.hidden_size * h
+
+
+def _attention(c: ModelConfig, idx: int = 0) -> int:
     H, D, dq = c.num_attention_heads, c.hidden_size, c.qk_head_dim
     bias = c.attention_bias
     if c.q_lora_rank is None:
@@ -31,13 +39,13 @@ def _attention(c: ModelConfig) -> int:
     if bias:
         kv += c.kv_lora_rank + c.qk_rope_head_dim
     o = H * c.v_head_dim * D + (D if bias else 0)
-    return q + kv + o
+    return q + kv + o + _indexer(c, idx)
 
 
 def _layer(c: ModelConfig, idx: int) -> tuple[int, int]:
     """(total, active) parameters of decoder layer `idx`."""
     D = c.hidden_size
-    base = _attention(c) + 2 * D
+    base = _attention(c, idx) + 2 * D
     if not c.is_moe_layer(idx):
         ffn = 3 * D * c.intermediate_size
         return base + ffn, base + ffn
@@ -63,8 +71,14 @@ def count_params(c: ModelConfig) -> ParamCount:
 
 
 def kv_bytes_per_token(c: ModelConfig, dtype_bytes: int = 2) -> int:
-    """MLA caches the normalised latent and the shared RoPE key per layer: L x (r + p) values."""
-    return c.num_hidden_layers * (c.kv_lora_rank + c.qk_rope_head_dim) * dtype_bytes
+    """MLA caches the normalised latent and the shared RoPE key per layer: L x (r + p) values, and each layer
+    with a sparse-attention indexer its key (index_head_dim values)."""
+    return (c.num_hidden_layers * (c.kv_lora_rank + c.qk_rope_head_dim) + indexer_cache_values(c)) * dtype_bytes
+
+
+def indexer_cache_values(c: ModelConfig) -> int:
+    """Values per token the sparse-attention indexers cache (their keys), over the main stack."""
+    return sum(c.index_head_dim for i in range(c.num_hidden_layers) if c.has_indexer(i))
 
 
 def reference_kv_bytes_per_token(name: str, dtype_bytes: int = 2) -> int:

@@ -15,7 +15,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "dh_mlx"
 
 # Lowest first; a module belongs to the longest prefix listed. docs/architecture.md draws the same table.
 LAYERS = [
-    ["dh_mlx.ops", "dh_mlx.config", "dh_mlx.params", "dh_mlx.rope", "dh_mlx.outputs", "dh_mlx.tokenizer",
+    ["dh_mlx.ops", "dh_mlx.families", "dh_mlx.config", "dh_mlx.params", "dh_mlx.rope", "dh_mlx.outputs", "dh_mlx.tokenizer",
      "dh_mlx.hf_tokenizer", "dh_mlx.chat",
      "dh_mlx.checkpoint.layout", "dh_mlx.checkpoint"],
     ["dh_mlx.model", "dh_mlx.device"],

@@ -15,6 +15,7 @@ import warnings
 from pathlib import Path
 from typing import Any, Callable
 
+from .. import families
 from ..config import ModelConfig
 
 # A quantized expert has `scales` and `biases` beside its packed `weight` (mlx-lm's per-expert layout).
@@ -28,6 +29,28 @@ class CheckpointError(ValueError):
 
 
 # ---- file layout -> modules ------------------------------------------------------------------------------
+def release_names(config: ModelConfig, where: Path) -> Callable[[str], str | None] | None:
+    """A multimodal release's file names -> ours: its language model's tensors (under `language_model.`) with
+    the prefix dropped (and `blocks` read as `layers`, as transformers reads what it writes), None for the vision
+    tower and projector, which are not supported (one warning says how many were left out). None: names as
+    they are."""
+    prefix = families.TEXT_PREFIX.get(config.model_type)
+    if prefix is None:
+        return None
+    left_out = []
+
+    def rename(name: str) -> str | None:
+        if not name.startswith(prefix):
+            if not left_out:
+                warnings.warn(f"{where}: the {config.model_type} vision tower and projector are not supported; "
+                              "loading its language model (text only)")
+            left_out.append(name)
+            return None
+        name = name[len(prefix):]
+        return "model.layers." + name[len("model.blocks."):] if name.startswith("model.blocks.") else name
+    return rename
+
+
 def drop_rotary_buffers(w: dict, config: ModelConfig) -> dict:
     return {k: v for k, v in w.items() if not k.endswith("rotary_emb.inv_freq")}
 
@@ -212,6 +235,7 @@ def read_float32(path: Path, config: ModelConfig | None = None) -> dict:
     import numpy as np
 
     block = None if config is None else fp8_blocks(config, path)
+    rename = None if config is None else release_names(config, path)
     out, dtypes = {}, {}
     for f in safetensors_files(path):
         header = read_safetensors_header(f)
@@ -219,8 +243,9 @@ def read_float32(path: Path, config: ModelConfig | None = None) -> dict:
             start = 8 + int.from_bytes(fh.read(8), "little")
         data = np.memmap(f, dtype=np.uint8, mode="r", offset=start)
         for name, info in header.items():
-            if name == "__metadata__":
+            if name == "__metadata__" or (rename is not None and rename(name) is None):
                 continue
+            name = name if rename is None else rename(name)
             dtypes[name] = info["dtype"]
             fp8 = info["dtype"] == "F8_E4M3" and block is not None
             if info["dtype"] not in _NUMPY and not fp8:
@@ -270,6 +295,12 @@ def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
         out[f"{a}.kv_a_layernorm.weight"] = (r,)
         linear(f"{a}.kv_b_proj", H * (n + v), r)
         linear(f"{a}.o_proj", D, H * v, c.attention_bias)
+        if c.has_indexer(i):
+            Hi, Di = c.index_n_heads, c.index_head_dim
+            linear(f"{a}.indexer.wq_b", Hi * Di, c.q_lora_rank)
+            linear(f"{a}.indexer.wk", Di, D)
+            out[f"{a}.indexer.k_norm.weight"] = out[f"{a}.indexer.k_norm.bias"] = (Di,)
+            linear(f"{a}.indexer.weights_proj", Hi, D)
         out[f"{pre}.input_layernorm.weight"] = out[f"{pre}.post_attention_layernorm.weight"] = (D,)
         if c.is_moe_layer(i):
             E, I = c.n_routed_experts, c.moe_intermediate_size
@@ -364,8 +395,10 @@ def check_tensors(shapes: dict[str, tuple], expected: dict[str, tuple], where: P
 
 
 def keep_fp32(name: str) -> bool:
-    # The router runs in float32 everywhere (as transformers keeps it); its bias moves in 1e-3 steps.
-    return name.endswith("mlp.gate.weight") or name.endswith("e_score_correction_bias")
+    # The router runs in float32 everywhere (as transformers keeps it); its bias moves in 1e-3 steps. So does
+    # the sparse-attention indexer's head weighting (transformers keeps it in float32).
+    return (name.endswith("mlp.gate.weight") or name.endswith("e_score_correction_bias")
+            or name.endswith("indexer.weights_proj.weight"))
 
 
 def copy_tokenizer(src: Path, dst: Path) -> None:

@@ -44,7 +44,7 @@ def read_weights(path: Path, config: ModelConfig | None = None, dtype: mx.Dtype 
                  keep: Callable[[str], bool] | None = None) -> dict[str, mx.array]:
     """The directory's tensors as stored (those `keep` accepts; none is read before), FP8 block-scaled
     weights, with `config`, dequantized to `dtype` one at a time."""
-    weights, dtypes = lazy_tensors(path, keep)
+    weights, dtypes = lazy_tensors(path, keep, config)
     block = None if config is None else fp8_blocks(config, path)
     if block is not None:  # MLX reads F8_E4M3 as its bytes
         def finish(a: mx.array) -> mx.array:
