@@ -1,0 +1,154 @@
+"""The DeepSeek family as released since V3: DeepSeek-V3.2 and GLM-5 (sparse attention), GLM-4.7-Flash and
+Kimi-K2.5's language model. Random checkpoints that transformers builds and saves in the release layout (bf16
+shards with an index): our logits equal transformers' (float32 compute), with prompts longer than index_topk."""
+
+import json
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+from dh_mlx import load_model
+from dh_mlx.config import load_config
+from helpers import YARN
+
+transformers = pytest.importorskip("transformers")
+torch = pytest.importorskip("torch")
+
+SHAPES = dict(vocab_size=97, hidden_size=64, intermediate_size=96, moe_intermediate_size=32, num_hidden_layers=3,
+              num_attention_heads=4, num_key_value_heads=4, kv_lora_rank=32, q_lora_rank=48, qk_rope_head_dim=8,
+              qk_nope_head_dim=16, v_head_dim=24, n_routed_experts=8, n_shared_experts=1, num_experts_per_tok=2,
+              n_group=2, topk_group=1, first_k_dense_replace=1, routed_scaling_factor=2.5,
+              max_position_embeddings=512, tie_word_embeddings=False)
+# index_topk far below the prompt length, so the selection decides the logits; 16 indexer heads so that no two
+# positions tie at a score of exactly 0 (all heads' ReLU at 0) on the top-k boundary
+DSA = dict(index_topk=5, index_head_dim=16, index_n_heads=16)
+ROPE = {"rope_type": "yarn", "rope_theta": 10000.0, **{k: v for k, v in YARN.items() if k != "type"}}
+FAMILIES = {
+    "deepseek_v32": dict(model_type="deepseek_v32", **DSA),
+    "glm_moe_dsa": dict(model_type="glm_moe_dsa", **DSA),  # interleaved RoPE in the indexer
+    "glm_moe_dsa_shared": dict(model_type="glm_moe_dsa", indexer_types=["full", "shared", "full"], **DSA),
+    "glm4_moe_lite": dict(model_type="glm4_moe_lite", mlp_layer_types=["dense", "sparse", "sparse"]),
+    "glm4_moe_lite_half_split": dict(model_type="glm4_moe_lite", rope_interleave=False, n_group=1, topk_group=1),
+}
+
+
+def randomise(model, seed: int = 0):
+    """Norm gains, biases (the indexer's LayerNorm), router weights and selection biases away from their init."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name and name.endswith("weight"):
+                p.copy_(torch.rand(p.shape, generator=g) + 0.5)
+            elif name.endswith("bias"):
+                p.copy_(torch.rand(p.shape, generator=g) * 0.6 - 0.3)
+            elif name.endswith("mlp.gate.weight"):
+                p.copy_(torch.randn(p.shape, generator=g) * 0.5)
+        for name, b in model.named_buffers():
+            if name.endswith("e_score_correction_bias"):
+                b.copy_(torch.rand(b.shape, generator=g) * 0.6 - 0.3)
+    return model
+
+
+def release(path, name: str, **edits):
+    """A random transformers model of family `name`, saved as bf16 shards with an index (its release layout)."""
+    spec = {**SHAPES, "rope_parameters": ROPE, **FAMILIES[name], **edits}
+    config = transformers.AutoConfig.for_model(spec.pop("model_type"), **spec)
+    torch.manual_seed(0)
+    model = randomise(transformers.AutoModelForCausalLM.from_config(config))
+    model.to(torch.bfloat16).save_pretrained(path, max_shard_size="100KB")
+    assert len(list(path.glob("model-*.safetensors"))) > 1
+    return path
+
+
+def reference_logits(path, ids, cls=None):
+    model = (cls or transformers.AutoModelForCausalLM).from_pretrained(path, dtype=torch.float32)
+    with torch.no_grad():
+        return model(input_ids=torch.tensor(ids)).logits.numpy()
+
+
+def prompt(n: int = 16, batch: int = 2, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 97, (batch, n))
+
+
+@pytest.mark.parametrize("name", list(FAMILIES))
+def test_release_logits_equal_transformers(tmp_path, name):
+    path = release(tmp_path, name)
+    ids = prompt()
+    want = reference_logits(path, ids)
+    ours = load_model(path, dtype="float32")
+    got = np.array(ours(mx.array(ids)))
+    assert np.abs(got - want).max() <= 1e-4 and np.abs(want).max() > 0.1
+    if ours.config.sparse_attention:  # the selection matters: attending to every position gives other logits
+        assert ids.shape[1] > ours.config.index_topk
+        for layer in ours.layers:
+            if "indexer" in layer.self_attn:
+                layer.self_attn.indexer.index_topk = 1000
+        assert np.abs(np.array(ours(mx.array(ids))) - want).max() > 1e-2
+
+
+@pytest.mark.parametrize("name", ["deepseek_v32", "glm_moe_dsa_shared"])
+def test_cached_decoding_equals_the_full_forward(tmp_path, name):
+    """Chunked prefill, then one token at a time (plain and compiled fixed-capacity steps, past 256 positions):
+    each step's logits are the full forward's at that position."""
+    from dh_mlx.generation.cache import make_cache
+    from dh_mlx.generation.steps import compiled_decode_step, decode_step, prefill
+    model = load_model(release(tmp_path, name), dtype="float32")
+    ids = mx.array(prompt(280, batch=1, seed=1))
+    full = np.array(model(ids))[0]
+    for compiled in (False, True):
+        cache = make_cache(model.config)
+        logits, _ = prefill(model, ids[:, :23], cache, step_size=7)
+        errors = [np.abs(np.array(logits[0]) - full[22]).max()]
+        step = compiled_decode_step(model) if compiled else (lambda t, c: decode_step(model, t, c))
+        for t in range(23, ids.shape[1]):
+            logits, _ = step(ids[:, t:t + 1], cache)
+            errors.append(np.abs(np.array(logits[0]) - full[t]).max())
+        assert max(errors) <= 1e-4
+        indexed = [c for c in cache if c.index_k is not None]
+        assert len(indexed) == sum(model.config.has_indexer(i) for i in range(3)) and indexed[0].offset == 280
+
+
+def test_kimi_k25_runs_its_language_model_and_names_the_vision_tower(tmp_path):
+    """Kimi-K2.5 wraps a DeepSeek-V3 language model (`language_model.` tensors, `text_config`) with a vision
+    tower: the text model loads with transformers' logits; the vision tower is left out, by name."""
+    from dh_mlx.info import format_info, model_info
+    text = {**SHAPES, "model_type": "kimi_k2", "n_group": 1, "topk_group": 1, "rope_parameters": ROPE}
+    config = transformers.models.kimi_k25.Kimi_K25Config(
+        text_config=text, vision_config=dict(num_hidden_layers=1, hidden_size=32, intermediate_size=64,
+                                             num_attention_heads=2), projection_hidden_size=32,
+        tie_word_embeddings=False)
+    torch.manual_seed(0)
+    model = randomise(transformers.Kimi_K25ForConditionalGeneration(config))
+    model.to(torch.bfloat16).save_pretrained(tmp_path, max_shard_size="100KB")
+    ids = prompt()
+    want = reference_logits(tmp_path, ids, transformers.Kimi_K25ForConditionalGeneration)
+    with pytest.warns(UserWarning, match="vision tower and projector are not supported"):
+        ours = load_model(tmp_path, dtype="float32")
+    assert np.abs(np.array(ours(mx.array(ids))) - want).max() <= 1e-4
+    assert "vision tower      not supported" in format_info(model_info(load_config(tmp_path)), "k25")
+
+
+def test_an_fp8_v32_release_loads_as_the_weights_it_stands_for(tmp_path):
+    """V3.2 ships FP8 blocks, the indexer's wq_b and wk included (weights_proj in bf16)."""
+    from helpers import make_fp8
+    fp8, deq, _ = make_fp8(release(tmp_path / "bf16", "deepseek_v32"), tmp_path / "fp8", tmp_path / "deq")
+    header = json.loads((fp8 / "model.safetensors.index.json").read_text())["weight_map"]
+    assert "model.layers.1.self_attn.indexer.wq_b.weight_scale_inv" in header
+    ids = mx.array(prompt())
+    a, b = load_model(fp8, dtype="float32")(ids), load_model(deq, dtype="float32")(ids)
+    assert mx.abs(a - b).max().item() <= 1e-5
+
+
+def test_info_counts_the_indexer_and_its_key_cache(tmp_path):
+    from mlx.utils import tree_flatten
+    from dh_mlx.info import model_info
+    from dh_mlx.params import count_params
+    model = load_model(release(tmp_path, "glm_moe_dsa_shared"), dtype="float32")
+    c = model.config
+    assert count_params(c).total == sum(v.size for _, v in tree_flatten(model.parameters()))
+    info = model_info(c)
+    # per layer the latent and the RoPE key (32 + 8), and in the two layers with an indexer its key (16)
+    assert info["kv_bytes_per_token"] == 2 * (3 * (32 + 8) + 2 * 16) and info["indexer_kv_bytes_per_token"] == 64
+    assert info["sparse_attention"] == {"index_topk": 5, "index_n_heads": 16, "index_head_dim": 16,
+                                        "layers_with_indexer": 2}
