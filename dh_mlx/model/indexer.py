@@ -78,8 +78,9 @@ def index_scores(q: mx.array, key: mx.array, w: mx.array, mask: Any) -> mx.array
     S = key.shape[2]
     q, kt = q.astype(mx.float32), key.astype(mx.float32).swapaxes(-1, -2)  # (B, 1, d, S)
     if H * L * S <= _AT_ONCE:
-        s = mx.maximum(q @ kt, 0)  # (B, h, L, S)
-        scores = (s * w.transpose(0, 2, 1)[..., None]).sum(axis=1)
+        # heads folded into rows: one (h*L, d) x (d, S) product reads the keys once
+        s = mx.maximum(q.reshape(B, 1, H * L, -1) @ kt, 0).reshape(B, H, L, S).transpose(0, 2, 1, 3)  # (B, L, h, S)
+        scores = (w[:, :, None, :] @ s)[:, :, 0]  # (B, L, 1, h) @ (B, L, h, S) -> (B, L, S)
     else:
         scores = mx.zeros((B, L, S), mx.float32)
         for i in range(H):
@@ -109,14 +110,14 @@ def gather_selected(topk: mx.array, latent: mx.array, k_pe: mx.array, mask: Any
     k_pe (B, 1, S, p) -> (B, 1, k, p), and `mask` (an array over S, e.g. the valid positions of a fixed-capacity
     cache) -> (B, 1, 1, k); attention then reads k positions, whatever S is."""
     B, _, k = topk.shape
-    idx = topk.reshape(B, 1, k, 1)
+    S = latent.shape[2]
+    rows = (topk.reshape(B, k) + (mx.arange(B) * S)[:, None]).reshape(-1)  # row numbers in (B*S, .)
 
     def take(a: mx.array) -> mx.array:
-        return mx.take_along_axis(a, mx.broadcast_to(idx, (B, 1, k, a.shape[-1])), axis=2)
+        return mx.take(a.reshape(B * S, a.shape[-1]), rows, axis=0).reshape(B, 1, k, a.shape[-1])
 
     if isinstance(mask, mx.array):
-        mask = mx.take_along_axis(mx.broadcast_to(mask, (B, 1, 1, mask.shape[-1])), idx.reshape(B, 1, 1, k),
-                                  axis=-1)
+        mask = mx.take(mx.broadcast_to(mask, (B, 1, 1, S)).reshape(B * S), rows).reshape(B, 1, 1, k)
     else:
         mask = None  # one query, past positions only: every chosen one is visible
     return take(latent), take(k_pe), mask
