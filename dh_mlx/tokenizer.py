@@ -83,10 +83,15 @@ class Tokenizer:
     def pad_id(self) -> int:
         return self.sp.pad_id()
 
-    def encode_chat(self, messages: list[dict], *, add_generation_prompt: bool = True) -> list[int]:
+    def encode_chat(self, messages: list[dict], *, add_generation_prompt: bool = True, **template_args
+                    ) -> list[int]:
         """Ids of `messages` in our chat format (CHAT_TEMPLATE), each part tokenized on its own as
-        train/data.py tokenizes a `messages` record; then `Assistant: ` for the reply."""
-        from .chat import check_messages
+        train/data.py tokenizes a `messages` record; then `Assistant: ` for the reply. Our format has no
+        variables: `template_args` (a release template's) are refused."""
+        from .chat import ChatTemplateError, check_messages
+        if template_args:
+            raise ChatTemplateError(f"our tokenizer's chat format takes no template arguments "
+                                    f"({', '.join(template_args)}); they are for a tokenizer.json chat template")
         ids = [self.bos_id]
         for m in check_messages(messages):
             if m["role"] == "assistant":

@@ -110,14 +110,19 @@ def gather_selected(topk: mx.array, latent: mx.array, k_pe: mx.array, mask: Any
     k_pe (B, 1, S, p) -> (B, 1, k, p), and `mask` (an array over S, e.g. the valid positions of a fixed-capacity
     cache) -> (B, 1, 1, k); attention then reads k positions, whatever S is."""
     B, _, k = topk.shape
-    S = latent.shape[2]
-    rows = (topk.reshape(B, k) + (mx.arange(B) * S)[:, None]).reshape(-1)  # row numbers in (B*S, .)
+    if B == 1:  # one index list: a take along the positions, no copy of the cache
+        idx = topk.reshape(k)
+        take = lambda a: mx.take(a, idx, axis=2)  # noqa: E731
+        mask = mx.take(mask, idx, axis=-1) if isinstance(mask, mx.array) else None
+        return take(latent), take(k_pe), mask
+    idx = topk.reshape(B, 1, k, 1)
 
-    def take(a: mx.array) -> mx.array:
-        return mx.take(a.reshape(B * S, a.shape[-1]), rows, axis=0).reshape(B, 1, k, a.shape[-1])
+    def take_rows(a: mx.array) -> mx.array:
+        return mx.take_along_axis(a, mx.broadcast_to(idx, (B, 1, k, a.shape[-1])), axis=2)
 
     if isinstance(mask, mx.array):
-        mask = mx.take(mx.broadcast_to(mask, (B, 1, 1, S)).reshape(B * S), rows).reshape(B, 1, 1, k)
+        mask = mx.take_along_axis(mx.broadcast_to(mask, (B, 1, 1, mask.shape[-1])), idx.reshape(B, 1, 1, k),
+                                  axis=-1)
     else:
         mask = None  # one query, past positions only: every chosen one is visible
-    return take(latent), take(k_pe), mask
+    return take_rows(latent), take_rows(k_pe), mask
