@@ -347,6 +347,9 @@ class ModelConfig:
         # HF's config does not store scoring_func/topk_method defaults; we always write them explicitly.
         for k, v in self.extra.items():
             out.setdefault(k, v)
+        if kind in families.KEPT:  # transformers 5's key too (mlx-lm's glm_moe_dsa requires it)
+            out["rope_parameters"] = {"rope_type": self.rope_type, "rope_theta": self.rope_theta,
+                                      **{k: v for k, v in (self.rope_scaling or {}).items() if k != "type"}}
         return out
 
     def replace(self, **changes: Any) -> "ModelConfig":

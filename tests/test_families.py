@@ -152,3 +152,72 @@ def test_info_counts_the_indexer_and_its_key_cache(tmp_path):
     assert info["kv_bytes_per_token"] == 2 * (3 * (32 + 8) + 2 * 16) and info["indexer_kv_bytes_per_token"] == 64
     assert info["sparse_attention"] == {"index_topk": 5, "index_n_heads": 16, "index_head_dim": 16,
                                         "layers_with_indexer": 2}
+
+
+@pytest.mark.parametrize("name", ["deepseek_v32", "glm_moe_dsa", "glm4_moe_lite"])
+def test_convert_mlx_loads_in_mlx_lm_with_our_logits(tmp_path, name):
+    """`convert mlx` (4-bit): mlx-lm's deepseek_v32 / glm_moe_dsa / glm4_moe_lite load the directory and give our
+    logits (mlx-lm's glm4_moe_lite normalises the query and latent with rms_norm_eps, transformers with 1e-6:
+    a few 1e-5 apart on these weights)."""
+    from pathlib import Path
+    mlx_lm_utils = pytest.importorskip("mlx_lm.utils")
+    from dh_mlx.checkpoint.quantized import convert_mlx
+    convert_mlx(release(tmp_path / "src", name), tmp_path / "mlx", bits=4, group_size=32, dtype="float32")
+    config = json.loads((tmp_path / "mlx" / "config.json").read_text())
+    assert config["model_type"] == FAMILIES[name]["model_type"] and config["quantization"]["bits"] == 4
+    ours = load_model(tmp_path / "mlx", dtype="float32")
+    theirs, _ = mlx_lm_utils.load_model(Path(tmp_path / "mlx"))
+    ids = mx.array(prompt())
+    assert mx.abs(ours(ids) - theirs(ids)).max().item() <= 1e-4
+
+
+@pytest.mark.parametrize("name", ["deepseek_v32", "glm_moe_dsa_shared", "glm4_moe_lite"])
+def test_convert_hf_round_trip(tmp_path, name):
+    """`convert hf` writes the family under its own model_type: transformers loads it with our logits, and so
+    do we."""
+    from dh_mlx.convert import export_hf
+    src = release(tmp_path / "src", name)
+    export_hf(src, tmp_path / "hf", dtype="float32")
+    assert json.loads((tmp_path / "hf" / "config.json").read_text())["model_type"] == FAMILIES[name]["model_type"]
+    ids = prompt()
+    ours = np.array(load_model(src, dtype="float32")(mx.array(ids)))
+    assert np.abs(ours - reference_logits(tmp_path / "hf", ids)).max() <= 1e-4
+    assert np.array_equal(ours, np.array(load_model(tmp_path / "hf", dtype="float32")(mx.array(ids))))
+
+
+@pytest.mark.parametrize("name", ["deepseek_v32", "glm_moe_dsa_shared"])
+def test_lora_and_qlora_lower_the_loss(tmp_path, name):
+    """LoRA on the float release and QLoRA (`--bits 4` as it loads) on a sparse-attention model, gradient
+    checkpointing on for the shared-selection one."""
+    from dh_mlx.checkpoint.weights import copy_tokenizer
+    from dh_mlx.train.lora_run import lora
+    from helpers import model_with_tokenizer
+    (tmp_path / "tok").mkdir()
+    tok_dir = model_with_tokenizer(tmp_path / "tok")
+    src = release(tmp_path / "src", name, vocab_size=400, index_topk=12)
+    copy_tokenizer(tok_dir, src)
+    for bits in (None, 4):
+        result = lora(model=src, data=tmp_path / "tok" / "data.jsonl", out=tmp_path / f"run{bits}", rank=4,
+                      steps=12, batch_size=4, seq_len=32, eval_every=12, lr=1e-2, progress=False, bits=bits,
+                      group_size=32, grad_checkpointing=name.endswith("shared"))
+        assert result.val_loss < result.val_loss_before - 0.05
+
+
+def test_generate_with_bits_and_mtp_on_a_v32_model(tmp_path):
+    """A V3.2 model with its MTP layer (an indexer of its own): `--bits 4` generation runs, and MTP
+    speculative decoding gives the same greedy tokens as plain decoding, past index_topk positions."""
+    from dh_mlx import random_model, save_model
+    from dh_mlx.config import ModelConfig
+    from dh_mlx.generation import generate_tokens
+    from dh_mlx.generation.speculative import DraftPolicy
+    from helpers import BASE
+    config = ModelConfig(**{**BASE, "model_type": "deepseek_v32", **DSA})
+    save_model(random_model(config, seed=3, dtype="float32"), tmp_path)
+    model = load_model(tmp_path, dtype="float32")
+    assert "indexer" in model.model.mtp_layers[0].self_attn
+    ids = prompt(20, batch=1)[0].tolist()
+    plain = list(generate_tokens(model, ids, max_tokens=24, mtp=False))
+    drafted = list(generate_tokens(model, ids, max_tokens=24, mtp=True, draft_policy=DraftPolicy(adaptive=False)))
+    assert plain == drafted and len(plain) == 24
+    quantized = load_model(tmp_path, bits=4, group_size=32)
+    assert len(list(generate_tokens(quantized, ids, max_tokens=8))) == 8

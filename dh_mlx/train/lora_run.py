@@ -55,10 +55,10 @@ class LoRAResult:
 def _checkpointed(cls: type) -> type:
     """A subclass of a decoder-layer class whose call keeps only its inputs for the backward pass."""
 
-    def __call__(self, x, mask="causal", cache=None, domain_ids=None):
+    def __call__(self, x, mask="causal", cache=None, domain_ids=None, shared=None):
         def inner(params, x, mask, domain_ids):
             self.update(params)
-            h, r = cls.__call__(self, x, mask, cache, domain_ids)
+            h, r = cls.__call__(self, x, mask, cache, domain_ids, shared)
             # `+ 0`: MLX 0.32's checkpoint misaligns cotangents when an output is a stop_gradient node
             return h, None if r is None else (r.indices + 0, r.weights, r.scores)
 
