@@ -221,3 +221,58 @@ def test_generate_with_bits_and_mtp_on_a_v32_model(tmp_path):
     assert plain == drafted and len(plain) == 24
     quantized = load_model(tmp_path, bits=4, group_size=32)
     assert len(list(generate_tokens(quantized, ids, max_tokens=8))) == 8
+
+
+_V3 = dict(vocab_size=129280, hidden_size=7168, intermediate_size=18432, moe_intermediate_size=2048,
+           num_hidden_layers=61, num_attention_heads=128, n_shared_experts=1, n_routed_experts=256,
+           routed_scaling_factor=2.5, kv_lora_rank=512, q_lora_rank=1536, qk_rope_head_dim=64, v_head_dim=128,
+           qk_nope_head_dim=128, n_group=8, topk_group=4, num_experts_per_tok=8, first_k_dense_replace=3,
+           num_nextn_predict_layers=1, max_position_embeddings=163840)
+_GLM = dict(vocab_size=154880, n_shared_experts=1, kv_lora_rank=512, qk_rope_head_dim=64, v_head_dim=256,
+            qk_nope_head_dim=192, n_group=1, topk_group=1, num_nextn_predict_layers=1, max_position_embeddings=202752)
+# The release shapes (their config.json keys), with what README's release table says of them.
+RELEASES = {
+    "DeepSeek-V3.2-Exp, V3.2": ({**_V3, "model_type": "deepseek_v32", "index_topk": 2048, "index_head_dim": 128,
+                                 "index_n_heads": 64}, "672 B", "359 GiB"),
+    "GLM-5": ({**_GLM, "model_type": "glm_moe_dsa", "hidden_size": 6144, "intermediate_size": 12288,
+               "moe_intermediate_size": 2048, "num_hidden_layers": 78, "num_attention_heads": 64, "q_lora_rank": 2048,
+               "n_routed_experts": 256, "num_experts_per_tok": 8, "first_k_dense_replace": 3, "index_topk": 2048,
+               "index_head_dim": 128, "index_n_heads": 32}, "744 B", "395 GiB"),
+    "GLM-4.7-Flash": ({**_GLM, "model_type": "glm4_moe_lite", "hidden_size": 2048, "intermediate_size": 10240,
+                       "moe_intermediate_size": 1536, "num_hidden_layers": 47, "num_attention_heads": 20,
+                       "q_lora_rank": 768, "n_routed_experts": 64, "num_experts_per_tok": 4,
+                       "first_k_dense_replace": 1}, "30 B", "16.2 GiB"),
+    "Kimi-K2.5": ({"model_type": "kimi_k25", "tie_word_embeddings": False, "vision_config": {"hidden_size": 1152},
+                   "text_config": {**_V3, "model_type": "kimi_k2", "vocab_size": 163840, "num_attention_heads": 64,
+                                   "n_routed_experts": 384, "n_group": 1, "topk_group": 1, "first_k_dense_replace": 1,
+                                   "num_nextn_predict_layers": 0}}, "1.03 T", "538 GiB"),
+}
+
+
+@pytest.mark.parametrize("name", list(RELEASES))
+def test_the_readme_release_table_is_dh_mlx_info_of_the_release_shapes(tmp_path, name):
+    """The parameters and 4-bit size README gives each release are `dh-mlx info`'s for its shapes; the memory
+    guard refuses the release here, before a weight is read, naming what it needs."""
+    from pathlib import Path
+    from dh_mlx.config import REPO_DIR
+    from dh_mlx.info import model_info
+    d, total, four_bit = RELEASES[name]
+    (tmp_path / "config.json").write_text(json.dumps(d))
+    info = model_info(load_config(tmp_path))
+    n = info["total_params"]
+    assert (f"{n / 1e12:.2f} T" if n >= 1e12 else f"{n / 1e9:.0f} B") == total
+    assert f"{info['weight_bytes']['4-bit'] / 2**30:.{1 if four_bit.startswith('16') else 0}f} GiB" == four_bit
+    row = [line for line in Path(REPO_DIR / "README.md").read_text().splitlines() if line.startswith(f"| {name}")]
+    assert len(row) == 1 and f"{total}" in row[0] and f"| {four_bit} |" in row[0]
+    with pytest.raises(MemoryError, match=rf"{(n + info['mtp_params']) / 1e9:.2f} B parameters need"):
+        load_model(tmp_path)
+
+
+def test_the_indexer_is_in_the_parameter_count():
+    from dh_mlx.config import ModelConfig
+    from dh_mlx.params import count_params
+    d = RELEASES["DeepSeek-V3.2-Exp, V3.2"][0]
+    v32, v3 = ModelConfig.from_dict(d), ModelConfig.from_dict({**d, "model_type": "deepseek_v3"})
+    per_layer = 1536 * 64 * 128 + 7168 * 128 + 2 * 128 + 7168 * 64  # wq_b, wk, k_norm, weights_proj
+    assert count_params(v32).total - count_params(v3).total == 61 * per_layer
+    assert count_params(v32).mtp - count_params(v3).mtp == per_layer  # the MTP layer has its own indexer

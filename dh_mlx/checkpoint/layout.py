@@ -328,7 +328,12 @@ def fp8_blocks(config: ModelConfig, where: Path) -> tuple[int, int] | None:
     """The (rows, columns) of one scale block when `quantization_config` says the weights are FP8 with block
     scales (DeepSeek-V3's release format, `quant_method: fp8`), else None."""
     qc = config.extra.get("quantization_config") or {}
-    if qc.get("quant_method") != "fp8":
+    method = qc.get("quant_method")
+    if method not in (None, "fp8"):  # e.g. compressed-tensors INT4 (Kimi-K2 Thinking, Kimi-K2.5)
+        raise CheckpointError(f"{where}: quantization_config.quant_method {method!r} "
+                              f"({qc.get('format', 'its own tensor format')}) is not supported; dh-mlx reads float, "
+                              "FP8-block and MLX-quantized checkpoints")
+    if method != "fp8":
         return None
     block = qc.get("weight_block_size", [128, 128])
     if not (isinstance(block, list) and len(block) == 2 and all(isinstance(b, int) and b > 0 for b in block)):
