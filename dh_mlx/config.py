@@ -380,6 +380,9 @@ def load_config(path: str | Path) -> ModelConfig:
     if not isinstance(d, dict):
         raise ValueError(f"{p}: expected a JSON object, got {type(d).__name__}")
     try:
+        if d.get("model_type") == "deepseek_v4":  # its own architecture (config_v4.py)
+            from .config_v4 import V4Config
+            return V4Config.from_dict(d, strict=True)
         return ModelConfig.from_dict(d, strict=True)
     except (ValueError, TypeError) as e:
         raise ValueError(f"{p}: {e}") from None

@@ -40,6 +40,9 @@ def normalize(d: dict[str, Any]) -> dict[str, Any]:
     """A config.json dict of any family as ModelConfig's keys: the text model of a multimodal wrapper lifted to
     the top, the family's defaults filled in, its per-layer schedules spelled out as transformers derives them."""
     kind = d.get("model_type", "deepseek_v3")
+    if kind == "deepseek_v4":
+        raise ValueError("config field 'model_type': deepseek_v4 is DeepSeek-V4's own architecture "
+                         "(config_v4.V4Config, which load_config reads), not a DeepSeek-V3 family member")
     if kind not in MODEL_TYPES:
         raise _error("model_type", f"one of {', '.join(MODEL_TYPES)}", kind)
     d = dict(d)

@@ -9,7 +9,7 @@ from . import backend
 from .device import compute_dtype
 from .backend.cpu.streams import WIDE_BFS_WIDTH
 from .params import CONTEXTS, KV_REFERENCES, count_params, indexer_cache_values, kv_bytes_per_token, \
-    reference_kv_bytes_per_token, weight_bytes
+    reference_kv_bytes_per_token, v4_window_bytes, weight_bytes
 
 
 def model_info(config: ModelConfig) -> dict[str, Any]:
@@ -33,8 +33,11 @@ def model_info(config: ModelConfig) -> dict[str, Any]:
         if config.sparse_attention else None,
         "vision_tower": "not supported (the language model runs, text only)" if config.model_type == "kimi_k25"
         else None,
+        # DeepSeek-V4: per token only compressed entries are cached; the sliding windows are a constant
+        "kv_window_bytes": v4_window_bytes(config) if config.model_type == "deepseek_v4" else 0,
         "kv_dtype": "bfloat16",
-        "kv_bytes": {name: kv * n for name, n in CONTEXTS.items()},
+        "kv_bytes": {name: kv * n + (v4_window_bytes(config) if config.model_type == "deepseek_v4" else 0)
+                     for name, n in CONTEXTS.items()},
         "weight_bytes": {label: weight_bytes(p.total + p.mtp, bits)
                          for label, bits in (("float32", 32), ("bfloat16", 16), ("8-bit", 8), ("4-bit", 4))},
         "kv_references": {name: {"kv_bytes_per_token": reference_kv_bytes_per_token(name),
@@ -103,6 +106,9 @@ def format_info(info: dict[str, Any], title: str) -> str:
                  ", ".join(f"{c} {_size(v)}" for c, v in info["kv_bytes"].items()))
     if info["indexer_kv_bytes_per_token"]:
         lines.append(f"    of which the indexers' keys {info['indexer_kv_bytes_per_token']:,} B/token")
+    if info["kv_window_bytes"]:
+        lines.append(f"    (compressed entries per token; plus the sliding windows, {_size(info['kv_window_bytes'])} at any "
+                     "length)")
     for name, ref in info["kv_references"].items():
         ratio = ref["kv_bytes_per_token"] / info["kv_bytes_per_token"]
         lines.append(f"    vs {name:<13} {ref['kv_bytes_per_token']:,} B/token ({ratio:.1f}x ours); " +

@@ -34,6 +34,9 @@ def release_names(config: ModelConfig, where: Path) -> Callable[[str], str | Non
     the prefix dropped (and `blocks` read as `layers`, as transformers reads what it writes), None for the vision
     tower and projector, which are not supported (one warning says how many were left out). None: names as
     they are."""
+    if config.model_type == "deepseek_v4":
+        from .v4_layout import v4_names
+        return v4_names(where)
     prefix = families.TEXT_PREFIX.get(config.model_type)
     if prefix is None:
         return None

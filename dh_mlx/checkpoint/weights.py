@@ -238,7 +238,12 @@ def load_model(path: str | Path, *, dtype: str | None = None, bits: int | None =
     keep = None
     if layers is None:
         memory_check(dtype, str(path), qc)(path)
-    else:
+    if config.model_type == "deepseek_v4":  # its own architecture and layout (v4_weights.py)
+        if qc is not None or layers is not None:
+            raise ValueError(f"{path}: deepseek_v4 loads as it is stored (float or FP8): no --bits or --pipeline")
+        from .v4_weights import load_v4_model
+        return load_v4_model(path, config, dt)
+    if layers is not None:
         config = config.replace(num_nextn_predict_layers=0)
         keep = owned_by(layers, config)
     if qc is not None:

@@ -40,6 +40,10 @@ class LatentCache:
         self.index_k[:, :, self.offset - L:self.offset] = key
         return self.index_k[:, :, : self.offset]
 
+    def arrays(self) -> list[mx.array]:
+        """The buffers (what a prefill chunk evaluates)."""
+        return [a for a in (self.latent, self.k_pe, self.index_k) if a is not None]
+
     @property
     def has_past(self) -> bool:
         """Whether earlier positions are cached (MLA then attends through the absorbed path)."""
@@ -100,5 +104,8 @@ class StepCache:
 
 
 def make_cache(config: ModelConfig) -> list[LatentCache]:
-    """One cache per layer of the main stack."""
+    """One cache per layer of the main stack (DeepSeek-V4: its own, v4_cache.py)."""
+    if config.model_type == "deepseek_v4":
+        from .v4_cache import V4LayerCache
+        return [V4LayerCache() for _ in range(config.num_hidden_layers)]
     return [LatentCache() for _ in range(config.num_hidden_layers)]

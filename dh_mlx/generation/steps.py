@@ -59,8 +59,7 @@ def prefill(model: Model, tokens: mx.array, cache: list[LatentCache], *, step_si
         h, _ = model.model(tokens[:, start:end], cache, d)
         if mtp_cache is not None:
             model.mtp_forward(h, tokens[:, start + 1:end + 1], cache=mtp_cache, domain_ids=d)
-        mx.eval([a for c in cache for a in (c.latent, c.index_k) if a is not None],
-                [] if mtp_cache is None else mtp_cache.latent,
+        mx.eval([c.arrays() for c in cache], [] if mtp_cache is None else mtp_cache.latent,
                 h if getattr(model, "pipelined", False) else [])  # a pipeline rank's output carries its send
     out = model.forward(tokens[:, T - 1:], cache, d)
     return out.logits[:, -1], out.hidden[:, -1]
