@@ -204,6 +204,12 @@ class V4Config:
         return V4Config.from_dict({**self.to_dict(), **changes})
 
 
+def refuse(config: Any, what: str) -> None:
+    """A one-line refusal of `what` (a command or operation of the DeepSeek-V3 family) for a V4 config."""
+    if getattr(config, "model_type", None) == "deepseek_v4":
+        raise ValueError(f"{what} does not take deepseek_v4 models (dh-mlx runs them: generate, chat, info)")
+
+
 @dataclass(frozen=True)
 class _Rope:
     qk_rope_head_dim: int

@@ -18,6 +18,7 @@ from typing import Callable
 import mlx.core as mx
 from mlx.utils import tree_flatten
 
+from ..config_v4 import refuse
 from ..config import ModelConfig
 from ..device import DTYPES
 from ..model import Model
@@ -64,6 +65,7 @@ class QuantizedStream:
 
     def __init__(self, path: Path, config: ModelConfig, qc: QuantConfig, *, mtp: bool = True,
                  dtype: mx.Dtype | None = None, embedding_copies: bool = True):
+        refuse(config, f"{path}: quantizing")
         if config.extra.get("quantization") is not None:
             raise CheckpointError(f"{path}: already quantized (load it as it is, without --bits; to quantize it "
                                   "again, start from its float checkpoint)")

@@ -77,5 +77,5 @@ def e8m0_scales(w: dict, dtypes: dict[str, str], xp: Any) -> dict:
     out = dict(w)
     for k, v in w.items():
         if k.endswith("_scale_inv") and dtypes.get(k) in ("F8_E8M0", "U8"):
-            out[k] = xp.exp2(v.astype(xp.float32) - 127.0)
+            out[k] = xp.power(xp.array(2.0, xp.float32), v.astype(xp.float32) - 127.0)
     return out

@@ -236,11 +236,12 @@ def load_model(path: str | Path, *, dtype: str | None = None, bits: int | None =
     path = resolve_path(path, before_download=memory_check(dtype, str(path), qc) if layers is None else None)
     config = load_config(path)
     keep = None
+    v4 = config.model_type == "deepseek_v4"  # its own architecture and layout (v4_weights.py)
+    if v4 and (qc is not None or layers is not None):
+        raise ValueError(f"{path}: deepseek_v4 loads as it is stored (float or FP8): no --bits or --pipeline")
     if layers is None:
         memory_check(dtype, str(path), qc)(path)
-    if config.model_type == "deepseek_v4":  # its own architecture and layout (v4_weights.py)
-        if qc is not None or layers is not None:
-            raise ValueError(f"{path}: deepseek_v4 loads as it is stored (float or FP8): no --bits or --pipeline")
+    if v4:
         from .v4_weights import load_v4_model
         return load_v4_model(path, config, dt)
     if layers is not None:
