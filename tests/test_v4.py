@@ -203,3 +203,15 @@ def test_generation_decodes_greedily_and_other_commands_refuse_by_name(tmp_path)
         export_hf(path, tmp_path / "hf")
     with pytest.raises(ValueError, match="no --bits"):
         load_model(path, bits=4)
+
+
+def test_the_readme_row_is_dh_mlx_info_of_v4_flash(tmp_path):
+    """transformers' DeepseekV4Config defaults are V4-Flash's shapes: 284 B parameters (13.8 B active)."""
+    from pathlib import Path
+    from dh_mlx.config import REPO_DIR
+    from dh_mlx.config_v4 import V4Config
+    from dh_mlx.info import model_info
+    info = model_info(V4Config())
+    assert round(info["total_params"] / 1e9) == 284 and round(info["active_params"] / 1e9, 1) == 13.8
+    row = [r for r in Path(REPO_DIR / "README.md").read_text().splitlines() if r.startswith("| DeepSeek-V4-Flash")]
+    assert f"| {info['weight_bytes']['4-bit'] / 2**30:.0f} GiB |" in row[0] and "284 B" in row[0]
