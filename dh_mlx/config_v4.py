@@ -19,6 +19,12 @@ MLP_TYPES = ("hash_moe", "moe")
 _RATIO_TO_TYPE = {0: "sliding_attention", 4: "compressed_sparse_attention", 128: "heavily_compressed_attention"}
 _SCORING = ("sqrtsoftplus", "softmax", "sigmoid")
 _DERIVED = ("architectures", "model_type", "qk_rope_head_dim", "intermediate_size")
+# Upper bounds checked before anything is built from a size (a hostile config.json cannot make us allocate).
+LIMITS = {"vocab_size": 1 << 24, "hidden_size": 1 << 16, "moe_intermediate_size": 1 << 20, "num_hidden_layers": 1024,
+          "num_attention_heads": 1024, "head_dim": 4096, "q_lora_rank": 1 << 16, "num_experts_per_tok": 1 << 10,
+          "n_routed_experts": 1 << 14, "hc_mult": 64, "hc_sinkhorn_iters": 1000, "sliding_window": 1 << 20,
+          "o_groups": 1024, "o_lora_rank": 1 << 16, "index_n_heads": 1024, "index_head_dim": 4096,
+          "index_topk": 1 << 20, "max_position_embeddings": 1 << 24}
 REQUIRED = ("vocab_size", "hidden_size", "moe_intermediate_size", "num_hidden_layers", "num_attention_heads",
             "head_dim", "q_lora_rank", "o_groups", "o_lora_rank", "hc_mult")
 
@@ -77,15 +83,13 @@ class V4Config:
 
     def __post_init__(self) -> None:
         n = self.num_hidden_layers
-        for name in ("vocab_size", "hidden_size", "moe_intermediate_size", "num_hidden_layers", "num_attention_heads",
-                     "head_dim", "q_lora_rank", "num_experts_per_tok", "n_routed_experts", "hc_mult",
-                     "hc_sinkhorn_iters", "sliding_window", "o_groups", "o_lora_rank", "index_n_heads",
-                     "index_head_dim", "index_topk", "max_position_embeddings"):
+        for name, top in LIMITS.items():
             v = getattr(self, name)
-            if not (isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= 1 << 24):
-                raise _error(name, "an integer >= 1", v)
-        if n > 1024:
-            raise _error("num_hidden_layers", "at most 1024", n)
+            if not (isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= top):
+                raise _error(name, f"an integer from 1 to {top}", v)
+        for name in ("norm_topk_prob", "tie_word_embeddings"):
+            if not isinstance(getattr(self, name), bool):
+                raise _error(name, "true or false", getattr(self, name))
         if self.num_key_value_heads != 1:
             raise _error("num_key_value_heads", "1 (V4 attends through one shared key/value head)",
                          self.num_key_value_heads)

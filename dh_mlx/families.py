@@ -1,13 +1,13 @@
 """The DeepSeek-family layouts a `config.json` may name, and what each changes in DeepSeek-V3's (plain dicts).
 
-| model_type | what differs from DeepSeek-V3 | written back as |
-|---|---|---|
-| `deepseek_v2` | softmax routing defaults | itself when it routes by softmax, else `deepseek_v3` |
-| `kimi_k2` | nothing (one expert group) | `deepseek_v3` |
-| `kimi_k25` | a multimodal wrapper: the text model's config under `text_config`, its tensors under `language_model.` | `deepseek_v3` (the text model; the vision tower is not supported) |
-| `glm4_moe_lite` | dense/MoE layers by `mlp_layer_types` | itself |
-| `deepseek_v32` | a lightning indexer per layer (`index_*`): DeepSeek Sparse Attention | itself |
-| `glm_moe_dsa` | V3.2's indexer with interleaved RoPE, and layers that reuse the previous layer's selection (`indexer_types`) | itself |
+- `deepseek_v2`: softmax routing defaults; written back as itself when it routes by softmax, else as V3.
+- `kimi_k2`: nothing (one expert group); written back as `deepseek_v3`.
+- `kimi_k25`: a multimodal wrapper, the text model's config under `text_config` and its tensors under
+  `language_model.`; written back as `deepseek_v3` (the text model; the vision tower is not supported).
+- `glm4_moe_lite`: dense/MoE layers by `mlp_layer_types`; kept.
+- `deepseek_v32`: a lightning indexer per layer (`index_*`), DeepSeek Sparse Attention; kept.
+- `glm_moe_dsa`: V3.2's indexer with interleaved RoPE, and layers reusing the previous layer's selection
+  (`indexer_types`); kept.
 
 Each family's defaults for keys its config.json may leave out are transformers' (the numerical reference).
 """
@@ -43,8 +43,8 @@ def normalize(d: dict[str, Any]) -> dict[str, Any]:
     if kind == "deepseek_v4":
         raise ValueError("config field 'model_type': deepseek_v4 is DeepSeek-V4's own architecture "
                          "(config_v4.V4Config, which load_config reads), not a DeepSeek-V3 family member")
-    if kind not in MODEL_TYPES:
-        raise _error("model_type", f"one of {', '.join(MODEL_TYPES)}", kind)
+    if kind not in MODEL_TYPES:  # (deepseek_v4 is read by config_v4)
+        raise _error("model_type", f"one of {', '.join(MODEL_TYPES + ('deepseek_v4',))}", kind)
     d = dict(d)
     if kind == "kimi_k25":
         text = d.get("text_config")

@@ -107,8 +107,8 @@ def format_info(info: dict[str, Any], title: str) -> str:
     if info["indexer_kv_bytes_per_token"]:
         lines.append(f"    of which the indexers' keys {info['indexer_kv_bytes_per_token']:,} B/token")
     if info["kv_window_bytes"]:
-        lines.append(f"    (compressed entries per token; plus the sliding windows, {_size(info['kv_window_bytes'])} at any "
-                     "length)")
+        lines.append(f"    (compressed entries per token; plus the sliding windows, "
+                     f"{_size(info['kv_window_bytes'])} at any length)")
     for name, ref in info["kv_references"].items():
         ratio = ref["kv_bytes_per_token"] / info["kv_bytes_per_token"]
         lines.append(f"    vs {name:<13} {ref['kv_bytes_per_token']:,} B/token ({ratio:.1f}x ours); " +

@@ -128,6 +128,11 @@ def test_generate_passes_the_template_switches(tmp_path, tokenizer_dir):
     want = len(load_tokenizer(tokenizer_dir).encode_chat([{"role": "user", "content": "Weather in Zürich?"}],
                                                          **json.loads(args)))
     assert f"prompt: {want} tokens" in run.stderr and want > 40  # the tool declaration is in the prompt
+    chat = subprocess.run([sys.executable, "-m", "dh_mlx.cli", "chat", "--model", str(tmp_path / "m"), "--max-tokens",
+                           "2", "--chat-template-args", args], input="Weather in Zürich?\nAnd tomorrow?\n",
+                          capture_output=True, text=True, env=env)
+    assert chat.returncode == 0 and chat.stderr.count("prompt: ") == 2, chat.stderr
+    assert f"prompt: {want} tokens" in chat.stderr  # the first turn: the same text as generate's
     bad = subprocess.run([sys.executable, "-m", "dh_mlx.cli", "generate", "--model", str(tmp_path / "m"), "--chat",
                           "--prompt", "x", "--chat-template-args", "[1]"], capture_output=True, text=True, env=env)
     assert bad.returncode == 1 and bad.stderr.strip().splitlines()[-1].startswith("error: --chat-template-args")

@@ -215,3 +215,17 @@ def test_the_readme_row_is_dh_mlx_info_of_v4_flash(tmp_path):
     assert round(info["total_params"] / 1e9) == 284 and round(info["active_params"] / 1e9, 1) == 13.8
     row = [r for r in Path(REPO_DIR / "README.md").read_text().splitlines() if r.startswith("| DeepSeek-V4-Flash")]
     assert f"| {info['weight_bytes']['4-bit'] / 2**30:.0f} GiB |" in row[0] and "284 B" in row[0]
+
+
+@pytest.mark.parametrize("field,value,needle", [
+    ("hc_mult", 10**6, "'hc_mult' must be an integer from 1 to 64"),
+    ("num_key_value_heads", 2, "'num_key_value_heads' must be 1"),
+    ("layer_types", ["global"] * 4, "'layer_types' must be a list of 4 entries"),
+    ("compress_ratios", [0, 4, 64, 4], "'compress_ratios' must be a list of \\[0, 4, 128\\]"),
+    ("o_groups", 3, "'o_groups' must be a divisor"),
+    ("scoring_func", "relu", "'scoring_func' must be one of"),
+])
+def test_invalid_v4_configs_name_the_field(tmp_path, field, value, needle):
+    (tmp_path / "config.json").write_text(json.dumps({**SHAPES, field: value, "model_type": "deepseek_v4"}))
+    with pytest.raises(ValueError, match=needle):
+        load_config(tmp_path)
