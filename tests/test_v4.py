@@ -229,3 +229,16 @@ def test_invalid_v4_configs_name_the_field(tmp_path, field, value, needle):
     (tmp_path / "config.json").write_text(json.dumps({**SHAPES, field: value, "model_type": "deepseek_v4"}))
     with pytest.raises(ValueError, match=needle):
         load_config(tmp_path)
+
+
+def test_a_conversation_prefills_again_each_turn(tmp_path):
+    """The V4 cache cannot drop the last position a prompt cache would recompute: a second turn starts a fresh
+    cache, and its reply is what a fresh run of the whole conversation gives."""
+    from dh_mlx.generation import generate_tokens
+    from dh_mlx.generation.steps import PromptCache
+    model = load_model(build(tmp_path, "flash_like"), dtype="float32")
+    first, second = prompt(10, 1, 3)[0].tolist(), prompt(6, 1, 4)[0].tolist()
+    pc = PromptCache.new(model)
+    reply = list(generate_tokens(model, first, max_tokens=3, prompt_cache=pc))
+    again = list(generate_tokens(model, first + reply + second, max_tokens=4, prompt_cache=pc))
+    assert again == list(generate_tokens(model, first + reply + second, max_tokens=4))

@@ -32,6 +32,8 @@ class PromptCache:
                 break
             common += 1
         common = min(common, len(prompt) - 1)  # always recompute at least one token for its logits
+        if common < len(self.tokens) and not all(getattr(c, "trimmable", True) for c in self.cache):
+            self.cache, common = [type(c)() for c in self.cache], 0  # (DeepSeek-V4's: start again)
         for c in self.cache:
             c.trim(c.offset - common)
         if self.mtp_cache is not None:  # its entry t ran on token t + 1, which must be in the kept prefix

@@ -2,7 +2,8 @@
 values), and for each compressor ("compressor", and CSA's "indexer") the entries emitted so far, the source
 tokens of the unfinished window, and (CSA) the half-projection of the last window the next entry starts from.
 
-Positions cannot be dropped (evicted keys and closed windows do not come back): `trim` refuses."""
+Positions cannot be dropped (evicted keys and closed windows do not come back): `trim` refuses, and a prompt
+cache holding one starts again instead (`trimmable`)."""
 
 from __future__ import annotations
 
@@ -18,6 +19,8 @@ class CompressorState:
 
 
 class V4LayerCache:
+    trimmable = False
+
     def __init__(self):
         self.window: mx.array | None = None  # (B, 1, <= W - 1, head_dim)
         self.offset = 0
