@@ -85,10 +85,13 @@ def _bounded_environment():
 
 
 def render(template: str, messages: list[dict[str, Any]], *, add_generation_prompt: bool = True,
-           where: str = "chat template", **tokens: Any) -> str:
-    """The text of `messages` ({"role", "content"} dicts) under `template`; `tokens` are the special-token
-    strings the template may use (bos_token, eos_token, ...). Sandboxed: a template can call no Python, and its
-    work is bounded (TEMPLATE_LIMITS); any failure is a ChatTemplateError naming `where`."""
+           tools: list[dict] | None = None, documents: list[dict] | None = None, where: str = "chat template",
+           **variables: Any) -> str:
+    """The text of `messages` ({"role", "content"} dicts) under `template`, as transformers renders it: keys
+    whose value is None dropped from the messages, `tools` (JSON schemas) and `documents` passed (None when
+    absent); `variables` are the special-token strings (bos_token, ...) and the template's own switches
+    (e.g. `enable_thinking`, `thinking`). Sandboxed: a template can call no Python, and its work is bounded
+    (TEMPLATE_LIMITS); any failure is a ChatTemplateError naming `where`."""
     import jinja2
 
     def raise_exception(message: str):
@@ -102,8 +105,9 @@ def render(template: str, messages: list[dict[str, Any]], *, add_generation_prom
     env.globals.update(raise_exception=raise_exception, strftime_now=lambda fmt: datetime.now().strftime(fmt))
     out, size = [], 0
     try:
-        for piece in env.from_string(template).generate(messages=messages, add_generation_prompt=add_generation_prompt,
-                                                        **tokens):
+        messages = [{k: v for k, v in m.items() if v is not None} for m in messages]
+        for piece in env.from_string(template).generate(messages=messages, tools=tools, documents=documents,
+                                                        add_generation_prompt=add_generation_prompt, **variables):
             size += len(piece)
             if size > TEMPLATE_LIMITS["output"]:
                 raise ChatTemplateError(f"wrote more than {TEMPLATE_LIMITS['output']:,} characters")
@@ -119,16 +123,27 @@ def render(template: str, messages: list[dict[str, Any]], *, add_generation_prom
 
 
 ROLES = ("system", "user", "assistant")
+# What a chat template of a release may also be handed: tool results, the assistant's reasoning and tool calls.
+TOOL_ROLES = ROLES + ("tool",)
+_OPTIONAL = {"reasoning_content": str, "tool_calls": list, "tool_call_id": str, "name": str}
 
 
-def check_messages(messages: list[dict]) -> list[dict]:
-    """`messages` if each is {"role": system|user|assistant, "content": text}; else a ValueError naming it."""
+def check_messages(messages: list[dict], *, tools: bool = False) -> list[dict]:
+    """`messages` if each is {"role": system|user|assistant, "content": text}; else a ValueError naming it.
+    `tools` (a release's template): also the "tool" role, and `reasoning_content`, `tool_calls` (an assistant
+    message's content may then be absent), `tool_call_id` and `name`."""
     if not isinstance(messages, list) or not messages:
         raise ChatTemplateError("a conversation needs at least one message")
+    roles = TOOL_ROLES if tools else ROLES
     for k, m in enumerate(messages):
-        if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
-            raise ChatTemplateError(f"messages[{k}] must be {{\"role\": one of {', '.join(ROLES)}, "
+        calls = tools and isinstance(m, dict) and m.get("tool_calls")
+        if not isinstance(m, dict) or m.get("role") not in roles or not (
+                isinstance(m.get("content"), str) or (calls and m.get("content") is None)):
+            raise ChatTemplateError(f"messages[{k}] must be {{\"role\": one of {', '.join(roles)}, "
                                     "\"content\": text}")
+        for key, kind in _OPTIONAL.items():
+            if tools and m.get(key) is not None and not isinstance(m[key], kind):
+                raise ChatTemplateError(f"messages[{k}].{key} must be {'text' if kind is str else 'a list'}")
     return messages
 
 

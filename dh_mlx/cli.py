@@ -11,7 +11,7 @@ import typer
 
 from .cli_convert import (MTP_HELP, QBITS_HELP, QDTYPE_HELP, QGROUP_HELP, RECIPE_HELP, convert_app,
                           wrote)
-from .cli_generate import _domain, _fail, _generate, _load_for_generation, _read_prompt, _stream
+from .cli_generate import _domain, _fail, _generate, _load_for_generation, _read_prompt, _stream, _template_args
 
 app = typer.Typer(add_completion=False, help="Darkhorse Genesis on MLX: a DeepSeek-V3-style MoE with latent attention.")
 
@@ -38,6 +38,8 @@ def root(ctx: typer.Context,
 
 
 BITS_HELP = "quantize a float or FP8 model to this many bits as it loads (4 or 8; also 2, 3, 5, 6)"
+TEMPLATE_ARGS_HELP = ("with --chat: a JSON object the tokenizer.json chat template is rendered with, e.g. "
+                      "'{\"enable_thinking\": false}' or '{\"tools\": [...]}'")
 
 
 @app.command()
@@ -62,6 +64,7 @@ def generate(prompt: Optional[str] = typer.Option(None, help="the prompt text; -
              stream: bool = typer.Option(True, "--stream/--no-stream", help="print tokens as they come"),
              chat: bool = typer.Option(False, "--chat", help="apply the model's chat template to the prompt"),
              system: Optional[str] = typer.Option(None, help="with --chat: the system message"),
+             chat_template_args: Optional[str] = typer.Option(None, help=TEMPLATE_ARGS_HELP),
              bits: Optional[int] = typer.Option(None, help=BITS_HELP),
              group_size: int = typer.Option(64, help="with --bits: values sharing a scale and bias"),
              pipeline: bool = typer.Option(False, "--pipeline", help="under mlx.launch: split the decoder layers "
@@ -72,13 +75,16 @@ def generate(prompt: Optional[str] = typer.Option(None, help="the prompt text; -
     _generate(prompt=_read_prompt(prompt, prompt_file), model=model, params=params, max_tokens=max_tokens, temp=temp, top_p=top_p,
               top_k=top_k, min_p=min_p, repetition_penalty=repetition_penalty, seed=seed, domain=domain, mtp=mtp,
               prefill_step_size=prefill_step_size, dtype=dtype, adapter=adapter, stream=stream, chat=chat,
-              system=system, bits=bits, group_size=group_size, pipeline=pipeline, verbose=verbose)
+              system=system, bits=bits, group_size=group_size, pipeline=pipeline, verbose=verbose,
+              template_args=_template_args(chat_template_args))
 
 
 @app.command("chat")
 def chat_command(model: Optional[Path] = typer.Option(None, help="model directory (or hub repo id)"),
                  params: Optional[str] = typer.Option(None, help="size preset with random weights (default tiny)"),
                  system: Optional[str] = typer.Option(None, help="the system message"),
+                 chat_template_args: Optional[str] = typer.Option(None, help=TEMPLATE_ARGS_HELP.replace(
+                     "with --chat: a", "a")),
                  max_tokens: int = typer.Option(256, help="stop each reply after this many tokens"),
                  temp: float = typer.Option(0.0, help="sampling temperature; 0 is greedy"),
                  top_p: float = typer.Option(1.0, help="nucleus sampling mass"),
@@ -99,7 +105,7 @@ def chat_command(model: Optional[Path] = typer.Option(None, help="model director
     from .generation import GenerationStats
     from .generation.chat import Conversation
     m, tok = _load_for_generation(model, params, seed, dtype, adapter, bits, group_size)
-    conversation = Conversation(m, tok, system=system)
+    conversation = Conversation(m, tok, system=system, template_args=_template_args(chat_template_args))
     dom = _domain(m, domain)
     number = 0
     while True:

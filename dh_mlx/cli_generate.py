@@ -34,6 +34,20 @@ def _load_for_generation(model: Optional[Path], params: Optional[str], seed: int
     return m, tok
 
 
+def _template_args(text: Optional[str]) -> dict:
+    """--chat-template-args: a JSON object (its keys are the chat template's variables)."""
+    if not text:
+        return {}
+    import json
+    try:
+        args = json.loads(text)
+    except ValueError as e:
+        _fail(f"--chat-template-args: not JSON ({e})")
+    if not isinstance(args, dict):
+        _fail("--chat-template-args: expected a JSON object, e.g. '{\"enable_thinking\": false}'")
+    return args
+
+
 def _domain(m, domain: Optional[str]):
     """The domain id for --domain NAME, "auto" as it is (inferred from the prompt), None without."""
     if not domain:
@@ -87,11 +101,11 @@ def _generate(*, prompt: str, model: Optional[Path] = None, params: Optional[str
               mtp: Optional[bool] = None, prefill_step_size: int = 512, dtype: Optional[str] = None,
               adapter: Optional[Path] = None, stream: bool = True, chat: bool = False,
               system: Optional[str] = None, bits: Optional[int] = None, group_size: int = 64,
-              pipeline: bool = False, verbose: bool = False) -> None:
+              pipeline: bool = False, verbose: bool = False, template_args: Optional[dict] = None) -> None:
     from .chat import messages
     from .generation import GenerationStats, stream_generate
-    if system and not chat:
-        _fail("--system needs --chat (it is the chat template's system message)")
+    if (system or template_args) and not chat:
+        _fail("--system and --chat-template-args need --chat (they go to the chat template)")
     main, extra = True, {}
     if pipeline:
         m, tok = _load_pipelined(model, params, dtype, adapter, bits, mtp)
@@ -99,7 +113,8 @@ def _generate(*, prompt: str, model: Optional[Path] = None, params: Optional[str
     else:
         m, tok = _load_for_generation(model, params, seed, dtype, adapter, bits, group_size)
         extra = {"mtp": mtp}
-    ids = tok.encode_chat(messages(prompt, system), limit=m.config.max_position_embeddings) if chat else prompt
+    ids = tok.encode_chat(messages(prompt, system), limit=m.config.max_position_embeddings,
+                          **(template_args or {})) if chat else prompt
     stats = GenerationStats()
     pieces = stream_generate(m, tok, ids, max_tokens=max_tokens, temp=temp, top_p=top_p, top_k=top_k, min_p=min_p,
                              repetition_penalty=repetition_penalty, seed=seed, domain=_domain(m, domain),

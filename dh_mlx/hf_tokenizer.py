@@ -196,18 +196,24 @@ class HFTokenizer:
     def id_to_piece(self, i: int) -> str:
         return self.tk.id_to_token(int(i))
 
-    def apply_chat_template(self, messages: list[dict], *, add_generation_prompt: bool = True) -> str:
+    def apply_chat_template(self, messages: list[dict], *, add_generation_prompt: bool = True,
+                            tools: list[dict] | None = None, **template_args) -> str:
+        """The template's text, as transformers' `apply_chat_template(..., tokenize=False)`: `tools` (JSON
+        schemas) and `template_args` (the template's switches, e.g. `enable_thinking=False`) passed through."""
         if not self.chat_template:
             raise HFTokenizerError(f"{self.path.parent}: tokenizer_config.json has no chat_template")
-        return chat.render(self.chat_template, messages, add_generation_prompt=add_generation_prompt,
+        return chat.render(self.chat_template, messages, add_generation_prompt=add_generation_prompt, tools=tools,
                            where=f"{self.template_file}: chat template",
-                           **{**self.specials, "bos_token": self.bos_token or "", "eos_token": self.eos_token or ""})
+                           **{**self.specials, "bos_token": self.bos_token or "", "eos_token": self.eos_token or "",
+                              **template_args})
 
-    def encode_chat(self, messages: list[dict], *, add_generation_prompt: bool = True,
-                    limit: int | None = None) -> list[int]:
-        """Ids of the chat template's text (its special tokens spelled out, as transformers tokenizes it)."""
-        return self.encode(self.apply_chat_template(chat.check_messages(messages),
-                                                    add_generation_prompt=add_generation_prompt), limit=limit)
+    def encode_chat(self, messages: list[dict], *, add_generation_prompt: bool = True, limit: int | None = None,
+                    **template_args) -> list[int]:
+        """Ids of the chat template's text (its special tokens spelled out, as transformers tokenizes it);
+        `template_args` as `apply_chat_template`'s (tools included); `limit`: see `encode`."""
+        return self.encode(self.apply_chat_template(chat.check_messages(messages, tools=True),
+                                                    add_generation_prompt=add_generation_prompt, **template_args),
+                           limit=limit)
 
     FILES = (TOKENIZER_JSON, "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
 

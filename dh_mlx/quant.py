@@ -7,7 +7,8 @@ Recipes (a predicate over module paths):
              logits directly
 
 Always kept in float: norms, the router (`mlp.gate`, float32 like its selection bias), `e_score_correction_bias`,
-linear biases, matrices whose input dimension is not a multiple of `group_size`, and `kv_b_proj`. The latter
+linear biases, matrices whose input dimension is not a multiple of `group_size`, the sparse-attention indexer's
+head weights (`weights_proj`, float32 as transformers keeps them), and `kv_b_proj`. The latter
 because the absorbed (decode) path folds its per-head matrices into the query and the output, and because
 mlx-lm re-quantizes it along another axis when it splits it into `embed_q`/`unembed_out`, so a quantized
 `kv_b_proj` would give different logits there. It is small (kv_lora_rank x heads x (nope + v)).
@@ -42,7 +43,7 @@ BITS = (2, 3, 4, 5, 6, 8)
 GROUP_SIZES = (32, 64, 128)
 KEYS = ("quantization", "quantization_config")  # mlx-lm writes both (the second for the HF model tree)
 HIGH_BITS = 8
-NEVER = ("kv_b_proj",)
+NEVER = ("kv_b_proj", "weights_proj")  # weights_proj: the sparse-attention indexer's head weights (float32)
 QUANTIZED = (nn.QuantizedLinear, nn.QuantizedEmbedding, QuantizedStackedLinear)
 
 

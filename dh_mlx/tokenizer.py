@@ -97,12 +97,16 @@ class Tokenizer:
         """The most bytes of text one token stands for (so a text of n bytes needs >= n / this tokens)."""
         return max(len(b) for b in self._bytes if b)
 
-    def encode_chat(self, messages: list[dict], *, add_generation_prompt: bool = True,
-                    limit: int | None = None) -> list[int]:
+    def encode_chat(self, messages: list[dict], *, add_generation_prompt: bool = True, limit: int | None = None,
+                    **template_args) -> list[int]:
         """Ids of `messages` in our chat format (CHAT_TEMPLATE), each part tokenized on its own as
-        train/data.py tokenizes a `messages` record; then `Assistant: ` for the reply. `limit`: see `encode`."""
-        from .chat import check_messages
+        train/data.py tokenizes a `messages` record; then `Assistant: ` for the reply. `limit`: see `encode`.
+        Our format has no variables: `template_args` (a release template's) are refused."""
+        from .chat import ChatTemplateError, check_messages
         from .hf_tokenizer import check_length
+        if template_args:
+            raise ChatTemplateError(f"our tokenizer's chat format takes no template arguments "
+                                    f"({', '.join(template_args)}); they are for a tokenizer.json chat template")
         check_length(self, sum(len(m["content"].encode("utf-8", "replace")) for m in check_messages(messages)), limit)
         ids = [self.bos_id]
         for m in check_messages(messages):

@@ -135,7 +135,8 @@ def make_fp8(src: Path, fp8_dir: Path, deq_dir: Path) -> tuple[Path, Path, Path]
     for f in safetensors_files(src):
         fp8, dequantized = {}, {}
         for k, v in load_file(str(f)).items():
-            if k.endswith(("_proj.weight", "_proj_with_mqa.weight")) and v.ndim == 2:  # the linears, as released
+            released = k.endswith(("_proj.weight", "_proj_with_mqa.weight", "indexer.wq_b.weight", "indexer.wk.weight"))
+            if released and not k.endswith("indexer.weights_proj.weight") and v.ndim == 2:  # the linears, as released
                 q, scale, deq = to_fp8(v)
                 fp8[k], fp8[k + "_scale_inv"], dequantized[k] = q, scale, deq
                 partial |= bool(v.shape[0] % BO or v.shape[1] % BI)

@@ -15,16 +15,17 @@ PACKAGE = Path(__file__).resolve().parent.parent / "dh_mlx"
 
 # Lowest first; a module belongs to the longest prefix listed. docs/architecture.md draws the same table.
 LAYERS = [
-    ["dh_mlx.ops", "dh_mlx.config", "dh_mlx.params", "dh_mlx.rope", "dh_mlx.outputs", "dh_mlx.progress",
-     "dh_mlx.files", "dh_mlx.tokenizer",
+    ["dh_mlx.ops", "dh_mlx.families", "dh_mlx.config", "dh_mlx.config_v4", "dh_mlx.params", "dh_mlx.rope",
+     "dh_mlx.outputs", "dh_mlx.progress", "dh_mlx.files", "dh_mlx.tokenizer",
      "dh_mlx.hf_tokenizer", "dh_mlx.chat",
      "dh_mlx.checkpoint.layout", "dh_mlx.checkpoint"],
     ["dh_mlx.model", "dh_mlx.device"],
     ["dh_mlx.quant", "dh_mlx.lora", "dh_mlx.domains", "dh_mlx.backend"],
     ["dh_mlx.checkpoint.shards", "dh_mlx.checkpoint.streaming", "dh_mlx.checkpoint.weights",
-     "dh_mlx.checkpoint.quantized", "dh_mlx.checkpoint.training", "dh_mlx.checkpoint.domains"],
+     "dh_mlx.checkpoint.quantized", "dh_mlx.checkpoint.training", "dh_mlx.checkpoint.domains",
+     "dh_mlx.checkpoint.v4_weights"],
     ["dh_mlx.generation", "dh_mlx.train", "dh_mlx.torch"],
-    ["dh_mlx.convert", "dh_mlx.info", "dh_mlx.plan", "dh_mlx.api"],
+    ["dh_mlx.convert", "dh_mlx.info", "dh_mlx.plan", "dh_mlx.api", "dh_mlx.serve"],
     ["dh_mlx.cli", "dh_mlx.cli_convert", "dh_mlx.cli_generate", "dh_mlx"],
 ]
 
@@ -96,7 +97,7 @@ def test_imports_go_to_the_same_or_a_lower_layer():
 
 def test_the_model_is_plain_mlx():
     """model/ imports MLX, the config, RoPE frequencies and the seam: no backend, no device checks."""
-    allowed = {"dh_mlx.config", "dh_mlx.rope", "dh_mlx.ops"}
+    allowed = {"dh_mlx.config", "dh_mlx.config_v4", "dh_mlx.rope", "dh_mlx.ops"}
     for n, deps in GRAPH.items():
         if room(n) == "dh_mlx.model":
             assert {m for m in deps if room(m) != "dh_mlx.model"} <= allowed, (n, deps)

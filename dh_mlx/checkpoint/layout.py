@@ -14,6 +14,7 @@ import warnings
 from pathlib import Path
 from typing import Any, Callable
 
+from .. import families
 from ..config import ModelConfig
 from ..files import FileKindError, copy_file, read_json, regular_file, same_file
 
@@ -28,6 +29,31 @@ class CheckpointError(ValueError):
 
 
 # ---- file layout -> modules ------------------------------------------------------------------------------
+def release_names(config: ModelConfig, where: Path) -> Callable[[str], str | None] | None:
+    """A multimodal release's file names -> ours: its language model's tensors (under `language_model.`) with
+    the prefix dropped (and `blocks` read as `layers`, as transformers reads what it writes), None for the vision
+    tower and projector, which are not supported (one warning says how many were left out). None: names as
+    they are."""
+    if config.model_type == "deepseek_v4":
+        from .v4_layout import v4_names
+        return v4_names(where)
+    prefix = families.TEXT_PREFIX.get(config.model_type)
+    if prefix is None:
+        return None
+    left_out = []
+
+    def rename(name: str) -> str | None:
+        if not name.startswith(prefix):
+            if not left_out:
+                warnings.warn(f"{where}: the {config.model_type} vision tower and projector are not supported; "
+                              "loading its language model (text only)")
+            left_out.append(name)
+            return None
+        name = name[len(prefix):]
+        return "model.layers." + name[len("model.blocks."):] if name.startswith("model.blocks.") else name
+    return rename
+
+
 def drop_rotary_buffers(w: dict, config: ModelConfig) -> dict:
     return {k: v for k, v in w.items() if not k.endswith("rotary_emb.inv_freq")}
 
@@ -193,7 +219,8 @@ def shard_headers(path: Path) -> list[tuple[Path, dict]]:
 
 
 _ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U64": 8, "U32": 4,
-             "U16": 2, "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
+             "U16": 2, "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1,
+             "F8_E8M0": 1}
 _MAX_HEADER = 100 << 20
 
 
@@ -254,14 +281,16 @@ def read_float32(path: Path, config: ModelConfig | None = None) -> dict:
     import numpy as np
 
     block = None if config is None else fp8_blocks(config, path)
+    rename = None if config is None else release_names(config, path)
     out, dtypes = {}, {}
     for f, header in shard_headers(path):
         with open(f, "rb") as fh:
             start = 8 + int.from_bytes(fh.read(8), "little")
         data = np.memmap(f, dtype=np.uint8, mode="r", offset=start)
         for name, info in header.items():
-            if name == "__metadata__":
+            if name == "__metadata__" or (rename is not None and rename(name) is None):
                 continue
+            name = name if rename is None else rename(name)
             dtypes[name] = info["dtype"]
             fp8 = info["dtype"] == "F8_E4M3" and block is not None
             if info["dtype"] not in _NUMPY and not fp8:
@@ -311,6 +340,12 @@ def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
         out[f"{a}.kv_a_layernorm.weight"] = (r,)
         linear(f"{a}.kv_b_proj", H * (n + v), r)
         linear(f"{a}.o_proj", D, H * v, c.attention_bias)
+        if c.has_indexer(i):
+            Hi, Di = c.index_n_heads, c.index_head_dim
+            linear(f"{a}.indexer.wq_b", Hi * Di, c.q_lora_rank)
+            linear(f"{a}.indexer.wk", Di, D)
+            out[f"{a}.indexer.k_norm.weight"] = out[f"{a}.indexer.k_norm.bias"] = (Di,)
+            linear(f"{a}.indexer.weights_proj", Hi, D)
         out[f"{pre}.input_layernorm.weight"] = out[f"{pre}.post_attention_layernorm.weight"] = (D,)
         if c.is_moe_layer(i):
             E, I = c.n_routed_experts, c.moe_intermediate_size
@@ -338,7 +373,12 @@ def fp8_blocks(config: ModelConfig, where: Path) -> tuple[int, int] | None:
     """The (rows, columns) of one scale block when `quantization_config` says the weights are FP8 with block
     scales (DeepSeek-V3's release format, `quant_method: fp8`), else None."""
     qc = config.extra.get("quantization_config") or {}
-    if qc.get("quant_method") != "fp8":
+    method = qc.get("quant_method")
+    if method not in (None, "fp8"):  # e.g. compressed-tensors INT4 (Kimi-K2 Thinking, Kimi-K2.5)
+        raise CheckpointError(f"{where}: quantization_config.quant_method {method!r} "
+                              f"({qc.get('format', 'its own tensor format')}) is not supported; dh-mlx reads float, "
+                              "FP8-block and MLX-quantized checkpoints")
+    if method != "fp8":
         return None
     block = qc.get("weight_block_size", [128, 128])
     if not (isinstance(block, list) and len(block) == 2 and all(isinstance(b, int) and b > 0 for b in block)):
@@ -405,8 +445,10 @@ def check_tensors(shapes: dict[str, tuple], expected: dict[str, tuple], where: P
 
 
 def keep_fp32(name: str) -> bool:
-    # The router runs in float32 everywhere (as transformers keeps it); its bias moves in 1e-3 steps.
-    return name.endswith("mlp.gate.weight") or name.endswith("e_score_correction_bias")
+    # The router runs in float32 everywhere (as transformers keeps it); its bias moves in 1e-3 steps. So does
+    # the sparse-attention indexer's head weighting (transformers keeps it in float32).
+    return (name.endswith("mlp.gate.weight") or name.endswith("e_score_correction_bias")
+            or name.endswith("indexer.weights_proj.weight"))
 
 
 def copy_tokenizer(src: Path, dst: Path) -> None:

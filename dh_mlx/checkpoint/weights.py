@@ -45,7 +45,7 @@ def read_weights(path: Path, config: ModelConfig | None = None, dtype: mx.Dtype 
                  keep: Callable[[str], bool] | None = None) -> dict[str, mx.array]:
     """The directory's tensors as stored (those `keep` accepts; none is read before), FP8 block-scaled
     weights, with `config`, dequantized to `dtype` one at a time."""
-    weights, dtypes = lazy_tensors(path, keep)
+    weights, dtypes = lazy_tensors(path, keep, config)
     block = None if config is None else fp8_blocks(config, path)
     if block is not None:  # MLX reads F8_E4M3 as its bytes
         def finish(a: mx.array) -> mx.array:
@@ -243,9 +243,15 @@ def load_model(path: str | Path, *, dtype: str | None = None, bits: int | None =
     path = resolve_path(path, before_download=memory_check(dtype, str(path), qc) if layers is None else None)
     config = load_config(path)
     keep = None
+    v4 = config.model_type == "deepseek_v4"  # its own architecture and layout (v4_weights.py)
+    if v4 and (qc is not None or layers is not None):
+        raise ValueError(f"{path}: deepseek_v4 loads as it is stored (float or FP8): no --bits or --pipeline")
     if layers is None:
         memory_check(dtype, str(path), qc)(path)
-    else:
+    if v4:
+        from .v4_weights import load_v4_model
+        return load_v4_model(path, config, dt)
+    if layers is not None:
         config = config.replace(num_nextn_predict_layers=0)
         keep = owned_by(layers, config)
     if qc is not None:

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import gguf
 import numpy as np
+from ..config_v4 import refuse
 from ..checkpoint.layout import (check_tensors, config_for_tensors, dequantized_config, expected_shapes,
                                 read_float32, to_memory_layout)
 from ..checkpoint.hub import resolve_path
@@ -120,6 +121,10 @@ def read_weights(model_dir: Path) -> tuple[dict[str, np.ndarray], ModelConfig]:
     """The directory's float32 tensors in our stacked layout, and its config (without MTP if the checkpoint
     has none); every tensor's name and shape must be the config's."""
     config = load_config(model_dir)
+    refuse(config, f"{model_dir}: convert gguf")
+    if config.sparse_attention:
+        raise ConvertError(f"{model_dir}: {config.model_type} attends through a sparse-attention indexer, which "
+                           "llama.cpp's deepseek2 architecture does not have")
     if config.extra.get("quantization"):
         raise ConvertError(f"{model_dir}: an MLX-quantized model; write the GGUF from its float checkpoint "
                            "(--quantize runs llama.cpp's own quantizer)")

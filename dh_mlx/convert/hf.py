@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from ..config_v4 import refuse
 from ..checkpoint.layout import stored_dtype
 from ..files import read_json, write_atomic
 from ..outputs import check_output_dir
@@ -34,6 +35,7 @@ def export_hf(model_dir: str | Path, out: str | Path, *, mtp: bool = True, dtype
     if dtype not in _SAFETENSORS_DTYPES.values():
         raise ConvertError(f"dtype {dtype!r}: expected one of {', '.join(_SAFETENSORS_DTYPES.values())}")
     model = load_model(model_dir, dtype="float32")
+    refuse(model.config, f"{model_dir}: convert hf")
     dr = model.config.domain_routing
     if dr is not None and dr.added:  # transformers and vLLM ignore domain_routing: they would use these experts
         raise ConvertError(f"{model_dir}: has added domains ({', '.join(dr.added)}), which transformers and vLLM "

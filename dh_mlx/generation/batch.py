@@ -107,7 +107,7 @@ class BatchStep:
 
     def __init__(self, model: Model):
         def step(tokens, write, pad, latents, k_pes, domain):
-            views = [StepCache(lat, kpe, write, pad) for lat, kpe in zip(latents, k_pes)]
+            views = [StepCache(lat, kpe, write, pad=pad) for lat, kpe in zip(latents, k_pes)]
             out = model.forward(tokens, views, domain, mask=views[0].valid_mask(tokens.shape[1]))
             return out.logits, out.hidden, [v.latent for v in views], [v.k_pe for v in views]
 

@@ -66,8 +66,9 @@ class PipelineModel:
             h = m.embed_tokens(inputs)
         else:
             h = mx.distributed.recv((B, T, self.config.hidden_size), self.dtype, self.rank - 1, group=self.group)
+        shared = {}  # sparse-attention selections; a rank starting at a "shared" layer is refused by name
         for i in self.own:
-            h, _ = m.layers[i](h, mask, None if cache is None else cache[i], domain_ids)
+            h, _ = m.layers[i](h, mask, None if cache is None else cache[i], domain_ids, shared)
         return h
 
     def hidden(self, inputs, cache=None, domain_ids=None, mask="causal") -> mx.array:

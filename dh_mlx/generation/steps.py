@@ -4,6 +4,7 @@ step that decoding, verification and drafting share."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import partial
 
 import mlx.core as mx
 
@@ -35,6 +36,8 @@ class PromptCache:
                 break
             common += 1
         common = min(common, len(prompt) - 1)  # always recompute at least one token for its logits
+        if common < len(self.tokens) and not all(getattr(c, "trimmable", True) for c in self.cache):
+            self.cache, common = [type(c)() for c in self.cache], 0  # (DeepSeek-V4's: start again)
         for c in self.cache:
             c.trim(c.offset - common)
         if self.mtp_cache is not None:  # its entry t ran on token t + 1, which must be in the kept prefix
@@ -67,7 +70,7 @@ def prefill(model: Model, tokens: mx.array, cache: list[LatentCache], *, step_si
             h, _ = model.model(tokens[:, start:end], cache, d)
             if mtp_cache is not None:
                 model.mtp_forward(h, tokens[:, start + 1:end + 1], cache=mtp_cache, domain_ids=d)
-            mx.eval([c.latent for c in cache], [] if mtp_cache is None else mtp_cache.latent,
+            mx.eval([c.arrays() for c in cache], [] if mtp_cache is None else mtp_cache.latent,
                     h if getattr(model, "pipelined", False) else [])  # a pipeline rank's output carries its send
             task.advance(end - start)
     out = model.forward(tokens[:, T - 1:], cache, d)
@@ -90,12 +93,15 @@ def compiled_cached_step(forward, caches_of=lambda cache: cache):
     slice updates write in place. `caches_of` maps the argument to its list of LatentCaches.
     """
 
-    def step(tokens, offset, latents, k_pes, *args):
-        views = [StepCache(lat, kpe, offset) for lat, kpe in zip(latents, k_pes)]
+    def step(has_index, tokens, offset, latents, k_pes, index_ks, *args):
+        index_ks = iter(index_ks)  # the layers with an indexer (has_index) have its key buffer too
+        views = [StepCache(lat, kpe, offset, next(index_ks) if has else None)
+                 for lat, kpe, has in zip(latents, k_pes, has_index)]
         out = forward(tokens, views, views[0].valid_mask(tokens.shape[1]), *args)
-        return out.logits, out.hidden, [v.latent for v in views], [v.k_pe for v in views]
+        return (out.logits, out.hidden, [v.latent for v in views], [v.k_pe for v in views],
+                [v.index_k for v in views if v.index_k is not None])
 
-    compiled = mx.compile(step)
+    compiled: dict[tuple, object] = {}  # one compiled step per layout of indexer buffers (one per model)
 
     def run(tokens: mx.array, cache, *args) -> tuple[mx.array, mx.array]:
         caches = caches_of(cache)
@@ -105,13 +111,19 @@ def compiled_cached_step(forward, caches_of=lambda cache: cache):
         L = tokens.shape[1]
         for c in caches:
             c.reserve(L)
+        has_index = tuple(c.index_k is not None for c in caches)
+        if has_index not in compiled:
+            compiled[has_index] = mx.compile(partial(step, has_index))
         latents, k_pes = [c.latent for c in caches], [c.k_pe for c in caches]
+        index_ks = [c.index_k for c in caches if c.index_k is not None]
         for c in caches:
-            c.latent = c.k_pe = None
-        logits, hidden, latents, k_pes = compiled(tokens, mx.array(caches[0].offset, mx.int32), latents, k_pes,
-                                                  *args)
-        for c, lat, kpe in zip(caches, latents, k_pes):
+            c.latent = c.k_pe = c.index_k = None
+        logits, hidden, latents, k_pes, index_ks = compiled[has_index](
+            tokens, mx.array(caches[0].offset, mx.int32), latents, k_pes, index_ks, *args)
+        index_ks = iter(index_ks)
+        for c, lat, kpe, has in zip(caches, latents, k_pes, has_index):
             c.latent, c.k_pe = lat, kpe
+            c.index_k = next(index_ks) if has else None
             c.offset += L
         return logits, hidden
 

@@ -105,6 +105,9 @@ def load_model(path: str | Path, device: str | torch.device | None = None,
     if not path.exists():
         raise CheckpointError(f"{path}: no such model directory")
     config = load_config(path)
+    if config.sparse_attention or config.model_type == "kimi_k25":
+        raise CheckpointError(f"{path}: a {config.model_type} checkpoint; the PyTorch twin runs the DeepSeek-V3 "
+                              "architecture without sparse attention or a multimodal wrapper (dh_mlx runs it)")
     weights = read_weights(path)
     config = config_for_tensors(config, weights, path)
     return model_from_state_dict(weights, config, device=device, dtype=dtype, where=path)

@@ -14,6 +14,7 @@ import mlx.core as mx
 import numpy as np
 from mlx.utils import tree_flatten
 
+from ..config_v4 import refuse
 from .. import backend
 from ..config import load_config
 from ..model import Model
@@ -55,10 +56,10 @@ class LoRAResult:
 def _checkpointed(cls: type) -> type:
     """A subclass of a decoder-layer class whose call keeps only its inputs for the backward pass."""
 
-    def __call__(self, x, mask="causal", cache=None, domain_ids=None):
+    def __call__(self, x, mask="causal", cache=None, domain_ids=None, shared=None):
         def inner(params, x, mask, domain_ids):
             self.update(params)
-            h, r = cls.__call__(self, x, mask, cache, domain_ids)
+            h, r = cls.__call__(self, x, mask, cache, domain_ids, shared)
             # `+ 0`: MLX 0.32's checkpoint misaligns cotangents when an output is a stop_gradient node
             return h, None if r is None else (r.indices + 0, r.weights, r.scores)
 
@@ -120,6 +121,7 @@ def lora(*, model: str | Path, data: str | Path, out: str | Path, tokenizer: str
     if tok is None:
         raise ValueError(f"{tokenizer or base}: no tokenizer.model (pass --tokenizer)")
     m = load_model(base, dtype=dtype, bits=bits, group_size=group_size)
+    refuse(m.config, f"{base}: LoRA")
     domains = m.config.domain_routing.names if m.config.domain_routing else None
     dataset = load_dataset(data, tok, seq_len=cfg.seq_len, domains=domains, val_fraction=cfg.val_fraction,
                            seed=cfg.seed, skip_invalid=cfg.skip_invalid)

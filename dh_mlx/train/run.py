@@ -6,6 +6,7 @@ import json
 import sys
 from pathlib import Path
 
+from ..config_v4 import refuse
 from .. import backend
 from ..config import DATA_DIR, DEFAULT_PRESET, load_config, resolve_config
 from ..device import compute_dtype
@@ -79,6 +80,7 @@ def train(*, params: str | None = None, config: str | Path | None = None, data: 
     if w.main:
         print(describe_dataset(data, dataset, cfg.seq_len, cfg.val_fraction), file=sys.stderr)
     model = load_model(init, dtype=dtype) if init else random_model(model_config, seed=cfg.seed, dtype=dtype)
+    refuse(model.config, f"{init}: training")
     if cfg.mtp_distill:  # only the MTP modules learn; their output heads stay the main model's
         model = with_mtp_module(model, seed=cfg.seed)
         model.freeze()
