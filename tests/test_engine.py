@@ -176,3 +176,27 @@ def test_the_engine_thread_serves_submissions_until_stopped(model):
     engine.stop()
     loop.join(10)
     assert not loop.is_alive() and events[-1].usage.completion_tokens == 3
+
+
+@pytest.mark.parametrize("kind", ["deepseek_v32", "glm_moe_dsa"])
+def test_sparse_attention_models_batch_like_they_run_alone(kind):
+    """The indexer's key cache is carried (and padded) with the latents: V3.2 / GLM-5 rows decode batched with
+    the tokens and logits they have alone, past index_topk positions."""
+    extra = dict(model_type=kind, index_topk=5, index_head_dim=16, index_n_heads=16,
+                 max_position_embeddings=1024)
+    if kind == "glm_moe_dsa":
+        extra.update(rope_interleave=True)
+    try:
+        config = make_config(**extra)
+    except (TypeError, ValueError) as e:
+        pytest.skip(f"{kind}: {e}")
+    model = randomise_for_parity(random_model(config, seed=4), 4)
+    ps = prompts(5, seed=3)
+    together = run_all(Engine(model, Tok(), max_batch=8, prefill_chunk=8),
+                       [Request(p, max_tokens=10, logprobs=2) for p in ps])
+    for p, events in zip(ps, together):
+        alone = run_all(Engine(model, Tok()), [Request(p, max_tokens=10, logprobs=2)])[0]
+        assert tokens_of(events) == tokens_of(alone)
+        got = np.array([lp for e in events if e.logprobs for _, lp, _ in e.logprobs])
+        want = np.array([lp for e in alone if e.logprobs for _, lp, _ in e.logprobs])
+        np.testing.assert_allclose(got, want, atol=1e-4)

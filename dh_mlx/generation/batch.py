@@ -24,8 +24,14 @@ class BatchCache:
         self.n_layers = n_layers
         self.latents: list[mx.array] = []  # per layer (B, 1, C, r)
         self.k_pes: list[mx.array] = []  # per layer (B, 1, C, p)
+        self.index_ks: list[mx.array | None] = []  # per layer (B, 1, C, d) for a sparse-attention indexer, or None
         self.write = 0  # where every row's next token goes
         self.pad: list[int] = []  # row b's first position
+
+    def _map(self, fn) -> None:
+        """Apply `fn` to every buffer (latents, RoPE keys, indexer keys)."""
+        self.latents, self.k_pes = [fn(a) for a in self.latents], [fn(a) for a in self.k_pes]
+        self.index_ks = [None if a is None else fn(a) for a in self.index_ks]
 
     def __len__(self) -> int:
         return len(self.pad)
@@ -39,9 +45,7 @@ class BatchCache:
 
     def _grow(self, left: int, right: int) -> None:
         """Add `left` positions before every row (the padding grows) and `right` of capacity after."""
-        def pad(a: mx.array) -> mx.array:
-            return mx.pad(a, [(0, 0), (0, 0), (left, right), (0, 0)])
-        self.latents, self.k_pes = [pad(a) for a in self.latents], [pad(a) for a in self.k_pes]
+        self._map(lambda a: mx.pad(a, [(0, 0), (0, 0), (left, right), (0, 0)]))
         self.write += left
         self.pad = [p + left for p in self.pad]
 
@@ -57,6 +61,7 @@ class BatchCache:
         if not self.latents:  # the first row (copies: a view would stop the step from writing in place)
             self.latents = [mx.array(c.latent[:, :, :T]) for c in cache]
             self.k_pes = [mx.array(c.k_pe[:, :, :T]) for c in cache]
+            self.index_ks = [None if c.index_k is None else mx.array(c.index_k[:, :, :T]) for c in cache]
             self.write, self.pad = T, [0]
             self.reserve(1)
             return 0
@@ -67,6 +72,8 @@ class BatchCache:
         row = lambda a: mx.pad(a[:, :, :T], [(0, 0), (0, 0), (before, after), (0, 0)])  # noqa: E731
         self.latents = [mx.concatenate([b, row(c.latent)]) for b, c in zip(self.latents, cache)]
         self.k_pes = [mx.concatenate([b, row(c.k_pe)]) for b, c in zip(self.k_pes, cache)]
+        self.index_ks = [None if b is None else mx.concatenate([b, row(c.index_k)])
+                         for b, c in zip(self.index_ks, cache)]
         self.pad.append(before)
         return len(self.pad) - 1
 
@@ -78,24 +85,23 @@ class BatchCache:
             return
         if len(keep) < len(self.pad):
             index = mx.array(keep)
-            self.latents = [mx.take(a, index, axis=0) for a in self.latents]
-            self.k_pes = [mx.take(a, index, axis=0) for a in self.k_pes]
+            self._map(lambda a: mx.take(a, index, axis=0))
             self.pad = [self.pad[b] for b in keep]
         shared = min(self.pad)
         if shared >= self.step:  # keep the capacity a whole number of chunks: fewer traces
             cut = shared // self.step * self.step
-            self.latents = [mx.array(a[:, :, cut:]) for a in self.latents]
-            self.k_pes = [mx.array(a[:, :, cut:]) for a in self.k_pes]
+            self._map(lambda a: mx.array(a[:, :, cut:]))
             self.write -= cut
             self.pad = [p - cut for p in self.pad]
 
     def row(self, b: int) -> list[LatentCache]:
         """Row b's positions as single-sequence caches (copies: the prefix cache keeps them)."""
         out = []
-        for lat, kpe in zip(self.latents, self.k_pes):
+        for lat, kpe, idx in zip(self.latents, self.k_pes, self.index_ks):
             c = LatentCache()
             c.latent = mx.array(lat[b:b + 1, :, self.pad[b]:self.write])
             c.k_pe = mx.array(kpe[b:b + 1, :, self.pad[b]:self.write])
+            c.index_k = None if idx is None else mx.array(idx[b:b + 1, :, self.pad[b]:self.write])
             c.offset = self.write - self.pad[b]
             out.append(c)
         return out
@@ -106,20 +112,21 @@ class BatchStep:
     advancing every row by L. Traced once per batch size and capacity chunk."""
 
     def __init__(self, model: Model):
-        def step(tokens, write, pad, latents, k_pes, domain):
-            views = [StepCache(lat, kpe, write, pad=pad) for lat, kpe in zip(latents, k_pes)]
+        def step(tokens, write, pad, latents, k_pes, index_ks, domain):
+            views = [StepCache(lat, kpe, write, idx, pad=pad) for lat, kpe, idx in zip(latents, k_pes, index_ks)]
             out = model.forward(tokens, views, domain, mask=views[0].valid_mask(tokens.shape[1]))
-            return out.logits, out.hidden, [v.latent for v in views], [v.k_pe for v in views]
+            return out.logits, out.hidden, [v.latent for v in views], [v.k_pe for v in views], \
+                [v.index_k for v in views]
 
         self._compiled = mx.compile(step)
 
     def __call__(self, tokens: mx.array, cache: BatchCache, domain: mx.array | None = None):
         L = tokens.shape[1]
         cache.reserve(L)
-        latents, k_pes = cache.latents, cache.k_pes
-        cache.latents = cache.k_pes = []  # handed over, so the step's slice updates can write in place
-        logits, hidden, latents, k_pes = self._compiled(tokens, mx.array(cache.write, mx.int32),
-                                                        mx.array(cache.pad, mx.int32), latents, k_pes, domain)
-        cache.latents, cache.k_pes = latents, k_pes
+        buffers = cache.latents, cache.k_pes, cache.index_ks
+        cache.latents = cache.k_pes = cache.index_ks = []  # handed over: the step's updates then write in place
+        logits, hidden, *buffers = self._compiled(tokens, mx.array(cache.write, mx.int32),
+                                                  mx.array(cache.pad, mx.int32), *buffers, domain)
+        cache.latents, cache.k_pes, cache.index_ks = buffers
         cache.write += L
         return logits, hidden

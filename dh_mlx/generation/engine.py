@@ -115,6 +115,9 @@ class Engine:
                  prefix_cache_bytes: int = 1 << 30, kv_budget_bytes: int | None = None, max_queue: int = 256):
         if max_batch < 1 or prefill_chunk < 1 or max_queue < 0:
             raise ValueError("max_batch and prefill_chunk must be >= 1, max_queue >= 0")
+        if not getattr(model, "fixed_capacity_steps", True):
+            raise ValueError(f"{model.config.model_type}: its caches (compressed and sliding-window attention) do "
+                             "not batch yet; serve a DeepSeek-V3-family model, or use dh-mlx generate / chat")
         self.model, self.tokenizer = model, tokenizer
         self.max_batch, self.prefill_chunk, self.max_queue = max_batch, prefill_chunk, max_queue
         self.vocab_limit = tokenizer.vocab_size if tokenizer.vocab_size < model.config.vocab_size else None
