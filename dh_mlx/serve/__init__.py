@@ -55,6 +55,7 @@ def serve(*, model: str | Path | None = None, params: str | None = None, host: s
         def handle_exit(self, sig, frame) -> None:  # SIGINT / SIGTERM: admit nothing new, let the rest finish
             server.draining = True
             super().handle_exit(sig, frame)
+            self._captured_signals.clear()  # a drained server exits 0, not by the signal raised again
 
         async def startup(self, sockets=None) -> None:
             await super().startup(sockets)

@@ -208,6 +208,20 @@ class Server:
                 body["usage"] = usage
             return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
 
+        ended = []
+
+        def finished(reason: str, usage) -> None:
+            ended.append(reason)
+            self._finished(rid, kind, reason, usage, start)
+
+        try:
+            async for piece in self._stream_body(handle, http, p, chat, chunk, finished):
+                yield piece
+        finally:  # a client that left mid-stream (the generator closed) counts as cancelled
+            if not ended:
+                self._finished(rid, kind, "cancelled", None, start)
+
+    async def _stream_body(self, handle, http, p: Parsed, chat: bool, chunk, finished) -> AsyncIterator[str]:
         if chat:
             yield chunk({"role": "assistant", "content": ""})
         tokens, holding, last = [], False, None
@@ -227,10 +241,9 @@ class Server:
             if event.finish_reason is not None:
                 break
         if last is None or last.finish_reason is None:
-            self._finished(rid, kind, "cancelled", None, start)
             return
         if last.finish_reason == "error":
-            self._finished(rid, kind, "error", last.usage, start)
+            finished("error", last.usage)
             yield f"data: {json.dumps(APIError(last.error or 'generation failed', status=500, kind='server_error').body())}\n\n"
             yield "data: [DONE]\n\n"
             return
@@ -240,7 +253,7 @@ class Server:
             if calls:
                 reason = "tool_calls"
                 yield chunk({"tool_calls": [{"index": i, **c} for i, c in enumerate(calls)]})
-        self._finished(rid, kind, reason, last.usage, start)
+        finished(reason, last.usage)
         yield chunk({}, reason)
         if p.include_usage:
             yield chunk(None, usage=self._usage(last.usage), choices=False)
