@@ -200,3 +200,13 @@ def test_sparse_attention_models_batch_like_they_run_alone(kind):
         got = np.array([lp for e in events if e.logprobs for _, lp, _ in e.logprobs])
         want = np.array([lp for e in alone if e.logprobs for _, lp, _ in e.logprobs])
         np.testing.assert_allclose(got, want, atol=1e-4)
+
+
+def test_events_that_come_before_a_listener_reach_it_in_order(model):
+    engine = Engine(model, Tok())
+    handle = engine.submit(Request(prompts(1)[0], max_tokens=4))
+    while not engine.idle():
+        engine.step()
+    got = []
+    handle.listen(got.append)  # (an HTTP handler starts listening after a fast request may have ended)
+    assert [e.finish_reason for e in got][-1] == "length" and sum(len(e.tokens) for e in got) == 4

@@ -77,9 +77,18 @@ class Handle:
     def __init__(self, request: Request):
         self.request, self.events, self.cancelled = request, queue.Queue(), False
         self.listener = None  # set: events go to it (from the engine's thread) instead of the queue
+        self._lock = threading.Lock()
 
     def put(self, event: Event) -> None:
-        (self.listener or self.events.put)(event)
+        with self._lock:
+            (self.listener or self.events.put)(event)
+
+    def listen(self, listener) -> None:
+        """Hand every event to `listener` from now on, those that came before first."""
+        with self._lock:
+            while not self.events.empty():
+                listener(self.events.get_nowait())
+            self.listener = listener
 
     def __iter__(self) -> Iterator[Event]:
         while True:

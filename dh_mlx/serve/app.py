@@ -77,7 +77,7 @@ class Server:
         """The request's events as they come (None after `keepalive` seconds without one); a client gone
         cancels it, which frees its row at the engine's next step."""
         loop, inbox = asyncio.get_running_loop(), asyncio.Queue()
-        handle.listener = lambda event: loop.call_soon_threadsafe(inbox.put_nowait, event)
+        handle.listen(lambda event: loop.call_soon_threadsafe(inbox.put_nowait, event))
         arrived, last = time.perf_counter(), None
         try:
             while True:
