@@ -169,10 +169,13 @@ def test_one_failing_request_leaves_the_others_going(model, monkeypatch):
 
 
 def test_the_engine_thread_serves_submissions_until_stopped(model):
+    """In a thread of its own (MLX's streams are per thread: a long prompt's attention splits over two)."""
     engine = Engine(model, Tok())
     loop = threading.Thread(target=engine.run, daemon=True)
     loop.start()
-    events = list(engine.submit(Request(prompts(1)[0], max_tokens=3)))
+    long = [int(t) for t in np.random.default_rng(1).integers(0, 96, 400)]
+    events = list(engine.submit(Request(long, max_tokens=3)))
+    assert events[-1].finish_reason == "length", events[-1].error
     engine.stop()
     loop.join(10)
     assert not loop.is_alive() and events[-1].usage.completion_tokens == 3

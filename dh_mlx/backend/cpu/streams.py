@@ -9,6 +9,7 @@ operations inside do not split again.
 from __future__ import annotations
 
 import os
+import threading
 from contextlib import contextmanager
 from typing import Iterator
 
@@ -19,12 +20,26 @@ WIDE_BFS_WIDTH = 1000  # what widen_eval_order sets
 
 
 class Streams:
-    """The default CPU stream and a second one; `side()` is the second unless `taken`."""
+    """The default CPU stream and a second one; `side()` is the second unless `taken`. MLX's streams belong to
+    the thread that made them, so each thread gets its own pair (a server's engine runs in a thread of its
+    own)."""
 
     def __init__(self) -> None:
-        self.main = mx.default_stream(mx.cpu)
-        self.second = mx.new_stream(mx.cpu)
+        self._local = threading.local()
         self.taken = False
+
+    def _pair(self) -> tuple[mx.Stream, mx.Stream]:
+        if not hasattr(self._local, "pair"):
+            self._local.pair = (mx.default_stream(mx.cpu), mx.new_stream(mx.cpu))
+        return self._local.pair
+
+    @property
+    def main(self) -> mx.Stream:
+        return self._pair()[0]
+
+    @property
+    def second(self) -> mx.Stream:
+        return self._pair()[1]
 
     def side(self) -> mx.Stream | None:
         """Where an operation may put half of its work, or None while the caller keeps both streams busy (or
@@ -42,7 +57,7 @@ class Streams:
             self.taken = before
 
     def pair(self) -> tuple[mx.Stream, mx.Stream]:
-        return self.main, self.second
+        return self._pair()
 
 
 def make_streams() -> Streams | None:
