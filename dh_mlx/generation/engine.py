@@ -170,13 +170,13 @@ class Engine:
     def idle(self) -> bool:
         return not (self.waiting or self.prefilling or self.rows)
 
-    def run(self) -> None:
-        """Step until `stop()` and no work is left (a stopping engine admits nothing new)."""
+    def run(self, until=None) -> None:
+        """Step until `stop()` (or `until()` turns true) and no work is left."""
         while True:
             with self.lock:
-                while self.idle() and not self.stopping:
-                    self.lock.wait()
-                if self.idle() and self.stopping:
+                while self.idle() and not self.stopping and not (until and until()):
+                    self.lock.wait(timeout=None if until is None else 0.25)
+                if self.idle() and (self.stopping or until and until()):
                     return
             self.step()
 

@@ -7,6 +7,7 @@ which it admits nothing new, finishes the requests in flight and returns.
 from __future__ import annotations
 
 import logging
+import signal
 import threading
 from pathlib import Path
 from typing import Callable
@@ -48,24 +49,29 @@ def serve(*, model: str | Path | None = None, params: str | None = None, host: s
                     prefix_cache_bytes=int(prefix_cache_gb * 1e9), kv_budget_bytes=budget)
     name = model_name or (str(model) if model is not None else f"dh-mlx-{params or DEFAULT_PRESET}")
     server = Server(engine, tok, name, api_key=api_key, keepalive=keepalive)
-    loop = threading.Thread(target=engine.run, name="dh-mlx-engine", daemon=True)
-    loop.start()
 
     class Uvicorn(uvicorn.Server):
-        def handle_exit(self, sig, frame) -> None:  # SIGINT / SIGTERM: admit nothing new, let the rest finish
-            server.draining = True
-            super().handle_exit(sig, frame)
-            self._captured_signals.clear()  # a drained server exits 0, not by the signal raised again
-
         async def startup(self, sockets=None) -> None:
             await super().startup(sockets)
             if on_ready is not None and self.started:
                 on_ready(self.servers[0].sockets[0].getsockname()[1])
 
     logging.getLogger("dh_mlx.serve").setLevel(logging.INFO)
-    config = uvicorn.Config(server.app(), host=host, port=port, log_level="warning", timeout_graceful_shutdown=600)
+    web = Uvicorn(uvicorn.Config(server.app(), host=host, port=port, log_level="warning",
+                                 timeout_graceful_shutdown=600))
+    # The engine runs on this (the main) thread, where the CPU backend's streams live; HTTP runs in another.
+    http = threading.Thread(target=web.run, name="dh-mlx-http", daemon=True)
+
+    def drain(signum, frame) -> None:  # SIGINT / SIGTERM: admit nothing new, let the requests in flight finish
+        web.force_exit = server.draining  # (a second one: stop waiting for them)
+        server.draining = web.should_exit = True
+
+    previous = {sig: signal.signal(sig, drain) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
-        Uvicorn(config).run()
+        http.start()
+        engine.run(until=lambda: not http.is_alive())
     finally:
-        engine.stop()
-        loop.join(timeout=600)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        web.should_exit = True
+        http.join(timeout=600)

@@ -21,30 +21,21 @@ WIDE_BFS_WIDTH = 1000  # what widen_eval_order sets
 
 class Streams:
     """The default CPU stream and a second one; `side()` is the second unless `taken`. MLX's streams belong to
-    the thread that made them, so each thread gets its own pair (a server's engine runs in a thread of its
-    own)."""
+    the thread that made them: on any other thread (a server's engine may run in one) `side()` is None and the
+    work stays on that thread's default stream."""
 
     def __init__(self) -> None:
-        self._local = threading.local()
+        self.main = mx.default_stream(mx.cpu)
+        self.second = mx.new_stream(mx.cpu)
+        self.owner = threading.get_ident()
         self.taken = False
-
-    def _pair(self) -> tuple[mx.Stream, mx.Stream]:
-        if not hasattr(self._local, "pair"):
-            self._local.pair = (mx.default_stream(mx.cpu), mx.new_stream(mx.cpu))
-        return self._local.pair
-
-    @property
-    def main(self) -> mx.Stream:
-        return self._pair()[0]
-
-    @property
-    def second(self) -> mx.Stream:
-        return self._pair()[1]
 
     def side(self) -> mx.Stream | None:
         """Where an operation may put half of its work, or None while the caller keeps both streams busy (or
-        off the CPU)."""
-        return None if self.taken or mx.default_device() != mx.cpu else self.second
+        off the CPU, or on another thread)."""
+        if self.taken or mx.default_device() != mx.cpu or threading.get_ident() != self.owner:
+            return None
+        return self.second
 
     @contextmanager
     def running(self, stream: mx.Stream) -> Iterator[None]:
@@ -57,7 +48,7 @@ class Streams:
             self.taken = before
 
     def pair(self) -> tuple[mx.Stream, mx.Stream]:
-        return self._pair()
+        return self.main, self.second
 
 
 def make_streams() -> Streams | None:
