@@ -168,11 +168,16 @@ def test_a_deepseek_tool_call_comes_back_as_tool_calls(hf_server, monkeypatch):
     call = ("Let me check.<｜tool▁calls▁begin｜><｜tool▁call▁begin｜>get_weather<｜tool▁sep｜>"
             '{"city": "Paris"}<｜tool▁call▁end｜><｜tool▁calls▁end｜>')
     script = server.tokenizer.encode(call) + list(server.tokenizer.eos_ids[:1])
-    original = server.engine._choose
+    original, calls = server.engine._choose, {}
 
-    def scripted(jobs, logits):
+    def scripted(jobs, logits):  # each job's k-th choice is the script's k-th token
+        import mlx.core as mx
         tokens, infos = original(jobs, logits)
-        return [script[min(j.usage.completion_tokens, len(script) - 1)] for j in jobs], infos
+        out = []
+        for j in jobs:
+            calls[id(j)] = calls.get(id(j), -1) + 1
+            out.append(script[min(calls[id(j)], len(script) - 1)])
+        return mx.array(out), infos
     monkeypatch.setattr(server.engine, "_choose", scripted)
     tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {
         "type": "object", "properties": {"city": {"type": "string"}}}}}]

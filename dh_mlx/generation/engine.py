@@ -13,14 +13,10 @@ request with an error event and the others go on.
 
 from __future__ import annotations
 
-import itertools
-import queue
 import threading
-import time
 import traceback
 from collections import deque
-from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any
 
 import mlx.core as mx
 
@@ -28,77 +24,11 @@ from ..model import Model
 from ..params import kv_bytes_per_token
 from .batch import BatchCache, BatchStep
 from .cache import make_cache
-from .options import RowSampler, SamplingOptions
+from .options import RowSampler
 from .prefix import PrefixCache
+from .requests import Event, Handle, QueueFull, Request, Usage  # noqa: F401  (re-exported)
 from .steps import prefill
 from .text import TextOut
-
-_ids = itertools.count()
-
-
-@dataclass
-class Request:
-    prompt: list[int]
-    max_tokens: int = 256
-    sampling: SamplingOptions = field(default_factory=SamplingOptions)
-    seed: int | None = None
-    stop: tuple[str, ...] = ()  # strings that end the text (not included)
-    eos_ids: tuple[int, ...] | None = None  # None: the tokenizer's
-    logprobs: int | None = None  # None: off; n: each token's log-probability and the n likeliest alternatives
-    domain: int | None = None
-    grammar: Any = None  # a structured.Grammar (one per request: it is stateful)
-    id: str = field(default_factory=lambda: f"req-{next(_ids)}")
-
-
-@dataclass
-class Usage:
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    cached_tokens: int = 0  # prompt positions taken from the prefix cache
-
-
-@dataclass
-class Event:
-    """New output of one request: text (whole characters), the tokens it came from and their log-probabilities
-    ((token, logprob, [(alt, logprob), ...]) each); the last event has `finish_reason` and `usage`."""
-
-    text: str = ""
-    tokens: list[int] = field(default_factory=list)
-    logprobs: list[tuple[int, float, list[tuple[int, float]]]] | None = None
-    finish_reason: str | None = None  # "stop", "length", "cancelled" or "error"
-    usage: Usage | None = None
-    error: str | None = None
-    time: float = field(default_factory=time.perf_counter)
-
-
-class Handle:
-    """What `submit` returns: iterate for the request's events; `cancel()` frees its row at the next step."""
-
-    def __init__(self, request: Request):
-        self.request, self.events, self.cancelled = request, queue.Queue(), False
-        self.listener = None  # set: events go to it (from the engine's thread) instead of the queue
-        self._lock = threading.Lock()
-
-    def put(self, event: Event) -> None:
-        with self._lock:
-            (self.listener or self.events.put)(event)
-
-    def listen(self, listener) -> None:
-        """Hand every event to `listener` from now on, those that came before first."""
-        with self._lock:
-            while not self.events.empty():
-                listener(self.events.get_nowait())
-            self.listener = listener
-
-    def __iter__(self) -> Iterator[Event]:
-        while True:
-            event = self.events.get()
-            yield event
-            if event.finish_reason is not None:
-                return
-
-    def cancel(self) -> None:
-        self.cancelled = True
 
 
 class Job:
@@ -112,7 +42,7 @@ class Job:
                                   grammar=r.grammar, logprobs=r.logprobs)
         self.text = TextOut(engine.tokenizer.stream_decoder(), r.stop)
         self.usage = Usage(prompt_tokens=len(r.prompt))
-        self.fed: list[int] = []  # the tokens its cache holds
+        self.generated: list[int] = []
         self.cache = None  # per-layer LatentCaches while prefilling
         self.todo: list[int] = []
         self.last: int | None = None  # the newest token, fed at the next decode step
@@ -138,6 +68,8 @@ class Engine:
         self.waiting: deque[Job] = deque()
         self.prefilling: list[Job] = []
         self.rows: list[Job] = []  # aligned with the batch's rows
+        self.joining: list[Job] = []  # prefilled, joining the batch at the next step
+        self.ahead = None  # (tokens (B,), log-probabilities) of a decode step queued, not yet handed out
         self.lock = threading.Condition()
         self.stopping = False
         self.counts = {"prompt_tokens": 0, "generation_tokens": 0, "finished": 0, "failed": 0}
@@ -165,10 +97,10 @@ class Engine:
 
     @property
     def running(self) -> int:
-        return len(self.rows) + len(self.prefilling)
+        return len(self.rows) + len(self.prefilling) + len(self.joining)
 
     def idle(self) -> bool:
-        return not (self.waiting or self.prefilling or self.rows)
+        return not (self.waiting or self.prefilling or self.joining or self.rows)
 
     def run(self, until=None) -> None:
         """Step until `stop()` (or `until()` turns true) and no work is left."""
@@ -187,17 +119,25 @@ class Engine:
 
     # ---- one step ------------------------------------------------------------------------------------------
     def step(self) -> None:
-        self._drop_cancelled()
-        self._admit()
-        if self.prefilling:
-            self._guarded(self.prefilling[0], self._prefill_chunk)
-        if self.rows:
-            try:
-                self._decode()
-            except Exception as e:  # the batched step itself: every row in it fails, the engine goes on
-                for job in self.rows:
-                    self._fail(job, e)
-                self.rows, self.batch = [], BatchCache(self.model.config.num_hidden_layers)
+        try:
+            self._drop_cancelled()
+            self._admit()
+            if self.prefilling:
+                self._guarded(self.prefilling[0], self._prefill_chunk)
+            if self.joining:  # the batch changes shape: the step in flight first
+                self._decode(queue_next=False)
+                for job in self.joining:
+                    self.batch.add(job.cache)
+                    self.rows.append(job)
+                    job.cache = None
+                self.joining = []
+            if self.rows:
+                self._decode(queue_next=True)
+        except Exception as e:  # the batched step itself: every row in it fails, the engine goes on
+            for job in self.rows + self.joining:
+                self._fail(job, e)
+            self.rows, self.joining, self.ahead = [], [], None
+            self.batch = BatchCache(self.model.config.num_hidden_layers)
 
     def _guarded(self, job: Job, fn) -> None:
         try:
@@ -215,15 +155,16 @@ class Engine:
             traceback.print_exception(e)
 
     def _drop_cancelled(self) -> None:
-        gone = [b for b, job in enumerate(self.rows) if job.handle.cancelled]
-        for job in [j for j in self.prefilling if j.handle.cancelled]:
-            self.prefilling.remove(job)
+        if any(job.handle.cancelled for job in self.rows):
+            self._decode(queue_next=False)  # (the rows must be as the cache is)
+        for job in [j for j in self.prefilling + self.joining if j.handle.cancelled]:
+            (self.prefilling if job in self.prefilling else self.joining).remove(job)
             self._finish(job, "cancelled")
         with self.lock:
             for job in [j for j in self.waiting if j.handle.cancelled]:
                 self.waiting.remove(job)
                 self._finish(job, "cancelled")
-        self._retire(gone, "cancelled")
+        self._retire([b for b, job in enumerate(self.rows) if job.handle.cancelled], "cancelled")
 
     def _need(self, job: Job) -> int:
         return (len(job.request.prompt) + job.request.max_tokens) * self.token_bytes
@@ -249,7 +190,7 @@ class Engine:
         n, caches = self.prefix.lookup(r.prompt)
         job.cache = caches if caches is not None else make_cache(self.model.config)
         job.usage.cached_tokens = n
-        job.fed, job.todo = list(r.prompt[:n]), list(r.prompt[n:])
+        job.todo = list(r.prompt[n:])
         self.prefilling.append(job)
 
     def _domains(self, jobs: list[Job]) -> mx.array | None:
@@ -261,41 +202,53 @@ class Engine:
         chunk, job.todo = job.todo[: self.prefill_chunk], job.todo[self.prefill_chunk:]
         domain = None if job.domain == -1 else job.domain
         logits, _ = prefill(self.model, mx.array([chunk]), job.cache, step_size=self.prefill_chunk, domain=domain)
-        job.fed += chunk
         self.counts["prompt_tokens"] += len(chunk)
         if job.todo:
             return
         self.prefilling.remove(job)
         token, info = self._choose([job], logits)
-        if self._emit(job, token[0], info[0]):
-            self.batch.add(job.cache)
-            self.rows.append(job)
-        job.cache = None
+        mx.eval(token, [i for i in info if i is not None])
+        if self._emit(job, token.tolist()[0], info[0]):
+            self.joining.append(job)
+        else:
+            job.cache = None
 
-    def _decode(self) -> None:
-        tokens = mx.array([[job.last] for job in self.rows])
-        for job in self.rows:
-            job.fed.append(job.last)
+    def _queue(self, tokens: mx.array):
+        """Build one batched decode step feeding `tokens` (B, 1) and its choices; nothing is evaluated."""
         logits, _ = self.step_fn(tokens, self.batch, self._domains(self.rows))
-        chosen, infos = self._choose(self.rows, logits[:, -1])
-        done = [b for b, (job, t, info) in enumerate(zip(self.rows, chosen, infos)) if not self._emit(job, t, info)]
+        return self._choose(self.rows, logits[:, -1])
+
+    def _decode(self, queue_next: bool) -> None:
+        """Hand out the tokens of the step in flight (queued now when none is). With `queue_next`, the next step
+        is built from those tokens, still lazy, and set computing before they are read back (as generate_tokens
+        does): the handing out overlaps the computing. Rows whose choice needs the tokens read (penalties, a
+        grammar) never run ahead."""
+        if self.ahead is None:
+            if not queue_next or not self.rows:
+                return
+            self.ahead = self._queue(mx.array([[job.last] for job in self.rows]))
+        tokens, infos = self.ahead
+        self.ahead = None
+        if queue_next and all(job.sampler.runs_ahead for job in self.rows):
+            self.ahead = self._queue(tokens[:, None])
+            mx.async_eval(self.ahead[0])
+        mx.eval(tokens, [i for i in infos if i is not None])
+        done = [b for b, (job, t, info) in enumerate(zip(self.rows, tokens.tolist(), infos))
+                if not self._emit(job, t, info)]
+        if done and self.ahead is not None:  # the step in flight goes on for the rows that go on
+            keep = [b for b in range(len(self.rows)) if b not in set(done)]
+            ahead_tokens, ahead_infos = self.ahead
+            self.ahead = (ahead_tokens[mx.array(keep)], [ahead_infos[b] for b in keep]) if keep else None
         self._retire(done, None)
 
-    def _choose(self, jobs: list[Job], logits: mx.array) -> tuple[list[int], list]:
-        """Each job's next token from its row of logits (B, V): the simple rows in one argmax."""
+    def _choose(self, jobs: list[Job], logits: mx.array) -> tuple[mx.array, list]:
+        """Each job's next token (B,) from its row of logits (B, V), lazy: the simple rows in one argmax."""
         simple = [b for b, j in enumerate(jobs) if j.sampler.simple]
-        out: list = [None] * len(jobs)
-        if simple:
-            limit = self.vocab_limit or logits.shape[-1]
-            picked = mx.argmax(logits[mx.array(simple), :limit], axis=-1)
-            for b, k in zip(simple, range(len(simple))):
-                out[b] = picked[k]
-        for b, job in enumerate(jobs):
-            if out[b] is None:
-                out[b] = job.sampler.choose(logits[b])
+        if len(simple) == len(jobs):
+            return mx.argmax(logits[:, : self.vocab_limit or logits.shape[-1]], axis=-1), [None] * len(jobs)
+        out = [job.sampler.choose(logits[b]) for b, job in enumerate(jobs)]
         infos = [job.sampler.token_logprobs(logits[b], out[b]) for b, job in enumerate(jobs)]
-        mx.eval(out, [i for i in infos if i is not None])
-        return [t.item() for t in out], infos
+        return mx.stack(out), infos
 
     def _emit(self, job: Job, token: int, info) -> bool:
         """Hand `token` to the job's consumer; False when the job is finished."""
@@ -303,6 +256,7 @@ class Engine:
         self.counts["generation_tokens"] += 1
         job.sampler.accept(token)
         job.last = token
+        job.generated.append(token)
         lp = None if info is None else [(token, info[0].item(), list(zip(info[1].tolist(), info[2].tolist())))]
         if token in job.eos:
             job.handle.put(Event(text=job.text.flush(), tokens=[token], logprobs=lp))
@@ -332,10 +286,7 @@ class Engine:
             job = self.rows[b]
             if reason is not None:
                 self._finish(job, reason)
-            self.prefix.insert(job.fed, self.batch.row(b))
+            held = self.batch.row(b)  # the prompt and the tokens fed so far
+            self.prefix.insert((job.request.prompt + job.generated)[: held[0].offset], held)
         self.batch.remove(rows)
         self.rows = [j for b, j in enumerate(self.rows) if b not in set(rows)]
-
-
-class QueueFull(RuntimeError):
-    """The engine's queue is full: the server answers 429 with Retry-After."""

@@ -86,7 +86,15 @@ class RowSampler:
     @property
     def simple(self) -> bool:
         """Whether `choose` is the raw logits' argmax (rows like this are chosen together, in one op)."""
-        return self.options.plain_greedy and self.grammar is None
+        return self.options.plain_greedy and self.grammar is None and self.logprobs is None
+
+    @property
+    def runs_ahead(self) -> bool:
+        """Whether the next token can be chosen before this one is read back: no penalty over the tokens so
+        far, no grammar to advance."""
+        o = self.options
+        return (self.grammar is None and o.repetition_penalty == 1.0 and not o.presence_penalty
+                and not o.frequency_penalty)
 
     def logits(self, logits: mx.array) -> mx.array:
         """(V,) raw -> (V',) the logits tokens are drawn from."""

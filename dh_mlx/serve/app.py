@@ -24,6 +24,13 @@ log = logging.getLogger("dh_mlx.serve")
 KEEPALIVE = ": keep-alive\n\n"
 
 
+def _merged(a: Event, b: Event) -> Event:
+    """Two consecutive events of one request as one (b's end, if it is one)."""
+    logprobs = None if a.logprobs is None and b.logprobs is None else (a.logprobs or []) + (b.logprobs or [])
+    return Event(text=a.text + b.text, tokens=a.tokens + b.tokens, logprobs=logprobs, finish_reason=b.finish_reason,
+                 usage=b.usage, error=b.error, time=b.time)
+
+
 class Server:
     def __init__(self, engine: Engine, tokenizer: Any, model_name: str, *, api_key: str | None = None,
                  keepalive: float = 5.0):
@@ -88,6 +95,8 @@ class Server:
                         return
                     yield None
                     continue
+                while event.finish_reason is None and not inbox.empty():  # a client behind gets them as one
+                    event = _merged(event, inbox.get_nowait())
                 if event.tokens:
                     if last is None:
                         self.metrics.ttft.observe(event.time - arrived)
