@@ -24,7 +24,6 @@ import threading
 import time
 from pathlib import Path
 
-import httpx
 
 WORDS = ("the of model token expert router latent attention cache layer value query key court licence patent "
          "function return data train step loss").split()
@@ -57,12 +56,14 @@ def free_port() -> int:
 
 
 def start(command: list[str], port: int) -> subprocess.Popen:
+    import urllib.request
     p = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     for _ in range(1200):
         try:
-            if httpx.get(f"http://127.0.0.1:{port}/v1/models", timeout=1).status_code == 200:
-                return p
-        except httpx.TransportError:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/models", timeout=1) as r:
+                if r.status == 200:
+                    return p
+        except OSError:
             if p.poll() is not None:
                 raise RuntimeError(f"{command[0]} exited: {p.stderr.read()[-2000:]}")
             time.sleep(0.25)
@@ -70,20 +71,25 @@ def start(command: list[str], port: int) -> subprocess.Popen:
 
 
 def one(url: str, model: str, prompt: str, max_tokens: int) -> dict:
-    """A streamed completion: when each content chunk came, and how many tokens it counted."""
+    """A streamed completion: when each chunk with text came, and how many tokens were generated. A plain
+    http.client reader that parses only the usage chunk, so the client costs the 2 cores as little as it can."""
+    import http.client
+    host, port = url.removeprefix("http://").split(":")
+    body = json.dumps({"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True,
+                       "stream_options": {"include_usage": True}})
+    conn = http.client.HTTPConnection(host, int(port), timeout=600)
     t0 = time.perf_counter()
+    conn.request("POST", "/v1/completions", body, {"Content-Type": "application/json"})
+    response = conn.getresponse()
     times, usage = [], None
-    body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True,
-            "stream_options": {"include_usage": True}}
-    with httpx.stream("POST", url + "/v1/completions", json=body, timeout=600) as r:
-        for line in r.iter_lines():
-            if not line.startswith("data: ") or line == "data: [DONE]":
-                continue
-            chunk = json.loads(line[6:])
-            if chunk.get("usage"):
-                usage = chunk["usage"]
-            if chunk.get("choices") and chunk["choices"][0].get("text"):
-                times.append(time.perf_counter() - t0)
+    for raw in response:
+        if not raw.startswith(b"data: {"):
+            continue
+        if b'"completion_tokens"' in raw:
+            usage = json.loads(raw[6:])["usage"]
+        elif b'"text": ""' not in raw and b'"text":""' not in raw:
+            times.append(time.perf_counter() - t0)
+    conn.close()
     return {"times": times, "tokens": (usage or {}).get("completion_tokens", len(times)), "start": t0,
             "end": time.perf_counter()}
 
@@ -113,12 +119,22 @@ def load(url: str, model: str, prompts: list[str], clients: int, max_tokens: int
             "itl_p99_s": pct(itl, 0.99)}
 
 
-def generate_speed(model_dir: Path, prompt: str, max_tokens: int) -> float:
-    """dh-mlx generate's decode tokens/s on the same model and prompt (in a process of its own)."""
-    r = subprocess.run(["dh-mlx", "generate", "--model", str(model_dir), "--prompt", prompt, "--max-tokens",
-                        str(max_tokens), "--no-mtp"], capture_output=True, text=True, timeout=600)
+def generate_speed(model_dir: Path, prompts: list[str], max_tokens: int) -> float:
+    """dh-mlx generate on the same model and prompts, one after another, each in a process of its own: output
+    tokens over the time from the prompt to the last token (its prefill and its decode, as a lone client of a
+    server sees them), for the 1-client comparison."""
     import re
-    return float(re.search(r"generation: \d+ tokens, ([\d.]+) tokens/s", r.stderr).group(1))
+    tokens = seconds = 0.0
+    for prompt in prompts:
+        r = subprocess.run([sys.executable, "-m", "dh_mlx.cli", "generate", "--model", str(model_dir), "--prompt",
+                            prompt, "--max-tokens", str(max_tokens), "--no-mtp"], capture_output=True, text=True,
+                           timeout=600)
+        m = re.search(r"prompt: (\d+) tokens, ([\d.]+) tokens/s \| generation: (\d+) tokens, ([\d.]+) tokens/s",
+                      r.stderr)
+        n_prompt, prompt_tps, n_out, out_tps = (float(g) for g in m.groups())
+        tokens += n_out
+        seconds += n_prompt / prompt_tps + n_out / out_tps
+    return tokens / seconds
 
 
 def main() -> None:
@@ -148,8 +164,8 @@ def main() -> None:
         engines["vllm"] = lambda port: [args.vllm_python, "-m", "vllm.entrypoints.openai.api_server", "--model",
                                         str(model), "--port", str(port), "--dtype", "float32",
                                         "--max-num-seqs", str(max(args.clients))]
-    speed = generate_speed(model, prompts[0], args.max_tokens)
-    print(json.dumps({"engine": "dh-mlx generate", "tokens_per_s": speed, **common}), flush=True)
+    speed = generate_speed(model, prompts[:3], args.max_tokens)
+    print(json.dumps({"engine": "dh-mlx generate", "clients": 1, "tokens_per_s": speed, **common}), flush=True)
     for name in [e for e in args.engines if e in engines]:
         port = free_port()
         proc = start(engines[name](port), port)

@@ -44,7 +44,9 @@ class BatchCache:
         return [self.write - p for p in self.pad]
 
     def _grow(self, left: int, right: int) -> None:
-        """Add `left` positions before every row (the padding grows) and `right` of capacity after."""
+        """Add `left` positions before every row (the padding grows) and at least `right` of capacity after,
+        keeping the capacity a whole number of chunks (each capacity is a trace of the compiled step)."""
+        right += -(self.capacity + left + right) % self.step
         self._map(lambda a: mx.pad(a, [(0, 0), (0, 0), (left, right), (0, 0)]))
         self.write += left
         self.pad = [p + left for p in self.pad]
@@ -52,8 +54,8 @@ class BatchCache:
     def reserve(self, n: int) -> None:
         """Room for `n` more positions after `write`."""
         short = self.write + n - self.capacity
-        if self.latents and short > 0:
-            self._grow(0, -(-short // self.step) * self.step)
+        if self.latents and (short > 0 or self.capacity % self.step):
+            self._grow(0, max(short, 0))
 
     def add(self, cache: list[LatentCache]) -> int:
         """Append a prefilled single sequence (its per-layer caches, B = 1) as a new row; returns its index."""
