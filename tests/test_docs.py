@@ -56,7 +56,7 @@ def test_every_command_has_a_worked_example():
              if w[0] == "dh-mlx" and len(w) > 1}
     assert wanted == {"train", "generate", "chat", "info", "plot", "quantize", "lora", "fuse", "tokenizer train",
                       "convert gguf", "convert mlx", "convert hf", "convert import", "domains add",
-                      "domains remove", "domains extract"}
+                      "domains remove", "domains extract", "serve"}
     assert wanted <= shown, wanted - shown
 
 

@@ -1,5 +1,6 @@
-"""The README's figures and counts are what the commands beside them print: the ones cheap to compute (from the
-configs alone) are computed here and compared with the text, to the precision the text gives."""
+"""The README's figures and counts (and docs/distributed.md's --plan table) are what the commands beside them
+print: the ones cheap to compute (from the configs alone) are computed here and compared with the text, to the
+precision the text gives."""
 
 import re
 
@@ -11,6 +12,7 @@ from dh_mlx.params import count_params, kv_bytes_per_token
 from dh_mlx.plan import plan
 
 README = (REPO_DIR / "README.md").read_text()
+DISTRIBUTED = (REPO_DIR / "docs" / "distributed.md").read_text()
 UNITS = {"M": 1e6, "B": 1e9, "GiB": 2**30, "TiB": 2**40, "GB": 1e9}
 
 
@@ -62,7 +64,7 @@ LINKS = {"Thunderbolt 5": "thunderbolt5", "InfiniBand": "infiniband", "10 GbE": 
 
 
 def test_the_plan_table_is_what_info_plan_prints():
-    rows = PLAN_ROW.findall(README)
+    rows = PLAN_ROW.findall(DISTRIBUTED)
     assert len(rows) == 3
     for preset, machines, memory, link, dp, fsdp, pipe, sent, secs, serve4 in rows:
         p = plan(load_preset(preset), machines=int(machines), memory_gb=float(memory), link=LINKS[link])
