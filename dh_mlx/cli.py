@@ -11,7 +11,9 @@ import typer
 
 from .cli_convert import (MTP_HELP, QBITS_HELP, QDTYPE_HELP, QGROUP_HELP, RECIPE_HELP, convert_app,
                           wrote)
-from .cli_generate import _domain, _fail, _generate, _load_for_generation, _read_prompt, _stream, _template_args
+from . import cli_options as o
+from .cli_generate import (Loading, _domain, _fail, _generate, _load_for_generation, _read_prompt, _stream,
+                           _template_args)
 
 app = typer.Typer(add_completion=False, help="Darkhorse Genesis on MLX: a DeepSeek-V3-style MoE with latent attention.")
 
@@ -34,79 +36,54 @@ def root(ctx: typer.Context,
     if prompt is None:
         typer.echo(ctx.get_help())
         return
-    _generate(prompt=prompt)
+    _generate(prompt=prompt, load=Loading(), sampling=o.sampling(seed=0))
 
 
 BITS_HELP = "quantize a float or FP8 model to this many bits as it loads (4 or 8; also 2, 3, 5, 6)"
-TEMPLATE_ARGS_HELP = ("with --chat: a JSON object the tokenizer.json chat template is rendered with, e.g. "
-                      "'{\"enable_thinking\": false}' or '{\"tools\": [...]}'")
 
 
 @app.command()
 def generate(prompt: Optional[str] = typer.Option(None, help="the prompt text; - reads it from standard input"),
              prompt_file: Optional[Path] = typer.Option(None, help="read the prompt from this UTF-8 file"),
-             model: Optional[Path] = typer.Option(None, help="model directory (or hub repo id)"),
-             params: Optional[str] = typer.Option(None, help="size preset with random weights (default tiny)"),
+             model: o.Model = None, params: o.Params = None,
              max_tokens: int = typer.Option(100, help="stop after this many new tokens"),
-             temp: float = typer.Option(0.0, help="sampling temperature; 0 is greedy"),
-             top_p: float = typer.Option(1.0, help="nucleus sampling mass"),
-             top_k: int = typer.Option(0, help="keep the k most likely tokens (0: off)"),
-             min_p: float = typer.Option(0.0, help="drop tokens below min_p x the top probability"),
-             repetition_penalty: float = typer.Option(1.0, help="penalise recently seen tokens (1: off)"),
-             seed: int = typer.Option(0, help="sampling seed, and the init seed with --params"),
-             domain: Optional[str] = typer.Option(None, help="route through this domain's experts (auto: the "
-                                                             "domain the prompt is likeliest under)"),
-             mtp: Optional[bool] = typer.Option(None, "--mtp/--no-mtp",
-                                                help="MTP self-speculative decoding (default: on if present)"),
-             prefill_step_size: int = typer.Option(512, help="prompt tokens per prefill chunk"),
-             dtype: Optional[str] = typer.Option(None, help="float32, bfloat16 or float16 (default: by device)"),
-             adapter: Optional[Path] = typer.Option(None, help="LoRA adapter directory, applied unfused"),
+             temp: o.Temp = 0.0, top_p: o.TopP = 1.0, top_k: o.TopK = 0, min_p: o.MinP = 0.0,
+             repetition_penalty: o.RepetitionPenalty = 1.0, seed: o.Seed = 0, domain: o.Domain = None,
+             mtp: o.Mtp = None, prefill_step_size: int = typer.Option(512, help="prompt tokens per prefill chunk"),
+             dtype: o.Dtype = None, adapter: o.Adapter = None,
              stream: bool = typer.Option(True, "--stream/--no-stream", help="print tokens as they come"),
              chat: bool = typer.Option(False, "--chat", help="apply the model's chat template to the prompt"),
              system: Optional[str] = typer.Option(None, help="with --chat: the system message"),
-             chat_template_args: Optional[str] = typer.Option(None, help=TEMPLATE_ARGS_HELP),
-             bits: Optional[int] = typer.Option(None, help=BITS_HELP),
-             group_size: int = typer.Option(64, help="with --bits: values sharing a scale and bias"),
+             chat_template_args: o.TemplateArgs = None, bits: o.Bits = None, group_size: o.GroupSize = 64,
              pipeline: bool = typer.Option(False, "--pipeline", help="under mlx.launch: split the decoder layers "
                                                                      "over the ranks, each loading only its own"),
-             verbose: bool = typer.Option(False, "--verbose", help="also print what MTP drafting measured")
-             ) -> None:
+             verbose: o.Verbose = False) -> None:
     """Generate text; stdout carries the text alone, speed and memory go to stderr."""
-    _generate(prompt=_read_prompt(prompt, prompt_file), model=model, params=params, max_tokens=max_tokens, temp=temp, top_p=top_p,
-              top_k=top_k, min_p=min_p, repetition_penalty=repetition_penalty, seed=seed, domain=domain, mtp=mtp,
-              prefill_step_size=prefill_step_size, dtype=dtype, adapter=adapter, stream=stream, chat=chat,
-              system=system, bits=bits, group_size=group_size, pipeline=pipeline, verbose=verbose,
-              template_args=_template_args(chat_template_args))
+    _generate(prompt=_read_prompt(prompt, prompt_file), load=Loading(model, params, seed, dtype, adapter, bits,
+                                                                     group_size),
+              sampling=o.sampling(temp, top_p, top_k, min_p, repetition_penalty, seed), max_tokens=max_tokens,
+              domain=domain, mtp=mtp, prefill_step_size=prefill_step_size, stream=stream, chat=chat, system=system,
+              pipeline=pipeline, verbose=verbose, template_args=_template_args(chat_template_args))
 
 
 @app.command("chat")
-def chat_command(model: Optional[Path] = typer.Option(None, help="model directory (or hub repo id)"),
-                 params: Optional[str] = typer.Option(None, help="size preset with random weights (default tiny)"),
+def chat_command(model: o.Model = None, params: o.Params = None,
                  system: Optional[str] = typer.Option(None, help="the system message"),
-                 chat_template_args: Optional[str] = typer.Option(None, help=TEMPLATE_ARGS_HELP.replace(
-                     "with --chat: a", "a")),
+                 chat_template_args: o.TemplateArgs = None,
                  max_tokens: int = typer.Option(256, help="stop each reply after this many tokens"),
-                 temp: float = typer.Option(0.0, help="sampling temperature; 0 is greedy"),
-                 top_p: float = typer.Option(1.0, help="nucleus sampling mass"),
-                 repetition_penalty: float = typer.Option(1.0, help="penalise recently seen tokens (1: off)"),
-                 seed: int = typer.Option(0, help="sampling seed, and the init seed with --params"),
-                 domain: Optional[str] = typer.Option(None, help="route through this domain's experts (auto: "
-                                                                 "inferred from the first turn)"),
-                 mtp: Optional[bool] = typer.Option(None, "--mtp/--no-mtp", help="MTP self-speculative decoding"),
-                 dtype: Optional[str] = typer.Option(None, help="float32, bfloat16 or float16 (default: by device)"),
-                 adapter: Optional[Path] = typer.Option(None, help="LoRA adapter directory, applied unfused"),
-                 bits: Optional[int] = typer.Option(None, help=BITS_HELP),
-                 group_size: int = typer.Option(64, help="with --bits: values sharing a scale and bias"),
-                 verbose: bool = typer.Option(False, "--verbose", help="also print what MTP drafting measured")
-                 ) -> None:
+                 temp: o.Temp = 0.0, top_p: o.TopP = 1.0, top_k: o.TopK = 0, min_p: o.MinP = 0.0,
+                 repetition_penalty: o.RepetitionPenalty = 1.0, seed: o.Seed = 0, domain: o.Domain = None,
+                 mtp: o.Mtp = None, dtype: o.Dtype = None, adapter: o.Adapter = None, bits: o.Bits = None,
+                 group_size: o.GroupSize = 64, verbose: o.Verbose = False) -> None:
     """A multi-turn chat on standard input, one user turn per line; the KV cache carries over between turns.
     Piped, each reply is followed by an empty line."""
     from .files import LIMITS
     from .generation import GenerationStats
     from .generation.chat import Conversation
-    m, tok = _load_for_generation(model, params, seed, dtype, adapter, bits, group_size)
+    m, tok = _load_for_generation(Loading(model, params, seed, dtype, adapter, bits, group_size))
     conversation = Conversation(m, tok, system=system, template_args=_template_args(chat_template_args))
-    dom = _domain(m, domain)
+    options = dict(sampling=o.sampling(temp, top_p, top_k, min_p, repetition_penalty, seed), max_tokens=max_tokens,
+                   domain=_domain(m, domain), mtp=mtp)
     number = 0
     while True:
         if sys.stdin.isatty():
@@ -127,17 +104,14 @@ def chat_command(model: Optional[Path] = typer.Option(None, help="model director
         if not line.strip():
             continue
         stats = GenerationStats()
-        _stream(conversation.reply(line.rstrip("\n"), stats=stats, max_tokens=max_tokens, temp=temp, top_p=top_p,
-                                   repetition_penalty=repetition_penalty, seed=seed, domain=dom, mtp=mtp), True,
-                stats, verbose)
+        _stream(conversation.reply(line.rstrip("\n"), stats=stats, **options), True, stats, verbose)
         if not sys.stdout.isatty():  # replies apart, even where one holds line breaks of its own
             sys.stdout.write("\n")
             sys.stdout.flush()
 
 
 @app.command()
-def serve(model: Optional[str] = typer.Option(None, help="model directory (or hub repo id)"),
-          params: Optional[str] = typer.Option(None, help="size preset with random weights (default tiny)"),
+def serve(model: o.Model = None, params: o.Params = None,
           host: str = typer.Option("127.0.0.1", help="address to listen on"),
           port: int = typer.Option(8080, help="port to listen on (0: any free one)"),
           max_concurrency: int = typer.Option(16, help="sequences decoding together"),
@@ -148,10 +122,8 @@ def serve(model: Optional[str] = typer.Option(None, help="model directory (or hu
                                                                   "(default: half of what is free)"),
           api_key: Optional[str] = typer.Option(None, help="require this bearer token on /v1/"),
           model_name: Optional[str] = typer.Option(None, help="the name /v1/models lists (default: --model)"),
-          dtype: Optional[str] = typer.Option(None, help="float32, bfloat16 or float16 (default: by device)"),
-          bits: Optional[int] = typer.Option(None, help=BITS_HELP),
-          group_size: int = typer.Option(64, help="with --bits: values sharing a scale and bias"),
-          adapter: Optional[Path] = typer.Option(None, help="LoRA adapter directory, applied unfused")) -> None:
+          dtype: o.Dtype = None, bits: o.Bits = None, group_size: o.GroupSize = 64, adapter: o.Adapter = None
+          ) -> None:
     """An OpenAI-compatible server (chat and text completions, streaming, structured output, tool calls) that
     batches concurrent requests; Ctrl-C or SIGTERM finishes the requests in flight, then exits."""
     import logging
@@ -428,9 +400,17 @@ def _command():
     return root_command
 
 
+# Library arguments whose errors the command line words as its flags ("temp must be" -> "--temp must be").
+FLAGS = ("temp", "top_p", "top_k", "min_p", "repetition_penalty", "seed", "max_tokens", "prefill_step_size")
+
+
 def _message(e: BaseException) -> str:
-    """The error's own words; an out-of-memory error, which often has none, says so and what is free."""
+    """The error's own words (a library argument named as its flag); an out-of-memory error, which often has
+    none, says so and what is free."""
     text = str(e).strip()
+    first = text.split(" ", 1)[0]
+    if first in FLAGS and text.startswith(f"{first} must be"):
+        text = "--" + first.replace("_", "-") + text[len(first):]
     if isinstance(e, MemoryError) and not text or any(w in text.lower() for w in ("unable to allocate",
                                                                                "out of memory")):
         from .device import available_memory

@@ -13,6 +13,7 @@ import pytest
 
 from dh_mlx import random_model, save_model
 from dh_mlx.generation import generate_tokens
+from dh_mlx.generation.options import SamplingOptions
 from dh_mlx.generation.speculative import DraftPolicy
 from dh_mlx.tokenizer import load_tokenizer
 from dh_mlx.train.tokenizer import train_tokenizer
@@ -90,9 +91,10 @@ def test_ids_past_the_tokenizer_are_never_sampled(corpus, tmp_path):
     prompt = tok.encode("the model token", bos=True)
     unmasked = list(generate_tokens(model, prompt, max_tokens=4, mtp=False))
     assert all(t >= tok.vocab_size for t in unmasked)  # the test's premise: the padded rows would win
-    for opts in (dict(mtp=False), dict(temp=1.0, seed=3, mtp=False), dict(mtp=True, draft_policy=DraftPolicy(adaptive=False)),
-                 dict(mtp=True, temp=1.0, seed=3)):
-        ids = list(generate_tokens(model, prompt, max_tokens=12, vocab_limit=tok.vocab_size, **opts))
+    limited = SamplingOptions(vocab_limit=tok.vocab_size)
+    for opts in (dict(mtp=False), dict(sampling=limited.replace(temp=1.0, seed=3), mtp=False),
+                 dict(mtp=DraftPolicy(adaptive=False)), dict(mtp=True, sampling=limited.replace(temp=1.0, seed=3))):
+        ids = list(generate_tokens(model, prompt, max_tokens=12, **{"sampling": limited, **opts}))
         assert len(ids) >= 1 and max(ids) < tok.vocab_size, opts
     for extra in ([], ["--temp", "1.0"], ["--no-mtp"]):
         r = cli("generate", "--model", str(path), "--prompt", "the model", "--max-tokens", "6", *extra)

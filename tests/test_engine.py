@@ -67,7 +67,7 @@ def test_batched_greedy_equals_each_sequence_alone(model):
     for p, events in zip(ps, together):
         alone = run_all(Engine(model, Tok()), [Request(p, max_tokens=12, logprobs=3)])[0]
         assert tokens_of(events) == tokens_of(alone) == list(generate_tokens(model, p, max_tokens=12, mtp=False,
-                                                                              eos_ids=(96,), vocab_limit=97))[:12]
+                                                                              eos_ids=(96,), sampling=SamplingOptions(vocab_limit=97)))[:12]
         got = np.array([[lp, *[a for _, a in alts]] for e in events if e.logprobs for _, lp, alts in e.logprobs])
         want = np.array([[lp, *[a for _, a in alts]] for e in alone if e.logprobs for _, lp, alts in e.logprobs])
         np.testing.assert_allclose(got, want, atol=1e-4)
@@ -80,7 +80,7 @@ def test_each_row_keeps_its_own_options_seed_and_domain(model):
                SamplingOptions(repetition_penalty=1.5), SamplingOptions(temp=0.7, presence_penalty=1.0,
                                                                         frequency_penalty=0.5),
                SamplingOptions(min_p=0.1, temp=1.0)]
-    make = lambda i: Request(ps[i], max_tokens=10, sampling=options[i], seed=100 + i, domain=[0, None, 2, 1, None, 0][i])  # noqa: E731
+    make = lambda i: Request(ps[i], max_tokens=10, sampling=options[i].replace(seed=100 + i), domain=[0, None, 2, 1, None, 0][i])  # noqa: E731
     together = run_all(Engine(model, Tok(), max_batch=8), [make(i) for i in range(6)])
     for i in range(6):
         alone = run_all(Engine(model, Tok()), [make(i)])[0]
@@ -105,7 +105,7 @@ def test_requests_join_a_running_batch_and_long_prompts_prefill_in_chunks(model)
         decoded.append(first.events.qsize() - before)
     assert sum(decoded[:10]) >= 9  # the first kept decoding while the long prompt went in, a chunk a step
     assert tokens_of(list(second.events.queue)) == list(generate_tokens(model, long, max_tokens=5, mtp=False,
-                                                                         eos_ids=(96,), vocab_limit=97))[:5]
+                                                                         eos_ids=(96,), sampling=SamplingOptions(vocab_limit=97)))[:5]
 
 
 def test_a_repeated_prefix_is_not_prefilled_again(model):
@@ -158,11 +158,11 @@ def test_one_failing_request_leaves_the_others_going(model, monkeypatch):
     start = engine._start
 
     def fail_on_seed(job):
-        if job.request.seed == 13:
+        if job.request.sampling.seed == 13:
             raise RuntimeError("boom")
         start(job)
     monkeypatch.setattr(engine, "_start", fail_on_seed)
-    out = run_all(engine, [Request(prompts(1)[0], max_tokens=5), Request(prompts(1)[0], max_tokens=5, seed=13),
+    out = run_all(engine, [Request(prompts(1)[0], max_tokens=5), Request(prompts(1)[0], max_tokens=5, sampling=SamplingOptions(seed=13)),
                            Request(prompts(1, 2)[0], max_tokens=5)])
     assert out[1][-1].finish_reason == "error" and "boom" in out[1][-1].error
     assert [e[-1].finish_reason for e in (out[0], out[2])] == ["length", "length"]

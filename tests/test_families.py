@@ -217,7 +217,7 @@ def test_generate_with_bits_and_mtp_on_a_v32_model(tmp_path):
     assert "indexer" in model.model.mtp_layers[0].self_attn
     ids = prompt(20, batch=1)[0].tolist()
     plain = list(generate_tokens(model, ids, max_tokens=24, mtp=False))
-    drafted = list(generate_tokens(model, ids, max_tokens=24, mtp=True, draft_policy=DraftPolicy(adaptive=False)))
+    drafted = list(generate_tokens(model, ids, max_tokens=24, mtp=DraftPolicy(adaptive=False)))
     assert plain == drafted and len(plain) == 24
     quantized = load_model(tmp_path, bits=4, group_size=32)
     assert len(list(generate_tokens(quantized, ids, max_tokens=8))) == 8

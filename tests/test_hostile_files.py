@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from dh_mlx.chat import ChatTemplateError, render
+from dh_mlx.generation.options import SamplingOptions
 from helpers import make_checkpoint, model_with_tokenizer
 
 MESSAGES = [{"role": "user", "content": "hi"}]
@@ -225,7 +226,8 @@ def test_a_temperature_that_underflows_samples_greedily(model):
     from dh_mlx.generation import generate_tokens
     m, tok = load(model)
     prompt = tok.encode("hello there", bos=True)
-    assert list(generate_tokens(m, prompt, max_tokens=6, temp=1e-45, seed=3, mtp=False)) == list(
+    assert list(generate_tokens(m, prompt, max_tokens=6, sampling=SamplingOptions(temp=1e-45, seed=3),
+                                mtp=False)) == list(
         generate_tokens(m, prompt, max_tokens=6, mtp=False))
 
 

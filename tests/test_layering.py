@@ -26,7 +26,7 @@ LAYERS = [
      "dh_mlx.checkpoint.v4_weights"],
     ["dh_mlx.generation", "dh_mlx.train", "dh_mlx.torch"],
     ["dh_mlx.convert", "dh_mlx.info", "dh_mlx.plan", "dh_mlx.api", "dh_mlx.serve"],
-    ["dh_mlx.cli", "dh_mlx.cli_convert", "dh_mlx.cli_generate", "dh_mlx"],
+    ["dh_mlx.cli", "dh_mlx.cli_convert", "dh_mlx.cli_generate", "dh_mlx.cli_options", "dh_mlx"],
 ]
 
 

@@ -21,6 +21,7 @@ pytest.importorskip("fastapi")
 from dh_mlx import load  # noqa: E402
 from dh_mlx.generation import generate_tokens  # noqa: E402
 from dh_mlx.generation.engine import Engine  # noqa: E402
+from dh_mlx.generation.options import SamplingOptions  # noqa: E402
 from helpers import model_with_tokenizer  # noqa: E402
 from test_hf_tokenizer import tokenizer_dir  # noqa: E402,F401  (a byte-level BPE tokenizer with a chat template)
 
@@ -68,7 +69,7 @@ def server(model_dir):
 
 def greedy(server, prompt_ids, n):
     return list(generate_tokens(server.model, prompt_ids, max_tokens=n, mtp=False, eos_ids=tuple(
-        server.tokenizer.eos_ids), vocab_limit=server.tokenizer.vocab_size))
+        server.tokenizer.eos_ids), sampling=SamplingOptions(vocab_limit=server.tokenizer.vocab_size)))
 
 
 MESSAGES = [{"role": "system", "content": "Answer briefly."}, {"role": "user", "content": "the model expert"}]
@@ -271,7 +272,7 @@ def test_a_failing_request_is_500_and_the_others_go_on(server, monkeypatch):
     start = server.engine._start
 
     def fail(job):
-        if job.request.seed == 13:
+        if job.request.sampling.seed == 13:
             raise RuntimeError("injected failure")
         start(job)
     monkeypatch.setattr(server.engine, "_start", fail)

@@ -38,8 +38,9 @@ class Job:
         r = self.request = handle.request
         self.handle = handle
         self.eos = set(r.eos_ids if r.eos_ids is not None else engine.tokenizer.eos_ids)
-        self.sampler = RowSampler(r.sampling, history=r.prompt, seed=r.seed, vocab_limit=engine.vocab_limit,
-                                  grammar=r.grammar, logprobs=r.logprobs)
+        options = r.sampling if r.sampling.vocab_limit is not None else r.sampling.replace(
+            vocab_limit=engine.vocab_limit)
+        self.sampler = RowSampler(options, history=r.prompt, grammar=r.grammar, logprobs=r.logprobs)
         self.text = TextOut(engine.tokenizer.stream_decoder(), r.stop)
         self.usage = Usage(prompt_tokens=len(r.prompt))
         self.generated: list[int] = []

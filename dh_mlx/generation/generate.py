@@ -9,8 +9,8 @@ from typing import Any, Iterator
 import mlx.core as mx
 
 from ..model import Model
-from .sample import check_options, make_sampler
-from .speculative import Choice, DraftPolicy, mtp_generate
+from .options import SamplingOptions
+from .speculative import DraftPolicy, mtp_generate
 from .steps import PromptCache, check_context, compiled_decode_step, decode_step, prefill
 
 
@@ -32,26 +32,21 @@ class GenerationStats:
         return self.accepted / self.drafted if self.drafted else None
 
 
-def generate_tokens(model: Model, prompt_ids: list[int], *, max_tokens: int = 256, temp: float = 0.0,
-                    top_p: float = 1.0, top_k: int = 0, min_p: float = 0.0, repetition_penalty: float = 1.0,
-                    repetition_context: int = 64, seed: int | None = None, domain: int | None = None,
-                    eos_ids: tuple[int, ...] = (), prefill_step_size: int = 512,
-                    prompt_cache: PromptCache | None = None, mtp: bool | None = None,
-                    draft_policy: DraftPolicy | None = None, stats: GenerationStats | None = None,
-                    compile_step: bool = True, vocab_limit: int | None = None) -> Iterator[int]:
+def generate_tokens(model: Model, prompt_ids: list[int], *, sampling: SamplingOptions = SamplingOptions(),
+                    max_tokens: int = 256, domain: int | None = None, eos_ids: tuple[int, ...] = (),
+                    prompt_cache: PromptCache | None = None, mtp: bool | DraftPolicy | None = None,
+                    stats: GenerationStats | None = None, prefill_step_size: int = 512) -> Iterator[int]:
     """Yield generated token ids (like mlx-lm's generate_step); stops at an id in `eos_ids` or `max_tokens`.
-
-    `vocab_limit` (the tokenizer's size, when the model's vocabulary is padded past it): only ids below it are
-    ever sampled or drafted.
+    `sampling` says how each token is chosen (greedy by default; `seed`; `vocab_limit`: the tokenizer's size
+    when the model's vocabulary is padded past it, so only ids below it are ever sampled or drafted).
 
     `mtp` (default: when the model has an MTP module) decodes speculatively with that module, drafting only
-    while it pays (`draft_policy`: a `speculative.DraftPolicy`, new per call by default); the tokens are the
-    same as without it. `compile_step=False` decodes with the eager `decode_step` (same tokens; for debugging;
-    no MTP).
+    while it pays (a `speculative.DraftPolicy` may be given instead of True: what it measured carries over);
+    the tokens are the same as without it. `prompt_cache` keeps the caches across calls that share a prefix.
     """
-    check_options(temp=temp, top_p=top_p, top_k=top_k, min_p=min_p, repetition_penalty=repetition_penalty,
-                  repetition_context=repetition_context, max_tokens=max_tokens, prefill_step_size=prefill_step_size,
-                  seed=seed)
+    for name, value, low in (("max_tokens", max_tokens, 0), ("prefill_step_size", prefill_step_size, 1)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < low:
+            raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
     if not prompt_ids:
         raise ValueError("the prompt is empty: give at least one token")
     check_context(model, len(prompt_ids) + max_tokens)
@@ -59,28 +54,28 @@ def generate_tokens(model: Model, prompt_ids: list[int], *, max_tokens: int = 25
     if max_tokens == 0:  # nothing to generate: the prompt is not even run
         stats.prompt_tokens = len(prompt_ids)
         return
-    if seed is not None:
-        mx.random.seed(seed)
+    if sampling.seed is not None:
+        mx.random.seed(sampling.seed)
     pc = prompt_cache if prompt_cache is not None else PromptCache.new(model)
     todo = pc.reuse(list(prompt_ids))
-    compile_step = compile_step and getattr(model, "fixed_capacity_steps", True)  # (not DeepSeek-V4's caches)
+    compiled = getattr(model, "fixed_capacity_steps", True)  # (not DeepSeek-V4's caches, not a pipeline rank's)
     if mtp is None:
-        mtp = compile_step
-    choice = Choice(temp, top_p, top_k, min_p, repetition_penalty, repetition_context, vocab_limit)
-    if mtp and model.config.num_nextn_predict_layers:
+        mtp = compiled
+    if mtp and model.config.num_nextn_predict_layers and not (sampling.presence_penalty or sampling.frequency_penalty):
         yield from mtp_generate(model, pc, todo, stats=stats, max_tokens=max_tokens, eos_ids=eos_ids,
-                                prefill_step_size=prefill_step_size, domain=domain, choice=choice,
-                                policy=draft_policy)
+                                prefill_step_size=prefill_step_size, domain=domain, options=sampling,
+                                policy=mtp if isinstance(mtp, DraftPolicy) else None)
         return
-    sampler = make_sampler(temp, top_p, top_k, min_p)
-    # The penalised window stays on the device (appended lazily), so a step can be queued before the token
-    # it consumes has been read back.
-    recent = mx.array(list(prompt_ids)[-repetition_context:])
+    # The penalised window and the output counts stay on the device (updated lazily), so a step can be queued
+    # before the token it consumes has been read back.
+    recent = mx.array(list(prompt_ids)[-sampling.repetition_context:])
+    counts = mx.zeros((model.config.vocab_size,), mx.int32) if sampling.presence_penalty or \
+        sampling.frequency_penalty else None
 
     def choose(logits: mx.array) -> mx.array:
-        return sampler(choice.logits(logits, recent if repetition_penalty != 1.0 else None))
+        return sampling.draw(sampling.penalized(logits, recent, counts))
 
-    step = compiled_decode_step(model, domain) if compile_step else (
+    step = compiled_decode_step(model, domain) if compiled else (
         lambda tok, cache: decode_step(model, tok, cache, domain))
     tic = time.perf_counter()
     logits, _ = prefill(model, mx.array([todo]), pc.cache, step_size=prefill_step_size, domain=domain)
@@ -98,8 +93,10 @@ def generate_tokens(model: Model, prompt_ids: list[int], *, max_tokens: int = 25
             ahead = None
             if n + 1 < max_tokens:
                 logits, _ = step(token[:, None], pc.cache)
-                if repetition_penalty != 1.0:
-                    recent = mx.concatenate([recent, token])[-repetition_context:]
+                if sampling.repetition_penalty != 1.0:
+                    recent = mx.concatenate([recent, token])[-sampling.repetition_context:]
+                if counts is not None:
+                    counts = counts.at[token].add(1)
                 ahead = choose(logits)
                 mx.async_eval(ahead)
             t = token.item()
@@ -124,8 +121,9 @@ class GenerationResponse:
 
 
 def stream_generate(model: Model, tokenizer: Any, prompt: str | list[int], **kwargs) -> Iterator[GenerationResponse]:
-    """Yield text pieces as tokens arrive; `kwargs` are `generate_tokens`' sampling options, and `domain` may
-    also be "auto" (inferred from the prompt; the posterior lands in `stats.domain_posterior`)."""
+    """Yield text pieces as tokens arrive; `kwargs` are `generate_tokens`' (the tokenizer's end-of-sequence ids
+    and size by default), and `domain` may also be "auto" (inferred from the prompt; the posterior lands in
+    `stats.domain_posterior`)."""
     context = model.config.max_position_embeddings  # a text that cannot fit is refused before it is tokenized
     ids = tokenizer.encode(prompt, bos=True, limit=context) if isinstance(prompt, str) else list(prompt)
     stats = kwargs.pop("stats", None) or GenerationStats()
@@ -133,7 +131,9 @@ def stream_generate(model: Model, tokenizer: Any, prompt: str | list[int], **kwa
         from .domains import infer_domain
         kwargs["domain"], stats.domain_posterior = infer_domain(model, ids)
     kwargs.setdefault("eos_ids", tuple(tokenizer.eos_ids))
-    kwargs.setdefault("vocab_limit", tokenizer.vocab_size)
+    sampling = kwargs.get("sampling", SamplingOptions())
+    if sampling.vocab_limit is None:
+        kwargs["sampling"] = sampling.replace(vocab_limit=tokenizer.vocab_size)
     decoder = tokenizer.stream_decoder()
     tokens = generate_tokens(model, ids, stats=stats, **kwargs)
     try:

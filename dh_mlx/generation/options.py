@@ -1,19 +1,20 @@
-"""How the next token is chosen: `SamplingOptions` (validated, one place), and `RowSampler`, which applies them
-to one sequence's logits step after step with its own seed, penalties, grammar and log-probabilities.
+"""How the next token is chosen: `SamplingOptions`, the one sampling object (validated, field by field), which
+plain decoding, speculative decoding and the batched engine all use; and `RowSampler`, which applies a
+sequence's options to its logits step after step with its own seed, penalties, grammar and log-probabilities.
 
-The logits processors and samplers themselves are `sample.py`'s pure functions.
+The logits processors themselves are `sample.py`'s pure functions.
 """
 
 from __future__ import annotations
 
 import math
-from collections import Counter
 from dataclasses import dataclass, fields
 from typing import Any
 
 import mlx.core as mx
 
-from .sample import apply_min_p, apply_repetition_penalty, apply_top_k, apply_top_p, scaled
+from .sample import (apply_min_p, apply_presence_frequency, apply_repetition_penalty, apply_top_k, apply_top_p,
+                     limit_vocab, scaled)
 
 
 def _number(v) -> bool:
@@ -26,9 +27,10 @@ def _integer(v) -> bool:
 
 @dataclass(frozen=True)
 class SamplingOptions:
-    """The sampling options of one sequence. temp 0 is greedy. `repetition_penalty` (CTRL-style, over the last
+    """How one sequence's tokens are chosen. temp 0 is greedy. `repetition_penalty` (CTRL-style, over the last
     `repetition_context` tokens of prompt and output), `presence_penalty` and `frequency_penalty` (OpenAI's,
-    over the output) are off at their defaults."""
+    over the output) are off at their defaults. `seed` makes sampling reproducible; `vocab_limit` (a tokenizer
+    smaller than the model's vocabulary) keeps the ids past it from ever being chosen."""
 
     temp: float = 0.0
     top_p: float = 1.0
@@ -38,6 +40,8 @@ class SamplingOptions:
     repetition_context: int = 64
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
+    seed: int | None = None
+    vocab_limit: int | None = None
 
     def __post_init__(self) -> None:
         checks = {"temp": (_number(self.temp) and self.temp >= 0, "a number >= 0 (0 is greedy)"),
@@ -51,37 +55,76 @@ class SamplingOptions:
                   "presence_penalty": (_number(self.presence_penalty) and -2 <= self.presence_penalty <= 2,
                                        "in [-2, 2] (0 is off)"),
                   "frequency_penalty": (_number(self.frequency_penalty) and -2 <= self.frequency_penalty <= 2,
-                                        "in [-2, 2] (0 is off)")}
+                                        "in [-2, 2] (0 is off)"),
+                  "seed": (self.seed is None or _integer(self.seed) and 0 <= self.seed < 2**63,
+                           "an integer in [0, 2**63)"),
+                  "vocab_limit": (self.vocab_limit is None or _integer(self.vocab_limit) and self.vocab_limit >= 1,
+                                  "an integer >= 1")}
         for name, (ok, allowed) in checks.items():
             if not ok:
                 raise ValueError(f"{name} must be {allowed}, got {getattr(self, name)!r}")
 
     @property
+    def greedy(self) -> bool:
+        return self.temp == 0
+
+    @property
     def plain_greedy(self) -> bool:
-        """Greedy with no logits processor: the argmax of the raw logits."""
-        return self == SamplingOptions(repetition_context=self.repetition_context)
+        """Greedy with no logits processor: the argmax of the (vocabulary-limited) raw logits."""
+        return self.greedy and self.repetition_penalty == 1.0 and not self.presence_penalty \
+            and not self.frequency_penalty
+
+    @property
+    def looks_back(self) -> bool:
+        """Whether a choice depends on the tokens before it (a penalty)."""
+        return self.repetition_penalty != 1.0 or bool(self.presence_penalty or self.frequency_penalty)
 
     def replace(self, **changes: Any) -> "SamplingOptions":
         return SamplingOptions(**{**{f.name: getattr(self, f.name) for f in fields(self)}, **changes})
 
+    def penalized(self, logits: mx.array, recent: mx.array | None = None, counts: mx.array | None = None
+                  ) -> mx.array:
+        """(..., V) -> (..., V'): the repetition penalty over `recent` (ids), presence and frequency over `counts`
+        ((V,) times each token was output), then the vocabulary limit."""
+        if recent is not None and self.repetition_penalty != 1.0:
+            logits = apply_repetition_penalty(logits, recent, self.repetition_penalty)
+        if counts is not None and (self.presence_penalty or self.frequency_penalty):
+            logits = apply_presence_frequency(logits, counts, self.presence_penalty, self.frequency_penalty)
+        return limit_vocab(logits, self.vocab_limit)
 
-def check_seed(seed: int | None) -> None:
-    if seed is not None and not (_integer(seed) and 0 <= seed < 2**63):
-        raise ValueError(f"seed must be an integer in [0, 2**63), got {seed!r}")
+    def _filtered(self, logits: mx.array) -> mx.array:
+        return apply_min_p(apply_top_p(apply_top_k(logits.astype(mx.float32), self.top_k), self.top_p), self.min_p)
+
+    def draw(self, logits: mx.array, key: mx.array | None = None) -> mx.array:
+        """(..., V) penalized logits -> the token(s) (...): argmax when greedy, else a draw (from `key`, or the
+        global generator) after top-k, top-p and min-p, at the temperature."""
+        if self.greedy:
+            return mx.argmax(logits, axis=-1)
+        return mx.random.categorical(scaled(self._filtered(logits), self.temp), axis=-1, key=key)
+
+    def distribution(self, logits: mx.array) -> mx.array:
+        """(..., V) penalized logits -> the probabilities `draw` draws from (one-hot argmax when greedy): what
+        speculative acceptance compares."""
+        if self.greedy:
+            return (mx.arange(logits.shape[-1]) == mx.argmax(logits, axis=-1, keepdims=True)).astype(mx.float32)
+        return mx.softmax(scaled(self._filtered(logits), self.temp), axis=-1)
+
+    def draw_from(self, probs: mx.array) -> mx.array:
+        """A token from `distribution`'s probabilities (V,)."""
+        return mx.argmax(probs) if self.greedy else mx.random.categorical(mx.log(probs))
 
 
 class RowSampler:
-    """Chooses one sequence's tokens: `logits(raw)` applies the penalties, the vocabulary limit and the
-    grammar's mask; `choose` draws (argmax when greedy) with this sequence's own random key when seeded;
-    `accept(token)` records the token. Log-probabilities are of the model's own distribution (raw logits)."""
+    """Chooses one sequence's tokens with its options: penalties over its own tokens, its grammar's mask, a
+    random key of its own when seeded (the same tokens alone or among others); `accept(token)` records each.
+    Log-probabilities are of the model's own distribution (the raw, vocabulary-limited logits)."""
 
-    def __init__(self, options: SamplingOptions, *, history: list[int] = (), seed: int | None = None,
-                 vocab_limit: int | None = None, grammar: Any = None, logprobs: int | None = None):
-        check_seed(seed)
-        self.options, self.vocab_limit, self.grammar, self.logprobs = options, vocab_limit, grammar, logprobs
+    def __init__(self, options: SamplingOptions, *, history: list[int] = (), grammar: Any = None,
+                 logprobs: int | None = None):
+        self.options, self.grammar, self.logprobs = options, grammar, logprobs
         self.recent = list(history)[-options.repetition_context:]
-        self.counts: Counter[int] = Counter()  # output tokens so far (presence and frequency penalties)
-        self.key = None if seed is None else mx.random.key(seed)
+        self.counts: mx.array | None = None  # (V,) times each token was output (presence and frequency penalties)
+        self.key = None if options.seed is None else mx.random.key(options.seed)
 
     @property
     def simple(self) -> bool:
@@ -92,51 +135,33 @@ class RowSampler:
     def runs_ahead(self) -> bool:
         """Whether the next token can be chosen before this one is read back: no penalty over the tokens so
         far, no grammar to advance."""
-        o = self.options
-        return (self.grammar is None and o.repetition_penalty == 1.0 and not o.presence_penalty
-                and not o.frequency_penalty)
-
-    def logits(self, logits: mx.array) -> mx.array:
-        """(V,) raw -> (V',) the logits tokens are drawn from."""
-        o = self.options
-        if self.vocab_limit is not None and self.vocab_limit < logits.shape[-1]:
-            logits = logits[: self.vocab_limit]
-        logits = logits.astype(mx.float32)
-        if o.repetition_penalty != 1.0 and self.recent:
-            logits = apply_repetition_penalty(logits, mx.array(self.recent), o.repetition_penalty)
-        if (o.presence_penalty or o.frequency_penalty) and self.counts:
-            ids = mx.array(list(self.counts))
-            n = mx.array(list(self.counts.values()), mx.float32)
-            logits = logits.at[ids].add(-(o.presence_penalty + o.frequency_penalty * n))
-        if self.grammar is not None:
-            logits = mx.where(self.grammar.mask(logits.shape[-1]), logits, -mx.inf)
-        return logits
+        return self.grammar is None and not self.options.looks_back
 
     def choose(self, logits: mx.array) -> mx.array:
         """(V,) raw logits -> the token (a lazy () array)."""
         o = self.options
-        logits = self.logits(logits)
-        if o.temp == 0:
-            return mx.argmax(logits)
-        logits = apply_min_p(apply_top_p(apply_top_k(logits, o.top_k), o.top_p), o.min_p)
+        if self.counts is None and (o.presence_penalty or o.frequency_penalty):
+            self.counts = mx.zeros((logits.shape[-1],), mx.int32)
+        logits = o.penalized(logits.astype(mx.float32), mx.array(self.recent) if self.recent else None, self.counts)
+        if self.grammar is not None:
+            logits = mx.where(self.grammar.mask(logits.shape[-1]), logits, -mx.inf)
         key = None
-        if self.key is not None:
+        if self.key is not None and not o.greedy:
             self.key, key = mx.random.split(self.key)
-        return mx.random.categorical(scaled(logits, o.temp), key=key)
+        return o.draw(logits, key)
 
     def token_logprobs(self, logits: mx.array, token: mx.array) -> tuple[mx.array, mx.array, mx.array] | None:
         """(logprob of `token`, the top `logprobs` ids, their logprobs) under the raw logits, lazy; None when off."""
         if self.logprobs is None:
             return None
-        if self.vocab_limit is not None and self.vocab_limit < logits.shape[-1]:
-            logits = logits[: self.vocab_limit]
-        lp = logits.astype(mx.float32) - mx.logsumexp(logits.astype(mx.float32))
-        k = max(self.logprobs, 1)
-        top = mx.argsort(-lp)[:k]
+        logits = limit_vocab(logits, self.options.vocab_limit).astype(mx.float32)
+        lp = logits - mx.logsumexp(logits)
+        top = mx.argsort(-lp)[: max(self.logprobs, 1)]
         return lp[token], top, lp[top]
 
     def accept(self, token: int) -> None:
         self.recent = (self.recent + [token])[-self.options.repetition_context:]
-        self.counts[token] += 1
+        if self.counts is not None:
+            self.counts = self.counts.at[token].add(1)
         if self.grammar is not None:
             self.grammar.consume(token)

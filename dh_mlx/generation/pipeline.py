@@ -43,6 +43,7 @@ class PipelineModel:
     carries the send to the next rank."""
 
     pipelined = True
+    fixed_capacity_steps = False  # each step crosses ranks: decoded with the eager step, no MTP
 
     def __init__(self, model, group: Any, own: range, dtype: mx.Dtype):
         self.inner, self.group, self.own, self.dtype = model, group, own, dtype

@@ -20,7 +20,6 @@ class Request:
     prompt: list[int]
     max_tokens: int = 256
     sampling: SamplingOptions = field(default_factory=SamplingOptions)
-    seed: int | None = None
     stop: tuple[str, ...] = ()  # strings that end the text (not included)
     eos_ids: tuple[int, ...] | None = None  # None: the tokenizer's
     logprobs: int | None = None  # None: off; n: each token's log-probability and the n likeliest alternatives

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from dataclasses import dataclass
 from statistics import median
 from typing import Iterator
 
@@ -28,8 +27,8 @@ import mlx.core as mx
 
 from ..model import Model
 from .cache import LatentCache
-from .sample import apply_repetition_penalty, sampling_distribution
-from .steps import compiled_cached_step, domain_array, limit_vocab, prefill
+from .options import SamplingOptions
+from .steps import compiled_cached_step, domain_array, prefill
 
 
 class DraftPolicy:
@@ -99,57 +98,36 @@ class DraftPolicy:
             self.pause = min(2 * pause, self.max_pause)
 
 
-@dataclass(frozen=True)
-class Choice:
-    """How the next token is chosen from logits: the sampling options, a repetition penalty over the last
-    `repetition_context` tokens, and the vocabulary the tokenizer can decode."""
-
-    temp: float = 0.0
-    top_p: float = 1.0
-    top_k: int = 0
-    min_p: float = 0.0
-    repetition_penalty: float = 1.0
-    repetition_context: int = 64
-    vocab_limit: int | None = None
-
-    def recent(self, history: list[int], then: mx.array | None = None) -> mx.array | None:
-        """The penalised window after `history` (and the lazy token `then`); None without a penalty."""
-        if self.repetition_penalty == 1.0:
-            return None
-        n = self.repetition_context
-        window = mx.array(history[-n:] if then is None else history[-(n - 1):] if n > 1 else [], mx.int32)
-        return window if then is None else mx.concatenate([window, then.reshape(1).astype(mx.int32)])[-n:]
-
-    def logits(self, logits: mx.array, recent: mx.array | None) -> mx.array:
-        if recent is not None:
-            logits = apply_repetition_penalty(logits, recent, self.repetition_penalty)
-        return limit_vocab(logits, self.vocab_limit)
-
-    def distribution(self, logits: mx.array, recent: mx.array | None) -> mx.array:
-        """(V,) the probabilities a token is drawn from (one-hot argmax when greedy)."""
-        return sampling_distribution(self.logits(logits[None], recent), self.temp, self.top_p, self.top_k,
-                                     self.min_p)[0]
-
-    def draw(self, probs: mx.array) -> mx.array:
-        return mx.argmax(probs) if self.temp == 0 else mx.random.categorical(mx.log(probs))
+def recent(options: SamplingOptions, history: list[int], then: mx.array | None = None) -> mx.array | None:
+    """The repetition penalty's window after `history` (and the lazy token `then`); None without a penalty."""
+    if options.repetition_penalty == 1.0:
+        return None
+    n = options.repetition_context
+    window = mx.array(history[-n:] if then is None else history[-(n - 1):] if n > 1 else [], mx.int32)
+    return window if then is None else mx.concatenate([window, then.reshape(1).astype(mx.int32)])[-n:]
 
 
-def accept_greedy(choice: Choice, draft: mx.array, logits: mx.array, recent0, recent1):
+def _distribution(options: SamplingOptions, logits: mx.array, recent) -> mx.array:
+    """(V,) the probabilities a token is drawn from (one-hot argmax when greedy)."""
+    return options.distribution(options.penalized(logits[None], recent))[0]
+
+
+def accept_greedy(options: SamplingOptions, draft: mx.array, logits: mx.array, recent0, recent1):
     """Greedy acceptance: keep the draft iff it is the main model's choice at the token's position.
     logits (2, V) at [token, draft] -> (accept, correction, bonus), all lazy."""
-    correction = mx.argmax(choice.logits(logits[0], recent0))
-    bonus = mx.argmax(choice.logits(logits[1], recent1))
+    correction = mx.argmax(options.penalized(logits[0], recent0))
+    bonus = mx.argmax(options.penalized(logits[1], recent1))
     return draft == correction, correction, bonus
 
 
-def accept_sampled(choice: Choice, draft: mx.array, q: mx.array, logits: mx.array, recent0, recent1):
+def accept_sampled(options: SamplingOptions, draft: mx.array, q: mx.array, logits: mx.array, recent0, recent1):
     """Speculative sampling: keep the draft with probability min(1, p(d) / q(d)); on rejection draw from the
     residual max(p - q, 0), so the output follows p exactly. -> (accept, correction, bonus), all lazy."""
-    p0, p1 = choice.distribution(logits[0], recent0), choice.distribution(logits[1], recent1)
+    p0, p1 = _distribution(options, logits[0], recent0), _distribution(options, logits[1], recent1)
     ratio = p0[draft] / mx.maximum(q[draft], 1e-20)
     accept = (ratio >= 1.0) | (mx.random.uniform() < ratio)
     residual = mx.maximum(p0 - q, 0.0)
-    bonus, correction = choice.draw(p1), choice.draw(residual / mx.maximum(residual.sum(), 1e-20))
+    bonus, correction = options.draw_from(p1), options.draw_from(residual / mx.maximum(residual.sum(), 1e-20))
     return accept, correction, bonus
 
 
@@ -173,7 +151,7 @@ class Drafter:
 
 
 def mtp_generate(model: Model, pc, todo: list[int], *, stats, max_tokens: int, eos_ids=(),
-                 prefill_step_size: int = 512, domain: int | None = None, choice: Choice = Choice(),
+                 prefill_step_size: int = 512, domain: int | None = None, options: SamplingOptions = SamplingOptions(),
                  policy: DraftPolicy | None = None) -> Iterator[int]:
     """Yield tokens like `generate_tokens`; `pc` is a PromptCache already trimmed to the reused prefix.
 
@@ -207,12 +185,12 @@ def mtp_generate(model: Model, pc, todo: list[int], *, stats, max_tokens: int, e
 
     def plain_step(tok: mx.array, recent) -> tuple[mx.array, mx.array]:  # -> (hidden (1, 1, D), next token)
         logits, hidden = verify(tok.reshape(1, 1), cache)
-        return hidden, choice.draw(choice.distribution(logits[0, 0], recent))
+        return hidden, options.draw_from(_distribution(options, logits[0, 0], recent))
 
     tic = time.perf_counter()
     logits, h_last = prefill(model, mx.array([todo]), cache, step_size=prefill_step_size, domain=domain,
                              mtp_cache=drafter.cache)
-    token = choice.draw(choice.distribution(logits[0], choice.recent(history))).item()
+    token = options.draw_from(_distribution(options, logits[0], recent(options, history))).item()
     T = len(todo)
     stats.prompt_tokens, stats.prompt_tps = T, T / (time.perf_counter() - tic)
     pc.tokens = list(history)
@@ -247,18 +225,18 @@ def mtp_generate(model: Model, pc, todo: list[int], *, stats, max_tokens: int, e
                     mx.eval(q_logits)
                     last = time.perf_counter()
                 # Everything up to the accept decision stays lazy: one host sync per draft.
-                recent0 = choice.recent(history)
-                if choice.temp == 0:
-                    draft = mx.argmax(choice.logits(q_logits[0], recent0))
+                recent0 = recent(options, history)
+                if options.greedy:
+                    draft = mx.argmax(options.penalized(q_logits[0], recent0))
                 else:
-                    q = choice.distribution(q_logits[0], recent0)
-                    draft = choice.draw(q)
+                    q = _distribution(options, q_logits[0], recent0)
+                    draft = options.draw_from(q)
                 logits, hidden = verify(mx.stack([tok, draft])[None], cache)  # positions of token and draft
-                recent1 = choice.recent(history, draft)
-                if choice.temp == 0:
-                    accept, correction, bonus = accept_greedy(choice, draft, logits[0], recent0, recent1)
+                recent1 = recent(options, history, draft)
+                if options.greedy:
+                    accept, correction, bonus = accept_greedy(options, draft, logits[0], recent0, recent1)
                 else:
-                    accept, correction, bonus = accept_sampled(choice, draft, q, logits[0], recent0, recent1)
+                    accept, correction, bonus = accept_sampled(options, draft, q, logits[0], recent0, recent1)
                 mx.eval(accept, draft, bonus, correction)
                 stats.drafted += 1
                 accepted = accept.item()
@@ -273,7 +251,7 @@ def mtp_generate(model: Model, pc, todo: list[int], *, stats, max_tokens: int, e
                     hidden, tok = hidden[:, :1], correction
                 pend_h, pend_t = [hidden], list(new)
             else:
-                hidden, tok = ahead if ahead is not None else plain_step(tok, choice.recent(history))
+                hidden, tok = ahead if ahead is not None else plain_step(tok, recent(options, history))
                 new = [tok.item()]
                 pend_h.append(hidden)
                 pend_t.extend(new)
@@ -283,7 +261,7 @@ def mtp_generate(model: Model, pc, todo: list[int], *, stats, max_tokens: int, e
             last = now
             ahead = None
             if policy.mode == "plain" and not (new[-1] in eos_ids or emitted + len(new) >= max_tokens):
-                ahead = plain_step(tok, choice.recent(history + new))  # queued before the tokens are handed out
+                ahead = plain_step(tok, recent(options, history + new))  # queued before the tokens are handed out
                 mx.async_eval(ahead[1])
             for t in new:
                 done = emit(t)

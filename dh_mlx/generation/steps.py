@@ -143,11 +143,6 @@ def compiled_decode_step(model: Model, domain: int | None = None):
     return step
 
 
-def limit_vocab(logits: mx.array, vocab_limit: int | None) -> mx.array:
-    """(..., V) -> (..., vocab_limit): the ids a tokenizer smaller than the model's vocabulary can decode."""
-    return logits if vocab_limit is None or vocab_limit >= logits.shape[-1] else logits[..., :vocab_limit]
-
-
 def check_context(model: Model, n_tokens: int) -> None:
     limit = model.config.max_position_embeddings
     if n_tokens > limit:

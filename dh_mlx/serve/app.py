@@ -65,7 +65,7 @@ class Server:
         if room < 1:
             raise APIError(f"the prompt has {len(prompt)} tokens; the model's context is "
                            f"{config.max_position_embeddings}", "messages", code="context_length_exceeded")
-        return Request(prompt=prompt, max_tokens=min(p.max_tokens or room, room), sampling=p.sampling, seed=p.seed,
+        return Request(prompt=prompt, max_tokens=min(p.max_tokens or room, room), sampling=p.sampling,
                        stop=p.stop, logprobs=p.logprobs, domain=domain, grammar=grammar)
 
     def _submit(self, request: Request):

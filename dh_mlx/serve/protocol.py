@@ -30,7 +30,6 @@ class Parsed:
     include_usage: bool = False
     max_tokens: int | None = None
     sampling: SamplingOptions = field(default_factory=SamplingOptions)
-    seed: int | None = None
     stop: tuple[str, ...] = ()
     logprobs: int | None = None
     domain: Any = None  # a name, "auto" or None
@@ -89,10 +88,10 @@ def parse_common(body: Any, *, chat: bool) -> Parsed:
             min_p=_number(body, "min_p", 0.0, 0.0, 1.0),
             repetition_penalty=_number(body, "repetition_penalty", 1.0, 1e-6, 100.0),
             presence_penalty=_number(body, "presence_penalty", 0.0, -2.0, 2.0),
-            frequency_penalty=_number(body, "frequency_penalty", 0.0, -2.0, 2.0))
+            frequency_penalty=_number(body, "frequency_penalty", 0.0, -2.0, 2.0),
+            seed=_integer(body, "seed", None, 0, 2**63 - 1))
     except ValueError as e:
         raise APIError(str(e)) from None
-    seed = _integer(body, "seed", None, 0, 2**63 - 1)
     if chat:
         wants = body.get("logprobs", False)
         if not isinstance(wants, bool):
@@ -125,7 +124,7 @@ def parse_common(body: Any, *, chat: bool) -> Parsed:
     if domain is not None and not isinstance(domain, str):
         raise APIError("domain must be a domain's name or \"auto\"", "domain")
     return Parsed(stream=stream, include_usage=bool(options.get("include_usage")), max_tokens=max_tokens,
-                  sampling=sampling, seed=seed, stop=_stop(body), logprobs=logprobs, domain=domain,
+                  sampling=sampling, stop=_stop(body), logprobs=logprobs, domain=domain,
                   response_format=fmt, tools=tools or None, tool_choice=body.get("tool_choice"),
                   template_args=args)
 
