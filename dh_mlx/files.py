@@ -101,10 +101,14 @@ class WriteError(OSError):
     """A write that failed: the message names the file, the cause (a full disk, say) and the free space."""
 
 
-def format_bytes(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if n < 1000 or unit == "GB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+def format_bytes(n: float, unit: str | None = None) -> str:
+    """`n` bytes in words: in the largest of B, KB, MB, GB (powers of 1000) it reaches, or in `unit` ("GB" or
+    "GiB", thousands separated), one decimal."""
+    if unit is not None:
+        return f"{n / {'GB': 1e9, 'GiB': 2**30}[unit]:,.1f} {unit}"
+    for name in ("B", "KB", "MB", "GB"):
+        if n < 1000 or name == "GB":
+            return f"{n:.0f} {name}" if name == "B" else f"{n:.1f} {name}"
         n /= 1000
     return f"{n:.1f} GB"
 

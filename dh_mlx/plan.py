@@ -17,6 +17,7 @@ import math
 from typing import Any
 
 from .config import ModelConfig
+from .files import format_bytes
 from .params import count_params, kv_bytes_per_token, weight_bytes
 from .train.memory import activation_elements
 
@@ -78,16 +79,12 @@ def plan(config: ModelConfig, *, machines: int = 2, memory_gb: float = 192.0, li
             "serving_machines_needed": need_serve}
 
 
-def _gb(n: float) -> str:
-    return f"{n / 1e9:,.1f} GB"
-
-
 def format_plan(p: dict[str, Any], title: str) -> str:
     mtp = p["params"] - p["params_without_mtp"]
     counted = (f" with the MTP module, which every figure below counts ({p['params_without_mtp'] / 1e9:.1f} B / "
                f"{p['active_params_without_mtp'] / 1e9:.1f} B without it)" if mtp else "")
     lines = [f"{title}: {p['params'] / 1e9:.1f} B parameters, {p['active_params'] / 1e9:.1f} B active per token"
-             f"{counted}; {p['machines']} machine(s) of {_gb(p['memory'])}, linked by {p['link']} "
+             f"{counted}; {p['machines']} machine(s) of {format_bytes(p['memory'], 'GB')}, linked by {p['link']} "
              f"({p['bandwidth'] / 1e9:g} GB/s one way, nominal)",
              "ESTIMATES from the config (dh_mlx/plan.py), not measurements.",
              f"training, {p['batch']} x {p['seq_len']} tokens per rank and micro-batch, activation checkpointing; "
@@ -95,15 +92,15 @@ def format_plan(p: dict[str, Any], title: str) -> str:
              f"  {'layout':<14} {'weights':>11} {'gradients':>11} {'AdamW':>11} {'activations':>11} "
              f"{'per rank':>11}  fits  {'sent/step':>11} {'link time':>9}"]
     for t in p["training"]:
-        lines.append(f"  {t['layout']:<14} {_gb(t['weights']):>11} {_gb(t['gradients']):>11} "
-                     f"{_gb(t['optimizer']):>11} {_gb(t['activations']):>11} {_gb(t['total']):>11}  "
-                     f"{'yes' if t['fits'] else 'no ':<4}  {_gb(t['bytes_per_step']):>11} {t['comm_seconds']:>8.2f}s")
+        lines.append(f"  {t['layout']:<14} {format_bytes(t['weights'], 'GB'):>11} {format_bytes(t['gradients'], 'GB'):>11} "
+                     f"{format_bytes(t['optimizer'], 'GB'):>11} {format_bytes(t['activations'], 'GB'):>11} {format_bytes(t['total'], 'GB'):>11}  "
+                     f"{'yes' if t['fits'] else 'no ':<4}  {format_bytes(t['bytes_per_step'], 'GB'):>11} {t['comm_seconds']:>8.2f}s")
         lines.append(f"  {'':<14} {t['note']}")
     lines.append(f"serving, {p['context']:,}-token context (bf16 KV cache), layers or tensors split over the "
                  "ranks (pipeline, or vLLM --tensor-parallel-size):")
     for s in p["serving"]:
-        lines.append(f"  {s['layout']:<14} weights {_gb(s['weights_per_rank'])} per rank, KV cache "
-                     f"{_gb(s['kv_cache'])}: {'fits' if s['fits'] else 'does not fit'}")
+        lines.append(f"  {s['layout']:<14} weights {format_bytes(s['weights_per_rank'], 'GB')} per rank, KV cache "
+                     f"{format_bytes(s['kv_cache'], 'GB')}: {'fits' if s['fits'] else 'does not fit'}")
     serve = ", ".join(f"{k} on {v}" for k, v in p["serving_machines_needed"].items())
     lines.append(f"needs: training (FSDP) at least {p['fsdp_machines_needed']} machine(s) of this memory; "
                  f"serving {serve}")

@@ -24,6 +24,7 @@ from ..device import available_memory, compute_dtype
 from ..model import Model
 from ..params import count_params, weight_bytes
 from ..progress import Task
+from ..files import format_bytes
 from ..quant import QuantConfig, quantize_like
 from .streaming import decode_fp8, lazy_tensors, quantized_weights
 
@@ -114,9 +115,9 @@ def check_fits(config: ModelConfig, dtype: mx.Dtype, what: str, staged: int = 0,
         return
     options = []
     if dtype.size > 2 and n * 2 <= 0.9 * have:
-        options.append(f"--dtype bfloat16 ({n * 2 / 2**30:.1f} GiB; slow on a CPU)")
+        options.append(f"--dtype bfloat16 ({format_bytes(n * 2, 'GiB')}; slow on a CPU)")
     if not what.startswith("preset"):  # a checkpoint on disk can be quantized; a random preset has none to read
-        options += [f"--bits {bits} or dh-mlx quantize --bits {bits} ({weight_bytes(n, bits) / 2**30:.1f} GiB)"
+        options += [f"--bits {bits} or dh-mlx quantize --bits {bits} ({format_bytes(weight_bytes(n, bits), 'GiB')})"
                     for bits in (8, 4) if (qc is None or bits < qc.bits) and weight_bytes(n, bits) <= 0.9 * have]
 
     def preset_bytes(name: str) -> int:
@@ -127,8 +128,8 @@ def check_fits(config: ModelConfig, dtype: mx.Dtype, what: str, staged: int = 0,
     hint = "; ".join(filter(None, [", ".join(options), f"a smaller preset: {', '.join(smaller)}" if smaller
                                    else ""])) or "a machine with more memory"
     form = f"at {qc.bits} bits" if qc is not None else "as " + str(dtype).rsplit(".", 1)[-1]
-    raise MemoryError(f"{what}: {n / 1e9:.2f} B parameters need {need / 2**30:.1f} GiB {form}, "
-                      f"but only {have / 2**30:.1f} GiB is available; would fit: {hint}")
+    raise MemoryError(f"{what}: {n / 1e9:.2f} B parameters need {format_bytes(need, 'GiB')} {form}, "
+                      f"but only {format_bytes(have, 'GiB')} is available; would fit: {hint}")
 
 
 def init_weights(model: Model, seed: int = 0) -> Model:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from ..config import ModelConfig, load_preset, preset_names
 from ..device import available_memory
+from ..files import format_bytes
 from ..params import count_params
 from .config import TrainConfig
 
@@ -40,10 +41,6 @@ def training_peak_bytes(c: ModelConfig, cfg: TrainConfig, *, dtype_size: int = 4
                                                             mtp=cfg.mtp_lambda > 0)}
 
 
-def _gib(n: float) -> str:
-    return f"{n / 2**30:.1f} GiB"
-
-
 def check_training_fits(c: ModelConfig, cfg: TrainConfig, what: str, *, dtype_size: int = 4,
                         trainable: int | None = None) -> None:
     """MemoryError, before anything is allocated, when the step's peak would not fit in free memory; it says
@@ -70,12 +67,12 @@ def check_training_fits(c: ModelConfig, cfg: TrainConfig, what: str, *, dtype_si
     lora = parts["weights"] + dtype_size * activation_elements(c, cfg.batch_size, cfg.seq_len, checkpointing=True,
                                                                mtp=False)
     if trainable is None and lora <= have:
-        options.append(f"dh-mlx lora on a trained model with --grad-checkpoint (~{_gib(lora)})")
+        options.append(f"dh-mlx lora on a trained model with --grad-checkpoint (~{format_bytes(lora, 'GiB')})")
     fitting = [n for n in preset_names()
                if sum(training_peak_bytes(load_preset(n), cfg, dtype_size=dtype_size).values()) <= have]
     if fitting:
         options.append(f"a smaller preset: {', '.join(fitting)}")
-    raise MemoryError(f"training {what} with batch {cfg.batch_size} x {cfg.seq_len} needs about {_gib(need)} "
-                      f"(weights {_gib(parts['weights'])}, gradients and AdamW state {_gib(parts['optimizer'])}, "
-                      f"activations {_gib(parts['activations'])}), but only {_gib(have / 0.9)} is available; "
+    raise MemoryError(f"training {what} with batch {cfg.batch_size} x {cfg.seq_len} needs about {format_bytes(need, 'GiB')} "
+                      f"(weights {format_bytes(parts['weights'], 'GiB')}, gradients and AdamW state {format_bytes(parts['optimizer'], 'GiB')}, "
+                      f"activations {format_bytes(parts['activations'], 'GiB')}), but only {format_bytes(have / 0.9, 'GiB')} is available; "
                       f"would fit: {'; '.join(options) or 'a machine with more memory'}")
