@@ -171,6 +171,8 @@ class BatchIterator:
     source (`seen_names`, `seen(rows)`: prepared data) are counted over the global batch in `seen`.
     """
 
+    seen_key = "domain_tokens"
+
     def __init__(self, packed, batch_size: int, *, seed: int = 0, shuffle: bool = True, repeat: bool = True,
                  part: tuple[int, int] = (0, 1)):
         if not isinstance(batch_size, int) or batch_size < 1:
@@ -245,7 +247,8 @@ class BatchIterator:
 
     def tokens_seen(self) -> dict[str, int]:
         """Tokens of the rows drawn so far, by source (domain label, or mixture component); {} if not counted."""
-        return {name: int(n) for name, n in zip(getattr(self.packed, "seen_names", ()), self.seen)}
+        return {name: int(n) for name, n in zip(getattr(self.packed, "seen_names", ()), self.seen)
+                if n or name != "-"}
 
     def state_dict(self) -> dict:
         """Where the iterator stands (JSON-serialisable); `data` fingerprints the rows."""
@@ -319,6 +322,8 @@ def unigram_entropy(packed: Packed) -> float:
 
 def describe_dataset(path: str | Path, dataset: Dataset, seq_len: int, val_fraction: float) -> str:
     """What `train` and `lora` say of their data, with a warning when there is no validation split."""
+    if hasattr(dataset, "describe"):  # a mixture
+        return dataset.describe(path, seq_len)
     text = (f"data: {path}: {dataset.summary}; {len(dataset.train)} training and {len(dataset.valid)} validation "
             f"sequences of {seq_len} tokens")
     if not len(dataset.valid):
