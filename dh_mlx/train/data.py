@@ -63,12 +63,14 @@ def tokenize(record: Record, tokenizer, domains: Sequence[str] | None = None) ->
         ids, train = _templated(record, tokenizer)
         return Document(np.asarray(ids, np.int32), np.asarray(train, bool), domain)
     ids = [tokenizer.bos_id] if tokenizer.bos_id is not None else []  # some vocabularies have no BOS
-    train = [False] * len(ids)
+    lengths, flags = [len(ids)], [False]
     for p in record.parts:
         t = tokenizer.encode(p.text) + ([tokenizer.eos_id] if p.end else [])
         ids += t
-        train += [p.train] * len(t)
-    return Document(np.asarray(ids, np.int32), np.asarray(train, bool), domain)
+        lengths.append(len(t))
+        flags.append(p.train)
+    # (fromiter and repeat: a third of the per-token cost of converting lists, which `data prepare` pays per token)
+    return Document(np.fromiter(ids, np.int32, len(ids)), np.repeat(np.array(flags, bool), lengths), domain)
 
 
 class Batch(NamedTuple):

@@ -13,7 +13,6 @@ from __future__ import annotations
 import glob
 import hashlib
 import json
-import multiprocessing
 import os
 import re
 import resource
@@ -33,7 +32,9 @@ from .shards import (KINDS, MANIFEST, VERSION, WORK, FORMAT, ShardWriter, file_s
                      tokenizer_digest, write_json_atomic)
 
 MAX_MEMORY = 1.5e9  # bytes, all processes together
-WORKER_BYTES = 80e6  # what one worker takes at most with the default buffers (measured: ~55 MB; docs/data.md)
+# A worker's peak: the interpreter, numpy and its buffers (58 MB measured with the bundled tokenizer, whose own
+# share is ~2 MB), plus what its tokenizer takes (measured as this process loads it).
+WORKER_BYTES = 60e6
 FLUSH_TOKENS = 1 << 20
 SMALL = 16 << 20  # bytes of JSONL below which one process prepares (starting workers would take longer)
 # Workers need no fast BLAS (`import dh_mlx` would load one), and one thread each.
@@ -97,9 +98,21 @@ def plan_chunks(files: list[Path], chunk_bytes: int, common: list) -> list[Chunk
 
 
 def peak_rss() -> int:
-    """This process's peak resident memory, bytes."""
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak if sys.platform == "darwin" else peak * 1024
+    """This process's peak resident memory, bytes (Linux: VmHWM, which unlike ru_maxrss does not count what the
+    process held before exec, e.g. as a fork of a large parent)."""
+    try:
+        return int(Path("/proc/self/status").read_text().split("VmHWM:")[1].split()[0]) * 1024
+    except (OSError, IndexError, ValueError):
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return peak if sys.platform == "darwin" else peak * 1024
+
+
+def current_rss() -> int:
+    """This process's resident memory now, bytes (its peak where /proc is not there)."""
+    try:
+        return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return peak_rss()
 
 
 @lru_cache(maxsize=2)
@@ -160,11 +173,6 @@ def prepare_chunk(task: dict) -> dict:
         raise
     stats["peak"], stats["pid"] = peak_rss(), os.getpid()
     return stats
-
-
-def _init_worker() -> None:
-    import signal
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent stops the workers on Ctrl-C
 
 
 @dataclass
@@ -232,42 +240,72 @@ class _Progress:
               file=self.stream, flush=True)
 
 
+def worker_main() -> None:
+    """A worker process (`python -m dh_mlx.train.prepare`): one JSON task a line on stdin, one JSON result a line
+    on stdout, until stdin closes. Ctrl-C is left to the parent, which stops its workers."""
+    import signal
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    for line in sys.stdin:
+        try:
+            result = prepare_chunk(json.loads(line))
+        except Exception as e:  # reported by the parent, which stops the run
+            result = {"failed": f"{type(e).__name__}: {e}"}
+        sys.stdout.write(json.dumps(result) + "\n")
+        sys.stdout.flush()
+
+
 def _run(tasks: list[dict], workers: int, on_done) -> None:
-    """Run the chunk tasks (in this process for one worker), in order of submission, at most 2 x workers in
-    flight; `on_done(stats)` says whether to go on (False after an error: the chunks before it still finish)."""
+    """Run the chunk tasks in order of submission, in this process for one worker, else in worker processes
+    (plain subprocesses: no re-import of the caller's main module), one task each at a time. `on_done(stats)`
+    says whether to go on (False after an error: the chunks before it still finish, none after it start)."""
     if workers <= 1:
         for t in tasks:
             if not on_done(prepare_chunk(t)):
                 return
         return
-    saved = {k: os.environ.get(k) for k in WORKER_ENV}
-    os.environ.update(WORKER_ENV)
+    import select
+    import subprocess
+    here = str(Path(__file__).resolve().parents[2])  # the workers import this very dh_mlx
+    env = {**os.environ, **WORKER_ENV, "PYTHONPATH": os.pathsep.join(filter(None, [here, os.environ.get("PYTHONPATH")]))}
+    procs = [subprocess.Popen([sys.executable, "-m", "dh_mlx.train.prepare"], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, env=env, text=True) for _ in range(workers)]
     try:
-        pool = multiprocessing.get_context("spawn").Pool(workers, initializer=_init_worker)
+        todo, busy, stop_at = iter(tasks), {}, None  # busy: stdout fd -> (process, task index)
+        for proc in procs:
+            if (t := next(todo, None)) is not None:
+                proc.stdin.write(json.dumps(t) + "\n")
+                proc.stdin.flush()
+                busy[proc.stdout.fileno()] = (proc, t["index"])
+        while busy:
+            ready, _, _ = select.select(list(busy), [], [], 0.05)
+            on_done(None)  # (progress)
+            for fd in ready:
+                proc, index = busy.pop(fd)
+                line = proc.stdout.readline()
+                if not line:
+                    raise RuntimeError(f"a prepare worker stopped (exit code {proc.wait()}) on chunk {index}")
+                result = json.loads(line)
+                if "failed" in result:
+                    raise RuntimeError(f"a prepare worker failed on chunk {index}: {result['failed']}")
+                if not on_done(result) and (stop_at is None or index < stop_at):
+                    stop_at = index
+                    busy = {f: b for f, b in busy.items() if b[1] < stop_at}  # the chunks before it finish
+                if stop_at is None and (t := next(todo, None)) is not None:
+                    proc.stdin.write(json.dumps(t) + "\n")
+                    proc.stdin.flush()
+                    busy[fd] = (proc, t["index"])
     finally:
-        for k, v in saved.items():
-            os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
-    try:
-        pending, todo, stop_at = deque(), iter(tasks), None
-        while True:
-            while stop_at is None and len(pending) < 2 * workers and (t := next(todo, None)) is not None:
-                pending.append((t["index"], pool.apply_async(prepare_chunk, (t,))))
-            pending = deque(p for p in pending if stop_at is None or p[0] < stop_at)
-            if not pending:
-                break
-            ready = [p for p in pending if p[1].ready()]
-            if not ready:
-                time.sleep(0.02)
-                on_done(None)  # (progress)
-                continue
-            for p in ready:
-                pending.remove(p)
-                if not on_done(p[1].get()) and (stop_at is None or p[0] < stop_at):
-                    stop_at = p[0]
-        pool.close()
-    finally:
-        pool.terminate()
-        pool.join()
+        for proc in procs:  # finished: their stdin closes and they exit; else (an error, Ctrl-C) they are killed
+            if busy:
+                proc.kill()
+            else:
+                proc.stdin.close()
+            proc.wait()
+            for f in (proc.stdin, proc.stdout):
+                try:
+                    f.close()
+                except OSError:  # (a killed worker's pipe)
+                    pass
 
 
 def prepare(data: Sequence[str | Path] | str | Path, out: str | Path, tokenizer: str | Path | None = None, *,
@@ -282,9 +320,11 @@ def prepare(data: Sequence[str | Path] | str | Path, out: str | Path, tokenizer:
     tic = time.perf_counter()
     files = resolve_inputs(data)
     tok_dir = Path(tokenizer) if tokenizer else DATA_DIR / "tokenizer"
+    before = current_rss()
     tok = load_tokenizer(tok_dir)
     if tok is None:
         raise ValueError(f"{tok_dir}: no tokenizer.model or tokenizer.json (pass --tokenizer)")
+    per_worker = WORKER_BYTES + max(0, current_rss() - before)
     out = _check_out(Path(out), [*files, tok_dir], force)
     (out / WORK).mkdir(parents=True, exist_ok=True)
     for p in out.glob(".tmp-shard-*"):  # what a killed worker was writing
@@ -297,12 +337,13 @@ def prepare(data: Sequence[str | Path] | str | Path, out: str | Path, tokenizer:
     reused = len(stats)
     todo = [c for c in chunks if c.index not in stats]
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    if max_memory < peak_rss() + WORKER_BYTES / 2:
+    held = current_rss()
+    if max_memory < held + per_worker / 2:
         raise ValueError(f"max memory {format_bytes(max_memory)} is less than preparing needs (about "
-                         f"{format_bytes(peak_rss() + WORKER_BYTES / 2)})")
+                         f"{format_bytes(held + per_worker / 2)})")
     size = {c.index: c.end - c.start for c in chunks}
-    small = sum(size[c.index] for c in todo) < SMALL  # not worth starting processes for
-    n = 1 if small else max(1, min(workers or cores, len(todo), int((max_memory - peak_rss()) // WORKER_BYTES)))
+    small = workers is None and sum(size[c.index] for c in todo) < SMALL  # not worth starting processes for
+    n = 1 if small else max(1, min(workers or cores, len(todo), int((max_memory - held) // per_worker)))
     tasks = [{"index": c.index, "path": str(files[c.file]), "start": c.start, "end": c.end, "key": c.key,
               "out": str(out), "tokenizer": str(tok_dir), "dtype": dtype, "skip_invalid": skip_invalid,
               "flush_tokens": FLUSH_TOKENS} for c in todo]
@@ -421,7 +462,7 @@ def prepared_cache(data, tokenizer, *, skip_invalid: bool = False, progress: boo
                 print(f"data: preparing {len(files)} file(s), {format_bytes(size)} of JSONL, into {d} (once: later "
                       "runs and --resume read it from there)", file=sys.stderr)
             r = prepare(files, d, Path(tokenizer.path).parent, skip_invalid=skip_invalid, force=True,
-                        progress=progress)
+                        progress=progress, max_memory=MAX_MEMORY + current_rss())  # (a model may be loaded)
             if progress:
                 print(describe_result(r), file=sys.stderr)
     return d
@@ -432,3 +473,7 @@ def describe_result(r: PrepareResult) -> str:
     return (f"prepared {r.path}: {r.summary}; {r.shards} shard(s) in {r.seconds:.1f} s ({r.mb_per_s:.1f} MB/s, "
             f"{r.tokens_per_s / 1e6:.2f} M tokens/s, {r.workers} worker(s){reused}), peak memory "
             f"{format_bytes(r.peak_bytes)}")
+
+
+if __name__ == "__main__":
+    worker_main()

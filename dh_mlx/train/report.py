@@ -18,6 +18,8 @@ def _step_info(r: dict) -> str:
         info += f" | all_sum {r['comm_bytes'] / 1e6:.1f} MB {r['comm_s'] * 1e3:.0f} ms"
     if r.get("imbalance") is not None:
         info += f" | imbalance {r['imbalance']:.2f}"
+    if "mixture_tokens" in r:  # a domain mixture: the tokens each component gave so far
+        info += " | " + " ".join(f"{k} {v / 1e6:.2f}M" for k, v in r["mixture_tokens"].items())
     return info
 
 
