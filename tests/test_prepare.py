@@ -298,3 +298,16 @@ def test_prepare_holds_memory_under_a_bound_on_a_corpus_several_times_larger(tmp
     assert sampled < bound and reported < bound, (sampled / 1e6, reported / 1e6)
     assert (tmp_path / "big.jsonl").stat().st_size > 3 * bound
     assert PreparedData(tmp_path / "p").manifest["tokens"] == tokens
+
+
+def test_preparing_and_reading_shards_needs_no_mlx(tmp_path):
+    """The twin's trainer reads data on machines without MLX: preparing (into the cache) and batching never
+    import it."""
+    corpus = write(tmp_path / "c.jsonl", records(40))
+    code = ("import sys; from dh_mlx.config import DATA_DIR; from dh_mlx.tokenizer import load_tokenizer; "
+            "from dh_mlx.train.prepared import open_dataset; "
+            f"ds = open_dataset({str(corpus)!r}, load_tokenizer(DATA_DIR / 'tokenizer'), seq_len=16); "
+            "next(ds.train_batches(2)); print(sorted(m for m in sys.modules if m.split('.')[0] == 'mlx'))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split("\n")[0] == "[]"
