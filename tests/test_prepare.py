@@ -238,8 +238,9 @@ def test_the_output_rules(tmp_path):
 
 
 # ---- the cache for raw JSONL ------------------------------------------------------------------------------------
-def test_jsonl_is_prepared_once_into_a_cache_keyed_by_contents_and_tokenizer(tmp_path, tok, capsys):
+def test_jsonl_is_prepared_once_into_a_cache_keyed_by_contents_and_tokenizer(tmp_path, tok, capsys, monkeypatch):
     corpus = write(tmp_path / "c.jsonl", records(50))
+    monkeypatch.setattr("dh_mlx.train.prepare.SMALL", 0)  # (small inputs are prepared silently)
     a = prepared_cache(corpus, tok)
     assert "data: preparing 1 file(s)" in capsys.readouterr().err
     stamp = (a / MANIFEST).stat().st_mtime_ns

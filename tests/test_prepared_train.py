@@ -65,8 +65,9 @@ def _tok(d):
     return load_tokenizer(d / "tok")
 
 
-def test_a_jsonl_is_prepared_once_and_resume_reuses_it(small_run_inputs, tmp_path, capsys):  # noqa: F811
+def test_a_jsonl_is_prepared_once_and_resume_reuses_it(small_run_inputs, tmp_path, capsys, monkeypatch):  # noqa: F811
     from dh_mlx.train.run import train
+    monkeypatch.setattr("dh_mlx.train.prepare.SMALL", 0)  # (small inputs are prepared silently)
     d = small_run_inputs
     write_corpus(tmp_path / "fresh.jsonl", n=90)  # contents no other test prepared
     common = dict(config=d / "config.json", data=tmp_path / "fresh.jsonl", tokenizer=d / "tok", steps=4,

@@ -458,6 +458,7 @@ def prepared_cache(data, tokenizer, *, skip_invalid: bool = False, progress: boo
         fcntl.flock(lock, fcntl.LOCK_EX)
         if not is_prepared(d):
             size = sum(f.stat().st_size for f in files)
+            progress = progress and size >= SMALL  # (a small corpus takes a second: nothing to report)
             if progress:
                 print(f"data: preparing {len(files)} file(s), {format_bytes(size)} of JSONL, into {d} (once: later "
                       "runs and --resume read it from there)", file=sys.stderr)
