@@ -124,7 +124,6 @@ class PreparedDataset:
     summary: DataSummary
     source: PreparedData
     train_docs: np.ndarray  # the training documents in packing order (a mixture draws from them)
-    train_lengths: np.ndarray
 
     def train_batches(self, batch_size: int, *, seed: int = 0, part: tuple[int, int] = (0, 1)) -> BatchIterator:
         return BatchIterator(self.train, batch_size, seed=seed, part=part)
@@ -181,8 +180,7 @@ def open_prepared(data: PreparedData, tokenizer, *, seq_len: int, domains: Seque
         docs = kept[order].astype(small)
         parts.append(ShardRows(data, docs, lengths[docs], labels, domain_of_label, seq_len, tokenizer.pad_id,
                                f"{key}-{name}"))
-    train_docs = parts[0].docs
-    return PreparedDataset(parts[0], parts[1], summary, data, train_docs, lengths[train_docs])
+    return PreparedDataset(parts[0], parts[1], summary, data, parts[0].docs)
 
 
 # ---- mixtures ----------------------------------------------------------------------------------------------
@@ -226,6 +224,7 @@ class MixtureIterator:
         self.key = _key([p.train.key for p in parts], list(self.weights))
         self.epochs, self.pos, self.taken = [0] * len(parts), [0] * len(parts), np.zeros(len(parts), np.int64)
         self.current: list | None = None  # [component, document, length, tokens of it already placed]
+        self.lengths = [np.diff(p.train.cum) for p in parts]  # each component's training documents' lengths
         self._orders: dict[int, tuple[int, np.ndarray]] = {}
 
     def _order(self, c: int) -> np.ndarray:
@@ -247,7 +246,7 @@ class MixtureIterator:
                 j = int(self._order(c)[self.pos[c]])
                 self.pos[c] += 1
                 p = self.parts[c]
-                self.current = [c, int(p.train_docs[j]), int(p.train_lengths[j]), 0]
+                self.current = [c, int(p.train_docs[j]), int(self.lengths[c][j]), 0]
             c, doc, length, off = self.current
             k = min(self.W - at, length - off)
             pieces.append((c, doc, off, off + k, at, seg))

@@ -172,10 +172,16 @@ class PreparedData:
         self.manifest = read_manifest(self.path)
         self.dtype = np.dtype(self.manifest["token_dtype"])
         self.shards = self.manifest["shards"]
-        self.doc_base = np.cumsum([0] + [int(s["documents"]) for s in self.shards])
         self.labels: list[str] = self.manifest["labels"]
-        for i, s in enumerate(self.shards):  # a cheap check that every file is there, whole
-            docs, tokens = int(s["documents"]), int(s["tokens"])
+        try:
+            counts = [(int(s["documents"]), int(s["tokens"])) for s in self.shards]
+            bad = [i for i, s in enumerate(self.shards) if not set(s["labels"]) <= set(self.labels)]
+        except (KeyError, TypeError, ValueError) as e:
+            raise DataError(f"{self.path / MANIFEST}: a shard entry lacks or mistypes {e}") from None
+        if bad:
+            raise DataError(f"{self.path / MANIFEST}: shard {bad[0]} names labels missing from 'labels'")
+        self.doc_base = np.cumsum([0] + [d for d, _ in counts])
+        for i, (docs, tokens) in enumerate(counts):  # a cheap check that every file is there, whole
             for kind, size in (("tokens", tokens * self.dtype.itemsize), ("mask", (tokens + 7) // 8),
                                ("offsets", (docs + 1) * 8), ("labels", docs * 2)):
                 p = shard_path(self.path, i, kind)
