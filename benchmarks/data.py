@@ -201,7 +201,8 @@ def main() -> None:
         emit("prepare", size_mb=size, seconds=seconds, mb_per_s=corpus.stat().st_size / 1e6 / seconds,
              tokens_per_s=r["tokens"] / seconds, tokens=r["tokens"], workers=r["workers"], cores=cores,
              fraction_of_tokenizer_times_cores=r["tokens"] / seconds / (tok_s * cores),
-             peak_mb_sampled=sampled / 1e6, peak_mb_reported=r["peak"] / 1e6, shards=r["shards"])
+             peak_mb_sampled=sampled / 1e6, peak_mb_reported=r["peak"] / 1e6, shards=r["shards"],
+             load_average=os.getloadavg()[0])  # (a shared machine: other work takes cores too)
         cache = a.dir / "cache"
         runs = [("prepared", prep, {}), ("jsonl_cold_cache", corpus, {"cold": True}), ("jsonl_warm_cache", corpus, {})]
         if str(size) in a.in_memory_mb.split(","):

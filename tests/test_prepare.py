@@ -187,6 +187,8 @@ def test_an_interrupted_prepare_never_looks_complete_and_continues_to_identical_
             open_dataset(tmp_path / "p", tok, seq_len=16)
     done = subprocess.run([sys.executable, "-c", PREPARE, *args], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
+    assert "prepare: " in done.stderr and " MB/s | " in done.stderr and " M tokens/s | 2 worker(s)" in done.stderr
+    assert "30000 records (- 15000, code 2500, general 2500, math 10000)" in done.stderr  # train's summary
     reused = int(done.stderr.split(" chunk(s) from the interrupted run")[0].split()[-1])
     r = prepare([corpus], tmp_path / "fresh", workers=1, chunk_bytes=40_000, progress=False)
     assert 10 <= reused < r.shards
