@@ -3,10 +3,11 @@ training step 1 from prepared data and from raw JSONL, on generated corpora (def
 under --dir, never into the repository).
 
 Prints one JSON object per result:
-  tokenizer_encode   the tokenizer's own single-core speed on the corpus's texts (no JSON, no writing)
-  prepare            MB/s and tokens/s of `dh-mlx data prepare` on every core, its fraction of the
-                     tokenizer's speed times the cores, and the peak memory (all processes; sampled from /proc
-                     every 10 ms, and as the processes report their peaks)
+  tokenizer_encode   the tokenizer's own single-core speed on the corpus's texts (no JSON, no writing), per CPU
+                     second
+  prepare            MB/s and tokens/s of `dh-mlx data prepare` on every core; its fraction of the tokenizer's
+                     speed times the cores (wall clock), and per CPU second; the peak memory (all processes;
+                     sampled from /proc every 10 ms, and as the processes report their peaks)
   step1              seconds and peak memory from process start to the end of training step 1, with the data's
                      share (opened and first batch read): from the prepared directory, from the raw JSONL with a
                      cold cache (it is prepared first) and a warm one, and with the in-memory pipeline that
@@ -20,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import shutil
 import subprocess
 import sys
@@ -68,7 +70,8 @@ def generate(path: Path, size_mb: int, seed: int = 0) -> Path:
 
 
 def encode_speed(corpus: Path, tok, sample_mb: float = 8.0) -> tuple[float, float]:
-    """(JSONL MB/s, tokens/s) of `tok.encode` alone on the texts of the corpus's first `sample_mb` MB."""
+    """(JSONL MB, tokens) per CPU second of `tok.encode` alone on the texts of the corpus's first `sample_mb` MB
+    (CPU time: on a shared machine the wall clock also counts others' work)."""
     from dh_mlx.train.records import parse_line
     texts, size = [], 0
     with open(corpus, "rb") as f:
@@ -79,10 +82,10 @@ def encode_speed(corpus: Path, tok, sample_mb: float = 8.0) -> tuple[float, floa
                 break
     best = None
     for _ in range(2):
-        tic, n = time.perf_counter(), 0
+        tic, n = time.process_time(), 0
         for t in texts:
             n += len(tok.encode(t))
-        dt = time.perf_counter() - tic
+        dt = time.process_time() - tic
         best = dt if best is None else min(best, dt)
     return size / 1e6 / best, n / best
 
@@ -99,6 +102,11 @@ def tree_rss(pid: int) -> int:
         except (OSError, IndexError):
             pass
     return total
+
+
+def cpu_children() -> float:
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return r.ru_utime + r.ru_stime
 
 
 def run_sampled(cmd: list[str], env: dict, until: str | None = None) -> tuple[float, int, str]:
@@ -187,20 +195,26 @@ def main() -> None:
                                         num_hidden_layers=2, n_routed_experts=20, kv_lora_rank=32)
     save_config(small, a.dir)
     tok = load_tokenizer(DATA_DIR / "tokenizer")
-    cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), "?")
+    cpu_name = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), "?")
     # warm-up: the first step on a machine compiles its CPU kernels (cached for the runs timed below)
     step1(DATA_DIR / "train_data.jsonl", a.dir / "config.json", a.dir / "run", {**env, "DH_MLX_DATA_CACHE":
                                                                                  str(a.dir / "warm-cache")})
     for size in [int(s) for s in a.sizes.split(",")]:
         corpus = generate(a.dir / f"corpus-{size}mb.jsonl", size)
         mb_s, tok_s = encode_speed(corpus, tok)
-        emit("tokenizer_encode", size_mb=size, mb_per_s=mb_s, tokens_per_s=tok_s, cores=1, cpu=cpu)
+        emit("tokenizer_encode", size_mb=size, mb_per_cpu_s=mb_s, tokens_per_cpu_s=tok_s, cores=1, cpu=cpu_name)
         prep = a.dir / f"prepared-{size}mb"
+        cpu = cpu_children()
         seconds, sampled, stdout = run_sampled([sys.executable, "-c", PREPARE, str(corpus), str(prep)], env)
+        cpu = cpu_children() - cpu  # the prepare process and its workers
         r = json.loads(stdout)
         emit("prepare", size_mb=size, seconds=seconds, mb_per_s=corpus.stat().st_size / 1e6 / seconds,
              tokens_per_s=r["tokens"] / seconds, tokens=r["tokens"], workers=r["workers"], cores=cores,
+             cpu_seconds=cpu, tokens_per_cpu_s=r["tokens"] / cpu,
+             # the target's measure: the wall clock against the tokenizer's speed on every core; and per CPU
+             # second, what the pipeline adds to the tokenizer whatever else the machine runs
              fraction_of_tokenizer_times_cores=r["tokens"] / seconds / (tok_s * cores),
+             fraction_of_tokenizer_per_cpu_s=r["tokens"] / cpu / tok_s,
              peak_mb_sampled=sampled / 1e6, peak_mb_reported=r["peak"] / 1e6, shards=r["shards"],
              load_average=os.getloadavg()[0])  # (a shared machine: other work takes cores too)
         cache = a.dir / "cache"

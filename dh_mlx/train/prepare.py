@@ -169,11 +169,19 @@ def _run(tasks: list[dict], workers: int, on_done) -> None:
                 return
         return
     import select
+    import signal
     import subprocess
+    import threading
     here = str(Path(__file__).resolve().parents[2])  # the workers import this very dh_mlx
     env = {**os.environ, **WORKER_ENV, "PYTHONPATH": os.pathsep.join(filter(None, [here, os.environ.get("PYTHONPATH")]))}
     procs = [subprocess.Popen([sys.executable, "-m", "dh_mlx.train.prepare_worker"], stdin=subprocess.PIPE,
                               stdout=subprocess.PIPE, env=env, text=True) for _ in range(workers)]
+    def stop(signum, frame):
+        raise KeyboardInterrupt
+
+    # SIGTERM as Ctrl-C: the workers are stopped, not left behind
+    main = threading.current_thread() is threading.main_thread()
+    before = signal.signal(signal.SIGTERM, stop) if main else None
     try:
         todo, busy, stop_at = iter(tasks), {}, None  # busy: stdout fd -> (process, task index)
         for proc in procs:
@@ -200,6 +208,8 @@ def _run(tasks: list[dict], workers: int, on_done) -> None:
                     proc.stdin.flush()
                     busy[fd] = (proc, t["index"])
     finally:
+        if main:
+            signal.signal(signal.SIGTERM, before if before is not None else signal.SIG_DFL)
         for proc in procs:  # finished: their stdin closes and they exit; else (an error, Ctrl-C) they are killed
             if busy:
                 proc.kill()
