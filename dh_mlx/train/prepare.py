@@ -173,15 +173,18 @@ def _run(tasks: list[dict], workers: int, on_done) -> None:
     import subprocess
     import threading
     here = str(Path(__file__).resolve().parents[2])  # the workers import this very dh_mlx
-    env = {**os.environ, **WORKER_ENV, "PYTHONPATH": os.pathsep.join(filter(None, [here, os.environ.get("PYTHONPATH")]))}
+    path = os.pathsep.join(filter(None, [here, os.environ.get("PYTHONPATH")]))
     procs = [subprocess.Popen([sys.executable, "-m", "dh_mlx.train.prepare_worker"], stdin=subprocess.PIPE,
-                              stdout=subprocess.PIPE, env=env, text=True) for _ in range(workers)]
+                              stdout=subprocess.PIPE, env={**os.environ, **WORKER_ENV, "PYTHONPATH": path},
+                              text=True) for _ in range(workers)]
+
     def stop(signum, frame):
         raise KeyboardInterrupt
 
     # SIGTERM as Ctrl-C: the workers are stopped, not left behind
     main = threading.current_thread() is threading.main_thread()
     before = signal.signal(signal.SIGTERM, stop) if main else None
+    clean = False  # every task done: the workers are let go (their stdin closes), else killed
     try:
         todo, busy, stop_at = iter(tasks), {}, None  # busy: stdout fd -> (process, task index)
         for proc in procs:
@@ -193,6 +196,8 @@ def _run(tasks: list[dict], workers: int, on_done) -> None:
             ready, _, _ = select.select(list(busy), [], [], 0.05)
             on_done(None)  # (progress)
             for fd in ready:
+                if fd not in busy:  # (a later chunk's, after an error)
+                    continue
                 proc, index = busy.pop(fd)
                 line = proc.stdout.readline()
                 if not line:
@@ -207,14 +212,15 @@ def _run(tasks: list[dict], workers: int, on_done) -> None:
                     proc.stdin.write(json.dumps(t) + "\n")
                     proc.stdin.flush()
                     busy[fd] = (proc, t["index"])
+        clean = stop_at is None
     finally:
         if main:
             signal.signal(signal.SIGTERM, before if before is not None else signal.SIG_DFL)
-        for proc in procs:  # finished: their stdin closes and they exit; else (an error, Ctrl-C) they are killed
-            if busy:
-                proc.kill()
-            else:
+        for proc in procs:
+            if clean:
                 proc.stdin.close()
+            else:
+                proc.kill()
             proc.wait()
             for f in (proc.stdin, proc.stdout):
                 try:
