@@ -172,8 +172,9 @@ def data_prepare(data: list[str] = typer.Option(..., help="JSONL file, folder or
                  force: bool = typer.Option(False, help="write over an existing, non-empty output")) -> None:
     """Tokenize JSONL once, on every core, into shards that training memory-maps (rerun an interrupted
     prepare to continue it)."""
-    from .train.prepare import describe_result, prepare
-    r = prepare(data, out, tokenizer, skip_invalid=skip_invalid, workers=workers, max_memory=max_memory * 1e9,
+    from .train.prepare import current_rss, describe_result, prepare
+    r = prepare(data, out, tokenizer, skip_invalid=skip_invalid, workers=workers,
+                max_memory=max_memory * 1e9 - current_rss(),  # (all processes: this one's own share included)
                 chunk_bytes=int(shard_mb * 1e6) if shard_mb else None, force=force)
     typer.echo(describe_result(r), err=True)
 

@@ -259,7 +259,7 @@ def test_jsonl_is_prepared_once_into_a_cache_keyed_by_contents_and_tokenizer(tmp
 # ---- bounded memory ----------------------------------------------------------------------------------------------
 MEASURE = r"""
 import os, sys, threading, time
-from dh_mlx.train.prepare import prepare
+from dh_mlx.train.prepare import current_rss, prepare
 def tree_rss():
     pids, total = [os.getpid()], 0
     while pids:
@@ -277,7 +277,7 @@ def sample():
         peak[0] = max(peak[0], tree_rss())
         time.sleep(0.01)
 threading.Thread(target=sample, daemon=True).start()
-r = prepare([sys.argv[1]], sys.argv[2], workers=2, max_memory=float(sys.argv[3]), progress=False)
+r = prepare([sys.argv[1]], sys.argv[2], workers=2, max_memory=float(sys.argv[3]) - current_rss(), progress=False)
 print(peak[0], r.peak_bytes, r.tokens_in, r.workers)
 """
 

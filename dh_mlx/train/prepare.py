@@ -28,7 +28,7 @@ from .records import DataError, DataSummary, jsonl_files
 from .shards import (FORMAT, KINDS, MANIFEST, VERSION, WORK, file_sha256, shard_path, token_dtype, tokenizer_digest,
                      write_json_atomic)
 
-MAX_MEMORY = 1.5e9  # bytes, all processes together
+MAX_MEMORY = 1.5e9  # bytes: what preparing adds (its workers, and this process's growth)
 # A worker's peak: the interpreter, numpy and its buffers (58 MB measured with the bundled tokenizer, whose own
 # share is ~2 MB), plus what its tokenizer takes (measured as this process loads it).
 WORKER_BYTES = 60e6
@@ -233,12 +233,12 @@ def prepare(data: Sequence[str | Path] | str | Path, out: str | Path, tokenizer:
             skip_invalid: bool = False, workers: int | None = None, max_memory: float = MAX_MEMORY,
             chunk_bytes: int | None = None, force: bool = False, progress: bool = True) -> PrepareResult:
     """Tokenize the JSONL `data` with `tokenizer` (a directory; default the bundled one) into the prepared
-    directory `out`. `workers` defaults to every core, fewer when `max_memory` (bytes, all processes) would
-    not hold them; an invalid line is an error naming `file:line`, or with `skip_invalid` counted and skipped.
+    directory `out`. `workers` defaults to every core, fewer when `max_memory` (bytes: the workers and what
+    this process adds to what it held when called) would not hold them; an invalid line is an error naming `file:line`, or with `skip_invalid` counted and skipped.
     An interrupted run is continued by running it again (without `force`)."""
     from ..config import DATA_DIR
     from ..tokenizer import load_tokenizer
-    tic = time.perf_counter()
+    tic, held = time.perf_counter(), current_rss()
     files = resolve_inputs(data)
     tok_dir = Path(tokenizer) if tokenizer else DATA_DIR / "tokenizer"
     before = current_rss()
@@ -258,13 +258,13 @@ def prepare(data: Sequence[str | Path] | str | Path, out: str | Path, tokenizer:
     reused = len(stats)
     todo = [c for c in chunks if c.index not in stats]
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    held = current_rss()
-    if max_memory < held + per_worker / 2:
+    grown = max(0, current_rss() - held)
+    if max_memory < grown + per_worker / 2:
         raise ValueError(f"max memory {format_bytes(max_memory)} is less than preparing needs (about "
-                         f"{format_bytes(held + per_worker / 2)})")
+                         f"{format_bytes(grown + per_worker / 2)})")
     size = {c.index: c.end - c.start for c in chunks}
     small = workers is None and sum(size[c.index] for c in todo) < SMALL  # not worth starting processes for
-    n = 1 if small else max(1, min(workers or cores, len(todo), int((max_memory - held) // per_worker)))
+    n = 1 if small else max(1, min(workers or cores, len(todo), int((max_memory - grown) // per_worker)))
     tasks = [{"index": c.index, "path": str(files[c.file]), "start": c.start, "end": c.end, "key": c.key,
               "out": str(out), "tokenizer": str(tok_dir), "dtype": dtype, "skip_invalid": skip_invalid,
               "flush_tokens": FLUSH_TOKENS} for c in todo]
@@ -384,7 +384,7 @@ def prepared_cache(data, tokenizer, *, skip_invalid: bool = False, progress: boo
                 print(f"data: preparing {len(files)} file(s), {format_bytes(size)} of JSONL, into {d} (once: later "
                       "runs and --resume read it from there)", file=sys.stderr)
             r = prepare(files, d, Path(tokenizer.path).parent, skip_invalid=skip_invalid, force=True,
-                        progress=progress, max_memory=MAX_MEMORY + current_rss())  # (a model may be loaded)
+                        progress=progress)
             if progress:
                 print(describe_result(r), file=sys.stderr)
     return d
