@@ -19,8 +19,12 @@ def _step_info(r: dict) -> str:
     if r.get("imbalance") is not None:
         info += f" | imbalance {r['imbalance']:.2f}"
     if "mixture_tokens" in r:  # a domain mixture: the tokens each component gave so far
-        info += " | " + " ".join(f"{k} {v / 1e6:.2f}M" for k, v in r["mixture_tokens"].items())
+        info += " | " + " ".join(f"{k} {_count(v)}" for k, v in r["mixture_tokens"].items())
     return info
+
+
+def _count(n: int) -> str:
+    return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.2f}M" if n >= 1e6 else f"{n / 1e3:.1f}k" if n >= 1e3 else str(n)
 
 
 def _validation_line(step: int, r: dict) -> str:
