@@ -293,7 +293,8 @@ def test_prepare_holds_memory_under_a_bound_on_a_corpus_several_times_larger(tmp
             f.write("".join(json.dumps({"domain": "math", "text": f"row {i}: " + d.tobytes().decode()}) + "\n"
                             for i, d in enumerate(digits)))
     out = subprocess.run([sys.executable, "-c", MEASURE, str(tmp_path / "big.jsonl"), str(tmp_path / "p"),
-                          str(bound)], capture_output=True, text=True, timeout=900, env={**os.environ, "DH_MLX_BLAS": "off"})
+                          str(bound)], capture_output=True, text=True, timeout=900,
+                         env={**os.environ, "DH_MLX_BLAS": "off"})
     assert out.returncode == 0, out.stderr[-3000:]
     sampled, reported, tokens, workers = map(float, out.stdout.split())
     print(f"peak {sampled / 1e6:.0f} MB sampled, {reported / 1e6:.0f} MB reported; {tokens / 1e6:.0f} M tokens")

@@ -81,7 +81,8 @@ def test_a_jsonl_is_prepared_once_and_resume_reuses_it(small_run_inputs, tmp_pat
     assert sorted(p.name for p in cache_root().iterdir() if not p.name.startswith(".")) == entries
 
 
-def test_ranks_read_disjoint_rows_whose_union_is_the_global_batch(small_run_inputs, tmp_path, monkeypatch):  # noqa: F811
+def test_ranks_read_disjoint_rows_whose_union_is_the_global_batch(small_run_inputs, tmp_path,  # noqa: F811
+                                                                  monkeypatch):
     from dh_mlx.train.prepared import ShardRows
     d = small_run_inputs
     prepare([d / "data.jsonl"], tmp_path / "prep", d / "tok", progress=False)

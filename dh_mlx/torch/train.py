@@ -1,13 +1,13 @@
 """Training the twin on GPU clusters: `torchrun --nproc_per_node N -m dh_mlx.torch.train --data x.jsonl ...`.
 
-PyTorch's FSDP2 (`fully_shard`, one unit per decoder layer and the root) shards the parameters, gradients
-and AdamW state over the ranks; torch.distributed is the engine (NCCL on CUDA, gloo on the CPU). The data is
-`dh_mlx.train.prepared`'s (prepared shards, a mixture, or JSONL prepared once into the cache; numpy only):
-every rank draws the same global batch (batch_size x ranks packed rows, one seeded order) and reads its own rows; the loss is the twin's (`step.loss_terms`: causal attention over each packed
-row, every position counted), so the gradients FSDP averages are the global batch's. ALF sums the experts'
-loads over the ranks before moving the biases (buffers, the same on every rank). Rank 0 writes
-`metrics.jsonl` and, at the end, the model directory (full weights gathered to it), which dh-mlx loads with
-the twin's logits. Without torchrun this is one process on one device.
+PyTorch's FSDP2 (`fully_shard`, one unit per decoder layer and the root) shards the parameters, gradients and AdamW
+state over the ranks; torch.distributed is the engine (NCCL on CUDA, gloo on the CPU). The data is
+`dh_mlx.train.prepared`'s (prepared shards, a mixture, or JSONL prepared once into the cache; numpy only): every
+rank draws the same global batch (batch_size x ranks packed rows, one seeded order) and reads its own rows; the loss
+is the twin's (`step.loss_terms`: causal attention over each packed row, every position counted), so the gradients
+FSDP averages are the global batch's. ALF sums the experts' loads over the ranks before moving the biases (buffers,
+the same on every rank). Rank 0 writes `metrics.jsonl` and, at the end, the model directory (full weights gathered
+to it), which dh-mlx loads with the twin's logits. Without torchrun this is one process on one device.
 """
 
 from __future__ import annotations

@@ -211,7 +211,8 @@ class BatchIterator:
             if self._order is None or self._order[0] != key:
                 b = int(np.random.default_rng([self.seed, self.epoch, 1]).permutation(full)[q]) if q < full else q
                 size = min(BLOCK_ROWS, n - b * BLOCK_ROWS)
-                self._order = (key, b * BLOCK_ROWS + np.random.default_rng([self.seed, self.epoch, 2, b]).permutation(size))
+                inner = np.random.default_rng([self.seed, self.epoch, 2, b]).permutation(size)
+                self._order = (key, b * BLOCK_ROWS + inner)
             a, z = max(lo, q * BLOCK_ROWS) - q * BLOCK_ROWS, min(hi, (q + 1) * BLOCK_ROWS) - q * BLOCK_ROWS
             out.append(self._order[1][a:z])
         return np.concatenate(out)

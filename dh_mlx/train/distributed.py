@@ -1,10 +1,10 @@
 """Data-parallel training over `mx.distributed` (launched by `mlx.launch`; one process and world of 1 otherwise).
 
-Every rank draws the same global batch (`batch_size x ranks` rows, one seeded order) and reads and computes on
-its own rows only, with the global batch's token counts (summed over the ranks), so each rank's loss and gradients are its share of the
-global batch's and their sum across ranks is exactly the single-process step: the gradient tree goes through
-a few large `all_sum`s (flattened into buckets), as do the loss parts and the experts' loads (ALF then moves
-every rank's routing biases identically). Rank 0 alone writes metrics, checkpoints and the model; it also
+Every rank draws the same global batch (`batch_size x ranks` rows, one seeded order) and reads and computes on its
+own rows only, with the global batch's token counts (summed over the ranks), so each rank's loss and gradients are
+its share of the global batch's and their sum across ranks is exactly the single-process step: the gradient tree
+goes through a few large `all_sum`s (flattened into buckets), as do the loss parts and the experts' loads (ALF then
+moves every rank's routing biases identically). Rank 0 alone writes metrics, checkpoints and the model; it also
 reads the checkpoint on `--resume` and sends it to the others, so only its machine needs the run directory.
 """
 

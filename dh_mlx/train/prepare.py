@@ -232,10 +232,10 @@ def _run(tasks: list[dict], workers: int, on_done) -> None:
 def prepare(data: Sequence[str | Path] | str | Path, out: str | Path, tokenizer: str | Path | None = None, *,
             skip_invalid: bool = False, workers: int | None = None, max_memory: float = MAX_MEMORY,
             chunk_bytes: int | None = None, force: bool = False, progress: bool = True) -> PrepareResult:
-    """Tokenize the JSONL `data` with `tokenizer` (a directory; default the bundled one) into the prepared
-    directory `out`. `workers` defaults to every core, fewer when `max_memory` (bytes: the workers and what
-    this process adds to what it held when called) would not hold them; an invalid line is an error naming `file:line`, or with `skip_invalid` counted and skipped.
-    An interrupted run is continued by running it again (without `force`)."""
+    """Tokenize the JSONL `data` with `tokenizer` (a directory; default the bundled one) into the prepared directory
+    `out`. `workers` defaults to every core, fewer when `max_memory` (bytes: the workers and what this process adds
+    to what it held when called) would not hold them; an invalid line is an error naming `file:line`, or with
+    `skip_invalid` counted and skipped. An interrupted run is continued by running it again (without `force`)."""
     from ..config import DATA_DIR
     from ..tokenizer import load_tokenizer
     tic, held = time.perf_counter(), current_rss()

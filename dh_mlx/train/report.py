@@ -24,7 +24,10 @@ def _step_info(r: dict) -> str:
 
 
 def _count(n: int) -> str:
-    return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.2f}M" if n >= 1e6 else f"{n / 1e3:.1f}k" if n >= 1e3 else str(n)
+    for scale, unit in ((1e9, "B"), (1e6, "M"), (1e3, "k")):
+        if n >= scale:
+            return f"{n / scale:.{1 if unit == 'k' else 2}f}{unit}"
+    return str(n)
 
 
 def _validation_line(step: int, r: dict) -> str:

@@ -77,7 +77,8 @@ class ShardWriter:
     `flush_tokens` x 6 bytes plus 10 bytes a document."""
 
     def __init__(self, directory: Path, index: int, dtype: str, flush_tokens: int = 1 << 20):
-        self.directory, self.index, self.dtype, self.flush_tokens = Path(directory), index, np.dtype(dtype), flush_tokens
+        self.directory, self.index, self.dtype = Path(directory), index, np.dtype(dtype)
+        self.flush_tokens = flush_tokens
         self.tmp = {k: self.directory / f".tmp-shard-{index:05d}-{os.getpid()}.{k}" for k in KINDS}
         self.files = {k: open(self.tmp[k], "wb") for k in ("tokens", "mask")}
         self.hashes = {k: hashlib.sha256() for k in KINDS}
