@@ -193,6 +193,31 @@ def tokenizer_train(data: list[Path] = typer.Option(..., help="JSONL file or dir
                err=True)
 
 
+data_app = typer.Typer(add_completion=False, help="Prepare training data: JSONL into memory-mapped token shards.")
+app.add_typer(data_app, name="data")
+
+
+@data_app.command("prepare")
+def data_prepare(data: list[str] = typer.Option(..., help="JSONL file, folder or glob (repeatable)"),
+                 out: Path = typer.Option(..., help="directory for the shards (`train --data DIR` reads it)"),
+                 tokenizer: Optional[Path] = typer.Option(None, help="tokenizer directory (default: the bundled "
+                                                                     "one; the model's, to fine-tune it)"),
+                 skip_invalid: bool = typer.Option(False, help="skip (and count) invalid JSONL lines instead of "
+                                                               "failing"),
+                 workers: Optional[int] = typer.Option(None, help="worker processes (default: one per core)"),
+                 max_memory: float = typer.Option(1.5, help="GB of memory for all processes together"),
+                 shard_mb: Optional[float] = typer.Option(None, help="MB of JSONL per shard (default: 1/256 of the "
+                                                                     "input, 1 to 64 MB)"),
+                 force: bool = typer.Option(False, help="write over an existing, non-empty output")) -> None:
+    """Tokenize JSONL once, on every core, into shards that training memory-maps (rerun an interrupted
+    prepare to continue it)."""
+    from .train.prepare import current_rss, describe_result, prepare
+    r = prepare(data, out, tokenizer, skip_invalid=skip_invalid, workers=workers,
+                max_memory=max_memory * 1e9 - current_rss(),  # (all processes: this one's own share included)
+                chunk_bytes=int(shard_mb * 1e6) if shard_mb else None, force=force)
+    typer.echo(describe_result(r), err=True)
+
+
 def _default(name: str, lora: bool = False):
     from .config import LoRAConfig
     from .train.config import LORA_DEFAULTS, TrainConfig
@@ -213,7 +238,9 @@ def _given(**options) -> dict:
 @app.command()
 def train(params: Optional[str] = typer.Option(None, help="size preset (default tiny)"),
           config: Optional[Path] = typer.Option(None, help="a config.json instead of a preset"),
-          data: Optional[Path] = typer.Option(None, help="JSONL file or directory (default: the bundled corpus)"),
+          data: Optional[Path] = typer.Option(None, help="JSONL file or directory (prepared once into a cache), "
+                                                         "a prepared directory, or a mixture .json (default: the "
+                                                         "bundled corpus)"),
           out: Optional[Path] = typer.Option(None, help="run directory (default runs/PRESET)"),
           tokenizer: Optional[Path] = typer.Option(None, help="tokenizer directory (default: the bundled one)"),
           init: Optional[Path] = typer.Option(None, help="start from this model directory's weights"),
@@ -277,7 +304,8 @@ def quantize(model: Path = typer.Option(..., help="float model directory"),
 
 @app.command()
 def lora(model: Path = typer.Option(..., help="base model directory (float, or quantized for QLoRA)"),
-         data: Path = typer.Option(..., help="JSONL file or directory (text, prompt/completion or messages)"),
+         data: Path = typer.Option(..., help="JSONL (text, prompt/completion or messages), a "
+                                              "prepared directory or a mixture .json"),
          out: Path = typer.Option(Path("runs/lora"), help="run directory: adapters.safetensors, "
                                                          "adapter_config.json, checkpoints"),
          tokenizer: Optional[Path] = typer.Option(None, help="tokenizer directory (default: the model's)"),
@@ -353,7 +381,8 @@ def domains_extract(model: Path = typer.Option(..., help="model directory with a
 @domains_app.command("add")
 def domains_add(model: Path = typer.Option(..., help="model directory with a domain_routing block"),
                 name: str = typer.Option(..., help="the new domain's name"),
-                data: Path = typer.Option(..., help="JSONL of the new domain (every record trained as it)"),
+                data: Path = typer.Option(..., help="JSONL or prepared directory of the new domain "
+                                                     "(every record trained as it)"),
                 out: Path = typer.Option(..., help="run directory: the model with the domain added"),
                 steps: Optional[int] = _option("steps", "optimizer steps"),
                 batch_size: Optional[int] = _option("batch_size", "sequences per batch"),

@@ -55,6 +55,7 @@ def test_every_command_has_a_worked_example():
     shown = {" ".join(w[1:3]) if len(w) > 2 and f"{w[1]} {w[2]}" in wanted else w[1] for w in _bash_commands(README)
              if w[0] == "dh-mlx" and len(w) > 1}
     assert wanted == {"train", "generate", "chat", "info", "plot", "quantize", "lora", "fuse", "tokenizer train",
+                      "data prepare",
                       "convert gguf", "convert mlx", "convert hf", "convert import", "domains add",
                       "domains remove", "domains extract", "serve"}
     assert wanted <= shown, wanted - shown

@@ -23,7 +23,8 @@ from ..domains import add_experts
 from ..model import Model
 from ..model.moe import MoE, MoEGate, StackedLinear
 from .config import TrainConfig
-from .data import describe_dataset, load_dataset
+from .data import describe_dataset
+from .prepared import open_dataset
 from .distributed import on_main, world
 from .evaluate import evaluate
 from .run import check_run_dir
@@ -109,7 +110,7 @@ def add_domain(*, model: str | Path, name: str, data: str | Path, out: str | Pat
     m = add_experts(old, name)
     n_old = old.config.n_routed_experts
     del old
-    dataset = load_dataset(data, tok, seq_len=cfg.seq_len, domains=m.config.domain_routing.names,
+    dataset = open_dataset(data, tok, seq_len=cfg.seq_len, domains=m.config.domain_routing.names,
                            val_fraction=cfg.val_fraction, seed=cfg.seed, skip_invalid=cfg.skip_invalid,
                            as_domain=name)
     if w.main:

@@ -22,7 +22,8 @@ from ..outputs import check_output_dir
 from ..model.moe import Routing
 from ..checkpoint.weights import load_model, resolve_path, save_model
 from .config import LORA_DEFAULTS, TrainConfig
-from .data import describe_dataset, load_dataset
+from .data import describe_dataset
+from .prepared import open_dataset
 from .memory import activation_elements
 from ..lora import (ADAPTER_CONFIG, LoRAConfig, apply_lora, fuse_lora, load_adapters, lora_parameters, save_adapters,
                    trainable_count)
@@ -123,7 +124,7 @@ def lora(*, model: str | Path, data: str | Path, out: str | Path, tokenizer: str
     m = load_model(base, dtype=dtype, bits=bits, group_size=group_size)
     refuse(m.config, f"{base}: LoRA")
     domains = m.config.domain_routing.names if m.config.domain_routing else None
-    dataset = load_dataset(data, tok, seq_len=cfg.seq_len, domains=domains, val_fraction=cfg.val_fraction,
+    dataset = open_dataset(data, tok, seq_len=cfg.seq_len, domains=domains, val_fraction=cfg.val_fraction,
                            seed=cfg.seed, skip_invalid=cfg.skip_invalid)
     if w.main:
         print(describe_dataset(data, dataset, cfg.seq_len, cfg.val_fraction), file=sys.stderr)

@@ -19,7 +19,17 @@ def _step_info(r: dict) -> str:
     if "comm_bytes" in r:  # data-parallel: what the step's all_sums carried, and how long they took
         info += f" | all_sum {r['comm_bytes'] / 1e6:.1f} MB {r['comm_s'] * 1e3:.0f} ms"
     imb = r.get("imbalance")  # None where no routed expert was trained (e.g. LoRA without --experts)
-    return info + (" | imbalance -" if imb is None else f" | imbalance {imb:.2f}")
+    info += " | imbalance -" if imb is None else f" | imbalance {imb:.2f}"
+    if "mixture_tokens" in r:  # a domain mixture: the tokens each component gave so far
+        info += " | " + " ".join(f"{k} {_count(v)}" for k, v in r["mixture_tokens"].items())
+    return info
+
+
+def _count(n: int) -> str:
+    for scale, unit in ((1e9, "B"), (1e6, "M"), (1e3, "k")):
+        if n >= scale:
+            return f"{n / scale:.{1 if unit == 'k' else 2}f}{unit}"
+    return str(n)
 
 
 def _validation_line(step: int, r: dict) -> str:

@@ -15,9 +15,10 @@ from ..files import write_atomic
 from ..params import count_params
 from ..checkpoint.weights import copy_tokenizer, load_model, random_model, save_model, with_mtp_module
 from .config import TrainConfig
-from .data import describe_dataset, load_dataset
+from .data import describe_dataset
 from .distributed import on_main, world
 from .memory import check_training_fits
+from .prepared import open_dataset
 from ..outputs import format_bytes
 from .trainer import RunResult, train_loop
 
@@ -75,7 +76,7 @@ def train(*, params: str | None = None, config: str | Path | None = None, data: 
     check_training_fits(guarded, cfg, f"{init or name}", dtype_size=compute_dtype(dtype).size,
                         trainable=count_params(guarded).mtp if cfg.mtp_distill else None)
     domains = model_config.domain_routing.names if model_config.domain_routing else None
-    dataset = load_dataset(data, tok, seq_len=cfg.seq_len, domains=domains, val_fraction=cfg.val_fraction,
+    dataset = open_dataset(data, tok, seq_len=cfg.seq_len, domains=domains, val_fraction=cfg.val_fraction,
                            seed=cfg.seed, skip_invalid=cfg.skip_invalid)
     if w.main:
         print(describe_dataset(data, dataset, cfg.seq_len, cfg.val_fraction), file=sys.stderr)

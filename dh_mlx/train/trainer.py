@@ -28,7 +28,7 @@ from ..checkpoint.training import (CheckpointWriteError, RunLock, latest_checkpo
 from .config import TrainConfig
 from .optim import AdamW, make_optimizer
 from .data import Dataset
-from .distributed import (Reducer, World, any_rank, broadcast, broadcast_json, global_counts, on_main, own_rows,
+from .distributed import (Reducer, World, any_rank, broadcast, broadcast_json, global_counts, on_main,
                           world)
 from .evaluate import EvalResult, drop_domains, evaluate, to_mx
 from .interrupt import Interrupted, StopRequest, stop_on_signals
@@ -236,7 +236,8 @@ def _train(model: Model, dataset: Dataset, cfg: TrainConfig, run_dir: Path, *, e
            resume: bool, force: bool, progress: bool, stop_after: int | None, stop: StopRequest, w: World,
            export_bytes: int | None = None) -> RunResult:
     optimizer = make_optimizer(cfg)
-    batches = dataset.train_batches(cfg.batch_size * w.size, seed=cfg.seed)  # the global batch, on every rank
+    part = (w.rank, w.size)  # each rank reads its own rows of the global batch
+    batches = dataset.train_batches(cfg.batch_size * w.size, seed=cfg.seed, part=part)
     created: list[str] = []  # the checkpoints this run wrote
     start = on_main(w, _restore, model, optimizer, batches, cfg, run_dir, resume=resume, force=force,
                     ranks=w.size, created=created) or 0
@@ -281,11 +282,11 @@ def _train(model: Model, dataset: Dataset, cfg: TrainConfig, run_dir: Path, *, e
     tic = time.perf_counter()
 
     def next_batch(micro: int):
-        return drop_domains(next(batches), cfg.domain_dropout, cfg.seed, step * cfg.grad_accum + micro)
+        return drop_domains(next(batches), cfg.domain_dropout, cfg.seed, step * cfg.grad_accum + micro, part)
 
     def rank_grads(nb):
         """This rank's rows' shares of the global batch `nb` (data-parallel)."""
-        return fns.shared_grads(*global_counts(nb), *to_mx(own_rows(nb, w)))
+        return fns.shared_grads(*global_counts(nb, w), *to_mx(nb))
 
     def accumulated_step(grads_of):
         """The micro-batches' gradients, loads and loss parts summed (over the ranks too, in a few all_sums),
@@ -325,6 +326,8 @@ def _train(model: Model, dataset: Dataset, cfg: TrainConfig, run_dir: Path, *, e
                       "imbalance": imbalance(loads).item() if loads.size > 1 and loads.sum().item() > 0 else None}
             if w.size > 1:
                 record.update(ranks=w.size, **reducer.take())
+            if seen := batches.tokens_seen():  # tokens drawn so far, by domain label or mixture component
+                record[batches.seen_key] = seen
             if (step % cfg.eval_every == 0 or step == cfg.steps) and len(dataset.valid):
                 val = evaluate(model, dataset, cfg, w=w)
                 record.update(val_loss=val.loss, val_ppl=math.exp(min(val.loss, 50)), val_imbalance=val.imbalance,
