@@ -56,6 +56,7 @@ def test_skip_invalid_says_where_from_the_cli(tmp_path):
     assert f"{path}:1: the text holds a lone surrogate U+D800 at character 1" in one_line(r)
 
 
+@pytest.mark.slow
 def test_prompts_from_a_file_or_stdin_and_never_broken_utf8(tmp_path):
     from dh_mlx.config import DATA_DIR
     from dh_mlx.tokenizer import load_tokenizer
@@ -75,6 +76,7 @@ def test_prompts_from_a_file_or_stdin_and_never_broken_utf8(tmp_path):
     assert "--prompt: byte 0xFF at offset 1 is not UTF-8 text" in one_line(r)
 
 
+@pytest.mark.slow
 def test_usage_and_internal_errors_are_one_line(monkeypatch, capsys):
     assert "Invalid value for '--steps'" in one_line(cli("train", "--steps", "x"))
     assert "No such command 'nosuch'" in one_line(cli("nosuch"))
@@ -95,6 +97,7 @@ def test_usage_and_internal_errors_are_one_line(monkeypatch, capsys):
         cli_module.main()
 
 
+@pytest.mark.slow
 @FUZZ
 @given(st.lists(st.one_of(st.binary(max_size=60), st.text(max_size=40).map(lambda t: t.encode("utf-8", "surrogatepass")),
                           st.recursive(st.none() | st.booleans() | st.integers() | st.text(max_size=8),
@@ -115,6 +118,7 @@ def test_fuzz_jsonl_reader_raises_only_data_errors(tmp_path, lines):
     assert list(read_jsonl(path, skip_invalid=True, domains=["code"])) is not None
 
 
+@pytest.mark.slow
 @FUZZ
 @given(st.dictionaries(st.sampled_from(["vocab_size", "hidden_size", "num_hidden_layers", "n_routed_experts",
                                         "tie_word_embeddings", "rope_scaling", "domain_routing", "model_type",

@@ -12,7 +12,6 @@ from dh_mlx.chat import messages
 from helpers import make_config
 
 pytest.importorskip("transformers")
-from test_hf_tokenizer import tokenizer_dir  # noqa: E402,F401  (the byte-level BPE fixture)
 
 
 @pytest.fixture(scope="module")
@@ -38,6 +37,7 @@ def test_load_reads_the_tokenizer_json_and_its_eos_ids(model_dir):
     assert type(tok).__name__ == "HFTokenizer" and tok.eos_ids == (1, 401)
 
 
+@pytest.mark.slow
 def test_generate_chat_applies_the_template_with_the_system_message(model_dir):
     _, tok = load(model_dir)
     want = len(tok.encode_chat(messages("What is 2 + 2?", "Be brief.")))
@@ -48,6 +48,7 @@ def test_generate_chat_applies_the_template_with_the_system_message(model_dir):
     assert cli("generate", "--model", str(model_dir), "--prompt", "hi", "--system", "x").returncode == 1
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mtp", ["--mtp", "--no-mtp"])
 def test_chat_turns_reuse_the_kv_cache(model_dir, mtp):
     """Turn 2 prefills only what the cache does not hold: the tokens of the conversation so far that are not a
@@ -81,6 +82,7 @@ def test_exports_keep_the_tokenizer_json_and_its_eos_ids(model_dir, tmp_path):
     assert gguf.GGUFReader(str(tmp_path / "m.gguf")).fields["tokenizer.ggml.model"].contents() == "gpt2"
 
 
+@pytest.mark.slow
 def test_lora_on_a_tokenizer_json_model_lowers_its_loss(model_dir, tmp_path):
     import json as _json
 
@@ -93,6 +95,7 @@ def test_lora_on_a_tokenizer_json_model_lowers_its_loss(model_dir, tmp_path):
     assert result.val_loss < result.val_loss_before - 0.1
 
 
+@pytest.mark.slow
 def test_chat_training_data_goes_through_the_models_own_template(tokenizer_dir, tmp_path):  # noqa: F811
     """A `messages` record for a tokenizer.json model: the ids transformers' apply_chat_template gives, and only
     the tokens each reply adds (its text and the template's end of turn) trained."""

@@ -18,8 +18,7 @@ from dh_mlx.generation.speculative import DraftPolicy
 from dh_mlx.tokenizer import load_tokenizer
 from dh_mlx.train.tokenizer import train_tokenizer
 from dh_mlx.train.report import directory_bytes
-from helpers import make_config
-from test_tokenizer import corpus_lines
+from helpers import corpus_lines, make_config
 
 
 def cli(*args, timeout=300):
@@ -44,6 +43,7 @@ def corpus(tmp_path_factory):
     return data, root / "tok", tok
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("preset", ["tiny", "1b"])
 def test_each_preset_generates_from_the_cli(preset):
     # 1b's vocabulary (32768) is padded past the bundled tokenizer's 8192 pieces
@@ -85,6 +85,7 @@ def _padded_model(tok, tmp_path):
     return model, tmp_path / "padded"
 
 
+@pytest.mark.slow
 def test_ids_past_the_tokenizer_are_never_sampled(corpus, tmp_path):
     tok = corpus[2]
     model, path = _padded_model(tok, tmp_path)
@@ -101,6 +102,7 @@ def test_ids_past_the_tokenizer_are_never_sampled(corpus, tmp_path):
         assert r.returncode == 0, r.stderr
 
 
+@pytest.mark.slow
 def test_a_tokenizer_larger_than_the_model_is_refused_with_both_numbers(corpus, tmp_path):
     data, tok_dir, tok = corpus
     small = random_model(make_config(vocab_size=tok.vocab_size - 10), seed=0, dtype="float32")
@@ -130,6 +132,7 @@ def short_run(corpus, tmp_path_factory):
     return out, r.stdout, tok
 
 
+@pytest.mark.slow
 def test_train_sizes_a_new_models_vocabulary_from_its_tokenizer(short_run, corpus, tmp_path):
     out, _, tok = short_run
     assert json.loads((out / "config.json").read_text())["vocab_size"] == tok.vocab_size == 400
@@ -154,6 +157,7 @@ def test_a_run_keeps_only_its_newest_checkpoint_and_prints_its_size(short_run):
     assert float(size.group(1)) == pytest.approx(directory_bytes(out) / 1e6, abs=0.06)
 
 
+@pytest.mark.slow
 def test_keep_checkpoints_keeps_the_newest_k(corpus, tmp_path):
     data, tok_dir, _ = corpus
     r = cli("train", "--tokenizer", str(tok_dir), "--data", str(data), "--out", str(tmp_path / "run"), "--steps",

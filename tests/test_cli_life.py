@@ -79,12 +79,14 @@ def test_progress_on_a_terminal_is_one_line_rewritten_then_cleared():
     assert quiet.stream.getvalue() == ""
 
 
+@pytest.mark.slow
 def test_random_weights_say_so_before_they_are_built():
     r = cli("generate", "--params", "tiny", "--prompt", "Hello", "--max-tokens", "2")
     assert r.returncode == 0, r.stderr
     assert r.stderr.splitlines()[0].startswith("note: preset 'tiny' with random (untrained) weights")
 
 
+@pytest.mark.slow
 def test_ctrl_c_during_generate_prints_the_text_so_far_and_the_stats():
     p = subprocess.Popen([sys.executable, "-m", "dh_mlx.cli", "generate", "--params", "tiny", "--prompt", "Hello",
                           "--max-tokens", "100000", "--no-mtp"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
@@ -111,6 +113,7 @@ def test_the_mtp_line_shows_only_when_drafting_paid_or_asked(capsys):
     assert "MTP draft acceptance: 1/8" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_piped_chat_replies_are_apart(tmp_path):
     r = cli("chat", "--params", "tiny", "--max-tokens", "3", "--no-mtp", stdin="Hi\nAgain\n")
     assert r.returncode == 0, r.stderr
@@ -119,6 +122,7 @@ def test_piped_chat_replies_are_apart(tmp_path):
     assert len(re.findall(r"^prompt: ", r.stderr, re.M)) == 2
 
 
+@pytest.mark.slow
 def test_help_shows_no_bool_type_and_the_version_prints():
     from dh_mlx import __version__
     for args in (["--help"], ["train", "--help"], ["generate", "--help"], ["convert", "gguf", "--help"]):

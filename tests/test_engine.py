@@ -60,6 +60,7 @@ def tokens_of(events) -> list[int]:
     return [t for e in events for t in e.tokens]
 
 
+@pytest.mark.slow
 def test_batched_greedy_equals_each_sequence_alone(model):
     ps = prompts(16)
     engine = Engine(model, Tok(), max_batch=16, prefill_chunk=16)

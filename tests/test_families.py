@@ -185,6 +185,7 @@ def test_convert_hf_round_trip(tmp_path, name):
     assert np.array_equal(ours, np.array(load_model(tmp_path / "hf", dtype="float32")(mx.array(ids))))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["deepseek_v32", "glm_moe_dsa_shared"])
 def test_lora_and_qlora_lower_the_loss(tmp_path, name):
     """LoRA on the float release and QLoRA (`--bits 4` as it loads) on a sparse-attention model, gradient

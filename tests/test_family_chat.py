@@ -107,6 +107,7 @@ def test_malformed_tool_messages_are_named(tokenizer_dir):
         tok.encode_chat([{"role": "robot", "content": "hi"}])
 
 
+@pytest.mark.slow
 def test_generate_passes_the_template_switches(tmp_path, tokenizer_dir):
     """`dh-mlx generate --chat --chat-template-args` on a V3.2 model: the prompt is the template's text under
     those switches (its token count printed), and a bad JSON object is a one-line error."""

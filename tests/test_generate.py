@@ -178,6 +178,7 @@ def test_mtp_rejections_roll_the_cache_back(model):
     assert pc.cache[0].offset == len(prompt) + len(out) - 1 and pc.tokens == (prompt + out)[:-1]
 
 
+@pytest.mark.slow
 def test_mtp_sampling_keeps_the_target_distribution():
     """Speculative sampling with any draft must reproduce the main model's next-token distribution."""
     from dh_mlx.generation.speculative import mtp_generate  # noqa: F401  (exercised through generate_tokens)

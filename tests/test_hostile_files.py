@@ -46,6 +46,7 @@ def copy(model, tmp_path):
 
 
 # ---- only regular files are read ------------------------------------------------------------------------
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["config.json", "model.safetensors"])
 def test_a_fifo_where_a_file_is_expected_is_refused_at_once(copy, name):
     (copy / name).unlink()
@@ -94,6 +95,7 @@ def test_an_archive_member_inflating_past_its_bound_is_refused(tmp_path):
     ("{% include 'other.jinja' %}", "no loader"),
     ("{% extends 'base.jinja' %}", "no loader"),
 ])
+@pytest.mark.slow
 def test_a_chat_template_runs_within_its_limits(template, words):
     tic = time.perf_counter()
     with pytest.raises(ChatTemplateError, match=words) as e:
@@ -111,6 +113,7 @@ def bpe_dir(tmp_path, vocab: dict, pre_tokenizer=None):
     return tmp_path
 
 
+@pytest.mark.slow
 def test_tokenizer_ids_past_the_vocabulary_are_refused_before_allocating(tmp_path):
     from dh_mlx.hf_tokenizer import HFTokenizer, HFTokenizerError
     d = bpe_dir(tmp_path, {"a": 0, "b": 4_000_000_000})
@@ -247,6 +250,7 @@ def test_out_of_memory_is_said_in_words():
     assert _message(MemoryError()).startswith("out of memory (") and "available now" in _message(MemoryError())
 
 
+@pytest.mark.slow
 def test_a_full_disk_names_the_file_and_the_free_space(model, tmp_path):
     full = tmp_path / "full"
     full.mkdir()

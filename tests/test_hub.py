@@ -1,6 +1,7 @@
 """Hub ids resolve through the huggingface_hub cache with no request; a string that looks like a local path never
 reaches the hub (an unreachable endpoint proves it)."""
 
+import pytest
 import os
 import shutil
 import subprocess
@@ -15,6 +16,7 @@ def cli(*args, env):
                           env={**os.environ, **env})
 
 
+@pytest.mark.slow
 def test_a_hub_id_loads_from_a_populated_cache_offline(tmp_path):
     snapshot = tmp_path / "hub" / "models--acme--tiny-moe" / "snapshots" / ("a" * 40)
     (tmp_path / "build").mkdir()

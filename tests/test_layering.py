@@ -113,6 +113,7 @@ def test_no_module_global_is_rebound_outside_the_backend():
             assert not any(isinstance(node, ast.Global) for node in ast.walk(ast.parse(p.read_text()))), n
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("module", ["dh_mlx", "dh_mlx.torch", "dh_mlx.torch.train", "dh_mlx.config",
                                     "dh_mlx.checkpoint.layout", "dh_mlx.train.prepared", "dh_mlx.train.prepare"])
 def test_importing_imports_no_mlx_and_leaves_the_environment(module):

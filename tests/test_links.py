@@ -53,6 +53,7 @@ def train_args(inputs, out, steps):
             "--save-every", "1", "--steps", str(steps), "--out", str(out)]
 
 
+@pytest.mark.slow
 def test_resume_writes_through_no_link(inputs, outside, tmp_path):
     d, untouched = outside
     run = tmp_path / "run"
@@ -70,6 +71,7 @@ def test_resume_writes_through_no_link(inputs, outside, tmp_path):
     assert untouched()
 
 
+@pytest.mark.slow
 def test_rotation_removes_only_checkpoints_of_its_run(inputs, outside, tmp_path):
     d, untouched = outside
     run = tmp_path / "run"

@@ -11,6 +11,7 @@ from dh_mlx.train.config import TrainConfig
 from dh_mlx.train.memory import training_peak_bytes
 
 
+@pytest.mark.slow
 def test_the_estimate_is_within_30_percent_of_tinys_measured_peak(tmp_path):
     from dh_mlx.train.run import train
     texts = [json.loads(l)["text"] for l in (DATA_DIR / "train_data.jsonl").read_text().splitlines()[:60]]

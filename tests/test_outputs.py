@@ -37,6 +37,7 @@ def inputs(tmp_path_factory):
     return root
 
 
+@pytest.mark.slow
 def test_quantize_onto_its_input_is_refused_and_the_input_kept(inputs):
     before = digest(inputs / "model")
     msg = one_line_error(cli("quantize", "--model", str(inputs / "model"), "--out", str(inputs / "model")))
@@ -46,6 +47,7 @@ def test_quantize_onto_its_input_is_refused_and_the_input_kept(inputs):
     assert digest(inputs / "model") == before
 
 
+@pytest.mark.slow
 def test_writing_into_an_existing_directory_needs_force(inputs, tmp_path):
     model = str(inputs / "model")
     taken = tmp_path / "taken"
@@ -61,6 +63,7 @@ def test_writing_into_an_existing_directory_needs_force(inputs, tmp_path):
     assert (taken / "config.json").is_file()
 
 
+@pytest.mark.slow
 def test_train_does_not_replace_an_existing_model_directory(inputs, tmp_path):
     shutil.copytree(inputs / "model", tmp_path / "model")
     before = digest(tmp_path / "model")
@@ -91,6 +94,7 @@ def test_resume_refuses_a_config_of_other_shapes(inputs, tmp_path):
     assert digest(tmp_path / "run") == before
 
 
+@pytest.mark.slow
 def test_gguf_onto_a_directory_is_one_line_and_leaves_no_file(inputs, tmp_path):
     (tmp_path / "dir").mkdir()
     msg = one_line_error(cli("convert", "gguf", "--model", str(inputs / "model"), "--out", str(tmp_path / "dir")))

@@ -9,10 +9,11 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
+from helpers import write_corpus
+
 from dh_mlx.train.data import DataError
 from dh_mlx.train.prepare import cache_root, prepare
 from dh_mlx.train.prepared import PreparedData, open_dataset
-from test_train import small_run_inputs, write_corpus  # noqa: F401 (a fixture)
 
 
 def losses(run_dir) -> list[float]:

@@ -23,7 +23,6 @@ from dh_mlx.generation import generate_tokens  # noqa: E402
 from dh_mlx.generation.engine import Engine  # noqa: E402
 from dh_mlx.generation.options import SamplingOptions  # noqa: E402
 from helpers import model_with_tokenizer  # noqa: E402
-from test_hf_tokenizer import tokenizer_dir  # noqa: E402,F401  (a byte-level BPE tokenizer with a chat template)
 
 
 class Running:
@@ -328,6 +327,7 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_sigterm_finishes_the_requests_in_flight_then_exits(model_dir):
     port = free_port()
     p = subprocess.Popen([sys.executable, "-m", "dh_mlx.cli", "serve", "--model", str(model_dir), "--port",

@@ -107,6 +107,7 @@ print(json.dumps({"held": status("VmHWM") - before}))
 """
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/status")
 def test_quantizing_holds_one_layer_not_the_model(tmp_path):
     """A 240 MB bfloat16 checkpoint in 64 MB shards: quantizing it adds well under a quarter of its size to
@@ -134,7 +135,7 @@ def test_quantizing_holds_one_layer_not_the_model(tmp_path):
 
 def release(root, kind: str):
     """A DeepSeek-V3 release layout (bf16 shards with an index, or those shards in FP8) or a V2-Lite one."""
-    from test_releases import CASES, release as bf16_release
+    from helpers import CASES, release as bf16_release
     if kind == "v3_fp8":
         bf16_release(root / "bf16", **{**CASES["v3_bf16"], "overrides": WIDE})
         return make_fp8(root / "bf16", root / "fp8", root / "deq")[0]
@@ -157,8 +158,9 @@ def test_convert_mlx_gives_mlx_lm_our_logits_on_the_release_layouts(tmp_path, ki
     assert mx.abs(ours(ids) - theirs(ids)).max().item() <= 1e-4
 
 
+@pytest.mark.slow
 def test_cli_convert_mlx_and_generate_with_bits(tmp_path):
-    from test_cli import cli
+    from helpers import cli
     from helpers import model_with_tokenizer
     (tmp_path / "tok").mkdir()
     tok = model_with_tokenizer(tmp_path / "tok")

@@ -13,8 +13,7 @@ from safetensors.numpy import load_file, save_file
 
 from dh_mlx import ModelConfig
 from dh_mlx.config import load_config
-from helpers import model_with_tokenizer
-from test_tokenizer import corpus_lines
+from helpers import corpus_lines, model_with_tokenizer
 
 
 def run_main(monkeypatch, capsys, *argv) -> tuple[int, str, str]:

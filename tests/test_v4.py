@@ -82,6 +82,7 @@ def test_logits_equal_transformers(tmp_path, name):
     assert CSA in kinds and (name == "csa_only" or HCA in kinds)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["flash_like", "pro_default"])
 def test_cached_decoding_equals_the_full_forward(tmp_path, name):
     """Prefill in chunks (a window left unfinished between them), then one token at a time past several

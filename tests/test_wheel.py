@@ -12,6 +12,8 @@ import pytest
 
 from dh_mlx.config import REPO_DIR
 
+pytestmark = pytest.mark.slow  # (not in the quick tier, pytest -m "not slow")
+
 _NOT_SOURCE = shutil.ignore_patterns(".git", "build", "dist", "runs", "exports", "__pycache__", "*.egg-info",
                                      ".venv", ".pytest_cache", "_bundled")
 
