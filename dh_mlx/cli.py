@@ -453,9 +453,11 @@ def main() -> None:
     """Console entry point: library errors become one-line messages, never tracebacks."""
     from .checkpoint.layout import CheckpointError
     from .progress import show_progress
+    from .train.report import show_training
     import os
     debug = os.environ.get("DH_MLX_DEBUG", "") not in ("", "0")
     show_progress()
+    show_training()
     try:
         code = _command()(standalone_mode=False)
     except typer.Exit as e:

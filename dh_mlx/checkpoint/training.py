@@ -15,7 +15,6 @@ import hashlib
 import json
 import os
 import shutil
-import sys
 from pathlib import Path
 from typing import Any, Callable
 
@@ -24,6 +23,7 @@ from mlx.utils import tree_flatten, tree_unflatten
 
 from ..files import open_nofollow, real_dir, remove, write_atomic
 from ..outputs import format_bytes
+from ..progress import note
 
 STATE = "trainer_state.json"
 OPTIMIZER = "optimizer.safetensors"
@@ -121,7 +121,7 @@ def latest_checkpoint(run_dir: Path, *, report: bool = False) -> Path | None:
         if why is None:
             return path
         if report:
-            print(f"note: checkpoint {path.name} is damaged ({why}); trying an older one", file=sys.stderr)
+            note(f"checkpoint {path.name} is damaged ({why}); trying an older one")
     if candidates:
         raise ValueError(f"{root}: no intact checkpoint to resume from (newest: {candidates[0].name})")
     return None

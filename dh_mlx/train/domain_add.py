@@ -9,7 +9,6 @@ selects the new experts and the common ones); ALF stays off, so the selection bi
 
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,6 +28,7 @@ from .distributed import on_main, world
 from .evaluate import evaluate
 from .run import check_run_dir
 from .trainer import RunResult, train_loop
+from ..progress import status
 
 
 class _Grown:
@@ -114,7 +114,7 @@ def add_domain(*, model: str | Path, name: str, data: str | Path, out: str | Pat
                            val_fraction=cfg.val_fraction, seed=cfg.seed, skip_invalid=cfg.skip_invalid,
                            as_domain=name)
     if w.main:
-        print(describe_dataset(data, dataset, cfg.seq_len, cfg.val_fraction), file=sys.stderr)
+        status(describe_dataset(data, dataset, cfg.seq_len, cfg.val_fraction))
     split(m, n_old)
     has_val = len(dataset.valid) > 0
     before = evaluate(m, dataset, cfg, w=w).loss if has_val and not resume else None

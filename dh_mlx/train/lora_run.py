@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import functools
 import json
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -32,6 +31,7 @@ from .distributed import on_main, world
 from .run import check_run_dir
 from ..outputs import format_bytes
 from .trainer import RunResult, evaluate, train_loop
+from ..progress import status
 
 # Fine-tuning defaults that differ from pretraining: the router and its selection bias stay as trained (no ALF,
 # no balance loss), adapters start from zero (no weight decay), and MTP modules are not adapted (no MTP loss).
@@ -127,7 +127,7 @@ def lora(*, model: str | Path, data: str | Path, out: str | Path, tokenizer: str
     dataset = open_dataset(data, tok, seq_len=cfg.seq_len, domains=domains, val_fraction=cfg.val_fraction,
                            seed=cfg.seed, skip_invalid=cfg.skip_invalid)
     if w.main:
-        print(describe_dataset(data, dataset, cfg.seq_len, cfg.val_fraction), file=sys.stderr)
+        status(describe_dataset(data, dataset, cfg.seq_len, cfg.val_fraction))
     apply_lora(m, lc, seed=seed)
     if resume:
         on_main(w, _check_same_adapters, out, lora_parameters(m.config, lc))
@@ -136,8 +136,8 @@ def lora(*, model: str | Path, data: str | Path, out: str | Path, tokenizer: str
     trainable, total = trainable_count(m)
     estimate = estimate_peak_bytes(m, cfg, checkpointing=grad_checkpointing) / 1e9
     if w.main:
-        print(f"LoRA: {trainable:,} trainable parameters ({trainable / total:.3%} of {total:,}); estimated peak "
-              f"memory {estimate:.3g} GB", file=sys.stderr)
+        status(f"LoRA: {trainable:,} trainable parameters ({trainable / total:.3%} of {total:,}); estimated peak "
+               f"memory {estimate:.3g} GB")
     has_val = len(dataset.valid) > 0
     before = None if resume or not has_val else evaluate(m, dataset, cfg, w=w).loss
 

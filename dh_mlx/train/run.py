@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 from ..config_v4 import refuse
@@ -21,6 +20,7 @@ from .memory import check_training_fits
 from .prepared import open_dataset
 from ..outputs import format_bytes
 from .trainer import RunResult, train_loop
+from ..progress import note, status
 
 DEFAULT_DATA = DATA_DIR / "train_data.jsonl"
 DEFAULT_TOKENIZER = DATA_DIR / "tokenizer"
@@ -66,8 +66,8 @@ def train(*, params: str | None = None, config: str | Path | None = None, data: 
         raise ValueError(f"{tokenizer}: no tokenizer.model (train one with `dh-mlx tokenizer train`)")
     if not (init or config) and tok.vocab_size != model_config.vocab_size:
         # A preset gives the architecture; the vocabulary is the tokenizer's (a --config file keeps its own).
-        print(f"note: vocab_size {tok.vocab_size} from the tokenizer {tokenizer} (the preset's is "
-              f"{model_config.vocab_size}; give --config to keep another)", file=sys.stderr)
+        note(f"vocab_size {tok.vocab_size} from the tokenizer {tokenizer} (the preset's is "
+             f"{model_config.vocab_size}; give --config to keep another)")
         model_config = model_config.replace(vocab_size=tok.vocab_size)
     check_vocab(tok, model_config.vocab_size)
     guarded = model_config  # with --mtp-distill: the model with the MTP module it trains (added if absent)
@@ -79,7 +79,7 @@ def train(*, params: str | None = None, config: str | Path | None = None, data: 
     dataset = open_dataset(data, tok, seq_len=cfg.seq_len, domains=domains, val_fraction=cfg.val_fraction,
                            seed=cfg.seed, skip_invalid=cfg.skip_invalid)
     if w.main:
-        print(describe_dataset(data, dataset, cfg.seq_len, cfg.val_fraction), file=sys.stderr)
+        status(describe_dataset(data, dataset, cfg.seq_len, cfg.val_fraction))
     model = load_model(init, dtype=dtype) if init else random_model(model_config, seed=cfg.seed, dtype=dtype)
     refuse(model.config, f"{init}: training")
     if cfg.mtp_distill:  # only the MTP modules learn; their output heads stay the main model's

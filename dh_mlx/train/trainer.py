@@ -9,7 +9,6 @@ from __future__ import annotations
 import math
 import shutil
 import signal
-import sys
 import time
 from dataclasses import dataclass, field
 from functools import partial
@@ -34,7 +33,7 @@ from .evaluate import EvalResult, drop_domains, evaluate, to_mx
 from .interrupt import Interrupted, StopRequest, stop_on_signals
 from ..outputs import format_bytes
 from ..progress import note
-from .report import MetricsLog, directory_bytes, make_report
+from .report import LogReport, MetricsLog, directory_bytes
 from .loss import Batch, Counts, alf_update, batch_counts, imbalance, loss_parts
 
 
@@ -196,7 +195,7 @@ def _restore(model: Model, optimizer: AdamW, batches, cfg: TrainConfig, run_dir:
         saved = state.get("train_config", {})
         changed = [f"{k} {saved[k]!r} -> {v!r}" for k, v in cfg.to_dict().items() if k in saved and saved[k] != v]
         if changed:  # allowed (e.g. more steps), but the schedule and data order follow the new values
-            print(f"note: resuming {ckpt.name} with other training options: {', '.join(changed)}", file=sys.stderr)
+            note(f"resuming {ckpt.name} with other training options: {', '.join(changed)}")
         return state["step"]
     if (run_dir / "checkpoints").exists() and force:  # a fresh run in place of the old one, as asked
         removed = remove_checkpoints(run_dir)
@@ -274,7 +273,7 @@ def _train(model: Model, dataset: Dataset, cfg: TrainConfig, run_dir: Path, *, e
             raise CheckpointWriteError(f"{run_dir}: writing the model failed ({free} free): {e}; checkpoint step "
                                        f"{step} is intact: --resume") from None
 
-    bar = make_report(cfg.steps, start) if progress else None
+    bar = LogReport(cfg.steps, start) if progress else None
     tokens_per_step = cfg.batch_size * cfg.seq_len * cfg.grad_accum * w.size
     step, last_loss, tps, interrupted, stopped_by = start, float("nan"), 0.0, False, None
     val = None
