@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import sys
 import time
-from typing import TextIO
+from typing import Callable, TextIO
 
 log = logging.getLogger("dh_mlx.progress")
 notes = logging.getLogger("dh_mlx.notes")
@@ -93,21 +93,23 @@ class NoteHandler(logging.Handler):
     """Notes as `note: ...` lines, status lines as they are, on `stream` (default: sys.stderr as it is when
     the line comes)."""
 
-    def __init__(self, stream: TextIO | None = None, prefix: str = "note: "):
+    def __init__(self, stream: TextIO | None = None, prefix: str = "note: ", words: Callable[[str], str] = str):
         super().__init__(logging.INFO)
-        self._stream, self.prefix = stream, prefix
+        self._stream, self.prefix, self.words = stream, prefix, words
 
     def emit(self, record: logging.LogRecord) -> None:
         stream = self._stream or sys.stderr
-        stream.write(f"{self.prefix}{record.getMessage()}\n")
+        stream.write(f"{self.prefix}{self.words(record.getMessage())}\n")
         stream.flush()
 
 
-def show_progress(stream: TextIO | None = None) -> ProgressHandler:
+def show_progress(stream: TextIO | None = None, words: Callable[[str], str] = str) -> ProgressHandler:
     """Route the library's progress records and notes to `stream` (default stderr), replacing any routing an
-    earlier call set up; returns the progress handler."""
+    earlier call set up; `words` rewrites notes (the CLI names arguments as its flags); returns the progress
+    handler."""
     handler = ProgressHandler(stream)
-    for logger, new in ((log, handler), (notes, NoteHandler(stream)), (statuses, NoteHandler(stream, ""))):
+    for logger, new in ((log, handler), (notes, NoteHandler(stream, words=words)),
+                        (statuses, NoteHandler(stream, "", words))):
         for old in [h for h in logger.handlers if isinstance(h, (ProgressHandler, NoteHandler))]:
             logger.removeHandler(old)
         logger.addHandler(new)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ast
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -123,3 +124,32 @@ def test_importing_imports_no_mlx_and_leaves_the_environment(module):
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=300,
                          env={k: v for k, v in os.environ.items() if not k.startswith("DH_MLX")})
     assert out.stdout.split("\n")[:2] == ["[]", "[]"], out.stdout
+
+
+FLAG = re.compile(r"(^|[\s(/])--[a-z]")
+SPEAKS_CLI = ("dh_mlx.cli", "dh_mlx.cli_convert", "dh_mlx.cli_generate", "dh_mlx.cli_options",
+              "dh_mlx.torch.train")  # the command lines themselves (torch.train is torchrun's)
+
+
+def _strings(node: ast.AST) -> list[str]:
+    return [n.value for n in ast.walk(node) if isinstance(n, ast.Constant) and isinstance(n.value, str)]
+
+
+def test_library_code_speaks_in_arguments_and_never_prints():
+    """Errors, notes and status lines name arguments (`force=True`), never command-line flags; nothing but the
+    command lines prints."""
+    found = []
+    for name, path in modules().items():
+        if name in SPEAKS_CLI:
+            continue
+        tree = ast.parse(path.read_text())
+        for node in ast.walk(tree):
+            said = node.exc if isinstance(node, ast.Raise) and node.exc is not None else None
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Name):
+                if node.func.id == "print":
+                    found.append(f"{name}:{node.lineno}: print")
+                if node.func.id in ("note", "status"):
+                    said = node
+            if said is not None:
+                found += [f"{name}:{node.lineno}: {s!r}" for s in _strings(said) if FLAG.search(s)]
+    assert not found, "\n".join(found)

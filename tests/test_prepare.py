@@ -233,7 +233,7 @@ def test_the_output_rules(tmp_path):
     with pytest.raises(OutputError, match="is, or holds, the input"):
         prepare([corpus], tmp_path, progress=False)
     prepare([corpus], tmp_path / "p", progress=False)
-    with pytest.raises(OutputError, match="pass --force"):
+    with pytest.raises(OutputError, match="pass `force=True`"):
         prepare([corpus], tmp_path / "p", progress=False)
     prepare([corpus], tmp_path / "p", force=True, progress=False)
     assert (tmp_path / "taken" / "notes.txt").read_text() == "mine"

@@ -202,7 +202,7 @@ def test_generation_decodes_greedily_and_other_commands_refuse_by_name(tmp_path)
         quantize(path, tmp_path / "q", bits=4)
     with pytest.raises(ValueError, match="convert hf does not take deepseek_v4"):
         export_hf(path, tmp_path / "hf")
-    with pytest.raises(ValueError, match="no --bits"):
+    with pytest.raises(ValueError, match="no `bits`"):
         load_model(path, bits=4)
 
 

@@ -18,7 +18,7 @@ from ..model.transformer import Output
 def split_layers(n_layers: int, ranks: int) -> list[range]:
     """Contiguous, as-even-as-possible ranges of decoder layers, the earlier ranks taking the remainder."""
     if ranks > n_layers:
-        raise ValueError(f"--pipeline over {ranks} ranks needs at least as many decoder layers; the model has "
+        raise ValueError(f"a pipeline over {ranks} ranks needs at least as many decoder layers; the model has "
                          f"{n_layers}")
     base, extra = divmod(n_layers, ranks)
     bounds = [0]

@@ -96,7 +96,7 @@ def _check_same_adapters(out: Path, now: dict) -> None:
     changed = [k for k in ("rank", "scale", "keys") if before.get(k) != now.get(k)]
     if changed:
         raise ValueError(f"{out}: the run to resume has other LoRA settings ({', '.join(changed)}); resume with "
-                         "the same --rank/--alpha/--targets/--experts/--num-layers or choose another --out")
+                         "the same `rank`, `alpha`, `targets`, `experts` and `num_layers` or choose another `out`")
 
 
 def lora(*, model: str | Path, data: str | Path, out: str | Path, tokenizer: str | Path | None = None,
@@ -120,7 +120,7 @@ def lora(*, model: str | Path, data: str | Path, out: str | Path, tokenizer: str
                     experts=experts)
     tok = load_tokenizer(tokenizer or base, vocab_size=load_config(base).vocab_size)
     if tok is None:
-        raise ValueError(f"{tokenizer or base}: no tokenizer.model (pass --tokenizer)")
+        raise ValueError(f"{tokenizer or base}: no tokenizer.model (pass `tokenizer`)")
     m = load_model(base, dtype=dtype, bits=bits, group_size=group_size)
     refuse(m.config, f"{base}: LoRA")
     domains = m.config.domain_routing.names if m.config.domain_routing else None

@@ -63,11 +63,11 @@ def check_training_fits(c: ModelConfig, cfg: TrainConfig, what: str, *, dtype_si
         lo, hi = (mid, hi) if fits(mid) else (lo, mid - 1)
     if lo:
         accum = -(-cfg.batch_size * cfg.grad_accum // lo)  # the same tokens per optimizer step, or more
-        options.append(f"--batch-size {lo} --grad-accum {accum}")
+        options.append(f"`batch_size={lo}` `grad_accum={accum}`")
     lora = parts["weights"] + dtype_size * activation_elements(c, cfg.batch_size, cfg.seq_len, checkpointing=True,
                                                                mtp=False)
     if trainable is None and lora <= have:
-        options.append(f"dh-mlx lora on a trained model with --grad-checkpoint (~{format_bytes(lora, 'GiB')})")
+        options.append(f"dh-mlx lora on a trained model with `grad_checkpoint=True` (~{format_bytes(lora, 'GiB')})")
     fitting = [n for n in preset_names()
                if sum(training_peak_bytes(load_preset(n), cfg, dtype_size=dtype_size).values()) <= have]
     if fitting:

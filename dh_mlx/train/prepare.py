@@ -121,7 +121,7 @@ class PrepareResult:
 def _check_out(out: Path, inputs: list, force: bool) -> Path:
     """An output directory, or one an interrupted prepare left (continued without --force)."""
     if out.is_symlink():
-        raise OutputError(f"{out}: is a symbolic link; give the directory itself as --out")
+        raise OutputError(f"{out}: is a symbolic link; give the directory itself as `out`")
     ours = re.compile(r"(shard-\d{5}\.[a-z]+|\.tmp-.*)$")
     unfinished = (out / WORK).is_dir() and all(ours.match(p.name) for p in out.iterdir())
     check_output_dir(out, inputs=inputs, force=force or unfinished)
@@ -250,7 +250,7 @@ def prepare(data: Sequence[str | Path] | str | Path, out: str | Path, tokenizer:
     before = current_rss()
     tok = load_tokenizer(tok_dir)
     if tok is None:
-        raise ValueError(f"{tok_dir}: no tokenizer.model or tokenizer.json (pass --tokenizer)")
+        raise ValueError(f"{tok_dir}: no tokenizer.model or tokenizer.json (pass `tokenizer`)")
     per_worker = WORKER_BYTES + max(0, current_rss() - before)
     out = _check_out(Path(out), [*files, tok_dir], force)
     (out / WORK).mkdir(parents=True, exist_ok=True)
@@ -388,7 +388,7 @@ def prepared_cache(data, tokenizer, *, skip_invalid: bool = False, progress: boo
             progress = progress and size >= SMALL  # (a small corpus takes a second: nothing to report)
             if progress:
                 status(f"data: preparing {len(files)} file(s), {format_bytes(size)} of JSONL, into {d} (once: later "
-                       "runs and --resume read it from there)")
+                       "runs and resumed ones read it from there)")
             r = prepare(files, d, Path(tokenizer.path).parent, skip_invalid=skip_invalid, force=True,
                         progress=progress)
             if progress:

@@ -10,7 +10,7 @@ import json
 import logging
 import sys
 from pathlib import Path
-from typing import TextIO
+from typing import Callable, TextIO
 
 from ..files import append_line, write_atomic
 from ..progress import note
@@ -47,7 +47,8 @@ class LineReport:
         self.total, self.every, self.stream = total, every, stream or sys.stderr
 
     def print(self, text: str) -> None:
-        print(text, file=self.stream, flush=True)
+        self.stream.write(text + "\n")
+        self.stream.flush()
 
     def update(self, step: int, r: dict) -> None:
         if step % self.every == 0 or step == 1 or step == self.total:
@@ -117,9 +118,10 @@ class LogReport:
 class TrainingHandler(logging.Handler):
     """Draws `LogReport`'s records: a progress bar on a terminal, plain lines otherwise (`make_report`)."""
 
-    def __init__(self):
+    def __init__(self, words: Callable[[str], str] = str):
         super().__init__(logging.INFO)
         self.view: BarReport | LineReport | None = None
+        self.words = words
 
     def emit(self, record: logging.LogRecord) -> None:
         kind, data = getattr(record, "training", (None, {}))
@@ -128,17 +130,18 @@ class TrainingHandler(logging.Handler):
         elif self.view is not None and kind == "step":
             self.view.update(data["step"], data["record"])
         elif self.view is not None and kind == "line":
-            self.view.print(data["text"])
+            self.view.print(self.words(data["text"]))
         elif self.view is not None and kind == "stop":
             self.view.stop()
             self.view = None
 
 
-def show_training() -> None:
-    """Route the training loop's records to stderr, replacing any routing set before."""
+def show_training(words: Callable[[str], str] = str) -> None:
+    """Route the training loop's records to stderr, replacing any routing set before; `words` rewrites its
+    lines of text (the CLI names arguments as its flags)."""
     for old in [h for h in train_log.handlers if isinstance(h, TrainingHandler)]:
         train_log.removeHandler(old)
-    train_log.addHandler(TrainingHandler())
+    train_log.addHandler(TrainingHandler(words))
     train_log.setLevel(logging.INFO)
     train_log.propagate = False
 

@@ -32,11 +32,11 @@ def check_run_dir(out: str | Path, *, resume: bool, force: bool, inputs: list) -
     out = Path(out)
     if resume:
         if not (out / "checkpoints").is_dir():
-            raise OutputError(f"{out}: holds no run to resume (no checkpoints/); drop --resume to start one")
+            raise OutputError(f"{out}: holds no run to resume (no checkpoints/); drop `resume` to start one")
         return out
     if (out / "checkpoints").is_dir() and not force:
-        raise OutputError(f"{out}: holds a run (checkpoints/); pass --resume to continue it, --force to start "
-                          "afresh, or choose another --out")
+        raise OutputError(f"{out}: holds a run (checkpoints/); pass `resume=True` to continue it, `force=True` to "
+                          "start afresh, or choose another `out`")
     return check_output_dir(out, inputs=inputs, force=force)
 
 
@@ -53,7 +53,7 @@ def train(*, params: str | None = None, config: str | Path | None = None, data: 
     data, tokenizer = data or DEFAULT_DATA, tokenizer or DEFAULT_TOKENIZER
     cfg = TrainConfig(**options)
     if cfg.mtp_distill and not init:
-        raise ValueError("MTP distillation trains the MTP module of an existing model: give it with --init DIR")
+        raise ValueError("MTP distillation trains the MTP module of an existing model: give it as `init`")
     model_config = load_config(init) if init else resolve_config(params, config)
     if cfg.mtp_distill and model_config.extra.get("quantization"):
         raise ValueError(f"{init}: a quantized model; MTP distillation trains float weights (give the float model)")
@@ -67,7 +67,7 @@ def train(*, params: str | None = None, config: str | Path | None = None, data: 
     if not (init or config) and tok.vocab_size != model_config.vocab_size:
         # A preset gives the architecture; the vocabulary is the tokenizer's (a --config file keeps its own).
         note(f"vocab_size {tok.vocab_size} from the tokenizer {tokenizer} (the preset's is "
-             f"{model_config.vocab_size}; give --config to keep another)")
+             f"{model_config.vocab_size}; give `config` to keep another)")
         model_config = model_config.replace(vocab_size=tok.vocab_size)
     check_vocab(tok, model_config.vocab_size)
     guarded = model_config  # with --mtp-distill: the model with the MTP module it trains (added if absent)
