@@ -63,9 +63,9 @@ def generate_tokens(model: Model, prompt_ids: list[int], *, max_tokens: int = 25
         mx.random.seed(seed)
     pc = prompt_cache if prompt_cache is not None else PromptCache.new(model)
     todo = pc.reuse(list(prompt_ids))
-    compile_step = compile_step and getattr(model, "fixed_capacity_steps", True)  # (not DeepSeek-V4's caches)
     if mtp is None:
         mtp = compile_step
+    compile_step = compile_step and getattr(model, "fixed_capacity_steps", True)  # (not DeepSeek-V4's caches)
     choice = Choice(temp, top_p, top_k, min_p, repetition_penalty, repetition_context, vocab_limit)
     if mtp and model.config.num_nextn_predict_layers:
         yield from mtp_generate(model, pc, todo, stats=stats, max_tokens=max_tokens, eos_ids=eos_ids,
