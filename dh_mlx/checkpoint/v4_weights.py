@@ -4,6 +4,7 @@ into dh_mlx.model.v4_model.V4Model, with the MTP modules the release ships."""
 from __future__ import annotations
 
 import re
+import warnings
 from pathlib import Path
 
 import mlx.core as mx
@@ -32,6 +33,9 @@ def mtp_config(config: V4Config, weights: dict, where: Path) -> V4Config:
     """`config` with the MTP modules the checkpoint ships: all it declares, or none (transformers saves none)."""
     n, k = config.num_hidden_layers, config.num_nextn_predict_layers
     present = {int(m[1]) - n for name in weights if (m := _LAYER.match(name)) and int(m[1]) >= n}
+    if k and not present:
+        warnings.warn(f"{where}: config.json declares {k} MTP module(s) but the checkpoint has none (mtp.*); "
+                      "loading without MTP")
     if not present:
         return config.replace(num_nextn_predict_layers=0)
     missing = sorted(set(range(k)) - present)

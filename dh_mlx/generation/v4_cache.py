@@ -15,8 +15,6 @@ UNDO = 2  # positions a trim may take back (one rejected draft, and the step que
 
 
 class CompressorState:
-    UNDO = UNDO
-
     def __init__(self):
         self.buffer: tuple[mx.array, mx.array] | None = None  # (kv, gate) of < rate source tokens
         self.entries: mx.array | None = None  # (B, T, dim)
@@ -25,6 +23,17 @@ class CompressorState:
         self.rate = 0  # source tokens per entry (set by the compressor)
         # The last windows emitted, oldest first: (their kv rows, gate rows, the overlap before them)
         self.closed: list[tuple[mx.array, mx.array, tuple | None]] = []
+
+    def close(self, n: int, rows: tuple[mx.array, mx.array], windows: tuple[mx.array, mx.array] | None) -> None:
+        """n windows are being emitted: `rows` (kv, gate) (B, >= n * rate, width) as projected, `windows` (CSA)
+        the same (B, n, rate, 2c) with the position bias, whose first halves become the overlap state."""
+        m = self.rate
+        for i in range(max(0, n - UNDO), n):
+            c = None if windows is None else windows[0].shape[-1] // 2
+            before = None if windows is None else self.overlap if i == 0 else tuple(
+                a[:, i - 1:i, :, :c] for a in windows)
+            self.closed.append((rows[0][:, i * m:(i + 1) * m], rows[1][:, i * m:(i + 1) * m], before))
+        del self.closed[:-UNDO]
 
     def _buffered(self) -> int:
         return 0 if self.buffer is None else self.buffer[0].shape[1]

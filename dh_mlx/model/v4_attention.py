@@ -79,12 +79,8 @@ class Compressor(nn.Module):
             rows = (kv, gate)
             kv = kv[:, : n * m].reshape(B, n, m, -1)
             gate = gate[:, : n * m].reshape(B, n, m, -1) + self.position_bias
-            if state is not None:  # what taking back the last positions needs (V4LayerCache.trim)
-                state.closed = (state.closed + [(
-                    rows[0][:, i * m:(i + 1) * m], rows[1][:, i * m:(i + 1) * m],
-                    None if not self.overlap else state.overlap if i == 0 else (kv[:, i - 1:i, :, :c],
-                                                                                 gate[:, i - 1:i, :, :c]))
-                    for i in range(max(0, n - state.UNDO), n)])[-state.UNDO:]
+            if state is not None:  # what taking these windows back needs (V4LayerCache.trim)
+                state.close(n, rows, (kv, gate) if self.overlap else None)
             if self.overlap:
                 kv, gate = self._overlap(kv, gate, state)
             weights = mx.softmax(gate.astype(mx.float32), axis=2).astype(kv.dtype)

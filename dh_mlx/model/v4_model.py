@@ -8,7 +8,9 @@ back over them, and `comb`, an n x n mixing of the streams themselves projected 
 by Sinkhorn-Knopp iterations. The head collapses the streams once more. MoE layers score experts by
 sqrt(softplus) (`scoring_func`); "hash_moe" layers take their experts from a token-id table, the others the
 top k of score + selection bias; experts and the shared expert clamp SwiGLU's inputs at `swiglu_limit`. Names
-and numbers as transformers' DeepseekV4ForCausalLM.
+and numbers as transformers' DeepseekV4ForCausalLM. The MTP modules (`MTPBlock`, which transformers does not
+have: as DeepSeek's inference code composes them) live at `model.layers[num_hidden_layers + i]`, as
+DeepSeek-V3's do.
 """
 
 from __future__ import annotations
