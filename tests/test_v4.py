@@ -69,9 +69,10 @@ def build_with_mtp(path, name: str, echo: float = 0.0, mtp_kind: str = SLIDE, **
     (its last layer a sliding-window, top-k routed block, as the releases' MTP layer is) saved by transformers,
     that layer's tensors renamed `mtp.0.*` and the module's own added (e_proj, h_proj, enorm, hnorm, norm,
     hc_head_*); an MTP layer of another kind (`mtp_kind`) is told in config.json as the release tells it, a
-    trailing entry of `compress_ratios`. With `echo` the module tends to draft the token it is given again (e_proj the identity, h_proj
-    zero, `echo` x the embedding added to the LM head), so some drafts are accepted (where greedy decoding
-    repeats a token). Returns (the directory, the deeper transformers model, the module's own torch modules)."""
+    trailing entry of `compress_ratios`. With `echo` the module tends to draft the token it is given again
+    (e_proj the identity, h_proj zero, `echo` x the embedding added to the LM head), so some drafts are
+    accepted (where greedy decoding repeats a token). Returns (the directory, the deeper transformers model,
+    the module's own torch modules)."""
     from safetensors.torch import load_file, save_file
     main = transformers.DeepseekV4Config(**{**SHAPES, **SCHEDULES[name], **edits})
     n = main.num_hidden_layers
@@ -87,7 +88,8 @@ def build_with_mtp(path, name: str, echo: float = 0.0, mtp_kind: str = SLIDE, **
     deeper.save_pretrained(path / "deeper")
     tensors = {(f"mtp.0.{k[len(f'model.layers.{n}.'):]}" if k.startswith(f"model.layers.{n}.") else k): v
                for k, v in load_file(str(path / "deeper" / "model.safetensors")).items()}
-    tensors.update({f"mtp.0.{k.replace('hc_head.hc_', 'hc_head_')}": v.detach().clone() for k, v in own.state_dict().items()})
+    tensors.update({f"mtp.0.{k.replace('hc_head.hc_', 'hc_head_')}": v.detach().clone()
+                    for k, v in own.state_dict().items()})
     save_file(tensors, str(path / "model.safetensors"), metadata={"format": "pt"})
     config = json.loads((path / "deeper" / "config.json").read_text())
     config.update(num_hidden_layers=n, layer_types=main.layer_types, mlp_layer_types=main.mlp_layer_types,
@@ -184,12 +186,15 @@ def test_cached_decoding_equals_the_full_forward(tmp_path, name):
         assert (rate == 0 or c.states["compressor"].count == 70 // rate) and c.window.shape[2] == 7
 
 
+FP8_LINEARS = ("wq_a", "wq_b", "wkv", "wo_a", "wo_b", "w1", "w2", "w3", "e_proj", "h_proj")
+
+
 def release_layout(src, dst, fp8: str | None = None):
     """`src` (`build_with_mtp`'s) under DeepSeek's release names and config keys: no `model.` prefix,
     `embed`/`head`/`hc_head_fn`, `compress_ratios` (the MTP layer's entry last), `num_hash_layers`,
-    `qk_rope_head_dim`. With `fp8` ("float" or "ue8m0") the linears are FP8 e4m3 with 128 x 128 block scales under `.scale`
-    (float32, or UE8M0 exponent bytes: powers of two); returns (that directory, the same release in float with
-    the values the FP8 stands for)."""
+    `qk_rope_head_dim`. With `fp8` ("float" or "ue8m0") the linears are FP8 e4m3 with 128 x 128 block scales
+    under `.scale` (float32, or UE8M0 exponent bytes: powers of two); returns (that directory, the same release
+    in float with the values the FP8 stands for)."""
     from safetensors.torch import load_file, save_file
     tensors, out, deq = load_file(str(src / "model.safetensors")), {}, {}
     for k, v in tensors.items():
@@ -197,8 +202,7 @@ def release_layout(src, dst, fp8: str | None = None):
         k = {"embed_tokens.weight": "embed.weight", "hc_head.hc_fn": "hc_head_fn", "hc_head.hc_base": "hc_head_base",
              "hc_head.hc_scale": "hc_head_scale"}.get(k, k)
         out[k] = deq[k] = v
-        if fp8 and v.ndim == 2 and k.endswith(".weight") and k.rsplit(".", 2)[-2] in ("wq_a", "wq_b", "wkv", "wo_a",
-                                                                                     "wo_b", "w1", "w2", "w3", "e_proj", "h_proj"):
+        if fp8 and v.ndim == 2 and k.endswith(".weight") and k.rsplit(".", 2)[-2] in FP8_LINEARS:
             rows, cols = v.shape
             pr, pc = -(-rows // 128) * 128, -(-cols // 128) * 128
             blocks = torch.zeros(pr, pc).index_put_((torch.arange(rows)[:, None], torch.arange(cols)), v)
