@@ -67,7 +67,7 @@ class V4LayerCache:
 
     def __init__(self):
         self.window: mx.array | None = None  # (B, 1, <= W - 1, head_dim)
-        self.evicted: mx.array | None = None  # (B, 1, <= UNDO, head_dim): the keys that left the window last
+        self.evicted: list[mx.array] = []  # (B, 1, ., head_dim) each: the last UNDO keys that left the window
         self.size = 0  # W - 1
         self.offset = 0
         self.states: dict[str, CompressorState] = {}
@@ -82,9 +82,9 @@ class V4LayerCache:
         self.size = window - 1
         cut = keys.shape[2] - min(self.size, keys.shape[2])
         if cut:
-            gone = keys[:, :, max(0, cut - UNDO):cut]
-            gone = gone if self.evicted is None else mx.concatenate([self.evicted, gone], axis=2)
-            self.evicted = gone[:, :, gone.shape[2] - min(UNDO, gone.shape[2]):]
+            self.evicted.append(keys[:, :, max(0, cut - UNDO):cut])
+            while sum(e.shape[2] for e in self.evicted[1:]) >= UNDO:
+                self.evicted.pop(0)
         self.window = keys[:, :, cut:]
         self.offset += kv.shape[2]
         return keys, start
@@ -93,15 +93,8 @@ class V4LayerCache:
     def has_past(self) -> bool:
         return self.offset > 0
 
-    def _keys(self) -> mx.array | None:
-        """The last keys held, window and evicted, in order (positions offset - len .. offset - 1)."""
-        if self.evicted is None or self.window is None:
-            return self.window
-        return mx.concatenate([self.evicted, self.window], axis=2)
-
     def can_trim(self, n: int) -> bool:
-        keys = self._keys()
-        held = 0 if keys is None else keys.shape[2]
+        held = sum(k.shape[2] for k in self.evicted + [self.window] if k is not None)  # the last keys
         return (n <= UNDO and held - n >= min(self.offset - n, self.size)
                 and all(s.can_trim(n) for s in self.states.values()))
 
@@ -116,17 +109,17 @@ class V4LayerCache:
         if not self.can_trim(n):
             raise ValueError(f"a DeepSeek-V4 cache takes back at most its last {UNDO} positions (its window and "
                              f"compressed entries are not reversible further), not {n}; start a new one")
-        keys = self._keys()
+        keys = mx.concatenate(self.evicted + [self.window], axis=2)  # positions offset - len .. offset - 1
         keys = keys[:, :, : keys.shape[2] - n]
         cut = keys.shape[2] - min(self.size, keys.shape[2])
-        self.window, self.evicted = keys[:, :, cut:], (keys[:, :, :cut] if cut else None)
+        self.window, self.evicted = keys[:, :, cut:], [keys[:, :, :cut]] if cut else []
         for s in self.states.values():
             s.trim(n)
         self.offset -= n
         return n
 
     def arrays(self) -> list[mx.array]:
-        out = [a for a in (self.window, self.evicted) if a is not None]
+        out = ([] if self.window is None else [self.window]) + self.evicted
         for s in self.states.values():
             out += s.arrays()
         return out
