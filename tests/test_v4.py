@@ -314,6 +314,8 @@ def test_the_readme_row_is_dh_mlx_info_of_v4_flash(tmp_path):
     ("compress_ratios", [0, 4, 64, 4], "'compress_ratios' must be a list of \\[0, 4, 128\\]"),
     ("o_groups", 3, "'o_groups' must be a divisor"),
     ("scoring_func", "relu", "'scoring_func' must be one of"),
+    ("num_nextn_predict_layers", -1, "'num_nextn_predict_layers' must be an integer from 0 to 16"),
+    ("mtp_layer_types", ["global"], "'mtp_layer_types' must be a list of entries from"),
 ])
 def test_invalid_v4_configs_name_the_field(tmp_path, field, value, needle):
     (tmp_path / "config.json").write_text(json.dumps({**SHAPES, field: value, "model_type": "deepseek_v4"}))
