@@ -36,7 +36,11 @@ SCHEDULES = {
 def build(path, name: str, **edits):
     """A transformers DeepseekV4ForCausalLM with its zero/one-initialised parts (sinks, position biases,
     hyper-connection weights, hash tables, selection biases, norms) randomised, saved as transformers saves it."""
-    config = transformers.DeepseekV4Config(**{**SHAPES, **SCHEDULES[name], **edits})
+    randomised(transformers.DeepseekV4Config(**{**SHAPES, **SCHEDULES[name], **edits})).save_pretrained(path)
+    return path
+
+
+def randomised(config):
     torch.manual_seed(0)
     model = transformers.AutoModelForCausalLM.from_config(config)
     g = torch.Generator().manual_seed(1)
@@ -57,8 +61,86 @@ def build(path, name: str, **edits):
                 b.copy_(torch.rand(b.shape, generator=g) * 0.6 - 0.3)
             elif n.endswith("tid2eid"):
                 b.copy_(torch.stack([torch.randperm(8, generator=g)[:2] for _ in range(b.shape[0])]))
-    model.save_pretrained(path)
-    return path
+    return model
+
+
+def build_with_mtp(path, name: str, echo: float = 0.0, mtp_kind: str = SLIDE, **edits):
+    """`build`'s model with an MTP module in DeepSeek's release layout: a transformers model one layer deeper
+    (its last layer a sliding-window, top-k routed block, as the releases' MTP layer is) saved by transformers,
+    that layer's tensors renamed `mtp.0.*` and the module's own added (e_proj, h_proj, enorm, hnorm, norm,
+    hc_head_*); an MTP layer of another kind (`mtp_kind`) is told in config.json as the release tells it, a
+    trailing entry of `compress_ratios`. With `echo` the module tends to draft the token it is given again
+    (e_proj the identity, h_proj zero, `echo` x the embedding added to the LM head), so some drafts are
+    accepted (where greedy decoding repeats a token). Returns (the directory, the deeper transformers model,
+    the module's own torch modules)."""
+    from safetensors.torch import load_file, save_file
+    main = transformers.DeepseekV4Config(**{**SHAPES, **SCHEDULES[name], **edits})
+    n = main.num_hidden_layers
+    deeper = randomised(transformers.DeepseekV4Config(**{
+        **SHAPES, **SCHEDULES[name], **edits, "num_hidden_layers": n + 1, "layer_types": main.layer_types + [mtp_kind],
+        "mlp_layer_types": main.mlp_layer_types + ["moe"]}))
+    own = mtp_modules(deeper.config)
+    if echo:
+        with torch.no_grad():
+            deeper.lm_head.weight.add_(deeper.model.embed_tokens.weight * echo)
+            own.e_proj.weight.copy_(torch.eye(main.hidden_size) * 4)
+            own.h_proj.weight.zero_()
+    deeper.save_pretrained(path / "deeper")
+    tensors = {(f"mtp.0.{k[len(f'model.layers.{n}.'):]}" if k.startswith(f"model.layers.{n}.") else k): v
+               for k, v in load_file(str(path / "deeper" / "model.safetensors")).items()}
+    tensors.update({f"mtp.0.{k.replace('hc_head.hc_', 'hc_head_')}": v.detach().clone()
+                    for k, v in own.state_dict().items()})
+    save_file(tensors, str(path / "model.safetensors"), metadata={"format": "pt"})
+    config = json.loads((path / "deeper" / "config.json").read_text())
+    config.update(num_hidden_layers=n, layer_types=main.layer_types, mlp_layer_types=main.mlp_layer_types,
+                  num_nextn_predict_layers=1)
+    if mtp_kind != SLIDE:
+        ratios = {SLIDE: 0, CSA: 4, HCA: 128}
+        config["compress_ratios"] = [ratios[t] for t in config.pop("layer_types") + [mtp_kind]]
+    (path / "config.json").write_text(json.dumps(config))
+    return path, deeper, own
+
+
+def mtp_modules(config):
+    """The MTP module's own parts (DeepSeek's names) from transformers' V4 modules, randomised."""
+    from transformers.models.deepseek_v4.modeling_deepseek_v4 import DeepseekV4HyperHead, DeepseekV4RMSNorm
+    D = config.hidden_size
+    own = torch.nn.Module()
+    g = torch.Generator().manual_seed(2)
+    own.e_proj, own.h_proj = torch.nn.Linear(D, D, bias=False), torch.nn.Linear(D, D, bias=False)
+    own.enorm, own.hnorm, own.norm = (DeepseekV4RMSNorm(D, eps=config.rms_norm_eps) for _ in range(3))
+    own.hc_head = DeepseekV4HyperHead(config)
+    with torch.no_grad():
+        for k, p in own.named_parameters():
+            p.copy_(torch.rand(p.shape, generator=g) + 0.5 if k.endswith(("norm.weight", "hc_scale")) else
+                    torch.randn(p.shape, generator=g) * (0.5 if k.endswith("hc_base") else 0.1 if "hc_" in k
+                                                         else D**-0.5))
+    return own
+
+
+def mtp_reference(deeper, own, ids):
+    """MTP logits (B, T - 1, V) for `ids` as DeepSeek's MTPBlock composes them, from transformers' modules: the
+    main model's streams after its last layer (the deeper model's layer n - 1, hooked), the next tokens'
+    embeddings, the deeper model's layer n as the block (at the streams' positions), the module's own head and
+    norm, the shared LM head."""
+    from transformers.masking_utils import create_sliding_window_causal_mask
+    n = deeper.config.num_hidden_layers - 1
+    seen = {}
+    hook = deeper.model.layers[n - 1].register_forward_hook(lambda module, args, out: seen.setdefault("h", out))
+    ids = torch.tensor(ids)
+    with torch.no_grad():
+        deeper(ids)
+        hook.remove()
+        streams, following = seen["h"][:, :-1], ids[:, 1:]
+        e = deeper.model.embed_tokens(following)
+        x = own.h_proj(own.hnorm(streams)) + own.e_proj(own.enorm(e)).unsqueeze(2)
+        pos = torch.arange(following.shape[1])[None]
+        rope = {k: deeper.model.rotary_emb(e, position_ids=pos, layer_type=k) for k in ("main", "compress")}
+        mask = create_sliding_window_causal_mask(config=deeper.config, inputs_embeds=e, attention_mask=None,
+                                                 cache=None, position_ids=pos)
+        out = deeper.model.layers[n](x, position_embeddings=rope, position_ids=pos, attention_mask=mask,
+                                     input_ids=following)
+        return deeper.lm_head(own.norm(own.hc_head(out))).numpy()
 
 
 def reference(path, ids):
@@ -105,12 +187,15 @@ def test_cached_decoding_equals_the_full_forward(tmp_path, name):
         assert (rate == 0 or c.states["compressor"].count == 70 // rate) and c.window.shape[2] == 7
 
 
+FP8_LINEARS = ("wq_a", "wq_b", "wkv", "wo_a", "wo_b", "w1", "w2", "w3", "e_proj", "h_proj")
+
+
 def release_layout(src, dst, fp8: str | None = None):
-    """`src` (as transformers saves it) under DeepSeek's release names and config keys: no `model.` prefix,
-    `embed`/`head`/`hc_head_fn`, `compress_ratios`, `num_hash_layers`, `qk_rope_head_dim`, an MTP module's
-    tensors. With `fp8` ("float" or "ue8m0") the linears are FP8 e4m3 with 128 x 128 block scales under `.scale`
-    (float32, or UE8M0 exponent bytes: powers of two); returns (that directory, the same release in float with
-    the values the FP8 stands for)."""
+    """`src` (`build_with_mtp`'s) under DeepSeek's release names and config keys: no `model.` prefix,
+    `embed`/`head`/`hc_head_fn`, `compress_ratios` (the MTP layer's entry last), `num_hash_layers`,
+    `qk_rope_head_dim`. With `fp8` ("float" or "ue8m0") the linears are FP8 e4m3 with 128 x 128 block scales
+    under `.scale` (float32, or UE8M0 exponent bytes: powers of two); returns (that directory, the same release
+    in float with the values the FP8 stands for)."""
     from safetensors.torch import load_file, save_file
     tensors, out, deq = load_file(str(src / "model.safetensors")), {}, {}
     for k, v in tensors.items():
@@ -118,8 +203,7 @@ def release_layout(src, dst, fp8: str | None = None):
         k = {"embed_tokens.weight": "embed.weight", "hc_head.hc_fn": "hc_head_fn", "hc_head.hc_base": "hc_head_base",
              "hc_head.hc_scale": "hc_head_scale"}.get(k, k)
         out[k] = deq[k] = v
-        if fp8 and v.ndim == 2 and k.endswith(".weight") and k.rsplit(".", 2)[-2] in ("wq_a", "wq_b", "wkv", "wo_a",
-                                                                                     "wo_b", "w1", "w2", "w3"):
+        if fp8 and v.ndim == 2 and k.endswith(".weight") and k.rsplit(".", 2)[-2] in FP8_LINEARS:
             rows, cols = v.shape
             pr, pc = -(-rows // 128) * 128, -(-cols // 128) * 128
             blocks = torch.zeros(pr, pc).index_put_((torch.arange(rows)[:, None], torch.arange(cols)), v)
@@ -131,10 +215,9 @@ def release_layout(src, dst, fp8: str | None = None):
             full = scale.repeat_interleave(128, 0).repeat_interleave(128, 1)[:rows, :cols]
             out[k], deq[k] = q, q.float() * full
             out[k[:-len("weight")] + "scale"] = scale.to(torch.float8_e8m0fnu) if fp8 == "ue8m0" else scale
-    out["mtp.0.emb.weight"] = deq["mtp.0.emb.weight"] = torch.zeros(2, 2)
     config = json.loads((src / "config.json").read_text())
     ratios = {"sliding_attention": 0, CSA: 4, HCA: 128}
-    config.update(compress_ratios=[ratios[t] for t in config.pop("layer_types")],
+    config.update(compress_ratios=[ratios[t] for t in config.pop("layer_types")] + [0],
                   compress_rate_hca=config.pop("compress_rates")[HCA], num_hash_layers=2,
                   qk_rope_head_dim=int(config["head_dim"] * config.pop("partial_rotary_factor")))
     for key in ("mlp_layer_types", "rope_parameters"):
@@ -150,26 +233,33 @@ def release_layout(src, dst, fp8: str | None = None):
 
 @pytest.mark.parametrize("fp8", [None, "float", "ue8m0"])
 def test_the_release_layout_and_its_fp8_scales(tmp_path, fp8):
-    """DeepSeek's names and older config keys give the model transformers builds from them; FP8 weights give
-    the logits of the float weights they stand for (`.scale` blocks as float32 or as UE8M0 exponent bytes);
-    the MTP module's tensors are left out, by name."""
+    """DeepSeek's names and older config keys give the model transformers builds from them, with the MTP module
+    (its layer a sliding-window block, compress_ratios' last entry); FP8 weights give the logits of the float
+    weights they stand for (`.scale` blocks as float32 or as UE8M0 exponent bytes), the MTP module's too."""
     from dh_mlx.checkpoint.layout import read_safetensors_header
-    src = build(tmp_path / "src", "flash_like")
+    src, deeper, own = build_with_mtp(tmp_path / "src", "flash_like")
     dst, float_copy = release_layout(src, tmp_path / "release", fp8)
     header = read_safetensors_header(dst / "model.safetensors")
     assert "embed.weight" in header and "layers.1.ffn.experts.0.w1.weight" in header
+    assert "mtp.0.hc_head_fn" in header and "mtp.0.ffn.experts.0.w1.weight" in header
     if fp8:
         assert header["layers.1.attn.wq_a.weight"]["dtype"] == "F8_E4M3"
         assert header["layers.1.attn.wq_a.scale"]["dtype"] == ("F8_E8M0" if fp8 == "ue8m0" else "F32")
+        assert header["mtp.0.e_proj.weight"]["dtype"] == "F8_E4M3" and "mtp.0.e_proj.scale" in header
     config = load_config(dst)
     assert config.layer_types == SCHEDULES["flash_like"]["layer_types"] and config.compress_rate(2) == 8
-    with pytest.warns(UserWarning, match="MTP modules"):
-        got = np.array(load_model(dst, dtype="float32")(mx.array(prompt())))
-    with pytest.warns(UserWarning, match="MTP modules"):
-        want = np.array(load_model(float_copy, dtype="float32")(mx.array(prompt())))
-    assert np.abs(got - want).max() <= 1e-5
-    if fp8 is None:  # the release names are the model transformers saved
-        assert np.abs(got - reference(src, prompt())).max() <= 1e-4
+    assert config.mtp_layer_types == [SLIDE] and config.mtp_mlp_layer_types == ["moe"]
+    ids = mx.array(prompt())
+    got, want = (_with_mtp(load_model(d, dtype="float32"), ids) for d in (dst, float_copy))
+    assert all(np.abs(a - b).max() <= 1e-5 for a, b in zip(got, want))
+    if fp8 is None:  # the release names are the model transformers saved, and the MTP module DeepSeek's
+        assert np.abs(got[0] - reference(src, prompt())).max() <= 1e-4
+        assert np.abs(got[1] - mtp_reference(deeper, own, prompt())).max() <= 1e-4
+
+
+def _with_mtp(model, ids):
+    out = model.forward(ids)
+    return np.array(out.logits), np.array(model.mtp_forward(out.hidden[:, :-1], ids[:, 1:]).logits)
 
 
 def test_info_gives_the_caches_bytes_per_token(tmp_path):
@@ -225,6 +315,8 @@ def test_the_readme_row_is_dh_mlx_info_of_v4_flash(tmp_path):
     ("compress_ratios", [0, 4, 64, 4], "'compress_ratios' must be a list of \\[0, 4, 128\\]"),
     ("o_groups", 3, "'o_groups' must be a divisor"),
     ("scoring_func", "relu", "'scoring_func' must be one of"),
+    ("num_nextn_predict_layers", -1, "'num_nextn_predict_layers' must be an integer from 0 to 16"),
+    ("mtp_layer_types", ["global"], "'mtp_layer_types' must be a list of entries from"),
 ])
 def test_invalid_v4_configs_name_the_field(tmp_path, field, value, needle):
     (tmp_path / "config.json").write_text(json.dumps({**SHAPES, field: value, "model_type": "deepseek_v4"}))

@@ -43,7 +43,8 @@ class PipelineModel:
     carries the send to the next rank."""
 
     pipelined = True
-    fixed_capacity_steps = False  # each step crosses ranks: decoded with the eager step, no MTP
+    fixed_capacity_steps = False  # each step crosses ranks: decoded with the eager step,
+    drafts_with_mtp = False  # and without MTP drafting
 
     def __init__(self, model, group: Any, own: range, dtype: mx.Dtype):
         self.inner, self.group, self.own, self.dtype = model, group, own, dtype
