@@ -288,7 +288,7 @@ def plot(run_dir: Path = typer.Argument(..., help="a training run directory (hol
 
 
 @app.command()
-def quantize(model: Path = typer.Option(..., help="float model directory"),
+def quantize(model: Path = typer.Option(..., help="model directory or hub repo id (float or FP8)"),
              out: Path = typer.Option(..., help="directory for the quantized model"),
              bits: int = typer.Option(4, help=QBITS_HELP),
              group_size: int = typer.Option(64, help=QGROUP_HELP),
@@ -296,11 +296,14 @@ def quantize(model: Path = typer.Option(..., help="float model directory"),
              mtp: bool = typer.Option(True, "--mtp/--no-mtp", help=MTP_HELP),
              dtype: Optional[str] = typer.Option(None, help=QDTYPE_HELP),
              force: bool = typer.Option(False, help="write over an existing, non-empty output")) -> None:
-    """Write an MLX-quantized copy of a model directory (config.json `quantization` block, as mlx-lm writes it),
-    one decoder layer in memory at a time."""
-    from .checkpoint.quantized import quantize as run
+    """Write an MLX-quantized copy of a model directory in mlx-lm's format, one decoder layer in memory at a
+    time (`convert mlx` is the same command; mlx-lm loads a copy written with --no-mtp)."""
+    from .convert.mlx import quantize as run
     wrote(out, run(model, out, bits=bits, group_size=group_size, recipe=recipe, mtp=mtp, dtype=dtype,
                     force=force))
+
+
+convert_app.command("mlx")(quantize)
 
 
 @app.command()
@@ -437,11 +440,13 @@ ARGUMENT = re.compile(r"`([a-z][a-z0-9_]*)(?:=(True|\"[^\"`]*\"|[^`\s]*))?`")
 
 
 def as_flags(text: str) -> str:
-    """A library message in the command line's words: `force=True` -> --force, `bits=4` -> --bits 4,
-    `domain="auto"` -> --domain auto, `out` -> --out."""
+    """A library message in the command line's words: `force=True` -> --force, `mtp=False` -> --no-mtp,
+    `bits=4` -> --bits 4, `domain="auto"` -> --domain auto, `out` -> --out."""
     def flag(m: re.Match) -> str:
-        name, value = "--" + m.group(1).replace("_", "-"), m.group(2)
-        return name if value in (None, "True") else f"{name} {value.strip(chr(34))}"
+        name, value = m.group(1).replace("_", "-"), m.group(2)
+        if value == "False":
+            return f"--no-{name}"
+        return f"--{name}" if value in (None, "True") else f"--{name} {value.strip(chr(34))}"
     return ARGUMENT.sub(flag, text)
 
 

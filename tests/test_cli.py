@@ -18,12 +18,7 @@ from dh_mlx.generation.speculative import DraftPolicy
 from dh_mlx.tokenizer import load_tokenizer
 from dh_mlx.train.tokenizer import train_tokenizer
 from dh_mlx.train.report import directory_bytes
-from helpers import corpus_lines, make_config
-
-
-def cli(*args, timeout=300):
-    return subprocess.run([sys.executable, "-m", "dh_mlx.cli", *args], capture_output=True, text=True,
-                          timeout=timeout)
+from helpers import cli, corpus_lines, make_config
 
 
 def one_line_error(result) -> str:
@@ -237,6 +232,7 @@ def test_a_library_error_names_arguments_and_the_cli_names_its_flags(tmp_path, m
         check_output_dir(tmp_path / "taken")
     assert str(e.value).endswith("pass `force=True` to write over it, or choose another `out`")
     assert as_flags(str(e.value)).endswith("pass --force to write over it, or choose another --out")
+    assert as_flags("with `mtp=False`") == "with --no-mtp"
     assert as_flags('`domain="auto"` needs, `bits=4` or `batch_size=2` `grad_accum=8`, `config.json`') == \
         '--domain auto needs, --bits 4 or --batch-size 2 --grad-accum 8, `config.json`'
     monkeypatch.setattr(sys, "argv", ["dh-mlx", "info", "--plan", "--link", "pigeon"])

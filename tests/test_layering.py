@@ -23,7 +23,7 @@ LAYERS = [
     ["dh_mlx.model", "dh_mlx.device"],
     ["dh_mlx.quant", "dh_mlx.lora", "dh_mlx.domains", "dh_mlx.backend"],
     ["dh_mlx.checkpoint.shards", "dh_mlx.checkpoint.streaming", "dh_mlx.checkpoint.weights",
-     "dh_mlx.checkpoint.quantized", "dh_mlx.checkpoint.training", "dh_mlx.checkpoint.domains",
+     "dh_mlx.checkpoint.training", "dh_mlx.checkpoint.domains",
      "dh_mlx.checkpoint.v4_weights"],
     ["dh_mlx.generation", "dh_mlx.train", "dh_mlx.torch"],
     ["dh_mlx.convert", "dh_mlx.info", "dh_mlx.plan", "dh_mlx.api", "dh_mlx.serve"],

@@ -356,7 +356,7 @@ def test_mtp_distill_trains_the_mtp_module_only_and_raises_agreement(small_run_i
         train(config=d / "config.json", out=d / "x", steps=1, mtp_distill=True, **common)
     with pytest.raises(ValueError, match="mtp_lambda"):
         TrainConfig(mtp_distill=True, mtp_lambda=0.0)
-    from dh_mlx.checkpoint.quantized import quantize
+    from dh_mlx.convert.mlx import quantize
     quantize(base, d / "q", bits=8, group_size=32)
     with pytest.raises(ValueError, match="quantized"):
         train(init=d / "q", out=d / "y", steps=1, mtp_distill=True, **common)

@@ -16,7 +16,7 @@ import pytest
 from dh_mlx import load_model
 
 pytest.importorskip("transformers")
-from test_v4 import CSA, SCHEDULES, build, build_with_mtp, mtp_reference, prompt, reference  # noqa: E402
+from v4_release import CSA, build, build_with_mtp, mtp_reference, prompt, reference  # noqa: E402
 
 
 @pytest.mark.parametrize("name,mtp_kind", [("flash_like", None), ("pro_default", None), ("csa_only", CSA)])
