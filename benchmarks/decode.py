@@ -305,7 +305,7 @@ def peak_memory(args: list[str]) -> tuple[float, float]:
 
 
 def quantized(a) -> None:
-    from dh_mlx.checkpoint.quantized import quantize
+    from dh_mlx.convert.mlx import quantize
     from dh_mlx.convert.gguf import export_gguf
     config = load_preset(a.params).replace(**MOE_820M)
     rng = np.random.default_rng(0)

@@ -15,6 +15,7 @@ from pathlib import Path
 import dh_mlx
 from dh_mlx import backend
 from dh_mlx.generation import GenerationStats, generate_tokens
+from dh_mlx.generation.options import SamplingOptions
 from dh_mlx.generation.speculative import DraftPolicy
 from dh_mlx.train.data import load_dataset
 from dh_mlx.train.run import DEFAULT_DATA
@@ -41,9 +42,8 @@ def main() -> None:
 
     def run(prompt, mtp, adaptive=True, max_tokens=a.gen_tokens, **sampling):
         s = GenerationStats()
-        policy = DraftPolicy(adaptive=adaptive) if mtp else None
-        out = list(generate_tokens(model, prompt, max_tokens=max_tokens, mtp=mtp, draft_policy=policy, stats=s,
-                                   **sampling))
+        out = list(generate_tokens(model, prompt, max_tokens=max_tokens, stats=s, sampling=SamplingOptions(**sampling),
+                                   mtp=DraftPolicy(adaptive=adaptive) if mtp else False))
         return out, s
 
     for kw in modes.values():  # compile and warm up every path

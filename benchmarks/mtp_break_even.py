@@ -70,8 +70,8 @@ def main() -> None:
 
     def run(mtp: bool) -> tuple[list[int], GenerationStats]:
         s = GenerationStats()
-        out = list(generate_tokens(model, prompt, max_tokens=a.gen_tokens, mtp=mtp, stats=s,
-                                   draft_policy=DraftPolicy(adaptive=False) if mtp else None))
+        out = list(generate_tokens(model, prompt, max_tokens=a.gen_tokens, stats=s,
+                                   mtp=DraftPolicy(adaptive=False) if mtp else False))
         return out, s
 
     plain, _ = run(False)

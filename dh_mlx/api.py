@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -10,7 +9,9 @@ from . import backend
 from .config import DATA_DIR, load_config, load_preset
 from .model import Model
 from .quant import QuantConfig, quantize_model
-from .checkpoint.weights import load_model, memory_check, random_model, resolve_path
+from .checkpoint.weights import check_fits, load_model, memory_check, random_model, resolve_path
+from .device import compute_dtype
+from .progress import note
 
 
 def _tokenizer(path: Path, vocab_size: int) -> Any:
@@ -31,17 +32,18 @@ def load(path: str | Path, *, dtype: str | None = None, bits: int | None = None,
 
 
 def load_preset_model(name: str, *, seed: int = 0, dtype: str | None = None, bits: int | None = None,
-                      group_size: int | None = None, quiet: bool = False) -> tuple[Model, Any]:
-    """An untrained model from `parameters/NAME.json` with the bundled sample tokenizer (quantized with `bits`)."""
+                      group_size: int | None = None) -> tuple[Model, Any]:
+    """An untrained model from `parameters/NAME.json` with the bundled sample tokenizer (quantized with `bits`):
+    its output is noise until trained. Building the weights reports progress (`dh_mlx.progress`)."""
     backend.setup()
     config = load_preset(name)
     tokenizer = _tokenizer(DATA_DIR / "tokenizer", config.vocab_size)
+    check_fits(config, compute_dtype(dtype), f"preset {name!r}")
+    note(f"preset {name!r} with random (untrained) weights, seed {seed}; output is noise until trained "
+         "(dh-mlx train)")
     model = random_model(config, seed=seed, dtype=dtype, name=f"preset {name!r}")
     if bits:
         quantize_model(model, QuantConfig(bits, group_size))
-    if not quiet:
-        print(f"note: preset {name!r} with random (untrained) weights, seed {seed}; output is noise until "
-              "trained (dh-mlx train)", file=sys.stderr)
     return model, tokenizer
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import sys
 from pathlib import Path
 from typing import Optional
@@ -11,96 +12,133 @@ import typer
 
 from .cli_convert import (MTP_HELP, QBITS_HELP, QDTYPE_HELP, QGROUP_HELP, RECIPE_HELP, convert_app,
                           wrote)
-from .cli_generate import _domain, _generate, _load_for_generation, _read_prompt, _report, _stream
+from . import cli_options as o
+from .cli_generate import (Loading, _domain, _fail, _generate, _load_for_generation, _read_prompt, _stream,
+                           _template_args)
 
 app = typer.Typer(add_completion=False, help="Darkhorse Genesis on MLX: a DeepSeek-V3-style MoE with latent attention.")
+
+
+def _version(value: bool) -> None:
+    if value:
+        from . import __version__
+        typer.echo(f"dh-mlx {__version__}")
+        raise typer.Exit()
 
 
 @app.callback(invoke_without_command=True)
 def root(ctx: typer.Context,
          prompt: Optional[str] = typer.Option(None, help="generate from this prompt on the default preset "
-                                                          "(the seed's bare form)")) -> None:
+                                                          "(short for dh-mlx generate --prompt)"),
+         version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                      help="print the version and exit")) -> None:
     if ctx.invoked_subcommand is not None:
         return
     if prompt is None:
         typer.echo(ctx.get_help())
         return
-    _generate(prompt=prompt)
+    _generate(prompt=prompt, load=Loading(), sampling=o.sampling(seed=0))
 
 
 BITS_HELP = "quantize a float or FP8 model to this many bits as it loads (4 or 8; also 2, 3, 5, 6)"
-GROUP_HELP = "with --bits: values sharing a scale and bias (default: per matrix, the largest of 128/64/32 dividing it)"
 
 
 @app.command()
 def generate(prompt: Optional[str] = typer.Option(None, help="the prompt text; - reads it from standard input"),
              prompt_file: Optional[Path] = typer.Option(None, help="read the prompt from this UTF-8 file"),
-             model: Optional[Path] = typer.Option(None, help="model directory (or hub repo id)"),
-             params: Optional[str] = typer.Option(None, help="size preset with random weights (default tiny)"),
+             model: o.Model = None, params: o.Params = None,
              max_tokens: int = typer.Option(100, help="stop after this many new tokens"),
-             temp: float = typer.Option(0.0, help="sampling temperature; 0 is greedy"),
-             top_p: float = typer.Option(1.0, help="nucleus sampling mass"),
-             top_k: int = typer.Option(0, help="keep the k most likely tokens (0: off)"),
-             min_p: float = typer.Option(0.0, help="drop tokens below min_p x the top probability"),
-             repetition_penalty: float = typer.Option(1.0, help="penalise recently seen tokens (1: off)"),
-             seed: int = typer.Option(0, help="sampling seed, and the init seed with --params"),
-             domain: Optional[str] = typer.Option(None, help="route through this domain's experts (auto: the "
-                                                             "domain the prompt is likeliest under)"),
-             mtp: Optional[bool] = typer.Option(None, "--mtp/--no-mtp",
-                                                help="MTP self-speculative decoding (default: on if present)"),
-             prefill_step_size: int = typer.Option(512, help="prompt tokens per prefill chunk"),
-             dtype: Optional[str] = typer.Option(None, help="float32, bfloat16 or float16 (default: by device)"),
-             adapter: Optional[Path] = typer.Option(None, help="LoRA adapter directory, applied unfused"),
+             temp: o.Temp = 0.0, top_p: o.TopP = 1.0, top_k: o.TopK = 0, min_p: o.MinP = 0.0,
+             repetition_penalty: o.RepetitionPenalty = 1.0, seed: o.Seed = 0, domain: o.Domain = None,
+             mtp: o.Mtp = None, prefill_step_size: int = typer.Option(512, help="prompt tokens per prefill chunk"),
+             dtype: o.Dtype = None, adapter: o.Adapter = None,
              stream: bool = typer.Option(True, "--stream/--no-stream", help="print tokens as they come"),
              chat: bool = typer.Option(False, "--chat", help="apply the model's chat template to the prompt"),
              system: Optional[str] = typer.Option(None, help="with --chat: the system message"),
-             bits: Optional[int] = typer.Option(None, help=BITS_HELP),
-             group_size: Optional[int] = typer.Option(None, help=GROUP_HELP),
+             chat_template_args: o.TemplateArgs = None, bits: o.Bits = None, group_size: o.GroupSize = None,
              pipeline: bool = typer.Option(False, "--pipeline", help="under mlx.launch: split the decoder layers "
-                                                                     "over the ranks, each loading only its own")
-             ) -> None:
+                                                                     "over the ranks, each loading only its own"),
+             verbose: o.Verbose = False) -> None:
     """Generate text; stdout carries the text alone, speed and memory go to stderr."""
-    _generate(prompt=_read_prompt(prompt, prompt_file), model=model, params=params, max_tokens=max_tokens, temp=temp, top_p=top_p,
-              top_k=top_k, min_p=min_p, repetition_penalty=repetition_penalty, seed=seed, domain=domain, mtp=mtp,
-              prefill_step_size=prefill_step_size, dtype=dtype, adapter=adapter, stream=stream, chat=chat,
-              system=system, bits=bits, group_size=group_size, pipeline=pipeline)
+    _generate(prompt=_read_prompt(prompt, prompt_file), load=Loading(model, params, seed, dtype, adapter, bits,
+                                                                     group_size),
+              sampling=o.sampling(temp, top_p, top_k, min_p, repetition_penalty, seed), max_tokens=max_tokens,
+              domain=domain, mtp=mtp, prefill_step_size=prefill_step_size, stream=stream, chat=chat, system=system,
+              pipeline=pipeline, verbose=verbose, template_args=_template_args(chat_template_args))
 
 
 @app.command("chat")
-def chat_command(model: Optional[Path] = typer.Option(None, help="model directory (or hub repo id)"),
-                 params: Optional[str] = typer.Option(None, help="size preset with random weights (default tiny)"),
+def chat_command(model: o.Model = None, params: o.Params = None,
                  system: Optional[str] = typer.Option(None, help="the system message"),
+                 chat_template_args: o.TemplateArgs = None,
                  max_tokens: int = typer.Option(256, help="stop each reply after this many tokens"),
-                 temp: float = typer.Option(0.0, help="sampling temperature; 0 is greedy"),
-                 top_p: float = typer.Option(1.0, help="nucleus sampling mass"),
-                 repetition_penalty: float = typer.Option(1.0, help="penalise recently seen tokens (1: off)"),
-                 seed: int = typer.Option(0, help="sampling seed, and the init seed with --params"),
-                 domain: Optional[str] = typer.Option(None, help="route through this domain's experts (auto: "
-                                                                 "inferred from the first turn)"),
-                 mtp: Optional[bool] = typer.Option(None, "--mtp/--no-mtp", help="MTP self-speculative decoding"),
-                 dtype: Optional[str] = typer.Option(None, help="float32, bfloat16 or float16 (default: by device)"),
-                 adapter: Optional[Path] = typer.Option(None, help="LoRA adapter directory, applied unfused"),
-                 bits: Optional[int] = typer.Option(None, help=BITS_HELP),
-                 group_size: Optional[int] = typer.Option(None, help=GROUP_HELP)) -> None:
-    """A multi-turn chat on standard input, one user turn per line; the KV cache carries over between turns."""
+                 temp: o.Temp = 0.0, top_p: o.TopP = 1.0, top_k: o.TopK = 0, min_p: o.MinP = 0.0,
+                 repetition_penalty: o.RepetitionPenalty = 1.0, seed: o.Seed = 0, domain: o.Domain = None,
+                 mtp: o.Mtp = None, dtype: o.Dtype = None, adapter: o.Adapter = None, bits: o.Bits = None,
+                 group_size: o.GroupSize = None, verbose: o.Verbose = False) -> None:
+    """A multi-turn chat on standard input, one user turn per line; the KV cache carries over between turns.
+    Piped, each reply is followed by an empty line."""
+    from .files import LIMITS
     from .generation import GenerationStats
     from .generation.chat import Conversation
-    m, tok = _load_for_generation(model, params, seed, dtype, adapter, bits, group_size)
-    conversation = Conversation(m, tok, system=system)
-    dom = _domain(m, domain)
+    m, tok = _load_for_generation(Loading(model, params, seed, dtype, adapter, bits, group_size))
+    conversation = Conversation(m, tok, system=system, template_args=_template_args(chat_template_args))
+    options = dict(sampling=o.sampling(temp, top_p, top_k, min_p, repetition_penalty, seed), max_tokens=max_tokens,
+                   domain=_domain(m, domain), mtp=mtp)
+    number = 0
     while True:
         if sys.stdin.isatty():
             sys.stderr.write("> ")
             sys.stderr.flush()
-        line = sys.stdin.readline()
-        if not line:
+        try:
+            raw = sys.stdin.buffer.readline(LIMITS["prompt"])
+        except KeyboardInterrupt:
+            typer.echo("", err=True)
+            raise typer.Exit(130)
+        if not raw:
             break
+        number += 1
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            _fail(f"standard input, line {number}: byte 0x{raw[e.start]:02X} at offset {e.start} is not UTF-8")
         if not line.strip():
             continue
         stats = GenerationStats()
-        _stream(conversation.reply(line.rstrip("\n"), stats=stats, max_tokens=max_tokens, temp=temp, top_p=top_p,
-                                   repetition_penalty=repetition_penalty, seed=seed, domain=dom, mtp=mtp), True)
-        _report(stats)
+        _stream(conversation.reply(line.rstrip("\n"), stats=stats, **options), True, stats, verbose)
+        if not sys.stdout.isatty():  # replies apart, even where one holds line breaks of its own
+            sys.stdout.write("\n")
+            sys.stdout.flush()
+
+
+@app.command()
+def serve(model: o.Model = None, params: o.Params = None,
+          host: str = typer.Option("127.0.0.1", help="address to listen on"),
+          port: int = typer.Option(8080, help="port to listen on (0: any free one)"),
+          max_concurrency: int = typer.Option(16, help="sequences decoding together"),
+          max_queue: int = typer.Option(64, help="requests waiting beyond them; more are answered 429"),
+          prefill_chunk: int = typer.Option(512, help="prompt tokens per prefill chunk"),
+          prefix_cache_gb: float = typer.Option(1.0, help="memory for reusable prompt prefixes, GB"),
+          kv_budget_gb: Optional[float] = typer.Option(None, help="latent-cache memory admission may use, GB "
+                                                                  "(default: half of what is free)"),
+          api_key: Optional[str] = typer.Option(None, help="require this bearer token on /v1/"),
+          model_name: Optional[str] = typer.Option(None, help="the name /v1/models lists (default: --model)"),
+          dtype: o.Dtype = None, bits: o.Bits = None, group_size: o.GroupSize = None, adapter: o.Adapter = None
+          ) -> None:
+    """An OpenAI-compatible server (chat and text completions, streaming, structured output, tool calls) that
+    batches concurrent requests; Ctrl-C or SIGTERM finishes the requests in flight, then exits."""
+    import logging
+
+    from .serve import serve as run
+    logging.basicConfig(format="%(asctime)s %(message)s", level=logging.WARNING)
+
+    def ready(bound: int) -> None:
+        typer.echo(f"serving {model or f'preset {params or DEFAULT_PRESET}'} on http://{host}:{bound}/v1 "
+                   f"(up to {max_concurrency} at once)", err=True)
+    from .config import DEFAULT_PRESET
+    run(model=model, params=params, host=host, port=port, max_concurrency=max_concurrency, max_queue=max_queue,
+        prefill_chunk=prefill_chunk, prefix_cache_gb=prefix_cache_gb, kv_budget_gb=kv_budget_gb, api_key=api_key,
+        model_name=model_name, dtype=dtype, bits=bits, group_size=group_size, adapter=adapter, on_ready=ready)
 
 
 def _exit_if_stopped(signum: int | None) -> None:
@@ -128,7 +166,7 @@ def info(params: Optional[str] = typer.Option(None, help="size preset (tiny, 1b,
     with --plan, memory per rank and bytes per step of multi-machine layouts (estimates)."""
     from .info import format_info, model_info
     from .config import resolve_config
-    config = resolve_config(params, model, flag="--model")
+    config = resolve_config(params, model, arg="model")
     title = str(model or f"preset {params or 'tiny'}")
     if plan:
         from .plan import format_plan, plan as make_plan
@@ -152,7 +190,33 @@ def tokenizer_train(data: list[Path] = typer.Option(..., help="JSONL file or dir
     """Train a byte-fallback BPE tokenizer on the `text` of JSONL records; decode(encode(s)) == s for any s."""
     from .train.tokenizer import train_tokenizer
     tok = train_tokenizer(data, out, vocab_size=vocab_size, seed=seed, force=force)
-    typer.echo(f"wrote {out}: vocabulary {tok.vocab_size} (pad {tok.pad_id}, bos {tok.bos_id}, eos {tok.eos_id})")
+    typer.echo(f"wrote {out}: vocabulary {tok.vocab_size} (pad {tok.pad_id}, bos {tok.bos_id}, eos {tok.eos_id})",
+               err=True)
+
+
+data_app = typer.Typer(add_completion=False, help="Prepare training data: JSONL into memory-mapped token shards.")
+app.add_typer(data_app, name="data")
+
+
+@data_app.command("prepare")
+def data_prepare(data: list[str] = typer.Option(..., help="JSONL file, folder or glob (repeatable)"),
+                 out: Path = typer.Option(..., help="directory for the shards (`train --data DIR` reads it)"),
+                 tokenizer: Optional[Path] = typer.Option(None, help="tokenizer directory (default: the bundled "
+                                                                     "one; the model's, to fine-tune it)"),
+                 skip_invalid: bool = typer.Option(False, help="skip (and count) invalid JSONL lines instead of "
+                                                               "failing"),
+                 workers: Optional[int] = typer.Option(None, help="worker processes (default: one per core)"),
+                 max_memory: float = typer.Option(1.5, help="GB of memory for all processes together"),
+                 shard_mb: Optional[float] = typer.Option(None, help="MB of JSONL per shard (default: 1/256 of the "
+                                                                     "input, 1 to 64 MB)"),
+                 force: bool = typer.Option(False, help="write over an existing, non-empty output")) -> None:
+    """Tokenize JSONL once, on every core, into shards that training memory-maps (rerun an interrupted
+    prepare to continue it)."""
+    from .train.prepare import current_rss, describe_result, prepare
+    r = prepare(data, out, tokenizer, skip_invalid=skip_invalid, workers=workers,
+                max_memory=max_memory * 1e9 - current_rss(),  # (all processes: this one's own share included)
+                chunk_bytes=int(shard_mb * 1e6) if shard_mb else None, force=force)
+    typer.echo(describe_result(r), err=True)
 
 
 def _default(name: str, lora: bool = False):
@@ -175,7 +239,9 @@ def _given(**options) -> dict:
 @app.command()
 def train(params: Optional[str] = typer.Option(None, help="size preset (default tiny)"),
           config: Optional[Path] = typer.Option(None, help="a config.json instead of a preset"),
-          data: Optional[Path] = typer.Option(None, help="JSONL file or directory (default: the bundled corpus)"),
+          data: Optional[Path] = typer.Option(None, help="JSONL file or directory (prepared once into a cache), "
+                                                         "a prepared directory, or a mixture .json (default: the "
+                                                         "bundled corpus)"),
           out: Optional[Path] = typer.Option(None, help="run directory (default runs/PRESET)"),
           tokenizer: Optional[Path] = typer.Option(None, help="tokenizer directory (default: the bundled one)"),
           init: Optional[Path] = typer.Option(None, help="start from this model directory's weights"),
@@ -222,7 +288,7 @@ def plot(run_dir: Path = typer.Argument(..., help="a training run directory (hol
 
 
 @app.command()
-def quantize(model: Path = typer.Option(..., help="float model directory"),
+def quantize(model: Path = typer.Option(..., help="model directory or hub repo id (float or FP8)"),
              out: Path = typer.Option(..., help="directory for the quantized model"),
              bits: int = typer.Option(4, help=QBITS_HELP),
              group_size: Optional[int] = typer.Option(None, help=QGROUP_HELP),
@@ -230,16 +296,20 @@ def quantize(model: Path = typer.Option(..., help="float model directory"),
              mtp: bool = typer.Option(True, "--mtp/--no-mtp", help=MTP_HELP),
              dtype: Optional[str] = typer.Option(None, help=QDTYPE_HELP),
              force: bool = typer.Option(False, help="write over an existing, non-empty output")) -> None:
-    """Write an MLX-quantized copy of a model directory (config.json `quantization` block, as mlx-lm writes it),
-    one decoder layer in memory at a time."""
-    from .checkpoint.quantized import quantize as run
+    """Write an MLX-quantized copy of a model directory in mlx-lm's format, one decoder layer in memory at a
+    time (`convert mlx` is the same command; mlx-lm loads a copy written with --no-mtp)."""
+    from .convert.mlx import quantize as run
     wrote(out, run(model, out, bits=bits, group_size=group_size, recipe=recipe, mtp=mtp, dtype=dtype,
                     force=force))
 
 
+convert_app.command("mlx")(quantize)
+
+
 @app.command()
 def lora(model: Path = typer.Option(..., help="base model directory (float, or quantized for QLoRA)"),
-         data: Path = typer.Option(..., help="JSONL file or directory (text, prompt/completion or messages)"),
+         data: Path = typer.Option(..., help="JSONL (text, prompt/completion or messages), a "
+                                              "prepared directory or a mixture .json"),
          out: Path = typer.Option(Path("runs/lora"), help="run directory: adapters.safetensors, "
                                                          "adapter_config.json, checkpoints"),
          tokenizer: Optional[Path] = typer.Option(None, help="tokenizer directory (default: the model's)"),
@@ -260,7 +330,7 @@ def lora(model: Path = typer.Option(..., help="base model directory (float, or q
          warmup: Optional[int] = _option("warmup_steps", "warmup steps", lora=True),
          grad_checkpoint: bool = typer.Option(False, help="recompute layers in the backward pass (less memory)"),
          bits: Optional[int] = typer.Option(None, help=BITS_HELP + " (QLoRA)"),
-         group_size: Optional[int] = typer.Option(None, help=GROUP_HELP),
+         group_size: o.GroupSize = None,
          eval_every: Optional[int] = _option("eval_every", "validate every N steps", lora=True),
          save_every: Optional[int] = _option("save_every", "checkpoint (and write the adapters) every N steps",
                                              lora=True),
@@ -315,7 +385,8 @@ def domains_extract(model: Path = typer.Option(..., help="model directory with a
 @domains_app.command("add")
 def domains_add(model: Path = typer.Option(..., help="model directory with a domain_routing block"),
                 name: str = typer.Option(..., help="the new domain's name"),
-                data: Path = typer.Option(..., help="JSONL of the new domain (every record trained as it)"),
+                data: Path = typer.Option(..., help="JSONL or prepared directory of the new domain "
+                                                     "(every record trained as it)"),
                 out: Path = typer.Option(..., help="run directory: the model with the domain added"),
                 steps: Optional[int] = _option("steps", "optimizer steps"),
                 batch_size: Optional[int] = _option("batch_size", "sequences per batch"),
@@ -346,13 +417,66 @@ def domains_remove(model: Path = typer.Option(..., help="model directory with a 
     typer.echo(f"wrote {out}: without {name!r}, {m.config.n_routed_experts} routed experts", err=True)
 
 
+def _command():
+    """The click command of `app`, with flags shown without a `<bool>` type in help."""
+    import click
+    from typer.main import get_command
+    root_command = get_command(app)
+
+    def walk(command) -> None:
+        for param in [*command.params, command.get_help_option(click.Context(command))]:
+            if getattr(param, "is_flag", False):
+                param.metavar = ""
+        for sub in getattr(command, "commands", {}).values():
+            walk(sub)
+    walk(root_command)
+    return root_command
+
+
+# Library arguments whose errors the command line words as its flags ("temp must be" -> "--temp must be").
+FLAGS = ("temp", "top_p", "top_k", "min_p", "repetition_penalty", "seed", "max_tokens", "prefill_step_size")
+# A library message names an argument in backquotes: `out`, `force=True`, `bits=4`, `domain="auto"`.
+ARGUMENT = re.compile(r"`([a-z][a-z0-9_]*)(?:=(True|\"[^\"`]*\"|[^`\s]*))?`")
+
+
+def as_flags(text: str) -> str:
+    """A library message in the command line's words: `force=True` -> --force, `mtp=False` -> --no-mtp,
+    `bits=4` -> --bits 4, `domain="auto"` -> --domain auto, `out` -> --out."""
+    def flag(m: re.Match) -> str:
+        name, value = m.group(1).replace("_", "-"), m.group(2)
+        if value == "False":
+            return f"--no-{name}"
+        return f"--{name}" if value in (None, "True") else f"--{name} {value.strip(chr(34))}"
+    return ARGUMENT.sub(flag, text)
+
+
+def _message(e: BaseException) -> str:
+    """The error's own words (a library argument named as its flag); an out-of-memory error, which often has
+    none, says so and what is free."""
+    text = as_flags(str(e).strip())
+    first = text.split(" ", 1)[0]
+    if first in FLAGS and text.startswith(f"{first} must be"):
+        text = "--" + first.replace("_", "-") + text[len(first):]
+    if isinstance(e, MemoryError) and not text or any(w in text.lower() for w in ("unable to allocate",
+                                                                               "out of memory")):
+        from .device import available_memory
+        from .files import format_bytes
+        return (f"out of memory{': ' + text if text else ''} ({format_bytes(available_memory())} available now; a "
+                "smaller model, --bits 4, a smaller --batch-size or a shorter prompt needs less)")
+    return text or type(e).__name__
+
+
 def main() -> None:
     """Console entry point: library errors become one-line messages, never tracebacks."""
     from .checkpoint.layout import CheckpointError
+    from .progress import show_progress
+    from .train.report import show_training
     import os
     debug = os.environ.get("DH_MLX_DEBUG", "") not in ("", "0")
+    show_progress(words=as_flags)
+    show_training(words=as_flags)
     try:
-        code = app(standalone_mode=False)
+        code = _command()(standalone_mode=False)
     except typer.Exit as e:
         code = e.exit_code
     except typer.TyperException as e:  # a usage error: unknown command, bad option or value
@@ -366,7 +490,7 @@ def main() -> None:
     except (CheckpointError, ValueError, MemoryError, OSError, RuntimeError) as e:
         if debug:
             raise
-        typer.echo(f"error: {e}", err=True)
+        typer.echo(f"error: {_message(e)}", err=True)
         code = 1
     except Exception as e:  # a bug of ours: still one line, the traceback on request
         if debug:

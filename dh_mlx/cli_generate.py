@@ -4,6 +4,7 @@ text, the stats line, reading the prompt; and the one-line failure every command
 from __future__ import annotations
 
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
@@ -15,23 +16,49 @@ def _fail(message: str) -> None:
     raise typer.Exit(1)
 
 
-def _load_for_generation(model: Optional[Path], params: Optional[str], seed: int, dtype: Optional[str],
-                         adapter: Optional[Path], bits: Optional[int] = None, group_size: Optional[int] = None):
-    from .api import load, load_preset_model
+@dataclass
+class Loading:
+    """What generate, chat and serve load: a model directory or hub id, or a preset with random weights."""
+
+    model: Optional[Path] = None
+    params: Optional[str] = None
+    seed: int = 0  # the random weights' seed (with `params`)
+    dtype: Optional[str] = None
+    adapter: Optional[Path] = None
+    bits: Optional[int] = None
+    group_size: Optional[int] = None  # None: per matrix (quant.QuantConfig)
+
+
+def _load_for_generation(load: Loading):
+    from .api import load as load_dir, load_preset_model
     from .config import DEFAULT_PRESET
-    if params and model:
+    if load.params and load.model:
         _fail("give either --params or --model, not both")
-    if model:
-        m, tok = load(model, dtype=dtype, bits=bits, group_size=group_size)
+    if load.model:
+        m, tok = load_dir(load.model, dtype=load.dtype, bits=load.bits, group_size=load.group_size)
     else:
-        m, tok = load_preset_model(params or DEFAULT_PRESET, seed=seed, dtype=dtype, bits=bits,
-                                   group_size=group_size)
-    if adapter:
+        m, tok = load_preset_model(load.params or DEFAULT_PRESET, seed=load.seed, dtype=load.dtype, bits=load.bits,
+                                   group_size=load.group_size)
+    if load.adapter:
         from .lora import load_adapters
-        load_adapters(m, adapter)
+        load_adapters(m, load.adapter)
     if tok is None:
-        _fail(f"{model}: no tokenizer.model or tokenizer.json in the model directory")
+        _fail(f"{load.model}: no tokenizer.model or tokenizer.json in the model directory")
     return m, tok
+
+
+def _template_args(text: Optional[str]) -> dict:
+    """--chat-template-args: a JSON object (its keys are the chat template's variables)."""
+    if not text:
+        return {}
+    import json
+    try:
+        args = json.loads(text)
+    except ValueError as e:
+        _fail(f"--chat-template-args: not JSON ({e})")
+    if not isinstance(args, dict):
+        _fail("--chat-template-args: expected a JSON object, e.g. '{\"enable_thinking\": false}'")
+    return args
 
 
 def _domain(m, domain: Optional[str]):
@@ -43,20 +70,32 @@ def _domain(m, domain: Optional[str]):
     return "auto" if domain == "auto" else m.config.domain_routing.domain_id(domain)
 
 
-def _stream(responses, stream: bool) -> str:
-    """Write the pieces to stdout as they come (or all at the end); returns the text."""
+def _stream(responses, stream: bool, stats, verbose: bool = False) -> str:
+    """Write the pieces to stdout as they come (or all at the end), then a newline and the stats line on
+    stderr; returns the text. Ctrl-C ends the text where it stands, still with the newline and the stats,
+    then exits 130."""
     pieces: list[str] = []
-    for r in responses:
-        pieces.append(r.text)
-        if stream:
-            sys.stdout.write(r.text)
-            sys.stdout.flush()
+    interrupted = False
+    try:
+        for r in responses:
+            pieces.append(r.text)
+            if stream:
+                sys.stdout.write(r.text)
+                sys.stdout.flush()
+    except KeyboardInterrupt:
+        interrupted = True
+    finally:
+        responses.close()
     sys.stdout.write(("" if stream else "".join(pieces)) + "\n")
     sys.stdout.flush()
+    _report(stats, verbose)
+    if interrupted:
+        typer.echo("interrupted", err=True)
+        raise typer.Exit(130)
     return "".join(pieces)
 
 
-def _report(stats) -> None:
+def _report(stats, verbose: bool = False) -> None:
     typer.echo(f"prompt: {stats.prompt_tokens} tokens, {stats.prompt_tps:.1f} tokens/s | generation: "
                f"{stats.generation_tokens} tokens, {stats.generation_tps:.1f} tokens/s | peak memory "
                f"{stats.peak_memory_gb:.2f} GB", err=True)
@@ -64,51 +103,41 @@ def _report(stats) -> None:
         ranked = sorted(stats.domain_posterior.items(), key=lambda kv: -kv[1])
         typer.echo(f"domain auto: {ranked[0][0]} (posterior {ranked[0][1]:.2f}; then "
                    + ", ".join(f"{n} {p:.2f}" for n, p in ranked[1:3]) + ")", err=True)
-    if stats.acceptance_rate is not None:
+    if stats.acceptance_rate is not None and (stats.drafting_paid or verbose):
         typer.echo(f"MTP draft acceptance: {stats.accepted}/{stats.drafted} = {stats.acceptance_rate:.1%} "
                    f"({stats.draft_summary})", err=True)
 
 
-def _generate(*, prompt: str, model: Optional[Path] = None, params: Optional[str] = None, max_tokens: int = 100,
-              temp: float = 0.0, top_p: float = 1.0, top_k: int = 0, min_p: float = 0.0,
-              repetition_penalty: float = 1.0, seed: int = 0, domain: Optional[str] = None,
-              mtp: Optional[bool] = None, prefill_step_size: int = 512, dtype: Optional[str] = None,
-              adapter: Optional[Path] = None, stream: bool = True, chat: bool = False,
-              system: Optional[str] = None, bits: Optional[int] = None, group_size: Optional[int] = None,
-              pipeline: bool = False) -> None:
+def _generate(*, prompt: str, load: Loading, sampling, max_tokens: int = 100, domain: Optional[str] = None,
+              mtp: Optional[bool] = None, prefill_step_size: int = 512, stream: bool = True, chat: bool = False,
+              system: Optional[str] = None, pipeline: bool = False, verbose: bool = False,
+              template_args: Optional[dict] = None) -> None:
     from .chat import messages
     from .generation import GenerationStats, stream_generate
-    if system and not chat:
-        _fail("--system needs --chat (it is the chat template's system message)")
-    main, extra = True, {}
-    if pipeline:
-        m, tok = _load_pipelined(model, params, dtype, adapter, bits, mtp)
-        main, extra = m.rank == 0, {"mtp": False, "compile_step": False}
-    else:
-        m, tok = _load_for_generation(model, params, seed, dtype, adapter, bits, group_size)
-        extra = {"mtp": mtp}
-    ids = tok.encode_chat(messages(prompt, system)) if chat else prompt
+    if (system or template_args) and not chat:
+        _fail("--system and --chat-template-args need --chat (they go to the chat template)")
+    m, tok = _load_pipelined(load, mtp) if pipeline else _load_for_generation(load)
+    ids = tok.encode_chat(messages(prompt, system), limit=m.config.max_position_embeddings,
+                          **(template_args or {})) if chat else prompt
     stats = GenerationStats()
-    pieces = stream_generate(m, tok, ids, max_tokens=max_tokens, temp=temp, top_p=top_p, top_k=top_k, min_p=min_p,
-                             repetition_penalty=repetition_penalty, seed=seed, domain=_domain(m, domain),
-                             prefill_step_size=prefill_step_size, stats=stats, **extra)
-    if not main:  # every rank runs the loop; rank 0 alone prints
+    pieces = stream_generate(m, tok, ids, sampling=sampling, max_tokens=max_tokens, domain=_domain(m, domain),
+                             prefill_step_size=prefill_step_size, stats=stats, mtp=mtp)
+    if pipeline and m.rank != 0:  # every rank runs the loop; rank 0 alone prints
         for _ in pieces:
             pass
         return
-    _stream(pieces, stream)
-    _report(stats)
+    _stream(pieces, stream, stats, verbose)
 
 
-def _load_pipelined(model, params, dtype, adapter, bits, mtp):
+def _load_pipelined(load: Loading, mtp: Optional[bool]):
     from .api import load_pipelined
     from .outputs import format_bytes
     from mlx.utils import tree_flatten
-    if params or not model or adapter or bits or mtp:
+    if load.params or not load.model or load.adapter or load.bits or mtp:
         _fail("--pipeline runs a model directory (--model) as it is: no --params, --adapter, --bits or --mtp")
-    m, tok = load_pipelined(model, dtype=dtype)
+    m, tok = load_pipelined(load.model, dtype=load.dtype)
     if tok is None:
-        _fail(f"{model}: no tokenizer.model or tokenizer.json in the model directory")
+        _fail(f"{load.model}: no tokenizer.model or tokenizer.json in the model directory")
     held = sum(v.nbytes for _, v in tree_flatten(m.inner.parameters()))
     typer.echo(f"pipeline rank {m.rank} of {m.size}: decoder layers {m.own.start}-{m.own.stop - 1}, weights "
                f"{format_bytes(held)} ({held} bytes)", err=True)
@@ -117,11 +146,14 @@ def _load_pipelined(model, params, dtype, adapter, bits, mtp):
 
 def _read_prompt(prompt: Optional[str], prompt_file: Optional[Path]) -> str:
     """The prompt from --prompt (`-`: standard input) or --prompt-file, as valid UTF-8 text."""
+    from .files import LIMITS, read_bytes
     if (prompt is None) == (prompt_file is None):
         _fail("give the prompt with --prompt TEXT (or - for standard input) or --prompt-file PATH")
     where = f"--prompt-file {prompt_file}" if prompt_file else "standard input" if prompt == "-" else "--prompt"
     if prompt_file is not None or prompt == "-":
-        data = prompt_file.read_bytes() if prompt_file else sys.stdin.buffer.read()
+        data = read_bytes(prompt_file, "prompt") if prompt_file else sys.stdin.buffer.read(LIMITS["prompt"] + 1)
+        if len(data) > LIMITS["prompt"]:
+            _fail(f"{where}: more than {LIMITS['prompt']:,} bytes")
         try:
             return data.decode("utf-8")
         except UnicodeDecodeError as e:

@@ -14,6 +14,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
+from . import families
+from .files import read_json, write_atomic
+
 _PACKAGE_DIR = Path(__file__).resolve().parent
 REPO_DIR = _PACKAGE_DIR.parent
 
@@ -32,9 +35,8 @@ DEFAULT_PRESET = "tiny"
 _TOPK_METHODS = ("noaux_tc", "greedy", "group_limited_greedy")
 _SCORING = ("sigmoid", "softmax")
 _ROPE_TYPES = ("default", "yarn")
-# The HF layouts this model is; anything else is refused. Kimi-K2 is DeepSeek-V3's architecture under its own name
-# (and is written back as deepseek_v3, the name transformers, vLLM and llama.cpp's converter know).
-MODEL_TYPES = ("deepseek_v3", "deepseek_v2", "kimi_k2")
+# The HF layouts this model is (dh_mlx.families: what each changes); anything else is refused.
+MODEL_TYPES = families.MODEL_TYPES
 # DeepSeek-V2 routes by softmax with greedy top-k and unnormalised weights unless its config says otherwise.
 _V2_DEFAULTS = {"scoring_func": "softmax", "topk_method": "greedy", "norm_topk_prob": False,
                 "routed_scaling_factor": 1.0}
@@ -50,7 +52,9 @@ LIMITS = {"vocab_size": 1 << 24, "hidden_size": 1 << 16, "intermediate_size": 1 
           "max_position_embeddings": 1 << 24}
 _BOOLS = ("norm_topk_prob", "rope_interleave", "attention_bias", "tie_word_embeddings")
 # Keys we write ourselves or derive; never carried through `extra`.
-_DERIVED = ("rope_parameters", "model_type", "architectures", "head_dim", "qk_head_dim", "num_mtp_layers")
+_DERIVED = ("rope_parameters", "architectures", "head_dim", "qk_head_dim", "num_mtp_layers")
+# Fields of some families only: written only when set.
+_OPTIONAL = ("index_topk", "index_head_dim", "index_n_heads", "indexer_types", "mlp_layer_types")
 
 
 def _require(ok: bool, name: str, allowed: str, value: Any) -> None:
@@ -158,11 +162,18 @@ class ModelConfig:
     eos_token_id: int | list[int] | None = 1
     pad_token_id: int | None = None
     domain_routing: DomainRouting | None = None
+    model_type: str = "deepseek_v3"  # the family (dh_mlx.families)
+    mlp_layer_types: list[str] | None = None  # "dense"/"sparse" per layer; None: first_k_dense_replace's rule
+    index_topk: int | None = None  # DeepSeek Sparse Attention: positions each query attends to
+    index_head_dim: int | None = None
+    index_n_heads: int | None = None
+    indexer_types: list[str] | None = None  # "full" (own indexer) / "shared" (the previous selection); None: full
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.num_key_value_heads is None:
             self.num_key_value_heads = self.num_attention_heads
+        _require(self.model_type in MODEL_TYPES, "model_type", f"one of {', '.join(MODEL_TYPES)}", self.model_type)
         for name in _BOOLS:
             v = getattr(self, name)
             _require(isinstance(v, bool), name, "true or false", v)
@@ -234,14 +245,22 @@ class ModelConfig:
         else:
             _require(self.domain_routing is None, "domain_routing", "null for a model without routed experts",
                      self.domain_routing)
+        families.check_schedules(self)
         if self.rope_scaling is not None:
             rs = self.rope_scaling
             _require(isinstance(rs, dict), "rope_scaling", "an object or null", rs)
             kind = rs.get("rope_type", rs.get("type", "default"))
             _require(kind in _ROPE_TYPES, "rope_scaling.rope_type", f"one of {_ROPE_TYPES}", kind)
+            for key, v in rs.items():  # NaN or infinite values would make every logit NaN
+                _require(not isinstance(v, float) or math.isfinite(v), f"rope_scaling.{key}", "a finite number", v)
             if kind == "yarn":
                 f = rs.get("factor")
-                _require(isinstance(f, (int, float)) and f >= 1, "rope_scaling.factor", "a number >= 1", f)
+                _require(isinstance(f, (int, float)) and not isinstance(f, bool) and f >= 1, "rope_scaling.factor",
+                         "a number >= 1", f)
+                for key in ("beta_fast", "beta_slow", "mscale", "mscale_all_dim"):
+                    v = rs.get(key)
+                    _require(v is None or isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0,
+                             f"rope_scaling.{key}", "null or a finite number >= 0", v)
                 o = rs.get("original_max_position_embeddings")
                 _require(isinstance(o, int) and o >= 1, "rope_scaling.original_max_position_embeddings",
                          "an integer >= 1", o)
@@ -256,9 +275,28 @@ class ModelConfig:
         return self.qk_nope_head_dim + self.qk_rope_head_dim
 
     def is_moe_layer(self, layer_idx: int) -> bool:
-        """DeepSeek's rule: layers from `first_k_dense_replace` on, every `moe_layer_freq`-th, are MoE."""
+        """`mlp_layer_types` when given (MTP layers are MoE), else DeepSeek's rule: layers from
+        `first_k_dense_replace` on, every `moe_layer_freq`-th, are MoE."""
+        if self.mlp_layer_types is not None:
+            return self.has_moe and (layer_idx >= self.num_hidden_layers
+                                     or self.mlp_layer_types[layer_idx] == "sparse")
         return (self.has_moe and layer_idx >= self.first_k_dense_replace
                 and layer_idx % self.moe_layer_freq == 0)
+
+    @property
+    def sparse_attention(self) -> bool:
+        """DeepSeek Sparse Attention (V3.2, GLM-5): a lightning indexer chooses the positions each query sees."""
+        return self.model_type in families.SPARSE_ATTENTION
+
+    def has_indexer(self, layer_idx: int) -> bool:
+        """Whether layer `layer_idx` runs an indexer of its own (MTP layers do), not reusing the one before."""
+        return self.sparse_attention and (self.indexer_types is None or layer_idx >= self.num_hidden_layers
+                                          or self.indexer_types[layer_idx] == "full")
+
+    @property
+    def indexer_rope_interleave(self) -> bool:
+        """V3.2's indexer rotates half-split pairs, GLM-5's interleaved ones (as transformers computes them)."""
+        return self.model_type == "glm_moe_dsa"
 
     @property
     def rope_type(self) -> str:
@@ -269,9 +307,8 @@ class ModelConfig:
     @classmethod
     def from_dict(cls, d: dict[str, Any], *, strict: bool = False) -> "ModelConfig":
         """From a `config.json` dict; `strict` (a file from outside) also requires the shape keys."""
-        d = dict(d)
+        d = families.normalize(d)
         kind = d.get("model_type", "deepseek_v3")
-        _require(kind in MODEL_TYPES, "model_type", f"one of {', '.join(MODEL_TYPES)}", kind)
         if strict:
             missing = [k for k in REQUIRED if k not in d]
             if missing:
@@ -302,13 +339,14 @@ class ModelConfig:
     def to_dict(self) -> dict[str, Any]:
         """The `config.json` dict: HF DeepSeek-V3 keys (what transformers, vLLM and mlx-lm read) + extras."""
         # Softmax routing is DeepSeek-V2's: transformers' and vLLM's DeepSeek-V3 always score by sigmoid.
-        v2 = self.scoring_func == "softmax" and self.topk_method != "noaux_tc"
-        out: dict[str, Any] = {"architectures": ["DeepseekV2ForCausalLM" if v2 else "DeepseekV3ForCausalLM"],
-                               "model_type": "deepseek_v2" if v2 else "deepseek_v3"}
+        kind = families.written_type(self.model_type, self.scoring_func == "softmax" and self.topk_method != "noaux_tc")
+        out: dict[str, Any] = {"architectures": [families.ARCHITECTURES[kind]], "model_type": kind}
         for f in dataclasses.fields(self):
-            if f.name == "extra":
+            if f.name in ("extra", "model_type"):
                 continue
             v = getattr(self, f.name)
+            if f.name in _OPTIONAL and v is None:
+                continue
             if f.name == "domain_routing":
                 if v is None:
                     continue
@@ -317,6 +355,9 @@ class ModelConfig:
         # HF's config does not store scoring_func/topk_method defaults; we always write them explicitly.
         for k, v in self.extra.items():
             out.setdefault(k, v)
+        if kind in families.KEPT:  # transformers 5's key too (mlx-lm's glm_moe_dsa requires it)
+            out["rope_parameters"] = {"rope_type": self.rope_type, "rope_theta": self.rope_theta,
+                                      **{k: v for k, v in (self.rope_scaling or {}).items() if k != "type"}}
         return out
 
     def replace(self, **changes: Any) -> "ModelConfig":
@@ -333,20 +374,17 @@ def load_config(path: str | Path) -> ModelConfig:
     if p.is_dir():
         p = p / "config.json"
     try:
-        text = p.read_text()
+        d = read_json(p, "config")
     except FileNotFoundError:
         raise ValueError(f"{p}: no such file (a model directory needs a config.json)") from None
     except OSError as e:
         raise ValueError(f"{p}: cannot read: {e.strerror}") from None
-    try:
-        d = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{p}:{e.lineno}: invalid JSON: {e.msg}") from None
-    except RecursionError:
-        raise ValueError(f"{p}: JSON nested too deeply") from None
     if not isinstance(d, dict):
         raise ValueError(f"{p}: expected a JSON object, got {type(d).__name__}")
     try:
+        if d.get("model_type") == "deepseek_v4":  # its own architecture (config_v4.py)
+            from .config_v4 import V4Config
+            return V4Config.from_dict(d, strict=True)
         return ModelConfig.from_dict(d, strict=True)
     except (ValueError, TypeError) as e:
         raise ValueError(f"{p}: {e}") from None
@@ -360,16 +398,15 @@ def load_preset(name: str) -> ModelConfig:
     return load_config(p)
 
 
-def resolve_config(params: str | None, path: str | Path | None, *, flag: str = "--config") -> ModelConfig:
+def resolve_config(params: str | None, path: str | Path | None, *, arg: str = "config") -> ModelConfig:
     """A preset by name, or a config.json (file or model directory); the default preset when neither is given."""
     if params and path:
-        raise ValueError(f"give either --params or {flag}, not both")
+        raise ValueError(f"give either `params` or `{arg}`, not both")
     return load_config(path) if path else load_preset(params or DEFAULT_PRESET)
 
 
 def save_config(config: ModelConfig, directory: str | Path, name: str = "config.json") -> None:
-    path = Path(directory) / name
-    path.write_text(json.dumps(config.to_dict(), indent=2) + "\n")
+    write_atomic(Path(directory) / name, json.dumps(config.to_dict(), indent=2) + "\n")
 
 
 # ---- LoRA adapters -------------------------------------------------------------------------------------

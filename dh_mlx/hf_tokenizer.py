@@ -8,11 +8,14 @@ Unlike our SentencePiece tokenizer, text that spells a special token encodes to 
 from __future__ import annotations
 
 import codecs
-import json
+import contextlib
+import functools
+import os
 from pathlib import Path
 from typing import Any, Iterable
 
 from . import chat
+from .files import FileKindError, copy_file, read_json, read_text, same_file
 
 TOKENIZER_JSON = "tokenizer.json"
 
@@ -29,9 +32,15 @@ def _byte_alphabet() -> dict[str, int]:
     return {**{chr(b): b for b in keep}, **{chr(256 + i): b for i, b in enumerate(others)}}
 
 
+#: Ids a tokenizer may have when the model's vocabulary is not known: 30x the largest released vocabulary.
+MAX_IDS = 1 << 22
+
+
 def _read_json(path: Path) -> dict:
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = read_json(path, "tokenizer")
+    except FileKindError as e:
+        raise HFTokenizerError(str(e)) from None
     except (OSError, ValueError) as e:
         raise HFTokenizerError(f"{path}: not a JSON file ({type(e).__name__}: {e})") from None
     if not isinstance(data, dict):
@@ -44,17 +53,49 @@ def _token_text(value: Any) -> str | None:
     return value.get("content") if isinstance(value, dict) else value if isinstance(value, str) else None
 
 
+@contextlib.contextmanager
+def _rust_panics_unprinted():
+    """File descriptor 2 closed to the tokenizers library while it runs: a panic of its (a regex search past its
+    retry limit) writes a Rust backtrace there before it becomes a Python exception, which we report in one
+    line instead."""
+    saved = os.dup(2)
+    null = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(null, 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(null)
+
+
+def check_length(tokenizer, size: int, limit: int | None) -> None:
+    """Refuse `size` bytes of text that need more than `limit` tokens whatever they are: each token stands for
+    at most `tokenizer.max_token_bytes` bytes. (Checked before tokenizing: a huge text is never tokenized.)"""
+    if limit is not None and size > limit * tokenizer.max_token_bytes:
+        raise ValueError(f"the text has {size:,} bytes, more than {limit:,} tokens can hold (the model's context; "
+                         f"a token of this tokenizer stands for at most {tokenizer.max_token_bytes} bytes)")
+
+
 class HFTokenizer:
-    def __init__(self, model_dir: str | Path):
+    def __init__(self, model_dir: str | Path, *, vocab_size: int | None = None):
+        """`vocab_size` (the model's, when known) bounds the ids before any table of them is built."""
         from tokenizers import Tokenizer as Fast
 
         d = Path(model_dir)
         self.path = d / TOKENIZER_JSON
         try:
-            self.tk = Fast.from_file(str(self.path))
+            self.tk = Fast.from_str(read_text(self.path, "tokenizer"))
+        except FileKindError as e:
+            raise HFTokenizerError(str(e)) from None
         except Exception as e:  # the library raises its own Exception types on malformed files
             raise HFTokenizerError(f"{self.path}: not a tokenizers file ({str(e).splitlines()[0][:200]})") from None
-        config = _read_json(d / "tokenizer_config.json") if (d / "tokenizer_config.json").is_file() else {}
+        bound = vocab_size if vocab_size is not None else MAX_IDS
+        if self.vocab_size > bound:  # before the per-id tables below are built
+            raise HFTokenizerError(f"{self.path}: the tokenizer has ids up to {self.vocab_size - 1} but the model's "
+                                   f"vocab_size is {bound}" if vocab_size is not None else
+                                   f"{self.path}: ids up to {self.vocab_size - 1}; at most {MAX_IDS} are read")
+        config = _read_json(d / "tokenizer_config.json") if (d / "tokenizer_config.json").exists() else {}
         self.bos_token, self.eos_token = _token_text(config.get("bos_token")), _token_text(config.get("eos_token"))
         self.pad_token = _token_text(config.get("pad_token"))
         # the special-token strings a chat template may use (transformers passes them all)
@@ -62,14 +103,19 @@ class HFTokenizer:
         extra = config.get("additional_special_tokens")
         self.specials["additional_special_tokens"] = [_token_text(t) for t in extra] if isinstance(extra, list) else []
         self.chat_template = config.get("chat_template")
-        if (d / "chat_template.jinja").is_file():  # newer transformers keep the template in its own file
-            self.chat_template = (d / "chat_template.jinja").read_text(encoding="utf-8")
+        self.template_file = d / "tokenizer_config.json"
+        if (d / "chat_template.jinja").exists():
+            self.template_file = d / "chat_template.jinja"  # newer transformers keep the template in its own file
+            try:
+                self.chat_template = read_text(d / "chat_template.jinja", "template")
+            except FileKindError as e:
+                raise HFTokenizerError(str(e)) from None
         if isinstance(self.chat_template, list):  # named templates: the default one
             named = {t.get("name"): t.get("template") for t in self.chat_template if isinstance(t, dict)}
             self.chat_template = named.get("default")
         eos = [self._id(self.eos_token)]
         gen = d / "generation_config.json"
-        if gen.is_file():  # the ids that end a turn (a list in many releases)
+        if gen.exists():  # the ids that end a turn (a list in many releases)
             listed = _read_json(gen).get("eos_token_id")
             eos = (listed if isinstance(listed, list) else [listed]) + eos
         self.eos_ids = tuple(dict.fromkeys(i for i in eos if isinstance(i, int)))
@@ -112,8 +158,35 @@ class HFTokenizer:
         pad = self._id(self.pad_token)
         return pad if pad is not None else self.eos_id
 
-    def encode(self, text: str, *, bos: bool = False, eos: bool = False) -> list[int]:
-        ids = self.tk.encode(text, add_special_tokens=False).ids
+    def token_bytes(self) -> list[bytes | None]:
+        """The bytes each id stands for in decoded text (None: a special token, which decodes to nothing)."""
+        if self._bytes is not None:
+            return list(self._bytes)
+        added = self.tk.get_added_tokens_decoder()
+        return [None if i in added and added[i].special else self.tk.decode([i], skip_special_tokens=False).encode()
+                for i in range(self.vocab_size)]
+
+    @functools.cached_property
+    def max_token_bytes(self) -> int:
+        """The most bytes of text one token stands for (so a text of n bytes needs >= n / this tokens)."""
+        if self._bytes is not None:
+            return max(len(b) for b in self._bytes if b)
+        return max(len(t.encode("utf-8")) for t in self.tk.get_vocab(with_added_tokens=True))
+
+    def encode(self, text: str, *, bos: bool = False, eos: bool = False, limit: int | None = None) -> list[int]:
+        """Token ids of `text`; with `limit`, a text that cannot fit in that many tokens is refused first."""
+        try:
+            check_length(self, len(text.encode("utf-8")), limit)
+        except UnicodeEncodeError as e:
+            raise HFTokenizerError(f"the text holds U+{ord(text[e.start]):04X} at character {e.start}: a lone "
+                                   "surrogate, which no UTF-8 text can hold") from None
+        try:
+            with _rust_panics_unprinted():
+                ids = self.tk.encode(text, add_special_tokens=False).ids
+        except (KeyboardInterrupt, SystemExit):
+            raise
+        except BaseException as e:  # the library's own errors, and its panics (a pre-tokenizer regex that gave up)
+            raise HFTokenizerError(f"{self.path}: tokenizing failed: {str(e).splitlines()[0][:200]}") from None
         return ([self.bos_id] if bos and self.bos_id is not None else []) + ids + (
             [self.eos_id] if eos and self.eos_id is not None else [])
 
@@ -123,16 +196,24 @@ class HFTokenizer:
     def id_to_piece(self, i: int) -> str:
         return self.tk.id_to_token(int(i))
 
-    def apply_chat_template(self, messages: list[dict], *, add_generation_prompt: bool = True) -> str:
+    def apply_chat_template(self, messages: list[dict], *, add_generation_prompt: bool = True,
+                            tools: list[dict] | None = None, **template_args) -> str:
+        """The template's text, as transformers' `apply_chat_template(..., tokenize=False)`: `tools` (JSON
+        schemas) and `template_args` (the template's switches, e.g. `enable_thinking=False`) passed through."""
         if not self.chat_template:
             raise HFTokenizerError(f"{self.path.parent}: tokenizer_config.json has no chat_template")
-        return chat.render(self.chat_template, messages, add_generation_prompt=add_generation_prompt,
-                           **{**self.specials, "bos_token": self.bos_token or "", "eos_token": self.eos_token or ""})
+        return chat.render(self.chat_template, messages, add_generation_prompt=add_generation_prompt, tools=tools,
+                           where=f"{self.template_file}: chat template",
+                           **{**self.specials, "bos_token": self.bos_token or "", "eos_token": self.eos_token or "",
+                              **template_args})
 
-    def encode_chat(self, messages: list[dict], *, add_generation_prompt: bool = True) -> list[int]:
-        """Ids of the chat template's text (its special tokens spelled out, as transformers tokenizes it)."""
-        return self.encode(self.apply_chat_template(chat.check_messages(messages),
-                                                    add_generation_prompt=add_generation_prompt))
+    def encode_chat(self, messages: list[dict], *, add_generation_prompt: bool = True, limit: int | None = None,
+                    **template_args) -> list[int]:
+        """Ids of the chat template's text (its special tokens spelled out, as transformers tokenizes it);
+        `template_args` as `apply_chat_template`'s (tools included); `limit`: see `encode`."""
+        return self.encode(self.apply_chat_template(chat.check_messages(messages, tools=True),
+                                                    add_generation_prompt=add_generation_prompt, **template_args),
+                           limit=limit)
 
     FILES = (TOKENIZER_JSON, "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
 
@@ -140,8 +221,8 @@ class HFTokenizer:
         """Copy the tokenizer's files (those present) into `out_dir`."""
         for name in self.FILES:
             src = self.path.parent / name
-            if src.is_file() and src.resolve() != (out_dir / name).resolve():
-                (out_dir / name).write_bytes(src.read_bytes())
+            if src.exists() and not same_file(src, out_dir / name):
+                copy_file(src, out_dir / name)
 
     def stream_decoder(self):
         return ByteStreamDecoder(self._bytes) if self.byte_level else TextStreamDecoder(self)

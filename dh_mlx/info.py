@@ -8,8 +8,8 @@ from .config import ModelConfig
 from . import backend
 from .device import compute_dtype
 from .backend.cpu.streams import WIDE_BFS_WIDTH
-from .params import CONTEXTS, KV_REFERENCES, count_params, kv_bytes_per_token, reference_kv_bytes_per_token, \
-    weight_bytes
+from .params import CONTEXTS, KV_REFERENCES, count_params, indexer_cache_values, kv_bytes_per_token, \
+    reference_kv_bytes_per_token, v4_window_bytes, weight_bytes
 
 
 def model_info(config: ModelConfig) -> dict[str, Any]:
@@ -24,9 +24,20 @@ def model_info(config: ModelConfig) -> dict[str, Any]:
         "routed_experts": config.n_routed_experts,
         "experts_per_token": config.num_experts_per_tok if config.has_moe else None,
         "max_position_embeddings": config.max_position_embeddings,
+        "model_type": config.model_type,
         "kv_bytes_per_token": kv,
+        "indexer_kv_bytes_per_token": indexer_cache_values(config) * 2,
+        "sparse_attention": {"index_topk": config.index_topk, "index_n_heads": config.index_n_heads,
+                             "index_head_dim": config.index_head_dim,
+                             "layers_with_indexer": sum(config.has_indexer(i) for i in range(config.num_hidden_layers))}
+        if config.sparse_attention else None,
+        "vision_tower": "not supported (the language model runs, text only)" if config.model_type == "kimi_k25"
+        else None,
+        # DeepSeek-V4: per token only compressed entries are cached; the sliding windows are a constant
+        "kv_window_bytes": v4_window_bytes(config) if config.model_type == "deepseek_v4" else 0,
         "kv_dtype": "bfloat16",
-        "kv_bytes": {name: kv * n for name, n in CONTEXTS.items()},
+        "kv_bytes": {name: kv * n + (v4_window_bytes(config) if config.model_type == "deepseek_v4" else 0)
+                     for name, n in CONTEXTS.items()},
         "weight_bytes": {label: weight_bytes(p.total + p.mtp, bits)
                          for label, bits in (("float32", 32), ("bfloat16", 16), ("8-bit", 8), ("4-bit", 4))},
         "kv_references": {name: {"kv_bytes_per_token": reference_kv_bytes_per_token(name),
@@ -84,10 +95,21 @@ def format_info(info: dict[str, Any], title: str) -> str:
         for name, d in de["domains"].items():
             lines.append(f"    {name:<15} experts {_span(d['experts'])}; extracted: "
                          f"{d['extracted_params'] / 1e6:,.1f} M parameters, {_size(d['extracted_bytes'])} bf16")
+    sa = info["sparse_attention"]
+    if sa:
+        lines.append(f"  sparse attention  each query attends to {sa['index_topk']:,} positions, chosen by an indexer "
+                     f"({sa['index_n_heads']} heads x {sa['index_head_dim']}) in {sa['layers_with_indexer']} layers")
+    if info["vision_tower"]:
+        lines.append(f"  vision tower      {info['vision_tower']}")
     lines.append(f"  context           {info['max_position_embeddings']:,} tokens")
     lines.append("  weights           " + ", ".join(f"{k} {_size(v)}" for k, v in info["weight_bytes"].items()))
     lines.append(f"  KV cache (bf16)   {info['kv_bytes_per_token']:,} B/token; " +
                  ", ".join(f"{c} {_size(v)}" for c, v in info["kv_bytes"].items()))
+    if info["indexer_kv_bytes_per_token"]:
+        lines.append(f"    of which the indexers' keys {info['indexer_kv_bytes_per_token']:,} B/token")
+    if info["kv_window_bytes"]:
+        lines.append(f"    (compressed entries per token; plus the sliding windows, "
+                     f"{_size(info['kv_window_bytes'])} at any length)")
     for name, ref in info["kv_references"].items():
         ratio = ref["kv_bytes_per_token"] / info["kv_bytes_per_token"]
         lines.append(f"    vs {name:<13} {ref['kv_bytes_per_token']:,} B/token ({ratio:.1f}x ours); " +

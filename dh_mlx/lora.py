@@ -26,6 +26,7 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
 
 from .config import ATTENTION, DENSE_MLP, TARGETS, LoRAConfig, ModelConfig  # noqa: F401  (re-exported)
+from .files import write_atomic
 from .model import Model
 from .model.layers import Linear
 from .model.moe import QuantizedStackedLinear, StackedLinear
@@ -264,10 +265,9 @@ def save_adapters(model: Model, directory: str | Path, lc: LoRAConfig, *, extra:
     config = {"fine_tune_type": "lora", "num_layers": n_layers, "lora_parameters": lora_parameters(model.config, lc),
               "alpha": lc.alpha, "targets": list(lc.targets) if lc.targets is not None else None,
               "experts": lc.experts, **(extra or {})}
-    tmp = d / f".tmp-{ADAPTERS}"
-    mx.save_safetensors(str(tmp), adapter_weights(model), metadata={"format": "mlx"})
-    tmp.replace(d / ADAPTERS)
-    (d / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
+    weights = adapter_weights(model)
+    write_atomic(d / ADAPTERS, lambda f: mx.save_safetensors(f, weights, metadata={"format": "mlx"}))
+    write_atomic(d / ADAPTER_CONFIG, json.dumps(config, indent=2) + "\n")
 
 
 def read_adapter_config(adapter_dir: str | Path) -> tuple[dict, dict[str, mx.array]]:

@@ -2,66 +2,58 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Iterable
+
+from .files import format_bytes, inside, remove, same_file  # noqa: F401  (format_bytes re-exported)
 
 
 class OutputError(ValueError):
     """An output path that would replace data the command was not asked to replace."""
 
 
-def _same(a: Path, b: Path) -> bool:
-    try:
-        return a.resolve() == b.resolve()
-    except OSError:
-        return False
-
-
-def _inside(path: Path, directory: Path) -> bool:
-    try:
-        return path.exists() and path.resolve().is_relative_to(directory.resolve())
-    except OSError:
-        return False
-
-
 def check_output_dir(out: str | Path, *, inputs: Iterable[str | Path | None] = (), force: bool = False,
-                     flag: str = "--out") -> Path:
+                     arg: str = "out") -> Path:
     """`out` as a directory to write into: not one of `inputs`, and empty or absent unless `force`."""
     out = Path(out)
-    for src in inputs:
-        if src is not None and (_same(out, Path(src)) or _inside(Path(src), out)):
-            raise OutputError(f"{out}: {flag} is, or holds, the input {src}; writing there could replace it "
-                              f"(choose another {flag})")
+    for src in inputs:  # by device and inode: a bind mount, hard link or case-insensitive spelling is caught
+        if src is not None and (inside(out, src) or inside(src, out)):
+            how = "is, or holds, the input" if inside(src, out) else "lies inside the input"
+            raise OutputError(f"{out}: `{arg}` {how} {src}; writing there could replace it (choose another `{arg}`)")
     if out.exists() and not out.is_dir():
-        raise OutputError(f"{out}: exists and is not a directory ({flag} takes a directory)")
+        raise OutputError(f"{out}: exists and is not a directory (`{arg}` takes a directory)")
     # `.tmp-*` files are what an interrupted write of ours leaves (readers skip them; a rerun writes over them)
     held = sorted(p.name for p in out.iterdir() if not p.name.startswith(".tmp-")) if out.is_dir() else []
     if held and not force:
         shown = ", ".join(held[:4]) + (", ..." if len(held) > 4 else "")
-        raise OutputError(f"{out}: already holds {shown}; pass --force to write over it, or choose another {flag}")
+        raise OutputError(f"{out}: already holds {shown}; pass `force=True` to write over it, or choose another `{arg}`")
     return out
 
 
 def check_output_file(out: str | Path, *, inputs: Iterable[str | Path | None] = (), force: bool = False,
-                      flag: str = "--out") -> Path:
+                      arg: str = "out") -> Path:
     """`out` as a file to write: not a directory, not an input, absent unless `force`."""
     out = Path(out)
     if out.is_dir():
-        raise OutputError(f"{out}: is a directory; {flag} takes the file to write (e.g. {out / 'model.gguf'})")
+        raise OutputError(f"{out}: is a directory; `{arg}` takes the file to write (e.g. {out / 'model.gguf'})")
     for src in inputs:
         if src is None:
             continue
-        if _same(out, Path(src)) or _inside(out, Path(src)):
-            raise OutputError(f"{out}: {flag} is the input {src} or one of its files; writing there would replace "
-                              f"it (choose another {flag})")
+        if same_file(out, src) or inside(out, src):
+            raise OutputError(f"{out}: `{arg}` is the input {src} or one of its files; writing there would replace "
+                              f"it (choose another `{arg}`)")
     if out.exists() and not force:
-        raise OutputError(f"{out}: exists; pass --force to replace it, or choose another {flag}")
+        raise OutputError(f"{out}: exists; pass `force=True` to replace it, or choose another `{arg}`")
     return out
 
 
-def format_bytes(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if n < 1000 or unit == "GB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000
-    return f"{n:.1f} GB"
+def remove_owned(directory: str | Path, names: str) -> list[str]:
+    """Remove the entries of `directory` whose names fully match the regular expression `names`: files of the
+    kind the command writes there (say, weight shards of an earlier write), never anything else; links are
+    removed themselves, not followed. Returns the names removed, for the command to report."""
+    pattern = re.compile(names)
+    d = Path(directory)
+    if not d.is_dir():
+        return []
+    return sorted(p.name for p in d.iterdir() if pattern.fullmatch(p.name) and remove(p))

@@ -17,6 +17,7 @@ import math
 from typing import Any
 
 from .config import ModelConfig
+from .files import format_bytes
 from .params import count_params, kv_bytes_per_token, weight_bytes
 from .train.memory import activation_elements
 
@@ -39,9 +40,9 @@ def plan(config: ModelConfig, *, machines: int = 2, memory_gb: float = 192.0, li
          batch: int = 1, seq_len: int = 4096, context: int = 32768) -> dict[str, Any]:
     """Training and serving layouts of `config` over `machines` of `memory_gb` GB each, joined by `link`."""
     if link not in LINKS:
-        raise ValueError(f"--link must be one of {', '.join(LINKS)}, got {link!r}")
+        raise ValueError(f"`link` must be one of {', '.join(LINKS)}, got {link!r}")
     if machines < 1 or memory_gb <= 0 or batch < 1 or seq_len < 1:
-        raise ValueError("--machines, --memory, the batch and the sequence length must be positive")
+        raise ValueError("`machines`, `memory`, the batch and the sequence length must be positive")
     p = count_params(config)
     n = p.total + p.mtp
     N, memory, (link_name, bw) = machines, memory_gb * 1e9, LINKS[link]
@@ -71,19 +72,19 @@ def plan(config: ModelConfig, *, machines: int = 2, memory_gb: float = 192.0, li
     return {"estimate": "from the config alone (dh_mlx/plan.py): not a measurement",
             "assumptions": "bf16 weights and gradients on the wire, fp32 master weights and AdamW moments "
                            "(16 B/parameter), activation checkpointing, nominal one-way link bandwidth",
-            "params": n, "active_params": p.active + p.mtp_active, "machines": N, "memory": memory,
+            "params": n, "active_params": p.active + p.mtp_active, "params_without_mtp": p.total,
+            "active_params_without_mtp": p.active, "machines": N, "memory": memory,
             "link": link_name, "bandwidth": bw, "batch": batch, "seq_len": seq_len, "context": context,
             "training": training, "serving": serving, "fsdp_machines_needed": need_train,
             "serving_machines_needed": need_serve}
 
 
-def _gb(n: float) -> str:
-    return f"{n / 1e9:,.1f} GB"
-
-
 def format_plan(p: dict[str, Any], title: str) -> str:
-    lines = [f"{title}: {p['params'] / 1e9:.1f} B parameters ({p['active_params'] / 1e9:.1f} B active per token); "
-             f"{p['machines']} machine(s) of {_gb(p['memory'])}, linked by {p['link']} "
+    mtp = p["params"] - p["params_without_mtp"]
+    counted = (f" with the MTP module, which every figure below counts ({p['params_without_mtp'] / 1e9:.1f} B / "
+               f"{p['active_params_without_mtp'] / 1e9:.1f} B without it)" if mtp else "")
+    lines = [f"{title}: {p['params'] / 1e9:.1f} B parameters, {p['active_params'] / 1e9:.1f} B active per token"
+             f"{counted}; {p['machines']} machine(s) of {format_bytes(p['memory'], 'GB')}, linked by {p['link']} "
              f"({p['bandwidth'] / 1e9:g} GB/s one way, nominal)",
              "ESTIMATES from the config (dh_mlx/plan.py), not measurements.",
              f"training, {p['batch']} x {p['seq_len']} tokens per rank and micro-batch, activation checkpointing; "
@@ -91,15 +92,15 @@ def format_plan(p: dict[str, Any], title: str) -> str:
              f"  {'layout':<14} {'weights':>11} {'gradients':>11} {'AdamW':>11} {'activations':>11} "
              f"{'per rank':>11}  fits  {'sent/step':>11} {'link time':>9}"]
     for t in p["training"]:
-        lines.append(f"  {t['layout']:<14} {_gb(t['weights']):>11} {_gb(t['gradients']):>11} "
-                     f"{_gb(t['optimizer']):>11} {_gb(t['activations']):>11} {_gb(t['total']):>11}  "
-                     f"{'yes' if t['fits'] else 'no ':<4}  {_gb(t['bytes_per_step']):>11} {t['comm_seconds']:>8.2f}s")
+        lines.append(f"  {t['layout']:<14} {format_bytes(t['weights'], 'GB'):>11} {format_bytes(t['gradients'], 'GB'):>11} "
+                     f"{format_bytes(t['optimizer'], 'GB'):>11} {format_bytes(t['activations'], 'GB'):>11} {format_bytes(t['total'], 'GB'):>11}  "
+                     f"{'yes' if t['fits'] else 'no ':<4}  {format_bytes(t['bytes_per_step'], 'GB'):>11} {t['comm_seconds']:>8.2f}s")
         lines.append(f"  {'':<14} {t['note']}")
     lines.append(f"serving, {p['context']:,}-token context (bf16 KV cache), layers or tensors split over the "
                  "ranks (pipeline, or vLLM --tensor-parallel-size):")
     for s in p["serving"]:
-        lines.append(f"  {s['layout']:<14} weights {_gb(s['weights_per_rank'])} per rank, KV cache "
-                     f"{_gb(s['kv_cache'])}: {'fits' if s['fits'] else 'does not fit'}")
+        lines.append(f"  {s['layout']:<14} weights {format_bytes(s['weights_per_rank'], 'GB')} per rank, KV cache "
+                     f"{format_bytes(s['kv_cache'], 'GB')}: {'fits' if s['fits'] else 'does not fit'}")
     serve = ", ".join(f"{k} on {v}" for k, v in p["serving_machines_needed"].items())
     lines.append(f"needs: training (FSDP) at least {p['fsdp_machines_needed']} machine(s) of this memory; "
                  f"serving {serve}")

@@ -10,7 +10,8 @@ Group size: per matrix, the largest of 128, 64 and 32 that divides its input wid
 unless one is given (then a matrix whose input width it does not divide stays in float).
 
 Always kept in float: norms, the router (`mlp.gate`, float32 like its selection bias), `e_score_correction_bias`,
-linear biases, matrices whose input width no allowed group size divides, and `kv_b_proj`. The latter
+linear biases, matrices whose input width no allowed group size divides, the sparse-attention indexer's head
+weights (`weights_proj`, float32 as transformers keeps them), and `kv_b_proj`. The latter
 because the absorbed (decode) path folds its per-head matrices into the query and the output, and because
 mlx-lm re-quantizes it along another axis when it splits it into `embed_q`/`unembed_out`, so a quantized
 `kv_b_proj` would give different logits there. It is small (kv_lora_rank x heads x (nope + v)).
@@ -46,7 +47,7 @@ GROUP_SIZES = (32, 64, 128)
 AUTO_GROUP_SIZES = (128, 64, 32)  # tried in this order when no group size is given
 KEYS = ("quantization", "quantization_config")  # mlx-lm writes both (the second for the HF model tree)
 HIGH_BITS = 8
-NEVER = ("kv_b_proj",)
+NEVER = ("kv_b_proj", "weights_proj")  # weights_proj: the sparse-attention indexer's head weights (float32)
 QUANTIZED = (nn.QuantizedLinear, nn.QuantizedEmbedding, QuantizedStackedLinear)
 
 
@@ -194,6 +195,24 @@ def quantize_model(model: Model, qc: QuantConfig) -> dict:
     return block
 
 
+def packed_format(path: str, shape: tuple[int, ...], weights: dict[str, mx.array]) -> tuple[int, int]:
+    """(group size, bits) that the packed `path.weight`, `.scales` and `.biases` imply for a float matrix of
+    `shape`; ValueError naming the tensor when they do not describe one (a kernel would divide by zero)."""
+    w, scales, biases = (weights.get(f"{path}.{k}") for k in ("weight", "scales", "biases"))
+    rows, cols = tuple(shape[:-1]), shape[-1]
+    if w is None or biases is None or w.dtype != mx.uint32:
+        raise ValueError(f"tensor {path}.weight: a quantized matrix needs a uint32 weight, scales and biases")
+    ok = tuple(scales.shape) == tuple(biases.shape) and tuple(scales.shape[:-1]) == rows == tuple(w.shape[:-1])
+    groups = scales.shape[-1] if ok else 0
+    group = cols // groups if groups and cols % groups == 0 else 0
+    bits = w.shape[-1] * 32 // cols if w.shape[-1] * 32 % cols == 0 else 0
+    if not (ok and group in (32, 64, 128) and bits in (2, 3, 4, 5, 6, 8)):
+        raise ValueError(f"tensor {path}.scales {tuple(scales.shape)} / .biases {tuple(biases.shape)} / .weight "
+                         f"{tuple(w.shape)}: not an MLX-quantized {tuple(shape)} matrix (group size 32, 64 or 128; "
+                         "2, 3, 4, 5, 6 or 8 bits)")
+    return group, bits
+
+
 def quantize_like(model: Model, block: dict, weights: dict[str, mx.array]) -> None:
     """Loading: quantize exactly the modules that have `scales` on disk, with the group size and bits their
     shapes imply (as mlx-lm infers them), so per-layer entries of the block need not name our paths."""
@@ -205,8 +224,8 @@ def quantize_like(model: Model, block: dict, weights: dict[str, mx.array]) -> No
         if not hasattr(module, "to_quantized") or f"{path}.scales" not in weights:
             return False
         in_dims = module.weight.shape[-1]
-        return {"group_size": in_dims // weights[f"{path}.scales"].shape[-1],
-                "bits": weights[f"{path}.weight"].shape[-1] * 32 // in_dims, "mode": mode}
+        group, bits = packed_format(path, module.weight.shape, weights)
+        return {"group_size": group, "bits": bits, "mode": mode}
 
     nn.quantize(model, block["group_size"], block["bits"], class_predicate=predicate)
     _use_replaceable_linear(model)

@@ -12,11 +12,14 @@ as our training data does). Two differences remain: they read the literal text `
 from __future__ import annotations
 
 import codecs
+import functools
 import json
 from pathlib import Path
 from typing import Iterable
 
 import sentencepiece as spm
+
+from .files import FileKindError, copy_file, read_bytes, same_file, write_atomic
 
 PAD, BOS, EOS, UNK = "<pad>", "<s>", "</s>", "<unk>"
 MODEL_FILE = "tokenizer.model"
@@ -46,9 +49,11 @@ class Tokenizer:
     def __init__(self, model_file: str | Path):
         self.path = Path(model_file)
         try:
-            self.sp = spm.SentencePieceProcessor(model_file=str(self.path))
-        except (OSError, RuntimeError) as e:
-            raise TokenizerError(f"{self.path}: not a SentencePiece model ({e})") from None
+            self.sp = spm.SentencePieceProcessor(model_proto=read_bytes(self.path, "tokenizer"))
+        except FileKindError as e:
+            raise TokenizerError(str(e)) from None
+        except (OSError, RuntimeError, TypeError) as e:
+            raise TokenizerError(f"{self.path}: not a SentencePiece model ({str(e).splitlines()[0][:200]})") from None
         self._mark_ids = [self.sp.piece_to_id(f"<0x{b:02X}>") for b in _SPACE_MARK.encode()]
         # Bytes each id contributes to the decoded text (None for control tokens).
         self._bytes = [self._piece_bytes(i) for i in range(self.sp.get_piece_size())]
@@ -83,10 +88,26 @@ class Tokenizer:
     def pad_id(self) -> int:
         return self.sp.pad_id()
 
-    def encode_chat(self, messages: list[dict], *, add_generation_prompt: bool = True) -> list[int]:
+    def token_bytes(self) -> list[bytes | None]:
+        """The bytes each id stands for in decoded text (None: a control token, which decodes to nothing)."""
+        return list(self._bytes)
+
+    @functools.cached_property
+    def max_token_bytes(self) -> int:
+        """The most bytes of text one token stands for (so a text of n bytes needs >= n / this tokens)."""
+        return max(len(b) for b in self._bytes if b)
+
+    def encode_chat(self, messages: list[dict], *, add_generation_prompt: bool = True, limit: int | None = None,
+                    **template_args) -> list[int]:
         """Ids of `messages` in our chat format (CHAT_TEMPLATE), each part tokenized on its own as
-        train/data.py tokenizes a `messages` record; then `Assistant: ` for the reply."""
-        from .chat import check_messages
+        train/data.py tokenizes a `messages` record; then `Assistant: ` for the reply. `limit`: see `encode`.
+        Our format has no variables: `template_args` (a release template's) are refused."""
+        from .chat import ChatTemplateError, check_messages
+        from .hf_tokenizer import check_length
+        if template_args:
+            raise ChatTemplateError(f"our tokenizer's chat format takes no template arguments "
+                                    f"({', '.join(template_args)}); they are for a tokenizer.json chat template")
+        check_length(self, sum(len(m["content"].encode("utf-8", "replace")) for m in check_messages(messages)), limit)
         ids = [self.bos_id]
         for m in check_messages(messages):
             if m["role"] == "assistant":
@@ -99,13 +120,17 @@ class Tokenizer:
     def unk_id(self) -> int:
         return self.sp.unk_id()
 
-    def encode(self, text: str, *, bos: bool = False, eos: bool = False) -> list[int]:
-        """Token ids of `text`; special tokens only where asked (the text `</s>` is ordinary text)."""
+    def encode(self, text: str, *, bos: bool = False, eos: bool = False, limit: int | None = None) -> list[int]:
+        """Token ids of `text`; special tokens only where asked (the text `</s>` is ordinary text). With `limit`
+        (a context length), a text that cannot fit in that many tokens is refused before it is tokenized."""
         try:
-            text.encode("utf-8")
+            size = len(text.encode("utf-8"))
         except UnicodeEncodeError as e:
             raise TokenizerError(f"the text holds U+{ord(text[e.start]):04X} at character {e.start}: a lone "
                                  "surrogate, which no UTF-8 text can hold") from None
+        if limit is not None:
+            from .hf_tokenizer import check_length
+            check_length(self, size, limit)
         parts = text.split(_SPACE_MARK)
         ids = [self.bos_id] if bos else []
         for k, part in enumerate(parts):
@@ -186,7 +211,7 @@ def _write_tokenizer_json(tokenizer: Tokenizer, path: Path) -> bool:
     hf.post_processor = processors.TemplateProcessing(single=f"{BOS} $A", pair=f"{BOS} $A {BOS} $B",
                                                       special_tokens=[(BOS, tokenizer.bos_id)])
     hf.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in (PAD, BOS, EOS, UNK)])
-    hf.save(str(path), pretty=False)
+    write_atomic(path, lambda f: hf.save(f, pretty=False))
     return True
 
 
@@ -196,8 +221,8 @@ def write_hf_files(tokenizer: Tokenizer, out_dir: str | Path) -> None:
     out_dir = Path(out_dir)
     if not isinstance(tokenizer, Tokenizer):
         return tokenizer.write_files(out_dir)
-    if tokenizer.path.resolve() != (out_dir / MODEL_FILE).resolve():
-        (out_dir / MODEL_FILE).write_bytes(tokenizer.path.read_bytes())
+    if not same_file(tokenizer.path, out_dir / MODEL_FILE):
+        copy_file(tokenizer.path, out_dir / MODEL_FILE)
     specials = {"bos_token": BOS, "eos_token": EOS, "unk_token": UNK, "pad_token": PAD}
     has_json = _write_tokenizer_json(tokenizer, out_dir / "tokenizer.json")
     config = {
@@ -205,8 +230,8 @@ def write_hf_files(tokenizer: Tokenizer, out_dir: str | Path) -> None:
         "tokenizer_class": "PreTrainedTokenizerFast" if has_json else "LlamaTokenizer",
         **specials, "add_bos_token": True, "add_eos_token": False, "add_prefix_space": False, "legacy": False,
         "clean_up_tokenization_spaces": False, "model_max_length": 131072, "chat_template": CHAT_TEMPLATE}
-    (out_dir / "tokenizer_config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
-    (out_dir / "special_tokens_map.json").write_text(json.dumps(specials, indent=2) + "\n")
+    write_atomic(out_dir / "tokenizer_config.json", json.dumps(config, indent=2, ensure_ascii=False) + "\n")
+    write_atomic(out_dir / "special_tokens_map.json", json.dumps(specials, indent=2) + "\n")
 
 
 def load_tokenizer(model_dir: str | Path, *, vocab_size: int | None = None):
@@ -215,10 +240,10 @@ def load_tokenizer(model_dir: str | Path, *, vocab_size: int | None = None):
     is refused, naming it. With `vocab_size` (the model's), checked against it (`check_vocab`)."""
     from .hf_tokenizer import TOKENIZER_JSON, HFTokenizer, custom_tokenizer
     d = Path(model_dir)
-    if (d / MODEL_FILE).is_file():
+    if (d / MODEL_FILE).exists():
         tok = Tokenizer(d / MODEL_FILE)
-    elif (d / TOKENIZER_JSON).is_file():
-        tok = HFTokenizer(d)
+    elif (d / TOKENIZER_JSON).exists():
+        tok = HFTokenizer(d, vocab_size=vocab_size)
     elif custom := custom_tokenizer(d):
         raise TokenizerError(f"{d}: its tokenizer is the custom class {custom}, code that dh-mlx never runs; it "
                              f"needs a {TOKENIZER_JSON} (or {MODEL_FILE}) beside the weights")

@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import json
+import os
+import random
+import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import mlx.core as mx
@@ -67,7 +73,6 @@ def model_with_tokenizer(root: Path, name: str = "m") -> Path:
     import shutil
 
     from dh_mlx.train.tokenizer import train_tokenizer
-    from test_tokenizer import corpus_lines
     (root / "data.jsonl").write_text("\n".join(corpus_lines(200)) + "\n")
     tok = train_tokenizer(root / "data.jsonl", root / "tok", vocab_size=400)
     make_checkpoint(root / name, vocab_size=tok.vocab_size)
@@ -135,7 +140,8 @@ def make_fp8(src: Path, fp8_dir: Path, deq_dir: Path) -> tuple[Path, Path, Path]
     for f in safetensors_files(src):
         fp8, dequantized = {}, {}
         for k, v in load_file(str(f)).items():
-            if k.endswith(("_proj.weight", "_proj_with_mqa.weight")) and v.ndim == 2:  # the linears, as released
+            released = k.endswith(("_proj.weight", "_proj_with_mqa.weight", "indexer.wq_b.weight", "indexer.wk.weight"))
+            if released and not k.endswith("indexer.weights_proj.weight") and v.ndim == 2:  # the linears, as released
                 q, scale, deq = to_fp8(v)
                 fp8[k], fp8[k + "_scale_inv"], dequantized[k] = q, scale, deq
                 partial |= bool(v.shape[0] % BO or v.shape[1] % BI)
@@ -189,3 +195,79 @@ def make_bpe_tokenizer(d: Path, pre: str = "deepseek-v3", vocab_size: int = 400)
         "eos_token": EOS, "chat_template": TEMPLATE}))
     (d / "generation_config.json").write_text(json.dumps({"bos_token_id": 0, "eos_token_id": [1, vocab_size + 1]}))
     return d
+
+
+# ---- shared by several test files ---------------------------------------------------------------------
+LAUNCH = Path(sys.executable).parent / "mlx.launch"
+
+
+def corpus_lines(n: int = 120, seed: int = 0) -> list[str]:
+    rng = random.Random(seed)
+    words = "the of model token expert router latent attention cache layer value query key".split()
+    lines = []
+    for i in range(n):
+        kind = i % 3
+        if kind == 0:
+            text = " ".join(rng.choice(words) for _ in range(rng.randint(5, 30))) + ".\n"
+        elif kind == 1:
+            a, b = rng.randint(0, 999), rng.randint(0, 999)
+            text = f"def f{i}(x):\n    return x + {a} * {b}\n"
+        else:
+            text = f"{rng.randint(1, 99)} + {rng.randint(1, 99)} = ? Café, naïve résumé.\t½\n"
+        lines.append(json.dumps({"domain": ["general", "code", "math"][kind], "text": text}))
+    return lines
+
+
+def write_corpus(path, n=120):
+    rng = np.random.default_rng(0)
+    with open(path, "w") as f:
+        for i in range(n):
+            words = " ".join(rng.choice(["alpha", "beta", "gamma", "delta", "x", "y", "=", "+"], 30))
+            f.write(json.dumps({"domain": ["code", "math"][i % 2], "text": words}) + "\n")
+
+
+def fixed_batch(cfg, B=4, T=16, seed=0):
+    from dh_mlx.train.loss import Batch
+    rng = np.random.default_rng(seed)
+    toks = rng.integers(0, cfg.vocab_size, (B, T + 1))
+    return Batch(mx.array(toks[:, :-1]), mx.array(toks[:, 1:]), mx.ones((B, T)), mx.zeros((B, T), mx.int32),
+                 mx.full((B, T), -1, mx.int32))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def release(tmp_path, name, *, model_type, overrides, drop=(), **config_edits):
+    """A random model saved as bf16 shards with an index, its config.json rewritten as a release writes it."""
+    model = randomise_for_parity(random_model(make_config(name, **overrides), seed=5, dtype="float32"), 5)
+    save_model(model, tmp_path, dtype="bfloat16", max_shard_bytes=200_000)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    arch = {"deepseek_v2": "DeepseekV2ForCausalLM"}.get(model_type, "DeepseekV3ForCausalLM")  # kimi_k2 too
+    cfg.update(model_type=model_type, architectures=[arch], aux_loss_alpha=0.001, seq_aux=True, **config_edits)
+    for key in drop:
+        cfg.pop(key, None)
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    assert len(list(tmp_path.glob("model-*-of-*.safetensors"))) > 1 and (tmp_path / "model.safetensors.index.json").is_file()
+    return tmp_path
+
+
+CASES = {
+    # V2-Lite: no q_lora, softmax (its config states no scoring_func), greedy top-k, no groups (null), yarn "type"
+    "v2_lite": dict(name="softmax_greedy", model_type="deepseek_v2",
+                    overrides=dict(q_lora_rank=None, norm_topk_prob=False, routed_scaling_factor=1.0),
+                    drop=("scoring_func", "topk_method", "norm_topk_prob", "routed_scaling_factor"),
+                    n_group=None, topk_group=None),
+    # V2 / V2.5: q_lora, softmax, group-limited greedy routing
+    "v2": dict(name="softmax_group_limited", model_type="deepseek_v2", overrides={}, drop=("scoring_func",)),
+    # V3 / R1 / Moonlight in bf16: sigmoid, noaux_tc with groups, an MTP module
+    "v3_bf16": dict(name="q_lora+groups+yarn+mtp", model_type="deepseek_v3", overrides={}),
+}
+
+
+def cli(*args, stdin=None, env=None, timeout=300, text=True):
+    """Runs `dh-mlx ARGS` in a fresh interpreter, as a user's shell would."""
+    return subprocess.run([sys.executable, "-m", "dh_mlx.cli", *args], input=stdin, capture_output=True, text=text,
+                          timeout=timeout, env={**os.environ, **env} if env else None)

@@ -162,6 +162,7 @@ def test_a_blas_with_wrong_sgemm_results_is_skipped(tmp_path):
     assert out.stdout.strip() == f"{right} ({lib}: wrong cblas_sgemm results, skipped)"
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(_blas.shim is not None or not ctypes.util.find_library("openblas"),
                     reason="the shim tests above run in this process, or there is no OpenBLAS to put it in front of")
 def test_shim_tests_pass_in_front_of_openblas():

@@ -5,7 +5,6 @@ the config loader, the safetensors header reader and the sampling options."""
 
 import json
 import math
-import os
 import struct
 import subprocess
 import sys
@@ -16,15 +15,14 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 from dh_mlx import CheckpointError
 from dh_mlx.config import load_config
 from dh_mlx.checkpoint.layout import read_safetensors_header
-from dh_mlx.generation.sample import check_options
 from dh_mlx.train.data import DataError, DataSummary, read_jsonl
+from helpers import cli as run_cli
 
 FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 
 
-def cli(*args, stdin=None, env=None):
-    return subprocess.run([sys.executable, "-m", "dh_mlx.cli", *args], capture_output=True, input=stdin,
-                          timeout=120, env={**os.environ, **(env or {})})
+def cli(*args, stdin=None, env=None):  # bytes: the tests feed and read invalid UTF-8
+    return run_cli(*args, stdin=stdin, env=env, timeout=120, text=False)
 
 
 def one_line(r) -> str:
@@ -57,6 +55,7 @@ def test_skip_invalid_says_where_from_the_cli(tmp_path):
     assert f"{path}:1: the text holds a lone surrogate U+D800 at character 1" in one_line(r)
 
 
+@pytest.mark.slow
 def test_prompts_from_a_file_or_stdin_and_never_broken_utf8(tmp_path):
     from dh_mlx.config import DATA_DIR
     from dh_mlx.tokenizer import load_tokenizer
@@ -76,6 +75,7 @@ def test_prompts_from_a_file_or_stdin_and_never_broken_utf8(tmp_path):
     assert "--prompt: byte 0xFF at offset 1 is not UTF-8 text" in one_line(r)
 
 
+@pytest.mark.slow
 def test_usage_and_internal_errors_are_one_line(monkeypatch, capsys):
     assert "Invalid value for '--steps'" in one_line(cli("train", "--steps", "x"))
     assert "No such command 'nosuch'" in one_line(cli("nosuch"))
@@ -96,6 +96,7 @@ def test_usage_and_internal_errors_are_one_line(monkeypatch, capsys):
         cli_module.main()
 
 
+@pytest.mark.slow
 @FUZZ
 @given(st.lists(st.one_of(st.binary(max_size=60), st.text(max_size=40).map(lambda t: t.encode("utf-8", "surrogatepass")),
                           st.recursive(st.none() | st.booleans() | st.integers() | st.text(max_size=8),
@@ -116,6 +117,7 @@ def test_fuzz_jsonl_reader_raises_only_data_errors(tmp_path, lines):
     assert list(read_jsonl(path, skip_invalid=True, domains=["code"])) is not None
 
 
+@pytest.mark.slow
 @FUZZ
 @given(st.dictionaries(st.sampled_from(["vocab_size", "hidden_size", "num_hidden_layers", "n_routed_experts",
                                         "tie_word_embeddings", "rope_scaling", "domain_routing", "model_type",
@@ -152,13 +154,13 @@ def test_fuzz_safetensors_header_reader_raises_only_checkpoint_errors(tmp_path, 
 
 @FUZZ
 @given(temp=st.floats(allow_nan=True), top_p=st.floats(allow_nan=True), top_k=st.integers(-3, 10**6),
-       min_p=st.floats(allow_nan=True), penalty=st.floats(allow_nan=True), max_tokens=st.integers(-3, 10**6))
-def test_fuzz_sampling_options_are_either_valid_or_a_named_value_error(temp, top_p, top_k, min_p, penalty,
-                                                                      max_tokens):
+       min_p=st.floats(allow_nan=True), penalty=st.floats(allow_nan=True), seed=st.integers(-3, 2**64))
+def test_fuzz_sampling_options_are_either_valid_or_a_named_value_error(temp, top_p, top_k, min_p, penalty, seed):
+    from dh_mlx.generation.options import SamplingOptions
     try:
-        check_options(temp=temp, top_p=top_p, top_k=top_k, min_p=min_p, repetition_penalty=penalty,
-                      max_tokens=max_tokens)
-    except ValueError as e:
-        assert str(e).startswith("--")
+        SamplingOptions(temp=temp, top_p=top_p, top_k=top_k, min_p=min_p, repetition_penalty=penalty, seed=seed)
+    except ValueError as e:  # the library names the argument (the CLI turns it into the flag)
+        assert str(e).split(" ")[0] in ("temp", "top_p", "top_k", "min_p", "repetition_penalty", "seed"), e
         return
     assert math.isfinite(temp) and temp >= 0 and 0 < top_p <= 1 and 0 <= min_p <= 1 and penalty > 0
+    assert 0 <= seed < 2**63

@@ -2,17 +2,18 @@
 applies the chat template, and `dh-mlx chat` keeps its KV cache between turns."""
 
 import re
-import subprocess
-import sys
 
 import pytest
 
 from dh_mlx import load, random_model, save_model
 from dh_mlx.chat import messages
-from helpers import make_config
+from helpers import cli as run_cli, make_config
+
+
+def cli(*args, stdin=""):  # an empty stdin: chat reads its turns from it
+    return run_cli(*args, stdin=stdin)
 
 pytest.importorskip("transformers")
-from test_hf_tokenizer import tokenizer_dir  # noqa: E402,F401  (the byte-level BPE fixture)
 
 
 @pytest.fixture(scope="module")
@@ -24,11 +25,6 @@ def model_dir(tokenizer_dir, tmp_path_factory):  # noqa: F811
     return d
 
 
-def cli(*args, stdin=""):
-    return subprocess.run([sys.executable, "-m", "dh_mlx.cli", *args], input=stdin, capture_output=True, text=True,
-                          timeout=300)
-
-
 def prompt_tokens(stderr: str) -> list[int]:
     return [int(n) for n in re.findall(r"prompt: (\d+) tokens", stderr)]
 
@@ -38,6 +34,7 @@ def test_load_reads_the_tokenizer_json_and_its_eos_ids(model_dir):
     assert type(tok).__name__ == "HFTokenizer" and tok.eos_ids == (1, 401)
 
 
+@pytest.mark.slow
 def test_generate_chat_applies_the_template_with_the_system_message(model_dir):
     _, tok = load(model_dir)
     want = len(tok.encode_chat(messages("What is 2 + 2?", "Be brief.")))
@@ -48,18 +45,26 @@ def test_generate_chat_applies_the_template_with_the_system_message(model_dir):
     assert cli("generate", "--model", str(model_dir), "--prompt", "hi", "--system", "x").returncode == 1
 
 
-def test_chat_turns_reuse_the_kv_cache(model_dir):
-    r = cli("chat", "--model", str(model_dir), "--max-tokens", "6", "--system", "Be brief.",
-            stdin="Hello there\n\nAnd again, once more\n")
+@pytest.mark.slow
+@pytest.mark.parametrize("mtp", ["--mtp", "--no-mtp"])
+def test_chat_turns_reuse_the_kv_cache(model_dir, mtp):
+    """Turn 2 prefills only what the cache does not hold: the tokens of the conversation so far that are not a
+    prefix of it (the model has an MTP module; with it on, its cache is caught up instead of prefilled again)."""
+    from dh_mlx.generation.chat import Conversation
+    turns = ["Hello there", "And again, once more"]
+    r = cli("chat", "--model", str(model_dir), "--max-tokens", "6", "--system", "Be brief.", mtp,
+            stdin=f"{turns[0]}\n\n{turns[1]}\n")
     assert r.returncode == 0, r.stderr
-    first, second = prompt_tokens(r.stderr)  # the blank line is no turn
-    _, tok = load(model_dir)
-    replies = [l for l in r.stdout.split("\n")][:2]
-    whole = tok.encode_chat([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello there"},
-                             {"role": "assistant", "content": replies[0]},
-                             {"role": "user", "content": "And again, once more"}])
-    assert first == len(tok.encode_chat(messages("Hello there", "Be brief.")))
-    assert second < len(whole) - first // 2  # the first turn's tokens were not run again
+    m, tok = load(model_dir)
+    assert m.config.num_nextn_predict_layers == 1
+    conversation = Conversation(m, tok, system="Be brief.")
+    first = len(tok.encode_chat(conversation.messages + [{"role": "user", "content": turns[0]}]))
+    "".join(piece.text for piece in conversation.reply(turns[0], max_tokens=6, mtp=False))
+    held = conversation.cache.tokens
+    second = tok.encode_chat(conversation.messages + [{"role": "user", "content": turns[1]}])
+    common = next(i for i, (a, b) in enumerate(zip(held + [None], second)) if a != b)
+    assert 0 < len(second) - common < len(second) - first  # the first turn is not run again
+    assert prompt_tokens(r.stderr) == [first, len(second) - common]  # the blank line is no turn
 
 
 def test_exports_keep_the_tokenizer_json_and_its_eos_ids(model_dir, tmp_path):
@@ -74,6 +79,7 @@ def test_exports_keep_the_tokenizer_json_and_its_eos_ids(model_dir, tmp_path):
     assert gguf.GGUFReader(str(tmp_path / "m.gguf")).fields["tokenizer.ggml.model"].contents() == "gpt2"
 
 
+@pytest.mark.slow
 def test_lora_on_a_tokenizer_json_model_lowers_its_loss(model_dir, tmp_path):
     import json as _json
 
@@ -86,6 +92,7 @@ def test_lora_on_a_tokenizer_json_model_lowers_its_loss(model_dir, tmp_path):
     assert result.val_loss < result.val_loss_before - 0.1
 
 
+@pytest.mark.slow
 def test_chat_training_data_goes_through_the_models_own_template(tokenizer_dir, tmp_path):  # noqa: F811
     """A `messages` record for a tokenizer.json model: the ids transformers' apply_chat_template gives, and only
     the tokens each reply adds (its text and the template's end of turn) trained."""

@@ -13,17 +13,12 @@ import pytest
 
 from dh_mlx import random_model, save_model
 from dh_mlx.generation import generate_tokens
+from dh_mlx.generation.options import SamplingOptions
 from dh_mlx.generation.speculative import DraftPolicy
 from dh_mlx.tokenizer import load_tokenizer
 from dh_mlx.train.tokenizer import train_tokenizer
 from dh_mlx.train.report import directory_bytes
-from helpers import make_config
-from test_tokenizer import corpus_lines
-
-
-def cli(*args, timeout=300):
-    return subprocess.run([sys.executable, "-m", "dh_mlx.cli", *args], capture_output=True, text=True,
-                          timeout=timeout)
+from helpers import cli, corpus_lines, make_config
 
 
 def one_line_error(result) -> str:
@@ -43,6 +38,7 @@ def corpus(tmp_path_factory):
     return data, root / "tok", tok
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("preset", ["tiny", "1b"])
 def test_each_preset_generates_from_the_cli(preset):
     # 1b's vocabulary (32768) is padded past the bundled tokenizer's 8192 pieces
@@ -84,21 +80,24 @@ def _padded_model(tok, tmp_path):
     return model, tmp_path / "padded"
 
 
+@pytest.mark.slow
 def test_ids_past_the_tokenizer_are_never_sampled(corpus, tmp_path):
     tok = corpus[2]
     model, path = _padded_model(tok, tmp_path)
     prompt = tok.encode("the model token", bos=True)
     unmasked = list(generate_tokens(model, prompt, max_tokens=4, mtp=False))
     assert all(t >= tok.vocab_size for t in unmasked)  # the test's premise: the padded rows would win
-    for opts in (dict(mtp=False), dict(temp=1.0, seed=3, mtp=False), dict(mtp=True, draft_policy=DraftPolicy(adaptive=False)),
-                 dict(mtp=True, temp=1.0, seed=3)):
-        ids = list(generate_tokens(model, prompt, max_tokens=12, vocab_limit=tok.vocab_size, **opts))
+    limited = SamplingOptions(vocab_limit=tok.vocab_size)
+    for opts in (dict(mtp=False), dict(sampling=limited.replace(temp=1.0, seed=3), mtp=False),
+                 dict(mtp=DraftPolicy(adaptive=False)), dict(mtp=True, sampling=limited.replace(temp=1.0, seed=3))):
+        ids = list(generate_tokens(model, prompt, max_tokens=12, **{"sampling": limited, **opts}))
         assert len(ids) >= 1 and max(ids) < tok.vocab_size, opts
     for extra in ([], ["--temp", "1.0"], ["--no-mtp"]):
         r = cli("generate", "--model", str(path), "--prompt", "the model", "--max-tokens", "6", *extra)
         assert r.returncode == 0, r.stderr
 
 
+@pytest.mark.slow
 def test_a_tokenizer_larger_than_the_model_is_refused_with_both_numbers(corpus, tmp_path):
     data, tok_dir, tok = corpus
     small = random_model(make_config(vocab_size=tok.vocab_size - 10), seed=0, dtype="float32")
@@ -128,6 +127,7 @@ def short_run(corpus, tmp_path_factory):
     return out, r.stdout, tok
 
 
+@pytest.mark.slow
 def test_train_sizes_a_new_models_vocabulary_from_its_tokenizer(short_run, corpus, tmp_path):
     out, _, tok = short_run
     assert json.loads((out / "config.json").read_text())["vocab_size"] == tok.vocab_size == 400
@@ -152,6 +152,7 @@ def test_a_run_keeps_only_its_newest_checkpoint_and_prints_its_size(short_run):
     assert float(size.group(1)) == pytest.approx(directory_bytes(out) / 1e6, abs=0.06)
 
 
+@pytest.mark.slow
 def test_keep_checkpoints_keeps_the_newest_k(corpus, tmp_path):
     data, tok_dir, _ = corpus
     r = cli("train", "--tokenizer", str(tok_dir), "--data", str(data), "--out", str(tmp_path / "run"), "--steps",
@@ -220,3 +221,22 @@ def test_the_cli_leaves_every_unset_training_option_to_the_library(monkeypatch, 
                 "dropout"}
     assert not training & calls[0].keys(), calls[0]
     assert {k: calls[1][k] for k in training & calls[1].keys()} == {"steps": 7, "lr": 0.01}
+
+
+def test_a_library_error_names_arguments_and_the_cli_names_its_flags(tmp_path, monkeypatch, capsys):
+    from dh_mlx.cli import as_flags, main
+    from dh_mlx.outputs import OutputError, check_output_dir
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "notes.txt").write_text("mine")
+    with pytest.raises(OutputError) as e:
+        check_output_dir(tmp_path / "taken")
+    assert str(e.value).endswith("pass `force=True` to write over it, or choose another `out`")
+    assert as_flags(str(e.value)).endswith("pass --force to write over it, or choose another --out")
+    assert as_flags("with `mtp=False`") == "with --no-mtp"
+    assert as_flags('`domain="auto"` needs, `bits=4` or `batch_size=2` `grad_accum=8`, `config.json`') == \
+        '--domain auto needs, --bits 4 or --batch-size 2 --grad-accum 8, `config.json`'
+    monkeypatch.setattr(sys, "argv", ["dh-mlx", "info", "--plan", "--link", "pigeon"])
+    with pytest.raises(SystemExit) as e:
+        main()
+    assert e.value.code == 1
+    assert capsys.readouterr().err.strip().startswith("error: --link must be one of 10gbe, ")

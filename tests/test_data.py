@@ -274,6 +274,7 @@ def test_bundled_corpus_and_tokenizer():
     assert all(tok.decode(tok.encode(t)) == t for t in texts[::20])
 
 
+@pytest.mark.slow
 def test_corpus_builder_is_deterministic():
     from dh_mlx.config import DATA_DIR
     spec = importlib.util.spec_from_file_location("build_corpus", DATA_DIR / "build_corpus.py")

@@ -14,10 +14,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from helpers import model_with_tokenizer
+from helpers import LAUNCH, free_port, model_with_tokenizer
 
-LAUNCH = Path(sys.executable).parent / "mlx.launch"
-pytestmark = pytest.mark.skipif(not LAUNCH.exists(), reason="mlx.launch is not installed beside this python")
+pytestmark = [pytest.mark.skipif(not LAUNCH.exists(), reason="mlx.launch is not installed beside this python"),
+              pytest.mark.slow]  # (several processes: not in the quick tier)
 
 DUMP = r"""
 import sys, numpy as np
@@ -34,12 +34,6 @@ sys.argv = ["dh-mlx"] + sys.argv[2:]
 from dh_mlx.cli import main
 main()
 """
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def run(args: list[str], dump: Path, ranks: int = 1, timeout: int = 300) -> subprocess.CompletedProcess:

@@ -34,6 +34,15 @@ def test_the_readme_is_short_and_starts_with_the_two_commands():
     assert "session" not in README.lower()  # it describes the software, not how it was made
 
 
+def test_ci_runs_the_readme_test_command_in_a_virtual_environment():
+    first = re.search(r"```bash\n(.*?)```", README, flags=re.S).group(1)
+    (command,) = [line for line in first.splitlines() if "pytest" in line]
+    assert command.startswith("python3 -m venv .venv && . .venv/bin/activate && ")
+    ci = (REPO_DIR / ".ci" / "run").read_text()
+    (line,) = [line for line in ci.splitlines() if "pytest" in line and not line.startswith("#")]
+    assert line.startswith(command.replace("pip install -e", "pip install -q -e")), (line, command)
+
+
 def test_every_command_has_a_worked_example():
     from typer.main import get_command
 
@@ -46,8 +55,9 @@ def test_every_command_has_a_worked_example():
     shown = {" ".join(w[1:3]) if len(w) > 2 and f"{w[1]} {w[2]}" in wanted else w[1] for w in _bash_commands(README)
              if w[0] == "dh-mlx" and len(w) > 1}
     assert wanted == {"train", "generate", "chat", "info", "plot", "quantize", "lora", "fuse", "tokenizer train",
+                      "data prepare",
                       "convert gguf", "convert mlx", "convert hf", "convert import", "domains add",
-                      "domains remove", "domains extract"}
+                      "domains remove", "domains extract", "serve"}
     assert wanted <= shown, wanted - shown
 
 

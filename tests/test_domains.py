@@ -16,7 +16,7 @@ from dh_mlx import load_model, random_model, save_model
 from dh_mlx.checkpoint.domains import extract_domain
 from dh_mlx.domains import domain_experts, extract, remove
 from dh_mlx.generation.domains import domain_posterior, infer_domain
-from dh_mlx.checkpoint.quantized import dir_bytes
+from dh_mlx.convert.mlx import dir_bytes
 from helpers import make_config, randomise_for_parity, tokens
 
 DOMAINS = {"domains": ["code", "math", "legal"], "experts_per_domain": 3}
@@ -51,6 +51,7 @@ def test_extracted_domain_gives_the_full_models_logits_with_its_id(name):
     assert mx.abs(e.mtp_forward(part.hidden, ids).logits - mtp_full).max().item() <= 1e-6  # MTP experts too
 
 
+@pytest.mark.slow
 def test_extracted_checkpoint_loads_in_transformers_and_mlx_lm_with_those_logits(tmp_path):
     transformers = pytest.importorskip("transformers")
     torch = pytest.importorskip("torch")
@@ -102,6 +103,7 @@ def test_auto_picks_the_domain_the_prompt_is_likeliest_under(tmp_path):
     assert infer_domain(m, prompt[:1]) == (None, None)  # one token predicts nothing
 
 
+@pytest.mark.slow
 def test_cli_extract_remove_info_and_auto(tmp_path):
     from helpers import model_with_tokenizer
     import shutil

@@ -15,9 +15,10 @@ import time
 import pytest
 
 from dh_mlx.checkpoint.training import CheckpointWriteError, latest_checkpoint
-from helpers import make_config
-from test_train import write_corpus
+from helpers import make_config, write_corpus
 
+
+pytestmark = pytest.mark.slow  # (not in the quick tier, pytest -m "not slow")
 
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory):

@@ -7,8 +7,8 @@ import pytest
 from dh_mlx import random_model
 from dh_mlx.generation import GenerationStats, generate_tokens
 from dh_mlx.generation.cache import make_cache
-from dh_mlx.generation.sample import (apply_min_p, apply_repetition_penalty, apply_top_k, apply_top_p, make_sampler,
-                                      sampling_distribution)
+from dh_mlx.generation.options import SamplingOptions
+from dh_mlx.generation.sample import apply_min_p, apply_repetition_penalty, apply_top_k, apply_top_p
 from dh_mlx.generation.speculative import DraftPolicy
 from dh_mlx.generation.steps import PromptCache, compiled_cached_step, compiled_decode_step, decode_step, prefill
 from helpers import make_config, randomise_for_parity, tokens
@@ -21,7 +21,7 @@ def model():
 
 def test_temperature_zero_is_argmax():
     logits = mx.array([[0.1, 3.0, -1.0, 2.9]])
-    assert make_sampler(0.0)(logits).item() == 1
+    assert SamplingOptions().draw(logits).item() == 1
 
 
 def test_top_k_top_p_min_p_masks():
@@ -31,7 +31,7 @@ def test_top_k_top_p_min_p_masks():
     assert keep(apply_top_p(logits, 0.8)) == [True, True, False, False]  # 0.5 + 0.3 reaches 0.8
     assert keep(apply_top_p(logits, 0.81)) == [True, True, True, False]
     assert keep(apply_min_p(logits, 0.2)) == [True, True, True, False]  # 0.05 < 0.2 * 0.5
-    p = np.array(sampling_distribution(logits, 1.0, top_k=2))[0]
+    p = np.array(SamplingOptions(temp=1.0, top_k=2).distribution(logits))[0]
     np.testing.assert_allclose(p, [0.625, 0.375, 0, 0], rtol=1e-5)
 
 
@@ -44,7 +44,7 @@ def test_repetition_penalty():
 def test_sampling_follows_the_distribution():
     mx.random.seed(0)
     logits = mx.log(mx.array([[0.6, 0.3, 0.1]]))
-    draws = np.array(make_sampler(1.0)(mx.broadcast_to(logits, (20000, 3))))
+    draws = np.array(SamplingOptions(temp=1.0).draw(mx.broadcast_to(logits, (20000, 3))))
     np.testing.assert_allclose(np.bincount(draws, minlength=3) / 20000, [0.6, 0.3, 0.1], atol=0.015)
 
 
@@ -77,8 +77,13 @@ def test_compiled_decode_step_equals_eager_across_a_capacity_chunk():
         token = mx.argmax(want, axis=-1)[:, None]
     assert compiled[0].offset == eager[0].offset == 260 and compiled[0].latent.shape[2] == 512
     prompt_ids = tokens(20, model.config.vocab_size, seed=4, batch=1)[0].tolist()
-    assert list(generate_tokens(model, prompt_ids, max_tokens=12, temp=0.8, seed=7, mtp=False)) == list(
-        generate_tokens(model, prompt_ids, max_tokens=12, temp=0.8, seed=7, compile_step=False))
+    sampled = SamplingOptions(temp=0.8, seed=7)
+    compiled_tokens = list(generate_tokens(model, prompt_ids, max_tokens=12, sampling=sampled, mtp=False))
+    model.fixed_capacity_steps = False  # the eager decode_step (as a pipeline rank decodes)
+    try:
+        assert compiled_tokens == list(generate_tokens(model, prompt_ids, max_tokens=12, sampling=sampled, mtp=False))
+    finally:
+        del model.fixed_capacity_steps
 
 
 def test_compiled_two_token_step_with_rollback_equals_eager():
@@ -145,7 +150,7 @@ def test_mtp_greedy_accepts_good_drafts_and_stays_identical(model, monkeypatch):
     record = policy.record
     monkeypatch.setattr(policy, "record", lambda kind, seconds, accepted=None: (timings.append(seconds),
                                                                                    record(kind, seconds, accepted)))
-    spec = list(generate_tokens(model, prompt, max_tokens=20, mtp=True, draft_policy=policy, stats=stats))
+    spec = list(generate_tokens(model, prompt, max_tokens=20, mtp=policy, stats=stats))
     assert spec == plain
     assert stats.accepted >= stats.drafted // 2 and stats.drafted < len(plain)
     # the draft step's first call with 1 and with 2 MTP positions compiles it: not timed, the rest are
@@ -173,6 +178,7 @@ def test_mtp_rejections_roll_the_cache_back(model):
     assert pc.cache[0].offset == len(prompt) + len(out) - 1 and pc.tokens == (prompt + out)[:-1]
 
 
+@pytest.mark.slow
 def test_mtp_sampling_keeps_the_target_distribution():
     """Speculative sampling with any draft must reproduce the main model's next-token distribution."""
     from dh_mlx.generation.speculative import mtp_generate  # noqa: F401  (exercised through generate_tokens)
@@ -183,7 +189,7 @@ def test_mtp_sampling_keeps_the_target_distribution():
     counts = {}
     mx.random.seed(0)
     for _ in range(300):
-        out = list(generate_tokens(m, prompt, max_tokens=2, temp=1.0, mtp=True))
+        out = list(generate_tokens(m, prompt, max_tokens=2, sampling=SamplingOptions(temp=1.0), mtp=True))
         counts.setdefault(out[0], []).append(out[1])
     first = np.bincount([k for k, v in counts.items() for _ in v], minlength=5) / 300
     np.testing.assert_allclose(first, target, atol=0.09)
@@ -253,8 +259,8 @@ def test_mtp_cache_catches_up_after_plain_steps(model):
     plain = list(generate_tokens(model, prompt, max_tokens=24, mtp=False))
     script = ["draft", "draft", "plain", "plain", "plain", "draft", "plain", "draft", "draft"] + ["plain"] * 4
     stats, pc = GenerationStats(), PromptCache.new(model)
-    out = list(generate_tokens(model, prompt, max_tokens=24, mtp=True, stats=stats, prompt_cache=pc,
-                               draft_policy=Scripted([m for m in script] + ["draft"] * 30)))
+    out = list(generate_tokens(model, prompt, max_tokens=24, stats=stats, prompt_cache=pc,
+                               mtp=Scripted([m for m in script] + ["draft"] * 30)))
     assert out == plain
     assert stats.drafted >= 5
     seq = mx.array([prompt + out])
@@ -284,6 +290,9 @@ def test_stopping_at_eos_leaves_a_consistent_prompt_cache(model):
         generate_tokens(model, longer, max_tokens=4, mtp=False))
 
 
+PENALTY = SamplingOptions(repetition_penalty=3.0, repetition_context=8)
+
+
 def penalised_greedy_loop(model, prompt, n=12, penalty=3.0, context=8):
     """Greedy decoding one eager step at a time, each step's logits penalised by the last `context` tokens."""
     cache, history = make_cache(model.config), list(prompt)
@@ -302,7 +311,7 @@ def test_repetition_penalty_in_generation_equals_a_step_by_step_loop(model):
     changed = 0
     for n in (5, 9, 14):
         prompt = tokens(n, batch=1)[0].tolist()
-        got = list(generate_tokens(model, prompt, max_tokens=12, mtp=False, repetition_penalty=3.0, repetition_context=8))
+        got = list(generate_tokens(model, prompt, max_tokens=12, mtp=False, sampling=PENALTY))
         assert got == penalised_greedy_loop(model, prompt)
         changed += got != list(generate_tokens(model, prompt, max_tokens=12, mtp=False))
     assert changed  # the penalty changed at least one generation
@@ -323,8 +332,8 @@ def test_mtp_with_a_repetition_penalty_equals_the_step_by_step_loop(model, n):
     each penalised by the tokens before them, so the output is the plain penalised greedy loop's."""
     prompt = tokens(n, batch=1)[0].tolist()
     stats = GenerationStats()
-    got = list(generate_tokens(model, prompt, max_tokens=12, repetition_penalty=3.0, repetition_context=8,
-                               mtp=True, draft_policy=DraftPolicy(adaptive=False), stats=stats))
+    got = list(generate_tokens(model, prompt, max_tokens=12, sampling=PENALTY, mtp=DraftPolicy(adaptive=False),
+                               stats=stats))
     assert got == penalised_greedy_loop(model, prompt)
     assert stats.drafted >= 5
 
@@ -345,3 +354,61 @@ def test_mtp_reuses_the_prompt_cache_across_calls(model):
     list(generate_tokens(model, other, max_tokens=3, mtp=False, prompt_cache=pc))
     assert pc.mtp_cache.offset <= 5
     assert list(generate_tokens(model, prompt, max_tokens=8, mtp=True, prompt_cache=pc)) == fresh
+
+
+class ScriptedPolicy(DraftPolicy):
+    """Drafts or not as the script says (then its last entry forever)."""
+
+    def __init__(self, script):
+        super().__init__()
+        self.script, self.i, self.mode = script, 0, script[0]
+
+    def record(self, kind, seconds, accepted=None):
+        self.i += 1
+        self.mode = self.script[min(self.i, len(self.script) - 1)]
+
+
+def assert_mtp_cache_is_an_eager_pass(model, pc, seq):
+    """The MTP cache's entries equal one eager MTP pass over the main model's hidden states of `seq`."""
+    from dh_mlx.generation.cache import LatentCache
+    n = pc.mtp_cache.offset
+    h, _ = model.model(mx.array([seq[:n]]))
+    ref = LatentCache()
+    model.mtp_forward(h, mx.array([seq[1:n + 1]]), cache=ref)
+    np.testing.assert_allclose(np.array(pc.mtp_cache.latent[:, :, :n]), np.array(ref.latent[:, :, :n]), atol=2e-5,
+                               rtol=1e-4)
+
+
+@pytest.mark.parametrize("script", [["draft", "plain"], ["plain"], ["draft"]])
+def test_mtp_continuation_prefills_only_the_new_tokens(model, script):
+    """However the last call ended (plain steps the MTP cache has not seen, or drafts), a call whose prompt
+    extends everything cached prefills only the new tokens, as plain decoding does: the main model's hidden
+    states of the positions the MTP cache lacks are kept for it. Tokens equal a fresh call's."""
+    prompt = tokens(12, batch=1)[0].tolist()
+    pc = PromptCache.new(model)
+    out = list(generate_tokens(model, prompt, max_tokens=9, prompt_cache=pc,
+                               mtp=ScriptedPolicy(script)))
+    assert len(pc.tokens) == len(prompt) + 8 and pc.mtp_cache.offset + pc.mtp_hidden.shape[1] == len(pc.tokens)
+    longer = prompt + out + [3, 5, 7]
+    stats = GenerationStats()
+    got = list(generate_tokens(model, longer, max_tokens=6, prompt_cache=pc, stats=stats,
+                               mtp=ScriptedPolicy(["draft"])))
+    assert stats.prompt_tokens == 4  # the last generated token (never fed) and the three new ones
+    assert got == list(generate_tokens(model, longer, max_tokens=6, mtp=False))
+    assert_mtp_cache_is_an_eager_pass(model, pc, longer + got)
+
+
+@pytest.mark.parametrize("mtp", [False, True])
+def test_a_consumer_stopping_early_leaves_a_consistent_prompt_cache(model, mtp):
+    """A caller that stops reading (a stop string, a closed connection, Ctrl-C) leaves caches that hold exactly
+    the recorded tokens: the next call continues like a fresh one."""
+    prompt = tokens(10, batch=1)[0].tolist()
+    pc = PromptCache.new(model)
+    gen = generate_tokens(model, prompt, max_tokens=20, prompt_cache=pc,
+                          mtp=ScriptedPolicy(["draft", "draft", "plain"]) if mtp else False)
+    taken = [next(gen) for _ in range(5)]
+    gen.close()
+    assert pc.tokens == (prompt + taken)[: len(pc.tokens)] and pc.cache[0].offset == len(pc.tokens)
+    longer = prompt + taken + [4]
+    assert list(generate_tokens(model, longer, max_tokens=5, mtp=mtp, prompt_cache=pc)) == list(
+        generate_tokens(model, longer, max_tokens=5, mtp=False))

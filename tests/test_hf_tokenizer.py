@@ -13,11 +13,6 @@ transformers = pytest.importorskip("transformers")
 
 
 
-@pytest.fixture(scope="module")
-def tokenizer_dir(tmp_path_factory):
-    return make_bpe_tokenizer(tmp_path_factory.mktemp("bpe"))
-
-
 def test_ids_and_text_equal_autotokenizers(tokenizer_dir):
     ours, theirs = load_tokenizer(tokenizer_dir), transformers.AutoTokenizer.from_pretrained(tokenizer_dir)
     assert type(ours).__name__ == "HFTokenizer" and ours.vocab_size == len(theirs)

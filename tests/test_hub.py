@@ -1,20 +1,17 @@
 """Hub ids resolve through the huggingface_hub cache with no request; a string that looks like a local path never
 reaches the hub (an unreachable endpoint proves it)."""
 
+import pytest
 import os
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
-from helpers import model_with_tokenizer
+from helpers import cli, model_with_tokenizer
 
 
-def cli(*args, env):
-    return subprocess.run([sys.executable, "-m", "dh_mlx.cli", *args], capture_output=True, text=True, timeout=300,
-                          env={**os.environ, **env})
-
-
+@pytest.mark.slow
 def test_a_hub_id_loads_from_a_populated_cache_offline(tmp_path):
     snapshot = tmp_path / "hub" / "models--acme--tiny-moe" / "snapshots" / ("a" * 40)
     (tmp_path / "build").mkdir()

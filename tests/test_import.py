@@ -101,6 +101,7 @@ def test_torchscript_archive(source, tmp_path, suffix):
     assert np.array_equal(logits_of(tmp_path / "trusted"), ref)
 
 
+@pytest.mark.slow
 def test_torch_export_artifact_carries_its_config(source, tmp_path):
     import dh_mlx.torch as twin
     src, _, ref = source

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ast
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -15,16 +16,18 @@ PACKAGE = Path(__file__).resolve().parent.parent / "dh_mlx"
 
 # Lowest first; a module belongs to the longest prefix listed. docs/architecture.md draws the same table.
 LAYERS = [
-    ["dh_mlx.ops", "dh_mlx.config", "dh_mlx.params", "dh_mlx.rope", "dh_mlx.outputs", "dh_mlx.tokenizer",
+    ["dh_mlx.ops", "dh_mlx.families", "dh_mlx.config", "dh_mlx.config_v4", "dh_mlx.params", "dh_mlx.rope",
+     "dh_mlx.outputs", "dh_mlx.progress", "dh_mlx.files", "dh_mlx.tokenizer",
      "dh_mlx.hf_tokenizer", "dh_mlx.chat",
      "dh_mlx.checkpoint.layout", "dh_mlx.checkpoint"],
     ["dh_mlx.model", "dh_mlx.device"],
     ["dh_mlx.quant", "dh_mlx.lora", "dh_mlx.domains", "dh_mlx.backend"],
     ["dh_mlx.checkpoint.shards", "dh_mlx.checkpoint.streaming", "dh_mlx.checkpoint.weights",
-     "dh_mlx.checkpoint.quantized", "dh_mlx.checkpoint.training", "dh_mlx.checkpoint.domains"],
+     "dh_mlx.checkpoint.training", "dh_mlx.checkpoint.domains",
+     "dh_mlx.checkpoint.v4_weights"],
     ["dh_mlx.generation", "dh_mlx.train", "dh_mlx.torch"],
-    ["dh_mlx.convert", "dh_mlx.info", "dh_mlx.plan", "dh_mlx.api"],
-    ["dh_mlx.cli", "dh_mlx.cli_convert", "dh_mlx.cli_generate", "dh_mlx"],
+    ["dh_mlx.convert", "dh_mlx.info", "dh_mlx.plan", "dh_mlx.api", "dh_mlx.serve"],
+    ["dh_mlx.cli", "dh_mlx.cli_convert", "dh_mlx.cli_generate", "dh_mlx.cli_options", "dh_mlx"],
 ]
 
 
@@ -95,7 +98,7 @@ def test_imports_go_to_the_same_or_a_lower_layer():
 
 def test_the_model_is_plain_mlx():
     """model/ imports MLX, the config, RoPE frequencies and the seam: no backend, no device checks."""
-    allowed = {"dh_mlx.config", "dh_mlx.rope", "dh_mlx.ops"}
+    allowed = {"dh_mlx.config", "dh_mlx.config_v4", "dh_mlx.rope", "dh_mlx.ops"}
     for n, deps in GRAPH.items():
         if room(n) == "dh_mlx.model":
             assert {m for m in deps if room(m) != "dh_mlx.model"} <= allowed, (n, deps)
@@ -111,8 +114,9 @@ def test_no_module_global_is_rebound_outside_the_backend():
             assert not any(isinstance(node, ast.Global) for node in ast.walk(ast.parse(p.read_text()))), n
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("module", ["dh_mlx", "dh_mlx.torch", "dh_mlx.torch.train", "dh_mlx.config",
-                                    "dh_mlx.checkpoint.layout"])
+                                    "dh_mlx.checkpoint.layout", "dh_mlx.train.prepared", "dh_mlx.train.prepare"])
 def test_importing_imports_no_mlx_and_leaves_the_environment(module):
     code = ("import os, sys; before = dict(os.environ); import " + module + "; "
             "print(sorted(m for m in sys.modules if m == 'mlx' or m.startswith('mlx.'))); "
@@ -120,3 +124,32 @@ def test_importing_imports_no_mlx_and_leaves_the_environment(module):
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=300,
                          env={k: v for k, v in os.environ.items() if not k.startswith("DH_MLX")})
     assert out.stdout.split("\n")[:2] == ["[]", "[]"], out.stdout
+
+
+FLAG = re.compile(r"(^|[\s(/])--[a-z]")
+SPEAKS_CLI = ("dh_mlx.cli", "dh_mlx.cli_convert", "dh_mlx.cli_generate", "dh_mlx.cli_options",
+              "dh_mlx.torch.train")  # the command lines themselves (torch.train is torchrun's)
+
+
+def _strings(node: ast.AST) -> list[str]:
+    return [n.value for n in ast.walk(node) if isinstance(n, ast.Constant) and isinstance(n.value, str)]
+
+
+def test_library_code_speaks_in_arguments_and_never_prints():
+    """Errors, notes and status lines name arguments (`force=True`), never command-line flags; nothing but the
+    command lines prints."""
+    found = []
+    for name, path in modules().items():
+        if name in SPEAKS_CLI:
+            continue
+        tree = ast.parse(path.read_text())
+        for node in ast.walk(tree):
+            said = node.exc if isinstance(node, ast.Raise) and node.exc is not None else None
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Name):
+                if node.func.id == "print":
+                    found.append(f"{name}:{node.lineno}: print")
+                if node.func.id in ("note", "status"):
+                    said = node
+            if said is not None:
+                found += [f"{name}:{node.lineno}: {s!r}" for s in _strings(said) if FLAG.search(s)]
+    assert not found, "\n".join(found)

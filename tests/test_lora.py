@@ -14,8 +14,7 @@ from dh_mlx.train.config import TrainConfig
 from dh_mlx.lora import (LoRAConfig, LoRAStackedLinear, apply_lora, fuse_lora, load_adapters,
                                save_adapters)
 from dh_mlx.train.trainer import build_steps, make_optimizer
-from helpers import force_expert_path, make_checkpoint, tokens
-from test_train import fixed_batch, write_corpus
+from helpers import fixed_batch, force_expert_path, make_checkpoint, tokens, write_corpus
 
 TOL = 1e-4
 ALL = ["q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj", "shared_experts", "gate_proj",
@@ -150,6 +149,7 @@ def test_qlora_trains_on_a_quantized_base_and_fuses_to_float(base_dir, tmp_path)
     assert mx.abs(load_model(tmp_path / "kept")(ids) - unfused).max().item() < 0.2  # re-quantized: close, not equal
 
 
+@pytest.mark.slow
 def test_lora_run_resumes_to_the_same_adapters_and_refuses_other_settings(tmp_path):
     from dh_mlx.config import DomainRouting
     from dh_mlx.train.tokenizer import train_tokenizer

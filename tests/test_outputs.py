@@ -4,17 +4,11 @@ run directory, is refused unless --force (or --resume); --resume refuses a confi
 import hashlib
 import json
 import shutil
-import subprocess
-import sys
 
 import pytest
 
 from dh_mlx.outputs import OutputError
-from helpers import make_config, model_with_tokenizer
-
-
-def cli(*args):
-    return subprocess.run([sys.executable, "-m", "dh_mlx.cli", *args], capture_output=True, text=True, timeout=300)
+from helpers import cli, make_config, model_with_tokenizer
 
 
 def one_line_error(r) -> str:
@@ -37,6 +31,7 @@ def inputs(tmp_path_factory):
     return root
 
 
+@pytest.mark.slow
 def test_quantize_onto_its_input_is_refused_and_the_input_kept(inputs):
     before = digest(inputs / "model")
     msg = one_line_error(cli("quantize", "--model", str(inputs / "model"), "--out", str(inputs / "model")))
@@ -46,6 +41,7 @@ def test_quantize_onto_its_input_is_refused_and_the_input_kept(inputs):
     assert digest(inputs / "model") == before
 
 
+@pytest.mark.slow
 def test_writing_into_an_existing_directory_needs_force(inputs, tmp_path):
     model = str(inputs / "model")
     taken = tmp_path / "taken"
@@ -61,6 +57,7 @@ def test_writing_into_an_existing_directory_needs_force(inputs, tmp_path):
     assert (taken / "config.json").is_file()
 
 
+@pytest.mark.slow
 def test_train_does_not_replace_an_existing_model_directory(inputs, tmp_path):
     shutil.copytree(inputs / "model", tmp_path / "model")
     before = digest(tmp_path / "model")
@@ -91,6 +88,7 @@ def test_resume_refuses_a_config_of_other_shapes(inputs, tmp_path):
     assert digest(tmp_path / "run") == before
 
 
+@pytest.mark.slow
 def test_gguf_onto_a_directory_is_one_line_and_leaves_no_file(inputs, tmp_path):
     (tmp_path / "dir").mkdir()
     msg = one_line_error(cli("convert", "gguf", "--model", str(inputs / "model"), "--out", str(tmp_path / "dir")))
@@ -110,7 +108,7 @@ def test_gguf_onto_a_directory_is_one_line_and_leaves_no_file(inputs, tmp_path):
 
 def test_the_library_refuses_as_the_cli_does(inputs, tmp_path):
     from dh_mlx.convert import import_checkpoint
-    from dh_mlx.checkpoint.quantized import quantize
+    from dh_mlx.convert.mlx import quantize
     with pytest.raises(OutputError, match="is, or holds, the input"):
         quantize(inputs / "model", inputs / "model")
     with pytest.raises(OutputError, match="holds, the input"):  # the output holds the input file

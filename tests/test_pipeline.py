@@ -14,8 +14,7 @@ from mlx.utils import tree_flatten
 from dh_mlx import load_model
 from dh_mlx.checkpoint.weights import Absent
 from dh_mlx.generation.pipeline import split_layers
-from helpers import make_checkpoint, model_with_tokenizer
-from test_distributed import LAUNCH, free_port
+from helpers import free_port, LAUNCH, make_checkpoint, model_with_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -60,6 +59,7 @@ def generate(model, *args, ranks=1):
     return r
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not LAUNCH.exists(), reason="mlx.launch is not installed beside this python")
 @pytest.mark.parametrize("sampling", [[], ["--temp", "1.0", "--seed", "3"]])
 def test_two_ranks_generate_the_tokens_of_one_process(four_layers, sampling):

@@ -13,7 +13,7 @@ import pytest
 from mlx.utils import tree_flatten, tree_unflatten
 
 from dh_mlx import load_model, ops
-from dh_mlx.checkpoint.quantized import quantize
+from dh_mlx.convert.mlx import quantize
 from dh_mlx.generation import PromptCache, generate_tokens, prefill
 from dh_mlx.model.moe import QuantizedStackedLinear
 from helpers import make_checkpoint, tokens

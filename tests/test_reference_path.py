@@ -9,8 +9,7 @@ from dh_mlx import ops, random_model
 from dh_mlx.generation import generate_tokens
 from dh_mlx.train.config import TrainConfig
 from dh_mlx.train.trainer import build_steps, make_optimizer
-from helpers import make_config, randomise_for_parity, tokens
-from test_train import fixed_batch
+from helpers import fixed_batch, make_config, randomise_for_parity, tokens
 
 REPLACED = {"linear", "rms_norm", "rope", "swiglu", "attention", "absorbed_attention", "route", "routed_experts",
             "weighted_experts", "cross_entropy", "squared_norm", "quantized_linear", "quantized_embedding"}
@@ -38,6 +37,7 @@ def train_losses(steps: int = 4) -> list[float]:
     return out
 
 
+@pytest.mark.slow
 def test_training_steps_on_the_reference_path_give_the_backends_losses():
     fast = train_losses()
     with ops.reference_only():

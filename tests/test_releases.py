@@ -8,37 +8,10 @@ import numpy as np
 import pytest
 
 from dh_mlx import load_model, random_model, save_model
-from helpers import make_config, randomise_for_parity, tokens
+from helpers import CASES, make_config, randomise_for_parity, release, tokens
 
 transformers = pytest.importorskip("transformers")
 torch = pytest.importorskip("torch")
-
-
-def release(tmp_path, name, *, model_type, overrides, drop=(), **config_edits):
-    """A random model saved as bf16 shards with an index, its config.json rewritten as a release writes it."""
-    model = randomise_for_parity(random_model(make_config(name, **overrides), seed=5, dtype="float32"), 5)
-    save_model(model, tmp_path, dtype="bfloat16", max_shard_bytes=200_000)
-    cfg = json.loads((tmp_path / "config.json").read_text())
-    arch = {"deepseek_v2": "DeepseekV2ForCausalLM"}.get(model_type, "DeepseekV3ForCausalLM")  # kimi_k2 too
-    cfg.update(model_type=model_type, architectures=[arch], aux_loss_alpha=0.001, seq_aux=True, **config_edits)
-    for key in drop:
-        cfg.pop(key, None)
-    (tmp_path / "config.json").write_text(json.dumps(cfg))
-    assert len(list(tmp_path.glob("model-*-of-*.safetensors"))) > 1 and (tmp_path / "model.safetensors.index.json").is_file()
-    return tmp_path
-
-
-CASES = {
-    # V2-Lite: no q_lora, softmax (its config states no scoring_func), greedy top-k, no groups (null), yarn "type"
-    "v2_lite": dict(name="softmax_greedy", model_type="deepseek_v2",
-                    overrides=dict(q_lora_rank=None, norm_topk_prob=False, routed_scaling_factor=1.0),
-                    drop=("scoring_func", "topk_method", "norm_topk_prob", "routed_scaling_factor"),
-                    n_group=None, topk_group=None),
-    # V2 / V2.5: q_lora, softmax, group-limited greedy routing
-    "v2": dict(name="softmax_group_limited", model_type="deepseek_v2", overrides={}, drop=("scoring_func",)),
-    # V3 / R1 / Moonlight in bf16: sigmoid, noaux_tc with groups, an MTP module
-    "v3_bf16": dict(name="q_lora+groups+yarn+mtp", model_type="deepseek_v3", overrides={}),
-}
 
 
 @pytest.mark.parametrize("case", list(CASES))
@@ -69,9 +42,10 @@ def test_a_v2_release_exports_as_v2_so_transformers_still_routes_by_softmax(tmp_
     assert np.abs(np.array(load_model(path, dtype="float32")(mx.array(ids))) - want).max() <= 1e-4
 
 
+@pytest.mark.slow
 def test_qlora_on_a_v3_release_lowers_its_loss(tmp_path):
     """A V3 release (bf16 shards as published) quantized to 4 bits, then LoRA adapters trained on it."""
-    from dh_mlx.checkpoint.quantized import quantize
+    from dh_mlx.convert.mlx import quantize
     from dh_mlx.checkpoint.weights import copy_tokenizer
     from dh_mlx.train.lora_run import lora
     from helpers import model_with_tokenizer
@@ -85,6 +59,7 @@ def test_qlora_on_a_v3_release_lowers_its_loss(tmp_path):
     assert result.val_loss < result.val_loss_before - 0.05
 
 
+@pytest.mark.slow
 def test_lora_and_qlora_straight_from_an_fp8_release_lower_its_loss(tmp_path):
     """FP8 blocks (as V3/R1 ship) read by `dh-mlx lora`: dequantized (LoRA) or quantized to 4 bits as they
     load (`--bits 4`, QLoRA without a quantized copy on disk)."""

@@ -13,8 +13,7 @@ from safetensors.numpy import load_file, save_file
 
 from dh_mlx import ModelConfig
 from dh_mlx.config import load_config
-from helpers import model_with_tokenizer
-from test_tokenizer import corpus_lines
+from helpers import corpus_lines, model_with_tokenizer
 
 
 def run_main(monkeypatch, capsys, *argv) -> tuple[int, str, str]:
@@ -52,7 +51,8 @@ def write_config(tmp_path, **changes):
     (dict(num_hidden_layers=True), "'num_hidden_layers' must be an integer >= 1, got True"),
     (dict(q_lora_rank=True), "'q_lora_rank' must be null or an integer >= 1, got True"),
     (dict(rms_norm_eps=True), "'rms_norm_eps' must be a positive number, got True"),
-    (dict(model_type="llama"), "'model_type' must be one of deepseek_v3, deepseek_v2, kimi_k2, got 'llama'"),
+    (dict(model_type="llama"), "'model_type' must be one of deepseek_v3, deepseek_v2, kimi_k2, kimi_k25, glm4_moe_lite, "
+                                  "deepseek_v32, glm_moe_dsa, deepseek_v4, got 'llama'"),
     (dict(num_hidden_layers=10**9), "'num_hidden_layers' must be at most 1024, got 1000000000"),
     (dict(vocab_size=10**12), "'vocab_size' must be at most 16777216"),
     (dict(domain_routing=[1, 2]), "'domain_routing' must be an object or null, got [1, 2]"),

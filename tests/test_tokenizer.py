@@ -8,6 +8,8 @@ import shutil
 import sys
 
 import pytest
+
+from helpers import corpus_lines
 from hypothesis import given, settings, strategies as st
 
 from dh_mlx import tokenizer as tk
@@ -18,23 +20,6 @@ from dh_mlx.train.data import DataError, chat_text
 VOCAB = 400
 SAMPLES = ["Hello world", "  two leading spaces\nand a newline", "def f(x):\n\treturn x ** 2  # 1234\n",
            "émoji 😀 and 中文", "", " ", "a\u2581b", "Assistant: yes"]
-
-
-def corpus_lines(n: int = 120, seed: int = 0) -> list[str]:
-    rng = random.Random(seed)
-    words = "the of model token expert router latent attention cache layer value query key".split()
-    lines = []
-    for i in range(n):
-        kind = i % 3
-        if kind == 0:
-            text = " ".join(rng.choice(words) for _ in range(rng.randint(5, 30))) + ".\n"
-        elif kind == 1:
-            a, b = rng.randint(0, 999), rng.randint(0, 999)
-            text = f"def f{i}(x):\n    return x + {a} * {b}\n"
-        else:
-            text = f"{rng.randint(1, 99)} + {rng.randint(1, 99)} = ? Café, naïve résumé.\t½\n"
-        lines.append(json.dumps({"domain": ["general", "code", "math"][kind], "text": text}))
-    return lines
 
 
 @pytest.fixture(scope="module")
@@ -196,7 +181,7 @@ def test_cli_tokenizer_train(trained, tmp_path, monkeypatch, capsys):
     with pytest.raises(SystemExit) as e:
         cli.main()
     assert e.value.code in (0, None)
-    assert "vocabulary 400" in capsys.readouterr().out
+    assert "vocabulary 400" in capsys.readouterr().err  # a status line: stdout stays free
     assert load_tokenizer(tmp_path).vocab_size == VOCAB
     monkeypatch.setattr(sys, "argv", ["dh-mlx", "tokenizer", "train", "--data", str(tmp_path / "none.jsonl"),
                                       "--out", str(tmp_path / "second")])

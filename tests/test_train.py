@@ -16,7 +16,7 @@ from dh_mlx.train.config import TrainConfig
 from dh_mlx.train.loss import Batch, alf_update, balance_loss, document_mask
 from dh_mlx.train.trainer import build_steps, make_optimizer, moe_gates
 from dh_mlx.model.moe import Routing
-from helpers import make_config
+from helpers import fixed_batch, make_config
 
 
 def test_alf_moves_each_bias_by_gamma_towards_balance():
@@ -41,13 +41,7 @@ def test_document_mask_blocks_attention_across_documents():
     assert m[1, 0] and not m[2, 1] and m[4, 2] and not m[0, 1]
 
 
-def fixed_batch(cfg, B=4, T=16, seed=0):
-    rng = np.random.default_rng(seed)
-    toks = rng.integers(0, cfg.vocab_size, (B, T + 1))
-    return Batch(mx.array(toks[:, :-1]), mx.array(toks[:, 1:]), mx.ones((B, T)), mx.zeros((B, T), mx.int32),
-                 mx.full((B, T), -1, mx.int32))
-
-
+@pytest.mark.slow
 def test_steps_reduce_loss_on_a_fixed_batch_and_move_biases():
     config = make_config()
     model = random_model(config, seed=0)
@@ -131,26 +125,7 @@ def test_no_split_without_a_wide_eval_order(case):
     assert out.stdout.split()[-1] == "None"
 
 
-def write_corpus(path, n=120):
-    rng = np.random.default_rng(0)
-    with open(path, "w") as f:
-        for i in range(n):
-            words = " ".join(rng.choice(["alpha", "beta", "gamma", "delta", "x", "y", "=", "+"], 30))
-            f.write(json.dumps({"domain": ["code", "math"][i % 2], "text": words}) + "\n")
-
-
-@pytest.fixture(scope="module")
-def small_run_inputs(tmp_path_factory):
-    from dh_mlx.config import save_config
-    from dh_mlx.train.tokenizer import train_tokenizer
-    d = tmp_path_factory.mktemp("run")
-    write_corpus(d / "data.jsonl")
-    train_tokenizer(d / "data.jsonl", d / "tok", vocab_size=300)
-    from dh_mlx.config import DomainRouting
-    save_config(make_config(vocab_size=300, domain_routing=DomainRouting(domains=["code", "math"], experts_per_domain=2)), d)
-    return d
-
-
+@pytest.mark.slow
 def test_resume_reproduces_an_uninterrupted_run(small_run_inputs):
     from dh_mlx.train.run import train
     d = small_run_inputs
@@ -170,10 +145,11 @@ def test_resume_reproduces_an_uninterrupted_run(small_run_inputs):
     ids = mx.array([[1, 2, 3, 4]])
     assert mx.array_equal(m1(ids), m2(ids)).item()
     from dh_mlx.outputs import OutputError
-    with pytest.raises(OutputError, match="--resume"):
+    with pytest.raises(OutputError, match="`resume=True`"):
         train(out=d / "full", **common)
 
 
+@pytest.mark.slow
 def test_grad_accumulation_and_a_non_finite_loss_stops_keeping_the_last_checkpoint(small_run_inputs):
     from dh_mlx.train.run import train
     from dh_mlx.train.trainer import TrainingError
@@ -189,6 +165,7 @@ def test_grad_accumulation_and_a_non_finite_loss_stops_keeping_the_last_checkpoi
     assert good is not None and json.loads((good / "trainer_state.json").read_text())["step"] >= 1
 
 
+@pytest.mark.slow
 def test_ctrl_c_saves_a_checkpoint_and_resume_continues(small_run_inputs, monkeypatch):
     import dh_mlx.train.trainer as trainer
     from dh_mlx.checkpoint.training import latest_checkpoint
@@ -347,6 +324,7 @@ def test_soft_cross_entropy_by_hand():
     assert masked_soft_ce(q, target, mx.ones((1, 1))).item() == pytest.approx(want, rel=1e-6)
 
 
+@pytest.mark.slow
 def test_mtp_distill_trains_the_mtp_module_only_and_raises_agreement(small_run_inputs):
     from dh_mlx import load_model
     from dh_mlx.train.run import train
@@ -374,11 +352,11 @@ def test_mtp_distill_trains_the_mtp_module_only_and_raises_agreement(small_run_i
     assert mx.array_equal(head.head.weight, after.lm_head.weight).item()
     agreement = [h["val_mtp_agreement"] for h in r.history]
     assert agreement[-1] > agreement[0] + 0.2, agreement
-    with pytest.raises(ValueError, match="--init"):
+    with pytest.raises(ValueError, match="`init`"):
         train(config=d / "config.json", out=d / "x", steps=1, mtp_distill=True, **common)
     with pytest.raises(ValueError, match="mtp_lambda"):
         TrainConfig(mtp_distill=True, mtp_lambda=0.0)
-    from dh_mlx.checkpoint.quantized import quantize
+    from dh_mlx.convert.mlx import quantize
     quantize(base, d / "q", bits=8, group_size=32)
     with pytest.raises(ValueError, match="quantized"):
         train(init=d / "q", out=d / "y", steps=1, mtp_distill=True, **common)

@@ -136,6 +136,7 @@ def test_bfloat16_load_keeps_the_router_in_float32(tmp_path):
     assert torch.isfinite(tm(torch.tensor(tokens(8))).float()).all()
 
 
+@pytest.mark.slow
 def test_export_round_trip_gives_the_same_logits_and_tensors(tmp_path):
     _, tm = pair(tmp_path / "ckpt")
     twin.export_model(tm, tmp_path / "m.pt2", torch.tensor(tokens(16)))

@@ -11,11 +11,12 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from helpers import model_with_tokenizer, tokens
-from test_distributed import free_port
+from helpers import free_port, model_with_tokenizer, tokens
 
 torch = pytest.importorskip("torch")
 
+
+pytestmark = pytest.mark.slow  # (not in the quick tier, pytest -m "not slow")
 
 @pytest.fixture(scope="module")
 def base(tmp_path_factory):

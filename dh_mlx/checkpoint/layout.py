@@ -10,12 +10,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
-import shutil
 import warnings
 from pathlib import Path
 from typing import Any, Callable
 
+from .. import families
 from ..config import ModelConfig
+from ..files import FileKindError, copy_file, read_json, regular_file, same_file
 
 # A quantized expert has `scales` and `biases` beside its packed `weight` (mlx-lm's per-expert layout).
 _EXPERT = re.compile(r"^(model\.layers\.\d+\.mlp\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.(weight|scales|biases)$")
@@ -28,6 +29,31 @@ class CheckpointError(ValueError):
 
 
 # ---- file layout -> modules ------------------------------------------------------------------------------
+def release_names(config: ModelConfig, where: Path) -> Callable[[str], str | None] | None:
+    """A multimodal release's file names -> ours: its language model's tensors (under `language_model.`) with
+    the prefix dropped (and `blocks` read as `layers`, as transformers reads what it writes), None for the vision
+    tower and projector, which are not supported (one warning says how many were left out). None: names as
+    they are."""
+    if config.model_type == "deepseek_v4":
+        from .v4_layout import v4_names
+        return v4_names(where, config.num_hidden_layers, config.num_nextn_predict_layers)
+    prefix = families.TEXT_PREFIX.get(config.model_type)
+    if prefix is None:
+        return None
+    left_out = []
+
+    def rename(name: str) -> str | None:
+        if not name.startswith(prefix):
+            if not left_out:
+                warnings.warn(f"{where}: the {config.model_type} vision tower and projector are not supported; "
+                              "loading its language model (text only)")
+            left_out.append(name)
+            return None
+        name = name[len(prefix):]
+        return "model.layers." + name[len("model.blocks."):] if name.startswith("model.blocks.") else name
+    return rename
+
+
 def drop_rotary_buffers(w: dict, config: ModelConfig) -> dict:
     return {k: v for k, v in w.items() if not k.endswith("rotary_emb.inv_freq")}
 
@@ -126,12 +152,18 @@ def to_file_layout(w: dict, config: ModelConfig) -> dict:
 
 
 # ---- files and checks --------------------------------------------------------------------------------------
+#: What a model directory's weights are written as (and all --force may remove of an earlier write there).
+WEIGHT_FILES = r"model(-\d{5}-of-\d{5})?\.safetensors|model\.safetensors\.index\.json|\.tmp-shard-\d{5}\.safetensors"
+
+
 def safetensors_files(path: Path) -> list[Path]:
     index = path / "model.safetensors.index.json"
-    if index.is_file():
+    if index.exists():
         try:
-            weight_map = json.loads(index.read_text())["weight_map"]
+            weight_map = read_json(index, "index")["weight_map"]
             names = sorted(set(weight_map.values()))
+        except FileKindError as e:
+            raise CheckpointError(str(e)) from None
         except (ValueError, KeyError, TypeError, AttributeError, RecursionError) as e:
             raise CheckpointError(f"{index}: not a safetensors index ({type(e).__name__}: {e})") from None
         outside = [n for n in names if not isinstance(n, str) or Path(n).name != n or n in ("", ".", "..")]
@@ -139,26 +171,63 @@ def safetensors_files(path: Path) -> list[Path]:
             raise CheckpointError(f"{index}: weight_map names {outside[0]!r}; shards must be files in the model "
                                   "directory itself")
         files = [path / n for n in names]
-        absent = [str(f) for f in files if not f.is_file()]
+        absent = [str(f) for f in files if not f.exists()]
         if absent:
             raise CheckpointError(f"{index}: lists shards that do not exist: {', '.join(absent)}")
-        return files
+        return _regular(files)
     # Only model weights: a directory may also hold adapters.safetensors or a checkpoint's optimizer state.
     single = path / "model.safetensors"
-    files = [single] if single.is_file() else sorted(path.glob("model*.safetensors"))
+    files = [single] if single.exists() else sorted(path.glob("model*.safetensors"))
     if not files:
         raise CheckpointError(f"{path}: no model.safetensors (or index) in this directory")
-    return files
+    return _regular(files)
+
+
+def _regular(files: list[Path]) -> list[Path]:
+    """`files` if each is a regular file: a FIFO or device would block or never end."""
+    try:
+        return [regular_file(f) for f in files]
+    except FileKindError as e:
+        raise CheckpointError(str(e)) from None
+
+
+def shard_headers(path: Path) -> list[tuple[Path, dict]]:
+    """Each weight file of the model directory `path` with its checked header. A tensor in two files, or in a
+    file other than the one the index names for it, is refused by name (a reader would take one silently)."""
+    files = safetensors_files(path)  # (checks the index)
+    index = path / "model.safetensors.index.json"
+    weight_map = read_json(index, "index")["weight_map"] if index.exists() else None
+    seen: dict[str, Path] = {}
+    out = []
+    for f in files:
+        header = read_safetensors_header(f)
+        for name in header:
+            if name == "__metadata__":
+                continue
+            if name in seen:
+                raise CheckpointError(f"{path}: tensor {name} is in both {seen[name].name} and {f.name}")
+            if weight_map is not None and weight_map.get(name) != f.name:
+                raise CheckpointError(f"{index}: names {weight_map.get(name)!r} for tensor {name}, which is in "
+                                      f"{f.name}")
+            seen[name] = f
+        out.append((f, header))
+    missing = sorted(set(weight_map or ()) - set(seen))
+    if missing:
+        raise CheckpointError(f"{index}: names {weight_map[missing[0]]} for tensor {missing[0]}, which it does not "
+                              "hold")
+    return out
 
 
 _ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U64": 8, "U32": 4,
-             "U16": 2, "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
+             "U16": 2, "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1,
+             "F8_E8M0": 1}
 _MAX_HEADER = 100 << 20
 
 
 def read_safetensors_header(f: Path) -> dict:
     """The header of a safetensors file, every entry checked against the file (dtype, shape, offsets inside the
     data and of the size the shape implies), so no reader is handed a header that points past the file."""
+    _regular([f])
     size = f.stat().st_size
     with open(f, "rb") as fh:
         head = fh.read(8)
@@ -212,15 +281,16 @@ def read_float32(path: Path, config: ModelConfig | None = None) -> dict:
     import numpy as np
 
     block = None if config is None else fp8_blocks(config, path)
+    rename = None if config is None else release_names(config, path)
     out, dtypes = {}, {}
-    for f in safetensors_files(path):
-        header = read_safetensors_header(f)
+    for f, header in shard_headers(path):
         with open(f, "rb") as fh:
             start = 8 + int.from_bytes(fh.read(8), "little")
         data = np.memmap(f, dtype=np.uint8, mode="r", offset=start)
         for name, info in header.items():
-            if name == "__metadata__":
+            if name == "__metadata__" or (rename is not None and rename(name) is None):
                 continue
+            name = name if rename is None else rename(name)
             dtypes[name] = info["dtype"]
             fp8 = info["dtype"] == "F8_E4M3" and block is not None
             if info["dtype"] not in _NUMPY and not fp8:
@@ -270,6 +340,12 @@ def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
         out[f"{a}.kv_a_layernorm.weight"] = (r,)
         linear(f"{a}.kv_b_proj", H * (n + v), r)
         linear(f"{a}.o_proj", D, H * v, c.attention_bias)
+        if c.has_indexer(i):
+            Hi, Di = c.index_n_heads, c.index_head_dim
+            linear(f"{a}.indexer.wq_b", Hi * Di, c.q_lora_rank)
+            linear(f"{a}.indexer.wk", Di, D)
+            out[f"{a}.indexer.k_norm.weight"] = out[f"{a}.indexer.k_norm.bias"] = (Di,)
+            linear(f"{a}.indexer.weights_proj", Hi, D)
         out[f"{pre}.input_layernorm.weight"] = out[f"{pre}.post_attention_layernorm.weight"] = (D,)
         if c.is_moe_layer(i):
             E, I = c.n_routed_experts, c.moe_intermediate_size
@@ -297,7 +373,12 @@ def fp8_blocks(config: ModelConfig, where: Path) -> tuple[int, int] | None:
     """The (rows, columns) of one scale block when `quantization_config` says the weights are FP8 with block
     scales (DeepSeek-V3's release format, `quant_method: fp8`), else None."""
     qc = config.extra.get("quantization_config") or {}
-    if qc.get("quant_method") != "fp8":
+    method = qc.get("quant_method")
+    if method not in (None, "fp8"):  # e.g. compressed-tensors INT4 (Kimi-K2 Thinking, Kimi-K2.5)
+        raise CheckpointError(f"{where}: quantization_config.quant_method {method!r} "
+                              f"({qc.get('format', 'its own tensor format')}) is not supported; dh-mlx reads float, "
+                              "FP8-block and MLX-quantized checkpoints")
+    if method != "fp8":
         return None
     block = qc.get("weight_block_size", [128, 128])
     if not (isinstance(block, list) and len(block) == 2 and all(isinstance(b, int) and b > 0 for b in block)):
@@ -364,16 +445,18 @@ def check_tensors(shapes: dict[str, tuple], expected: dict[str, tuple], where: P
 
 
 def keep_fp32(name: str) -> bool:
-    # The router runs in float32 everywhere (as transformers keeps it); its bias moves in 1e-3 steps.
-    return name.endswith("mlp.gate.weight") or name.endswith("e_score_correction_bias")
+    # The router runs in float32 everywhere (as transformers keeps it); its bias moves in 1e-3 steps. So does
+    # the sparse-attention indexer's head weighting (transformers keeps it in float32).
+    return (name.endswith("mlp.gate.weight") or name.endswith("e_score_correction_bias")
+            or name.endswith("indexer.weights_proj.weight"))
 
 
 def copy_tokenizer(src: Path, dst: Path) -> None:
-    """Copy the tokenizer files of model directory `src` (those present) into `dst`."""
+    """Copy the tokenizer files of model directory `src` (those present) into `dst` (never through a link)."""
     for name in ("tokenizer.model", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.json",
                  "chat_template.jinja", "generation_config.json"):
-        if (src / name).is_file():
-            shutil.copyfile(src / name, dst / name)
+        if (src / name).exists() and not same_file(src / name, dst / name):
+            copy_file(src / name, dst / name)
 
 
 _STORED_AS = {"F32": "float32", "BF16": "bfloat16", "F16": "float16", "F8_E4M3": "bfloat16"}

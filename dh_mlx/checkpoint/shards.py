@@ -10,19 +10,18 @@ import json
 import os
 import re
 from pathlib import Path
-from typing import Callable
 
 import mlx.core as mx
 
 from ..config import ModelConfig, save_config
+from ..files import remove, write_atomic, write_failure
+from .layout import WEIGHT_FILES
+from ..outputs import remove_owned
+from ..progress import note
 
 DEFAULT_SHARD_BYTES = 5 * 10**9
 
 
-def atomic_write(path: Path, write: Callable[[str], None]) -> None:
-    tmp = path.with_name(f".tmp-{path.name}")  # same suffix (mx.save_safetensors insists); readers skip dotfiles
-    write(str(tmp))
-    os.replace(tmp, path)
 
 
 def natural_key(name: str) -> list:
@@ -32,14 +31,15 @@ def natural_key(name: str) -> list:
 class ShardWriter:
     """Collects tensors (`add`) into shards of at most `max_shard_bytes`, writing each as it fills; `finish`
     names them `model-0000i-of-0000N.safetensors` (or `model.safetensors` when one) and writes the index and
-    the config. Earlier weight files in `path` are removed first."""
+    the config. Earlier weight files of these names in `path` are removed first, and its config.json (written
+    last again), so an interrupted write never looks like a model; other files stay."""
 
     def __init__(self, path: str | Path, max_shard_bytes: int = DEFAULT_SHARD_BYTES):
         self.path, self.max = Path(path), max_shard_bytes
         self.path.mkdir(parents=True, exist_ok=True)
-        for old in [*self.path.glob("model*.safetensors"), *self.path.glob("model.safetensors.index.json"),
-                    *self.path.glob(".tmp-shard-*.safetensors")]:
-            old.unlink()
+        removed = remove_owned(self.path, WEIGHT_FILES + r"|config\.json")
+        if [n for n in removed if not n.startswith(".tmp-")]:
+            note(f"{self.path}: replacing {', '.join(removed)}")
         self.pending: dict[str, mx.array] = {}
         self.size = self.total = 0
         self.written: list[tuple[Path, list[str]]] = []
@@ -54,7 +54,12 @@ class ShardWriter:
 
     def _flush(self) -> None:
         f = self.path / f".tmp-shard-{len(self.written) + 1:05d}.safetensors"
-        mx.save_safetensors(str(f), self.pending, metadata={"format": "pt"})
+        remove(f)
+        try:
+            mx.save_safetensors(str(f), self.pending, metadata={"format": "pt"})
+        except Exception as e:
+            remove(f)
+            raise write_failure(f, e) from None
         self.written.append((f, list(self.pending)))
         self.pending, self.size = {}, 0
 
@@ -68,6 +73,5 @@ class ShardWriter:
         if n > 1:
             index = {"metadata": {"total_size": self.total},
                      "weight_map": {k: name for (_, keys), name in zip(self.written, names) for k in keys}}
-            atomic_write(self.path / "model.safetensors.index.json",
-                         lambda f: Path(f).write_text(json.dumps(index, indent=2) + "\n"))
-        atomic_write(self.path / "config.json", lambda f: save_config(config, Path(f).parent, name=Path(f).name))
+            write_atomic(self.path / "model.safetensors.index.json", json.dumps(index, indent=2) + "\n")
+        save_config(config, self.path)

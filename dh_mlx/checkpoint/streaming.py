@@ -18,28 +18,34 @@ from typing import Callable
 import mlx.core as mx
 from mlx.utils import tree_flatten
 
+from ..config_v4 import refuse
 from ..config import ModelConfig
 from ..device import DTYPES
 from ..model import Model
 from ..quant import KEYS, QuantConfig, kept_float, quant_block, quant_predicate
 from .layout import (CheckpointError, check_tensors, config_for_tensors, dequantize_fp8, dequantized_config,
-                     drop_rotary_buffers, fp8_blocks, keep_fp32, read_safetensors_header,
-                     safetensors_files, split_fused_experts, stored_dtype, to_memory_layout, unstack_experts)
+                     drop_rotary_buffers, fp8_blocks, keep_fp32, release_names, shard_headers,
+                     split_fused_experts, stored_dtype, to_memory_layout, unstack_experts)
 
 _LAYER = re.compile(r"^model\.layers\.(\d+)\.")
 _EXPERT = re.compile(r"^(model\.layers\.\d+\.mlp\.experts)\.\d+\.")
 _MTP_EMBED = re.compile(r"^model\.layers\.\d+\.embed_tokens$")
 
 
-def lazy_tensors(path: Path, keep: Callable[[str], bool] | None = None) -> tuple[dict[str, mx.array], dict[str, str]]:
+def lazy_tensors(path: Path, keep: Callable[[str], bool] | None = None, config: ModelConfig | None = None
+                 ) -> tuple[dict[str, mx.array], dict[str, str]]:
     """(the directory's tensors that `keep` accepts, unread: `mx.load` reads one only when it is evaluated;
-    every tensor's dtype as stored), each shard's header checked before MLX opens it."""
+    every tensor's dtype as stored), each shard's header checked before MLX opens it. With `config`, a
+    multimodal release's names become ours and its vision tensors are left out (`release_names`)."""
     lazy: dict[str, mx.array] = {}
     dtypes: dict[str, str] = {}
-    for f in safetensors_files(path):
-        dtypes.update({k: v["dtype"] for k, v in read_safetensors_header(f).items() if k != "__metadata__"})
+    rename = (None if config is None else release_names(config, path)) or (lambda k: k)
+    for f, header in shard_headers(path):
+        dtypes.update({rename(k): v["dtype"] for k, v in header.items()
+                       if k != "__metadata__" and rename(k) is not None})
         try:
-            lazy.update((k, v) for k, v in mx.load(str(f)).items() if keep is None or keep(k))
+            loaded = ((rename(k), v) for k, v in mx.load(str(f)).items() if rename(k) is not None)
+            lazy.update((k, v) for k, v in loaded if keep is None or keep(k))
         except Exception as e:  # MLX raises RuntimeError/ValueError on truncated or corrupt files
             raise CheckpointError(f"{f}: cannot read safetensors file (truncated or corrupt?): {e}") from None
     return lazy, dtypes
@@ -59,11 +65,12 @@ class QuantizedStream:
 
     def __init__(self, path: Path, config: ModelConfig, qc: QuantConfig, *, mtp: bool = True,
                  dtype: mx.Dtype | None = None, embedding_copies: bool = True):
+        refuse(config, f"{path}: quantizing")
         if config.extra.get("quantization") is not None:
-            raise CheckpointError(f"{path}: already quantized (load it as it is, without --bits; to quantize it "
+            raise CheckpointError(f"{path}: already quantized (load it as it is, without `bits`; to quantize it "
                                   "again, start from its float checkpoint)")
         self.path, self.qc, self.embedding_copies = path, qc, embedding_copies
-        self.lazy, self.dtypes = lazy_tensors(path)  # nothing is read yet
+        self.lazy, self.dtypes = lazy_tensors(path, config=config)  # nothing is read yet
         self.block = fp8_blocks(config, path)
         other = [k for k, d in self.dtypes.items() if d not in ("F32", "BF16", "F16") and not self._fp8(k)]
         if other:

@@ -15,14 +15,15 @@ import hashlib
 import json
 import os
 import shutil
-import sys
 from pathlib import Path
 from typing import Any, Callable
 
 import mlx.core as mx
 from mlx.utils import tree_flatten, tree_unflatten
 
+from ..files import open_nofollow, real_dir, remove, write_atomic
 from ..outputs import format_bytes
+from ..progress import note
 
 STATE = "trainer_state.json"
 OPTIMIZER = "optimizer.safetensors"
@@ -31,12 +32,6 @@ MANIFEST = "manifest.json"
 
 class CheckpointWriteError(RuntimeError):
     """A checkpoint that could not be written (full disk, say); the message names the path and the free space."""
-
-
-def _write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".tmp-{path.name}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def _digest(path: Path) -> str:
@@ -52,24 +47,30 @@ def check_free_space(directory: Path, need: int) -> None:
     free = shutil.disk_usage(directory).free
     if free < need * 1.05:
         raise CheckpointWriteError(f"{directory}: not enough free disk space for a checkpoint: it needs about "
-                                   f"{format_bytes(need)}, {format_bytes(free)} is free; free some space, then --resume")
+                                   f"{format_bytes(need)}, {format_bytes(free)} is free; free some space, then `resume=True`")
 
 
 def save_checkpoint(run_dir: Path, step: int, *, write_weights: Callable[[Path], None], optimizer_state: Any,
-                    trainer_state: dict, keep: int = 1, expected_bytes: int = 0) -> Path:
-    root = run_dir / "checkpoints"
-    root.mkdir(parents=True, exist_ok=True)
+                    trainer_state: dict, keep: int = 1, expected_bytes: int = 0, created: list[str] | None = None
+                    ) -> Path:
+    """Write checkpoint `step` whole, then keep the newest `keep` of the checkpoints this run wrote: `created`,
+    the names it wrote so far (updated in place; recorded in each checkpoint, so a resumed run knows them too).
+    A checkpoint directory the run did not write is never removed."""
+    root = real_dir(run_dir / "checkpoints")
     name = f"step_{step:06d}"
+    created = created if created is not None else []
     tmp, final = root / f".tmp-{name}", root / name
-    if final.is_dir() and damage(final) is None:  # this step is saved already (a stop right after a save)
+    if final.is_dir() and not final.is_symlink() and damage(final) is None:  # saved already (a stop after a save)
         return final
     check_free_space(root, expected_bytes)
-    shutil.rmtree(tmp, ignore_errors=True)
+    remove(tmp)
+    if name not in created:
+        created.append(name)
     try:
         tmp.mkdir()
         write_weights(tmp)
         mx.save_safetensors(str(tmp / OPTIMIZER), dict(tree_flatten(optimizer_state)))
-        (tmp / STATE).write_text(json.dumps({**trainer_state, "step": step}, indent=1))
+        (tmp / STATE).write_text(json.dumps({**trainer_state, "step": step, "checkpoints": created}, indent=1))
         files = {p.name: [p.stat().st_size, _digest(p)] for p in sorted(tmp.iterdir())}
         (tmp / MANIFEST).write_text(json.dumps(files, indent=1))
     except Exception as e:  # MLX reports a full disk as "Unable to write N bytes to file."
@@ -78,18 +79,19 @@ def save_checkpoint(run_dir: Path, step: int, *, write_weights: Callable[[Path],
         full = isinstance(e, OSError) and e.errno == errno.ENOSPC or free < max(expected_bytes, 1 << 26)
         raise CheckpointWriteError(f"{tmp}: writing checkpoint step {step} failed"
                                    + (" (disk full" if full else " (") + f"; {format_bytes(free)} free): {e}") from None
-    shutil.rmtree(final, ignore_errors=True)
+    remove(final)
     os.replace(tmp, final)
-    _write_text_atomic(root / "latest", name + "\n")
-    done = _steps(root)
-    for old in done[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+    write_atomic(root / "latest", name + "\n")
+    for old in [p for p in _steps(root) if p.name in created][:-keep]:
+        remove(old)
+        created.remove(old.name)
     return final
 
 
 def _steps(root: Path) -> list[Path]:
-    """The checkpoint directories in step order (by number: step_1000000 comes after step_999999)."""
-    found = [p for p in root.glob("step_*") if p.is_dir() and p.name[5:].isdigit()]
+    """The checkpoint directories in step order (by number: step_1000000 comes after step_999999); links are
+    not checkpoints."""
+    found = [p for p in root.glob("step_*") if p.is_dir() and not p.is_symlink() and p.name[5:].isdigit()]
     return sorted(found, key=lambda p: int(p.name[5:]))
 
 
@@ -119,7 +121,7 @@ def latest_checkpoint(run_dir: Path, *, report: bool = False) -> Path | None:
         if why is None:
             return path
         if report:
-            print(f"note: checkpoint {path.name} is damaged ({why}); trying an older one", file=sys.stderr)
+            note(f"checkpoint {path.name} is damaged ({why}); trying an older one")
     if candidates:
         raise ValueError(f"{root}: no intact checkpoint to resume from (newest: {candidates[0].name})")
     return None
@@ -134,8 +136,23 @@ def load_checkpoint(path: Path) -> tuple[dict, Any]:
 
 def remove_partial(run_dir: Path) -> None:
     """Temporary checkpoints that a killed run left behind."""
-    for tmp in (run_dir / "checkpoints").glob(".tmp-*"):
-        shutil.rmtree(tmp, ignore_errors=True) if tmp.is_dir() else tmp.unlink(missing_ok=True)
+    root = run_dir / "checkpoints"
+    if root.is_dir() and not root.is_symlink():
+        for tmp in root.glob(".tmp-*"):
+            remove(tmp)
+
+
+def remove_checkpoints(run_dir: Path) -> list[str]:
+    """A fresh run's --force: remove the checkpoints a training of ours wrote (step directories with their
+    manifest and trainer state, `latest`, temporary ones); anything else in checkpoints/ stays. Returns the
+    names removed."""
+    root = run_dir / "checkpoints"
+    if not root.exists():
+        return []
+    real_dir(root)
+    ours = [p for p in _steps(root) if (p / MANIFEST).is_file() and (p / STATE).is_file()]
+    ours += [p for p in (root / "latest", *root.glob(".tmp-*")) if p.exists() or p.is_symlink()]
+    return [p.name for p in ours if remove(p)]
 
 
 class RunLock:
@@ -143,14 +160,14 @@ class RunLock:
 
     def __init__(self, run_dir: Path):
         self.path = run_dir / ".lock"
-        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        self.fd = open_nofollow(self.path, os.O_RDWR | os.O_CREAT)
         try:
             fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             holder = os.read(self.fd, 32).decode(errors="replace").strip() or "?"
             os.close(self.fd)
             raise CheckpointWriteError(f"{run_dir}: another training (pid {holder}) is writing this run; wait for "
-                                       "it to finish or choose another --out") from None
+                                       "it to finish or choose another `out`") from None
         os.ftruncate(self.fd, 0)
         os.write(self.fd, str(os.getpid()).encode())
 

@@ -23,6 +23,8 @@ from .layout import (CheckpointError, check_tensors, config_for_tensors, dequant
 from ..device import available_memory, compute_dtype
 from ..model import Model
 from ..params import count_params, weight_bytes
+from ..progress import Task
+from ..files import format_bytes
 from ..quant import QuantConfig, quantize_like
 from .streaming import decode_fp8, lazy_tensors, quantized_weights
 
@@ -44,7 +46,7 @@ def read_weights(path: Path, config: ModelConfig | None = None, dtype: mx.Dtype 
                  keep: Callable[[str], bool] | None = None) -> dict[str, mx.array]:
     """The directory's tensors as stored (those `keep` accepts; none is read before), FP8 block-scaled
     weights, with `config`, dequantized to `dtype` one at a time."""
-    weights, dtypes = lazy_tensors(path, keep)
+    weights, dtypes = lazy_tensors(path, keep, config)
     block = None if config is None else fp8_blocks(config, path)
     if block is not None:  # MLX reads F8_E4M3 as its bytes
         def finish(a: mx.array) -> mx.array:
@@ -114,9 +116,10 @@ def check_fits(config: ModelConfig, dtype: mx.Dtype, what: str, staged: int = 0,
         return
     options = []
     if dtype.size > 2 and n * 2 <= 0.9 * have:
-        options.append(f"--dtype bfloat16 ({n * 2 / 2**30:.1f} GiB; slow on a CPU)")
+        options.append(f"`dtype=\"bfloat16\"` ({format_bytes(n * 2, 'GiB')}; slow on a CPU)")
     if not what.startswith("preset"):  # a checkpoint on disk can be quantized; a random preset has none to read
-        options += [f"--bits {bits} or dh-mlx quantize --bits {bits} ({weight_bytes(n, bits) / 2**30:.1f} GiB)"
+        options += [f"`bits={bits}` or a copy quantized once with dh-mlx quantize "
+                    f"({format_bytes(weight_bytes(n, bits), 'GiB')})"
                     for bits in (8, 4) if (qc is None or bits < qc.bits) and weight_bytes(n, bits) <= 0.9 * have]
 
     def preset_bytes(name: str) -> int:
@@ -127,8 +130,8 @@ def check_fits(config: ModelConfig, dtype: mx.Dtype, what: str, staged: int = 0,
     hint = "; ".join(filter(None, [", ".join(options), f"a smaller preset: {', '.join(smaller)}" if smaller
                                    else ""])) or "a machine with more memory"
     form = f"at {qc.bits} bits" if qc is not None else "as " + str(dtype).rsplit(".", 1)[-1]
-    raise MemoryError(f"{what}: {n / 1e9:.2f} B parameters need {need / 2**30:.1f} GiB {form}, "
-                      f"but only {have / 2**30:.1f} GiB is available; would fit: {hint}")
+    raise MemoryError(f"{what}: {n / 1e9:.2f} B parameters need {format_bytes(need, 'GiB')} {form}, "
+                      f"but only {format_bytes(have, 'GiB')} is available; would fit: {hint}")
 
 
 def init_weights(model: Model, seed: int = 0) -> Model:
@@ -155,10 +158,16 @@ def random_model(config: ModelConfig, *, seed: int = 0, dtype: str | None = None
                  ) -> Model:
     """An untrained model from a config (e.g. a preset), deterministic by `seed`; sets the backend up."""
     backend.setup()
+    if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2**63:
+        raise ValueError(f"seed must be an integer in [0, 2**63), got {seed!r}")
     dt = compute_dtype(dtype)
     check_fits(config, dt, name)
     model = cast_model(init_weights(Model(config), seed), dt)
-    mx.eval(model.parameters())
+    parts = [model.model.embed_tokens, *model.model.layers, model]  # (the rest: norm, head)
+    with Task("building random weights", len(parts), "parts") as task:
+        for part in parts:
+            mx.eval(part.parameters())
+            task.advance()
     return model
 
 
@@ -231,15 +240,21 @@ def load_model(path: str | Path, *, dtype: str | None = None, bits: int | None =
     dt = compute_dtype(dtype)
     qc = QuantConfig(bits, group_size, recipe) if bits else None
     if qc is not None and layers is not None:
-        raise ValueError("--bits with --pipeline: quantize the model first (dh-mlx quantize), then run the "
-                         "quantized copy in the pipeline")
+        raise ValueError("quantizing (`bits`) a pipeline rank's layers as they load: quantize the model first "
+                         "(dh-mlx quantize), then run the quantized copy in the pipeline")
     # (a pipeline rank holds only its layers: the whole model need not fit)
     path = resolve_path(path, before_download=memory_check(dtype, str(path), qc) if layers is None else None)
     config = load_config(path)
     keep = None
+    v4 = config.model_type == "deepseek_v4"  # its own architecture and layout (v4_weights.py)
+    if v4 and (qc is not None or layers is not None):
+        raise ValueError(f"{path}: deepseek_v4 loads as it is stored (float or FP8): no `bits` and no pipeline")
     if layers is None:
         memory_check(dtype, str(path), qc)(path)
-    else:
+    if v4:
+        from .v4_weights import load_v4_model
+        return load_v4_model(path, config, dt)
+    if layers is not None:
         config = config.replace(num_nextn_predict_layers=0)
         keep = owned_by(layers, config)
     if qc is not None:
@@ -255,7 +270,10 @@ def load_model(path: str | Path, *, dtype: str | None = None, bits: int | None =
         _prune(model, keep)
     quantization = config.extra.get("quantization")  # mlx-lm's block: {"group_size", "bits", per-layer overrides}
     if quantization is not None:
-        quantize_like(model, quantization, weights)
+        try:
+            quantize_like(model, quantization, weights)
+        except ValueError as e:
+            raise CheckpointError(f"{path}: {e}") from None
     _check_against_model(weights, model, path)
     model.load_weights(list(weights.items()))
     cast_model(model, dt)

@@ -14,11 +14,13 @@ from pathlib import Path
 
 import gguf
 import numpy as np
+from ..config_v4 import refuse
 from ..checkpoint.layout import (check_tensors, config_for_tensors, dequantized_config, expected_shapes,
                                 read_float32, to_memory_layout)
 from ..checkpoint.hub import resolve_path
 from ..config import ModelConfig, load_config
 from ..outputs import check_output_file
+from ..files import remove, write_failure
 from ..tokenizer import load_tokenizer
 from .errors import ConvertError
 from .gguf_tensors import FILE_TYPES, OUTTYPES, encode, gguf_tensors
@@ -119,9 +121,13 @@ def read_weights(model_dir: Path) -> tuple[dict[str, np.ndarray], ModelConfig]:
     """The directory's float32 tensors in our stacked layout, and its config (without MTP if the checkpoint
     has none); every tensor's name and shape must be the config's."""
     config = load_config(model_dir)
+    refuse(config, f"{model_dir}: convert gguf")
+    if config.sparse_attention:
+        raise ConvertError(f"{model_dir}: {config.model_type} attends through a sparse-attention indexer, which "
+                           "llama.cpp's deepseek2 architecture does not have")
     if config.extra.get("quantization"):
         raise ConvertError(f"{model_dir}: an MLX-quantized model; write the GGUF from its float checkpoint "
-                           "(--quantize runs llama.cpp's own quantizer)")
+                           "(`quantize` runs llama.cpp's own quantizer)")
     weights = read_float32(model_dir, config)
     config = dequantized_config(config)  # FP8 weights are float now
     config = config_for_tensors(config, weights, model_dir)
@@ -150,6 +156,7 @@ def write_gguf(model_dir: str | Path, out: str | Path, *, outtype: str = "f16", 
 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".tmp-{out.name}")
+    remove(tmp)  # (a link planted there would be written through)
     try:
         writer = gguf.GGUFWriter(str(tmp), ARCH)
         add_metadata(writer, config, name=model_dir.resolve().name, outtype=outtype, mtp=n_mtp)
@@ -165,9 +172,12 @@ def write_gguf(model_dir: str | Path, out: str | Path, *, outtype: str = "f16", 
         writer.write_tensors_to_file()
         writer.close()
         os.replace(tmp, out)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    except BaseException as e:
+        remove(tmp)
+        failure = write_failure(out, e)
+        if failure is e:
+            raise
+        raise failure from None
     return out
 
 

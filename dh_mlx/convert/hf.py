@@ -11,13 +11,19 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from ..config_v4 import refuse
 from ..checkpoint.layout import stored_dtype
+from ..files import read_json, write_atomic
 from ..outputs import check_output_dir
+from ..progress import note
 from ..tokenizer import load_tokenizer, write_hf_files
 from ..checkpoint.weights import DEFAULT_SHARD_BYTES, load_model, resolve_path, save_model
 from .errors import ConvertError
 
 _SAFETENSORS_DTYPES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}
+# The MLA heads (kv_lora_rank + qk_rope_head_dim) vLLM's MLA kernels take: 576, 512 and 320 on its CPU backend,
+# 576 in FlashMLA (vLLM 0.32's attention backends list them); others fail with "Head dimension N is not supported".
+VLLM_MLA_HEADS = (576, 512, 320)
 
 
 def export_hf(model_dir: str | Path, out: str | Path, *, mtp: bool = True, dtype: str | None = None,
@@ -33,22 +39,27 @@ def export_hf(model_dir: str | Path, out: str | Path, *, mtp: bool = True, dtype
     if dtype not in _SAFETENSORS_DTYPES.values():
         raise ConvertError(f"dtype {dtype!r}: expected one of {', '.join(_SAFETENSORS_DTYPES.values())}")
     model = load_model(model_dir, dtype="float32")
+    refuse(model.config, f"{model_dir}: convert hf")
     dr = model.config.domain_routing
     if dr is not None and dr.added:  # transformers and vLLM ignore domain_routing: they would use these experts
         raise ConvertError(f"{model_dir}: has added domains ({', '.join(dr.added)}), which transformers and vLLM "
                            "would route every token to; export a domain with dh-mlx domains extract instead")
+    head = model.config.kv_lora_rank + model.config.qk_rope_head_dim
+    if head not in VLLM_MLA_HEADS:
+        note(f"{model_dir}: MLA head {head} (kv_lora_rank + qk_rope_head_dim): transformers loads the export, "
+             f"vLLM's MLA kernels refuse it (they take {', '.join(map(str, VLLM_MLA_HEADS))})")
     save_model(model, out, mtp=mtp, max_shard_bytes=max_shard_bytes, dtype=dtype)
 
-    config = json.loads((out / "config.json").read_text())
+    config = read_json(out / "config.json", "config")
     config["torch_dtype"] = dtype
     tokenizer = load_tokenizer(model_dir)
     if tokenizer is not None:
         write_hf_files(tokenizer, out)
         # the tokenizer is the truth about special ids; vLLM and generate() read them from these files
         config.update(bos_token_id=tokenizer.bos_id, eos_token_id=tokenizer.eos_id, pad_token_id=tokenizer.pad_id)
-    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    write_atomic(out / "config.json", json.dumps(config, indent=2) + "\n")
     eos = list(tokenizer.eos_ids) if tokenizer is not None and len(tokenizer.eos_ids) > 1 else config.get("eos_token_id")
     generation = {"bos_token_id": config.get("bos_token_id"), "eos_token_id": eos,
                   "pad_token_id": config.get("pad_token_id"), "do_sample": False}
-    (out / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
+    write_atomic(out / "generation_config.json", json.dumps(generation, indent=2) + "\n")
     return out

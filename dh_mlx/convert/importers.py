@@ -14,7 +14,7 @@ from ..model import Model
 from ..outputs import check_output_dir
 from ..tokenizer import load_tokenizer, write_hf_files
 from ..checkpoint.layout import drop_mtp_embedding_copies, drop_rotary_buffers, split_fused_experts, stack_experts
-from ..checkpoint.weights import save_model
+from ..checkpoint.weights import check_values, save_model
 from .errors import ConvertError
 from .names import rename
 from .readers import read_weights_file
@@ -87,9 +87,10 @@ def import_checkpoint(input: str | Path, out: str | Path, *, config: str | Path 
     elif stored_config is not None:
         cfg = stored_config
     else:
-        raise ConvertError(f"{input}: the file carries no config; give one (--config CONFIG.json)")
+        raise ConvertError(f"{input}: the file carries no config; give one (`config`, a config.json)")
     named, source = to_checkpoint_names(state)
     weights = {k: _as_mx(v) for k, v in named.items()}
+    check_values(weights, input)  # as loading does: float tensors, no NaN or infinity
     dtype = dtype or Counter(_dtype_name(v) for v in weights.values()
                              if mx.issubdtype(v.dtype, mx.floating)).most_common(1)[0][0]
     if dtype not in _DTYPES:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import ctypes
 from pathlib import Path
 
+from ..files import write_atomic
 from .errors import ConvertError
 
 # --quantize name -> llama.cpp's llama_ftype constant
@@ -14,7 +15,7 @@ QUANT_TYPES = {"Q4_K_M": "LLAMA_FTYPE_MOSTLY_Q4_K_M", "Q5_K_M": "LLAMA_FTYPE_MOS
 KEEP_F32 = (r"attn_k_b\.weight", r"attn_v_b\.weight")
 GGML_TYPE_F32 = 0
 
-INSTALL_HINT = ("--quantize runs llama.cpp's quantizer from the llama-cpp-python package, which is not installed: "
+INSTALL_HINT = ("`quantize` runs llama.cpp's quantizer from the llama-cpp-python package, which is not installed: "
                 "pip install llama-cpp-python (or pip install 'dh-mlx[llama]'; it compiles llama.cpp, ~15-20 min)")
 
 
@@ -39,7 +40,10 @@ def quantize_gguf(src: str | Path, dst: str | Path, kind: str, *, threads: int =
         *[llama_cpp.llama_model_tensor_override(p.encode(), GGML_TYPE_F32) for p in KEEP_F32],
         llama_cpp.llama_model_tensor_override(None, 0))  # the list ends at a null pattern
     params.tt_overrides = overrides
-    code = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params))
-    if code != 0:
-        raise ConvertError(f"{src}: llama.cpp's quantizer failed (code {code}); its log above says why")
+
+    def run(tmp: str) -> None:  # into a fresh temporary file, renamed over `dst` (never through a link there)
+        code = llama_cpp.llama_model_quantize(str(src).encode(), tmp.encode(), ctypes.byref(params))
+        if code != 0:
+            raise ConvertError(f"{src}: llama.cpp's quantizer failed (code {code}); its log above says why")
+    write_atomic(Path(dst), run)
     return Path(dst)

@@ -18,6 +18,7 @@ from ..config import ModelConfig
 from ..checkpoint.layout import to_file_layout
 from .errors import ConvertError
 from .torch_archive import RawTensor, read_export_archive, read_pickle_archive
+from ..files import LIMITS, FileKindError, regular_file
 
 
 def _is_torchscript(path: Path) -> bool:
@@ -41,6 +42,9 @@ def _export_config(path: Path) -> ModelConfig:
         name = next((n for n in z.namelist() if n.endswith("/extra/config.json")), None)
         if name is None:
             raise ConvertError(f"{path}: exported program has no config.json (not written by export_model?)")
+        if z.getinfo(name).file_size > LIMITS["config"]:
+            raise ConvertError(f"{path}: {name} would inflate to {z.getinfo(name).file_size:,} bytes; a config "
+                               f"may have at most {LIMITS['config']:,}")
         return ModelConfig.from_dict(json.loads(z.read(name)))
 
 
@@ -74,8 +78,12 @@ def read_weights_file(path: str | Path, *, trust_code: bool = False) -> tuple[di
     """({name: torch tensor or mx array}, the config stored in the file or None). `trust_code` reads
     TorchScript and torch.export archives with PyTorch's loaders, which run code from the file."""
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise ConvertError(f"{path}: no such file")
+    try:
+        regular_file(path)
+    except FileKindError as e:
+        raise ConvertError(str(e)) from None
     if path.suffix == ".safetensors":
         import mlx.core as mx
         try:

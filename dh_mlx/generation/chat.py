@@ -12,8 +12,11 @@ from .steps import PromptCache
 
 
 class Conversation:
-    def __init__(self, model: Model, tokenizer: Any, *, system: str | None = None):
+    def __init__(self, model: Model, tokenizer: Any, *, system: str | None = None,
+                 template_args: dict | None = None):
+        """`template_args`: what a tokenizer.json chat template is rendered with (e.g. enable_thinking, tools)."""
         self.model, self.tokenizer = model, tokenizer
+        self.template_args = template_args or {}
         self.messages: list[dict[str, str]] = [{"role": "system", "content": system}] if system else []
         self.cache = PromptCache.new(model)
         self.auto: tuple | None = None  # with domain="auto": inferred once, from the first turn (the cache holds
@@ -23,7 +26,8 @@ class Conversation:
         """Stream the assistant's reply to the user's `text` (options: `generate_tokens`'), then keep it in the
         conversation."""
         turn = {"role": "user", "content": text}
-        ids = self.tokenizer.encode_chat(check_messages(self.messages + [turn]))
+        ids = self.tokenizer.encode_chat(check_messages(self.messages + [turn]),
+                                         limit=self.model.config.max_position_embeddings, **self.template_args)
         stats = stats if stats is not None else GenerationStats()
         if options.get("domain") == "auto":
             if self.auto is None:

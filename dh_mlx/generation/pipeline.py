@@ -18,7 +18,7 @@ from ..model.transformer import Output
 def split_layers(n_layers: int, ranks: int) -> list[range]:
     """Contiguous, as-even-as-possible ranges of decoder layers, the earlier ranks taking the remainder."""
     if ranks > n_layers:
-        raise ValueError(f"--pipeline over {ranks} ranks needs at least as many decoder layers; the model has "
+        raise ValueError(f"a pipeline over {ranks} ranks needs at least as many decoder layers; the model has "
                          f"{n_layers}")
     base, extra = divmod(n_layers, ranks)
     bounds = [0]
@@ -43,6 +43,8 @@ class PipelineModel:
     carries the send to the next rank."""
 
     pipelined = True
+    fixed_capacity_steps = False  # each step crosses ranks: decoded with the eager step,
+    drafts_with_mtp = False  # and without MTP drafting
 
     def __init__(self, model, group: Any, own: range, dtype: mx.Dtype):
         self.inner, self.group, self.own, self.dtype = model, group, own, dtype
@@ -66,8 +68,9 @@ class PipelineModel:
             h = m.embed_tokens(inputs)
         else:
             h = mx.distributed.recv((B, T, self.config.hidden_size), self.dtype, self.rank - 1, group=self.group)
+        shared = {}  # sparse-attention selections; a rank starting at a "shared" layer is refused by name
         for i in self.own:
-            h, _ = m.layers[i](h, mask, None if cache is None else cache[i], domain_ids)
+            h, _ = m.layers[i](h, mask, None if cache is None else cache[i], domain_ids, shared)
         return h
 
     def hidden(self, inputs, cache=None, domain_ids=None, mask="causal") -> mx.array:

@@ -1,13 +1,9 @@
-"""Samplers and logits processors: pure functions of (logits, state) -> logits or token."""
+"""Logits processors: pure functions of (logits, state) -> logits, one of each. `options.SamplingOptions`
+composes them into the one way a token is chosen."""
 
 from __future__ import annotations
 
-import math
-from typing import Callable
-
 import mlx.core as mx
-
-Sampler = Callable[[mx.array], mx.array]
 
 
 def apply_top_k(logits: mx.array, k: int) -> mx.array:
@@ -48,49 +44,21 @@ def apply_repetition_penalty(logits: mx.array, previous: mx.array, penalty: floa
     return mx.put_along_axis(logits, mx.broadcast_to(previous, (*logits.shape[:-1], previous.size)), seen, axis=-1)
 
 
-def check_options(*, temp: float = 0.0, top_p: float = 1.0, top_k: int = 0, min_p: float = 0.0,
-                  repetition_penalty: float = 1.0, repetition_context: int = 1, max_tokens: int = 0,
-                  prefill_step_size: int = 1) -> None:
-    """ValueError naming the first option outside its range (NaN is outside every range)."""
-    def number(v) -> bool:
-        return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-
-    def integer(v) -> bool:
-        return isinstance(v, int) and not isinstance(v, bool)
-
-    checks = [("--temp", temp, number(temp) and temp >= 0, "a number >= 0 (0 is greedy)"),
-              ("--top-p", top_p, number(top_p) and 0 < top_p <= 1, "in (0, 1]"),
-              ("--top-k", top_k, integer(top_k) and top_k >= 0, "an integer >= 0 (0 is off)"),
-              ("--min-p", min_p, number(min_p) and 0 <= min_p <= 1, "in [0, 1] (0 is off)"),
-              ("--repetition-penalty", repetition_penalty, number(repetition_penalty) and repetition_penalty > 0,
-               "a number > 0 (1 is off)"),
-              ("repetition_context", repetition_context, integer(repetition_context) and repetition_context >= 1,
-               "an integer >= 1 (the tokens the penalty looks back over)"),
-              ("--max-tokens", max_tokens, integer(max_tokens) and max_tokens >= 0, "an integer >= 0"),
-              ("--prefill-step-size", prefill_step_size, integer(prefill_step_size) and prefill_step_size >= 1,
-               "an integer >= 1")]
-    for name, value, ok, allowed in checks:
-        if not ok:
-            raise ValueError(f"{name} must be {allowed}, got {value!r}")
+def apply_presence_frequency(logits: mx.array, counts: mx.array, presence: float, frequency: float) -> mx.array:
+    """OpenAI's penalties on the output so far: a token seen `counts[id]` times (counts (V,)) loses
+    presence (once seen) + frequency x its count."""
+    counts = counts[: logits.shape[-1]].astype(mx.float32)
+    return logits - (presence * (counts > 0) + frequency * counts)
 
 
-def make_sampler(temp: float = 0.0, top_p: float = 1.0, top_k: int = 0, min_p: float = 0.0) -> Sampler:
-    """logits (B, V) -> tokens (B,). temp 0 is argmax."""
-    check_options(temp=temp, top_p=top_p, top_k=top_k, min_p=min_p)
-    if temp == 0:
-        return lambda logits: mx.argmax(logits, axis=-1)
-
-    def sample(logits: mx.array) -> mx.array:
-        logits = apply_min_p(apply_top_p(apply_top_k(logits.astype(mx.float32), top_k), top_p), min_p)
-        return mx.random.categorical(logits / temp, axis=-1)
-
-    return sample
+def limit_vocab(logits: mx.array, vocab_limit: int | None) -> mx.array:
+    """(..., V) -> (..., vocab_limit): the ids a tokenizer smaller than the model's vocabulary can decode."""
+    return logits if vocab_limit is None or vocab_limit >= logits.shape[-1] else logits[..., :vocab_limit]
 
 
-def sampling_distribution(logits: mx.array, temp: float, top_p: float = 1.0, top_k: int = 0,
-                          min_p: float = 0.0) -> mx.array:
-    """The probabilities `make_sampler` draws from (needed by speculative acceptance). temp 0: one-hot argmax."""
-    if temp == 0:
-        return (mx.arange(logits.shape[-1]) == mx.argmax(logits, axis=-1, keepdims=True)).astype(mx.float32)
-    logits = apply_min_p(apply_top_p(apply_top_k(logits.astype(mx.float32), top_k), top_p), min_p)
-    return mx.softmax(logits / temp, axis=-1)
+def scaled(logits: mx.array, temp: float) -> mx.array:
+    """logits / temp. At a tiny temperature the quotient overflows to inf and the draw turns uniform (NaN);
+    shifted by the row's maximum first it stays finite, and the top token gets all the probability."""
+    if temp < 1e-3:
+        logits = logits - logits.max(axis=-1, keepdims=True)
+    return logits / temp

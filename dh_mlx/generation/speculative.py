@@ -20,16 +20,15 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from dataclasses import dataclass
 from statistics import median
 from typing import Iterator
 
 import mlx.core as mx
 
 from ..model import Model
-from .cache import LatentCache
-from .sample import apply_repetition_penalty, sampling_distribution
-from .steps import compiled_cached_step, domain_array, limit_vocab, prefill
+from .cache import LatentCache, layer_cache
+from .options import SamplingOptions
+from .steps import compiled_cached_step, domain_array, prefill
 
 
 class DraftPolicy:
@@ -38,7 +37,7 @@ class DraftPolicy:
     the last `window` drafts. Starts with `probe` drafts, then WARMUP + `probe` plain steps to time them;
     afterwards a losing draft mode pauses for `pause` plain steps, doubling per failed probe up to `max_pause`
     (at once when the break-even is above 1: then no acceptance can pay), and probes again. One policy can
-    serve several calls (`generate_tokens(..., draft_policy=...)`): what it measured carries over.
+    serve several calls (`generate_tokens(..., mtp=policy)`): what it measured carries over.
     """
 
     WARMUP = 2  # the first steps of each kind include tracing and compiling: not timed
@@ -99,57 +98,36 @@ class DraftPolicy:
             self.pause = min(2 * pause, self.max_pause)
 
 
-@dataclass(frozen=True)
-class Choice:
-    """How the next token is chosen from logits: the sampling options, a repetition penalty over the last
-    `repetition_context` tokens, and the vocabulary the tokenizer can decode."""
-
-    temp: float = 0.0
-    top_p: float = 1.0
-    top_k: int = 0
-    min_p: float = 0.0
-    repetition_penalty: float = 1.0
-    repetition_context: int = 64
-    vocab_limit: int | None = None
-
-    def recent(self, history: list[int], then: mx.array | None = None) -> mx.array | None:
-        """The penalised window after `history` (and the lazy token `then`); None without a penalty."""
-        if self.repetition_penalty == 1.0:
-            return None
-        n = self.repetition_context
-        window = mx.array(history[-n:] if then is None else history[-(n - 1):] if n > 1 else [], mx.int32)
-        return window if then is None else mx.concatenate([window, then.reshape(1).astype(mx.int32)])[-n:]
-
-    def logits(self, logits: mx.array, recent: mx.array | None) -> mx.array:
-        if recent is not None:
-            logits = apply_repetition_penalty(logits, recent, self.repetition_penalty)
-        return limit_vocab(logits, self.vocab_limit)
-
-    def distribution(self, logits: mx.array, recent: mx.array | None) -> mx.array:
-        """(V,) the probabilities a token is drawn from (one-hot argmax when greedy)."""
-        return sampling_distribution(self.logits(logits[None], recent), self.temp, self.top_p, self.top_k,
-                                     self.min_p)[0]
-
-    def draw(self, probs: mx.array) -> mx.array:
-        return mx.argmax(probs) if self.temp == 0 else mx.random.categorical(mx.log(probs))
+def recent(options: SamplingOptions, history: list[int], then: mx.array | None = None) -> mx.array | None:
+    """The repetition penalty's window after `history` (and the lazy token `then`); None without a penalty."""
+    if options.repetition_penalty == 1.0:
+        return None
+    n = options.repetition_context
+    window = mx.array(history[-n:] if then is None else history[-(n - 1):] if n > 1 else [], mx.int32)
+    return window if then is None else mx.concatenate([window, then.reshape(1).astype(mx.int32)])[-n:]
 
 
-def accept_greedy(choice: Choice, draft: mx.array, logits: mx.array, recent0, recent1):
+def _distribution(options: SamplingOptions, logits: mx.array, recent) -> mx.array:
+    """(V,) the probabilities a token is drawn from (one-hot argmax when greedy)."""
+    return options.distribution(options.penalized(logits[None], recent))[0]
+
+
+def accept_greedy(options: SamplingOptions, draft: mx.array, logits: mx.array, recent0, recent1):
     """Greedy acceptance: keep the draft iff it is the main model's choice at the token's position.
     logits (2, V) at [token, draft] -> (accept, correction, bonus), all lazy."""
-    correction = mx.argmax(choice.logits(logits[0], recent0))
-    bonus = mx.argmax(choice.logits(logits[1], recent1))
+    correction = mx.argmax(options.penalized(logits[0], recent0))
+    bonus = mx.argmax(options.penalized(logits[1], recent1))
     return draft == correction, correction, bonus
 
 
-def accept_sampled(choice: Choice, draft: mx.array, q: mx.array, logits: mx.array, recent0, recent1):
+def accept_sampled(options: SamplingOptions, draft: mx.array, q: mx.array, logits: mx.array, recent0, recent1):
     """Speculative sampling: keep the draft with probability min(1, p(d) / q(d)); on rejection draw from the
     residual max(p - q, 0), so the output follows p exactly. -> (accept, correction, bonus), all lazy."""
-    p0, p1 = choice.distribution(logits[0], recent0), choice.distribution(logits[1], recent1)
+    p0, p1 = _distribution(options, logits[0], recent0), _distribution(options, logits[1], recent1)
     ratio = p0[draft] / mx.maximum(q[draft], 1e-20)
     accept = (ratio >= 1.0) | (mx.random.uniform() < ratio)
     residual = mx.maximum(p0 - q, 0.0)
-    bonus, correction = choice.draw(p1), choice.draw(residual / mx.maximum(residual.sum(), 1e-20))
+    bonus, correction = options.draw_from(p1), options.draw_from(residual / mx.maximum(residual.sum(), 1e-20))
     return accept, correction, bonus
 
 
@@ -159,7 +137,7 @@ class Drafter:
 
     def __init__(self, model: Model, domain: mx.array | None, cache: LatentCache | None = None):
         self.model, self.domain = model, domain
-        self.cache = cache if cache is not None else LatentCache()
+        self.cache = cache if cache is not None else layer_cache(model.config)
         self._step = compiled_cached_step(
             lambda tokens, views, mask, hidden: model.mtp_forward(hidden, tokens, 0, views[0], domain, mask),
             caches_of=lambda c: [c])
@@ -173,7 +151,7 @@ class Drafter:
 
 
 def mtp_generate(model: Model, pc, todo: list[int], *, stats, max_tokens: int, eos_ids=(),
-                 prefill_step_size: int = 512, domain: int | None = None, choice: Choice = Choice(),
+                 prefill_step_size: int = 512, domain: int | None = None, options: SamplingOptions = SamplingOptions(),
                  policy: DraftPolicy | None = None) -> Iterator[int]:
     """Yield tokens like `generate_tokens`; `pc` is a PromptCache already trimmed to the reused prefix.
 
@@ -185,27 +163,36 @@ def mtp_generate(model: Model, pc, todo: list[int], *, stats, max_tokens: int, e
     policy = policy if policy is not None else DraftPolicy()
     d = domain_array(domain)
     cache = pc.cache
-    # MTP entry t ran on (hidden t, token t + 1): it is still right while both lie in the reused prefix.
-    keep = 0 if pc.mtp_cache is None else max(min(pc.mtp_cache.offset, len(pc.tokens) - 1), 0)
-    for c in cache:
-        c.trim(c.offset - keep)
-    if pc.mtp_cache is not None:
-        pc.mtp_cache.trim(pc.mtp_cache.offset - keep)
-    todo = pc.tokens[keep:] + todo
-    pc.tokens = pc.tokens[:keep]
-    drafter = Drafter(model, d, pc.mtp_cache if keep else None)
-    pc.mtp_cache = drafter.cache
+    n_cached, pending = len(pc.tokens), pc.mtp_hidden
+    if pc.mtp_cache is None or pending is None or pc.mtp_cache.offset + pending.shape[1] != n_cached:
+        # No hidden states for the positions the MTP cache lacks: prefill them again. MTP entry t ran on
+        # (hidden t, token t + 1): it is still right while both lie in the reused prefix.
+        keep = 0 if pc.mtp_cache is None else max(min(pc.mtp_cache.offset, n_cached - 1), 0)
+        if not all(getattr(c, "trimmable", True) for c in cache):  # (DeepSeek-V4's: start again)
+            keep = 0
+        for c in cache:
+            c.trim(c.offset - keep)
+        if pc.mtp_cache is not None:
+            pc.mtp_cache.trim(pc.mtp_cache.offset - keep)
+        todo = pc.tokens[keep:] + todo
+        pc.tokens, pending = pc.tokens[:keep], None
+    drafter = Drafter(model, d, pc.mtp_cache if pc.tokens else None)
+    pc.mtp_cache, pc.mtp_hidden = drafter.cache, None
+    if pending is not None and pending.shape[1]:  # the waiting MTP entries, now that their next tokens are known
+        start = drafter.cache.offset
+        model.mtp_forward(pending, mx.array([pc.tokens[start + 1:] + todo[:1]]), cache=drafter.cache,
+                          domain_ids=d)
     verify = compiled_cached_step(lambda tokens, views, mask: model.forward(tokens, views, d, mask=mask))
     history = pc.tokens + list(todo)  # every token so far: the repetition penalty's windows
 
     def plain_step(tok: mx.array, recent) -> tuple[mx.array, mx.array]:  # -> (hidden (1, 1, D), next token)
         logits, hidden = verify(tok.reshape(1, 1), cache)
-        return hidden, choice.draw(choice.distribution(logits[0, 0], recent))
+        return hidden, options.draw_from(_distribution(options, logits[0, 0], recent))
 
     tic = time.perf_counter()
     logits, h_last = prefill(model, mx.array([todo]), cache, step_size=prefill_step_size, domain=domain,
                              mtp_cache=drafter.cache)
-    token = choice.draw(choice.distribution(logits[0], choice.recent(history))).item()
+    token = options.draw_from(_distribution(options, logits[0], recent(options, history))).item()
     T = len(todo)
     stats.prompt_tokens, stats.prompt_tps = T, T / (time.perf_counter() - tic)
     pc.tokens = list(history)
@@ -221,68 +208,78 @@ def mtp_generate(model: Model, pc, todo: list[int], *, stats, max_tokens: int, e
         stats.generation_tokens = emitted
         return t in eos_ids or emitted >= max_tokens
 
-    done = emit(token)
-    yield token
     tok = mx.array(token)
     # MTP input not yet run: main hidden states (1, L, D) of the positions after the MTP cache's last, and
     # the tokens that follow them. A draft step runs it at once; a stretch of plain steps collects it.
     pend_h, pend_t = [h_last[:, None]], [token]
     ahead = None  # a plain step queued before the consumer got the previous token
     traced: set[int] = set()  # MTP input lengths the compiled draft step has seen
-    last = time.perf_counter()
-    while not done:
-        if policy.mode == "draft":
-            fair = len(pend_t) in traced  # the draft step's first call with 1 or 2 positions traces and compiles
-            traced.add(len(pend_t))
-            q_logits = drafter(mx.concatenate(pend_h, axis=1), mx.array(pend_t)[None])
-            if len(pend_t) > 2:  # the eager catch-up forward is not timed
-                mx.eval(q_logits)
-                last = time.perf_counter()
-            # Everything up to the accept decision stays lazy: one host sync per draft.
-            recent0 = choice.recent(history)
-            if choice.temp == 0:
-                draft = mx.argmax(choice.logits(q_logits[0], recent0))
+    try:
+        done = emit(token)
+        yield token
+        last = time.perf_counter()
+        while not done:
+            if policy.mode == "draft":
+                fair = len(pend_t) in traced  # its first call with 1 or 2 positions traces and compiles
+                traced.add(len(pend_t))
+                q_logits = drafter(mx.concatenate(pend_h, axis=1), mx.array(pend_t)[None])
+                if len(pend_t) > 2:  # the eager catch-up forward is not timed
+                    mx.eval(q_logits)
+                    last = time.perf_counter()
+                # Everything up to the accept decision stays lazy: one host sync per draft.
+                recent0 = recent(options, history)
+                if options.greedy:
+                    draft = mx.argmax(options.penalized(q_logits[0], recent0))
+                else:
+                    q = _distribution(options, q_logits[0], recent0)
+                    draft = options.draw_from(q)
+                logits, hidden = verify(mx.stack([tok, draft])[None], cache)  # positions of token and draft
+                recent1 = recent(options, history, draft)
+                if options.greedy:
+                    accept, correction, bonus = accept_greedy(options, draft, logits[0], recent0, recent1)
+                else:
+                    accept, correction, bonus = accept_sampled(options, draft, q, logits[0], recent0, recent1)
+                mx.eval(accept, draft, bonus, correction)
+                stats.drafted += 1
+                accepted = accept.item()
+                if accepted:
+                    stats.accepted += 1
+                    new = [draft.item(), bonus.item()]
+                    tok = bonus
+                else:
+                    for c in cache:
+                        c.trim(1)  # the rejected draft's position
+                    new = [correction.item()]
+                    hidden, tok = hidden[:, :1], correction
+                pend_h, pend_t = [hidden], list(new)
             else:
-                q = choice.distribution(q_logits[0], recent0)
-                draft = choice.draw(q)
-            logits, hidden = verify(mx.stack([tok, draft])[None], cache)  # positions of token and draft
-            recent1 = choice.recent(history, draft)
-            if choice.temp == 0:
-                accept, correction, bonus = accept_greedy(choice, draft, logits[0], recent0, recent1)
-            else:
-                accept, correction, bonus = accept_sampled(choice, draft, q, logits[0], recent0, recent1)
-            mx.eval(accept, draft, bonus, correction)
-            stats.drafted += 1
-            accepted = accept.item()
-            if accepted:
-                stats.accepted += 1
-                new = [draft.item(), bonus.item()]
-                tok = bonus
-            else:
-                for c in cache:
-                    c.trim(1)  # the rejected draft's position
-                new = [correction.item()]
-                hidden, tok = hidden[:, :1], correction
-            pend_h, pend_t = [hidden], list(new)
-        else:
-            hidden, tok = ahead if ahead is not None else plain_step(tok, choice.recent(history))
-            new = [tok.item()]
-            pend_h.append(hidden)
-            pend_t.extend(new)
-            accepted, fair = None, True
-        now = time.perf_counter()
-        policy.record("plain" if accepted is None else "draft", now - last if fair else None, accepted)
-        last = now
-        ahead = None
-        if policy.mode == "plain" and not (new[-1] in eos_ids or emitted + len(new) >= max_tokens):
-            ahead = plain_step(tok, choice.recent(history + new))  # queued before the tokens are handed out
-            mx.async_eval(ahead[1])
-        for t in new:
-            done = emit(t)
-            yield t
-            if done:
-                break
-    pc.tokens = pc.tokens[: cache[0].offset]
-    stats.generation_tps = emitted / max(time.perf_counter() - tic, 1e-9)
-    stats.peak_memory_gb = mx.get_peak_memory() / 1e9
-    stats.draft_summary = policy.summary()
+                hidden, tok = ahead if ahead is not None else plain_step(tok, recent(options, history))
+                new = [tok.item()]
+                pend_h.append(hidden)
+                pend_t.extend(new)
+                accepted, fair = None, True
+            now = time.perf_counter()
+            policy.record("plain" if accepted is None else "draft", now - last if fair else None, accepted)
+            last = now
+            ahead = None
+            if policy.mode == "plain" and not (new[-1] in eos_ids or emitted + len(new) >= max_tokens):
+                ahead = plain_step(tok, recent(options, history + new))  # queued before the tokens are handed out
+                mx.async_eval(ahead[1])
+            for t in new:
+                done = emit(t)
+                yield t
+                if done:
+                    break
+    finally:  # also when the consumer stops early: the caches hold exactly pc.tokens
+        n = min(cache[0].offset, len(pc.tokens))
+        for c in cache:
+            c.trim(c.offset - n)
+        pc.tokens = pc.tokens[:n]
+        held = mx.concatenate(pend_h + ([ahead[0]] if ahead is not None else []), axis=1)
+        wanted = n - drafter.cache.offset  # positions whose MTP entry waits for its next token
+        pc.mtp_hidden = held[:, :wanted] if 0 <= wanted <= held.shape[1] else None
+        stats.generation_tps = emitted / max(time.perf_counter() - tic, 1e-9)
+        stats.peak_memory_gb = mx.get_peak_memory() / 1e9
+        stats.draft_summary = policy.summary()
+        need = policy.break_even()
+        stats.drafting_paid = bool(need is not None and stats.drafted and stats.accepted > need * stats.drafted)

@@ -6,7 +6,8 @@ p qk_rope_head_dim, v v_head_dim.
 Naive: expand the latent into per-head keys/values with `kv_b_proj` (cheap when S is small: training,
 prefill). Absorbed: fold `kv_b_proj` into the query and the output, so attention runs in the r-dim latent
 space and only the normalised latent and the RoPE key are ever cached. `attention` and `absorbed_attention`
-are replaceable operations (dh_mlx.ops).
+are replaceable operations (dh_mlx.ops). With DeepSeek Sparse Attention (V3.2, GLM-5) an indexer first picks the
+positions each query attends to (model/indexer.py).
 """
 
 from __future__ import annotations
@@ -19,11 +20,12 @@ import mlx.nn as nn
 from ..config import ModelConfig
 from ..ops import replaceable
 from ..rope import rope_parameters
+from .indexer import Indexer, gather_selected, selected_mask
 from .layers import Linear, RMSNorm, RoPE
 
 
 class MLA(nn.Module):
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: ModelConfig, layer_idx: int = 0):
         super().__init__()
         c = config
         self.num_heads = c.num_attention_heads
@@ -49,14 +51,24 @@ class MLA(nn.Module):
         # None: absorbed exactly when earlier positions are cached (decode, later prefill chunks), so
         # per-head K/V exist for one chunk at most; True/False force a path.
         self.absorb: bool | None = None
+        # DeepSeek Sparse Attention: this layer's own indexer, or (GLM-5 "shared" layers) the selection of the
+        # last layer before it that ran one
+        self.layer_idx = layer_idx
+        self.shares_selection = c.sparse_attention and not c.has_indexer(layer_idx)
+        if c.has_indexer(layer_idx):
+            self.indexer = Indexer(c)
 
-    def __call__(self, x: mx.array, mask: mx.array | str | None = "causal", cache: Any = None) -> mx.array:
+    def __call__(self, x: mx.array, mask: mx.array | str | None = "causal", cache: Any = None,
+                 shared: dict | None = None) -> mx.array:
+        """`shared`: where a layer with an indexer leaves its selection for the layers that reuse it."""
         B, L, _ = x.shape
         H, n, p, r = self.num_heads, self.qk_nope_head_dim, self.qk_rope_head_dim, self.kv_lora_rank
+        q_latent = None
         if self.q_lora_rank is None:
             q = self.q_proj(x)
         else:
-            q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+            q_latent = self.q_a_layernorm(self.q_a_proj(x))  # (B, L, q_lora_rank): the indexer's query input too
+            q = self.q_b_proj(q_latent)
         q = q.reshape(B, L, H, n + p).transpose(0, 2, 1, 3)  # (B, H, L, n+p)
         q_nope, q_pe = q[..., :n], q[..., n:]
         ckv = self.kv_a_proj_with_mqa(x)  # (B, L, r+p)
@@ -70,11 +82,31 @@ class MLA(nn.Module):
         if cache is not None:
             latent, k_pe = cache.update_and_fetch(latent, k_pe)  # (B, 1, S, r), (B, 1, S, p)
 
+        topk = self._select(x, q_latent, mask, cache, offset, shared)
+        if topk is not None:  # attend to the chosen positions only
+            if absorb and L == 1:
+                latent, k_pe, mask = gather_selected(topk, latent, k_pe, mask)
+            else:
+                mask = selected_mask(topk, latent.shape[2], mask)
         if absorb:
             out = self._absorbed(q_nope, q_pe, latent, k_pe, mask)
         else:
             out = self._naive(q_nope, q_pe, latent, k_pe, mask)
         return self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, L, H * self.v_head_dim))
+
+    def _select(self, x, q_latent, mask, cache, offset, shared) -> mx.array | None:
+        """(B, L, index_topk) positions each query attends to; None: all (no indexer, or few enough positions)."""
+        if "indexer" in self:
+            topk = self.indexer(x, q_latent, mask, cache, offset)
+            if shared is not None:
+                shared["topk"] = topk
+            return topk
+        if not self.shares_selection:
+            return None
+        if shared is None or "topk" not in shared:
+            raise ValueError(f"layer {self.layer_idx} reuses an earlier layer's indexer selection (indexer_types "
+                             "'shared'); run it after that layer, passing the same `shared` dict")
+        return shared["topk"]
 
     def _naive(self, q_nope, q_pe, latent, k_pe, mask):
         B, H, L, _ = q_nope.shape

@@ -21,14 +21,16 @@ from .moe import MoE, Routing
 class DecoderLayer(nn.Module):
     def __init__(self, config: ModelConfig, layer_idx: int):
         super().__init__()
-        self.self_attn = MLA(config)
+        self.self_attn = MLA(config, layer_idx)
         self.mlp = MoE(config) if config.is_moe_layer(layer_idx) else MLP(config.hidden_size,
                                                                         config.intermediate_size)
         self.input_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
 
-    def __call__(self, x, mask="causal", cache=None, domain_ids=None) -> tuple[mx.array, Routing | None]:
-        h = x + self.self_attn(self.input_layernorm(x), mask, cache)
+    def __call__(self, x, mask="causal", cache=None, domain_ids=None, shared=None
+                 ) -> tuple[mx.array, Routing | None]:
+        """`shared`: the dict one forward pass hands every layer, for sparse-attention selections (MLA)."""
+        h = x + self.self_attn(self.input_layernorm(x), mask, cache, shared)
         hn = self.post_attention_layernorm(h)
         if isinstance(self.mlp, MoE):
             y, routing = self.mlp(hn, domain_ids)
@@ -64,7 +66,7 @@ class MTPLayer(DecoderLayer):
     def step(self, hidden, embeds, mask="causal", cache=None, domain_ids=None):
         """(hidden (B, L, D), embeds of the next tokens (B, L, D)) -> (block output (B, L, D), routing)."""
         x = self.eh_proj(mx.concatenate([self.enorm(embeds), self.hnorm(hidden)], axis=-1))
-        return super().__call__(x, mask, cache, domain_ids)
+        return super().__call__(x, mask, cache, domain_ids, {})
 
 
 class Output(NamedTuple):
@@ -89,9 +91,9 @@ class DeepseekV3Model(nn.Module):
 
     def __call__(self, inputs, cache=None, domain_ids=None, mask="causal"):
         h = self.embed_tokens(inputs)
-        routing = []
+        routing, shared = [], {}
         for i, layer in enumerate(self.layers[: self.num_hidden_layers]):
-            h, r = layer(h, mask, None if cache is None else cache[i], domain_ids)
+            h, r = layer(h, mask, None if cache is None else cache[i], domain_ids, shared)
             if r is not None:
                 routing.append(r)
         return self.norm(h), routing

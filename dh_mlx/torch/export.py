@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 from ..config import ModelConfig
+from ..files import write_atomic
 from .model import Model
 from .moe import grouped_mm_available
 from .weights import to_file_layout
@@ -47,7 +48,8 @@ def export_model(model: Model, path: str | Path, example_ids: torch.Tensor) -> t
         for m, v in saved_absorb:
             m.absorb = v
         model.train(was_training)
-    torch.export.save(program, str(path), extra_files={CONFIG_FILE: json.dumps(model.config.to_dict())})
+    write_atomic(Path(path), lambda f: torch.export.save(program, f,
+                                                     extra_files={CONFIG_FILE: json.dumps(model.config.to_dict())}))
     return program
 
 

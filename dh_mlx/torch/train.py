@@ -1,13 +1,13 @@
 """Training the twin on GPU clusters: `torchrun --nproc_per_node N -m dh_mlx.torch.train --data x.jsonl ...`.
 
-PyTorch's FSDP2 (`fully_shard`, one unit per decoder layer and the root) shards the parameters, gradients
-and AdamW state over the ranks; torch.distributed is the engine (NCCL on CUDA, gloo on the CPU). The data is
-`dh_mlx.train.data`'s: every rank draws the same global batch (batch_size x ranks packed rows, one seeded
-order) and takes its own rows; the loss is the twin's (`step.loss_terms`: causal attention over each packed
-row, every position counted), so the gradients FSDP averages are the global batch's. ALF sums the experts'
-loads over the ranks before moving the biases (buffers, the same on every rank). Rank 0 writes
-`metrics.jsonl` and, at the end, the model directory (full weights gathered to it), which dh-mlx loads with
-the twin's logits. Without torchrun this is one process on one device.
+PyTorch's FSDP2 (`fully_shard`, one unit per decoder layer and the root) shards the parameters, gradients and AdamW
+state over the ranks; torch.distributed is the engine (NCCL on CUDA, gloo on the CPU). The data is
+`dh_mlx.train.prepared`'s (prepared shards, a mixture, or JSONL prepared once into the cache; numpy only): every
+rank draws the same global batch (batch_size x ranks packed rows, one seeded order) and reads its own rows; the loss
+is the twin's (`step.loss_terms`: causal attention over each packed row, every position counted), so the gradients
+FSDP averages are the global batch's. ALF sums the experts' loads over the ranks before moving the biases (buffers,
+the same on every rank). Rank 0 writes `metrics.jsonl` and, at the end, the model directory (full weights gathered
+to it), which dh-mlx loads with the twin's logits. Without torchrun this is one process on one device.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ import torch.distributed as dist
 from ..checkpoint.layout import copy_tokenizer
 from ..config import DATA_DIR, load_config, resolve_config
 from ..outputs import check_output_dir
+from ..files import write_atomic
 from .model import Model
 from .step import TrainConfig, alf_update, loss_terms
 from .weights import default_device, load_model, random_model, save_model
@@ -53,7 +54,7 @@ def train(*, data: str | Path, out: str | Path, init: str | Path | None = None, 
           log_every: int = 1) -> list[dict]:
     """Train (FSDP2 under torchrun) and write the model directory `out`; returns the per-step records."""
     from ..tokenizer import load_tokenizer
-    from ..train.data import load_dataset
+    from ..train.prepared import open_dataset
     tc = train_config or TrainConfig()
     if _ranked() and not dist.is_initialized():
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
@@ -73,8 +74,8 @@ def train(*, data: str | Path, out: str | Path, init: str | Path | None = None, 
     model = (load_model(init, device=device, dtype="float32") if init else
              random_model(model_config, seed=seed, device=device, dtype=torch.float32))
     domains = model_config.domain_routing.names if model_config.domain_routing else None
-    dataset = load_dataset(data, tok, seq_len=seq_len, domains=domains, seed=seed)
-    batches = dataset.train_batches(batch_size * size, seed=seed)
+    dataset = open_dataset(data, tok, seq_len=seq_len, domains=domains, seed=seed, progress=rank == 0)
+    batches = dataset.train_batches(batch_size * size, seed=seed, part=(rank, size))  # this rank's rows
     if size > 1:
         shard(model)
     optimizer = torch.optim.AdamW(model.parameters(), lr=tc.lr, betas=tc.betas, eps=tc.eps,
@@ -83,9 +84,8 @@ def train(*, data: str | Path, out: str | Path, init: str | Path | None = None, 
     for step in range(1, steps + 1):
         tic = time.perf_counter()
         b = next(batches)
-        rows = slice(rank * batch_size, (rank + 1) * batch_size)
-        ids = torch.from_numpy(np.concatenate([b.inputs[rows], b.targets[rows, -1:]], axis=1).astype(np.int64))
-        dom = torch.from_numpy(b.domain_ids[rows].astype(np.int64)) if domains else None
+        ids = torch.from_numpy(np.concatenate([b.inputs, b.targets[:, -1:]], axis=1).astype(np.int64))
+        dom = torch.from_numpy(b.domain_ids.astype(np.int64)) if domains else None
         model.train()
         optimizer.zero_grad(set_to_none=True)
         terms = loss_terms(model, ids.to(device), None if dom is None else dom.to(device),
@@ -124,12 +124,13 @@ def _write(model: Model, out: Path, tok_dir: Path, records: list[dict], rank: in
     plain.load_state_dict({k: v.to("cpu") for k, v in state.items()})
     save_model(plain, out)
     copy_tokenizer(tok_dir, out)
-    (out / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    write_atomic(out / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in records))
 
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m dh_mlx.torch.train", description=__doc__.split("\n\n")[0])
-    p.add_argument("--data", required=True, help="JSONL file or directory")
+    p.add_argument("--data", required=True, help="prepared directory (dh-mlx data prepare), mixture .json, or JSONL "
+                                                 "file or directory (prepared once into the cache)")
     p.add_argument("--out", required=True, help="model directory to write")
     p.add_argument("--init", help="start from this model directory")
     p.add_argument("--config", help="a config.json (instead of --params or --init)")

@@ -7,10 +7,8 @@ One tensor per expert on disk, stacked `[E, out, in]` in memory; MTP layers at
 from __future__ import annotations
 
 import json
-import os
 import re
 from pathlib import Path
-from typing import Callable
 
 import torch
 from safetensors import safe_open
@@ -18,8 +16,11 @@ from safetensors.torch import save_file
 
 from ..checkpoint import layout
 from ..config import ModelConfig, load_config, save_config
-from ..checkpoint.layout import (CheckpointError, check_tensors, config_for_tensors, drop_mtp_layers, keep_fp32,
-                      safetensors_files)
+from ..files import write_atomic
+from ..outputs import remove_owned
+from ..progress import note
+from ..checkpoint.layout import (WEIGHT_FILES, CheckpointError, check_tensors, config_for_tensors,
+                                 drop_mtp_layers, keep_fp32)
 from .model import Model
 
 DEFAULT_SHARD_BYTES = 5 * 10**9
@@ -61,7 +62,7 @@ def cast_model(model: Model, dtype: torch.dtype) -> Model:
 # ---- reading and writing -----------------------------------------------------------------------------------
 def read_weights(path: Path) -> dict[str, torch.Tensor]:
     weights: dict[str, torch.Tensor] = {}
-    for f in safetensors_files(path):
+    for f, _ in layout.shard_headers(path):  # (each checked: a tensor in two shards is refused by name)
         try:
             with safe_open(str(f), "pt") as g:
                 weights.update({k: g.get_tensor(k) for k in g.keys()})
@@ -104,6 +105,9 @@ def load_model(path: str | Path, device: str | torch.device | None = None,
     if not path.exists():
         raise CheckpointError(f"{path}: no such model directory")
     config = load_config(path)
+    if config.sparse_attention or config.model_type == "kimi_k25":
+        raise CheckpointError(f"{path}: a {config.model_type} checkpoint; the PyTorch twin runs the DeepSeek-V3 "
+                              "architecture without sparse attention or a multimodal wrapper (dh_mlx runs it)")
     weights = read_weights(path)
     config = config_for_tensors(config, weights, path)
     return model_from_state_dict(weights, config, device=device, dtype=dtype, where=path)
@@ -139,12 +143,6 @@ def random_model(config: ModelConfig, *, seed: int = 0, device=None, dtype=None)
     return cast_model(model, resolve_dtype(dtype, device)).eval()
 
 
-def _atomic_write(path: Path, write: Callable[[str], None]) -> None:
-    tmp = path.with_name(f".tmp-{path.name}")  # readers skip dotfiles
-    write(str(tmp))
-    os.replace(tmp, path)
-
-
 def _natural_key(name: str) -> list:
     return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name)]
 
@@ -171,8 +169,9 @@ def save_model(model: Model, path: str | Path, *, mtp: bool = True,
             size = 0
         shards[-1].append(k)
         size += nbytes
-    for old in list(path.glob("model*.safetensors")) + list(path.glob("model.safetensors.index.json")):
-        old.unlink()
+    removed = remove_owned(path, WEIGHT_FILES + r"|config\.json")  # (config.json last again: never half a model)
+    if [n for n in removed if not n.startswith(".tmp-")]:
+        note(f"{path}: replacing {', '.join(removed)}")
 
     def write_shard(f: str, keys: list[str]) -> None:
         # Expert slices and the MTP embedding copies share storage; safetensors wants each tensor alone.
@@ -180,15 +179,14 @@ def save_model(model: Model, path: str | Path, *, mtp: bool = True,
                   metadata={"format": "pt"})
 
     if len(shards) == 1:
-        _atomic_write(path / "model.safetensors", lambda f: write_shard(f, shards[0]))
+        write_atomic(path / "model.safetensors", lambda f: write_shard(f, shards[0]))
     else:
         weight_map = {}
         for i, keys in enumerate(shards):
             name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-            _atomic_write(path / name, lambda f, s=keys: write_shard(f, s))
+            write_atomic(path / name, lambda f, s=keys: write_shard(f, s))
             weight_map.update({k: name for k in keys})
         total = sum(v.numel() * v.element_size() for v in weights.values())
         index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-        _atomic_write(path / "model.safetensors.index.json",
-                      lambda f: Path(f).write_text(json.dumps(index, indent=2) + "\n"))
-    _atomic_write(path / "config.json", lambda f: save_config(config, Path(f).parent, name=Path(f).name))
+        write_atomic(path / "model.safetensors.index.json", json.dumps(index, indent=2) + "\n")
+    save_config(config, path)

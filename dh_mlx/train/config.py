@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 
 
@@ -40,6 +41,13 @@ class TrainConfig:
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise ValueError(f"training option '{name}' must be an integer >= 1, got {v!r}")
+        if not isinstance(self.seed, int) or isinstance(self.seed, bool) or not 0 <= self.seed < 2**63:
+            raise ValueError(f"training option 'seed' must be an integer in [0, 2**63), got {self.seed!r}")
+        for name in ("lr", "grad_clip", "alf_gamma", "balance_alpha", "mtp_lambda", "weight_decay", "min_lr_ratio",
+                     "domain_dropout", "val_fraction"):
+            v = getattr(self, name)  # inf or NaN would train a model nothing can load
+            if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v):
+                raise ValueError(f"training option '{name}' must be a finite number, got {v!r}")
         for name in ("lr", "grad_clip"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"training option '{name}' must be > 0, got {getattr(self, name)!r}")

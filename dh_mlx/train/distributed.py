@@ -1,10 +1,10 @@
 """Data-parallel training over `mx.distributed` (launched by `mlx.launch`; one process and world of 1 otherwise).
 
-Every rank draws the same global batch (`batch_size x ranks` rows, one seeded order) and computes on its own
-rows only, with the global batch's token counts, so each rank's loss and gradients are its share of the
-global batch's and their sum across ranks is exactly the single-process step: the gradient tree goes through
-a few large `all_sum`s (flattened into buckets), as do the loss parts and the experts' loads (ALF then moves
-every rank's routing biases identically). Rank 0 alone writes metrics, checkpoints and the model; it also
+Every rank draws the same global batch (`batch_size x ranks` rows, one seeded order) and reads and computes on its
+own rows only, with the global batch's token counts (summed over the ranks), so each rank's loss and gradients are
+its share of the global batch's and their sum across ranks is exactly the single-process step: the gradient tree
+goes through a few large `all_sum`s (flattened into buckets), as do the loss parts and the experts' loads (ALF then
+moves every rank's routing biases identically). Rank 0 alone writes metrics, checkpoints and the model; it also
 reads the checkpoint on `--resume` and sends it to the others, so only its machine needs the run directory.
 """
 
@@ -43,16 +43,15 @@ def world() -> World:
     return World(group, group.rank(), group.size())
 
 
-def own_rows(batch: NpBatch, w: World) -> NpBatch:
-    """This rank's rows of a global batch (contiguous: rank r has rows r*B .. r*B + B - 1)."""
-    n = batch.inputs.shape[0] // w.size
-    return NpBatch(*(a[w.rank * n:(w.rank + 1) * n] for a in batch))
-
-
-def global_counts(batch: NpBatch) -> tuple[mx.array, mx.array]:
-    """(target tokens, MTP target tokens) of the whole global batch: what every rank's losses divide by."""
+def global_counts(batch: NpBatch, w: World) -> tuple[mx.array, mx.array]:
+    """(target tokens, MTP target tokens) of the whole global batch, from this rank's rows (`batch`) summed over
+    the ranks: what every rank's losses divide by."""
     m = mx.array(batch.loss_mask)
-    return m.sum(), mtp_mask(m).sum()
+    counts = mx.stack([m.sum(), mtp_mask(m).sum()])
+    if w.size > 1:
+        counts = mx.distributed.all_sum(counts, group=w.group)
+        mx.eval(counts)  # now: every rank's collectives in the same order
+    return counts[0], counts[1]
 
 
 class Reducer:

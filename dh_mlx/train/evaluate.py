@@ -18,11 +18,13 @@ def to_mx(b: NpBatch) -> Batch:
     return Batch(*(mx.array(a) for a in b))
 
 
-def drop_domains(b: NpBatch, p: float, seed: int, step: int) -> NpBatch:
-    """Hide the domain of a seeded random share `p` of the rows (deterministic per step, so resume matches)."""
+def drop_domains(b: NpBatch, p: float, seed: int, step: int, part: tuple[int, int] = (0, 1)) -> NpBatch:
+    """Hide the domain of a seeded random share `p` of the rows (deterministic per step, so resume matches);
+    with `part=(rank, ranks)`, `b` is that rank's share of a global batch and gets its share of the draws."""
     if p <= 0:
         return b
-    hide = np.random.default_rng([seed, step, 7]).random(b.domain_ids.shape[0]) < p
+    n = b.domain_ids.shape[0]
+    hide = (np.random.default_rng([seed, step, 7]).random(n * part[1]) < p)[part[0] * n:(part[0] + 1) * n]
     return b._replace(domain_ids=np.where(hide[:, None], -1, b.domain_ids))
 
 
@@ -67,11 +69,10 @@ def evaluate(model: Model, dataset: Dataset, cfg: TrainConfig, *, use_domains: b
     if len(dataset.valid) == 0:
         return EvalResult(float("nan"), 0, None, None)
     ce_total, n_total, arrays = 0.0, 0.0, None
-    for i, nb in enumerate(dataset.valid_batches(cfg.batch_size)):
-        if i >= cfg.eval_batches * w.size:  # the rows one process on the global batch would score
-            break
-        if i % w.size != w.rank:
-            continue
+    batches = dataset.valid_batches(cfg.batch_size)
+    # the rows one process on the global batch would score, each rank reading only its own batches
+    for i in range(w.rank, min(batches.batches_per_epoch, cfg.eval_batches * w.size), w.size):
+        nb = batches.batch_at(i)
         if not use_domains:
             nb = drop_domains(nb, 1.0, 0, 0)
         ce_sum, n, *stats = batch_stats(*to_mx(nb))
@@ -81,7 +82,7 @@ def evaluate(model: Model, dataset: Dataset, cfg: TrainConfig, *, use_domains: b
         arrays = stats if arrays is None else [t + s for t, s in zip(arrays, stats)]
     if w.size > 1:  # summed over the ranks; one with no batch of its own adds zeros
         if arrays is None:
-            arrays = [mx.zeros_like(s) for s in batch_stats(*to_mx(next(iter(dataset.valid_batches(1)))))[2:]]
+            arrays = [mx.zeros_like(s) for s in batch_stats(*to_mx(dataset.valid_batches(1).batch_at(0)))[2:]]
         sums, arrays = Reducer(w).sum([mx.array([ce_total, n_total]), arrays])
         ce_total, n_total = sums.tolist()
     loads_total, dom_total, agree_total = arrays[0], arrays[1], np.array(arrays[2])

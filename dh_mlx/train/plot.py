@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from ..files import write_atomic
+
 
 def read_metrics(run_dir: Path) -> list[dict]:
     path = Path(run_dir) / "metrics.jsonl"
@@ -47,7 +49,7 @@ def plot_run(run_dir: str | Path) -> list[Path]:
     ax.legend()
     fig.tight_layout()
     out.append(run_dir / "loss.png")
-    fig.savefig(out[-1], dpi=120)
+    write_atomic(out[-1], lambda f: fig.savefig(f, dpi=120, format="png"))
     plt.close(fig)
     loads = [r for r in val if r.get("domain_load")]
     if loads:
@@ -65,6 +67,6 @@ def plot_run(run_dir: str | Path) -> list[Path]:
         fig.colorbar(im, ax=ax)
         fig.tight_layout()
         out.append(run_dir / "expert_load.png")
-        fig.savefig(out[-1], dpi=120)
+        write_atomic(out[-1], lambda f: fig.savefig(f, dpi=120, format="png"))
         plt.close(fig)
     return out

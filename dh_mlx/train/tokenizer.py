@@ -10,6 +10,7 @@ from typing import Iterator
 import sentencepiece as spm
 
 from ..outputs import check_output_dir
+from ..files import write_atomic
 from ..tokenizer import _SPACE_MARK, BOS, EOS, MODEL_FILE, PAD, UNK, Tokenizer, TokenizerError, write_hf_files
 from .data import read_jsonl, record_texts
 
@@ -55,6 +56,8 @@ def train_tokenizer(data: list[Path] | Path, out_dir: Path, *, vocab_size: int =
     if not paths:
         raise TokenizerError("no training data given")
     minimum = 4 + 256 + 1  # specials, the 256 byte pieces, at least one learned piece
+    if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2**32:
+        raise TokenizerError(f"seed must be an integer in [0, 2**32), got {seed!r}")
     if not isinstance(vocab_size, int) or vocab_size < minimum:
         raise TokenizerError(f"vocab_size must be an integer >= {minimum}, got {vocab_size!r}")
     out_dir = check_output_dir(out_dir, inputs=paths, force=force)
@@ -83,7 +86,7 @@ def train_tokenizer(data: list[Path] | Path, out_dir: Path, *, vocab_size: int =
         elif "sentences_.empty()" in reason:
             reason = "the training data holds no text"
         raise TokenizerError(f"{', '.join(map(str, paths))}: tokenizer training failed: {reason}") from None
-    (out_dir / MODEL_FILE).write_bytes(model.getvalue())
+    write_atomic(out_dir / MODEL_FILE, model.getvalue())
     tokenizer = Tokenizer(out_dir / MODEL_FILE)
     write_hf_files(tokenizer, out_dir)
     return tokenizer

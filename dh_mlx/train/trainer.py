@@ -9,7 +9,6 @@ from __future__ import annotations
 import math
 import shutil
 import signal
-import sys
 import time
 from dataclasses import dataclass, field
 from functools import partial
@@ -23,17 +22,18 @@ from mlx.utils import tree_flatten, tree_map
 from .. import backend
 from ..model import Model
 from ..model.moe import MoE, MoEGate
-from ..checkpoint.training import (CheckpointWriteError, RunLock, latest_checkpoint, load_checkpoint, remove_partial,
-                         save_checkpoint)
+from ..checkpoint.training import (CheckpointWriteError, RunLock, latest_checkpoint, load_checkpoint,
+                                   remove_checkpoints, remove_partial, save_checkpoint)
 from .config import TrainConfig
 from .optim import AdamW, make_optimizer
 from .data import Dataset
-from .distributed import (Reducer, World, any_rank, broadcast, broadcast_json, global_counts, on_main, own_rows,
+from .distributed import (Reducer, World, any_rank, broadcast, broadcast_json, global_counts, on_main,
                           world)
 from .evaluate import EvalResult, drop_domains, evaluate, to_mx
 from .interrupt import Interrupted, StopRequest, stop_on_signals
 from ..outputs import format_bytes
-from .report import MetricsLog, directory_bytes, make_report
+from ..progress import note
+from .report import LogReport, MetricsLog, directory_bytes
 from .loss import Batch, Counts, alf_update, batch_counts, imbalance, loss_parts
 
 
@@ -148,8 +148,12 @@ class RunResult:
 
 def train_loop(model: Model, dataset: Dataset, cfg: TrainConfig, run_dir: Path, *,
                export: Callable[[Path], None], resume: bool = False, force: bool = False, progress: bool = True,
-               stop_after: int | None = None, w: World | None = None) -> RunResult:
+               stop_after: int | None = None, w: World | None = None, export_bytes: int | None = None
+               ) -> RunResult:
     """Train `model` in place for `cfg.steps` optimizer steps, checkpointing into `run_dir`.
+
+    `export_bytes`: about what `export` writes (the free-space check before a checkpoint counts it; default the
+    whole model; LoRA writes only its adapters).
 
     `export(dir)` writes the usable result (model directory, or adapters) at each checkpoint. `stop_after` ends the run early
     after that many steps of this invocation, checkpointed like a Ctrl-C (used by the resume test).
@@ -163,19 +167,21 @@ def train_loop(model: Model, dataset: Dataset, cfg: TrainConfig, run_dir: Path, 
     try:
         with stop_on_signals() as stop:
             return _train(model, dataset, cfg, run_dir, export=export, resume=resume, force=force,
-                          progress=progress and w.main, stop_after=stop_after, stop=stop, w=w)
+                          progress=progress and w.main, stop_after=stop_after, stop=stop, w=w,
+                          export_bytes=export_bytes)
     finally:
         if lock:
             lock.release()
 
 
 def _restore(model: Model, optimizer: AdamW, batches, cfg: TrainConfig, run_dir: Path, *, resume: bool,
-             force: bool, ranks: int = 1) -> int:
-    """Rank 0's start: the step to continue from (model, optimizer and data position restored), or 0."""
+             force: bool, ranks: int = 1, created: list[str] | None = None) -> int:
+    """Rank 0's start: the step to continue from (model, optimizer and data position restored), or 0;
+    `created` gets the names of the checkpoints the run wrote (the only ones its rotation may remove)."""
     remove_partial(run_dir)
     ckpt = latest_checkpoint(run_dir, report=True) if resume else None
     if resume and ckpt is None:
-        raise TrainingError(f"{run_dir}: no checkpoint to resume from; drop --resume (with --force) to start afresh")
+        raise TrainingError(f"{run_dir}: no checkpoint to resume from; drop `resume` (with `force=True`) to start afresh")
     if resume:
         state, opt_state = load_checkpoint(ckpt)
         if state.get("ranks", 1) != ranks:  # the data position is one of global batches of batch_size x ranks
@@ -184,17 +190,31 @@ def _restore(model: Model, optimizer: AdamW, batches, cfg: TrainConfig, run_dir:
         model.load_weights(list(_resumable_weights(model, ckpt).items()), strict=False)
         optimizer.state = opt_state
         batches.load_state_dict(state["data"])
+        if created is not None:
+            created.extend(state.get("checkpoints", [ckpt.name]))
         saved = state.get("train_config", {})
         changed = [f"{k} {saved[k]!r} -> {v!r}" for k, v in cfg.to_dict().items() if k in saved and saved[k] != v]
         if changed:  # allowed (e.g. more steps), but the schedule and data order follow the new values
-            print(f"note: resuming {ckpt.name} with other training options: {', '.join(changed)}", file=sys.stderr)
+            note(f"resuming {ckpt.name} with other training options: {', '.join(changed)}")
         return state["step"]
-    if (run_dir / "checkpoints").is_dir() and force:  # a fresh run in place of the old one, as asked
-        shutil.rmtree(run_dir / "checkpoints")
+    if (run_dir / "checkpoints").exists() and force:  # a fresh run in place of the old one, as asked
+        removed = remove_checkpoints(run_dir)
+        if removed:
+            note(f"{run_dir / 'checkpoints'}: removed the earlier run's {', '.join(removed)}")
     elif (run_dir / "checkpoints").is_dir() and any((run_dir / "checkpoints").glob("step_*")):
-        raise TrainingError(f"{run_dir} already holds a run; pass --resume to continue it, --force to start "
-                            "afresh, or choose another --out")
+        raise TrainingError(f"{run_dir} already holds a run; pass `resume=True` to continue it, `force=True` to "
+                            "start afresh, or choose another `out`")
     return 0
+
+
+def _last_good(run_dir: Path, w: World) -> str:
+    """Where a stopped run can continue from, in words: its newest intact checkpoint, or that it has none."""
+    try:
+        ckpt = latest_checkpoint(run_dir) if w.main else None
+    except ValueError:
+        ckpt = None
+    return (f"the last good checkpoint is {ckpt}: `resume=True` continues from it" if ckpt is not None
+            else "the run has no checkpoint yet")
 
 
 def _share_start(model: Model, optimizer: AdamW, batches, start: int, resume: bool, w: World) -> int:
@@ -212,12 +232,14 @@ def _share_start(model: Model, optimizer: AdamW, batches, start: int, resume: bo
 
 
 def _train(model: Model, dataset: Dataset, cfg: TrainConfig, run_dir: Path, *, export: Callable[[Path], None],
-           resume: bool, force: bool, progress: bool, stop_after: int | None, stop: StopRequest, w: World
-           ) -> RunResult:
+           resume: bool, force: bool, progress: bool, stop_after: int | None, stop: StopRequest, w: World,
+           export_bytes: int | None = None) -> RunResult:
     optimizer = make_optimizer(cfg)
-    batches = dataset.train_batches(cfg.batch_size * w.size, seed=cfg.seed)  # the global batch, on every rank
+    part = (w.rank, w.size)  # each rank reads its own rows of the global batch
+    batches = dataset.train_batches(cfg.batch_size * w.size, seed=cfg.seed, part=part)
+    created: list[str] = []  # the checkpoints this run wrote
     start = on_main(w, _restore, model, optimizer, batches, cfg, run_dir, resume=resume, force=force,
-                    ranks=w.size) or 0
+                    ranks=w.size, created=created) or 0
     if w.size > 1:
         start = _share_start(model, optimizer, batches, start, resume, w)
     mx.random.seed(cfg.seed + start + 1_000_003 * w.rank)  # (dropout: each rank its own draws)
@@ -229,28 +251,29 @@ def _train(model: Model, dataset: Dataset, cfg: TrainConfig, run_dir: Path, *, e
     # Where the data stood after the last completed step: a Ctrl-C inside a step must not skip its batches.
     data_state = batches.state_dict()
 
-    model_bytes = sum(v.nbytes for _, v in tree_flatten(model.parameters()))
+    if export_bytes is None:
+        export_bytes = sum(v.nbytes for _, v in tree_flatten(model.parameters()))
 
     def checkpoint(step: int) -> None:
         on_main(w, save, step)  # every rank calls it; a failure on rank 0 stops them all, none left waiting
 
     def save(step: int) -> None:
         changing = _changing_params(model)
-        need = sum(v.nbytes for v in changing.values()) + model_bytes + sum(
+        need = sum(v.nbytes for v in changing.values()) + export_bytes + sum(
             v.nbytes for _, v in tree_flatten(optimizer.state) if isinstance(v, mx.array))
         save_checkpoint(run_dir, step, write_weights=lambda d: mx.save_safetensors(
                             str(d / "weights.safetensors"), changing),
                         optimizer_state=optimizer.state,
                         trainer_state={"data": data_state, "train_config": cfg.to_dict(), "ranks": w.size},
-                        keep=cfg.keep_checkpoints, expected_bytes=need)
+                        keep=cfg.keep_checkpoints, expected_bytes=need, created=created)
         try:
             export(run_dir)
         except Exception as e:
             free = format_bytes(shutil.disk_usage(run_dir).free)
             raise CheckpointWriteError(f"{run_dir}: writing the model failed ({free} free): {e}; checkpoint step "
-                                       f"{step} is intact: --resume") from None
+                                       f"{step} is intact: `resume=True`") from None
 
-    bar = make_report(cfg.steps, start) if progress else None
+    bar = LogReport(cfg.steps, start) if progress else None
     tokens_per_step = cfg.batch_size * cfg.seq_len * cfg.grad_accum * w.size
     step, last_loss, tps, interrupted, stopped_by = start, float("nan"), 0.0, False, None
     val = None
@@ -258,11 +281,11 @@ def _train(model: Model, dataset: Dataset, cfg: TrainConfig, run_dir: Path, *, e
     tic = time.perf_counter()
 
     def next_batch(micro: int):
-        return drop_domains(next(batches), cfg.domain_dropout, cfg.seed, step * cfg.grad_accum + micro)
+        return drop_domains(next(batches), cfg.domain_dropout, cfg.seed, step * cfg.grad_accum + micro, part)
 
     def rank_grads(nb):
         """This rank's rows' shares of the global batch `nb` (data-parallel)."""
-        return fns.shared_grads(*global_counts(nb), *to_mx(own_rows(nb, w)))
+        return fns.shared_grads(*global_counts(nb, w), *to_mx(nb))
 
     def accumulated_step(grads_of):
         """The micro-batches' gradients, loads and loss parts summed (over the ranks too, in a few all_sums),
@@ -292,8 +315,8 @@ def _train(model: Model, dataset: Dataset, cfg: TrainConfig, run_dir: Path, *, e
             data_state = batches.state_dict()
             last_loss = ce.item()
             if not math.isfinite(loss.item()):
-                raise TrainingError(f"step {step}: the loss is {loss.item()}; stopping. The last good checkpoint is "
-                                    f"kept in {run_dir / 'checkpoints'} (try a lower --lr)")
+                raise TrainingError(f"step {step}: the loss is {loss.item()}; stopping ({_last_good(run_dir, w)}; "
+                                    "try a lower learning rate)")
             now = time.perf_counter()
             tps = tokens_per_step / (now - tic)
             tic = now
@@ -302,6 +325,8 @@ def _train(model: Model, dataset: Dataset, cfg: TrainConfig, run_dir: Path, *, e
                       "imbalance": imbalance(loads).item() if loads.size > 1 and loads.sum().item() > 0 else None}
             if w.size > 1:
                 record.update(ranks=w.size, **reducer.take())
+            if seen := batches.tokens_seen():  # tokens drawn so far, by domain label or mixture component
+                record[batches.seen_key] = seen
             if (step % cfg.eval_every == 0 or step == cfg.steps) and len(dataset.valid):
                 val = evaluate(model, dataset, cfg, w=w)
                 record.update(val_loss=val.loss, val_ppl=math.exp(min(val.loss, 50)), val_imbalance=val.imbalance,
@@ -325,7 +350,7 @@ def _train(model: Model, dataset: Dataset, cfg: TrainConfig, run_dir: Path, *, e
         interrupted, stopped_by = True, getattr(e, "signum", signal.SIGINT)
         checkpoint(step)
         if bar:
-            bar.print(f"interrupted: saved step {step} to {run_dir}; continue with --resume")
+            bar.print(f"interrupted: saved step {step} to {run_dir}; continue with `resume=True`")
     finally:
         if bar:
             bar.stop()
@@ -343,7 +368,7 @@ def _resumable_weights(model: Model, ckpt: Path) -> dict[str, mx.array]:
             got = tuple(saved[k].shape) if k in saved else "absent"
             want = tuple(expected[k]) if k in expected else "absent"
             raise TrainingError(f"{ckpt}: tensor {k} is {got} in the checkpoint but {want} for this config; resume "
-                                "with the run's own config, or start a new run in another --out")
+                                "with the run's own config, or start a new run in another `out`")
     return saved
 
 

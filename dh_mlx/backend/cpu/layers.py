@@ -77,7 +77,7 @@ def rms_norm(x: mx.array, weight: mx.array, eps: float) -> mx.array:
 def rope(x, offset, wavelengths, dims: int, traditional: bool, scale: float) -> mx.array:
     xf = x.astype(mx.float32)
     ext = native.usable_small(xf, wavelengths)
-    if ext is None:
+    if ext is None or isinstance(offset, mx.array) and offset.size > 1:  # (per-row positions: the reference)
         return layers.rope.reference(x, offset, wavelengths, dims, traditional, scale)
     off = offset.astype(mx.int32) if isinstance(offset, mx.array) else mx.array(offset, mx.int32)
     return ext.rope(xf, off, wavelengths, dims, traditional, scale).astype(x.dtype)  # cos/sin in-kernel

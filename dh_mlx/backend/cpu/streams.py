@@ -9,6 +9,7 @@ operations inside do not split again.
 from __future__ import annotations
 
 import os
+import threading
 from contextlib import contextmanager
 from typing import Iterator
 
@@ -19,17 +20,22 @@ WIDE_BFS_WIDTH = 1000  # what widen_eval_order sets
 
 
 class Streams:
-    """The default CPU stream and a second one; `side()` is the second unless `taken`."""
+    """The default CPU stream and a second one; `side()` is the second unless `taken`. MLX's streams belong to
+    the thread that made them: on any other thread (a server's engine may run in one) `side()` is None and the
+    work stays on that thread's default stream."""
 
     def __init__(self) -> None:
         self.main = mx.default_stream(mx.cpu)
         self.second = mx.new_stream(mx.cpu)
+        self.owner = threading.get_ident()
         self.taken = False
 
     def side(self) -> mx.Stream | None:
         """Where an operation may put half of its work, or None while the caller keeps both streams busy (or
-        off the CPU)."""
-        return None if self.taken or mx.default_device() != mx.cpu else self.second
+        off the CPU, or on another thread)."""
+        if self.taken or mx.default_device() != mx.cpu or threading.get_ident() != self.owner:
+            return None
+        return self.second
 
     @contextmanager
     def running(self, stream: mx.Stream) -> Iterator[None]:
