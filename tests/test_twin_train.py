@@ -1,51 +1,187 @@
-"""One training step of the MLX trainer and of the PyTorch twin, from the same checkpoint and batch, gives the
-same loss terms and the same ALF-updated router biases."""
+"""The twin trains on what MLX trains on: one `dh-mlx train` step (MLX) and one twin step, from the same checkpoint
+on the same packed batch from the real data pipeline (several documents per row, prompt/completion records with
+their prompts masked, chat records with their non-assistant turns masked, domain ids on some rows), give the same
+loss terms, the same updated weights and the same ALF-moved router biases; and the same learning rate at every
+step of the schedule."""
+
+from __future__ import annotations
+
+import json
+import random
 
 import mlx.core as mx
 import numpy as np
 import pytest
+from mlx.utils import tree_flatten
 
 from dh_mlx import load_model
+from dh_mlx.config import DomainRouting
 from dh_mlx.train.config import TrainConfig
+from dh_mlx.train.data import load_dataset
 from dh_mlx.train.loss import Batch
 from dh_mlx.train.trainer import build_steps, make_optimizer, moe_gates
-from helpers import make_checkpoint
+from helpers import make_checkpoint, make_config
 
 torch = pytest.importorskip("torch")
 
+WORDS = "the of model token expert router latent attention cache layer value query key".split()
+DOMAINS = ["code", "math"]  # the domain-routed model also has an added domain, "legal" (experts 8-9)
 
-@pytest.mark.parametrize("name", ["q_lora+groups+yarn+mtp", "no_q_lora+flat+dense0"])
-def test_one_step_matches_the_twin(tmp_path, name):
+
+def write_records(path, n: int = 30, seed: int = 0) -> None:
+    """Plain text, prompt/completion and chat records, short enough that rows hold several; some with a domain."""
+    rng = random.Random(seed)
+
+    def words(lo, hi):
+        return " ".join(rng.choice(WORDS) for _ in range(rng.randint(lo, hi)))
+
+    lines = []
+    for i in range(n):
+        kind = i % 3
+        if kind == 0:
+            r = {"text": words(2, 5) + "."}
+        elif kind == 1:
+            r = {"prompt": f"{words(1, 3)}?", "completion": f" {words(1, 3)}."}
+        else:
+            r = {"messages": [{"role": "system", "content": words(1, 1)}, {"role": "user", "content": words(1, 2)},
+                              {"role": "assistant", "content": words(1, 2)}, {"role": "user", "content": words(1, 1)},
+                              {"role": "assistant", "content": words(1, 2)}]}
+        domain = [None, "code", "math", None, "legal"][i % 5]
+        if domain:
+            r["domain"] = domain
+        lines.append(json.dumps(r))
+    path.write_text("\n".join(lines) + "\n")
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    """(directory with data.jsonl and its tokenizer in tok/, a numpy batch of 4 packed rows of 48 tokens)."""
+    from dh_mlx.train.tokenizer import train_tokenizer
+    d = tmp_path_factory.mktemp("twin_train")
+    write_records(d / "data.jsonl")
+    tok = train_tokenizer(d / "data.jsonl", d / "tok", vocab_size=400)
+    ds = load_dataset(d / "data.jsonl", tok, seq_len=48, domains=DOMAINS + ["legal"], val_fraction=0.0, seed=0)
+    b = next(iter(ds.train_batches(4, seed=0)))
+    # What makes this batch a test of the masks: rows of several documents, masked prompts and turns inside
+    # documents, domain ids on some tokens and none on others.
+    per_row = [len(set(s[s >= 0].tolist())) for s in b.segment_ids]
+    assert min(per_row) >= 3, per_row
+    inside = b.segment_ids[:, 1:] == b.segment_ids[:, :-1]
+    assert (b.loss_mask[:, 1:][inside] == 0).sum() >= 40 and (b.loss_mask == 1).sum() >= 60
+    assert (b.domain_ids >= 0).any() and (b.domain_ids < 0).any() and (b.domain_ids == 2).any()
+    return d, b
+
+
+MODELS = {
+    "mtp": dict(name="q_lora+groups+yarn+mtp"),
+    # the 2 experts after the 8 base ones belong to a domain added later ("legal"): ALF leaves their biases
+    "domains": dict(name="q_lora+groups+yarn+mtp", n_routed_experts=10,
+                    domain_routing=DomainRouting(domains=DOMAINS, experts_per_domain=2, added=["legal"])),
+}
+# Warmup (the first step's learning rate is lr / 5), cosine afterwards, clipping active (the norms are ~4).
+CFG = dict(steps=40, warmup_steps=5, lr=4e-3, min_lr_ratio=0.1, weight_decay=0.1, grad_clip=0.05, alf_gamma=1e-3,
+           balance_alpha=1e-2, mtp_lambda=0.3, batch_size=4, seq_len=48)
+TERMS = ("loss", "ce", "mtp", "balance")
+
+
+def checkpoint(path, model: str, vocab: int):
+    spec = dict(MODELS[model])
+    make_checkpoint(path, spec.pop("name"), vocab_size=vocab, **spec)
+    return path
+
+
+def mlx_steps(path, batch, cfg: TrainConfig, n: int) -> list[tuple[dict, dict]]:
+    """`dh-mlx train`'s compiled step run `n` times on `batch`: after each, its terms and the model's tensors."""
+    ours = load_model(path)
+    ours.freeze(keys=["e_score_correction_bias"], strict=False)  # as train/run.py does
+    opt = make_optimizer(cfg)
+    fns = build_steps(ours, opt, cfg)
+    arrays = Batch(*(mx.array(a) for a in batch))
+    out = []
+    for _ in range(n):
+        loss, ce, mtp, bal, loads, norm = fns.step(*arrays)
+        fns.eval(loss, ce, mtp, bal, loads, norm)
+        terms = dict(loss=loss.item(), ce=ce.item(), mtp=mtp.item(), balance=bal.item(), grad_norm=norm.item(),
+                     lr=opt.learning_rate.item())
+        out.append((terms, {k: np.array(v) for k, v in tree_flatten(ours.parameters())}))
+    return out
+
+
+@pytest.mark.parametrize("model", list(MODELS))
+def test_steps_on_packed_masked_batches_match_the_twin(tmp_path, data, model):
     import dh_mlx.torch as twin
-    from dh_mlx.torch.step import TrainConfig as TwinConfig, make_optimizer as twin_optimizer, train_step
-    make_checkpoint(tmp_path, name)
-    ids = np.random.default_rng(5).integers(0, 97, (3, 17))
-
-    ours = load_model(tmp_path)
-    before = [np.array(g.e_score_correction_bias) for g in moe_gates(ours)]
-    ours.freeze(keys=["e_score_correction_bias"], strict=False)
-    cfg = TrainConfig(steps=10, lr=1e-3, warmup_steps=0, alf_gamma=1e-3, balance_alpha=1e-2, mtp_lambda=0.3,
-                      grad_clip=1e9)
-    fns = build_steps(ours, make_optimizer(cfg), cfg)
-    B, T = ids.shape[0], ids.shape[1] - 1
-    batch = Batch(mx.array(ids[:, :-1]), mx.array(ids[:, 1:]), mx.ones((B, T)), mx.zeros((B, T), mx.int32),
-                  mx.full((B, T), -1, mx.int32))
-    loss, ce, mtp, bal, loads, _ = fns.step(*batch)
-    mx.eval(loss, fns.state)
+    d, batch = data
+    first = load_model(checkpoint(tmp_path, model, 400))
+    start = {k: np.array(v) for k, v in tree_flatten(first.parameters())}
+    cfg = TrainConfig(**CFG)
+    ours = mlx_steps(tmp_path, batch, cfg, 2)
 
     theirs = twin.load_model(tmp_path, device="cpu", dtype=torch.float32)
-    tcfg = TwinConfig(lr=1e-3, alf_gamma=1e-3, balance_alpha=1e-2, mtp_lambda=0.3)
-    terms = train_step(theirs, twin_optimizer(theirs, tcfg), torch.tensor(ids), None, tcfg)
+    opt = twin.make_optimizer(theirs, cfg)
+    tb = twin.Batch.from_numpy(batch)
+    for i, (want, weights) in enumerate(ours):
+        got = twin.train_step(theirs, opt, tb, cfg)
+        assert want["mtp"] > 1 and want["balance"] > 1e-3 and want["grad_norm"] > 10 * cfg.grad_clip
+        for k in TERMS:
+            assert abs(got[k] - want[k]) <= 1e-5, (i, k, got[k], want[k])
+        assert got["grad_norm"] == pytest.approx(want["grad_norm"], rel=1e-5)
+        assert got["lr"] == pytest.approx(want["lr"], rel=1e-6)
+        w = cfg.warmup_steps  # warming up: lr / w, then (lr - lr / w) / w more per step
+        assert want["lr"] == pytest.approx(cfg.lr / w + i * (cfg.lr - cfg.lr / w) / w, rel=1e-6)
+        state = {k: v.numpy() for k, v in theirs.state_dict().items()}
+        assert set(weights) == set(state)
+        for k, v in weights.items():  # every parameter, and the router biases
+            assert np.abs(state[k] - v).max() <= 1e-5, (i, k, np.abs(state[k] - v).max())
+    moved = {k: np.abs(v - start[k]).max() for k, v in weights.items()}
+    assert sum(m > 1e-4 for m in moved.values()) >= 0.9 * len(moved), moved  # (updates of ~lr/5, not ~0)
+    biases = sorted(k for k in weights if k.endswith("e_score_correction_bias"))
+    assert len(biases) == 3  # two main-stack MoE layers and the MTP module's
+    for k in biases:
+        steps = (weights[k] - start[k]) / cfg.alf_gamma  # two ALF updates of -1, 0 or +1 gamma each
+        assert np.abs(steps - np.round(steps)).max() < 1e-3 and np.abs(steps).max() >= 1, (k, steps)
+        if model == "domains":
+            assert np.array_equal(weights[k][8:], start[k][8:])  # the added domain's experts are left alone
 
-    assert terms["ce"] == pytest.approx(ce.item(), abs=1e-4)
-    assert terms["mtp"] == pytest.approx(mtp.item(), abs=1e-4)
-    assert 1e-2 * terms["balance"] == pytest.approx(bal.item(), abs=1e-6)
-    assert terms["loss"] == pytest.approx(loss.item(), abs=1e-4)
-    twin_biases = [m.gate.e_score_correction_bias.numpy() for m in theirs.moe_layers()]
-    our_biases = [np.array(g.e_score_correction_bias) for g in moe_gates(ours)]
-    assert len(twin_biases) == len(our_biases) > 0
-    for a, b in zip(our_biases, twin_biases):
-        np.testing.assert_allclose(a, b, atol=1e-7)
-    steps = np.concatenate([(a - b0) / 1e-3 for a, b0 in zip(our_biases, before)])
-    np.testing.assert_allclose(steps, np.round(steps), atol=1e-3)  # each bias moved by -gamma, 0 or +gamma
-    assert set(np.round(steps).astype(int)) <= {-1, 0, 1} and np.abs(steps).max() > 0.5
+
+def test_adamw_equals_mlx_adamw_with_clipping_and_schedule():
+    """Same gradients in, same weights out over several steps: the norm above and below the clip, weight decay,
+    warmup then cosine."""
+    import mlx.nn as nn
+
+    from dh_mlx.torch.optim import AdamW
+    cfg = TrainConfig(steps=6, warmup_steps=2, lr=1e-2, grad_clip=1.0, weight_decay=0.1)
+    rng = np.random.default_rng(0)
+    w0 = {"a": rng.normal(size=(5, 7)).astype(np.float32), "b": rng.normal(size=(3,)).astype(np.float32)}
+    ours = nn.Module()
+    ours.a, ours.b = mx.array(w0["a"]), mx.array(w0["b"])
+    opt = make_optimizer(cfg, streams=None)
+    theirs = {k: torch.nn.Parameter(torch.tensor(v)) for k, v in w0.items()}
+    topt = AdamW(theirs.values(), cfg)
+    for step, scale in enumerate([3.0, 0.01, 1.0, 1e-6, 10.0, 0.5]):  # clipped, unclipped, tiny (eps matters)
+        g = {k: (rng.normal(size=v.shape) * scale).astype(np.float32) for k, v in w0.items()}
+        norm = opt.clip_and_update(ours, {k: mx.array(v) for k, v in g.items()}, cfg.grad_clip)
+        for k, p in theirs.items():
+            p.grad = torch.tensor(g[k])
+        assert topt.step().item() == pytest.approx(norm.item(), rel=1e-6)
+        for k, p in theirs.items():
+            np.testing.assert_allclose(p.detach().numpy(), np.array(getattr(ours, k)), rtol=0, atol=1e-6,
+                                       err_msg=f"step {step}, {k}")
+    assert np.abs(theirs["a"].detach().numpy() - w0["a"]).max() > 1e-2
+
+
+@pytest.mark.parametrize("steps, warmup", [(40, 5), (7, 0), (3, 10), (100, 1)])
+def test_learning_rate_schedule_equals_mlx(steps, warmup):
+    from dh_mlx.torch.optim import learning_rate
+    cfg = TrainConfig(steps=steps, warmup_steps=warmup, lr=3e-3, min_lr_ratio=0.1)
+    schedule = make_optimizer(cfg, streams=None)._schedulers["learning_rate"]
+    want = [schedule(mx.array(s, mx.uint64)).item() for s in range(steps + 5)]
+    got = [learning_rate(cfg, s) for s in range(steps + 5)]
+    np.testing.assert_allclose(got, want, rtol=1e-6)
+    assert len(set(np.round(got, 9))) > min(steps, 3)  # it changes from step to step
+
+
+def test_the_twin_refuses_what_it_does_not_train():
+    import dh_mlx.torch as twin
+    model = twin.random_model(make_config(), seed=0)
+    with pytest.raises(ValueError, match="mtp_distill"):
+        twin.make_optimizer(model, TrainConfig(mtp_distill=True))
