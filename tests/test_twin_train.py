@@ -6,9 +6,6 @@ step of the schedule."""
 
 from __future__ import annotations
 
-import json
-import random
-
 import mlx.core as mx
 import numpy as np
 import pytest
@@ -19,38 +16,12 @@ from dh_mlx.config import DomainRouting
 from dh_mlx.train.config import TrainConfig
 from dh_mlx.train.data import load_dataset
 from dh_mlx.train.loss import Batch
-from dh_mlx.train.trainer import build_steps, make_optimizer, moe_gates
-from helpers import make_checkpoint, make_config
+from dh_mlx.train.trainer import build_steps, make_optimizer
+from helpers import make_checkpoint, make_config, write_records
 
 torch = pytest.importorskip("torch")
 
-WORDS = "the of model token expert router latent attention cache layer value query key".split()
 DOMAINS = ["code", "math"]  # the domain-routed model also has an added domain, "legal" (experts 8-9)
-
-
-def write_records(path, n: int = 30, seed: int = 0) -> None:
-    """Plain text, prompt/completion and chat records, short enough that rows hold several; some with a domain."""
-    rng = random.Random(seed)
-
-    def words(lo, hi):
-        return " ".join(rng.choice(WORDS) for _ in range(rng.randint(lo, hi)))
-
-    lines = []
-    for i in range(n):
-        kind = i % 3
-        if kind == 0:
-            r = {"text": words(2, 5) + "."}
-        elif kind == 1:
-            r = {"prompt": f"{words(1, 3)}?", "completion": f" {words(1, 3)}."}
-        else:
-            r = {"messages": [{"role": "system", "content": words(1, 1)}, {"role": "user", "content": words(1, 2)},
-                              {"role": "assistant", "content": words(1, 2)}, {"role": "user", "content": words(1, 1)},
-                              {"role": "assistant", "content": words(1, 2)}]}
-        domain = [None, "code", "math", None, "legal"][i % 5]
-        if domain:
-            r["domain"] = domain
-        lines.append(json.dumps(r))
-    path.write_text("\n".join(lines) + "\n")
 
 
 @pytest.fixture(scope="module")
@@ -185,3 +156,34 @@ def test_the_twin_refuses_what_it_does_not_train():
     model = twin.random_model(make_config(), seed=0)
     with pytest.raises(ValueError, match="mtp_distill"):
         twin.make_optimizer(model, TrainConfig(mtp_distill=True))
+
+
+def test_the_twin_trainer_trains_as_dh_mlx_train(tmp_path, data):
+    """`python -m dh_mlx.torch.train`'s loop and `dh-mlx train`'s, from the same model directory on the same JSONL
+    with the same TrainConfig (micro-batches accumulated, domain dropout, warmup, clipping): the same terms at every
+    step and the same model at the end."""
+    import shutil
+
+    import dh_mlx.torch as twin
+    from dh_mlx.torch.train import train as twin_train
+    from dh_mlx.train.run import train as mlx_train
+    d, _ = data
+    init = checkpoint(tmp_path / "init", "domains", 400)
+    for f in (d / "tok").iterdir():
+        shutil.copyfile(f, init / f.name)
+    cfg = TrainConfig(**{**CFG, "steps": 3, "warmup_steps": 2, "grad_accum": 2, "domain_dropout": 0.5,
+                         "eval_every": 100})
+    ours = mlx_train(init=init, data=d / "data.jsonl", tokenizer=init, out=tmp_path / "mlx", progress=False,
+                     **cfg.to_dict()).history
+    theirs = twin_train(data=d / "data.jsonl", out=tmp_path / "twin", init=init, train_config=cfg)
+    assert len(ours) == len(theirs) == 3
+    for want, got in zip(ours, theirs):
+        for k in TERMS:
+            assert abs(got[k] - want[k]) <= 1e-5, (want["step"], k, got[k], want[k])
+        assert got["grad_norm"] == pytest.approx(want["grad_norm"], rel=1e-5)
+        assert got["lr"] == pytest.approx(want["lr"], rel=1e-6)
+    a = twin.load_model(tmp_path / "mlx", device="cpu", dtype=torch.float32).state_dict()
+    b = twin.load_model(tmp_path / "twin", device="cpu", dtype=torch.float32).state_dict()
+    assert a.keys() == b.keys()
+    for k in a:
+        assert (a[k] - b[k]).abs().max().item() <= 1e-5, k
