@@ -79,6 +79,36 @@ def mlx_steps(path, batch, cfg: TrainConfig, n: int) -> list[tuple[dict, dict]]:
 
 
 @pytest.mark.parametrize("model", list(MODELS))
+def test_document_masked_logits_equal_mlx_on_both_attention_paths(tmp_path, data, model):
+    """The twin's model takes the (B, 1, T, T) document mask through every layer and the MTP module, on MLA's
+    naive and absorbed paths, and gives MLX's logits and routing."""
+    import dh_mlx.torch as twin
+    from dh_mlx.train.loss import document_mask
+    _, b = data
+    ours = load_model(checkpoint(tmp_path, model, 400))
+    mask = document_mask(mx.array(b.segment_ids))
+    out = ours.forward(mx.array(b.inputs), domain_ids=mx.array(b.domain_ids), mask=mask)
+    mtp = ours.mtp_forward(out.hidden[:, :-1], mx.array(b.targets[:, :-1]), 0,
+                           domain_ids=mx.array(b.domain_ids[:, :-1]), mask=mask[..., :-1, :-1])
+    causal = np.array(ours(mx.array(b.inputs), domain_ids=mx.array(b.domain_ids)))
+    assert np.abs(causal - np.array(out.logits)).max() > 1e-2  # the mask matters for these rows
+    theirs = twin.load_model(tmp_path, device="cpu", dtype=torch.float32)
+    tb = twin.Batch.from_numpy(b)
+    tmask = twin.document_mask(tb.segment_ids)
+    assert np.array_equal(tmask.numpy(), np.array(mask))
+    for absorb in (False, True):
+        theirs.set_absorb(absorb)
+        with torch.no_grad():
+            t_out = theirs.forward_full(tb.inputs, domain_ids=tb.domain_ids, mask=tmask)
+            t_mtp = theirs.mtp_forward(t_out.hidden[:, :-1], tb.targets[:, :-1], 0,
+                                       domain_ids=tb.domain_ids[:, :-1], mask=tmask[..., :-1, :-1])
+        assert np.abs(t_out.logits.numpy() - np.array(out.logits)).max() <= 1e-4, absorb
+        assert np.abs(t_mtp.logits.numpy() - np.array(mtp.logits)).max() <= 1e-4, absorb
+        for r, tr in zip(out.routing + mtp.routing, t_out.routing + t_mtp.routing, strict=True):
+            assert np.array_equal(np.sort(np.array(r.indices), -1), np.sort(tr.indices.numpy(), -1))
+
+
+@pytest.mark.parametrize("model", list(MODELS))
 def test_steps_on_packed_masked_batches_match_the_twin(tmp_path, data, model):
     import dh_mlx.torch as twin
     d, batch = data

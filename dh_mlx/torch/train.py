@@ -30,7 +30,7 @@ from ..files import write_atomic
 from ..outputs import check_output_dir
 from ..train.config import TrainConfig
 from .model import Model
-from .step import Batch, Counts, alf_update, check_config, loss_terms, make_optimizer
+from .step import Batch, Counts, alf_update, check_config, loss_terms, make_optimizer, mtp_mask
 from .weights import default_device, load_model, random_model, save_model
 
 
@@ -122,7 +122,7 @@ def train(*, data: str | Path, out: str | Path, init: str | Path | None = None, 
 
 def _global_counts(b: Batch, size: int) -> Counts:
     """The global batch's target and MTP-target counts (summed over the ranks) and rows."""
-    c = torch.stack([b.loss_mask.sum(), (b.loss_mask[:, 1:] * b.loss_mask[:, :-1]).sum()])
+    c = torch.stack([b.loss_mask.sum(), mtp_mask(b.loss_mask).sum()])
     if size > 1:
         dist.all_reduce(c)
     return Counts(c[0], c[1], b.loss_mask.shape[0] * size)
