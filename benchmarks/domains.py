@@ -23,7 +23,7 @@ import mlx.core as mx
 
 from dh_mlx import load_model
 from dh_mlx.checkpoint.domains import extract_domain, remove_domain
-from dh_mlx.checkpoint.quantized import dir_bytes
+from dh_mlx.convert.mlx import dir_bytes
 from dh_mlx.config import DATA_DIR, load_preset
 from dh_mlx.generation.domains import infer_domain
 from dh_mlx.params import count_params

@@ -26,7 +26,7 @@ import numpy as np
 from dh_mlx import load_model, save_model
 from dh_mlx.config import DATA_DIR
 from dh_mlx import backend
-from dh_mlx.checkpoint.quantized import quantize
+from dh_mlx.convert.mlx import quantize
 from dh_mlx.tokenizer import load_tokenizer
 from dh_mlx.train.data import load_dataset
 from dh_mlx.train.lora_run import lora

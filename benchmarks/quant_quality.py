@@ -24,7 +24,7 @@ import mlx.nn as nn
 
 from dh_mlx import load_model
 from dh_mlx.config import DATA_DIR
-from dh_mlx.checkpoint.quantized import dir_bytes, quantize
+from dh_mlx.convert.mlx import dir_bytes, quantize
 from dh_mlx.tokenizer import load_tokenizer
 from dh_mlx.train.data import load_dataset
 from dh_mlx.train.loss import document_mask

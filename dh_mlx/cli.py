@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import sys
 from pathlib import Path
 from typing import Optional
@@ -165,7 +166,7 @@ def info(params: Optional[str] = typer.Option(None, help="size preset (tiny, 1b,
     with --plan, memory per rank and bytes per step of multi-machine layouts (estimates)."""
     from .info import format_info, model_info
     from .config import resolve_config
-    config = resolve_config(params, model, flag="--model")
+    config = resolve_config(params, model, arg="model")
     title = str(model or f"preset {params or 'tiny'}")
     if plan:
         from .plan import format_plan, plan as make_plan
@@ -287,7 +288,7 @@ def plot(run_dir: Path = typer.Argument(..., help="a training run directory (hol
 
 
 @app.command()
-def quantize(model: Path = typer.Option(..., help="float model directory"),
+def quantize(model: Path = typer.Option(..., help="model directory or hub repo id (float or FP8)"),
              out: Path = typer.Option(..., help="directory for the quantized model"),
              bits: int = typer.Option(4, help=QBITS_HELP),
              group_size: int = typer.Option(64, help=QGROUP_HELP),
@@ -295,11 +296,14 @@ def quantize(model: Path = typer.Option(..., help="float model directory"),
              mtp: bool = typer.Option(True, "--mtp/--no-mtp", help=MTP_HELP),
              dtype: Optional[str] = typer.Option(None, help=QDTYPE_HELP),
              force: bool = typer.Option(False, help="write over an existing, non-empty output")) -> None:
-    """Write an MLX-quantized copy of a model directory (config.json `quantization` block, as mlx-lm writes it),
-    one decoder layer in memory at a time."""
-    from .checkpoint.quantized import quantize as run
+    """Write an MLX-quantized copy of a model directory in mlx-lm's format, one decoder layer in memory at a
+    time (`convert mlx` is the same command; mlx-lm loads a copy written with --no-mtp)."""
+    from .convert.mlx import quantize as run
     wrote(out, run(model, out, bits=bits, group_size=group_size, recipe=recipe, mtp=mtp, dtype=dtype,
                     force=force))
+
+
+convert_app.command("mlx")(quantize)
 
 
 @app.command()
@@ -431,12 +435,25 @@ def _command():
 
 # Library arguments whose errors the command line words as its flags ("temp must be" -> "--temp must be").
 FLAGS = ("temp", "top_p", "top_k", "min_p", "repetition_penalty", "seed", "max_tokens", "prefill_step_size")
+# A library message names an argument in backquotes: `out`, `force=True`, `bits=4`, `domain="auto"`.
+ARGUMENT = re.compile(r"`([a-z][a-z0-9_]*)(?:=(True|\"[^\"`]*\"|[^`\s]*))?`")
+
+
+def as_flags(text: str) -> str:
+    """A library message in the command line's words: `force=True` -> --force, `mtp=False` -> --no-mtp,
+    `bits=4` -> --bits 4, `domain="auto"` -> --domain auto, `out` -> --out."""
+    def flag(m: re.Match) -> str:
+        name, value = m.group(1).replace("_", "-"), m.group(2)
+        if value == "False":
+            return f"--no-{name}"
+        return f"--{name}" if value in (None, "True") else f"--{name} {value.strip(chr(34))}"
+    return ARGUMENT.sub(flag, text)
 
 
 def _message(e: BaseException) -> str:
     """The error's own words (a library argument named as its flag); an out-of-memory error, which often has
     none, says so and what is free."""
-    text = str(e).strip()
+    text = as_flags(str(e).strip())
     first = text.split(" ", 1)[0]
     if first in FLAGS and text.startswith(f"{first} must be"):
         text = "--" + first.replace("_", "-") + text[len(first):]
@@ -453,9 +470,11 @@ def main() -> None:
     """Console entry point: library errors become one-line messages, never tracebacks."""
     from .checkpoint.layout import CheckpointError
     from .progress import show_progress
+    from .train.report import show_training
     import os
     debug = os.environ.get("DH_MLX_DEBUG", "") not in ("", "0")
-    show_progress()
+    show_progress(words=as_flags)
+    show_training(words=as_flags)
     try:
         code = _command()(standalone_mode=False)
     except typer.Exit as e:

@@ -39,21 +39,6 @@ def convert_gguf(model: Path = typer.Option(..., help="model directory (config.j
     typer.echo(f"wrote {path}: {quantize or outtype} ({path.stat().st_size / 1e6:.1f} MB)", err=True)
 
 
-@convert_app.command("mlx")
-def convert_mlx(model: Path = typer.Option(..., help="model directory or hub repo id (float or FP8)"),
-                out: Path = typer.Option(..., help="directory for the quantized model"),
-                bits: int = typer.Option(4, help=QBITS_HELP),
-                group_size: int = typer.Option(64, help=QGROUP_HELP),
-                recipe: str = typer.Option("uniform", help=RECIPE_HELP),
-                mtp: bool = typer.Option(False, "--mtp/--no-mtp", help=MTP_HELP),
-                dtype: Optional[str] = typer.Option(None, help=QDTYPE_HELP),
-                force: bool = typer.Option(False, help="write over an existing, non-empty output")) -> None:
-    """Write an mlx-lm model directory quantized to --bits, one decoder layer in memory at a time."""
-    from .checkpoint.quantized import convert_mlx as run
-    wrote(out, run(model, out, bits=bits, group_size=group_size, recipe=recipe, mtp=mtp, dtype=dtype,
-                    force=force))
-
-
 @convert_app.command("hf")
 def convert_hf(model: Path = typer.Option(..., help="model directory"),
                out: Path = typer.Option(..., help="output directory (transformers / vLLM)"),

@@ -398,10 +398,10 @@ def load_preset(name: str) -> ModelConfig:
     return load_config(p)
 
 
-def resolve_config(params: str | None, path: str | Path | None, *, flag: str = "--config") -> ModelConfig:
+def resolve_config(params: str | None, path: str | Path | None, *, arg: str = "config") -> ModelConfig:
     """A preset by name, or a config.json (file or model directory); the default preset when neither is given."""
     if params and path:
-        raise ValueError(f"give either --params or {flag}, not both")
+        raise ValueError(f"give either `params` or `{arg}`, not both")
     return load_config(path) if path else load_preset(params or DEFAULT_PRESET)
 
 

@@ -66,6 +66,8 @@ class V4Config:
     index_head_dim: int = 128
     index_topk: int = 512
     num_nextn_predict_layers: int = 1
+    mtp_layer_types: list[str] | None = None  # the MTP modules' attention (DeepSeek's: sliding window only)
+    mtp_mlp_layer_types: list[str] | None = None
     rms_norm_eps: float = 1e-6
     partial_rotary_factor: float | None = None
     rope_parameters: dict | None = None
@@ -115,10 +117,21 @@ class V4Config:
                                    for i in range(max(n - 2, 0))])
         if self.mlp_layer_types is None:
             self.mlp_layer_types = ["hash_moe"] * min(n, 3) + ["moe"] * max(0, n - 3)
-        for name, allowed in (("layer_types", LAYER_TYPES), ("mlp_layer_types", MLP_TYPES)):
+        k = self.num_nextn_predict_layers
+        if not (isinstance(k, int) and not isinstance(k, bool) and 0 <= k <= 16):
+            raise _error("num_nextn_predict_layers", "an integer from 0 to 16", k)
+        for name, allowed, default in (("layer_types", LAYER_TYPES, "sliding_attention"),
+                                       ("mlp_layer_types", MLP_TYPES, "moe")):
             v = getattr(self, name)
             if not (isinstance(v, list) and len(v) >= n and all(t in allowed for t in v[:n])):
                 raise _error(name, f"a list of {n} entries from {allowed}", v)
+            # the MTP modules': given, or the entries past the main stack's (DeepSeek's compress_ratios lists
+            # the MTP layer's too), else DeepSeek's choice (a sliding-window, top-k routed block)
+            mtp = getattr(self, "mtp_" + name)
+            mtp = list(v[n:]) if mtp is None else mtp
+            if not (isinstance(mtp, list) and all(t in allowed for t in mtp)):
+                raise _error("mtp_" + name, f"a list of entries from {allowed}", mtp)
+            setattr(self, "mtp_" + name, (mtp + [default] * k)[:k])
             setattr(self, name, list(v[:n]))
         if self.partial_rotary_factor is None:
             self.partial_rotary_factor = 64 / 512
@@ -148,9 +161,18 @@ class V4Config:
     def qk_rope_head_dim(self) -> int:
         return int(self.head_dim * self.partial_rotary_factor)
 
+    def layer_type(self, layer_idx: int) -> str:
+        """The attention of layer `layer_idx`; past the main stack, of MTP module layer_idx - num_hidden_layers."""
+        n = self.num_hidden_layers
+        return self.layer_types[layer_idx] if layer_idx < n else self.mtp_layer_types[layer_idx - n]
+
+    def mlp_layer_type(self, layer_idx: int) -> str:
+        n = self.num_hidden_layers
+        return self.mlp_layer_types[layer_idx] if layer_idx < n else self.mtp_mlp_layer_types[layer_idx - n]
+
     def compress_rate(self, layer_idx: int) -> int:
         """Source tokens per compressed entry (0: a sliding-window layer only)."""
-        kind = self.layer_types[layer_idx]
+        kind = self.layer_type(layer_idx)
         return 0 if kind == "sliding_attention" else self.compress_rates[kind]
 
     def rope_config(self, kind: str) -> Any:

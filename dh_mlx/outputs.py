@@ -14,37 +14,37 @@ class OutputError(ValueError):
 
 
 def check_output_dir(out: str | Path, *, inputs: Iterable[str | Path | None] = (), force: bool = False,
-                     flag: str = "--out") -> Path:
+                     arg: str = "out") -> Path:
     """`out` as a directory to write into: not one of `inputs`, and empty or absent unless `force`."""
     out = Path(out)
     for src in inputs:  # by device and inode: a bind mount, hard link or case-insensitive spelling is caught
         if src is not None and (inside(out, src) or inside(src, out)):
             how = "is, or holds, the input" if inside(src, out) else "lies inside the input"
-            raise OutputError(f"{out}: {flag} {how} {src}; writing there could replace it (choose another {flag})")
+            raise OutputError(f"{out}: `{arg}` {how} {src}; writing there could replace it (choose another `{arg}`)")
     if out.exists() and not out.is_dir():
-        raise OutputError(f"{out}: exists and is not a directory ({flag} takes a directory)")
+        raise OutputError(f"{out}: exists and is not a directory (`{arg}` takes a directory)")
     # `.tmp-*` files are what an interrupted write of ours leaves (readers skip them; a rerun writes over them)
     held = sorted(p.name for p in out.iterdir() if not p.name.startswith(".tmp-")) if out.is_dir() else []
     if held and not force:
         shown = ", ".join(held[:4]) + (", ..." if len(held) > 4 else "")
-        raise OutputError(f"{out}: already holds {shown}; pass --force to write over it, or choose another {flag}")
+        raise OutputError(f"{out}: already holds {shown}; pass `force=True` to write over it, or choose another `{arg}`")
     return out
 
 
 def check_output_file(out: str | Path, *, inputs: Iterable[str | Path | None] = (), force: bool = False,
-                      flag: str = "--out") -> Path:
+                      arg: str = "out") -> Path:
     """`out` as a file to write: not a directory, not an input, absent unless `force`."""
     out = Path(out)
     if out.is_dir():
-        raise OutputError(f"{out}: is a directory; {flag} takes the file to write (e.g. {out / 'model.gguf'})")
+        raise OutputError(f"{out}: is a directory; `{arg}` takes the file to write (e.g. {out / 'model.gguf'})")
     for src in inputs:
         if src is None:
             continue
         if same_file(out, src) or inside(out, src):
-            raise OutputError(f"{out}: {flag} is the input {src} or one of its files; writing there would replace "
-                              f"it (choose another {flag})")
+            raise OutputError(f"{out}: `{arg}` is the input {src} or one of its files; writing there would replace "
+                              f"it (choose another `{arg}`)")
     if out.exists() and not force:
-        raise OutputError(f"{out}: exists; pass --force to replace it, or choose another {flag}")
+        raise OutputError(f"{out}: exists; pass `force=True` to replace it, or choose another `{arg}`")
     return out
 
 

@@ -63,25 +63,30 @@ def _v4_layer(c, idx: int) -> tuple[int, int]:
     attn = D * qr + qr + qr * H * d + D * d + d + c.o_lora_rank * H * d + c.o_groups * c.o_lora_rank * D + H
     m = c.compress_rate(idx)
     if m:
-        csa = c.layer_types[idx] == "compressed_sparse_attention"
+        csa = c.layer_type(idx) == "compressed_sparse_attention"
         w = 2 * d if csa else d
         attn += 2 * D * w + m * w + d
         if csa:
             ci, h = c.index_head_dim, c.index_n_heads
             attn += 4 * D * ci + 2 * m * ci + ci + qr * h * ci + D * h
     hc = 2 * ((2 + n) * n * n * D + (2 + n) * n + 3)
-    router = E * D + (E if c.mlp_layer_types[idx] == "moe" else 0)
+    router = E * D + (E if c.mlp_layer_type(idx) == "moe" else 0)
     base = attn + hc + 2 * D + router + 3 * D * I
     return base + 3 * D * I * E, base + 3 * D * I * c.num_experts_per_tok
 
 
 def count_params(c: ModelConfig) -> ParamCount:
-    if c.model_type == "deepseek_v4":  # the MTP modules are not modelled
-        n = c.hc_mult
-        outer = c.vocab_size * c.hidden_size * (1 if c.tie_word_embeddings else 2) + c.hidden_size + n * n * \
-            c.hidden_size + n + 1
-        layers = [_v4_layer(c, i) for i in range(c.num_hidden_layers)]
-        return ParamCount(outer + sum(t for t, _ in layers), outer + sum(a for _, a in layers), 0, 0)
+    if c.model_type == "deepseek_v4":
+        n, D, L = c.hc_mult, c.hidden_size, c.num_hidden_layers
+        head = D + n * n * D + n + 1  # a final norm and a hyper-connection head
+        outer = c.vocab_size * D * (1 if c.tie_word_embeddings else 2) + head
+        layers = [_v4_layer(c, i) for i in range(L)]
+        # an MTP module: a decoder layer, e_proj and h_proj, enorm and hnorm, and a head of its own (the
+        # embedding and the LM head are the main model's)
+        mtp = [_v4_layer(c, L + i) for i in range(c.num_nextn_predict_layers)]
+        extra = 2 * D * D + 2 * D + head
+        return ParamCount(outer + sum(t for t, _ in layers), outer + sum(a for _, a in layers),
+                          sum(t + extra for t, _ in mtp), sum(a + extra for _, a in mtp))
     D, V = c.hidden_size, c.vocab_size
     outer = V * D + D + (0 if c.tie_word_embeddings else V * D)  # embedding, final norm, head
     total = active = outer

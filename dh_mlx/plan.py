@@ -40,9 +40,9 @@ def plan(config: ModelConfig, *, machines: int = 2, memory_gb: float = 192.0, li
          batch: int = 1, seq_len: int = 4096, context: int = 32768) -> dict[str, Any]:
     """Training and serving layouts of `config` over `machines` of `memory_gb` GB each, joined by `link`."""
     if link not in LINKS:
-        raise ValueError(f"--link must be one of {', '.join(LINKS)}, got {link!r}")
+        raise ValueError(f"`link` must be one of {', '.join(LINKS)}, got {link!r}")
     if machines < 1 or memory_gb <= 0 or batch < 1 or seq_len < 1:
-        raise ValueError("--machines, --memory, the batch and the sequence length must be positive")
+        raise ValueError("`machines`, `memory`, the batch and the sequence length must be positive")
     p = count_params(config)
     n = p.total + p.mtp
     N, memory, (link_name, bw) = machines, memory_gb * 1e9, LINKS[link]

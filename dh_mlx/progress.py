@@ -12,10 +12,11 @@ from __future__ import annotations
 import logging
 import sys
 import time
-from typing import TextIO
+from typing import Callable, TextIO
 
 log = logging.getLogger("dh_mlx.progress")
 notes = logging.getLogger("dh_mlx.notes")
+statuses = logging.getLogger("dh_mlx.status")
 
 
 def note(message: str) -> None:
@@ -23,15 +24,23 @@ def note(message: str) -> None:
     notes.warning(message)
 
 
+def status(message: str) -> None:
+    """A line of what a command is doing or did (the data it read, a summary): the CLI prints it as it is, on
+    stderr; a library caller sees it only if it routes `dh_mlx.status` records somewhere."""
+    statuses.info(message)
+
+
 class Task:
     """`with Task("prefill", total, "tokens") as t: ... t.advance(n)`: one record per advance, one at the end."""
 
-    def __init__(self, name: str, total: int, unit: str = ""):
+    def __init__(self, name: str, total: float, unit: str = ""):
         self.name, self.total, self.unit, self.done = name, total, unit, 0
+        self.detail = ""  # e.g. rates, shown after the count
         self.start = time.perf_counter()
 
-    def advance(self, n: int = 1) -> None:
+    def advance(self, n: float = 1, detail: str = "") -> None:
         self.done += n
+        self.detail = detail
         self._emit(False)
 
     def _emit(self, end: bool) -> None:
@@ -67,7 +76,8 @@ class ProgressHandler(logging.Handler):
         last = self.shown.get(id(task))
         if not end and not tty and last is not None and elapsed - last < self.every:
             return
-        line = f"{task.name}: {task.done:,}/{task.total:,}{' ' + task.unit if task.unit else ''} ({elapsed:.0f} s)"
+        line = (f"{task.name}: {task.done:,}/{task.total:,}{' ' + task.unit if task.unit else ''}"
+                f"{' | ' + task.detail if task.detail else ''} ({elapsed:.0f} s)")
         if tty:
             self.stream.write("\r\033[K" + ("" if end else line))
         elif not end:
@@ -80,23 +90,26 @@ class ProgressHandler(logging.Handler):
 
 
 class NoteHandler(logging.Handler):
-    """Notes as `note: ...` lines on `stream` (default: sys.stderr as it is when a note comes)."""
+    """Notes as `note: ...` lines, status lines as they are, on `stream` (default: sys.stderr as it is when
+    the line comes)."""
 
-    def __init__(self, stream: TextIO | None = None):
+    def __init__(self, stream: TextIO | None = None, prefix: str = "note: ", words: Callable[[str], str] = str):
         super().__init__(logging.INFO)
-        self._stream = stream
+        self._stream, self.prefix, self.words = stream, prefix, words
 
     def emit(self, record: logging.LogRecord) -> None:
         stream = self._stream or sys.stderr
-        stream.write(f"note: {record.getMessage()}\n")
+        stream.write(f"{self.prefix}{self.words(record.getMessage())}\n")
         stream.flush()
 
 
-def show_progress(stream: TextIO | None = None) -> ProgressHandler:
+def show_progress(stream: TextIO | None = None, words: Callable[[str], str] = str) -> ProgressHandler:
     """Route the library's progress records and notes to `stream` (default stderr), replacing any routing an
-    earlier call set up; returns the progress handler."""
+    earlier call set up; `words` rewrites notes (the CLI names arguments as its flags); returns the progress
+    handler."""
     handler = ProgressHandler(stream)
-    for logger, new in ((log, handler), (notes, NoteHandler(stream))):
+    for logger, new in ((log, handler), (notes, NoteHandler(stream, words=words)),
+                        (statuses, NoteHandler(stream, "", words))):
         for old in [h for h in logger.handlers if isinstance(h, (ProgressHandler, NoteHandler))]:
             logger.removeHandler(old)
         logger.addHandler(new)

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 import random
 import socket
+import subprocess
 import sys
 from pathlib import Path
 
@@ -290,3 +292,9 @@ CASES = {
     # V3 / R1 / Moonlight in bf16: sigmoid, noaux_tc with groups, an MTP module
     "v3_bf16": dict(name="q_lora+groups+yarn+mtp", model_type="deepseek_v3", overrides={}),
 }
+
+
+def cli(*args, stdin=None, env=None, timeout=300, text=True):
+    """Runs `dh-mlx ARGS` in a fresh interpreter, as a user's shell would."""
+    return subprocess.run([sys.executable, "-m", "dh_mlx.cli", *args], input=stdin, capture_output=True, text=text,
+                          timeout=timeout, env={**os.environ, **env} if env else None)

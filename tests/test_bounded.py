@@ -5,7 +5,6 @@ the config loader, the safetensors header reader and the sampling options."""
 
 import json
 import math
-import os
 import struct
 import subprocess
 import sys
@@ -17,13 +16,13 @@ from dh_mlx import CheckpointError
 from dh_mlx.config import load_config
 from dh_mlx.checkpoint.layout import read_safetensors_header
 from dh_mlx.train.data import DataError, DataSummary, read_jsonl
+from helpers import cli as run_cli
 
 FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 
 
-def cli(*args, stdin=None, env=None):
-    return subprocess.run([sys.executable, "-m", "dh_mlx.cli", *args], capture_output=True, input=stdin,
-                          timeout=120, env={**os.environ, **(env or {})})
+def cli(*args, stdin=None, env=None):  # bytes: the tests feed and read invalid UTF-8
+    return run_cli(*args, stdin=stdin, env=env, timeout=120, text=False)
 
 
 def one_line(r) -> str:

@@ -2,14 +2,16 @@
 applies the chat template, and `dh-mlx chat` keeps its KV cache between turns."""
 
 import re
-import subprocess
-import sys
 
 import pytest
 
 from dh_mlx import load, random_model, save_model
 from dh_mlx.chat import messages
-from helpers import make_config
+from helpers import cli as run_cli, make_config
+
+
+def cli(*args, stdin=""):  # an empty stdin: chat reads its turns from it
+    return run_cli(*args, stdin=stdin)
 
 pytest.importorskip("transformers")
 
@@ -21,11 +23,6 @@ def model_dir(tokenizer_dir, tmp_path_factory):  # noqa: F811
     for f in tokenizer_dir.iterdir():
         (d / f.name).write_bytes(f.read_bytes())
     return d
-
-
-def cli(*args, stdin=""):
-    return subprocess.run([sys.executable, "-m", "dh_mlx.cli", *args], input=stdin, capture_output=True, text=True,
-                          timeout=300)
 
 
 def prompt_tokens(stderr: str) -> list[int]:

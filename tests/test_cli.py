@@ -18,12 +18,7 @@ from dh_mlx.generation.speculative import DraftPolicy
 from dh_mlx.tokenizer import load_tokenizer
 from dh_mlx.train.tokenizer import train_tokenizer
 from dh_mlx.train.report import directory_bytes
-from helpers import corpus_lines, make_config
-
-
-def cli(*args, timeout=300):
-    return subprocess.run([sys.executable, "-m", "dh_mlx.cli", *args], capture_output=True, text=True,
-                          timeout=timeout)
+from helpers import cli, corpus_lines, make_config
 
 
 def one_line_error(result) -> str:
@@ -226,3 +221,22 @@ def test_the_cli_leaves_every_unset_training_option_to_the_library(monkeypatch, 
                 "dropout"}
     assert not training & calls[0].keys(), calls[0]
     assert {k: calls[1][k] for k in training & calls[1].keys()} == {"steps": 7, "lr": 0.01}
+
+
+def test_a_library_error_names_arguments_and_the_cli_names_its_flags(tmp_path, monkeypatch, capsys):
+    from dh_mlx.cli import as_flags, main
+    from dh_mlx.outputs import OutputError, check_output_dir
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "notes.txt").write_text("mine")
+    with pytest.raises(OutputError) as e:
+        check_output_dir(tmp_path / "taken")
+    assert str(e.value).endswith("pass `force=True` to write over it, or choose another `out`")
+    assert as_flags(str(e.value)).endswith("pass --force to write over it, or choose another --out")
+    assert as_flags("with `mtp=False`") == "with --no-mtp"
+    assert as_flags('`domain="auto"` needs, `bits=4` or `batch_size=2` `grad_accum=8`, `config.json`') == \
+        '--domain auto needs, --bits 4 or --batch-size 2 --grad-accum 8, `config.json`'
+    monkeypatch.setattr(sys, "argv", ["dh-mlx", "info", "--plan", "--link", "pigeon"])
+    with pytest.raises(SystemExit) as e:
+        main()
+    assert e.value.code == 1
+    assert capsys.readouterr().err.strip().startswith("error: --link must be one of 10gbe, ")

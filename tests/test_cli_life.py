@@ -14,12 +14,7 @@ import pytest
 from dh_mlx.generation import GenerationStats
 from dh_mlx.generation.steps import PromptCache, prefill
 from dh_mlx.progress import ProgressHandler, log
-from helpers import make_config
-
-
-def cli(*args, stdin=None, timeout=300):
-    return subprocess.run([sys.executable, "-m", "dh_mlx.cli", *args], input=stdin, capture_output=True,
-                          text=True, timeout=timeout)
+from helpers import cli, make_config
 
 
 class Terminal(io.StringIO):

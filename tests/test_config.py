@@ -99,3 +99,11 @@ def test_counts_equal_instantiated_arrays_for_tiny():
 def test_kv_bytes_formula():
     c = load_preset("5b")
     assert kv_bytes_per_token(c, 2) == c.num_hidden_layers * (c.kv_lora_rank + c.qk_rope_head_dim) * 2
+
+
+@pytest.mark.parametrize("name", preset_names())
+def test_every_preset_has_an_mla_head_vllm_serves(name):
+    """vLLM's MLA kernels take heads (kv_lora_rank + qk_rope_head_dim) of 576, 512 and 320 (CPU), 576 (FlashMLA)."""
+    from dh_mlx.convert.hf import VLLM_MLA_HEADS
+    c = load_preset(name)
+    assert c.kv_lora_rank + c.qk_rope_head_dim in VLLM_MLA_HEADS

@@ -16,7 +16,7 @@ from dh_mlx import load_model, random_model, save_model
 from dh_mlx.checkpoint.domains import extract_domain
 from dh_mlx.domains import domain_experts, extract, remove
 from dh_mlx.generation.domains import domain_posterior, infer_domain
-from dh_mlx.checkpoint.quantized import dir_bytes
+from dh_mlx.convert.mlx import dir_bytes
 from helpers import make_config, randomise_for_parity, tokens
 
 DOMAINS = {"domains": ["code", "math", "legal"], "experts_per_domain": 3}

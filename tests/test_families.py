@@ -161,8 +161,8 @@ def test_convert_mlx_loads_in_mlx_lm_with_our_logits(tmp_path, name):
     a few 1e-5 apart on these weights)."""
     from pathlib import Path
     mlx_lm_utils = pytest.importorskip("mlx_lm.utils")
-    from dh_mlx.checkpoint.quantized import convert_mlx
-    convert_mlx(release(tmp_path / "src", name), tmp_path / "mlx", bits=4, group_size=32, dtype="float32")
+    from dh_mlx.convert.mlx import quantize
+    quantize(release(tmp_path / "src", name), tmp_path / "mlx", bits=4, group_size=32, dtype="float32", mtp=False)
     config = json.loads((tmp_path / "mlx" / "config.json").read_text())
     assert config["model_type"] == FAMILIES[name]["model_type"] and config["quantization"]["bits"] == 4
     ours = load_model(tmp_path / "mlx", dtype="float32")

@@ -81,7 +81,7 @@ def test_compiled_decode_step_equals_eager_across_a_capacity_chunk():
     compiled_tokens = list(generate_tokens(model, prompt_ids, max_tokens=12, sampling=sampled, mtp=False))
     model.fixed_capacity_steps = False  # the eager decode_step (as a pipeline rank decodes)
     try:
-        assert compiled_tokens == list(generate_tokens(model, prompt_ids, max_tokens=12, sampling=sampled))
+        assert compiled_tokens == list(generate_tokens(model, prompt_ids, max_tokens=12, sampling=sampled, mtp=False))
     finally:
         del model.fixed_capacity_steps
 

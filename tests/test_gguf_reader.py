@@ -38,7 +38,7 @@ def test_the_shape_table_is_the_models(name):
 def test_missing_tensors_and_quantized_models_are_refused(tmp_path):
     from safetensors.numpy import load_file, save_file
 
-    from dh_mlx.checkpoint.quantized import quantize
+    from dh_mlx.convert.mlx import quantize
     make_checkpoint(tmp_path / "m")
     src = tmp_path / "m"
     w = load_file(str(src / "model.safetensors"))

@@ -102,3 +102,18 @@ def test_cli(exported, tmp_path):
                                       "--no-mtp"])
     assert result.exit_code == 0, result.output
     assert json.loads((tmp_path / "o" / "config.json").read_text())["num_nextn_predict_layers"] == 0
+
+
+def test_an_export_vllm_would_refuse_says_so(exported, tmp_path):
+    import io
+
+    from dh_mlx.progress import show_progress
+    _, src, _ = exported
+    shown = io.StringIO()
+    show_progress(shown)
+    try:
+        export_hf(src, tmp_path / "out")  # the test checkpoint's head: 32 + 8 = 40
+        assert "MLA head 40 (kv_lora_rank + qk_rope_head_dim): transformers loads the export, vLLM's MLA kernels " \
+               "refuse it (they take 576, 512, 320)" in shown.getvalue()
+    finally:
+        show_progress()

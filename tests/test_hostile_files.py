@@ -5,7 +5,6 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 import time
 import zipfile
 
@@ -15,14 +14,13 @@ import pytest
 
 from dh_mlx.chat import ChatTemplateError, render
 from dh_mlx.generation.options import SamplingOptions
-from helpers import make_checkpoint, model_with_tokenizer
+from helpers import cli as run_cli, make_checkpoint, model_with_tokenizer
+
+
+def cli(*args, stdin=None, timeout=120):  # bytes: the tests feed and read invalid UTF-8
+    return run_cli(*args, stdin=stdin, timeout=timeout, text=False)
 
 MESSAGES = [{"role": "user", "content": "hi"}]
-
-
-def cli(*args, stdin=None, timeout=120):
-    return subprocess.run([sys.executable, "-m", "dh_mlx.cli", *args], input=stdin, capture_output=True,
-                          timeout=timeout)
 
 
 def one_line(r, *needles: str) -> str:
@@ -197,7 +195,7 @@ def test_convert_import_checks_values_as_loading_does(model, tmp_path, kind):
 
 
 def test_scales_wider_than_their_weight_are_refused_before_any_kernel(model, tmp_path):
-    from dh_mlx.checkpoint.quantized import quantize
+    from dh_mlx.convert.mlx import quantize
     quantize(model, tmp_path / "q", bits=4, group_size=32)
     w = mx.load(str(tmp_path / "q" / "model.safetensors"))
     name = sorted(k for k in w if k.endswith("q_a_proj.scales"))[0]

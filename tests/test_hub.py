@@ -8,12 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from helpers import model_with_tokenizer
-
-
-def cli(*args, env):
-    return subprocess.run([sys.executable, "-m", "dh_mlx.cli", *args], capture_output=True, text=True, timeout=300,
-                          env={**os.environ, **env})
+from helpers import cli, model_with_tokenizer
 
 
 @pytest.mark.slow

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ast
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -22,7 +23,7 @@ LAYERS = [
     ["dh_mlx.model", "dh_mlx.device"],
     ["dh_mlx.quant", "dh_mlx.lora", "dh_mlx.domains", "dh_mlx.backend"],
     ["dh_mlx.checkpoint.shards", "dh_mlx.checkpoint.streaming", "dh_mlx.checkpoint.weights",
-     "dh_mlx.checkpoint.quantized", "dh_mlx.checkpoint.training", "dh_mlx.checkpoint.domains",
+     "dh_mlx.checkpoint.training", "dh_mlx.checkpoint.domains",
      "dh_mlx.checkpoint.v4_weights"],
     ["dh_mlx.generation", "dh_mlx.train", "dh_mlx.torch"],
     ["dh_mlx.convert", "dh_mlx.info", "dh_mlx.plan", "dh_mlx.api", "dh_mlx.serve"],
@@ -138,3 +139,32 @@ def test_importing_imports_no_mlx_and_leaves_the_environment(module):
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=300,
                          env={k: v for k, v in os.environ.items() if not k.startswith("DH_MLX")})
     assert out.stdout.split("\n")[:2] == ["[]", "[]"], out.stdout
+
+
+FLAG = re.compile(r"(^|[\s(/])--[a-z]")
+SPEAKS_CLI = ("dh_mlx.cli", "dh_mlx.cli_convert", "dh_mlx.cli_generate", "dh_mlx.cli_options",
+              "dh_mlx.torch.train")  # the command lines themselves (torch.train is torchrun's)
+
+
+def _strings(node: ast.AST) -> list[str]:
+    return [n.value for n in ast.walk(node) if isinstance(n, ast.Constant) and isinstance(n.value, str)]
+
+
+def test_library_code_speaks_in_arguments_and_never_prints():
+    """Errors, notes and status lines name arguments (`force=True`), never command-line flags; nothing but the
+    command lines prints."""
+    found = []
+    for name, path in modules().items():
+        if name in SPEAKS_CLI:
+            continue
+        tree = ast.parse(path.read_text())
+        for node in ast.walk(tree):
+            said = node.exc if isinstance(node, ast.Raise) and node.exc is not None else None
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Name):
+                if node.func.id == "print":
+                    found.append(f"{name}:{node.lineno}: print")
+                if node.func.id in ("note", "status"):
+                    said = node
+            if said is not None:
+                found += [f"{name}:{node.lineno}: {s!r}" for s in _strings(said) if FLAG.search(s)]
+    assert not found, "\n".join(found)

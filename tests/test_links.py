@@ -4,17 +4,12 @@ only checkpoints its run wrote; "the output is the input" is decided by identity
 
 import os
 import subprocess
-import sys
 
 import pytest
 
 from dh_mlx.files import FileKindError, inside, same_file, write_atomic
 from dh_mlx.outputs import OutputError, check_output_dir, check_output_file
-from helpers import model_with_tokenizer
-
-
-def cli(*args):
-    return subprocess.run([sys.executable, "-m", "dh_mlx.cli", *args], capture_output=True, text=True, timeout=300)
+from helpers import cli, model_with_tokenizer
 
 
 @pytest.fixture(scope="module")

@@ -4,17 +4,11 @@ run directory, is refused unless --force (or --resume); --resume refuses a confi
 import hashlib
 import json
 import shutil
-import subprocess
-import sys
 
 import pytest
 
 from dh_mlx.outputs import OutputError
-from helpers import make_config, model_with_tokenizer
-
-
-def cli(*args):
-    return subprocess.run([sys.executable, "-m", "dh_mlx.cli", *args], capture_output=True, text=True, timeout=300)
+from helpers import cli, make_config, model_with_tokenizer
 
 
 def one_line_error(r) -> str:
@@ -114,7 +108,7 @@ def test_gguf_onto_a_directory_is_one_line_and_leaves_no_file(inputs, tmp_path):
 
 def test_the_library_refuses_as_the_cli_does(inputs, tmp_path):
     from dh_mlx.convert import import_checkpoint
-    from dh_mlx.checkpoint.quantized import quantize
+    from dh_mlx.convert.mlx import quantize
     with pytest.raises(OutputError, match="is, or holds, the input"):
         quantize(inputs / "model", inputs / "model")
     with pytest.raises(OutputError, match="holds, the input"):  # the output holds the input file

@@ -233,7 +233,7 @@ def test_the_output_rules(tmp_path):
     with pytest.raises(OutputError, match="is, or holds, the input"):
         prepare([corpus], tmp_path, progress=False)
     prepare([corpus], tmp_path / "p", progress=False)
-    with pytest.raises(OutputError, match="pass --force"):
+    with pytest.raises(OutputError, match="pass `force=True`"):
         prepare([corpus], tmp_path / "p", progress=False)
     prepare([corpus], tmp_path / "p", force=True, progress=False)
     assert (tmp_path / "taken" / "notes.txt").read_text() == "mine"
@@ -243,6 +243,8 @@ def test_the_output_rules(tmp_path):
 def test_jsonl_is_prepared_once_into_a_cache_keyed_by_contents_and_tokenizer(tmp_path, tok, capsys, monkeypatch):
     corpus = write(tmp_path / "c.jsonl", records(50))
     monkeypatch.setattr("dh_mlx.train.prepare.SMALL", 0)  # (small inputs are prepared silently)
+    from dh_mlx.progress import show_progress
+    show_progress()  # the status lines go where the CLI sends them: stderr
     a = prepared_cache(corpus, tok)
     assert "data: preparing 1 file(s)" in capsys.readouterr().err
     stamp = (a / MANIFEST).stat().st_mtime_ns

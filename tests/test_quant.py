@@ -11,7 +11,7 @@ from safetensors import safe_open
 
 from dh_mlx import load_model, save_model
 from dh_mlx.model.moe import QuantizedStackedLinear
-from dh_mlx.checkpoint.quantized import quantize
+from dh_mlx.convert.mlx import quantize
 from dh_mlx.quant import QuantConfig, QuantizedLinear, dequantize_model, quantize_model
 from helpers import force_expert_path, make_checkpoint, tokens
 

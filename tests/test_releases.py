@@ -45,7 +45,7 @@ def test_a_v2_release_exports_as_v2_so_transformers_still_routes_by_softmax(tmp_
 @pytest.mark.slow
 def test_qlora_on_a_v3_release_lowers_its_loss(tmp_path):
     """A V3 release (bf16 shards as published) quantized to 4 bits, then LoRA adapters trained on it."""
-    from dh_mlx.checkpoint.quantized import quantize
+    from dh_mlx.convert.mlx import quantize
     from dh_mlx.checkpoint.weights import copy_tokenizer
     from dh_mlx.train.lora_run import lora
     from helpers import model_with_tokenizer

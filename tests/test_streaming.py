@@ -14,7 +14,7 @@ from safetensors.numpy import load_file, save_file
 import dh_mlx.checkpoint.weights as weights
 from dh_mlx import load_model, random_model, save_model
 from dh_mlx.checkpoint.layout import safetensors_files
-from dh_mlx.checkpoint.quantized import convert_mlx, dir_bytes, quantize
+from dh_mlx.convert.mlx import dir_bytes, quantize
 from dh_mlx.quant import QuantConfig, bits_per_weight, quantize_model
 from helpers import make_checkpoint, make_config, make_fp8, tokens
 
@@ -77,7 +77,7 @@ def test_the_memory_guard_counts_the_size_after_quantizing_on_load(sharded, monk
     assert mx.get_peak_memory() - before <= q4  # the estimate holds what loading takes
     for room, fits in ((q4 / 0.9 + 1, True), (q4 / 0.9 - 1, False)):
         monkeypatch.setattr(weights, "available_memory", lambda: int(room))
-        with pytest.raises(MemoryError, match="--bits 4"):
+        with pytest.raises(MemoryError, match="`bits=4`"):
             load_model(sharded / "float")  # float32 does not fit
         if fits:
             assert load_model(sharded / "float", bits=4, group_size=32).config.extra["quantization"]["bits"] == 4
@@ -88,7 +88,8 @@ def test_the_memory_guard_counts_the_size_after_quantizing_on_load(sharded, monk
 
 PEAK = r"""
 import json, sys
-from dh_mlx.checkpoint import quantized, weights
+from dh_mlx.checkpoint import weights
+from dh_mlx.convert.mlx import quantize
 import mlx.core as mx
 mx.eval(mx.ones(4) + 1)
 def status(key):
@@ -97,7 +98,7 @@ open("/proc/self/clear_refs", "w").write("5")  # the high-water mark starts agai
 before = status("VmRSS")
 src, out, how = sys.argv[1:]
 if how == "stream":
-    quantized.quantize(src, out, bits=4, dtype="float32", max_shard_bytes=16 << 20)
+    quantize(src, out, bits=4, dtype="float32", max_shard_bytes=16 << 20)
 else:  # what quantizing used to be: the float model loaded whole
     from dh_mlx.quant import QuantConfig, quantize_model
     m = weights.load_model(src, dtype="float32")
@@ -147,7 +148,7 @@ def test_convert_mlx_gives_mlx_lm_our_logits_on_the_release_layouts(tmp_path, ki
     mlx_lm_utils = pytest.importorskip("mlx_lm.utils")
     pytest.importorskip("transformers")  # test_releases builds the layouts
     src = release(tmp_path, kind)
-    summary = convert_mlx(src, tmp_path / "mlx", bits=4, group_size=32)
+    summary = quantize(src, tmp_path / "mlx", bits=4, group_size=32, mtp=False)
     config = json.loads((tmp_path / "mlx" / "config.json").read_text())
     assert config["num_nextn_predict_layers"] == 0 and "quant_method" not in config["quantization_config"]
     assert summary["bytes"] < 0.6 * summary["source_bytes"]
@@ -160,8 +161,7 @@ def test_convert_mlx_gives_mlx_lm_our_logits_on_the_release_layouts(tmp_path, ki
 
 @pytest.mark.slow
 def test_cli_convert_mlx_and_generate_with_bits(tmp_path):
-    from helpers import cli
-    from helpers import model_with_tokenizer
+    from helpers import cli, model_with_tokenizer
     (tmp_path / "tok").mkdir()
     tok = model_with_tokenizer(tmp_path / "tok")
     make_checkpoint(tmp_path / "float", vocab_size=400, **WIDE)
@@ -169,6 +169,7 @@ def test_cli_convert_mlx_and_generate_with_bits(tmp_path):
     weights.copy_tokenizer(tok, src)
     r = cli("convert", "mlx", "--model", str(src), "--bits", "8", "--group-size", "32", "--out", str(tmp_path / "q8"))
     assert r.returncode == 0 and "bits per weight" in r.stderr, r.stderr
+    assert "keeps the MTP layers (for MTP drafting); mlx-lm loads a copy written with --no-mtp" in r.stderr
     assert (tmp_path / "q8" / "tokenizer.model").is_file()
     assert json.loads((tmp_path / "q8" / "config.json").read_text())["quantization"]["bits"] == 8
     quantize(src, tmp_path / "q4", bits=4, group_size=32, dtype="float32")

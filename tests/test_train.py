@@ -145,7 +145,7 @@ def test_resume_reproduces_an_uninterrupted_run(small_run_inputs):
     ids = mx.array([[1, 2, 3, 4]])
     assert mx.array_equal(m1(ids), m2(ids)).item()
     from dh_mlx.outputs import OutputError
-    with pytest.raises(OutputError, match="--resume"):
+    with pytest.raises(OutputError, match="`resume=True`"):
         train(out=d / "full", **common)
 
 
@@ -352,11 +352,11 @@ def test_mtp_distill_trains_the_mtp_module_only_and_raises_agreement(small_run_i
     assert mx.array_equal(head.head.weight, after.lm_head.weight).item()
     agreement = [h["val_mtp_agreement"] for h in r.history]
     assert agreement[-1] > agreement[0] + 0.2, agreement
-    with pytest.raises(ValueError, match="--init"):
+    with pytest.raises(ValueError, match="`init`"):
         train(config=d / "config.json", out=d / "x", steps=1, mtp_distill=True, **common)
     with pytest.raises(ValueError, match="mtp_lambda"):
         TrainConfig(mtp_distill=True, mtp_lambda=0.0)
-    from dh_mlx.checkpoint.quantized import quantize
+    from dh_mlx.convert.mlx import quantize
     quantize(base, d / "q", bits=8, group_size=32)
     with pytest.raises(ValueError, match="quantized"):
         train(init=d / "q", out=d / "y", steps=1, mtp_distill=True, **common)

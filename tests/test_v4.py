@@ -15,60 +15,8 @@ from dh_mlx.config import load_config
 transformers = pytest.importorskip("transformers")
 torch = pytest.importorskip("torch")
 
-SLIDE, CSA, HCA = "sliding_attention", "compressed_sparse_attention", "heavily_compressed_attention"
-SHAPES = dict(vocab_size=97, hidden_size=64, moe_intermediate_size=32, num_hidden_layers=4, num_attention_heads=4,
-              head_dim=32, q_lora_rank=48, num_experts_per_tok=2, n_routed_experts=8, n_shared_experts=1,
-              hc_mult=2, hc_sinkhorn_iters=5, sliding_window=8, o_groups=2, o_lora_rank=16, index_n_heads=16,
-              index_head_dim=16, index_topk=3, partial_rotary_factor=0.25, max_position_embeddings=512,
-              num_nextn_predict_layers=0)
-# 16 indexer heads: no two entries tie at a score of exactly 0 on the top-k boundary
-SCHEDULES = {
-    "flash_like": dict(layer_types=[SLIDE, CSA, HCA, CSA], mlp_layer_types=["hash_moe", "hash_moe", "moe", "moe"],
-                       compress_rates={CSA: 4, HCA: 8}),
-    "pro_default": dict(compress_rates={CSA: 4, HCA: 16}, mlp_layer_types=["hash_moe", "moe", "moe", "moe"],
-                        rope_parameters={"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64,
-                                         "beta_fast": 32, "beta_slow": 1}),
-    "csa_only": dict(layer_types=[CSA] * 4, mlp_layer_types=["moe"] * 4, compress_rates={CSA: 2, HCA: 8},
-                     scoring_func="sigmoid", routed_scaling_factor=2.0),
-}
-
-
-def build(path, name: str, **edits):
-    """A transformers DeepseekV4ForCausalLM with its zero/one-initialised parts (sinks, position biases,
-    hyper-connection weights, hash tables, selection biases, norms) randomised, saved as transformers saves it."""
-    config = transformers.DeepseekV4Config(**{**SHAPES, **SCHEDULES[name], **edits})
-    torch.manual_seed(0)
-    model = transformers.AutoModelForCausalLM.from_config(config)
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if "norm" in n and n.endswith("weight"):
-                p.copy_(torch.rand(p.shape, generator=g) + 0.5)
-            elif n.endswith(("sinks", "position_bias", "base")):
-                p.copy_(torch.randn(p.shape, generator=g) * 0.5)
-            elif n.endswith("scale"):
-                p.copy_(torch.rand(p.shape, generator=g) + 0.5)
-            elif n.endswith("fn"):
-                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
-            elif n.endswith("gate.weight"):
-                p.copy_(torch.randn(p.shape, generator=g) * 0.5)
-        for n, b in model.named_buffers():
-            if n.endswith("e_score_correction_bias"):
-                b.copy_(torch.rand(b.shape, generator=g) * 0.6 - 0.3)
-            elif n.endswith("tid2eid"):
-                b.copy_(torch.stack([torch.randperm(8, generator=g)[:2] for _ in range(b.shape[0])]))
-    model.save_pretrained(path)
-    return path
-
-
-def reference(path, ids):
-    model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-    with torch.no_grad():
-        return model(torch.tensor(ids)).logits.numpy()
-
-
-def prompt(n: int = 30, batch: int = 2, seed: int = 0) -> np.ndarray:
-    return np.random.default_rng(seed).integers(0, 97, (batch, n))
+from v4_release import (CSA, HCA, SCHEDULES, SHAPES, SLIDE, build, build_with_mtp, mtp_reference,  # noqa: E402
+                        prompt, reference)
 
 
 @pytest.mark.parametrize("name", list(SCHEDULES))
@@ -105,12 +53,15 @@ def test_cached_decoding_equals_the_full_forward(tmp_path, name):
         assert (rate == 0 or c.states["compressor"].count == 70 // rate) and c.window.shape[2] == 7
 
 
+FP8_LINEARS = ("wq_a", "wq_b", "wkv", "wo_a", "wo_b", "w1", "w2", "w3", "e_proj", "h_proj")
+
+
 def release_layout(src, dst, fp8: str | None = None):
-    """`src` (as transformers saves it) under DeepSeek's release names and config keys: no `model.` prefix,
-    `embed`/`head`/`hc_head_fn`, `compress_ratios`, `num_hash_layers`, `qk_rope_head_dim`, an MTP module's
-    tensors. With `fp8` ("float" or "ue8m0") the linears are FP8 e4m3 with 128 x 128 block scales under `.scale`
-    (float32, or UE8M0 exponent bytes: powers of two); returns (that directory, the same release in float with
-    the values the FP8 stands for)."""
+    """`src` (`build_with_mtp`'s) under DeepSeek's release names and config keys: no `model.` prefix,
+    `embed`/`head`/`hc_head_fn`, `compress_ratios` (the MTP layer's entry last), `num_hash_layers`,
+    `qk_rope_head_dim`. With `fp8` ("float" or "ue8m0") the linears are FP8 e4m3 with 128 x 128 block scales
+    under `.scale` (float32, or UE8M0 exponent bytes: powers of two); returns (that directory, the same release
+    in float with the values the FP8 stands for)."""
     from safetensors.torch import load_file, save_file
     tensors, out, deq = load_file(str(src / "model.safetensors")), {}, {}
     for k, v in tensors.items():
@@ -118,8 +69,7 @@ def release_layout(src, dst, fp8: str | None = None):
         k = {"embed_tokens.weight": "embed.weight", "hc_head.hc_fn": "hc_head_fn", "hc_head.hc_base": "hc_head_base",
              "hc_head.hc_scale": "hc_head_scale"}.get(k, k)
         out[k] = deq[k] = v
-        if fp8 and v.ndim == 2 and k.endswith(".weight") and k.rsplit(".", 2)[-2] in ("wq_a", "wq_b", "wkv", "wo_a",
-                                                                                     "wo_b", "w1", "w2", "w3"):
+        if fp8 and v.ndim == 2 and k.endswith(".weight") and k.rsplit(".", 2)[-2] in FP8_LINEARS:
             rows, cols = v.shape
             pr, pc = -(-rows // 128) * 128, -(-cols // 128) * 128
             blocks = torch.zeros(pr, pc).index_put_((torch.arange(rows)[:, None], torch.arange(cols)), v)
@@ -131,10 +81,9 @@ def release_layout(src, dst, fp8: str | None = None):
             full = scale.repeat_interleave(128, 0).repeat_interleave(128, 1)[:rows, :cols]
             out[k], deq[k] = q, q.float() * full
             out[k[:-len("weight")] + "scale"] = scale.to(torch.float8_e8m0fnu) if fp8 == "ue8m0" else scale
-    out["mtp.0.emb.weight"] = deq["mtp.0.emb.weight"] = torch.zeros(2, 2)
     config = json.loads((src / "config.json").read_text())
     ratios = {"sliding_attention": 0, CSA: 4, HCA: 128}
-    config.update(compress_ratios=[ratios[t] for t in config.pop("layer_types")],
+    config.update(compress_ratios=[ratios[t] for t in config.pop("layer_types")] + [0],
                   compress_rate_hca=config.pop("compress_rates")[HCA], num_hash_layers=2,
                   qk_rope_head_dim=int(config["head_dim"] * config.pop("partial_rotary_factor")))
     for key in ("mlp_layer_types", "rope_parameters"):
@@ -150,26 +99,33 @@ def release_layout(src, dst, fp8: str | None = None):
 
 @pytest.mark.parametrize("fp8", [None, "float", "ue8m0"])
 def test_the_release_layout_and_its_fp8_scales(tmp_path, fp8):
-    """DeepSeek's names and older config keys give the model transformers builds from them; FP8 weights give
-    the logits of the float weights they stand for (`.scale` blocks as float32 or as UE8M0 exponent bytes);
-    the MTP module's tensors are left out, by name."""
+    """DeepSeek's names and older config keys give the model transformers builds from them, with the MTP module
+    (its layer a sliding-window block, compress_ratios' last entry); FP8 weights give the logits of the float
+    weights they stand for (`.scale` blocks as float32 or as UE8M0 exponent bytes), the MTP module's too."""
     from dh_mlx.checkpoint.layout import read_safetensors_header
-    src = build(tmp_path / "src", "flash_like")
+    src, deeper, own = build_with_mtp(tmp_path / "src", "flash_like")
     dst, float_copy = release_layout(src, tmp_path / "release", fp8)
     header = read_safetensors_header(dst / "model.safetensors")
     assert "embed.weight" in header and "layers.1.ffn.experts.0.w1.weight" in header
+    assert "mtp.0.hc_head_fn" in header and "mtp.0.ffn.experts.0.w1.weight" in header
     if fp8:
         assert header["layers.1.attn.wq_a.weight"]["dtype"] == "F8_E4M3"
         assert header["layers.1.attn.wq_a.scale"]["dtype"] == ("F8_E8M0" if fp8 == "ue8m0" else "F32")
+        assert header["mtp.0.e_proj.weight"]["dtype"] == "F8_E4M3" and "mtp.0.e_proj.scale" in header
     config = load_config(dst)
     assert config.layer_types == SCHEDULES["flash_like"]["layer_types"] and config.compress_rate(2) == 8
-    with pytest.warns(UserWarning, match="MTP modules"):
-        got = np.array(load_model(dst, dtype="float32")(mx.array(prompt())))
-    with pytest.warns(UserWarning, match="MTP modules"):
-        want = np.array(load_model(float_copy, dtype="float32")(mx.array(prompt())))
-    assert np.abs(got - want).max() <= 1e-5
-    if fp8 is None:  # the release names are the model transformers saved
-        assert np.abs(got - reference(src, prompt())).max() <= 1e-4
+    assert config.mtp_layer_types == [SLIDE] and config.mtp_mlp_layer_types == ["moe"]
+    ids = mx.array(prompt())
+    got, want = (_with_mtp(load_model(d, dtype="float32"), ids) for d in (dst, float_copy))
+    assert all(np.abs(a - b).max() <= 1e-5 for a, b in zip(got, want))
+    if fp8 is None:  # the release names are the model transformers saved, and the MTP module DeepSeek's
+        assert np.abs(got[0] - reference(src, prompt())).max() <= 1e-4
+        assert np.abs(got[1] - mtp_reference(deeper, own, prompt())).max() <= 1e-4
+
+
+def _with_mtp(model, ids):
+    out = model.forward(ids)
+    return np.array(out.logits), np.array(model.mtp_forward(out.hidden[:, :-1], ids[:, 1:]).logits)
 
 
 def test_info_gives_the_caches_bytes_per_token(tmp_path):
@@ -187,7 +143,7 @@ def test_info_gives_the_caches_bytes_per_token(tmp_path):
 
 
 def test_generation_decodes_greedily_and_other_commands_refuse_by_name(tmp_path):
-    from dh_mlx.checkpoint.quantized import quantize
+    from dh_mlx.convert.mlx import quantize
     from dh_mlx.convert import export_hf
     from dh_mlx.generation import generate_tokens
     path = build(tmp_path / "m", "flash_like")
@@ -202,7 +158,7 @@ def test_generation_decodes_greedily_and_other_commands_refuse_by_name(tmp_path)
         quantize(path, tmp_path / "q", bits=4)
     with pytest.raises(ValueError, match="convert hf does not take deepseek_v4"):
         export_hf(path, tmp_path / "hf")
-    with pytest.raises(ValueError, match="no --bits"):
+    with pytest.raises(ValueError, match="no `bits`"):
         load_model(path, bits=4)
 
 
@@ -225,6 +181,8 @@ def test_the_readme_row_is_dh_mlx_info_of_v4_flash(tmp_path):
     ("compress_ratios", [0, 4, 64, 4], "'compress_ratios' must be a list of \\[0, 4, 128\\]"),
     ("o_groups", 3, "'o_groups' must be a divisor"),
     ("scoring_func", "relu", "'scoring_func' must be one of"),
+    ("num_nextn_predict_layers", -1, "'num_nextn_predict_layers' must be an integer from 0 to 16"),
+    ("mtp_layer_types", ["global"], "'mtp_layer_types' must be a list of entries from"),
 ])
 def test_invalid_v4_configs_name_the_field(tmp_path, field, value, needle):
     (tmp_path / "config.json").write_text(json.dumps({**SHAPES, field: value, "model_type": "deepseek_v4"}))

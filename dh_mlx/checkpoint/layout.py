@@ -36,7 +36,7 @@ def release_names(config: ModelConfig, where: Path) -> Callable[[str], str | Non
     they are."""
     if config.model_type == "deepseek_v4":
         from .v4_layout import v4_names
-        return v4_names(where)
+        return v4_names(where, config.num_hidden_layers, config.num_nextn_predict_layers)
     prefix = families.TEXT_PREFIX.get(config.model_type)
     if prefix is None:
         return None

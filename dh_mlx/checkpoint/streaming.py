@@ -67,7 +67,7 @@ class QuantizedStream:
                  dtype: mx.Dtype | None = None, embedding_copies: bool = True):
         refuse(config, f"{path}: quantizing")
         if config.extra.get("quantization") is not None:
-            raise CheckpointError(f"{path}: already quantized (load it as it is, without --bits; to quantize it "
+            raise CheckpointError(f"{path}: already quantized (load it as it is, without `bits`; to quantize it "
                                   "again, start from its float checkpoint)")
         self.path, self.qc, self.embedding_copies = path, qc, embedding_copies
         self.lazy, self.dtypes = lazy_tensors(path, config=config)  # nothing is read yet

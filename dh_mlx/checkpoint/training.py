@@ -15,7 +15,6 @@ import hashlib
 import json
 import os
 import shutil
-import sys
 from pathlib import Path
 from typing import Any, Callable
 
@@ -24,6 +23,7 @@ from mlx.utils import tree_flatten, tree_unflatten
 
 from ..files import open_nofollow, real_dir, remove, write_atomic
 from ..outputs import format_bytes
+from ..progress import note
 
 STATE = "trainer_state.json"
 OPTIMIZER = "optimizer.safetensors"
@@ -47,7 +47,7 @@ def check_free_space(directory: Path, need: int) -> None:
     free = shutil.disk_usage(directory).free
     if free < need * 1.05:
         raise CheckpointWriteError(f"{directory}: not enough free disk space for a checkpoint: it needs about "
-                                   f"{format_bytes(need)}, {format_bytes(free)} is free; free some space, then --resume")
+                                   f"{format_bytes(need)}, {format_bytes(free)} is free; free some space, then `resume=True`")
 
 
 def save_checkpoint(run_dir: Path, step: int, *, write_weights: Callable[[Path], None], optimizer_state: Any,
@@ -121,7 +121,7 @@ def latest_checkpoint(run_dir: Path, *, report: bool = False) -> Path | None:
         if why is None:
             return path
         if report:
-            print(f"note: checkpoint {path.name} is damaged ({why}); trying an older one", file=sys.stderr)
+            note(f"checkpoint {path.name} is damaged ({why}); trying an older one")
     if candidates:
         raise ValueError(f"{root}: no intact checkpoint to resume from (newest: {candidates[0].name})")
     return None
@@ -167,7 +167,7 @@ class RunLock:
             holder = os.read(self.fd, 32).decode(errors="replace").strip() or "?"
             os.close(self.fd)
             raise CheckpointWriteError(f"{run_dir}: another training (pid {holder}) is writing this run; wait for "
-                                       "it to finish or choose another --out") from None
+                                       "it to finish or choose another `out`") from None
         os.ftruncate(self.fd, 0)
         os.write(self.fd, str(os.getpid()).encode())
 

@@ -4,7 +4,9 @@ The release names DeepSeek's own way (`embed.weight`, `layers.3.attn.wq_a.weight
 `hc_head_fn`, FP8 block scales under `.scale`, possibly as UE8M0 exponent bytes); transformers' save_pretrained
 writes the same leaves under `model.`. Both become transformers' module names (`model.layers.3.self_attn.
 q_a_proj.weight`, experts one per index as `mlp.experts.7.gate_proj.weight`, stacked later), as its
-conversion mapping reads them. The MTP modules (`mtp.*`) are not modelled: they are left out, with a warning.
+conversion mapping reads them. The release's MTP modules (`mtp.0.attn.wq_a.weight`, `mtp.0.e_proj.weight`,
+`mtp.0.hc_head_fn`, ...; transformers writes none) become layers past the main stack, as DeepSeek-V3's sit
+(`model.layers.43.self_attn.q_a_proj.weight`, `model.layers.43.e_proj.weight`, `model.layers.43.hc_head.hc_fn`).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ _RULES = [
     (r"^embed\.", "embed_tokens."),
     (r"^head\.weight$", "lm_head.weight"),
     (r"^hc_head_(fn|base|scale)$", r"hc_head.hc_\1"),
+    (r"^(layers\.\d+)\.hc_head_(fn|base|scale)$", r"\1.hc_head.hc_\2"),  # an MTP module's own head
     (r"\.attn_norm\.", ".input_layernorm."),
     (r"\.ffn_norm\.", ".post_attention_layernorm."),
     (r"\.hc_(attn|ffn)_(fn|base|scale)$", r".\1_hc.\2"),
@@ -34,7 +37,7 @@ _RULES = [
     (r"\.wq_b\.", ".q_b_proj."),
     (r"\.wkv\.", ".kv_proj."),
     (r"\.wgate\.", ".gate_proj."),
-    (r"\.norm\.", ".kv_norm."),
+    (r"(self_attn|compressor|indexer)\.norm\.", r"\1.kv_norm."),  # (an MTP module's `norm` stays)
     (r"\.wo_a\.", ".o_a_proj."),
     (r"\.wo_b\.", ".o_b_proj."),
     (r"\.gate\.bias$", ".gate.e_score_correction_bias"),
@@ -47,19 +50,26 @@ _RULES = [(re.compile(p), r) for p, r in _RULES]
 # Kept in float32 as transformers keeps them (its _keep_in_fp32_modules_strict)
 _FP32 = ("attn_hc.", "ffn_hc.", "hc_head.", ".sinks", "position_bias", "e_score_correction_bias", "q_a_norm.",
          "kv_norm.", "input_layernorm.", "post_attention_layernorm.", "model.norm.")
+_MTP = re.compile(r"^mtp\.(\d+)\.")
+_MTP_NORMS = re.compile(r"\.layers\.\d+\.[eh]?norm\.")  # an MTP module's enorm, hnorm and norm
 
 
-def v4_names(where: Path) -> Callable[[str], str | None]:
-    """File name -> module name (None: an MTP module, left out; one warning names how they are skipped)."""
+def v4_names(where: Path, num_hidden_layers: int, mtp_layers: int) -> Callable[[str], str | None]:
+    """File name -> module name; MTP module i becomes layer num_hidden_layers + i. None: an MTP module past
+    the `mtp_layers` the config declares, left out (one warning)."""
     warned = []
 
     def rename(name: str) -> str | None:
         bare = name[len("model."):] if name.startswith("model.") else name
-        if bare.startswith("mtp."):
-            if not warned:
-                warnings.warn(f"{where}: DeepSeek-V4's MTP modules (mtp.*) are not modelled; loading without them")
-                warned.append(name)
-            return None
+        mtp = _MTP.match(bare)
+        if mtp:
+            if int(mtp[1]) >= mtp_layers:
+                if not warned:
+                    warnings.warn(f"{where}: MTP module tensors past the {mtp_layers} config.json declares "
+                                  f"(num_nextn_predict_layers), e.g. {name}; loading without them")
+                    warned.append(name)
+                return None
+            bare = f"layers.{num_hidden_layers + int(mtp[1])}." + bare[mtp.end():]
         if bare.endswith("norm.weight") and bare.startswith("norm."):  # the final norm
             return "model." + bare
         for pattern, replacement in _RULES:
@@ -69,7 +79,7 @@ def v4_names(where: Path) -> Callable[[str], str | None]:
 
 
 def keep_fp32(name: str) -> bool:
-    return any(part in name for part in _FP32)
+    return any(part in name for part in _FP32) or _MTP_NORMS.search(name) is not None
 
 
 def e8m0_scales(w: dict, dtypes: dict[str, str], xp: Any) -> dict:

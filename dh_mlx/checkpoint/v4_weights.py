@@ -1,8 +1,10 @@
 """Reading a DeepSeek-V4 model directory (release or transformers layout, float or FP8 with V4's block scales)
-into dh_mlx.model.v4_model.V4Model."""
+into dh_mlx.model.v4_model.V4Model, with the MTP modules the release ships."""
 
 from __future__ import annotations
 
+import re
+import warnings
 from pathlib import Path
 
 import mlx.core as mx
@@ -14,6 +16,8 @@ from .layout import CheckpointError, check_tensors, dequantize_fp8, fp8_blocks, 
 from .streaming import decode_fp8, lazy_tensors
 from .v4_layout import e8m0_scales, keep_fp32
 
+_LAYER = re.compile(r"^model\.layers\.(\d+)\.")
+
 
 def fp8_format(config: V4Config, where: Path) -> tuple[int, int] | None:
     """FP8 block size when the release is FP8 (scales float or UE8M0); FP4 experts are refused by name."""
@@ -23,6 +27,22 @@ def fp8_format(config: V4Config, where: Path) -> tuple[int, int] | None:
         raise CheckpointError(f"{where}: quantization_config.expert_dtype {expert!r}: V4's FP4 experts are not "
                               "supported; dh-mlx reads its float and FP8 weights")
     return fp8_blocks(config, where)
+
+
+def mtp_config(config: V4Config, weights: dict, where: Path) -> V4Config:
+    """`config` with the MTP modules the checkpoint ships: all it declares, or none (transformers saves none)."""
+    n, k = config.num_hidden_layers, config.num_nextn_predict_layers
+    present = {int(m[1]) - n for name in weights if (m := _LAYER.match(name)) and int(m[1]) >= n}
+    if k and not present:
+        warnings.warn(f"{where}: config.json declares {k} MTP module(s) but the checkpoint has none (mtp.*); "
+                      "loading without MTP")
+    if not present:
+        return config.replace(num_nextn_predict_layers=0)
+    missing = sorted(set(range(k)) - present)
+    if missing:
+        raise CheckpointError(f"{where}: config.json declares {k} MTP modules (num_nextn_predict_layers) but the "
+                              f"checkpoint has no tensors of mtp.{missing[0]}")
+    return config
 
 
 def load_v4_model(path: Path, config: V4Config, dtype: mx.Dtype) -> V4Model:
@@ -44,7 +64,7 @@ def load_v4_model(path: Path, config: V4Config, dtype: mx.Dtype) -> V4Model:
     if raw:
         raise CheckpointError(f"{path}: tensor {raw[0]} holds FP8 bytes without block scales")
     weights = stack_experts(weights, config, mx.stack)
-    model = V4Model(config.replace(num_nextn_predict_layers=0))  # (its MTP modules are not modelled)
+    model = V4Model(mtp_config(config, weights, path))
     check_tensors({k: v.shape for k, v in weights.items()},
                   {k: v.shape for k, v in tree_flatten(model.parameters())}, path)
     weights = {k: v.astype(mx.int32) if k.endswith("tid2eid") else

@@ -115,9 +115,10 @@ def check_fits(config: ModelConfig, dtype: mx.Dtype, what: str, staged: int = 0,
         return
     options = []
     if dtype.size > 2 and n * 2 <= 0.9 * have:
-        options.append(f"--dtype bfloat16 ({format_bytes(n * 2, 'GiB')}; slow on a CPU)")
+        options.append(f"`dtype=\"bfloat16\"` ({format_bytes(n * 2, 'GiB')}; slow on a CPU)")
     if not what.startswith("preset"):  # a checkpoint on disk can be quantized; a random preset has none to read
-        options += [f"--bits {bits} or dh-mlx quantize --bits {bits} ({format_bytes(weight_bytes(n, bits), 'GiB')})"
+        options += [f"`bits={bits}` or a copy quantized once with dh-mlx quantize "
+                    f"({format_bytes(weight_bytes(n, bits), 'GiB')})"
                     for bits in (8, 4) if (qc is None or bits < qc.bits) and weight_bytes(n, bits) <= 0.9 * have]
 
     def preset_bytes(name: str) -> int:
@@ -238,15 +239,15 @@ def load_model(path: str | Path, *, dtype: str | None = None, bits: int | None =
     dt = compute_dtype(dtype)
     qc = QuantConfig(bits, group_size, recipe) if bits else None
     if qc is not None and layers is not None:
-        raise ValueError("--bits with --pipeline: quantize the model first (dh-mlx quantize), then run the "
-                         "quantized copy in the pipeline")
+        raise ValueError("quantizing (`bits`) a pipeline rank's layers as they load: quantize the model first "
+                         "(dh-mlx quantize), then run the quantized copy in the pipeline")
     # (a pipeline rank holds only its layers: the whole model need not fit)
     path = resolve_path(path, before_download=memory_check(dtype, str(path), qc) if layers is None else None)
     config = load_config(path)
     keep = None
     v4 = config.model_type == "deepseek_v4"  # its own architecture and layout (v4_weights.py)
     if v4 and (qc is not None or layers is not None):
-        raise ValueError(f"{path}: deepseek_v4 loads as it is stored (float or FP8): no --bits or --pipeline")
+        raise ValueError(f"{path}: deepseek_v4 loads as it is stored (float or FP8): no `bits` and no pipeline")
     if layers is None:
         memory_check(dtype, str(path), qc)(path)
     if v4:

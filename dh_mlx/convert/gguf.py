@@ -127,7 +127,7 @@ def read_weights(model_dir: Path) -> tuple[dict[str, np.ndarray], ModelConfig]:
                            "llama.cpp's deepseek2 architecture does not have")
     if config.extra.get("quantization"):
         raise ConvertError(f"{model_dir}: an MLX-quantized model; write the GGUF from its float checkpoint "
-                           "(--quantize runs llama.cpp's own quantizer)")
+                           "(`quantize` runs llama.cpp's own quantizer)")
     weights = read_float32(model_dir, config)
     config = dequantized_config(config)  # FP8 weights are float now
     config = config_for_tensors(config, weights, model_dir)

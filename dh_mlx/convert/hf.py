@@ -15,11 +15,15 @@ from ..config_v4 import refuse
 from ..checkpoint.layout import stored_dtype
 from ..files import read_json, write_atomic
 from ..outputs import check_output_dir
+from ..progress import note
 from ..tokenizer import load_tokenizer, write_hf_files
 from ..checkpoint.weights import DEFAULT_SHARD_BYTES, load_model, resolve_path, save_model
 from .errors import ConvertError
 
 _SAFETENSORS_DTYPES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}
+# The MLA heads (kv_lora_rank + qk_rope_head_dim) vLLM's MLA kernels take: 576, 512 and 320 on its CPU backend,
+# 576 in FlashMLA (vLLM 0.32's attention backends list them); others fail with "Head dimension N is not supported".
+VLLM_MLA_HEADS = (576, 512, 320)
 
 
 def export_hf(model_dir: str | Path, out: str | Path, *, mtp: bool = True, dtype: str | None = None,
@@ -40,6 +44,10 @@ def export_hf(model_dir: str | Path, out: str | Path, *, mtp: bool = True, dtype
     if dr is not None and dr.added:  # transformers and vLLM ignore domain_routing: they would use these experts
         raise ConvertError(f"{model_dir}: has added domains ({', '.join(dr.added)}), which transformers and vLLM "
                            "would route every token to; export a domain with dh-mlx domains extract instead")
+    head = model.config.kv_lora_rank + model.config.qk_rope_head_dim
+    if head not in VLLM_MLA_HEADS:
+        note(f"{model_dir}: MLA head {head} (kv_lora_rank + qk_rope_head_dim): transformers loads the export, "
+             f"vLLM's MLA kernels refuse it (they take {', '.join(map(str, VLLM_MLA_HEADS))})")
     save_model(model, out, mtp=mtp, max_shard_bytes=max_shard_bytes, dtype=dtype)
 
     config = read_json(out / "config.json", "config")

@@ -87,7 +87,7 @@ def import_checkpoint(input: str | Path, out: str | Path, *, config: str | Path 
     elif stored_config is not None:
         cfg = stored_config
     else:
-        raise ConvertError(f"{input}: the file carries no config; give one (--config CONFIG.json)")
+        raise ConvertError(f"{input}: the file carries no config; give one (`config`, a config.json)")
     named, source = to_checkpoint_names(state)
     weights = {k: _as_mx(v) for k, v in named.items()}
     check_values(weights, input)  # as loading does: float tensors, no NaN or infinity

@@ -15,7 +15,7 @@ QUANT_TYPES = {"Q4_K_M": "LLAMA_FTYPE_MOSTLY_Q4_K_M", "Q5_K_M": "LLAMA_FTYPE_MOS
 KEEP_F32 = (r"attn_k_b\.weight", r"attn_v_b\.weight")
 GGML_TYPE_F32 = 0
 
-INSTALL_HINT = ("--quantize runs llama.cpp's quantizer from the llama-cpp-python package, which is not installed: "
+INSTALL_HINT = ("`quantize` runs llama.cpp's quantizer from the llama-cpp-python package, which is not installed: "
                 "pip install llama-cpp-python (or pip install 'dh-mlx[llama]'; it compiles llama.cpp, ~15-20 min)")
 
 

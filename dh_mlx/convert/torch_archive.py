@@ -199,7 +199,7 @@ def read_pickle_archive(path: Path) -> dict[str, RawTensor]:
     tensors = _tensors_of(root)
     if not tensors:
         raise ConvertError(f"{path}: " + ("its tensors sit only in a custom __setstate__ state, which has no names "
-                                          "without running the archive's code (--trust-code, for a file you trust)"
+                                          "without running the archive's code (`trust_code=True`, for a file you trust)"
                                           if unpickler.rebuilt else "the archive holds no tensors"))
     return tensors
 
@@ -221,7 +221,7 @@ def read_export_archive(path: Path) -> dict[str, RawTensor]:
 def _export_weight(archive: zipfile.ZipFile, prefix: str, name: str, entry: Any, limit: int, where: str) -> RawTensor:
     if not isinstance(entry, dict) or entry.get("use_pickle"):
         raise ConvertError(f"{where} is stored as a pickle, which could run code; refused (re-export it "
-                           "with plain tensors, or pass --trust-code for a file you trust)")
+                           "with plain tensors, or pass `trust_code=True` for a file you trust)")
     meta = entry["tensor_meta"]
     dtype = _SCALAR_TYPES.get(meta.get("dtype"))
     if dtype is None:

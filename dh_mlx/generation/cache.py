@@ -113,9 +113,14 @@ class StepCache:
         return seen & (positions >= self.pad[:, None])[:, None, None]  # (B, 1, L, C)
 
 
-def make_cache(config: ModelConfig) -> list[LatentCache]:
-    """One cache per layer of the main stack (DeepSeek-V4: its own, v4_cache.py)."""
+def layer_cache(config: ModelConfig) -> LatentCache:
+    """One layer's empty cache (DeepSeek-V4: its own, v4_cache.py)."""
     if config.model_type == "deepseek_v4":
         from .v4_cache import V4LayerCache
-        return [V4LayerCache() for _ in range(config.num_hidden_layers)]
-    return [LatentCache() for _ in range(config.num_hidden_layers)]
+        return V4LayerCache()
+    return LatentCache()
+
+
+def make_cache(config: ModelConfig) -> list[LatentCache]:
+    """One cache per layer of the main stack."""
+    return [layer_cache(config) for _ in range(config.num_hidden_layers)]

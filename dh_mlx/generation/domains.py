@@ -16,7 +16,7 @@ def domain_posterior(model: Model, prompt_ids: list[int]) -> dict[str, float] | 
     token: nothing is predicted)."""
     dr = model.config.domain_routing
     if dr is None:
-        raise ValueError("--domain auto needs a model with a domain_routing block in its config.json")
+        raise ValueError("`domain=\"auto\"` needs a model with a domain_routing block in its config.json")
     ids = [int(i) for i in list(prompt_ids)[:MAX_TOKENS]]
     if len(ids) < 2:
         return None

@@ -60,7 +60,7 @@ def generate_tokens(model: Model, prompt_ids: list[int], *, sampling: SamplingOp
     todo = pc.reuse(list(prompt_ids))
     compiled = getattr(model, "fixed_capacity_steps", True)  # (not DeepSeek-V4's caches, not a pipeline rank's)
     if mtp is None:
-        mtp = compiled
+        mtp = getattr(model, "drafts_with_mtp", True)
     if mtp and model.config.num_nextn_predict_layers and not (sampling.presence_penalty or sampling.frequency_penalty):
         yield from mtp_generate(model, pc, todo, stats=stats, max_tokens=max_tokens, eos_ids=eos_ids,
                                 prefill_step_size=prefill_step_size, domain=domain, options=sampling,

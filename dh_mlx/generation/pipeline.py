@@ -18,7 +18,7 @@ from ..model.transformer import Output
 def split_layers(n_layers: int, ranks: int) -> list[range]:
     """Contiguous, as-even-as-possible ranges of decoder layers, the earlier ranks taking the remainder."""
     if ranks > n_layers:
-        raise ValueError(f"--pipeline over {ranks} ranks needs at least as many decoder layers; the model has "
+        raise ValueError(f"a pipeline over {ranks} ranks needs at least as many decoder layers; the model has "
                          f"{n_layers}")
     base, extra = divmod(n_layers, ranks)
     bounds = [0]
@@ -43,7 +43,8 @@ class PipelineModel:
     carries the send to the next rank."""
 
     pipelined = True
-    fixed_capacity_steps = False  # each step crosses ranks: decoded with the eager step, no MTP
+    fixed_capacity_steps = False  # each step crosses ranks: decoded with the eager step,
+    drafts_with_mtp = False  # and without MTP drafting
 
     def __init__(self, model, group: Any, own: range, dtype: mx.Dtype):
         self.inner, self.group, self.own, self.dtype = model, group, own, dtype

@@ -26,7 +26,7 @@ from typing import Iterator
 import mlx.core as mx
 
 from ..model import Model
-from .cache import LatentCache
+from .cache import LatentCache, layer_cache
 from .options import SamplingOptions
 from .steps import compiled_cached_step, domain_array, prefill
 
@@ -37,7 +37,7 @@ class DraftPolicy:
     the last `window` drafts. Starts with `probe` drafts, then WARMUP + `probe` plain steps to time them;
     afterwards a losing draft mode pauses for `pause` plain steps, doubling per failed probe up to `max_pause`
     (at once when the break-even is above 1: then no acceptance can pay), and probes again. One policy can
-    serve several calls (`generate_tokens(..., draft_policy=...)`): what it measured carries over.
+    serve several calls (`generate_tokens(..., mtp=policy)`): what it measured carries over.
     """
 
     WARMUP = 2  # the first steps of each kind include tracing and compiling: not timed
@@ -137,7 +137,7 @@ class Drafter:
 
     def __init__(self, model: Model, domain: mx.array | None, cache: LatentCache | None = None):
         self.model, self.domain = model, domain
-        self.cache = cache if cache is not None else LatentCache()
+        self.cache = cache if cache is not None else layer_cache(model.config)
         self._step = compiled_cached_step(
             lambda tokens, views, mask, hidden: model.mtp_forward(hidden, tokens, 0, views[0], domain, mask),
             caches_of=lambda c: [c])
@@ -168,6 +168,8 @@ def mtp_generate(model: Model, pc, todo: list[int], *, stats, max_tokens: int, e
         # No hidden states for the positions the MTP cache lacks: prefill them again. MTP entry t ran on
         # (hidden t, token t + 1): it is still right while both lie in the reused prefix.
         keep = 0 if pc.mtp_cache is None else max(min(pc.mtp_cache.offset, n_cached - 1), 0)
+        if not all(getattr(c, "trimmable", True) for c in cache):  # (DeepSeek-V4's: start again)
+            keep = 0
         for c in cache:
             c.trim(c.offset - keep)
         if pc.mtp_cache is not None:

@@ -70,7 +70,7 @@ def prefill(model: Model, tokens: mx.array, cache: list[LatentCache], *, step_si
             h, _ = model.model(tokens[:, start:end], cache, d)
             if mtp_cache is not None:
                 model.mtp_forward(h, tokens[:, start + 1:end + 1], cache=mtp_cache, domain_ids=d)
-            mx.eval([c.arrays() for c in cache], [] if mtp_cache is None else mtp_cache.latent,
+            mx.eval([c.arrays() for c in cache], [] if mtp_cache is None else mtp_cache.arrays(),
                     h if getattr(model, "pipelined", False) else [])  # a pipeline rank's output carries its send
             task.advance(end - start)
     out = model.forward(tokens[:, T - 1:], cache, d)
@@ -105,7 +105,8 @@ def compiled_cached_step(forward, caches_of=lambda cache: cache):
 
     def run(tokens: mx.array, cache, *args) -> tuple[mx.array, mx.array]:
         caches = caches_of(cache)
-        if not caches[0].has_past:  # nothing cached yet: no capacity to write into
+        # nothing cached yet (no capacity to write into), or caches of another kind (DeepSeek-V4's): eager
+        if not caches[0].has_past or not getattr(caches[0], "fixed_capacity", True):
             out = forward(tokens, caches, "causal", *args)
             return out.logits, out.hidden
         L = tokens.shape[1]

@@ -72,12 +72,15 @@ class Compressor(nn.Module):
                 kv, gate = mx.concatenate([state.buffer[0], kv], 1), mx.concatenate([state.buffer[1], gate], 1)
         n = kv.shape[1] // m
         if state is not None:
-            state.buffer = (kv[:, n * m:], gate[:, n * m:])
+            state.buffer, state.rate = (kv[:, n * m:], gate[:, n * m:]), m
         if n == 0:
             new = mx.zeros((B, 0, c), x.dtype)
         else:
+            rows = (kv, gate)
             kv = kv[:, : n * m].reshape(B, n, m, -1)
             gate = gate[:, : n * m].reshape(B, n, m, -1) + self.position_bias
+            if state is not None:  # what taking these windows back needs (V4LayerCache.trim)
+                state.close(n, rows, (kv, gate) if self.overlap else None)
             if self.overlap:
                 kv, gate = self._overlap(kv, gate, state)
             weights = mx.softmax(gate.astype(mx.float32), axis=2).astype(kv.dtype)
@@ -160,7 +163,7 @@ class V4Attention(nn.Module):
         self.o_a_proj = Linear(H * d // c.o_groups, c.o_groups * c.o_lora_rank, bias=False)  # g blocks
         self.o_b_proj = Linear(c.o_groups * c.o_lora_rank, c.hidden_size, bias=False)
         self.sinks = mx.zeros((H,))
-        self.kind = c.layer_types[layer_idx]
+        self.kind = c.layer_type(layer_idx)
         if rate:
             self.compressor = Compressor(c, d, rate, self.kind == "compressed_sparse_attention", self.rope)
             if self.kind == "compressed_sparse_attention":

@@ -8,7 +8,9 @@ back over them, and `comb`, an n x n mixing of the streams themselves projected 
 by Sinkhorn-Knopp iterations. The head collapses the streams once more. MoE layers score experts by
 sqrt(softplus) (`scoring_func`); "hash_moe" layers take their experts from a token-id table, the others the
 top k of score + selection bias; experts and the shared expert clamp SwiGLU's inputs at `swiglu_limit`. Names
-and numbers as transformers' DeepseekV4ForCausalLM.
+and numbers as transformers' DeepseekV4ForCausalLM. The MTP modules (`MTPBlock`, which transformers does not
+have: as DeepSeek's inference code composes them) live at `model.layers[num_hidden_layers + i]`, as
+DeepSeek-V3's do.
 """
 
 from __future__ import annotations
@@ -153,7 +155,7 @@ class Experts(nn.Module):
 class MoE(nn.Module):
     def __init__(self, config: V4Config, layer_idx: int):
         super().__init__()
-        self.gate = Gate(config, config.mlp_layer_types[layer_idx] == "hash_moe")
+        self.gate = Gate(config, config.mlp_layer_type(layer_idx) == "hash_moe")
         self.experts = Experts(config)
         self.shared_experts = SharedExpert(config)
 
@@ -183,27 +185,59 @@ class DecoderLayer(nn.Module):
         return streams, routing
 
 
+class MTPBlock(DecoderLayer):
+    """A multi-token-prediction module, as DeepSeek's V4 inference code (`MTPBlock`) composes it: at position t,
+    the main model's streams h[t] and the embedding of token t + 1 become the block's input streams
+    h_proj(hnorm(h[t])) + e_proj(enorm(embed)) (the embedding's projection added to every stream); the block's
+    output collapses through the module's own hyper-connection head and norm into the shared LM head, logits
+    for token t + 2. Layer `num_hidden_layers + i`: its attention and MoE follow `mtp_layer_types`."""
+
+    def __init__(self, config: V4Config, layer_idx: int):
+        super().__init__(config, layer_idx)
+        D = config.hidden_size
+        self.e_proj, self.h_proj = Linear(D, D, bias=False), Linear(D, D, bias=False)
+        self.enorm = RMSNorm(D, eps=config.rms_norm_eps)
+        self.hnorm = RMSNorm(D, eps=config.rms_norm_eps)
+        self.norm = RMSNorm(D, eps=config.rms_norm_eps)
+        self.hc_head = HyperHead(config)
+
+    def step(self, streams: mx.array, embeds: mx.array, ids: mx.array, cache: Any = None
+             ) -> tuple[mx.array, Routing]:
+        """(streams (B, L, n, D) at positions t, embeds (B, L, D) and ids (B, L) of tokens t + 1) -> (the block's
+        output streams (B, L, n, D), routing)."""
+        x = self.h_proj(self.hnorm(streams)) + self.e_proj(self.enorm(embeds))[:, :, None]
+        return super().__call__(x, ids, cache)
+
+
 class V4Stack(nn.Module):
     def __init__(self, config: V4Config):
         super().__init__()
+        n = self.num_hidden_layers = config.num_hidden_layers
         self.hc_mult = config.hc_mult
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.layers = [DecoderLayer(config, i) for i in range(config.num_hidden_layers)]
+        self.layers = [DecoderLayer(config, i) for i in range(n)] + [
+            MTPBlock(config, n + i) for i in range(config.num_nextn_predict_layers)]
         self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.hc_head = HyperHead(config)
 
-    def __call__(self, inputs: mx.array, cache=None, domain_ids=None, mask="causal"):
+    @property
+    def mtp_layers(self) -> list[MTPBlock]:
+        return self.layers[self.num_hidden_layers:]
+
+    def __call__(self, inputs, cache=None, domain_ids=None, mask="causal") -> tuple[mx.array, list[Routing]]:
+        """inputs (B, L) -> (the residual streams after the last layer (B, L, n, D): what MTP reads, routing)."""
         h = self.embed_tokens(inputs)  # (B, L, D)
         streams = mx.broadcast_to(h[:, :, None], (*h.shape[:2], self.hc_mult, h.shape[-1]))
         routing = []
-        for i, layer in enumerate(self.layers):
+        for i, layer in enumerate(self.layers[: self.num_hidden_layers]):
             streams, r = layer(streams, inputs, None if cache is None else cache[i])
             routing.append(r)
-        return self.norm(self.hc_head(streams)), routing
+        return streams, routing
 
 
 class V4Model(nn.Module):
-    """DeepSeek-V4 causal LM: `model(input_ids)` -> logits `(B, T, vocab)`; the same calls as `Model`'s."""
+    """DeepSeek-V4 causal LM: `model(input_ids)` -> logits `(B, T, vocab)`; the same calls as `Model`'s. Its
+    `Output.hidden` is the residual streams (B, T, n, D), what its MTP modules read."""
 
     fixed_capacity_steps = False  # its caches are not latent buffers: generation decodes eagerly
 
@@ -218,12 +252,20 @@ class V4Model(nn.Module):
         return self.lm_head(h) if "lm_head" in self else self.model.embed_tokens.as_linear(h)
 
     def forward(self, inputs: mx.array, cache: Any = None, domain_ids: Any = None, mask: Any = "causal") -> Output:
-        h, routing = self.model(inputs, cache)
-        return Output(self.head(h), h, routing)
+        streams, routing = self.model(inputs, cache)
+        return Output(self.head(self.model.norm(self.model.hc_head(streams))), streams, routing)
 
     def __call__(self, inputs: mx.array, cache: Any = None, domain_ids: Any = None, mask: Any = "causal"):
         return self.forward(inputs, cache).logits
 
+    def mtp_forward(self, hidden: mx.array, next_tokens: mx.array, depth: int = 0, cache: Any = None,
+                    domain_ids: Any = None, mask: Any = "causal") -> Output:
+        """MTP module `depth`: hidden (B, L, n, D) streams at positions t, next_tokens (B, L) = tokens t+depth+1
+        -> logits for tokens t+depth+2, the module's streams (the next depth's input) and its routing."""
+        layer = self.model.mtp_layers[depth]
+        streams, routing = layer.step(hidden, self.model.embed_tokens(next_tokens), next_tokens, cache)
+        return Output(self.head(layer.norm(layer.hc_head(streams))), streams, [routing])
+
     @property
     def layers(self) -> list[DecoderLayer]:
-        return self.model.layers
+        return self.model.layers[: self.config.num_hidden_layers]

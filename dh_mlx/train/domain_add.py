@@ -9,25 +9,20 @@ selects the new experts and the common ones); ALF stays off, so the selection bi
 
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import mlx.core as mx
 from mlx.utils import tree_flatten
 
-from .. import backend
 from ..checkpoint.layout import stored_dtype
 from ..checkpoint.weights import copy_tokenizer, load_model, resolve_path, save_model
 from ..domains import add_experts
 from ..model import Model
 from ..model.moe import MoE, MoEGate, StackedLinear
 from .config import TrainConfig
-from .data import describe_dataset
-from .prepared import open_dataset
-from .distributed import on_main, world
+from .setup import start_run
 from .evaluate import evaluate
-from .run import check_run_dir
 from .trainer import RunResult, train_loop
 
 
@@ -93,28 +88,18 @@ def add_domain(*, model: str | Path, name: str, data: str | Path, out: str | Pat
                force: bool = False, progress: bool = True, **options) -> AddResult:
     """Add domain `name` to the model directory `model`, trained on `data`, into the run directory `out`
     (a loadable model directory); `options` are `TrainConfig` fields (default 200 steps)."""
-    from ..tokenizer import load_tokenizer
-    backend.setup(training=True)
     base = resolve_path(model)
-    w = world()
-    out = Path(out)
-    on_main(w, check_run_dir, out, resume=resume, force=force, inputs=[base, data])
     cfg = TrainConfig(**{"alf_gamma": 0.0, "domain_dropout": 0.0, **options})
     if cfg.alf_gamma or cfg.domain_dropout:
         raise ValueError("domains add keeps the selection biases and trains every row as the new domain: "
                          "alf_gamma and domain_dropout must be 0")
-    tok = load_tokenizer(base)
-    if tok is None:
-        raise ValueError(f"{base}: no tokenizer to read the data with")
+    run = start_run(out, tokenizer=base, inputs=[data], resume=resume, force=force)
+    out, w = run.out, run.w
     old = load_model(base, dtype="float32")
     m = add_experts(old, name)
     n_old = old.config.n_routed_experts
     del old
-    dataset = open_dataset(data, tok, seq_len=cfg.seq_len, domains=m.config.domain_routing.names,
-                           val_fraction=cfg.val_fraction, seed=cfg.seed, skip_invalid=cfg.skip_invalid,
-                           as_domain=name)
-    if w.main:
-        print(describe_dataset(data, dataset, cfg.seq_len, cfg.val_fraction), file=sys.stderr)
+    dataset = run.open_data(data, cfg, m.config.domain_routing.names, as_domain=name)
     split(m, n_old)
     has_val = len(dataset.valid) > 0
     before = evaluate(m, dataset, cfg, w=w).loss if has_val and not resume else None

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import functools
 import json
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -15,23 +14,21 @@ import numpy as np
 from mlx.utils import tree_flatten
 
 from ..config_v4 import refuse
-from .. import backend
 from ..config import load_config
 from ..model import Model
 from ..outputs import check_output_dir
 from ..model.moe import Routing
 from ..checkpoint.weights import load_model, resolve_path, save_model
 from .config import LORA_DEFAULTS, TrainConfig
-from .data import describe_dataset
-from .prepared import open_dataset
-from .memory import activation_elements
+from .memory import training_peak_bytes
 from ..lora import (ADAPTER_CONFIG, LoRAConfig, apply_lora, fuse_lora, load_adapters, lora_parameters, save_adapters,
                    trainable_count)
 from ..checkpoint.weights import copy_tokenizer
-from .distributed import on_main, world
-from .run import check_run_dir
+from .distributed import on_main
+from .setup import start_run
 from ..outputs import format_bytes
 from .trainer import RunResult, evaluate, train_loop
+from ..progress import status
 
 # Fine-tuning defaults that differ from pretraining: the router and its selection bias stay as trained (no ALF,
 # no balance loss), adapters start from zero (no weight decay), and MTP modules are not adapted (no MTP loss).
@@ -78,13 +75,12 @@ def grad_checkpoint(model: Model) -> None:
 
 # ---- memory ------------------------------------------------------------------------------------------------------
 def estimate_peak_bytes(model: Model, cfg: TrainConfig, *, checkpointing: bool) -> int:
-    """Weights + gradient and Adam moments of the trainable parameters + the activations kept for the backward
-    pass (`memory.activation_elements`)."""
+    """`memory.training_peak_bytes` for the model as it is: its weights' bytes (a quantized base's too) and its
+    trainable parameters."""
     weights = sum(v.nbytes for _, v in tree_flatten(model.parameters()))
-    trainable = sum(v.nbytes for _, v in tree_flatten(model.trainable_parameters()))
-    kept = activation_elements(model.config, cfg.batch_size, cfg.seq_len, checkpointing=checkpointing,
-                               mtp=cfg.mtp_lambda > 0)
-    return weights + 3 * trainable + model.model.norm.weight.dtype.size * kept
+    trainable = sum(v.size for _, v in tree_flatten(model.trainable_parameters()))
+    return sum(training_peak_bytes(model.config, cfg, dtype_size=model.model.norm.weight.dtype.size,
+                                   trainable=trainable, weights=weights, checkpointing=checkpointing).values())
 
 
 # ---- the commands ----------------------------------------------------------------------------------------------
@@ -96,7 +92,7 @@ def _check_same_adapters(out: Path, now: dict) -> None:
     changed = [k for k in ("rank", "scale", "keys") if before.get(k) != now.get(k)]
     if changed:
         raise ValueError(f"{out}: the run to resume has other LoRA settings ({', '.join(changed)}); resume with "
-                         "the same --rank/--alpha/--targets/--experts/--num-layers or choose another --out")
+                         "the same `rank`, `alpha`, `targets`, `experts` and `num_layers` or choose another `out`")
 
 
 def lora(*, model: str | Path, data: str | Path, out: str | Path, tokenizer: str | Path | None = None,
@@ -109,25 +105,16 @@ def lora(*, model: str | Path, data: str | Path, out: str | Path, tokenizer: str
     of `dh-mlx train`; `out` receives `adapters.safetensors` + `adapter_config.json` and the checkpoints.
     `bits` quantizes a float or FP8 base as it loads (QLoRA without a quantized copy on disk).
     `options` are `TrainConfig` fields (defaults: `LORA_DEFAULTS`, else TrainConfig's)."""
-    from ..tokenizer import load_tokenizer
-    backend.setup(training=True)  # before MLX's first eval: the step may then split over both CPU streams
     base = resolve_path(model)
-    w = world()  # under mlx.launch: one of several data-parallel ranks, of which rank 0 writes
-    out = Path(out)
-    on_main(w, check_run_dir, out, resume=resume, force=force, inputs=[base, data, tokenizer])
     cfg = TrainConfig(**{**LORA_DEFAULTS, "seed": seed, **options})
     lc = LoRAConfig(rank=rank, alpha=alpha, dropout=dropout, targets=targets, num_layers=num_layers,
                     experts=experts)
-    tok = load_tokenizer(tokenizer or base, vocab_size=load_config(base).vocab_size)
-    if tok is None:
-        raise ValueError(f"{tokenizer or base}: no tokenizer.model (pass --tokenizer)")
+    run = start_run(out, tokenizer=tokenizer or base, inputs=[base, data], resume=resume, force=force,
+                    vocab_size=load_config(base).vocab_size)
+    out, w = run.out, run.w
     m = load_model(base, dtype=dtype, bits=bits, group_size=group_size)
     refuse(m.config, f"{base}: LoRA")
-    domains = m.config.domain_routing.names if m.config.domain_routing else None
-    dataset = open_dataset(data, tok, seq_len=cfg.seq_len, domains=domains, val_fraction=cfg.val_fraction,
-                           seed=cfg.seed, skip_invalid=cfg.skip_invalid)
-    if w.main:
-        print(describe_dataset(data, dataset, cfg.seq_len, cfg.val_fraction), file=sys.stderr)
+    dataset = run.open_data(data, cfg, m.config.domain_routing.names if m.config.domain_routing else None)
     apply_lora(m, lc, seed=seed)
     if resume:
         on_main(w, _check_same_adapters, out, lora_parameters(m.config, lc))
@@ -136,8 +123,8 @@ def lora(*, model: str | Path, data: str | Path, out: str | Path, tokenizer: str
     trainable, total = trainable_count(m)
     estimate = estimate_peak_bytes(m, cfg, checkpointing=grad_checkpointing) / 1e9
     if w.main:
-        print(f"LoRA: {trainable:,} trainable parameters ({trainable / total:.3%} of {total:,}); estimated peak "
-              f"memory {estimate:.3g} GB", file=sys.stderr)
+        status(f"LoRA: {trainable:,} trainable parameters ({trainable / total:.3%} of {total:,}); estimated peak "
+               f"memory {estimate:.3g} GB")
     has_val = len(dataset.valid) > 0
     before = None if resume or not has_val else evaluate(m, dataset, cfg, w=w).loss
 

@@ -30,15 +30,18 @@ def activation_elements(c: ModelConfig, batch: int, seq: int, *, checkpointing: 
     return kept + 3 * B * T * c.vocab_size * (1 + n_mtp)
 
 
-def training_peak_bytes(c: ModelConfig, cfg: TrainConfig, *, dtype_size: int = 4,
-                        trainable: int | None = None) -> dict[str, int]:
-    """Bytes of weights, gradients + AdamW moments (of `trainable` parameters; default all) and activations."""
+def training_peak_bytes(c: ModelConfig, cfg: TrainConfig, *, dtype_size: int = 4, trainable: int | None = None,
+                        weights: int | None = None, checkpointing: bool = False) -> dict[str, int]:
+    """Bytes of weights (`weights` when known, e.g. a quantized base's; else every parameter at `dtype_size`),
+    gradients + AdamW moments (of `trainable` parameters; default all) and activations. The one estimate of a
+    training step's memory: `train` checks it before building a model, `lora` reports it (`info --plan` splits
+    the same activations over ranks)."""
     p = count_params(c)
-    weights = (p.total + p.mtp) * dtype_size
-    trainable_bytes = weights if trainable is None else trainable * dtype_size
-    return {"weights": weights, "optimizer": 3 * trainable_bytes,
+    every = (p.total + p.mtp) * dtype_size
+    trainable_bytes = every if trainable is None else trainable * dtype_size
+    return {"weights": every if weights is None else weights, "optimizer": 3 * trainable_bytes,
             "activations": dtype_size * activation_elements(c, cfg.batch_size, cfg.seq_len,
-                                                            mtp=cfg.mtp_lambda > 0)}
+                                                            checkpointing=checkpointing, mtp=cfg.mtp_lambda > 0)}
 
 
 def check_training_fits(c: ModelConfig, cfg: TrainConfig, what: str, *, dtype_size: int = 4,
@@ -63,11 +66,11 @@ def check_training_fits(c: ModelConfig, cfg: TrainConfig, what: str, *, dtype_si
         lo, hi = (mid, hi) if fits(mid) else (lo, mid - 1)
     if lo:
         accum = -(-cfg.batch_size * cfg.grad_accum // lo)  # the same tokens per optimizer step, or more
-        options.append(f"--batch-size {lo} --grad-accum {accum}")
-    lora = parts["weights"] + dtype_size * activation_elements(c, cfg.batch_size, cfg.seq_len, checkpointing=True,
-                                                               mtp=False)
+        options.append(f"`batch_size={lo}` `grad_accum={accum}`")
+    lora = sum(training_peak_bytes(c, TrainConfig(**{**cfg.to_dict(), "mtp_lambda": 0.0}), dtype_size=dtype_size,
+                                   trainable=0, checkpointing=True).values())
     if trainable is None and lora <= have:
-        options.append(f"dh-mlx lora on a trained model with --grad-checkpoint (~{format_bytes(lora, 'GiB')})")
+        options.append(f"dh-mlx lora on a trained model with `grad_checkpoint=True` (~{format_bytes(lora, 'GiB')})")
     fitting = [n for n in preset_names()
                if sum(training_peak_bytes(load_preset(n), cfg, dtype_size=dtype_size).values()) <= have]
     if fitting:

@@ -22,7 +22,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
+from ..files import open_nofollow
 from ..outputs import OutputError, check_output_dir, format_bytes
+from ..progress import Task, status
 from .prepare_worker import current_rss, peak_rss, prepare_chunk
 from .records import DataError, DataSummary, jsonl_files
 from .shards import (FORMAT, KINDS, MANIFEST, VERSION, WORK, file_sha256, shard_path, token_dtype, tokenizer_digest,
@@ -119,7 +121,7 @@ class PrepareResult:
 def _check_out(out: Path, inputs: list, force: bool) -> Path:
     """An output directory, or one an interrupted prepare left (continued without --force)."""
     if out.is_symlink():
-        raise OutputError(f"{out}: is a symbolic link; give the directory itself as --out")
+        raise OutputError(f"{out}: is a symbolic link; give the directory itself as `out`")
     ours = re.compile(r"(shard-\d{5}\.[a-z]+|\.tmp-.*)$")
     unfinished = (out / WORK).is_dir() and all(ours.match(p.name) for p in out.iterdir())
     check_output_dir(out, inputs=inputs, force=force or unfinished)
@@ -143,20 +145,24 @@ def _done_chunks(out: Path, chunks: list[Chunk]) -> dict[int, dict]:
 
 
 class _Progress:
-    def __init__(self, total: int, enabled: bool, stream=None):
-        self.total, self.enabled, self.stream = total, enabled, stream or sys.stderr
-        self.tty = self.enabled and self.stream.isatty()
-        self.start = self.last = time.perf_counter()
+    """How far a prepare is (MB read, MB/s, tokens/s): a progress task while it runs (shown by the CLI after a
+    couple of seconds), and the final line as a status line."""
+
+    def __init__(self, total: int, enabled: bool):
+        self.total, self.enabled = total, enabled
+        self.start = time.perf_counter()
+        self.task = Task("prepare", round(total / 1e6, 1), "MB") if enabled else None
 
     def update(self, done: int, new_bytes: int, new_tokens: int, workers: int, final: bool = False) -> None:
-        now = time.perf_counter()
-        if not self.enabled or (not final and now - self.last < (0.5 if self.tty else 10.0)):
+        if not self.enabled:
             return
-        self.last, dt = now, max(now - self.start, 1e-9)
-        line = (f"prepare: {done / 1e6:.1f}/{self.total / 1e6:.1f} MB ({done / max(self.total, 1):.0%}) | "
-                f"{new_bytes / 1e6 / dt:.1f} MB/s | {new_tokens / 1e6 / dt:.2f} M tokens/s | {workers} worker(s)")
-        print(("\r" + line + ("\n" if final else "")) if self.tty else line, end="" if self.tty else "\n",
-              file=self.stream, flush=True)
+        dt = max(time.perf_counter() - self.start, 1e-9)
+        rates = (f"{new_bytes / 1e6 / dt:.1f} MB/s | {new_tokens / 1e6 / dt:.2f} M tokens/s | {workers} "
+                 "worker(s)")
+        self.task.advance(round(done / 1e6, 1) - self.task.done, rates)
+        if final:
+            self.task.__exit__()
+            status(f"prepare: {done / 1e6:.1f}/{self.total / 1e6:.1f} MB ({done / max(self.total, 1):.0%}) | {rates}")
 
 
 def _run(tasks: list[dict], workers: int, on_done) -> None:
@@ -244,7 +250,7 @@ def prepare(data: Sequence[str | Path] | str | Path, out: str | Path, tokenizer:
     before = current_rss()
     tok = load_tokenizer(tok_dir)
     if tok is None:
-        raise ValueError(f"{tok_dir}: no tokenizer.model or tokenizer.json (pass --tokenizer)")
+        raise ValueError(f"{tok_dir}: no tokenizer.model or tokenizer.json (pass `tokenizer`)")
     per_worker = WORKER_BYTES + max(0, current_rss() - before)
     out = _check_out(Path(out), [*files, tok_dir], force)
     (out / WORK).mkdir(parents=True, exist_ok=True)
@@ -290,8 +296,8 @@ def prepare(data: Sequence[str | Path] | str | Path, out: str | Path, tokenizer:
     try:
         _run(tasks, n, on_done)
     except KeyboardInterrupt:
-        print(f"interrupted: {len(stats)} of {len(chunks)} chunks are done in {out}; run the same command again "
-              "to continue", file=sys.stderr)
+        status(f"interrupted: {len(stats)} of {len(chunks)} chunks are done in {out}; run the same command again "
+               "to continue")
         raise
     summary, manifest = _assemble(files, chunks, stats, errors, skip_invalid)
     bar.update(done[0], done[1], done[2], n, final=True)
@@ -375,18 +381,18 @@ def prepared_cache(data, tokenizer, *, skip_invalid: bool = False, progress: boo
     if is_prepared(d):
         return d
     root.mkdir(parents=True, exist_ok=True)
-    with open(root / f".{d.name}.lock", "w") as lock:
+    with os.fdopen(open_nofollow(root / f".{d.name}.lock", os.O_RDWR | os.O_CREAT), "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if not is_prepared(d):
             size = sum(f.stat().st_size for f in files)
             progress = progress and size >= SMALL  # (a small corpus takes a second: nothing to report)
             if progress:
-                print(f"data: preparing {len(files)} file(s), {format_bytes(size)} of JSONL, into {d} (once: later "
-                      "runs and --resume read it from there)", file=sys.stderr)
+                status(f"data: preparing {len(files)} file(s), {format_bytes(size)} of JSONL, into {d} (once: later "
+                       "runs and resumed ones read it from there)")
             r = prepare(files, d, Path(tokenizer.path).parent, skip_invalid=skip_invalid, force=True,
                         progress=progress)
             if progress:
-                print(describe_result(r), file=sys.stderr)
+                status(describe_result(r))
     return d
 
 

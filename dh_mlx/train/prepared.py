@@ -135,8 +135,8 @@ class PreparedDataset:
 def check_tokenizer(data: PreparedData, tokenizer) -> None:
     if data.manifest["tokenizer"].get("sha256") != tokenizer_digest(tokenizer):
         raise DataError(f"{data.path}: prepared with another tokenizer than this run's "
-                        f"({Path(tokenizer.path).parent}); prepare it again with `dh-mlx data prepare --tokenizer` "
-                        "set to the run's tokenizer")
+                        f"({Path(tokenizer.path).parent}); prepare it again with the run's "
+                        "`tokenizer`")
 
 
 def open_prepared(data: PreparedData, tokenizer, *, seq_len: int, domains: Sequence[str] | None = None,

@@ -7,11 +7,13 @@ redraws; everything goes to stderr, so stdout stays free for a command's result.
 from __future__ import annotations
 
 import json
+import logging
 import sys
 from pathlib import Path
-from typing import TextIO
+from typing import Callable, TextIO
 
 from ..files import append_line, write_atomic
+from ..progress import note
 
 
 def _step_info(r: dict) -> str:
@@ -45,7 +47,8 @@ class LineReport:
         self.total, self.every, self.stream = total, every, stream or sys.stderr
 
     def print(self, text: str) -> None:
-        print(text, file=self.stream, flush=True)
+        self.stream.write(text + "\n")
+        self.stream.flush()
 
     def update(self, step: int, r: dict) -> None:
         if step % self.every == 0 or step == 1 or step == self.total:
@@ -87,6 +90,62 @@ def make_report(total: int, start: int) -> BarReport | LineReport:
     return BarReport(total, start) if sys.stderr.isatty() else LineReport(total, start)
 
 
+train_log = logging.getLogger("dh_mlx.train")
+
+
+class LogReport:
+    """What the training loop reports (its start, each step's record, lines of text, its end), as records on
+    the `dh_mlx.train` logger: the library never prints; `show_training()` (the CLI's) draws them."""
+
+    def __init__(self, total: int, start: int):
+        self._emit("start", total=total, start=start)
+
+    def update(self, step: int, r: dict) -> None:
+        self._emit("step", step=step, record=r)
+
+    def print(self, text: str) -> None:
+        self._emit("line", text=text)
+
+    def stop(self) -> None:
+        self._emit("stop")
+
+    @staticmethod
+    def _emit(kind: str, **data) -> None:
+        if train_log.isEnabledFor(logging.INFO):
+            train_log.info(kind, extra={"training": (kind, data)})
+
+
+class TrainingHandler(logging.Handler):
+    """Draws `LogReport`'s records: a progress bar on a terminal, plain lines otherwise (`make_report`)."""
+
+    def __init__(self, words: Callable[[str], str] = str):
+        super().__init__(logging.INFO)
+        self.view: BarReport | LineReport | None = None
+        self.words = words
+
+    def emit(self, record: logging.LogRecord) -> None:
+        kind, data = getattr(record, "training", (None, {}))
+        if kind == "start":
+            self.view = make_report(data["total"], data["start"])
+        elif self.view is not None and kind == "step":
+            self.view.update(data["step"], data["record"])
+        elif self.view is not None and kind == "line":
+            self.view.print(self.words(data["text"]))
+        elif self.view is not None and kind == "stop":
+            self.view.stop()
+            self.view = None
+
+
+def show_training(words: Callable[[str], str] = str) -> None:
+    """Route the training loop's records to stderr, replacing any routing set before; `words` rewrites its
+    lines of text (the CLI names arguments as its flags)."""
+    for old in [h for h in train_log.handlers if isinstance(h, TrainingHandler)]:
+        train_log.removeHandler(old)
+    train_log.addHandler(TrainingHandler(words))
+    train_log.setLevel(logging.INFO)
+    train_log.propagate = False
+
+
 def directory_bytes(path: Path) -> int:
     """Bytes of the files under `path` (what a run directory takes on disk)."""
     return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file())
@@ -105,7 +164,7 @@ class MetricsLog:
                     if json.loads(line)["step"] <= resume_step:
                         keep.append(line)
                 except (ValueError, KeyError, TypeError):
-                    print(f"note: {path}: dropped an unreadable line ({line[:40]!r})", file=sys.stderr)
+                    note(f"{path}: dropped an unreadable line ({line[:40]!r})")
             write_atomic(path, "".join(l + "\n" for l in keep))
         elif resume_step is None:
             write_atomic(path, "")

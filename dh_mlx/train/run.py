@@ -3,41 +3,23 @@
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 from ..config_v4 import refuse
-from .. import backend
 from ..config import DATA_DIR, DEFAULT_PRESET, load_config, resolve_config
 from ..device import compute_dtype
-from ..outputs import OutputError, check_output_dir
 from ..files import write_atomic
 from ..params import count_params
 from ..checkpoint.weights import copy_tokenizer, load_model, random_model, save_model, with_mtp_module
 from .config import TrainConfig
-from .data import describe_dataset
-from .distributed import on_main, world
+from .setup import start_run
 from .memory import check_training_fits
-from .prepared import open_dataset
 from ..outputs import format_bytes
 from .trainer import RunResult, train_loop
+from ..progress import note
 
 DEFAULT_DATA = DATA_DIR / "train_data.jsonl"
 DEFAULT_TOKENIZER = DATA_DIR / "tokenizer"
-
-
-def check_run_dir(out: str | Path, *, resume: bool, force: bool, inputs: list) -> Path:
-    """A run directory to train into: with `resume`, one holding a run; otherwise empty or absent unless
-    `force` (which starts the run afresh there)."""
-    out = Path(out)
-    if resume:
-        if not (out / "checkpoints").is_dir():
-            raise OutputError(f"{out}: holds no run to resume (no checkpoints/); drop --resume to start one")
-        return out
-    if (out / "checkpoints").is_dir() and not force:
-        raise OutputError(f"{out}: holds a run (checkpoints/); pass --resume to continue it, --force to start "
-                          "afresh, or choose another --out")
-    return check_output_dir(out, inputs=inputs, force=force)
 
 
 def train(*, params: str | None = None, config: str | Path | None = None, data: str | Path | None = None,
@@ -48,26 +30,22 @@ def train(*, params: str | None = None, config: str | Path | None = None, data: 
     """Train a model from scratch, or from the weights of `init` (a model directory); `options` are
     `TrainConfig` fields. With `resume`, continue the run in `out` from its latest checkpoint; `out` must
     otherwise be empty or absent, unless `force`."""
-    from ..tokenizer import check_vocab, load_tokenizer
-    backend.setup(training=True)  # before MLX's first eval: the step may then split over both CPU streams
+    from ..tokenizer import check_vocab
     data, tokenizer = data or DEFAULT_DATA, tokenizer or DEFAULT_TOKENIZER
     cfg = TrainConfig(**options)
     if cfg.mtp_distill and not init:
-        raise ValueError("MTP distillation trains the MTP module of an existing model: give it with --init DIR")
+        raise ValueError("MTP distillation trains the MTP module of an existing model: give it as `init`")
     model_config = load_config(init) if init else resolve_config(params, config)
     if cfg.mtp_distill and model_config.extra.get("quantization"):
         raise ValueError(f"{init}: a quantized model; MTP distillation trains float weights (give the float model)")
     name = params or (Path(config).stem if config else DEFAULT_PRESET)
     out = Path(out) if out else Path("runs") / (f"{Path(init).name}-mtp" if cfg.mtp_distill else name)
-    w = world()  # under mlx.launch: one of several data-parallel ranks, of which rank 0 writes
-    on_main(w, check_run_dir, out, resume=resume, force=force, inputs=[init, data, tokenizer, config])
-    tok = load_tokenizer(tokenizer)
-    if tok is None:
-        raise ValueError(f"{tokenizer}: no tokenizer.model (train one with `dh-mlx tokenizer train`)")
+    run = start_run(out, tokenizer=tokenizer, inputs=[init, data, config], resume=resume, force=force)
+    tok = run.tokenizer
     if not (init or config) and tok.vocab_size != model_config.vocab_size:
         # A preset gives the architecture; the vocabulary is the tokenizer's (a --config file keeps its own).
-        print(f"note: vocab_size {tok.vocab_size} from the tokenizer {tokenizer} (the preset's is "
-              f"{model_config.vocab_size}; give --config to keep another)", file=sys.stderr)
+        note(f"vocab_size {tok.vocab_size} from the tokenizer {tokenizer} (the preset's is "
+             f"{model_config.vocab_size}; give `config` to keep another)")
         model_config = model_config.replace(vocab_size=tok.vocab_size)
     check_vocab(tok, model_config.vocab_size)
     guarded = model_config  # with --mtp-distill: the model with the MTP module it trains (added if absent)
@@ -76,10 +54,7 @@ def train(*, params: str | None = None, config: str | Path | None = None, data: 
     check_training_fits(guarded, cfg, f"{init or name}", dtype_size=compute_dtype(dtype).size,
                         trainable=count_params(guarded).mtp if cfg.mtp_distill else None)
     domains = model_config.domain_routing.names if model_config.domain_routing else None
-    dataset = open_dataset(data, tok, seq_len=cfg.seq_len, domains=domains, val_fraction=cfg.val_fraction,
-                           seed=cfg.seed, skip_invalid=cfg.skip_invalid)
-    if w.main:
-        print(describe_dataset(data, dataset, cfg.seq_len, cfg.val_fraction), file=sys.stderr)
+    dataset = run.open_data(data, cfg, domains)
     model = load_model(init, dtype=dtype) if init else random_model(model_config, seed=cfg.seed, dtype=dtype)
     refuse(model.config, f"{init}: training")
     if cfg.mtp_distill:  # only the MTP modules learn; their output heads stay the main model's
@@ -96,7 +71,7 @@ def train(*, params: str | None = None, config: str | Path | None = None, data: 
         write_atomic(d / "train_config.json", json.dumps(cfg.to_dict(), indent=1) + "\n")
 
     return train_loop(model, dataset, cfg, out, export=export, resume=resume, force=force, progress=progress,
-                      stop_after=stop_after, w=w)
+                      stop_after=stop_after, w=run.w)
 
 
 def describe(result: RunResult) -> str:

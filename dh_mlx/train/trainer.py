@@ -9,7 +9,6 @@ from __future__ import annotations
 import math
 import shutil
 import signal
-import sys
 import time
 from dataclasses import dataclass, field
 from functools import partial
@@ -34,7 +33,7 @@ from .evaluate import EvalResult, drop_domains, evaluate, to_mx
 from .interrupt import Interrupted, StopRequest, stop_on_signals
 from ..outputs import format_bytes
 from ..progress import note
-from .report import MetricsLog, directory_bytes, make_report
+from .report import LogReport, MetricsLog, directory_bytes
 from .loss import Batch, Counts, alf_update, batch_counts, imbalance, loss_parts
 
 
@@ -182,7 +181,7 @@ def _restore(model: Model, optimizer: AdamW, batches, cfg: TrainConfig, run_dir:
     remove_partial(run_dir)
     ckpt = latest_checkpoint(run_dir, report=True) if resume else None
     if resume and ckpt is None:
-        raise TrainingError(f"{run_dir}: no checkpoint to resume from; drop --resume (with --force) to start afresh")
+        raise TrainingError(f"{run_dir}: no checkpoint to resume from; drop `resume` (with `force=True`) to start afresh")
     if resume:
         state, opt_state = load_checkpoint(ckpt)
         if state.get("ranks", 1) != ranks:  # the data position is one of global batches of batch_size x ranks
@@ -196,15 +195,15 @@ def _restore(model: Model, optimizer: AdamW, batches, cfg: TrainConfig, run_dir:
         saved = state.get("train_config", {})
         changed = [f"{k} {saved[k]!r} -> {v!r}" for k, v in cfg.to_dict().items() if k in saved and saved[k] != v]
         if changed:  # allowed (e.g. more steps), but the schedule and data order follow the new values
-            print(f"note: resuming {ckpt.name} with other training options: {', '.join(changed)}", file=sys.stderr)
+            note(f"resuming {ckpt.name} with other training options: {', '.join(changed)}")
         return state["step"]
     if (run_dir / "checkpoints").exists() and force:  # a fresh run in place of the old one, as asked
         removed = remove_checkpoints(run_dir)
         if removed:
             note(f"{run_dir / 'checkpoints'}: removed the earlier run's {', '.join(removed)}")
     elif (run_dir / "checkpoints").is_dir() and any((run_dir / "checkpoints").glob("step_*")):
-        raise TrainingError(f"{run_dir} already holds a run; pass --resume to continue it, --force to start "
-                            "afresh, or choose another --out")
+        raise TrainingError(f"{run_dir} already holds a run; pass `resume=True` to continue it, `force=True` to "
+                            "start afresh, or choose another `out`")
     return 0
 
 
@@ -214,7 +213,7 @@ def _last_good(run_dir: Path, w: World) -> str:
         ckpt = latest_checkpoint(run_dir) if w.main else None
     except ValueError:
         ckpt = None
-    return (f"the last good checkpoint is {ckpt}: --resume continues from it" if ckpt is not None
+    return (f"the last good checkpoint is {ckpt}: `resume=True` continues from it" if ckpt is not None
             else "the run has no checkpoint yet")
 
 
@@ -272,9 +271,9 @@ def _train(model: Model, dataset: Dataset, cfg: TrainConfig, run_dir: Path, *, e
         except Exception as e:
             free = format_bytes(shutil.disk_usage(run_dir).free)
             raise CheckpointWriteError(f"{run_dir}: writing the model failed ({free} free): {e}; checkpoint step "
-                                       f"{step} is intact: --resume") from None
+                                       f"{step} is intact: `resume=True`") from None
 
-    bar = make_report(cfg.steps, start) if progress else None
+    bar = LogReport(cfg.steps, start) if progress else None
     tokens_per_step = cfg.batch_size * cfg.seq_len * cfg.grad_accum * w.size
     step, last_loss, tps, interrupted, stopped_by = start, float("nan"), 0.0, False, None
     val = None
@@ -351,7 +350,7 @@ def _train(model: Model, dataset: Dataset, cfg: TrainConfig, run_dir: Path, *, e
         interrupted, stopped_by = True, getattr(e, "signum", signal.SIGINT)
         checkpoint(step)
         if bar:
-            bar.print(f"interrupted: saved step {step} to {run_dir}; continue with --resume")
+            bar.print(f"interrupted: saved step {step} to {run_dir}; continue with `resume=True`")
     finally:
         if bar:
             bar.stop()
@@ -369,7 +368,7 @@ def _resumable_weights(model: Model, ckpt: Path) -> dict[str, mx.array]:
             got = tuple(saved[k].shape) if k in saved else "absent"
             want = tuple(expected[k]) if k in expected else "absent"
             raise TrainingError(f"{ckpt}: tensor {k} is {got} in the checkpoint but {want} for this config; resume "
-                                "with the run's own config, or start a new run in another --out")
+                                "with the run's own config, or start a new run in another `out`")
     return saved
 
 

@@ -1,17 +1,19 @@
-"""Quantized model directories: `dh-mlx quantize` and `dh-mlx convert mlx` (one decoder layer in memory at a
-time), and quantizing on load (the transform itself is dh_mlx.quant; the streaming is .streaming)."""
+"""A quantized copy of a model directory in mlx-lm's format: `dh-mlx quantize` (or `dh-mlx convert mlx`, the
+same command), one decoder layer in memory at a time. The transform is dh_mlx.quant; the streaming, shared
+with quantizing on load, is dh_mlx.checkpoint.streaming."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
+from ..checkpoint.shards import DEFAULT_SHARD_BYTES, ShardWriter
+from ..checkpoint.streaming import QuantizedStream
+from ..checkpoint.weights import copy_tokenizer, resolve_path
 from ..config import load_config
 from ..device import compute_dtype
 from ..outputs import check_output_dir
+from ..progress import note
 from ..quant import QuantConfig
-from .shards import DEFAULT_SHARD_BYTES, ShardWriter
-from .streaming import QuantizedStream
-from .weights import copy_tokenizer, resolve_path
 
 
 def dir_bytes(path: str | Path) -> int:
@@ -27,7 +29,8 @@ def quantize(model: str | Path, out: str | Path, *, bits: int = 4, group_size: i
     must be empty unless `force`.
 
     `dtype` stores the float tensors and the scales (default: the source's dtype, bfloat16 for FP8).
-    `mtp=False` drops the MTP modules (mlx-lm loads MTP layers only at DeepSeek-V3's index 61).
+    `mtp=False` drops the MTP modules, as mlx-lm needs (its loader drops MTP layers only at DeepSeek-V3's index
+    61 and refuses others).
     Returns a summary: bits per weight and bytes on disk before and after.
     """
     qc = QuantConfig(bits, group_size, recipe)
@@ -40,11 +43,8 @@ def quantize(model: str | Path, out: str | Path, *, bits: int = 4, group_size: i
         del tensors
     copy_tokenizer(src, Path(out))  # before config.json, the last file: a directory with one is complete
     writer.finish(stream.config)
+    if stream.config.num_nextn_predict_layers:
+        note(f"{out}: keeps the MTP layers (for MTP drafting); mlx-lm loads a copy written with `mtp=False`")
     return {"bits": bits, "group_size": group_size, "recipe": recipe, "bits_per_weight": stream.bits_per_weight(),
             "bytes": dir_bytes(out), "source_bytes": dir_bytes(src)}
 
-
-def convert_mlx(model: str | Path, out: str | Path, *, bits: int = 4, group_size: int = 64,
-                recipe: str = "uniform", mtp: bool = False, dtype: str | None = None, force: bool = False) -> dict:
-    """`quantize` for mlx-lm: the same files, without the MTP modules unless `mtp`."""
-    return quantize(model, out, bits=bits, group_size=group_size, recipe=recipe, mtp=mtp, dtype=dtype, force=force)
