@@ -170,7 +170,7 @@ def check_config(cfg: TrainConfig) -> None:
     """The training options the twin does not implement are refused, naming the field."""
     if cfg.mtp_distill:
         raise ValueError("training option 'mtp_distill' is not supported by the PyTorch twin; train the MTP "
-                         "module with dh-mlx train --mtp-distill")
+                         "module with dh-mlx train (`mtp_distill=True`)")
 
 
 def train_step(model: Model, optimizer: AdamW, batch: Batch, cfg: TrainConfig) -> dict[str, float]:
