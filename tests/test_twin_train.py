@@ -48,6 +48,9 @@ MODELS = {
     # the 2 experts after the 8 base ones belong to a domain added later ("legal"): ALF leaves their biases
     "domains": dict(name="q_lora+groups+yarn+mtp", n_routed_experts=10,
                     domain_routing=DomainRouting(domains=DOMAINS, experts_per_domain=2, added=["legal"])),
+    # two MTP modules: MLX trains depth 1 only (its MTP term is depth 1's, not the depths' mean); the depth-2
+    # module gets zero gradients, so AdamW only decays its weights, and ALF leaves its router bias
+    "mtp2": dict(name="q_lora+groups+yarn+mtp", num_nextn_predict_layers=2),
 }
 # Warmup (the first step's learning rate is lr / 5), cosine afterwards, clipping active (the norms are ~4).
 CFG = dict(steps=40, warmup_steps=5, lr=4e-3, min_lr_ratio=0.1, weight_decay=0.1, grad_clip=0.05, alf_gamma=1e-3,
@@ -133,11 +136,17 @@ def test_steps_on_packed_masked_batches_match_the_twin(tmp_path, data, model):
         assert set(weights) == set(state)
         for k, v in weights.items():  # every parameter, and the router biases
             assert np.abs(state[k] - v).max() <= 1e-5, (i, k, np.abs(state[k] - v).max())
-    moved = {k: np.abs(v - start[k]).max() for k, v in weights.items()}
+    unused = f"model.layers.{first.config.num_hidden_layers + 1}."  # the depth-2 MTP module, if any
+    moved = {k: np.abs(v - start[k]).max() for k, v in weights.items() if not k.startswith(unused)}
     assert sum(m > 1e-4 for m in moved.values()) >= 0.9 * len(moved), moved  # (updates of ~lr/5, not ~0)
     biases = sorted(k for k in weights if k.endswith("e_score_correction_bias"))
-    assert len(biases) == 3  # two main-stack MoE layers and the MTP module's
-    for k in biases:
+    depth2 = [k for k in weights if k.startswith(unused)]
+    assert len(biases) == 3 + (model == "mtp2") and bool(depth2) == (model == "mtp2")  # main stack's 2, MTP's
+    decay = np.prod([1 - want["lr"] * cfg.weight_decay for want, _ in ours])
+    for k in depth2:  # no gradient reaches it: weight decay alone, and ALF leaves its bias
+        want = start[k] if k.endswith("e_score_correction_bias") else start[k] * decay
+        np.testing.assert_allclose(weights[k], want, rtol=1e-6, atol=1e-9, err_msg=k)
+    for k in sorted(set(biases) - set(depth2)):
         steps = (weights[k] - start[k]) / cfg.alf_gamma  # two ALF updates of -1, 0 or +1 gamma each
         assert np.abs(steps - np.round(steps)).max() < 1e-3 and np.abs(steps).max() >= 1, (k, steps)
         if model == "domains":
@@ -179,6 +188,19 @@ def test_learning_rate_schedule_equals_mlx(steps, warmup):
     got = [learning_rate(cfg, s) for s in range(steps + 5)]
     np.testing.assert_allclose(got, want, rtol=1e-6)
     assert len(set(np.round(got, 9))) > min(steps, 3)  # it changes from step to step
+
+
+def test_both_trainers_read_one_training_config_type(monkeypatch):
+    """One TrainConfig: the twin's step, optimizer and trainer take dh-mlx train's, and the twin trainer's command
+    line builds it with its defaults, its flags under dh-mlx train's names."""
+    import dh_mlx.torch as twin
+    from dh_mlx.torch import optim, step, train
+    assert twin.TrainConfig is step.TrainConfig is optim.TrainConfig is train.TrainConfig is TrainConfig
+    seen = []
+    monkeypatch.setattr(train, "train", lambda **kw: seen.append(kw["train_config"]))
+    train.main(["--data", "d", "--out", "o"])
+    train.main(["--data", "d", "--out", "o", "--grad-accum", "3", "--lr", "0.01", "--warmup", "7"])
+    assert seen == [TrainConfig(), TrainConfig(grad_accum=3, lr=0.01, warmup_steps=7)]
 
 
 def test_the_twin_refuses_what_it_does_not_train():

@@ -11,7 +11,9 @@
     p       = p (1 - lr(s) wd) - lr(s) m / (sqrt(v) + 1e-8)                     (no bias correction)
 
 torch.optim.AdamW always corrects the moments' bias (its first step moves each weight by ~lr, MLX's by
-~0.45 lr), so the twin has its own. FSDP2's sharded gradients (DTensors) take their norm over all ranks.
+~0.45 lr), so the twin has its own; a trainable parameter without a gradient (one the loss did not reach) is
+updated as MLX updates it, with a zero gradient: its moments decay and weight decay applies.
+FSDP2's sharded gradients (DTensors) take their norm over all ranks.
 """
 
 from __future__ import annotations
@@ -65,15 +67,19 @@ class AdamW(torch.optim.Optimizer):
             group["lr"] = lr
             (b1, b2), eps, wd = group["betas"], group["eps"], group["weight_decay"]
             for p in group["params"]:
-                if p.grad is None:
+                if not p.requires_grad:
                     continue
                 state = self.state[p]
                 if not state:
                     state["m"], state["v"] = torch.zeros_like(p), torch.zeros_like(p)
-                g = p.grad * scale if scale != 1.0 else p.grad
                 m, v = state["m"], state["v"]
-                m.mul_(b1).add_(g, alpha=1 - b1)
-                v.mul_(b2).addcmul_(g, g, value=1 - b2)
+                if p.grad is None:  # unused this step (a deeper MTP module): MLX's zero gradient, decay still applies
+                    m.mul_(b1)
+                    v.mul_(b2)
+                else:
+                    g = p.grad * scale if scale != 1.0 else p.grad
+                    m.mul_(b1).add_(g, alpha=1 - b1)
+                    v.mul_(b2).addcmul_(g, g, value=1 - b2)
                 p.mul_(1 - lr * wd).sub_(lr * m / (v.sqrt() + eps))
         self.steps_taken += 1
         return norm
