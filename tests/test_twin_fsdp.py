@@ -19,6 +19,7 @@ torch = pytest.importorskip("torch")
 
 pytestmark = pytest.mark.slow  # (not in the quick tier, pytest -m "not slow")
 
+
 @pytest.fixture(scope="module")
 def base(tmp_path_factory):
     root = tmp_path_factory.mktemp("fsdp")
