@@ -16,7 +16,7 @@ def _bash_commands(text: str) -> list[list[str]]:
     """The `dh-mlx ...` and `python convert/...` command lines of the fenced bash/console blocks."""
     lines = []
     for kind, block in re.findall(r"```(bash|console)\n(.*?)```", text, flags=re.S):
-        for line in block.splitlines():
+        for line in block.replace("\\\n", " ").splitlines():  # a command continued with a backslash is one line
             if kind == "console" and not line.startswith("$ "):
                 continue  # a command's output
             line = line.removeprefix("$ ").split("  #")[0].strip()
@@ -101,3 +101,15 @@ def test_the_attributed_commits_exist():
     commits |= set(re.findall(r"and ([0-9a-f]{7,}) \(", BENCHMARKS))
     for c in commits:
         assert subprocess.run(["git", "cat-file", "-e", f"{c}^{{commit}}"], cwd=REPO_DIR).returncode == 0, c
+
+
+def test_the_seam_table_lists_every_replaceable_operation():
+    """docs/architecture.md's seam table names each operation the package marks `@replaceable`."""
+    marked = set()
+    for path in (REPO_DIR / "dh_mlx").rglob("*.py"):
+        marked |= set(re.findall(r'^@replaceable\("(\w+)"\)', path.read_text(), flags=re.M))
+    doc = (REPO_DIR / "docs" / "architecture.md").read_text()
+    table = doc[doc.index("## The seam"):doc.index("## Setup")]
+    listed = {name for row in table.splitlines() if row.startswith("| `") for name in
+              re.findall(r"`(\w+)`", row.split(" | ")[0])}
+    assert len(marked) >= 12 and marked == listed, (marked ^ listed)
