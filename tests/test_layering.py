@@ -168,3 +168,18 @@ def test_library_code_speaks_in_arguments_and_never_prints():
             if said is not None:
                 found += [f"{name}:{node.lineno}: {s!r}" for s in _strings(said) if FLAG.search(s)]
     assert not found, "\n".join(found)
+
+
+def test_the_backend_reads_no_private_name_of_the_model():
+    """The seam is the operations' arguments: backend code never reads `obj._x` of another object (the model's
+    modules included) nor imports a private name from the model."""
+    found = []
+    for path in (PACKAGE / "backend").rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Attribute) and node.attr.startswith("_") and not node.attr.startswith("__"):
+                owner = node.value.id if isinstance(node.value, ast.Name) else None
+                if owner not in ("self", "cls") and not (owner or "").startswith("_"):  # `_jit`: a private alias
+                    found.append(f"{path.name}:{node.lineno} .{node.attr}")
+            if isinstance(node, ast.ImportFrom) and "model" in (node.module or ""):
+                found += [f"{path.name}:{node.lineno} {a.name}" for a in node.names if a.name.startswith("_")]
+    assert not found, found
