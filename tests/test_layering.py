@@ -106,6 +106,20 @@ def test_the_model_is_plain_mlx():
             assert "default_device" not in source and "mx.cpu" not in source, n
 
 
+def test_the_twin_imports_layer_0_the_training_options_and_the_numpy_data_pipeline():
+    """torch/ runs where MLX does not: besides layer 0 it imports only train/config.py (the one TrainConfig) and,
+    for its trainer, the numpy data pipeline."""
+    allowed = {f"dh_mlx.train.{m}" for m in ("config", "records", "data", "shards", "prepare", "prepare_worker",
+                                             "prepared")}
+    seen = set()
+    for n, deps in GRAPH.items():
+        if room(n) == "dh_mlx.torch":
+            outside = {m for m in deps if room(m) != "dh_mlx.torch" and layer(m) > 0}
+            assert outside <= allowed, (n, outside - allowed)
+            seen |= outside
+    assert "dh_mlx.train.config" in seen
+
+
 def test_no_module_global_is_rebound_outside_the_backend():
     """State that model, loss and trainer share travels as an argument or an attribute; only the backend keeps
     process-wide facts (what it loaded, and that setup ran)."""
@@ -116,7 +130,8 @@ def test_no_module_global_is_rebound_outside_the_backend():
 
 @pytest.mark.slow
 @pytest.mark.parametrize("module", ["dh_mlx", "dh_mlx.torch", "dh_mlx.torch.train", "dh_mlx.config",
-                                    "dh_mlx.checkpoint.layout", "dh_mlx.train.prepared", "dh_mlx.train.prepare"])
+                                    "dh_mlx.checkpoint.layout", "dh_mlx.train.prepared", "dh_mlx.train.prepare",
+                                    "dh_mlx.train.config", "dh_mlx.train.data"])
 def test_importing_imports_no_mlx_and_leaves_the_environment(module):
     code = ("import os, sys; before = dict(os.environ); import " + module + "; "
             "print(sorted(m for m in sys.modules if m == 'mlx' or m.startswith('mlx.'))); "
