@@ -53,7 +53,8 @@ if kind == "decode":
 else:
     from dh_mlx.train.config import TrainConfig
     from dh_mlx.train.trainer import build_steps, make_optimizer
-    model = dh_mlx.random_model(dh_mlx.load_preset("tiny"), seed=0)
+    from dh_mlx.config import load_config
+    model = dh_mlx.random_model(load_config(Path(model_dir).parent / "tiny"), seed=0)  # one shape for both sides
     model.freeze(keys=["e_score_correction_bias"], strict=False)
     B, T, steps, warm = 4, 256, train_steps + 3, 3
     cfg = TrainConfig(steps=steps, batch_size=B, seq_len=T, lr=1e-4, warmup_steps=0)
@@ -104,6 +105,9 @@ def main() -> None:
     head = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True,
                           text=True).stdout.strip()
     try:
+        from dh_mlx.config import save_config
+        (work / "tiny").mkdir()
+        save_config(load_preset("tiny"), work / "tiny")  # this checkout's tiny, trained by both sides
         if "decode" in a.kinds:
             save_model(random_model(load_preset("1b"), seed=0), work / "1b")
             import mlx.core as mx
@@ -122,7 +126,7 @@ def main() -> None:
             unit = "tokens/s"
             o, n = statistics.median(results["old"][metric]), statistics.median(results["new"][metric])
             what = {"prefill": f"1b, {a.prompt_tokens}-token prompt", "decode": f"1b, {a.gen_tokens} tokens",
-                    "train": f"tiny, batch 4 x 256, {a.train_steps} steps"}[metric]
+                    "train": f"tiny (this checkout's shape), batch 4 x 256, {a.train_steps} steps"}[metric]
             print(json.dumps({"name": f"ab_{metric}", "value": round(n / o, 3), "unit": "new/old",
                               "comparison": {"new": round(n, 2), "old": round(o, 2), "unit": unit, "what": what,
                                              "rounds": a.rounds, "new_commit": head, "old_commit": a.base,

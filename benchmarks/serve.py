@@ -6,8 +6,8 @@ same model (the 1-client reference).
 
     python benchmarks/serve.py [--clients 1 4 16] [--vllm-python /path/to/venv/bin/python]
 
-The checkpoint: the `tiny` preset with an MLA head vLLM's CPU kernels take (kv_lora_rank 512 + rope 64), random
-weights, float32, written without MTP layers so mlx-lm loads it too.
+The checkpoint: the `tiny` preset (its MLA head, 256 + 64 = 320, is one vLLM's CPU kernels take), random weights,
+float32, written without MTP layers so mlx-lm loads it too.
 """
 
 from __future__ import annotations
@@ -40,9 +40,8 @@ def make_model(root: Path) -> Path:
     from dh_mlx import random_model, save_model
     from dh_mlx.config import DATA_DIR, load_preset
     from dh_mlx.checkpoint.layout import copy_tokenizer
-    config = load_preset("tiny").replace(kv_lora_rank=512, qk_rope_head_dim=64)
-    out = root / "tiny-576"
-    save_model(random_model(config, seed=0, dtype="float32"), out, mtp=False)
+    out = root / "tiny"
+    save_model(random_model(load_preset("tiny"), seed=0, dtype="float32"), out, mtp=False)
     copy_tokenizer(DATA_DIR / "tokenizer", out)
     from dh_mlx.tokenizer import load_tokenizer, write_hf_files
     write_hf_files(load_tokenizer(out), out)
@@ -152,7 +151,7 @@ def main() -> None:
     prompts = [" ".join(rng.choice(WORDS) for _ in range(100)) for _ in range(max(args.requests, max(args.clients)))]
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     common = {"machine": f"{cpu()}, {__import__('os').cpu_count()} cores", "commit": commit,
-              "model": "tiny, kv_lora_rank 512 + qk_rope_head_dim 64, float32, random weights",
+              "model": "tiny (MLA head 320), float32, random weights",
               "prompt_words": 100, "max_tokens": args.max_tokens}
     engines = {
         "dh-mlx": lambda port: [sys.executable, "-m", "dh_mlx.cli", "serve", "--model", str(model), "--port",

@@ -106,6 +106,13 @@ class DomainRouting:
                  f"large enough that each domain can choose num_experts_per_tok={top_k} experts "
                  f"(its own plus {n_routed_experts - owned} common)", k)
 
+    def table(self, n_routed_experts: int) -> list[list[bool]]:
+        """The experts a token may choose from, by its domain id d: row 0 for d = -1 (no id: the base experts,
+        within the router's best groups), row d + 1 for domain d (its own block and the common experts,
+        whatever the groups). The one rule the MLX router, its CPU kernel and the PyTorch twin apply."""
+        base = self.base_experts(n_routed_experts)
+        return [[e < base for e in range(n_routed_experts)]] + self.allowed(n_routed_experts)
+
     def allowed(self, n_routed_experts: int) -> list[list[bool]]:
         """Row d: which experts domain d may use (its own block and the common ones)."""
         k, owned, base = self.experts_per_domain, len(self.domains) * self.experts_per_domain, \

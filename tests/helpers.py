@@ -226,6 +226,33 @@ def write_corpus(path, n=120):
             f.write(json.dumps({"domain": ["code", "math"][i % 2], "text": words}) + "\n")
 
 
+def write_records(path, n: int = 30, seed: int = 0) -> None:
+    """Plain text, prompt/completion and chat records, short enough that rows hold several; some with a domain
+    (code, math or legal)."""
+    rng = random.Random(seed)
+    pool = "the of model token expert router latent attention cache layer value query key".split()
+
+    def words(lo, hi):
+        return " ".join(rng.choice(pool) for _ in range(rng.randint(lo, hi)))
+
+    lines = []
+    for i in range(n):
+        kind = i % 3
+        if kind == 0:
+            r = {"text": words(2, 5) + "."}
+        elif kind == 1:
+            r = {"prompt": f"{words(1, 3)}?", "completion": f" {words(1, 3)}."}
+        else:
+            r = {"messages": [{"role": "system", "content": words(1, 1)}, {"role": "user", "content": words(1, 2)},
+                              {"role": "assistant", "content": words(1, 2)}, {"role": "user", "content": words(1, 1)},
+                              {"role": "assistant", "content": words(1, 2)}]}
+        domain = [None, "code", "math", None, "legal"][i % 5]
+        if domain:
+            r["domain"] = domain
+        lines.append(json.dumps(r))
+    path.write_text("\n".join(lines) + "\n")
+
+
 def fixed_batch(cfg, B=4, T=16, seed=0):
     from dh_mlx.train.loss import Batch
     rng = np.random.default_rng(seed)

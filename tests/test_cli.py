@@ -144,6 +144,7 @@ def test_train_sizes_a_new_models_vocabulary_from_its_tokenizer(short_run, corpu
     assert json.loads((tmp_path / "run" / "config.json").read_text())["vocab_size"] == 512
 
 
+@pytest.mark.slow  # a subprocess
 def test_a_run_keeps_only_its_newest_checkpoint_and_prints_its_size(short_run):
     out, log, _ = short_run
     assert sorted(p.name for p in (out / "checkpoints").iterdir() if p.is_dir()) == ["step_000004"]
@@ -162,6 +163,7 @@ def test_keep_checkpoints_keeps_the_newest_k(corpus, tmp_path):
         ["step_000002", "step_000003"]
 
 
+@pytest.mark.slow  # a subprocess
 def test_a_log_off_a_terminal_is_plain_lines(short_run):
     _, log, _ = short_run
     assert "\r" not in log and "\x1b[" not in log and "━" not in log, log

@@ -106,6 +106,20 @@ def test_the_model_is_plain_mlx():
             assert "default_device" not in source and "mx.cpu" not in source, n
 
 
+def test_the_twin_imports_layer_0_the_training_options_and_the_numpy_data_pipeline():
+    """torch/ runs where MLX does not: besides layer 0 it imports only train/config.py (the one TrainConfig) and,
+    for its trainer, the numpy data pipeline."""
+    allowed = {f"dh_mlx.train.{m}" for m in ("config", "records", "data", "shards", "prepare", "prepare_worker",
+                                             "prepared")}
+    seen = set()
+    for n, deps in GRAPH.items():
+        if room(n) == "dh_mlx.torch":
+            outside = {m for m in deps if room(m) != "dh_mlx.torch" and layer(m) > 0}
+            assert outside <= allowed, (n, outside - allowed)
+            seen |= outside
+    assert "dh_mlx.train.config" in seen
+
+
 def test_no_module_global_is_rebound_outside_the_backend():
     """State that model, loss and trainer share travels as an argument or an attribute; only the backend keeps
     process-wide facts (what it loaded, and that setup ran)."""
@@ -116,7 +130,8 @@ def test_no_module_global_is_rebound_outside_the_backend():
 
 @pytest.mark.slow
 @pytest.mark.parametrize("module", ["dh_mlx", "dh_mlx.torch", "dh_mlx.torch.train", "dh_mlx.config",
-                                    "dh_mlx.checkpoint.layout", "dh_mlx.train.prepared", "dh_mlx.train.prepare"])
+                                    "dh_mlx.checkpoint.layout", "dh_mlx.train.prepared", "dh_mlx.train.prepare",
+                                    "dh_mlx.train.config", "dh_mlx.train.data"])
 def test_importing_imports_no_mlx_and_leaves_the_environment(module):
     code = ("import os, sys; before = dict(os.environ); import " + module + "; "
             "print(sorted(m for m in sys.modules if m == 'mlx' or m.startswith('mlx.'))); "
@@ -153,3 +168,18 @@ def test_library_code_speaks_in_arguments_and_never_prints():
             if said is not None:
                 found += [f"{name}:{node.lineno}: {s!r}" for s in _strings(said) if FLAG.search(s)]
     assert not found, "\n".join(found)
+
+
+def test_the_backend_reads_no_private_name_of_the_model():
+    """The seam is the operations' arguments: backend code never reads `obj._x` of another object (the model's
+    modules included) nor imports a private name from the model."""
+    found = []
+    for path in (PACKAGE / "backend").rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Attribute) and node.attr.startswith("_") and not node.attr.startswith("__"):
+                owner = node.value.id if isinstance(node.value, ast.Name) else None
+                if owner not in ("self", "cls") and not (owner or "").startswith("_"):  # `_jit`: a private alias
+                    found.append(f"{path.name}:{node.lineno} .{node.attr}")
+            if isinstance(node, ast.ImportFrom) and "model" in (node.module or ""):
+                found += [f"{path.name}:{node.lineno} {a.name}" for a in node.names if a.name.startswith("_")]
+    assert not found, found

@@ -168,6 +168,7 @@ def test_unknown_domains_and_another_tokenizer_are_refused_at_train_time(tmp_pat
 PREPARE = "import sys; from dh_mlx.cli import main; sys.argv = ['dh-mlx', 'data', 'prepare'] + sys.argv[1:]; main()"
 
 
+@pytest.mark.slow  # a subprocess
 def test_an_interrupted_prepare_never_looks_complete_and_continues_to_identical_shards(tmp_path, tok):
     corpus = write(tmp_path / "c.jsonl", records(30000))
     args = ["--data", str(corpus), "--out", str(tmp_path / "p"), "--workers", "2", "--shard-mb", "0.04"]

@@ -154,17 +154,20 @@ def test_export_round_trip_gives_the_same_logits_and_tensors(tmp_path):
 
 
 def test_balance_loss_matches_the_formula():
+    """DeepSeek-V3 eqs. 17-20 per row over its valid tokens only (loss mask 1), then averaged over the rows."""
     rng = np.random.default_rng(0)
     B, T, E, K = 2, 5, 8, 2
     scores = rng.uniform(0.1, 1, (B, T, E)).astype(np.float32)
     idx = np.stack([rng.permutation(E)[:K] for _ in range(B * T)]).reshape(B, T, K)
+    valid = np.array([[1, 1, 0, 1, 0], [0, 1, 1, 1, 1]], np.float32)
     r = twin.Routing(torch.tensor(idx), torch.ones(B, T, K), torch.tensor(scores))
     want = 0.0
     for b in range(B):
-        f = E / (K * T) * np.bincount(idx[b].ravel(), minlength=E)
-        P = (scores[b] / scores[b].sum(-1, keepdims=True)).mean(0)
+        keep = valid[b] > 0
+        f = E / (K * keep.sum()) * np.bincount(idx[b][keep].ravel(), minlength=E)
+        P = (scores[b][keep] / scores[b][keep].sum(-1, keepdims=True)).mean(0)
         want += (f * P).sum() / B
-    assert twin.balance_loss([r, r], E, K).item() == pytest.approx(2 * want, rel=1e-5)
+    assert twin.balance_loss([r, r], torch.tensor(valid), E, K).item() == pytest.approx(2 * want, rel=1e-5)
 
 
 def test_training_step_updates_weights_and_moves_biases_by_gamma(tmp_path):
@@ -176,17 +179,22 @@ def test_training_step_updates_weights_and_moves_biases_by_gamma(tmp_path):
     assert not any(b is p for b in biases for p in opt.param_groups[0]["params"])
     before = [b.clone() for b in biases]
     w0 = tm.model.embed_tokens.weight.detach().clone()
-    ids = torch.tensor(tokens(24))
+    ids = tokens(25)
+    B, T = ids.shape[0], ids.shape[1] - 1
+    batch = twin.Batch.from_numpy((ids[:, :-1], ids[:, 1:], np.ones((B, T), np.float32), np.zeros((B, T), np.int32),
+                                   np.full((B, T), -1, np.int32)))
     with torch.no_grad():
-        routing = twin.loss_terms(tm, ids).routing
-    stats = twin.train_step(tm, opt, ids, config=cfg)
+        terms = twin.loss_terms(tm, batch, mtp_lambda=0.3, balance_alpha=1e-4)
+    assert terms.loads.shape == (3, 8) and terms.loads.sum().item() == (2 * T + T - 1) * B * 2  # every token, k = 2
+    stats = twin.train_step(tm, opt, batch, cfg)
     assert all(np.isfinite(v) for v in stats.values()) and stats["mtp"] > 0 and stats["balance"] > 0
-    assert stats["loss"] == pytest.approx(stats["ce"] + 0.3 * stats["mtp"] + 1e-4 * stats["balance"], rel=1e-6)
+    assert stats["loss"] == pytest.approx(stats["ce"] + 0.3 * stats["mtp"] + stats["balance"], rel=1e-6)
     assert not torch.equal(w0, tm.model.embed_tokens.weight)
-    for b_new, b_old, r in zip(biases, before, routing, strict=True):
-        load = torch.bincount(r.indices.flatten(), minlength=8).float()
+    for b_new, b_old, load in zip(biases, before, terms.loads, strict=True):
         step = torch.sign(load.mean() - load)
         assert torch.equal(b_new, b_old + 1e-3 * step)  # the routing before the step decided the update
         assert ((b_new - b_old).abs() - 1e-3 * step.abs()).abs().max().item() < 1e-7
     with pytest.raises(ValueError, match="alf_gamma"):
         twin.TrainConfig(alf_gamma=-1.0)
+    with pytest.raises(ValueError, match="mtp_distill"):
+        twin.make_optimizer(tm, twin.TrainConfig(mtp_distill=True))

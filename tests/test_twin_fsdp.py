@@ -1,5 +1,6 @@
 """The twin's FSDP2 trainer (`torchrun -m dh_mlx.torch.train`), two ranks on CPU with gloo: the losses of one
-process on the same global batch, and a model directory that dh-mlx loads with the twin's logits."""
+process on the same global batch (masked prompts and chat turns, so the ranks' token counts differ; micro-batches
+accumulated), and a model directory that dh-mlx loads with the twin's logits."""
 
 from __future__ import annotations
 
@@ -11,22 +12,25 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from helpers import free_port, model_with_tokenizer, tokens
+from helpers import free_port, model_with_tokenizer, tokens, write_records
 
 torch = pytest.importorskip("torch")
 
 
 pytestmark = pytest.mark.slow  # (not in the quick tier, pytest -m "not slow")
 
+
 @pytest.fixture(scope="module")
 def base(tmp_path_factory):
     root = tmp_path_factory.mktemp("fsdp")
-    return model_with_tokenizer(root), root / "data.jsonl"
+    model = model_with_tokenizer(root)
+    write_records(root / "mixed.jsonl", n=60)  # prompts and chat turns masked: the ranks' token counts differ
+    return model, root / "mixed.jsonl"
 
 
 def run(model, data, out, batch, ranks=1):
     args = ["-m", "dh_mlx.torch.train", "--init", str(model), "--data", str(data), "--out", str(out), "--steps", "4",
-            "--batch-size", str(batch), "--seq-len", "32", "--lr", "3e-3"]
+            "--batch-size", str(batch), "--seq-len", "32", "--lr", "3e-3", "--warmup", "1", "--grad-accum", "2"]
     if ranks > 1:
         args = ["-m", "torch.distributed.run", "--nproc_per_node", str(ranks), "--master_addr", "127.0.0.1",
                 "--master_port", str(free_port()), *args]

@@ -5,6 +5,7 @@ Legend: N tokens (flattened), E routed experts, G expert groups, k experts per t
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import NamedTuple
 
 import mlx.core as mx
@@ -20,12 +21,12 @@ SORT_THRESHOLD = 64
 
 
 
-def _scores(logits: mx.array, sigmoid: bool) -> mx.array:
+def affinities(logits: mx.array, sigmoid: bool) -> mx.array:
     """(..., E) router affinities: sigmoid (V3) or softmax (V2)."""
     return mx.sigmoid(logits) if sigmoid else mx.softmax(logits, axis=-1)
 
 
-def _mixing_weights(scores: mx.array, indices: mx.array, renorm: bool, scaling: float) -> mx.array:
+def mixing_weights(scores: mx.array, indices: mx.array, renorm: bool, scaling: float) -> mx.array:
     """(..., k): the chosen experts' unbiased scores, renormalised to sum to 1 when `renorm`, times `scaling`."""
     w = mx.take_along_axis(scores, indices, axis=-1)
     if renorm:
@@ -41,76 +42,99 @@ class Routing(NamedTuple):
     scores: mx.array  # (..., E) float32: sigmoid/softmax affinities of every expert
 
 
+@dataclass(frozen=True)
+class RouterOptions:
+    """The router's plain options, from the config: what `route` (and a backend's implementation) takes. (A
+    dataclass, not a tuple: an MLX module would keep a tuple attribute among its parameters.)"""
+
+    top_k: int
+    n_group: int
+    topk_group: int
+    topk_method: str  # "noaux_tc" (V3: biased choice, groups by their two best), "group_limited_greedy", "greedy"
+    sigmoid: bool  # sigmoid affinities (V3), else softmax (V2)
+    renorm: bool  # the chosen weights renormalised to sum to 1
+    scaling: float  # routed_scaling_factor
+    n_base: int  # experts before the added domains': what id-less tokens and the groups cover
+
+    @classmethod
+    def from_config(cls, c: ModelConfig) -> "RouterOptions":
+        dr = c.domain_routing
+        return cls(c.num_experts_per_tok, c.n_group, c.topk_group, c.topk_method, c.scoring_func == "sigmoid",
+                   # DeepSeek-V3 renormalises sigmoid weights always; softmax weights (V2) only when k > 1.
+                   bool(c.norm_topk_prob and (c.scoring_func == "sigmoid" or c.num_experts_per_tok > 1)),
+                   c.routed_scaling_factor, c.n_routed_experts if dr is None else dr.base_experts(c.n_routed_experts))
+
+
 class MoEGate(nn.Module):
     """Router. `e_score_correction_bias` (noaux_tc only) changes which experts are chosen, never their weight."""
 
     def __init__(self, config: ModelConfig):
         super().__init__()
         c = config
-        self.top_k = c.num_experts_per_tok
-        self.n_group, self.topk_group = c.n_group, c.topk_group
-        self.topk_method, self.scoring_func = c.topk_method, c.scoring_func
-        self.norm_topk_prob, self.routed_scaling_factor = c.norm_topk_prob, c.routed_scaling_factor
-        # DeepSeek-V3 renormalises sigmoid weights always; softmax weights (V2) only when k > 1.
-        self._renorm = c.norm_topk_prob and (c.scoring_func == "sigmoid" or c.num_experts_per_tok > 1)
+        self.options = RouterOptions.from_config(c)
         self.weight = mx.zeros((c.n_routed_experts, c.hidden_size))
         if c.topk_method == "noaux_tc":
             self.e_score_correction_bias = mx.zeros((c.n_routed_experts,))
         dr = c.domain_routing
-        # Experts before the added domains' own: what group-limited selection and id-less tokens use.
-        self.n_base = c.n_routed_experts if dr is None else dr.base_experts(c.n_routed_experts)
-        # Row 0: no domain (every expert but the added domains'); row d+1: domain d's experts and the common ones.
-        self._domain_table = None if dr is None else mx.array(
-            [[e < self.n_base for e in range(c.n_routed_experts)]] + dr.allowed(c.n_routed_experts))
+        # DomainRouting.table: which experts each domain id may choose from (private: not a parameter).
+        self._domain_table = None if dr is None else mx.array(dr.table(c.n_routed_experts))
+
+    @property
+    def n_base(self) -> int:
+        return self.options.n_base
 
     def __call__(self, x: mx.array, domain_ids: mx.array | None = None) -> Routing:
         logits = linear(x.astype(mx.float32), self.weight.astype(mx.float32))  # (..., E)
-        return route(self, logits, domain_ids)
+        bias = self.e_score_correction_bias if "e_score_correction_bias" in self else None
+        return route(logits, self.options, bias, domain_ids, self._domain_table)
 
-    def domains(self, domain_ids: mx.array, ndim: int) -> tuple[mx.array, mx.array]:
-        """(domain ids (B, T|1), the experts each token's domain may use (B, T|1, E): all for domain -1)."""
-        d = domain_ids if domain_ids.ndim == ndim - 1 else domain_ids[:, None]  # (B, T) or (B, 1)
-        return d, self._domain_table[d + 1]
 
-    def _group_mask(self, choice: mx.array) -> mx.array | None:
-        """(..., E) bool: experts in the `topk_group` best groups, or None when routing is not group-limited."""
-        G = self.n_group
-        if G == 1 or self.topk_method == "greedy":
-            return None
-        E = choice.shape[-1]
-        if self.n_base < E:  # groups over the base experts; the added domains' are outside every group
-            keep = self._group_mask(choice[..., : self.n_base]) if self.n_base else None
-            return mx.concatenate([keep, mx.zeros((*choice.shape[:-1], E - self.n_base), mx.bool_)], axis=-1)
-        grouped = mx.unflatten(mx.stop_gradient(choice), -1, (G, -1))  # (..., G, E/G)
-        if self.topk_method == "noaux_tc":  # V3: a group scores the sum of its two best experts
-            group_scores = mx.topk(grouped, 2, axis=-1).sum(axis=-1)
-        else:  # V2 group_limited_greedy: a group scores its best expert
-            group_scores = grouped.max(axis=-1)
-        kth = G - self.topk_group  # the topk_group largest sit at [kth:]
-        best = mx.argpartition(group_scores, kth=kth, axis=-1)[..., kth:]  # (..., topk_group)
-        keep = mx.put_along_axis(mx.zeros_like(group_scores), best, mx.array(1.0, group_scores.dtype), axis=-1)
-        return mx.repeat(keep > 0, grouped.shape[-1], axis=-1)  # (..., E)
+def group_mask(choice: mx.array, o: RouterOptions) -> mx.array | None:
+    """(..., E) bool: experts in the `topk_group` best groups, or None when routing is not group-limited."""
+    G = o.n_group
+    if G == 1 or o.topk_method == "greedy":
+        return None
+    E = choice.shape[-1]
+    if o.n_base < E:  # groups over the base experts; the added domains' are outside every group
+        keep = group_mask(choice[..., : o.n_base], o) if o.n_base else None
+        return mx.concatenate([keep, mx.zeros((*choice.shape[:-1], E - o.n_base), mx.bool_)], axis=-1)
+    grouped = mx.unflatten(mx.stop_gradient(choice), -1, (G, -1))  # (..., G, E/G)
+    if o.topk_method == "noaux_tc":  # V3: a group scores the sum of its two best experts
+        group_scores = mx.topk(grouped, 2, axis=-1).sum(axis=-1)
+    else:  # V2 group_limited_greedy: a group scores its best expert
+        group_scores = grouped.max(axis=-1)
+    kth = G - o.topk_group  # the topk_group largest sit at [kth:]
+    best = mx.argpartition(group_scores, kth=kth, axis=-1)[..., kth:]  # (..., topk_group)
+    keep = mx.put_along_axis(mx.zeros_like(group_scores), best, mx.array(1.0, group_scores.dtype), axis=-1)
+    return mx.repeat(keep > 0, grouped.shape[-1], axis=-1)  # (..., E)
+
+
+def domain_rows(domain_ids: mx.array, table: mx.array, ndim: int) -> tuple[mx.array, mx.array]:
+    """(domain ids (B, T|1), the experts each token's domain may use (B, T|1, E): table row d + 1) for logits
+    of `ndim` dims; `domain_ids` is (B, T) or (B,) (one domain per sequence)."""
+    d = domain_ids if domain_ids.ndim == ndim - 1 else domain_ids[:, None]
+    return d, table[d + 1]
 
 
 @replaceable("route")
-def route(gate: MoEGate, logits: mx.array, domain_ids: mx.array | None) -> Routing:
-    """The router's choice from its logits (..., E): scores, the selection bias (noaux_tc), group-limited
-    top-k, and with domain routing a token whose domain is set chooses among its domain's experts."""
-    scores = _scores(logits, gate.scoring_func == "sigmoid")
-    choice = scores
-    if gate.topk_method == "noaux_tc":
-        choice = scores + gate.e_score_correction_bias
-    allowed = gate._group_mask(choice)
-    if allowed is None and gate.n_base < choice.shape[-1]:  # the added domains' experts need their id
-        allowed = mx.arange(choice.shape[-1]) < gate.n_base
-    if domain_ids is not None and gate._domain_table is not None:
-        d, domain_allowed = gate.domains(domain_ids, logits.ndim)
+def route(logits: mx.array, options: RouterOptions, bias: mx.array | None = None,
+          domain_ids: mx.array | None = None, domain_table: mx.array | None = None) -> Routing:
+    """The router's choice from its logits (..., E): scores, the selection `bias` (noaux_tc), group-limited
+    top-k, and with `domain_table` (DomainRouting.table) a token whose domain id is set chooses among its
+    domain's experts."""
+    o = options
+    scores = affinities(logits, o.sigmoid)
+    choice = scores if bias is None else scores + bias
+    allowed = group_mask(choice, o)
+    if allowed is None and o.n_base < choice.shape[-1]:  # the added domains' experts need their id
+        allowed = mx.arange(choice.shape[-1]) < o.n_base
+    if domain_ids is not None and domain_table is not None:
+        d, domain_allowed = domain_rows(domain_ids, domain_table, logits.ndim)
         allowed = domain_allowed if allowed is None else mx.where((d >= 0)[..., None], domain_allowed, allowed)
     if allowed is not None:
         choice = mx.where(allowed, choice, -mx.inf)
-    k = gate.top_k
-    indices = mx.stop_gradient(mx.argpartition(-choice, kth=k - 1, axis=-1)[..., :k])
-    return Routing(indices, _mixing_weights(scores, indices, gate._renorm, gate.routed_scaling_factor), scores)
+    indices = mx.stop_gradient(mx.argpartition(-choice, kth=o.top_k - 1, axis=-1)[..., : o.top_k])
+    return Routing(indices, mixing_weights(scores, indices, o.renorm, o.scaling), scores)
 
 
 class StackedLinear(nn.Module):

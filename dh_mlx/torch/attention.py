@@ -52,7 +52,9 @@ class MLA(nn.Module):
         # None: absorbed exactly when a cache is given (decode); True/False force a path.
         self.absorb: bool | None = None
 
-    def forward(self, x: torch.Tensor, cache: Any = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cache: Any = None, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """x (B, L, D); `mask` (B|1, 1, L, S) bool, True where a query may attend (training's document mask);
+        None: causal."""
         B, L, _ = x.shape
         H, n, p, r = self.num_heads, self.qk_nope_head_dim, self.qk_rope_head_dim, self.kv_lora_rank
         if self.q_lora_rank is None:
@@ -68,10 +70,11 @@ class MLA(nn.Module):
         offset = cache.offset if cache is not None else 0
         q_pe = self.rope(q_pe, offset)
         k_pe = self.rope(k_pe, offset)
-        mask = None  # None: plain causal over L == S (no cache), decided without inspecting shapes
+        # mask None and no cache: plain causal over L == S (SDPA's is_causal), decided without inspecting shapes
         if cache is not None:
             latent, k_pe = cache.update_and_fetch(latent, k_pe)  # (B, 1, S, r), (B, 1, S, p)
-            mask = causal_mask(L, latent.shape[2], x.device)
+            if mask is None:
+                mask = causal_mask(L, latent.shape[2], x.device)
 
         absorb = self.absorb if self.absorb is not None else cache is not None
         out = self._absorbed(q_nope, q_pe, latent, k_pe, mask) if absorb else self._naive(

@@ -28,8 +28,8 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
 
-    def forward(self, x, cache=None, domain_ids=None) -> tuple[torch.Tensor, Routing | None]:
-        h = x + self.self_attn(self.input_layernorm(x), cache)
+    def forward(self, x, cache=None, domain_ids=None, mask=None) -> tuple[torch.Tensor, Routing | None]:
+        h = x + self.self_attn(self.input_layernorm(x), cache, mask)
         hn = self.post_attention_layernorm(h)
         if isinstance(self.mlp, MoE):
             y, routing = self.mlp(hn, domain_ids)
@@ -62,10 +62,10 @@ class MTPLayer(DecoderLayer):
         self.eh_proj = nn.Linear(2 * config.hidden_size, config.hidden_size, bias=False)
         self.shared_head = SharedHead(config)
 
-    def step(self, hidden, embeds, cache=None, domain_ids=None):
+    def step(self, hidden, embeds, cache=None, domain_ids=None, mask=None):
         """(hidden (B, L, D), embeds of the next tokens (B, L, D)) -> (block output (B, L, D), routing)."""
         x = self.eh_proj(torch.cat([self.enorm(embeds), self.hnorm(hidden)], dim=-1))
-        return super().forward(x, cache, domain_ids)
+        return super().forward(x, cache, domain_ids, mask)
 
 
 class Output(NamedTuple):
@@ -88,11 +88,11 @@ class DeepseekV3Model(nn.Module):
     def mtp_layers(self) -> list[MTPLayer]:
         return list(self.layers)[self.num_hidden_layers:]
 
-    def forward(self, input_ids, cache=None, domain_ids=None):
+    def forward(self, input_ids, cache=None, domain_ids=None, mask=None):
         h = self.embed_tokens(input_ids)
         routing = []
         for i in range(self.num_hidden_layers):
-            h, r = self.layers[i](h, None if cache is None else cache[i], domain_ids)
+            h, r = self.layers[i](h, None if cache is None else cache[i], domain_ids, mask)
             if r is not None:
                 routing.append(r)
         return self.norm(h), routing
@@ -113,10 +113,11 @@ class Model(nn.Module):
             return self.lm_head(h)
         return F.linear(h, self.model.embed_tokens.weight)
 
-    def forward_full(self, input_ids: torch.Tensor, cache: Any = None,
-                     domain_ids: torch.Tensor | None = None) -> Output:
-        """Logits, final hidden state and per-MoE-layer routing (training, MTP)."""
-        h, routing = self.model(input_ids, cache, domain_ids)
+    def forward_full(self, input_ids: torch.Tensor, cache: Any = None, domain_ids: torch.Tensor | None = None,
+                     mask: torch.Tensor | None = None) -> Output:
+        """Logits, final hidden state and per-MoE-layer routing (training, MTP); `mask` (B, 1, T, T) bool, True
+        where a token may attend (training's document mask, `step.document_mask`), None for causal."""
+        h, routing = self.model(input_ids, cache, domain_ids, mask)
         return Output(self.head(h), h, routing)
 
     def forward(self, input_ids: torch.Tensor, cache: Any = None,
@@ -125,14 +126,14 @@ class Model(nn.Module):
         return self.forward_full(input_ids, cache, domain_ids).logits
 
     def mtp_forward(self, hidden: torch.Tensor, next_tokens: torch.Tensor, depth: int = 0, cache: Any = None,
-                    domain_ids: torch.Tensor | None = None) -> Output:
+                    domain_ids: torch.Tensor | None = None, mask: torch.Tensor | None = None) -> Output:
         """MTP module `depth`: hidden (B, L, D) at positions t, next_tokens (B, L) = tokens t+depth+1.
 
         Returns logits for tokens t+depth+2 (B, L, V), the module's hidden state (input of the next depth)
-        and its routing.
+        and its routing; `mask` as `forward_full`'s, over these L positions.
         """
         layer = self.model.mtp_layers[depth]
-        h, routing = layer.step(hidden, self.model.embed_tokens(next_tokens), cache, domain_ids)
+        h, routing = layer.step(hidden, self.model.embed_tokens(next_tokens), cache, domain_ids, mask)
         return Output(layer.shared_head(h), h, [routing] if routing is not None else [])
 
     def moe_layers(self) -> list[MoE]:

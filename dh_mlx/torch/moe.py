@@ -51,8 +51,7 @@ class MoEGate(nn.Module):
         """Row 0: no domain (every expert but added domains'); row d+1: domain d's experts and the common ones."""
         dr, E = self.config.domain_routing, self.config.n_routed_experts
         self.n_base = E if dr is None else dr.base_experts(E)  # what groups and id-less tokens cover
-        table = None if dr is None else torch.tensor([[e < self.n_base for e in range(E)]] + dr.allowed(E),
-                                                     device=self.weight.device)
+        table = None if dr is None else torch.tensor(dr.table(E), device=self.weight.device)
         self.register_buffer("domain_table", table, persistent=False)
 
     def forward(self, x: torch.Tensor, domain_ids: torch.Tensor | None = None) -> Routing:

@@ -88,6 +88,16 @@ def row_batch(tokens: np.ndarray, train: np.ndarray, segments: np.ndarray, domai
     return Batch(tokens[:, :-1], tokens[:, 1:], mask.astype(np.float32), segments[:, :-1], domains[:, :-1])
 
 
+def drop_domains(b: Batch, p: float, seed: int, step: int, part: tuple[int, int] = (0, 1)) -> Batch:
+    """Hide the domain of a seeded random share `p` of the rows (deterministic per step, so resume matches);
+    with `part=(rank, ranks)`, `b` is that rank's share of a global batch and gets its share of the draws."""
+    if p <= 0:
+        return b
+    n = b.domain_ids.shape[0]
+    hide = (np.random.default_rng([seed, step, 7]).random(n * part[1]) < p)[part[0] * n:(part[0] + 1) * n]
+    return b._replace(domain_ids=np.where(hide[:, None], -1, b.domain_ids))
+
+
 @dataclass
 class Packed:
     """Documents cut into rows of `seq_len + 1` tokens; each array is `[N, T+1]`."""

@@ -9,23 +9,13 @@ import numpy as np
 
 from ..model import Model
 from .config import TrainConfig
-from .data import Batch as NpBatch, Dataset
+from .data import Batch as NpBatch, Dataset, drop_domains
 from .distributed import Reducer, World
 from .loss import Batch, document_mask, expert_counts, greedy_next, imbalance, masked_ce, mtp_mask, mtp_output
 
 
 def to_mx(b: NpBatch) -> Batch:
     return Batch(*(mx.array(a) for a in b))
-
-
-def drop_domains(b: NpBatch, p: float, seed: int, step: int, part: tuple[int, int] = (0, 1)) -> NpBatch:
-    """Hide the domain of a seeded random share `p` of the rows (deterministic per step, so resume matches);
-    with `part=(rank, ranks)`, `b` is that rank's share of a global batch and gets its share of the draws."""
-    if p <= 0:
-        return b
-    n = b.domain_ids.shape[0]
-    hide = (np.random.default_rng([seed, step, 7]).random(n * part[1]) < p)[part[0] * n:(part[0] + 1) * n]
-    return b._replace(domain_ids=np.where(hide[:, None], -1, b.domain_ids))
 
 
 @dataclass

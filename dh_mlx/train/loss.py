@@ -10,7 +10,9 @@ Legend: B batch, T tokens, E routed experts, k experts per token, V vocabulary.
               P_i = mean over valid tokens of s_i / sum_j s_j      (DeepSeek-V3 eqs. 17-20)
     loss    = CE + mtp_lambda * MTP + balance
 
-The same definitions are implemented by the PyTorch twin (dh_mlx/torch/step.py).
+The attention mask is `document_mask` (causal inside each packed document); `mask` is the batch's loss mask.
+The PyTorch twin (dh_mlx/torch/step.py) implements the same terms over the same masks (not the distillation),
+and torch/optim.py this trainer's AdamW and schedule; tests/test_twin_train.py compares their steps.
 """
 
 from __future__ import annotations

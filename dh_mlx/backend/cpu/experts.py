@@ -22,7 +22,7 @@ import mlx.core as mx
 import numpy as np
 
 from ...model import moe
-from ...model.moe import SORT_THRESHOLD, Experts, MoEGate, Routing, StackedLinear, _mixing_weights, _scores
+from ...model.moe import SORT_THRESHOLD, Experts, Routing, StackedLinear, affinities, mixing_weights
 from . import native
 from .layers import swiglu
 from .quantized import kernels
@@ -223,19 +223,20 @@ def _permute_rows_vjp(primals, dy, out):
     return dy[inverse], mx.zeros_like(perm), mx.zeros_like(inverse)
 
 
-def route(gate: MoEGate, logits: mx.array, domain_ids: mx.array | None) -> Routing:
-    bias = gate.e_score_correction_bias if gate.topk_method == "noaux_tc" else mx.zeros(logits.shape[-1:])
-    if not native.usable_small(logits, bias) or gate.n_base < logits.shape[-1]:  # (added domains: the reference)
-        return moe.route.reference(gate, logits, domain_ids)
-    domains = domain_ids is not None and gate._domain_table is not None
+def route(logits: mx.array, options: moe.RouterOptions, bias: mx.array | None = None,
+          domain_ids: mx.array | None = None, domain_table: mx.array | None = None) -> Routing:
+    o = options
+    bias = mx.zeros(logits.shape[-1:]) if bias is None else bias
+    if not native.usable_small(logits, bias) or o.n_base < logits.shape[-1]:  # (added domains: the reference)
+        return moe.route.reference(logits, options, bias, domain_ids, domain_table)
+    domains = domain_ids is not None and domain_table is not None
     allowed = flag = mx.array(False)
     if domains:
-        d, table = gate.domains(domain_ids, logits.ndim)
-        allowed = mx.broadcast_to(table, logits.shape)
+        d, rows = moe.domain_rows(domain_ids, domain_table, logits.ndim)
+        allowed = mx.broadcast_to(rows, logits.shape)
         flag = mx.broadcast_to(d >= 0, logits.shape[:-1])
-    indices, weights, scores = native_route(logits, bias, allowed, flag, domains, gate.scoring_func == "sigmoid",
-                                            _METHODS[gate.topk_method], gate.n_group, gate.topk_group, gate.top_k,
-                                            gate._renorm, gate.routed_scaling_factor)
+    indices, weights, scores = native_route(logits, bias, allowed, flag, domains, o.sigmoid, _METHODS[o.topk_method],
+                                            o.n_group, o.topk_group, o.top_k, o.renorm, o.scaling)
     return Routing(mx.stop_gradient(indices), weights, scores)
 
 
@@ -255,8 +256,8 @@ def _native_route_vjp(primals, cotangents, outputs):
     indices = outputs[0]
 
     def weights_and_scores(logits):
-        scores = _scores(logits, sigmoid)
-        return _mixing_weights(scores, indices, renorm, scaling), scores
+        scores = affinities(logits, sigmoid)
+        return mixing_weights(scores, indices, renorm, scaling), scores
 
     _, (d_logits,) = mx.vjp(weights_and_scores, [logits], list(cotangents[1:]))
     return (d_logits, mx.zeros_like(bias), mx.zeros_like(allowed), mx.zeros_like(flag), *([None] * 8))
