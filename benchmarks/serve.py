@@ -16,7 +16,6 @@ import argparse
 import json
 import platform
 import socket
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -160,8 +159,9 @@ def main() -> None:
                                 "--decode-concurrency", str(max(args.clients)), "--log-level", "WARNING"],
     }
     if args.vllm_python:
+        # bfloat16: vLLM's CPU MLA packs its absorbed weights in bf16/f16/int8 only (float32 is refused)
         engines["vllm"] = lambda port: [args.vllm_python, "-m", "vllm.entrypoints.openai.api_server", "--model",
-                                        str(model), "--port", str(port), "--dtype", "float32",
+                                        str(model), "--port", str(port), "--dtype", "bfloat16",
                                         "--max-num-seqs", str(max(args.clients))]
     speed = generate_speed(model, prompts[:3], args.max_tokens)
     print(json.dumps({"engine": "dh-mlx generate", "clients": 1, "tokens_per_s": speed, **common}), flush=True)
