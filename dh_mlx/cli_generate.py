@@ -131,7 +131,7 @@ def _generate(*, prompt: str, load: Loading, sampling, max_tokens: int = 100, do
 
 def _load_pipelined(load: Loading, mtp: Optional[bool]):
     from .api import load_pipelined
-    from .outputs import format_bytes
+    from .files import format_bytes
     from mlx.utils import tree_flatten
     if load.params or not load.model or load.adapter or load.bits or mtp:
         _fail("--pipeline runs a model directory (--model) as it is: no --params, --adapter, --bits or --mtp")

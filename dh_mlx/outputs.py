@@ -6,7 +6,7 @@ import re
 from pathlib import Path
 from typing import Iterable
 
-from .files import format_bytes, inside, remove, same_file  # noqa: F401  (format_bytes re-exported)
+from .files import inside, remove, same_file
 
 
 class OutputError(ValueError):

@@ -223,7 +223,6 @@ def quantize_like(model: Model, block: dict, weights: dict[str, mx.array]) -> No
     def predicate(path: str, module: nn.Module) -> bool | dict:
         if not hasattr(module, "to_quantized") or f"{path}.scales" not in weights:
             return False
-        in_dims = module.weight.shape[-1]
         group, bits = packed_format(path, module.weight.shape, weights)
         return {"group_size": group, "bits": bits, "mode": mode}
 

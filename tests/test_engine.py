@@ -4,7 +4,6 @@ cleanly, and one failing request leaves the others going."""
 
 import threading
 
-import mlx.core as mx
 import numpy as np
 import pytest
 

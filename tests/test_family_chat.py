@@ -111,7 +111,6 @@ def test_malformed_tool_messages_are_named(tokenizer_dir):
 def test_generate_passes_the_template_switches(tmp_path, tokenizer_dir):
     """`dh-mlx generate --chat --chat-template-args` on a V3.2 model: the prompt is the template's text under
     those switches (its token count printed), and a bad JSON object is a one-line error."""
-    import mlx.core as mx  # noqa: F401
     from dh_mlx import random_model, save_model
     from dh_mlx.config import ModelConfig
     from dh_mlx.hf_tokenizer import HFTokenizer

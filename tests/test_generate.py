@@ -181,7 +181,6 @@ def test_mtp_rejections_roll_the_cache_back(model):
 @pytest.mark.slow
 def test_mtp_sampling_keeps_the_target_distribution():
     """Speculative sampling with any draft must reproduce the main model's next-token distribution."""
-    from dh_mlx.generation.speculative import mtp_generate  # noqa: F401  (exercised through generate_tokens)
     m = random_model(make_config(vocab_size=5, max_position_embeddings=64), seed=2)
     prompt = [1, 2, 3]
     target = np.array(mx.softmax(m(mx.array([prompt]))[0, -1] / 1.0))

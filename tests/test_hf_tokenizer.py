@@ -7,7 +7,7 @@ import json
 import pytest
 
 from dh_mlx.tokenizer import TokenizerError, load_tokenizer
-from helpers import TEXTS, make_bpe_tokenizer
+from helpers import TEXTS
 
 transformers = pytest.importorskip("transformers")
 

@@ -9,7 +9,6 @@ import time
 import zipfile
 
 import mlx.core as mx
-import numpy as np
 import pytest
 
 from dh_mlx.chat import ChatTemplateError, render

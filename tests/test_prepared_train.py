@@ -13,7 +13,7 @@ from helpers import write_corpus
 
 from dh_mlx.train.data import DataError
 from dh_mlx.train.prepare import cache_root, prepare
-from dh_mlx.train.prepared import PreparedData, open_dataset
+from dh_mlx.train.prepared import open_dataset
 
 
 def losses(run_dir) -> list[float]:
@@ -47,7 +47,7 @@ def test_resume_mid_epoch_from_prepared_data_gives_the_losses_of_one_run(small_r
     common = dict(config=d / "config.json", data=tmp_path / "prep", tokenizer=d / "tok", steps=8, batch_size=4,
                   seq_len=16, eval_every=4, save_every=100, progress=False, warmup_steps=1)
     full = train(out=tmp_path / "full", **common)
-    part = train(out=tmp_path / "part", stop_after=3, **common)
+    train(out=tmp_path / "part", stop_after=3, **common)
     state = json.loads(next((tmp_path / "part" / "checkpoints").glob("step_*/trainer_state.json")).read_text())
     per_epoch = len(open_dataset(tmp_path / "prep", _tok(d), seq_len=16).train) // 4
     assert state["data"]["epoch"] == 0 and 0 < state["data"]["index"] < per_epoch < 8  # mid-epoch; 8 steps cross one
@@ -67,8 +67,10 @@ def _tok(d):
 
 
 def test_a_jsonl_is_prepared_once_and_resume_reuses_it(small_run_inputs, tmp_path, capsys, monkeypatch):  # noqa: F811
+    from dh_mlx.progress import show_progress
     from dh_mlx.train.run import train
     monkeypatch.setattr("dh_mlx.train.prepare.SMALL", 0)  # (small inputs are prepared silently)
+    show_progress()  # status lines to stderr, as the CLI routes them
     d = small_run_inputs
     write_corpus(tmp_path / "fresh.jsonl", n=90)  # contents no other test prepared
     common = dict(config=d / "config.json", data=tmp_path / "fresh.jsonl", tokenizer=d / "tok", steps=4,

@@ -4,11 +4,8 @@ tokens are identical, a decode step runs the native weight kernels, QLoRA trains
 gradients, a bfloat16 model runs at its own size; `quantize` picks each matrix's group size and mlx-lm loads it."""
 
 import json
-import re
-from collections import Counter
 
 import mlx.core as mx
-import numpy as np
 import pytest
 from mlx.utils import tree_flatten, tree_unflatten
 

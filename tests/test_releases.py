@@ -7,8 +7,8 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from dh_mlx import load_model, random_model, save_model
-from helpers import CASES, make_config, randomise_for_parity, release, tokens
+from dh_mlx import load_model
+from helpers import CASES, release, tokens
 
 transformers = pytest.importorskip("transformers")
 torch = pytest.importorskip("torch")

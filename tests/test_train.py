@@ -13,7 +13,7 @@ from mlx.utils import tree_flatten, tree_map
 
 from dh_mlx import ops, random_model
 from dh_mlx.train.config import TrainConfig
-from dh_mlx.train.loss import Batch, alf_update, balance_loss, document_mask
+from dh_mlx.train.loss import alf_update, balance_loss, document_mask
 from dh_mlx.train.trainer import build_steps, make_optimizer, moe_gates
 from dh_mlx.model.moe import Routing
 from helpers import fixed_batch, make_config

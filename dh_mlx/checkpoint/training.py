@@ -22,7 +22,7 @@ import mlx.core as mx
 from mlx.utils import tree_flatten, tree_unflatten
 
 from ..files import open_nofollow, real_dir, remove, write_atomic
-from ..outputs import format_bytes
+from ..files import format_bytes
 from ..progress import note
 
 STATE = "trainer_state.json"

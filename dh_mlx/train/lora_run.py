@@ -26,7 +26,7 @@ from ..lora import (ADAPTER_CONFIG, LoRAConfig, apply_lora, fuse_lora, load_adap
 from ..checkpoint.weights import copy_tokenizer
 from .distributed import on_main
 from .setup import start_run
-from ..outputs import format_bytes
+from ..files import format_bytes
 from .trainer import RunResult, evaluate, train_loop
 from ..progress import status
 

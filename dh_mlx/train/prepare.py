@@ -22,8 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-from ..files import open_nofollow
-from ..outputs import OutputError, check_output_dir, format_bytes
+from ..files import format_bytes, open_nofollow
+from ..outputs import OutputError, check_output_dir
 from ..progress import Task, status
 from .prepare_worker import current_rss, peak_rss, prepare_chunk
 from .records import DataError, DataSummary, jsonl_files

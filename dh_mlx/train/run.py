@@ -14,7 +14,7 @@ from ..checkpoint.weights import copy_tokenizer, load_model, random_model, save_
 from .config import TrainConfig
 from .setup import start_run
 from .memory import check_training_fits
-from ..outputs import format_bytes
+from ..files import format_bytes
 from .trainer import RunResult, train_loop
 from ..progress import note
 

@@ -31,7 +31,7 @@ from .distributed import (Reducer, World, any_rank, broadcast, broadcast_json, g
                           world)
 from .evaluate import EvalResult, drop_domains, evaluate, to_mx
 from .interrupt import Interrupted, StopRequest, stop_on_signals
-from ..outputs import format_bytes
+from ..files import format_bytes
 from ..progress import note
 from .report import LogReport, MetricsLog, directory_bytes
 from .loss import Batch, Counts, alf_update, batch_counts, imbalance, loss_parts
