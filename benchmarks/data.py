@@ -151,8 +151,9 @@ def rss(key):
     return int(open("/proc/self/status").read().split(key + ":")[1].split()[0]) * 1024
 import dh_mlx.train.report as report
 import dh_mlx.train.run as run
+import dh_mlx.train.setup as setup
 marks = {}
-opened = run.open_dataset
+opened = setup.open_dataset
 if mode == "memory":
     from dh_mlx.train.data import load_dataset
     opened = lambda *a, progress=True, **k: load_dataset(*a, **k)
@@ -161,7 +162,7 @@ def timed(*a, **k):
     ds.train_batches(8).batch_at(0)
     marks.update(data_s=time.time() - t0, data_rss=rss("VmRSS"), data_peak=rss("VmHWM"))
     return ds
-run.open_dataset = timed
+setup.open_dataset = timed
 def first(self, record):
     print("STEP1", json.dumps({"seconds": time.time() - t0, "peak": rss("VmHWM"), **marks}), flush=True)
     os._exit(0)
