@@ -9,7 +9,6 @@ ignores: it routes every token as plain DeepSeek-V3 does (our domain id -1).
 from __future__ import annotations
 
 import math
-import os
 from pathlib import Path
 
 import gguf
@@ -20,7 +19,7 @@ from ..checkpoint.layout import (check_tensors, config_for_tensors, dequantized_
 from ..checkpoint.hub import resolve_path
 from ..config import ModelConfig, load_config
 from ..outputs import check_output_file
-from ..files import remove, write_failure
+from ..files import write_atomic
 from ..tokenizer import load_tokenizer
 from .errors import ConvertError
 from .gguf_tensors import FILE_TYPES, OUTTYPES, encode, gguf_tensors
@@ -155,10 +154,9 @@ def write_gguf(model_dir: str | Path, out: str | Path, *, outtype: str = "f16", 
     tensors = gguf_tensors(weights, config, mtp=bool(n_mtp))
 
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".tmp-{out.name}")
-    remove(tmp)  # (a link planted there would be written through)
-    try:
-        writer = gguf.GGUFWriter(str(tmp), ARCH)
+
+    def write(tmp: str) -> None:
+        writer = gguf.GGUFWriter(tmp, ARCH)
         add_metadata(writer, config, name=model_dir.resolve().name, outtype=outtype, mtp=n_mtp)
         if bpe is None:
             add_vocab(writer, tokenizer, config.vocab_size)
@@ -171,13 +169,8 @@ def write_gguf(model_dir: str | Path, out: str | Path, *, outtype: str = "f16", 
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
         writer.close()
-        os.replace(tmp, out)
-    except BaseException as e:
-        remove(tmp)
-        failure = write_failure(out, e)
-        if failure is e:
-            raise
-        raise failure from None
+
+    write_atomic(out, write)  # a fresh temporary file beside `out`, renamed over it when whole
     return out
 
 
