@@ -213,3 +213,30 @@ def test_events_that_come_before_a_listener_reach_it_in_order(model):
     got = []
     handle.listen(got.append)  # (an HTTP handler starts listening after a fast request may have ended)
     assert [e.finish_reason for e in got][-1] == "length" and sum(len(e.tokens) for e in got) == 4
+
+
+def test_rows_joining_one_by_one_keep_the_capacity_to_the_chunks_they_need():
+    """16 prefilled prompts of 140..155 tokens join one after another: every join that grows the padding reuses
+    the slack past the write position, so the batch stays one 256-position chunk (each chunk adds a trace and
+    attention work for every row), and every row's positions are its own prompt's."""
+    import mlx.core as mx
+
+    from dh_mlx.generation.batch import BatchCache
+    from dh_mlx.generation.cache import LatentCache
+
+    batch, rows = BatchCache(2), []
+    for b in range(16):
+        caches = []
+        for layer in range(2):
+            c = LatentCache()
+            T = 140 + b
+            c.update_and_fetch(mx.random.normal((1, 1, T, 8), key=mx.random.key(10 * b + layer)),
+                               mx.random.normal((1, 1, T, 4), key=mx.random.key(99 + 10 * b + layer)))
+            caches.append(c)
+        rows.append(caches)
+        batch.add(caches)
+    assert batch.capacity == 256 and batch.write == 155
+    for b, caches in enumerate(rows):
+        for got, want in zip(batch.row(b), caches):
+            assert got.offset == want.offset == 140 + b
+            assert mx.array_equal(got.latent, want.state[0]).item() and mx.array_equal(got.k_pe, want.state[1]).item()

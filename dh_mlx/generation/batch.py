@@ -44,10 +44,15 @@ class BatchCache:
         return [self.write - p for p in self.pad]
 
     def _grow(self, left: int, right: int) -> None:
-        """Add `left` positions before every row (the padding grows) and at least `right` of capacity after,
-        keeping the capacity a whole number of chunks (each capacity is a trace of the compiled step)."""
-        right += -(self.capacity + left + right) % self.step
-        self._map(lambda a: mx.pad(a, [(0, 0), (0, 0), (left, right), (0, 0)]))
+        """Add `left` positions before every row (the padding grows) and room for `right` after `write`. The
+        capacity becomes the fewest whole chunks that hold them (each capacity is a trace of the compiled step):
+        the slack after `write` absorbs a left shift instead of adding a chunk per joining row."""
+        capacity = -(-(self.write + left + right) // self.step) * self.step
+        extra = capacity - (self.capacity + left)
+        if extra < 0:  # the positions cut are empty slack past `write`
+            self._map(lambda a: mx.pad(a[:, :, : self.capacity + extra], [(0, 0), (0, 0), (left, 0), (0, 0)]))
+        else:
+            self._map(lambda a: mx.pad(a, [(0, 0), (0, 0), (left, extra), (0, 0)]))
         self.write += left
         self.pad = [p + left for p in self.pad]
 
