@@ -210,3 +210,25 @@ def test_native_router_chooses_and_weighs_like_mlx_ops(ext, name, monkeypatch):
     for a, b in zip(ours[1:], ref[1:]):
         close(a, b, 1e-5)
     assert mx.abs(ref[3]).max().item() > 0.1
+
+
+def test_a_batch_of_decoding_rows_attends_in_one_native_node_row_by_row(ext, tmp_path):
+    """16 sequences decoding together (B * H = 128 query rows, H = 8 per sequence): MLA's absorbed attention is
+    still the one native node (its work is bounded per sequence), its rows shared over the pool, and each row's
+    output is exactly what that sequence gets alone."""
+    from dh_mlx import ops
+    from dh_mlx.backend.cpu.attention import absorbed_reference
+    B, H, n, p, S, r, v = 16, 8, 16, 8, 40, 32, 12
+    k = mx.random.split(mx.random.key(6), 5)
+    qn, qp = mx.random.normal((B, H, 1, n), key=k[0]), mx.random.normal((B, H, 1, p), key=k[1])
+    lat, kpe = mx.random.normal((B, 1, S, r), key=k[2]), mx.random.normal((B, 1, S, p), key=k[3])
+    w = mx.random.normal((H * (n + v), r), key=k[4]) * 0.2
+    mask = mx.arange(S)[None, None, None] >= mx.arange(B)[:, None, None, None]  # (B, 1, 1, S): row b skips b
+    attend = ops.registered()["absorbed_attention"]
+    out = attend(qn, qp, lat, kpe, w, 0.3, mask)
+    mx.export_to_dot(str(tmp_path / "g.dot"), out)
+    assert Counter(re.findall(r'label ="?([A-Za-z]+)', (tmp_path / "g.dot").read_text()))["MlaAbsorbed"] == 1
+    close(out, absorbed_reference(qn, qp, lat, kpe, w, mask, 2, 0.3, v), 1e-5)
+    for b in (0, 7, 15):
+        alone = attend(qn[b:b + 1], qp[b:b + 1], lat[b:b + 1], kpe[b:b + 1], w, 0.3, mask[b:b + 1])
+        assert mx.array_equal(out[b:b + 1], alone).item()

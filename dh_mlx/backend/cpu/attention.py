@@ -85,7 +85,8 @@ def make(streams: Streams | None) -> dict:
         v_dim = kv_b.shape[0] // H - n
         # bfloat16 / float16: the node computes in float32 (MLX's half-precision CPU matmuls are scalar)
         args = tuple(a.astype(mx.float32) for a in (q_nope, q_pe, latent, k_pe, kv_b))
-        if native.usable_small(*args):
+        # One batch row at a time (the node loops over B): what bounds it is each row's H * L query rows.
+        if native.usable_small(args[0][0], *args[1:]):
             if mask is None or isinstance(mask, str):
                 mode, kernel_mask = (1 if L > 1 and mask == "causal" else 0), mx.array(True)
             elif mask.dtype == mx.bool_ and mask.shape[1:] == (1, L, S) and mask.shape[0] in (1, B):
