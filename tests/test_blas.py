@@ -188,3 +188,15 @@ def test_blas_threads_sets_the_count_inside_the_block_and_restores_it():
             assert _blas.set_threads(2) == 2
     finally:
         _blas.set_threads(before)
+
+
+def test_with_mkl_the_native_kernels_get_its_per_thread_thread_count():
+    """The decode kernels run small products on one BLAS thread (native/common.h, SmallBlas): they need MKL's
+    MKL_Set_Num_Threads_Local, which sets the calling thread's count and returns the previous one."""
+    address = _blas.local_threads_function()
+    if "mkl" not in _blas.loaded:
+        assert address == 0
+        return
+    set_local = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_int)(address)
+    assert set_local(1) == 0  # 0: this thread followed the global setting
+    assert set_local(0) == 1

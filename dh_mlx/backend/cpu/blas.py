@@ -93,6 +93,15 @@ def set_threads(n: int) -> int | None:
     return None
 
 
+def local_threads_function() -> int:
+    """The address of MKL's `MKL_Set_Num_Threads_Local` (a per-thread thread count) when MKL is the loaded
+    BLAS, else 0: the native decode kernels then run small products on their own thread (native/common.h)."""
+    try:
+        return ctypes.cast(_lib.MKL_Set_Num_Threads_Local, ctypes.c_void_p).value or 0
+    except AttributeError:  # also when _lib is None
+        return 0
+
+
 def cpuinfo(field: str) -> str:
     """A field of the first processor in /proc/cpuinfo ('vendor_id', 'model name'); '' where unknown."""
     try:

@@ -23,6 +23,7 @@ import sysconfig
 from pathlib import Path
 from types import ModuleType
 
+from .. import blas
 from ..blas import cache_dir
 
 _DIR = Path(__file__).parent
@@ -36,6 +37,11 @@ _module: ModuleType | None = None
 #: Rows (size / last axis) up to which `usable_small` lets the one-node decode kernels replace MLX's ops:
 #: they cut the per-node cost of decode-sized steps; training and prefill (compute-bound) keep MLX's kernels.
 SMALL_ROWS = 64
+
+
+#: Multiply-adds per BLAS product up to which the decode kernels compute it on one thread (with MKL, whose
+#: thread wake-up costs more than such a product: BENCHMARKS.md, serve).
+SMALL_BLAS_WORK = float(1 << 21)
 
 
 def usable(*arrays) -> ModuleType | None:
@@ -69,6 +75,7 @@ def load() -> ModuleType | None:
     try:
         _module = _import(_build())
         _self_test(_module)
+        _module.set_blas_threading(blas.local_threads_function(), SMALL_BLAS_WORK)
         status = f"loaded {_module.__file__}"
     except Exception as e:  # no compiler, headers or matching nanobind: pure MLX paths instead
         detail = (getattr(e, "stderr", None) or str(e)).strip().splitlines() or [""]

@@ -5,6 +5,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <functional>
 #include <stdexcept>
 #include <string>
 
@@ -46,6 +47,29 @@ class CpuPrimitive : public mx::Primitive {
 };
 
 inline float exp_(float x) { return mx::detail::Exp{}(x); }
+
+// Decode-sized products run on the calling thread: waking MKL's OpenMP workers for them costs more than they
+// compute. `blas_local_threads` is MKL's MKL_Set_Num_Threads_Local (thread-local, returns the previous
+// setting) when MKL is the BLAS, set once at load (set_blas_threading); null otherwise (OpenBLAS decides itself).
+inline int (*blas_local_threads)(int) = nullptr;
+inline double blas_small_work = 2097152.0;  // multiply-adds per product up to which one thread computes it
+
+// f(0) .. f(parts - 1) shared over the weight kernels' thread pool when `work` (multiply-adds) pays for the
+// hand-off, else in order on this thread (quantized.cpp). A part must not depend on another's result.
+void parallel_for(int parts, size_t work, const std::function<void(int)>& f);
+
+// One BLAS thread for the scope when every product in it does at most `work` multiply-adds.
+struct SmallBlas {
+  int previous = -1;
+  explicit SmallBlas(double work) {
+    if (blas_local_threads && work <= blas_small_work) previous = blas_local_threads(1);
+  }
+  ~SmallBlas() {
+    if (previous >= 0) blas_local_threads(previous);
+  }
+  SmallBlas(const SmallBlas&) = delete;
+  SmallBlas& operator=(const SmallBlas&) = delete;
+};
 
 // What a kernel needs of an input, taken when the primitive is scheduled (eval_cpu runs on the thread that
 // calls eval; the task it dispatches runs later on the stream's thread). A task must capture everything it

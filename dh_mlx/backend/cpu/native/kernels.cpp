@@ -183,6 +183,7 @@ class Linear : public CpuPrimitive {
       std::vector<float> sx, sw;
       const float* xp = xv.dense(sx);
       const float* wp = wv.dense(sw);
+      SmallBlas one(static_cast<double>(M) * N * K);
       cblas_sgemm(kRowMajor, kNoTrans, kTrans, M, N, K, 1.0f, xp, K, wp, K, 0.0f, yp, N);
     });
   }
@@ -382,6 +383,7 @@ class MoeRows : public CpuPrimitive {
       const float* dp = dv.dense(sd);
       const int32_t* ids = iv.dense(si);  // uint32 from argpartition reads the same (indices < E)
       const size_t mat = static_cast<size_t>(I) * D;
+      SmallBlas one(static_cast<double>(I) * D);
       for (int n = 0; n < N; ++n) {
         const float* xn = xp + static_cast<size_t>(n) * D;
         float* yn = yp + static_cast<size_t>(n) * D;
@@ -428,9 +430,12 @@ class MlaAbsorbed : public CpuPrimitive {
       const float* wp = wv.dense(s5);
       const uint8_t* vis = mode == 2 ? mv.dense(s6) : nullptr;  // bool mask (mb, 1, L, S)
       const int HL = H * L;
-      std::vector<float> qlat(static_cast<size_t>(HL) * r), sc(static_cast<size_t>(HL) * S), olat(qlat.size());
-      std::vector<float> sums(HL);
-      for (int b = 0; b < B; ++b) {
+      // One part per sequence of the batch (each attends to its own cache), shared over the pool.
+      auto row = [&](int b) {
+        std::vector<float> qlat(static_cast<size_t>(HL) * r), sc(static_cast<size_t>(HL) * S), olat(qlat.size());
+        std::vector<float> sums(HL);
+        // one BLAS thread per part when the parts share the cores
+        SmallBlas one(B > 1 ? 0.0 : static_cast<double>(HL) * S * std::max(r, n));
         const float* latb = lp + static_cast<size_t>(b) * S * r;
         const float* kpb = kpp + static_cast<size_t>(b) * S * p;
         for (int h = 0; h < H; ++h)  // q_lat[h] (L, r) = q_nope[b, h] (L, n) @ W_uk[h] (n, r)
@@ -465,7 +470,8 @@ class MlaAbsorbed : public CpuPrimitive {
           cblas_sgemm(kRowMajor, kNoTrans, kTrans, L, v, r, 1.0f, olat.data() + static_cast<size_t>(h) * L * r, r,
                       wp + (static_cast<size_t>(h) * (n + v) + n) * r, r, 0.0f,
                       yp + (static_cast<size_t>(b) * H + h) * L * v, v);
-      }
+      };
+      parallel_for(B, static_cast<size_t>(B) * HL * S * (2 * r + p), row);
     });
   }
 
@@ -728,6 +734,10 @@ std::vector<mx::array> route(const mx::array& logits, const mx::array& bias, con
 
 NB_MODULE(_dh_native, m) {
   dhn::register_quantized(m);
+  m.def("set_blas_threading", [](uintptr_t local_threads, double small_work) {
+    dhn::blas_local_threads = reinterpret_cast<int (*)(int)>(local_threads);
+    dhn::blas_small_work = small_work;
+  }, nb::arg("local_threads"), nb::arg("small_work"));
   m.def("segment_rows", &segment_rows, nb::arg("x"), nb::arg("w"), nb::arg("offsets"), nb::arg("transpose"));
   m.def("segment_outer", &segment_outer, nb::arg("a"), nb::arg("b"), nb::arg("offsets"));
   m.def("ce_forward", &ce_forward, nb::arg("logits"), nb::arg("targets"));

@@ -60,6 +60,15 @@ int threads() {
   return limit > 0 ? std::min(limit, pool().size()) : pool().size();
 }
 
+}  // namespace
+
+void parallel_for(int parts, size_t work, const std::function<void(int)>& f) {
+  if (parts > 1 && work >= kParallelWork && threads() > 1) return pool().run(parts, f);
+  for (int p = 0; p < parts; ++p) f(p);
+}
+
+namespace {
+
 // f(n0, n1) over [0, N) in a few parts per thread (a thread the OS leaves waiting holds up only a small one),
 // boundaries on multiples of 4 rows (the kernels' row blocks).
 void split_rows(int N, size_t work, const std::function<void(int, int)>& f) {
@@ -351,21 +360,38 @@ class QExperts : public WeightPrimitive {  // y[t] = sum_j w[t, j] down_e(silu(g
       std::vector<int> ids(static_cast<size_t>(T) * kk);
       for (size_t i = 0; i < ids.size(); ++i)
         ids[i] = static_cast<int>(std::clamp<int64_t>(in[1].index(i, raw[9]), 0, E - 1));
-      // One part per (token, expert) pair, each into its own row of `out`; a token's k rows are then summed in
-      // order (the same result however the parts were shared out).
+      // One part per expert chosen, over all its (token, expert) pairs at once (a batch of decoding sequences
+      // reads each expert's weights once), each pair into its own row of `out`; a token's k rows are then summed
+      // in order (the same result however the parts were shared out).
       const size_t P = ids.size();
+      std::vector<int> order(P);
+      for (size_t p = 0; p < P; ++p) order[p] = static_cast<int>(p);
+      std::stable_sort(order.begin(), order.end(), [&](int a, int b) { return ids[a] < ids[b]; });
+      std::vector<int> starts;  // order[starts[i] .. starts[i + 1]) share one expert
+      for (size_t p = 0; p < P; ++p)
+        if (p == 0 || ids[order[p]] != ids[order[p - 1]]) starts.push_back(static_cast<int>(p));
+      starts.push_back(static_cast<int>(P));
       std::vector<float> out(P * D);
-      auto pair = [&](int p) {
-        std::vector<float> g(I), u(I);
-        const int e = ids[p];
-        const float* xt = xp + static_cast<size_t>(p / kk) * D;
-        forward(*k, G, e, xt, 1, g.data(), I);
-        forward(*k, U, e, xt, 1, u.data(), I);
-        for (int i = 0; i < I; ++i) g[i] = silu_(g[i]) * u[i];
-        forward(*k, Dn, e, g.data(), 1, out.data() + p * D, D);
+      auto group = [&](int i) {
+        const int p0 = starts[i], m = starts[i + 1] - p0, e = ids[order[p0]];
+        std::vector<float> xs(m == 1 ? 0 : static_cast<size_t>(m) * D), g(static_cast<size_t>(m) * I), u(g.size()),
+            ys(m == 1 ? 0 : static_cast<size_t>(m) * D);
+        for (int r = 0; r < m && m > 1; ++r)
+          std::memcpy(xs.data() + static_cast<size_t>(r) * D, xp + static_cast<size_t>(order[p0 + r] / kk) * D,
+                      sizeof(float) * D);
+        const float* xe = m == 1 ? xp + static_cast<size_t>(order[p0] / kk) * D : xs.data();
+        SmallBlas one(static_cast<double>(m) * I * D);
+        forward(*k, G, e, xe, m, g.data(), I);
+        forward(*k, U, e, xe, m, u.data(), I);
+        for (size_t j = 0; j < g.size(); ++j) g[j] = silu_(g[j]) * u[j];
+        forward(*k, Dn, e, g.data(), m, m == 1 ? out.data() + static_cast<size_t>(order[p0]) * D : ys.data(), D);
+        for (int r = 0; r < m && m > 1; ++r)
+          std::memcpy(out.data() + static_cast<size_t>(order[p0 + r]) * D, ys.data() + static_cast<size_t>(r) * D,
+                      sizeof(float) * D);
       };
-      if (P * 3 * I * D >= kParallelWork && threads() > 1) pool().run(static_cast<int>(P), pair);
-      else for (size_t p = 0; p < P; ++p) pair(static_cast<int>(p));
+      const int groups = static_cast<int>(starts.size()) - 1;
+      if (P * 3 * I * D >= kParallelWork && threads() > 1) pool().run(groups, group);
+      else for (int i = 0; i < groups; ++i) group(i);
       std::vector<float> acc(D);
       for (int t = 0; t < T; ++t) {
         std::fill(acc.begin(), acc.end(), 0.0f);
