@@ -10,7 +10,7 @@ import pytest
 from dh_mlx import random_model
 from dh_mlx.backend.cpu import native
 from dh_mlx.generation import PromptCache, generate_tokens, prefill
-from helpers import expert_path, make_config, randomise_for_parity, tokens
+from helpers import make_config, randomise_for_parity, tokens
 
 
 @pytest.fixture(scope="module")
@@ -77,34 +77,6 @@ def test_rms_norm_equals_mx_fast_rms_norm_in_value_and_gradients(ext):
         assert mx.abs(b).max().item() > 0.1
 
 
-def test_expert_rows_equal_the_gathered_experts_in_value_and_gradients(ext):
-    """Routed experts for a few tokens as one node (decode), against `Experts` on its gather_mm path."""
-    from dh_mlx.backend.cpu.experts import expert_rows
-    from dh_mlx.model.moe import Experts
-    c = make_config(n_routed_experts=8, num_experts_per_tok=3)
-    ex = Experts(c)
-    with expert_path("gather"):  # the reference: the model's gather_mm experts
-        k = mx.random.split(mx.random.key(3), 4)
-        x = mx.random.normal((2, 3, c.hidden_size), key=k[0])
-        idx = mx.argpartition(-mx.random.normal((2, 3, 8), key=k[1]), kth=2, axis=-1)[..., :3]  # uint32, strided
-        wts = mx.random.uniform(shape=(2, 3, 3), key=k[2])
-        cot = mx.random.normal(x.shape, key=k[3])
-        gate, up, down = (p.weight for p in (ex.gate_proj, ex.up_proj, ex.down_proj))
-
-        def ref(x, w, g, u, d):
-            ex.gate_proj.weight, ex.up_proj.weight, ex.down_proj.weight = g, u, d
-            return (ex(x, idx) * w[..., None]).sum(axis=-2)
-
-        want = ref(x, wts, gate, up, down)
-        close(expert_rows(x, idx, wts, gate, up, down), want, 1e-5)
-        assert mx.abs(want).max().item() > 0.05
-        ours = grads(lambda x, w, g, u, d: (expert_rows(x, idx, w, g, u, d) * cot).sum(), x, wts, gate, up, down)
-        theirs = grads(lambda *a: (ref(*a) * cot).sum(), x, wts, gate, up, down)
-        for a, b in zip(ours, theirs):
-            close(a, b, 1e-4)
-    close(ex.weighted(x, idx, wts), want, 1e-5)  # the default CPU choice for 6 pairs
-
-
 def node_counts(model, cache, dot):
     """Primitive names in the graph of one cached decode step (what mx.compile traces and fuses from)."""
     from dh_mlx.generation.cache import StepCache
@@ -132,7 +104,7 @@ def test_a_decode_step_is_built_from_the_one_node_kernels(ext, tmp_path, monkeyp
     monkeypatch.setattr(native, "usable_small", lambda *a: None)
     monkeypatch.setattr(native, "load", lambda: None)
     plain = step()
-    assert min(ours[k] for k in ("Rope", "RmsNorm", "Linear", "MoeRows", "MlaAbsorbed")) > 0
+    assert min(ours[k] for k in ("Rope", "RmsNorm", "Linear", "QExperts", "MlaAbsorbed")) > 0
     assert plain["Cos"] > 0 and ours["Cos"] == 0  # mx.fast.rope's CPU fallback recomputes cos/sin per call
     assert sum(ours.values()) < 0.5 * sum(plain.values()), (sum(ours.values()), sum(plain.values()))
     monkeypatch.undo()

@@ -153,6 +153,27 @@ def test_decode_experts_equal_gather_qmm_in_value_and_gradients(isa, bits, dtype
         assert rel(a, b) <= 1e-5
 
 
+@pytest.mark.parametrize("bits,dtype", [(4, mx.float32), (8, mx.float32), (0, mx.float32), (0, mx.bfloat16)])
+def test_decode_experts_give_each_token_what_it_gets_alone(isa, bits, dtype):
+    """16 tokens (a batch of decoding sequences) of which many chose the same experts: the node takes each
+    chosen expert once over all its tokens, and every token's output is bit for bit what it gets alone (a
+    sequence's tokens must not depend on the batch it is served in)."""
+    from dh_mlx.backend.cpu.weight_experts import _rows
+    E, D, I, k, T = 4, 128, 96, 2, 16
+    projs = [stacked(E, I, D, bits, 64, 21, dtype), stacked(E, I, D, bits, 64, 22, dtype),
+             stacked(E, D, I, bits, 32, 23, dtype)]
+    arrays = [a for p in projs for a in p[:3]]
+    node = _rows(tuple(p[3:] for p in projs))
+    x = mx.random.normal((T, D), key=mx.random.key(24))
+    idx = mx.argpartition(-mx.random.normal((T, E), key=mx.random.key(25)), kth=k - 1, axis=-1)[:, :k]
+    wts = mx.random.uniform(shape=(T, k), key=mx.random.key(26))
+    together = node(x, idx, wts, *arrays)
+    for t in range(T):
+        assert mx.array_equal(together[t:t + 1], node(x[t:t + 1], idx[t:t + 1], wts[t:t + 1], *arrays)).item(), t
+    if dtype == mx.float32:  # (MLX's CPU gather_mm is float32 only)
+        assert rel(together, gathered_reference(x, idx, wts, projs)) <= 1e-5
+
+
 @pytest.mark.parametrize("bits", [4, 8])
 def test_expert_segments_equal_per_expert_quantized_matmul_in_value_and_input_gradient(isa, bits):
     """Prefill / training: rows sorted by expert; runs of 0, 1, a few and many rows (direct kernels and BLAS)."""

@@ -10,7 +10,7 @@ gather_mm over single rows is slow on the CPU backend, so the experts run one of
 - "blocked": a static-shape layout padded to blocks of BLOCK_ROWS rows of one expert (compiles; quantized
   or adapted experts too);
 - "gather": the model's reference;
-and a decode-sized call is one native node (`expert_rows`, or `packed_expert_rows` for packed or half-precision
+and a decode-sized call is one native node (`packed_expert_rows`, for float32, packed or half-precision
 weights), as is the decode router (`native_route`).
 """
 
@@ -97,9 +97,6 @@ def weighted_experts(experts: Experts, x: mx.array, indices: mx.array, weights: 
     pairs = x.size // x.shape[-1] * indices.shape[-1]
     if pairs < SORT_THRESHOLD and native_ok(experts, x, weights):  # decode: one native node
         idx = indices if indices.dtype in (mx.int32, mx.uint32) else indices.astype(mx.int32)
-        if plain(experts) and experts.gate_proj.weight.dtype == mx.float32:
-            return expert_rows(x, idx, weights, experts.gate_proj.weight, experts.up_proj.weight,
-                               experts.down_proj.weight)
         if "lora" not in {kind(p) for p in _projections(experts)}:
             return packed_expert_rows(x, idx, weights, _projections(experts))
     return moe.weighted_experts.reference(experts, x, indices, weights)
@@ -170,31 +167,6 @@ def run_blocked(experts: Experts, x: mx.array, idx: mx.array, b: int = BLOCK_ROW
     owner = mx.minimum((mx.arange(R // b)[None] * b >= ends[:, None]).sum(axis=0), E - 1)  # (nb,)
     y = experts.glu(xp, owner, True)  # (nb, b, D)
     return y.reshape(R, -1)[dest].reshape(N, k, -1)
-
-
-@mx.custom_function
-def expert_rows(x: mx.array, idx: mx.array, weights: mx.array, gate: mx.array, up: mx.array,
-                down: mx.array) -> mx.array:
-    """x (..., D), idx and weights (..., k), stacked expert weights -> (..., D): each token through its k
-    experts, weighted and summed, as one native node. Differentiated through `rows_reference`."""
-    return native.load().moe_rows(x, idx, weights, gate, up, down)
-
-
-def rows_reference(x, idx, weights, gate, up, down):
-    D, k = x.shape[-1], idx.shape[-1]
-    xs, i = x.reshape(-1, 1, 1, D), idx.reshape(-1, k)
-    h = swiglu(mx.gather_mm(xs, gate.swapaxes(-1, -2), rhs_indices=i),
-               mx.gather_mm(xs, up.swapaxes(-1, -2), rhs_indices=i))
-    y = mx.gather_mm(h, down.swapaxes(-1, -2), rhs_indices=i)  # (N, k, 1, D)
-    return (y.reshape(*idx.shape, D) * weights[..., None]).sum(axis=-2)
-
-
-@expert_rows.vjp
-def _expert_rows_vjp(primals, cotangent, output):
-    x, idx, weights, gate, up, down = primals
-    _, (dx, dw, dg, du, dd) = mx.vjp(lambda x, w, g, u, d: rows_reference(x, idx, w, g, u, d),
-                                     [x, weights, gate, up, down], [cotangent])
-    return dx, mx.zeros_like(idx), dw, dg, du, dd
 
 
 @mx.custom_function

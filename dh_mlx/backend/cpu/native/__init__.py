@@ -65,7 +65,7 @@ def loaded() -> ModuleType | None:
 
 def load() -> ModuleType | None:
     """The built extension module (`segment_rows`, `segment_outer`, `ce_forward`, `ce_backward`, `linear`,
-    `rope`, `rms_norm`, `route`, `mla_absorbed`, `moe_rows`), or None (see `status`)."""
+    `rope`, `rms_norm`, `route`, `mla_absorbed`, the weight kernels), or None (see `status`)."""
     global status, _module
     if status != "not attempted":
         return _module

@@ -23,15 +23,14 @@
 //   MlaAbsorbed: MLA attention for a few queries over the latent cache, kv_b_proj folded in (decode):
 //            q_lat = q_nope W_uk[h]; p = softmax(scale (q_lat latent^T + q_pe k_pe^T)) over the visible keys;
 //            out = (p latent) W_uv[h]^T; keys visible per mode: all, causal (query l of L sees keys up to
-//            S - L + l) or a bool mask (B|1, 1, L, S). One node instead of ~40 (no gradient: dh_mlx
+//            S - L + l) or a bool mask (B|1, 1, L, S), of which only the span a sequence sees is read. One node instead of ~40 (no gradient: dh_mlx
 //            differentiates it through MLX ops).
 //   Route:   the MoE router after its linear: sigmoid/softmax scores, the selection bias (noaux_tc), group-
 //            limited choice (a group scores its best expert, or its best two summed for noaux_tc), top-k,
 //            weights from the unbiased scores (renormalised, scaled) -> indices, weights, scores (~20 nodes).
 //            With domain routing, a token whose flag is set chooses among its domain's experts instead.
-//   MoeRows: routed experts for a few tokens, weighted and summed: y[n] = sum_j weights[n, j] *
-//            down[e] (silu(gate[e] x[n]) * up[e] x[n]), e = idx[n, j]: 3k sgemv per token (what gather_mm
-//            does) in one node instead of ~25 (no gradient: dh_mlx differentiates it through MLX ops).
+// The decode-sized kernels run their small BLAS products on one thread (SmallBlas, common.h) and share a
+// batch's sequences (MlaAbsorbed) over the weight kernels' pool; the decode experts are quantized.cpp's QExperts.
 // Inputs with gaps or odd strides are copied to a dense buffer first.
 #include "common.h"
 
@@ -359,51 +358,6 @@ class RmsNorm : public CpuPrimitive {
 };
 
 
-class MoeRows : public CpuPrimitive {
- public:
-  explicit MoeRows(mx::Stream s) : CpuPrimitive(s) {}
-
-  void eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override {
-    const mx::array &x = inputs[0], &idx = inputs[1], &wt = inputs[2], &gw = inputs[3], &uw = inputs[4],
-                    &dw = inputs[5];
-    allocate(outputs);
-    mx::array& out = outputs[0];
-    const int E = gw.shape(0), I = gw.shape(1), D = gw.shape(2), k = idx.shape(-1);
-    const int N = x.size() / D;
-    float* yp = out.data<float>();
-    auto& encoder = mx::cpu::get_command_encoder(stream());
-    encoder.dispatch([=, xv = View<float>(x), iv = View<int32_t>(idx), wv = View<float>(wt), gv = View<float>(gw),
-                      uv = View<float>(uw), dv = View<float>(dw)]() {
-      std::vector<float> sx, sw, sg, su, sd, g(I), u(I);
-      std::vector<int32_t> si;
-      const float* xp = xv.dense(sx);
-      const float* wp = wv.dense(sw);
-      const float* gp = gv.dense(sg);
-      const float* up = uv.dense(su);
-      const float* dp = dv.dense(sd);
-      const int32_t* ids = iv.dense(si);  // uint32 from argpartition reads the same (indices < E)
-      const size_t mat = static_cast<size_t>(I) * D;
-      SmallBlas one(static_cast<double>(I) * D);
-      for (int n = 0; n < N; ++n) {
-        const float* xn = xp + static_cast<size_t>(n) * D;
-        float* yn = yp + static_cast<size_t>(n) * D;
-        std::memset(yn, 0, sizeof(float) * D);
-        for (int j = 0; j < k; ++j) {
-          const int e = std::clamp(ids[n * k + j], 0, E - 1);
-          cblas_sgemv(kRowMajor, kNoTrans, I, D, 1.0f, gp + e * mat, D, xn, 1, 0.0f, g.data(), 1);
-          cblas_sgemv(kRowMajor, kNoTrans, I, D, 1.0f, up + e * mat, D, xn, 1, 0.0f, u.data(), 1);
-          for (int i = 0; i < I; ++i) g[i] = g[i] / (1.0f + exp_(-g[i])) * u[i];
-          cblas_sgemv(kRowMajor, kNoTrans, D, I, wp[n * k + j], dp + e * mat, I, g.data(), 1, 1.0f, yn, 1);
-        }
-      }
-    });
-  }
-
-  bool is_equivalent(const mx::Primitive&) const override { return true; }
-  const char* name() const override { return "MoeRows"; }
-};
-
-
 class MlaAbsorbed : public CpuPrimitive {
  public:
   MlaAbsorbed(mx::Stream s, int mode, float scale) : CpuPrimitive(s), mode_(mode), scale_(scale) {}
@@ -436,32 +390,50 @@ class MlaAbsorbed : public CpuPrimitive {
         std::vector<float> sums(HL);
         // one BLAS thread per part when the parts share the cores
         SmallBlas one(B > 1 ? 0.0 : static_cast<double>(HL) * S * std::max(r, n));
-        const float* latb = lp + static_cast<size_t>(b) * S * r;
-        const float* kpb = kpp + static_cast<size_t>(b) * S * p;
+        // Only the span of positions some query of this sequence sees is read (a padded batch's rows and a
+        // fixed-capacity cache hide the rest): t0 .. t1.
+        int t0 = 0, t1 = S;
+        if (vis) {
+          t0 = S, t1 = 0;
+          for (int l = 0; l < L; ++l) {
+            const uint8_t* vrow = vis + (static_cast<size_t>(b % mb) * L + l) * S;
+            for (int t = 0; t < S; ++t)
+              if (vrow[t]) t0 = std::min(t0, t), t1 = std::max(t1, t + 1);
+          }
+          t1 = std::max(t0, t1);
+        }
+        const int W = t1 - t0;  // the span's width (the score rows' stride)
+        const float* latb = lp + (static_cast<size_t>(b) * S + t0) * r;
+        const float* kpb = kpp + (static_cast<size_t>(b) * S + t0) * p;
         for (int h = 0; h < H; ++h)  // q_lat[h] (L, r) = q_nope[b, h] (L, n) @ W_uk[h] (n, r)
           cblas_sgemm(kRowMajor, kNoTrans, kNoTrans, L, r, n, 1.0f,
                       qnp + (static_cast<size_t>(b) * H + h) * L * n, n, wp + static_cast<size_t>(h) * (n + v) * r, r,
                       0.0f, qlat.data() + static_cast<size_t>(h) * L * r, r);
-        cblas_sgemm(kRowMajor, kNoTrans, kTrans, HL, S, r, scale, qlat.data(), r, latb, r, 0.0f, sc.data(), S);
-        cblas_sgemm(kRowMajor, kNoTrans, kTrans, HL, S, p, scale, qpp + static_cast<size_t>(b) * HL * p, p, kpb, p,
-                    1.0f, sc.data(), S);
+        if (W > 0) {
+          cblas_sgemm(kRowMajor, kNoTrans, kTrans, HL, W, r, scale, qlat.data(), r, latb, r, 0.0f, sc.data(), W);
+          cblas_sgemm(kRowMajor, kNoTrans, kTrans, HL, W, p, scale, qpp + static_cast<size_t>(b) * HL * p, p, kpb, p,
+                      1.0f, sc.data(), W);
+        }
         for (int row = 0; row < HL; ++row) {
           const int l = row % L;
-          float* srow = sc.data() + static_cast<size_t>(row) * S;
-          const uint8_t* vrow = vis ? vis + (static_cast<size_t>(b % mb) * L + l) * S : nullptr;
-          const int lim = mode == 1 ? S - L + l + 1 : S;
+          float* srow = sc.data() + static_cast<size_t>(row) * W;
+          const uint8_t* vrow = vis ? vis + (static_cast<size_t>(b % mb) * L + l) * S + t0 : nullptr;
+          const int lim = mode == 1 ? S - L + l + 1 : W;
           float m = -INFINITY;
           for (int t = 0; t < lim; ++t)
             if (!vrow || vrow[t]) m = srow[t] > m ? srow[t] : m;
           float sum = 0.0f;
-          for (int t = 0; t < S; ++t) {
+          for (int t = 0; t < W; ++t) {
             const float e = (t < lim && (!vrow || vrow[t])) ? exp_(srow[t] - m) : 0.0f;
             srow[t] = e;
             sum += e;
           }
           sums[row] = sum;
         }
-        cblas_sgemm(kRowMajor, kNoTrans, kNoTrans, HL, r, S, 1.0f, sc.data(), S, latb, r, 0.0f, olat.data(), r);
+        if (W > 0)
+          cblas_sgemm(kRowMajor, kNoTrans, kNoTrans, HL, r, W, 1.0f, sc.data(), W, latb, r, 0.0f, olat.data(), r);
+        else
+          std::fill(olat.begin(), olat.end(), 0.0f);
         for (int row = 0; row < HL; ++row) {
           const float inv = 1.0f / sums[row];
           for (int j = 0; j < r; ++j) olat[static_cast<size_t>(row) * r + j] *= inv;
@@ -669,21 +641,6 @@ mx::array rms_norm(const mx::array& x, const mx::array& w, float eps) {
 }
 
 
-mx::array moe_rows(const mx::array& x, const mx::array& idx, const mx::array& weights, const mx::array& gate,
-                   const mx::array& up, const mx::array& down) {
-  for (auto* a : {&x, &weights, &gate, &up, &down}) check_float(*a, "moe_rows", "x, weights and expert weights");
-  check(gate, 3, mx::float32, "gate");
-  const int E = gate.shape(0), I = gate.shape(1), D = gate.shape(2);
-  if ((idx.dtype() != mx::int32 && idx.dtype() != mx::uint32) || x.shape(-1) != D || up.shape() != gate.shape() || down.shape(0) != E ||
-      down.shape(1) != D || down.shape(2) != I || weights.shape() != idx.shape() ||
-      idx.size() / idx.shape(-1) != x.size() / D) {
-    throw std::invalid_argument("moe_rows: x (..., D), idx (u)int32 and weights (..., k), gate/up (E, I, D), down (E, D, I)");
-  }
-  return mx::array(x.shape(), mx::float32, std::make_shared<MoeRows>(mx::to_stream(mx::Device::cpu)),
-                   {x, idx, weights, gate, up, down});
-}
-
-
 mx::array mla_absorbed(const mx::array& q_nope, const mx::array& q_pe, const mx::array& latent, const mx::array& k_pe,
                        const mx::array& w, const mx::array& mask, int mode, float scale, int v_dim) {
   for (auto* a : {&q_nope, &q_pe, &latent, &k_pe, &w}) check_float(*a, "mla_absorbed", "q, cache and kv_b weight");
@@ -749,8 +706,6 @@ NB_MODULE(_dh_native, m) {
   m.def("route", &route, nb::arg("logits"), nb::arg("bias"), nb::arg("allowed"), nb::arg("flag"), nb::arg("domains"),
         nb::arg("sigmoid"), nb::arg("method"), nb::arg("groups"),
         nb::arg("topk_groups"), nb::arg("k"), nb::arg("renorm"), nb::arg("scaling"));
-  m.def("moe_rows", &moe_rows, nb::arg("x"), nb::arg("idx"), nb::arg("weights"), nb::arg("gate"), nb::arg("up"),
-        nb::arg("down"));
   m.def("rms_norm", &rms_norm, nb::arg("x"), nb::arg("w"), nb::arg("eps"));
   m.def("ce_backward", &ce_backward, nb::arg("logits"), nb::arg("targets"), nb::arg("lse"), nb::arg("g"));
 }

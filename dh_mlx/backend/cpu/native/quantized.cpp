@@ -380,11 +380,18 @@ class QExperts : public WeightPrimitive {  // y[t] = sum_j w[t, j] down_e(silu(g
           std::memcpy(xs.data() + static_cast<size_t>(r) * D, xp + static_cast<size_t>(order[p0 + r] / kk) * D,
                       sizeof(float) * D);
         const float* xe = m == 1 ? xp + static_cast<size_t>(order[p0] / kk) * D : xs.data();
-        SmallBlas one(static_cast<double>(m) * I * D);
-        forward(*k, G, e, xe, m, g.data(), I);
-        forward(*k, U, e, xe, m, u.data(), I);
+        SmallBlas one(static_cast<double>(I) * D);
+        // A row's result must not depend on which other rows chose the expert (a sequence decodes the same
+        // alone or in a batch): the direct kernels compute each row the same way for any row count; a BLAS
+        // product does not, so it takes the rows one at a time (the expert's weights then come from cache).
+        auto rows = [&](const Weight& W, const float* x, size_t xld, float* y, size_t yld) {
+          if (W.kind != 0 && m <= g_direct_rows.load()) return forward(*k, W, e, x, m, y, yld);
+          for (int r = 0; r < m; ++r) forward(*k, W, e, x + r * xld, 1, y + r * yld, yld);
+        };
+        rows(G, xe, D, g.data(), I);
+        rows(U, xe, D, u.data(), I);
         for (size_t j = 0; j < g.size(); ++j) g[j] = silu_(g[j]) * u[j];
-        forward(*k, Dn, e, g.data(), m, m == 1 ? out.data() + static_cast<size_t>(order[p0]) * D : ys.data(), D);
+        rows(Dn, g.data(), I, m == 1 ? out.data() + static_cast<size_t>(order[p0]) * D : ys.data(), D);
         for (int r = 0; r < m && m > 1; ++r)
           std::memcpy(out.data() + static_cast<size_t>(order[p0 + r]) * D, ys.data() + static_cast<size_t>(r) * D,
                       sizeof(float) * D);
