@@ -240,3 +240,48 @@ def test_rows_joining_one_by_one_keep_the_capacity_to_the_chunks_they_need():
         for got, want in zip(batch.row(b), caches):
             assert got.offset == want.offset == 140 + b
             assert mx.array_equal(got.latent, want.state[0]).item() and mx.array_equal(got.k_pe, want.state[1]).item()
+
+
+def test_generate_tokens_is_a_batch_of_one_through_the_engine(model, monkeypatch):
+    """One decode loop: generate_tokens (plain, and MTP drafting as a row decoding alone) runs the engine's
+    steps, and its tokens are the engine's for the same request."""
+    from dh_mlx.generation import engine as engine_module
+    steps = []
+    real_step = engine_module.Engine.step
+    monkeypatch.setattr(engine_module.Engine, "step", lambda self: (steps.append(len(self.rows)), real_step(self))[1])
+    p = prompts(1, seed=5)[0]
+    plain = list(generate_tokens(model, p, max_tokens=10, mtp=False, eos_ids=(96,),
+                                 sampling=SamplingOptions(vocab_limit=97)))
+    assert len(steps) >= 9 and max(steps) == 1  # one batched row (the first token comes with the prefill)
+    served = run_all(Engine(model, Tok()), [Request(p, max_tokens=10)])[0]
+    assert plain == tokens_of(served)[:10]
+    steps.clear()
+    drafted = list(generate_tokens(model, p, max_tokens=10, mtp=True, eos_ids=(96,),
+                                   sampling=SamplingOptions(vocab_limit=97)))
+    assert drafted == plain and len(steps) >= 10 and max(steps) == 0  # alone: no batched row
+
+
+def test_a_model_whose_caches_do_not_batch_is_served_one_request_at_a_time(tmp_path):
+    """DeepSeek-V4's caches (sliding window, compressors) do not batch: its requests queue and each decodes
+    alone, with the tokens of greedy decoding by the full forward pass."""
+    pytest.importorskip("transformers")
+    import mlx.core as mx
+
+    from dh_mlx import load_model
+    from v4_release import build, prompt
+    v4 = load_model(build(tmp_path, "flash_like"), dtype="float32")
+
+    class V4Tok(Tok):
+        vocab_size, eos_ids = v4.config.vocab_size, ()
+
+    engine = Engine(v4, V4Tok(), max_batch=4)
+    ps = [prompt(9 + 3 * i, batch=1, seed=i)[0].tolist() for i in range(3)]
+    handles = [engine.submit(Request(p, max_tokens=4)) for p in ps]
+    while not engine.idle():
+        assert engine.running <= 1 and not engine.rows
+        engine.step()
+    for p, h in zip(ps, handles):
+        seq = list(p)
+        for _ in range(4):
+            seq.append(int(np.argmax(np.array(v4(mx.array([seq])))[0, -1])))
+        assert tokens_of(list(h.events.queue)) == seq[len(p):]

@@ -6,9 +6,11 @@ from the longest prefix the `PrefixCache` holds; run one chunk of the oldest pro
 long prompt never stalls the others for more than a chunk); then one batched decode step for every sequence
 past its prompt (`batch.BatchStep`: rows of different lengths, each with its own sampling options, seed,
 grammar and domain). A sequence leaves the batch when it ends (end-of-sequence token, a stop string,
-`max_tokens`, its grammar complete, or cancelled); its cache goes to the prefix cache. Each request's output
-arrives as `Event`s on its `Handle`. `run()` loops in a thread; a failure inside one request ends that
-request with an error event and the others go on.
+`max_tokens`, its grammar complete, or cancelled); its cache goes to the prefix cache (or to the request's
+own `PromptCache`). A request that decodes alone (MTP drafting, or a model whose caches do not batch:
+`solo.py`) waits until the engine is empty and holds it until done. Each request's output arrives as `Event`s
+on its `Handle`. `run()` loops in a thread; a failure inside one request ends that request with an error event
+and the others go on. `generate_tokens` is a batch of one through this loop.
 """
 
 from __future__ import annotations
@@ -27,7 +29,8 @@ from .cache import make_cache
 from .options import RowSampler
 from .prefix import PrefixCache
 from .requests import Event, Handle, QueueFull, Request, Usage  # noqa: F401  (re-exported)
-from .steps import prefill
+from .solo import decodes_alone, solo_tokens
+from .steps import PromptCache, prefill
 from .text import TextOut
 
 
@@ -37,12 +40,18 @@ class Job:
     def __init__(self, handle: Handle, engine: "Engine"):
         r = self.request = handle.request
         self.handle = handle
-        self.eos = set(r.eos_ids if r.eos_ids is not None else engine.tokenizer.eos_ids)
-        options = r.sampling if r.sampling.vocab_limit is not None else r.sampling.replace(
-            vocab_limit=engine.vocab_limit)
+        tok = engine.tokenizer  # None: token ids only (generate_tokens)
+        self.eos = set(r.eos_ids if r.eos_ids is not None else tok.eos_ids if tok is not None else ())
+        options = r.sampling if r.sampling.vocab_limit is not None or engine.vocab_limit is None else \
+            r.sampling.replace(vocab_limit=engine.vocab_limit)
         self.sampler = RowSampler(options, history=r.prompt, grammar=r.grammar, logprobs=r.logprobs)
-        self.text = TextOut(engine.tokenizer.stream_decoder(), r.stop)
-        self.usage = Usage(prompt_tokens=len(r.prompt))
+        self.text = None if tok is None else TextOut(tok.stream_decoder(), r.stop)
+        self.alone = decodes_alone(engine.model, r)
+        if self.alone and (r.grammar is not None or r.logprobs is not None):
+            raise ValueError("response_format and logprobs need a batched row: not with MTP drafting or a model "
+                             f"whose caches do not batch ({engine.model.config.model_type})")
+        self.tokens = None  # a solo job's token generator (solo.solo_tokens)
+        self.usage = handle.usage = Usage(prompt_tokens=len(r.prompt))
         self.generated: list[int] = []
         self.cache = None  # per-layer LatentCaches while prefilling
         self.todo: list[int] = []
@@ -51,16 +60,17 @@ class Job:
 
 
 class Engine:
-    def __init__(self, model: Model, tokenizer: Any, *, max_batch: int = 16, prefill_chunk: int = 512,
-                 prefix_cache_bytes: int = 1 << 30, kv_budget_bytes: int | None = None, max_queue: int = 256):
+    def __init__(self, model: Model, tokenizer: Any = None, *, max_batch: int = 16, prefill_chunk: int = 512,
+                 prefix_cache_bytes: int = 1 << 30, kv_budget_bytes: int | None = None, max_queue: int = 256,
+                 raise_errors: bool = False):
+        """`tokenizer` None: no text, end-of-sequence ids from each request. `raise_errors`: a failing request
+        raises out of `step()` (one caller, one request: generate_tokens) instead of ending with an error."""
         if max_batch < 1 or prefill_chunk < 1 or max_queue < 0:
             raise ValueError("max_batch and prefill_chunk must be >= 1, max_queue >= 0")
-        if not getattr(model, "fixed_capacity_steps", True):
-            raise ValueError(f"{model.config.model_type}: its caches (compressed and sliding-window attention) do "
-                             "not batch yet; serve a DeepSeek-V3-family model, or use dh-mlx generate / chat")
-        self.model, self.tokenizer = model, tokenizer
+        self.model, self.tokenizer, self.raise_errors = model, tokenizer, raise_errors
         self.max_batch, self.prefill_chunk, self.max_queue = max_batch, prefill_chunk, max_queue
-        self.vocab_limit = tokenizer.vocab_size if tokenizer.vocab_size < model.config.vocab_size else None
+        self.vocab_limit = tokenizer.vocab_size if tokenizer is not None and \
+            tokenizer.vocab_size < model.config.vocab_size else None
         dtype = model.model.embed_tokens.weight.dtype
         self.token_bytes = kv_bytes_per_token(model.config, 4 if dtype == mx.float32 else 2)
         self.kv_budget = kv_budget_bytes
@@ -70,6 +80,7 @@ class Engine:
         self.prefilling: list[Job] = []
         self.rows: list[Job] = []  # aligned with the batch's rows
         self.joining: list[Job] = []  # prefilled, joining the batch at the next step
+        self.alone: Job | None = None  # a job decoding alone (solo.py): nothing else runs meanwhile
         self.ahead = None  # (tokens (B,), log-probabilities) of a decode step queued, not yet handed out
         self.lock = threading.Condition()
         self.stopping = False
@@ -98,10 +109,10 @@ class Engine:
 
     @property
     def running(self) -> int:
-        return len(self.rows) + len(self.prefilling) + len(self.joining)
+        return len(self.rows) + len(self.prefilling) + len(self.joining) + (self.alone is not None)
 
     def idle(self) -> bool:
-        return not (self.waiting or self.prefilling or self.joining or self.rows)
+        return not (self.waiting or self.running)
 
     def run(self, until=None) -> None:
         """Step until `stop()` (or `until()` turns true) and no work is left."""
@@ -123,6 +134,8 @@ class Engine:
         try:
             self._drop_cancelled()
             self._admit()
+            if self.alone is not None:
+                self._guarded(self.alone, self._solo_step)
             if self.prefilling:
                 self._guarded(self.prefilling[0], self._prefill_chunk)
             if self.joining:  # the batch changes shape: the step in flight first
@@ -135,6 +148,8 @@ class Engine:
             if self.rows:
                 self._decode(queue_next=True)
         except Exception as e:  # the batched step itself: every row in it fails, the engine goes on
+            if self.raise_errors:
+                raise
             for job in self.rows + self.joining:
                 self._fail(job, e)
             self.rows, self.joining, self.ahead = [], [], None
@@ -146,6 +161,10 @@ class Engine:
         except Exception as e:
             if job in self.prefilling:
                 self.prefilling.remove(job)
+            if job is self.alone:
+                self.alone = None
+            if self.raise_errors:
+                raise
             self._fail(job, e)
 
     def _fail(self, job: Job, e: Exception) -> None:
@@ -156,6 +175,8 @@ class Engine:
             traceback.print_exception(e)
 
     def _drop_cancelled(self) -> None:
+        if self.alone is not None and self.alone.handle.cancelled:
+            self._end_alone("cancelled")
         if any(job.handle.cancelled for job in self.rows):
             self._decode(queue_next=False)  # (the rows must be as the cache is)
         for job in [j for j in self.prefilling + self.joining if j.handle.cancelled]:
@@ -171,9 +192,11 @@ class Engine:
         return (len(job.request.prompt) + job.request.max_tokens) * self.token_bytes
 
     def _admit(self) -> None:
-        while self.waiting and self.running < self.max_batch:
+        while self.waiting and self.running < self.max_batch and self.alone is None:
             with self.lock:
                 job = self.waiting[0]
+            if job.alone and self.running:  # it waits for the engine to be empty
+                return
             if self.kv_budget is not None and self.running:  # the padded batch: rows x the longest row
                 longest = max(self._need(j) for j in [*self.rows, *self.prefilling, job])
                 if (self.running + 1) * longest > self.kv_budget:
@@ -188,11 +211,37 @@ class Engine:
             from .domains import infer_domain
             job.domain, _ = infer_domain(self.model, r.prompt)
             r.domain = job.domain
-        n, caches = self.prefix.lookup(r.prompt)
-        job.cache = caches if caches is not None else make_cache(self.model.config)
+        if job.alone or r.prompt_cache is not None:  # the request's own caches (a fresh one when alone)
+            pc = r.prompt_cache if r.prompt_cache is not None else PromptCache.new(self.model)
+            todo = pc.reuse(list(r.prompt))
+            n, caches = len(r.prompt) - len(todo), pc.cache
+        else:
+            n, caches = self.prefix.lookup(r.prompt)
         job.usage.cached_tokens = n
+        if job.alone:
+            chunk = r.prefill_chunk or self.prefill_chunk
+            job.tokens = solo_tokens(self.model, r, pc, todo, job.eos, chunk, r.stats)
+            self.alone = job
+            return
+        job.cache = caches if caches is not None else make_cache(self.model.config)
         job.todo = list(r.prompt[n:])
         self.prefilling.append(job)
+
+    def _solo_step(self, job: Job) -> None:
+        """The next token of the job decoding alone (its prompt is prefilled by the first)."""
+        token = next(job.tokens, None)
+        if token is None:  # (its generator ends at its end-of-sequence token or max_tokens: not reached)
+            self._end_alone("stop")
+        elif job.usage.completion_tokens == 0:
+            self.counts["prompt_tokens"] += len(job.request.prompt) - job.usage.cached_tokens
+        if token is not None and not self._emit(job, token, None):
+            self._end_alone(None)
+
+    def _end_alone(self, reason: str | None) -> None:
+        job, self.alone = self.alone, None
+        job.tokens.close()  # its caches and their tokens left consistent in the request's PromptCache
+        if reason is not None:
+            self._finish(job, reason)
 
     def _domains(self, jobs: list[Job]) -> mx.array | None:
         if self.model.config.domain_routing is None or all(j.domain == -1 for j in jobs):
@@ -200,9 +249,10 @@ class Engine:
         return mx.array([j.domain for j in jobs])
 
     def _prefill_chunk(self, job: Job) -> None:
-        chunk, job.todo = job.todo[: self.prefill_chunk], job.todo[self.prefill_chunk:]
+        size = job.request.prefill_chunk or self.prefill_chunk
+        chunk, job.todo = job.todo[:size], job.todo[size:]
         domain = None if job.domain == -1 else job.domain
-        logits, _ = prefill(self.model, mx.array([chunk]), job.cache, step_size=self.prefill_chunk, domain=domain)
+        logits, _ = prefill(self.model, mx.array([chunk]), job.cache, step_size=size, domain=domain)
         self.counts["prompt_tokens"] += len(chunk)
         if job.todo:
             return
@@ -230,7 +280,9 @@ class Engine:
             self.ahead = self._queue(mx.array([[job.last] for job in self.rows]))
         tokens, infos = self.ahead
         self.ahead = None
-        if queue_next and all(job.sampler.runs_ahead for job in self.rows):
+        # (not past a row's last token: its cache then holds exactly the tokens fed)
+        if queue_next and all(job.sampler.runs_ahead and job.usage.completion_tokens + 1 < job.request.max_tokens
+                              for job in self.rows):
             self.ahead = self._queue(tokens[:, None])
             mx.async_eval(self.ahead[0])
         mx.eval(tokens, [i for i in infos if i is not None])
@@ -244,9 +296,9 @@ class Engine:
 
     def _choose(self, jobs: list[Job], logits: mx.array) -> tuple[mx.array, list]:
         """Each job's next token (B,) from its row of logits (B, V), lazy: the simple rows in one argmax."""
-        simple = [b for b, j in enumerate(jobs) if j.sampler.simple]
-        if len(simple) == len(jobs):
-            return mx.argmax(logits[:, : self.vocab_limit or logits.shape[-1]], axis=-1), [None] * len(jobs)
+        limits = {j.sampler.options.vocab_limit for j in jobs}
+        if len(limits) == 1 and all(j.sampler.simple for j in jobs):
+            return mx.argmax(logits[:, : limits.pop() or logits.shape[-1]], axis=-1), [None] * len(jobs)
         out = [job.sampler.choose(logits[b]) for b, job in enumerate(jobs)]
         infos = [job.sampler.token_logprobs(logits[b], out[b]) for b, job in enumerate(jobs)]
         return mx.stack(out), infos
@@ -260,10 +312,10 @@ class Engine:
         job.generated.append(token)
         lp = None if info is None else [(token, info[0].item(), list(zip(info[1].tolist(), info[2].tolist())))]
         if token in job.eos:
-            job.handle.put(Event(text=job.text.flush(), tokens=[token], logprobs=lp))
+            job.handle.put(Event(text=job.text.flush() if job.text is not None else "", tokens=[token], logprobs=lp))
             self._finish(job, "stop")
             return False
-        text, stopped = job.text.add(token)
+        text, stopped = job.text.add(token) if job.text is not None else ("", False)
         job.handle.put(Event(text=text, tokens=[token], logprobs=lp))
         grammar_done = job.request.grammar is not None and job.request.grammar.done
         if stopped or grammar_done or job.usage.completion_tokens >= job.request.max_tokens:
@@ -273,7 +325,7 @@ class Engine:
 
     def _finish(self, job: Job, reason: str) -> None:
         if reason != "cancelled":
-            tail = job.text.flush()
+            tail = job.text.flush() if job.text is not None else ""
             self.counts["finished"] += 1
         else:
             tail = ""
@@ -288,6 +340,11 @@ class Engine:
             if reason is not None:
                 self._finish(job, reason)
             held = self.batch.row(b)  # the prompt and the tokens fed so far
-            self.prefix.insert((job.request.prompt + job.generated)[: held[0].offset], held)
+            tokens = (job.request.prompt + job.generated)[: held[0].offset]
+            pc = job.request.prompt_cache
+            if pc is not None:  # the request keeps its caches (a chat's next turn starts from them)
+                pc.cache, pc.tokens = held, tokens
+            else:
+                self.prefix.insert(tokens, held)
         self.batch.remove(rows)
         self.rows = [j for b, j in enumerate(self.rows) if b not in set(rows)]

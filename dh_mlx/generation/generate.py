@@ -10,8 +10,9 @@ import mlx.core as mx
 
 from ..model import Model
 from .options import SamplingOptions
-from .speculative import DraftPolicy, mtp_generate
-from .steps import PromptCache, check_context, compiled_decode_step, decode_step, prefill
+from .engine import Engine, Request
+from .speculative import DraftPolicy
+from .steps import PromptCache, check_context
 
 
 @dataclass
@@ -43,6 +44,7 @@ def generate_tokens(model: Model, prompt_ids: list[int], *, sampling: SamplingOp
     `mtp` (default: when the model has an MTP module) decodes speculatively with that module, drafting only
     while it pays (a `speculative.DraftPolicy` may be given instead of True: what it measured carries over);
     the tokens are the same as without it. `prompt_cache` keeps the caches across calls that share a prefix.
+    The request runs as a batch of one through the serving engine's loop (`engine.Engine`).
     """
     for name, value, low in (("max_tokens", max_tokens, 0), ("prefill_step_size", prefill_step_size, 1)):
         if not isinstance(value, int) or isinstance(value, bool) or value < low:
@@ -54,62 +56,38 @@ def generate_tokens(model: Model, prompt_ids: list[int], *, sampling: SamplingOp
     if max_tokens == 0:  # nothing to generate: the prompt is not even run
         stats.prompt_tokens = len(prompt_ids)
         return
-    if sampling.seed is not None:
+    if sampling.seed is not None:  # (MTP drafting draws from the global generator)
         mx.random.seed(sampling.seed)
-    pc = prompt_cache if prompt_cache is not None else PromptCache.new(model)
-    todo = pc.reuse(list(prompt_ids))
-    compiled = getattr(model, "fixed_capacity_steps", True)  # (not DeepSeek-V4's caches, not a pipeline rank's)
     if mtp is None:
         mtp = getattr(model, "drafts_with_mtp", True)
-    if mtp and model.config.num_nextn_predict_layers and not (sampling.presence_penalty or sampling.frequency_penalty):
-        yield from mtp_generate(model, pc, todo, stats=stats, max_tokens=max_tokens, eos_ids=eos_ids,
-                                prefill_step_size=prefill_step_size, domain=domain, options=sampling,
-                                policy=mtp if isinstance(mtp, DraftPolicy) else None)
-        return
-    # The penalised window and the output counts stay on the device (updated lazily), so a step can be queued
-    # before the token it consumes has been read back.
-    recent = mx.array(list(prompt_ids)[-sampling.repetition_context:])
-    counts = mx.zeros((model.config.vocab_size,), mx.int32) if sampling.presence_penalty or \
-        sampling.frequency_penalty else None
-
-    def choose(logits: mx.array) -> mx.array:
-        return sampling.draw(sampling.penalized(logits, recent, counts))
-
-    step = compiled_decode_step(model, domain) if compiled else (
-        lambda tok, cache: decode_step(model, tok, cache, domain))
-    tic = time.perf_counter()
-    logits, _ = prefill(model, mx.array([todo]), pc.cache, step_size=prefill_step_size, domain=domain)
-    token = choose(logits)
-    mx.eval(token)
-    stats.prompt_tokens = len(todo)
-    stats.prompt_tps = len(todo) / (time.perf_counter() - tic)
-    pc.tokens = list(prompt_ids)
-    tic = time.perf_counter()
+    drafts = model.config.num_nextn_predict_layers and not (sampling.presence_penalty or sampling.frequency_penalty)
+    mtp = mtp if mtp and drafts else False
+    engine = Engine(model, max_batch=1, prefill_chunk=prefill_step_size, prefix_cache_bytes=0, raise_errors=True)
+    request = Request(list(prompt_ids), max_tokens, sampling, eos_ids=tuple(eos_ids), domain=domain, mtp=mtp,
+                      prompt_cache=prompt_cache if prompt_cache is not None else PromptCache.new(model), stats=stats,
+                      prefill_chunk=prefill_step_size)
+    handle = engine.submit(request)
+    tic, first, done, n = time.perf_counter(), None, False, 0
     try:
-        for n in range(max_tokens):
-            # Build and queue step n + 1 from the still-lazy token n before reading token n back, as mlx-lm's
-            # generate_step does: the graph building (Python) overlaps the evaluation of
-            # step n instead of following it. After an EOS that one step is wasted.
-            ahead = None
-            if n + 1 < max_tokens:
-                logits, _ = step(token[:, None], pc.cache)
-                if sampling.repetition_penalty != 1.0:
-                    recent = mx.concatenate([recent, token])[-sampling.repetition_context:]
-                if counts is not None:
-                    counts = counts.at[token].add(1)
-                ahead = choose(logits)
-                mx.async_eval(ahead)
-            t = token.item()
-            pc.tokens.append(t)
-            stats.generation_tokens = n + 1
-            yield t
-            if t in eos_ids:
-                break
-            token = ahead
-    finally:  # also when the consumer stops early
-        # The cache holds every token fed so far (not the last one when max_tokens ended the run).
-        pc.tokens = pc.tokens[: max(c.offset for c in pc.cache)]  # (a pipeline rank fills only its layers')
-        stats.generation_tps = stats.generation_tokens / max(time.perf_counter() - tic, 1e-9)
+        while not done:
+            engine.step()
+            while not done and not handle.events.empty():
+                event = handle.events.get_nowait()
+                done = event.finish_reason is not None
+                for t in event.tokens:
+                    if first is None:
+                        first = time.perf_counter()
+                        stats.prompt_tokens = len(prompt_ids) - handle.usage.cached_tokens
+                        stats.prompt_tps = stats.prompt_tokens / max(first - tic, 1e-9)
+                    n += 1
+                    stats.generation_tokens = n
+                    yield t
+    finally:  # also when the consumer stops early: the row leaves and its caches stay in the prompt cache
+        if not done:
+            handle.cancel()
+            engine.step()
+        if first is not None:
+            stats.generation_tps = stats.generation_tokens / max(time.perf_counter() - first, 1e-9)
         stats.peak_memory_gb = mx.get_peak_memory() / 1e9
 
 

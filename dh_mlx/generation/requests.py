@@ -25,6 +25,11 @@ class Request:
     logprobs: int | None = None  # None: off; n: each token's log-probability and the n likeliest alternatives
     domain: int | None = None
     grammar: Any = None  # a structured.Grammar (one per request: it is stateful)
+    # MTP speculative decoding (True or a speculative.DraftPolicy): the row then decodes alone (solo.py)
+    mtp: Any = False
+    prompt_cache: Any = None  # a steps.PromptCache to start from (its reusable prefix) and leave the caches in
+    stats: Any = None  # a GenerationStats that MTP drafting fills in (drafted, accepted, what paid)
+    prefill_chunk: int | None = None  # None: the engine's
     id: str = field(default_factory=lambda: f"req-{next(_ids)}")
 
 
@@ -55,6 +60,7 @@ class Handle:
     def __init__(self, request: Request):
         self.request, self.events, self.cancelled = request, queue.Queue(), False
         self.listener = None  # set: events go to it (from the engine's thread) instead of the queue
+        self.usage: Usage | None = None  # the counts so far, once the engine has taken the request
         self._lock = threading.Lock()
 
     def put(self, event: Event) -> None:
