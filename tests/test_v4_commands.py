@@ -106,3 +106,38 @@ def test_the_cli_quantizes_and_generates_v4(tmp_path, tokenizer_dir):
     texts = [cli("generate", *where, "--prompt", "the quick brown fox", "--max-tokens", "6", "--temp", "0")
              for where in (("--model", tmp_path / "q"), ("--model", src, "--bits", "4"))]
     assert texts[0].splitlines()[0] == texts[1].splitlines()[0]
+
+
+def test_convert_hf_writes_the_layout_transformers_saves(tmp_path):
+    """transformers' own save and ours have the same tensor names; it loads ours with our logits."""
+    from safetensors import safe_open
+    from dh_mlx.convert import export_hf
+    src = build(tmp_path / "m", "pro_default")
+    export_hf(src, tmp_path / "hf")
+    names = [set(safe_open(str(d / "model.safetensors"), "np").keys()) for d in (src, tmp_path / "hf")]
+    assert names[0] == names[1]
+    ids = prompt()
+    ours = np.array(load_model(src, dtype="float32")(mx.array(ids)))
+    assert np.abs(reference(tmp_path / "hf", ids) - ours).max() <= 1e-4 and np.abs(ours).max() > 0.1
+
+
+def test_convert_hf_of_an_fp8_release_writes_its_float_values(tmp_path):
+    """An FP8 release (UE8M0 scales) with its MTP module: the export holds the float values the FP8 stands for
+    (transformers' logits equal ours on the float copy), the MTP module under DeepSeek's `mtp.0.*` (we read it
+    back; transformers, which has no MTP, leaves it out)."""
+    from dh_mlx.convert import export_hf
+    from test_v4 import _with_mtp, release_layout
+    src, _, _ = build_with_mtp(tmp_path / "src", "flash_like")
+    fp8, float_copy = release_layout(src, tmp_path / "release", "ue8m0")
+    export_hf(fp8, tmp_path / "hf", dtype="float32")
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert "quantization_config" not in config and config["num_nextn_predict_layers"] == 1
+    ids = mx.array(prompt())
+    want = _with_mtp(load_model(float_copy, dtype="float32"), ids)
+    back = _with_mtp(load_model(tmp_path / "hf", dtype="float32"), ids)
+    assert all(np.abs(a - b).max() <= 1e-5 for a, b in zip(back, want))
+    assert np.abs(reference(tmp_path / "hf", prompt()) - want[0]).max() <= 1e-4
+    export_hf(fp8, tmp_path / "no-mtp", mtp=False)  # bfloat16, what FP8 is written back as by default
+    config = json.loads((tmp_path / "no-mtp" / "config.json").read_text())
+    assert config["num_nextn_predict_layers"] == 0 and config["torch_dtype"] == "bfloat16"
+    assert np.abs(reference(tmp_path / "no-mtp", prompt()) - want[0]).max() <= 0.05

@@ -15,9 +15,12 @@ from mlx.utils import tree_flatten
 from ..config_v4 import V4Config
 from ..model.v4_model import V4Model
 from ..quant import QuantConfig, kept_float, quantize_like
-from .layout import CheckpointError, check_tensors, dequantize_fp8, fp8_blocks, stack_experts
+from ..device import compute_dtype
+from .layout import (CheckpointError, check_tensors, dequantize_fp8, dequantized_config, fp8_blocks, stack_experts,
+                     unstack_experts)
+from .shards import DEFAULT_SHARD_BYTES, ShardWriter
 from .streaming import QuantizedStream, decode_fp8, lazy_tensors, quantized_weights
-from .v4_layout import e8m0_scales, keep_fp32
+from .v4_layout import e8m0_scales, keep_fp32, release_name
 
 _LAYER = re.compile(r"^model\.layers\.(\d+)\.")
 
@@ -139,3 +142,31 @@ def load_v4_model(path: Path, config: V4Config, dtype: mx.Dtype, qc: QuantConfig
     model.load_weights(list(weights.items()))
     mx.eval(model.parameters())
     return model
+
+
+def save_v4_model(model: V4Model, path: Path, *, mtp: bool = True, max_shard_bytes: int = DEFAULT_SHARD_BYTES,
+                  dtype: str | None = None) -> None:
+    """Write a float V4 model in the release layout transformers' DeepseekV4ForCausalLM loads (its names, one
+    tensor per expert, the hash tables int64 as it saves them), the MTP modules under DeepSeek's `mtp.*`
+    (`mtp=False`: left out). What transformers keeps in float32 stays float32."""
+    config = dequantized_config(model.config)  # FP8 weights were read as float
+    if config.extra.get("quantization") is not None:
+        raise CheckpointError("an MLX-quantized deepseek_v4 model; the release layout is float: convert its float "
+                              "or FP8 checkpoint")
+    config = config.replace(extra={k: v for k, v in config.extra.items() if k != "quantization_config"})
+    weights = dict(tree_flatten(model.parameters()))
+    if not mtp and config.num_nextn_predict_layers:
+        last = config.num_hidden_layers
+        weights = {k: v for k, v in weights.items() if not ((m := _LAYER.match(k)) and int(m[1]) >= last)}
+        config = config.replace(num_nextn_predict_layers=0)
+    target = compute_dtype(dtype) if dtype else None
+    out = {}
+    for k, v in unstack_experts(weights, config).items():
+        if k.endswith("tid2eid"):
+            v = v.astype(mx.int64)
+        elif target is not None and mx.issubdtype(v.dtype, mx.floating):
+            v = v.astype(mx.float32 if keep_fp32(k) else target)
+        out[release_name(k, config.num_hidden_layers)] = v
+    writer = ShardWriter(path, max_shard_bytes)
+    writer.add(out)
+    writer.finish(config)
