@@ -148,12 +148,12 @@ def save_v4_model(model: V4Model, path: Path, *, mtp: bool = True, max_shard_byt
                   dtype: str | None = None) -> None:
     """Write a float V4 model in the release layout transformers' DeepseekV4ForCausalLM loads (its names, one
     tensor per expert, the hash tables int64 as it saves them), the MTP modules under DeepSeek's `mtp.*`
-    (`mtp=False`: left out). What transformers keeps in float32 stays float32."""
+    (`mtp=False`: left out). What transformers keeps in float32 stays float32. A quantized model is written
+    as `dh-mlx quantize` writes it (transformers' module names, packed weights with scales and biases)."""
     config = dequantized_config(model.config)  # FP8 weights were read as float
-    if config.extra.get("quantization") is not None:
-        raise CheckpointError("an MLX-quantized deepseek_v4 model; the release layout is float: convert its float "
-                              "or FP8 checkpoint")
-    config = config.replace(extra={k: v for k, v in config.extra.items() if k != "quantization_config"})
+    packed = config.extra.get("quantization") is not None
+    if not packed:
+        config = config.replace(extra={k: v for k, v in config.extra.items() if k != "quantization_config"})
     weights = dict(tree_flatten(model.parameters()))
     if not mtp and config.num_nextn_predict_layers:
         last = config.num_hidden_layers
@@ -163,10 +163,10 @@ def save_v4_model(model: V4Model, path: Path, *, mtp: bool = True, max_shard_byt
     out = {}
     for k, v in unstack_experts(weights, config).items():
         if k.endswith("tid2eid"):
-            v = v.astype(mx.int64)
+            v = v.astype(mx.int32 if packed else mx.int64)
         elif target is not None and mx.issubdtype(v.dtype, mx.floating):
             v = v.astype(mx.float32 if keep_fp32(k) else target)
-        out[release_name(k, config.num_hidden_layers)] = v
+        out[k if packed else release_name(k, config.num_hidden_layers)] = v
     writer = ShardWriter(path, max_shard_bytes)
     writer.add(out)
     writer.finish(config)

@@ -41,6 +41,9 @@ def export_hf(model_dir: str | Path, out: str | Path, *, mtp: bool = True, dtype
         raise ConvertError(f"dtype {dtype!r}: expected one of {', '.join(_SAFETENSORS_DTYPES.values())}")
     model = load_model(model_dir, dtype="float32")
     if model.config.model_type == "deepseek_v4":
+        if model.config.extra.get("quantization") is not None:
+            raise ConvertError(f"{model_dir}: an MLX-quantized deepseek_v4 model; the release layout is float: "
+                               "convert its float or FP8 checkpoint")
         save_v4_model(model, out, mtp=mtp, max_shard_bytes=max_shard_bytes, dtype=dtype)
     else:
         _save_v3(model, model_dir, out, mtp=mtp, max_shard_bytes=max_shard_bytes, dtype=dtype)
