@@ -220,3 +220,11 @@ def test_v4_document_masking_keeps_packed_documents_apart(tmp_path):
     assert np.abs(np.array(model(mx.array(other)))[0, 13:] - a[0, 13:]).max() > 0.1  # unmasked, it does
     one = document_mask(mx.zeros((2, 40), mx.int32))
     assert np.abs(np.array(model(mx.array(ids), mask=one)) - np.array(model(mx.array(ids)))).max() == 0
+
+
+def test_training_from_v4_weights_is_refused_before_the_run_starts(tmp_path):
+    from dh_mlx.train.run import train
+    src = build(tmp_path / "m", "flash_like")
+    with pytest.raises(ValueError, match="training does not take deepseek_v4 models .*lora, fuse"):
+        train(init=src, data=tmp_path / "absent.jsonl", out=tmp_path / "run", progress=False)
+    assert not (tmp_path / "run").exists()
