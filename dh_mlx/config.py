@@ -417,7 +417,8 @@ def save_config(config: ModelConfig, directory: str | Path, name: str = "config.
 
 
 # ---- LoRA adapters -------------------------------------------------------------------------------------
-ATTENTION = ("q_proj", "q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj")
+ATTENTION = ("q_proj", "q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj",
+             "kv_proj", "o_a_proj", "o_b_proj")  # (the last three: DeepSeek-V4's)
 DENSE_MLP = ("gate_proj", "up_proj", "down_proj")  # the dense layers' MLP
 TARGETS = ATTENTION + ("shared_experts",) + DENSE_MLP
 

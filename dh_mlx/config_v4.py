@@ -233,7 +233,8 @@ class V4Config:
 def refuse(config: Any, what: str) -> None:
     """A one-line refusal of `what` (a command or operation of the DeepSeek-V3 family) for a V4 config."""
     if getattr(config, "model_type", None) == "deepseek_v4":
-        raise ValueError(f"{what} does not take deepseek_v4 models (dh-mlx runs them: generate, chat, info)")
+        raise ValueError(f"{what} does not take deepseek_v4 models (dh-mlx runs them: generate, chat, info, "
+                         "quantize / convert mlx, quantized on load, convert hf, lora, fuse)")
 
 
 @dataclass(frozen=True)

@@ -41,6 +41,8 @@ _MLX_LM_TO_OURS = {v: k for k, v in _OURS_TO_MLX_LM.items()}
 
 def default_targets(config: ModelConfig) -> list[str]:
     """Attention's query, latent and output projections and the shared experts (every format can load them)."""
+    if config.model_type == "deepseek_v4":  # its key/value and the output's second (full-width) projection
+        return ["q_a_proj", "q_b_proj", "kv_proj", "o_b_proj", "shared_experts"]
     q = ["q_proj"] if config.q_lora_rank is None else ["q_a_proj", "q_b_proj"]
     return q + ["kv_a_proj_with_mqa", "o_proj"] + (["shared_experts"] if config.n_shared_experts else [])
 

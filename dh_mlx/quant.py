@@ -173,7 +173,7 @@ def _set_block(model: Model, block: dict | None) -> None:
     d = {k: v for k, v in model.config.to_dict().items() if k not in KEYS}
     if block is not None:
         d.update({k: block for k in KEYS})
-    model.config = ModelConfig.from_dict(d)
+    model.config = type(model.config).from_dict(d)  # (ModelConfig, or DeepSeek-V4's V4Config)
 
 
 def quantize_model(model: Model, qc: QuantConfig) -> dict:

@@ -142,9 +142,8 @@ def test_info_gives_the_caches_bytes_per_token(tmp_path):
     assert "sliding windows, 2.0 KiB at any length" in format_info(info, "v4")
 
 
-def test_generation_decodes_greedily_and_other_commands_refuse_by_name(tmp_path):
-    from dh_mlx.convert.mlx import quantize
-    from dh_mlx.convert import export_hf
+def test_generation_decodes_greedily_and_gguf_refuses_by_name(tmp_path):
+    from dh_mlx.convert.gguf import export_gguf
     from dh_mlx.generation import generate_tokens
     path = build(tmp_path / "m", "flash_like")
     model = load_model(path, dtype="float32")
@@ -154,12 +153,8 @@ def test_generation_decodes_greedily_and_other_commands_refuse_by_name(tmp_path)
     for _ in range(6):
         seq.append(int(np.argmax(np.array(model(mx.array([seq])))[0, -1])))
     assert tokens == seq[len(ids):]
-    with pytest.raises(ValueError, match="quantizing does not take deepseek_v4"):
-        quantize(path, tmp_path / "q", bits=4)
-    with pytest.raises(ValueError, match="convert hf does not take deepseek_v4"):
-        export_hf(path, tmp_path / "hf")
-    with pytest.raises(ValueError, match="no `bits`"):
-        load_model(path, bits=4)
+    with pytest.raises(ValueError, match="convert gguf: llama.cpp has no deepseek_v4 architecture"):
+        export_gguf(path, tmp_path / "m.gguf")
 
 
 def test_the_readme_row_is_dh_mlx_info_of_v4_flash(tmp_path):

@@ -18,7 +18,6 @@ from typing import Callable
 import mlx.core as mx
 from mlx.utils import tree_flatten
 
-from ..config_v4 import refuse
 from ..config import ModelConfig
 from ..device import DTYPES
 from ..model import Model
@@ -61,36 +60,66 @@ class QuantizedStream:
 
     `dtype` is what the float tensors and the scales are stored as: by default the source's (bfloat16 for FP8).
     `mtp=False` leaves the MTP modules out. `config` is the output's (with the `quantization` block).
+    A family with its own architecture and layout (DeepSeek-V4: checkpoint/v4_weights.py) overrides the hooks
+    between `_fp8_blocks` and `memory_layout`.
     """
 
     def __init__(self, path: Path, config: ModelConfig, qc: QuantConfig, *, mtp: bool = True,
                  dtype: mx.Dtype | None = None, embedding_copies: bool = True):
-        refuse(config, f"{path}: quantizing")
         if config.extra.get("quantization") is not None:
             raise CheckpointError(f"{path}: already quantized (load it as it is, without `bits`; to quantize it "
                                   "again, start from its float checkpoint)")
         self.path, self.qc, self.embedding_copies = path, qc, embedding_copies
         self.lazy, self.dtypes = lazy_tensors(path, config=config)  # nothing is read yet
-        self.block = fp8_blocks(config, path)
-        other = [k for k, d in self.dtypes.items() if d not in ("F32", "BF16", "F16") and not self._fp8(k)]
+        self.block = self._fp8_blocks(config)
+        other = [k for k, d in self.dtypes.items() if d not in ("F32", "BF16", "F16") and not self._fp8(k)
+                 and not self._other_dtype_ok(k, d)]
         if other:
             raise CheckpointError(f"{path}: tensor {other[0]} has dtype {self.dtypes[other[0]]}; expected float32, "
                                   "bfloat16, float16 or FP8 with block scales (a quantized model? quantize its "
                                   "float checkpoint)")
-        config = config_for_tensors(dequantized_config(config), self.lazy, path)
+        config = self._source_config(dequantized_config(config))
         if not mtp:
             config = config.replace(num_nextn_predict_layers=0)
         self.dtype = dtype or DTYPES[stored_dtype(path)]
-        model = Model(config)  # never evaluated: its modules give the plan and the expected shapes
+        model = self._model(config)  # never evaluated: its modules give the plan and the expected shapes
         self._check(model, config)
         choose = quant_predicate(config, qc)
         modules = {p: m for p, m in model.named_modules() if "weight" in m}
         self.plan = {p: choose(p, m) for p, m in modules.items()}
-        self.kept_float = kept_float(self.plan, {p: m.weight.shape for p, m in modules.items()})
+        self.kept_float = self._kept_float(model, modules)
         block = quant_block(self.plan, qc.bits)
-        self.config = ModelConfig.from_dict({**{k: v for k, v in config.to_dict().items() if k not in KEYS},
-                                             **{k: block for k in KEYS}})
+        self.config = type(config).from_dict({**{k: v for k, v in config.to_dict().items() if k not in KEYS},
+                                              **{k: block for k in KEYS}})
         self.stored_bits = self.params = 0  # for bits_per_weight, over the tensors in memory layout
+
+    # ---- the hooks a family with its own layout overrides ------------------------------------------------------
+    def _fp8_blocks(self, config: ModelConfig) -> tuple[int, int] | None:
+        return fp8_blocks(config, self.path)
+
+    def _other_dtype_ok(self, name: str, dtype: str) -> bool:
+        """Whether a tensor neither float nor FP8 is one the format has (DeepSeek-V3's has none)."""
+        return False
+
+    def _source_config(self, config: ModelConfig) -> ModelConfig:
+        return config_for_tensors(config, self.lazy, self.path)
+
+    def _model(self, config: ModelConfig) -> Model:
+        return Model(config)
+
+    def _kept_float(self, model: Model, modules: dict) -> list[str]:
+        return kept_float(self.plan, {p: m.weight.shape for p, m in modules.items()})
+
+    def memory_layout(self, w: dict[str, mx.array], config: ModelConfig) -> dict[str, mx.array]:
+        """File layout -> the model's (experts stacked)."""
+        return to_memory_layout(w, config, mx.stack)
+
+    def _file_layout(self, w: dict[str, mx.array]) -> dict[str, mx.array]:
+        """A layer's tensors as read (FP8 dequantized) -> the file layout written (one tensor per expert)."""
+        return unstack_experts(split_fused_experts(drop_rotary_buffers(w, self.config), self.config), self.config)
+
+    def _keep_fp32(self, name: str) -> bool:
+        return keep_fp32(name)
 
     def _fp8(self, k: str) -> bool:
         return self.block is not None and self.dtypes.get(k) == "F8_E4M3"
@@ -107,7 +136,7 @@ class QuantizedStream:
         raw = [k for k, v in w.items() if v.dtype == mx.uint8]  # FP8 bytes that no weight_scale_inv scaled
         if raw:
             raise CheckpointError(f"{self.path}: tensor {raw[0]} has dtype F8_E4M3 without a weight_scale_inv")
-        w = to_memory_layout(w, config, mx.stack)
+        w = self.memory_layout(w, config)
         check_tensors({k: v.shape for k, v in w.items()},
                       {k: v.shape for k, v in tree_flatten(model.parameters())}, self.path)
 
@@ -131,6 +160,11 @@ class QuantizedStream:
     def _store(self, name: str, v: mx.array, out: dict[str, mx.array]) -> None:
         owner, leaf = name.rsplit(".", 1)
         choice = self.plan.get(self._module(name), False) if leaf == "weight" else False
+        if not mx.issubdtype(v.dtype, mx.floating):  # a table of ids (V4's hash routing), kept as it is
+            v = v.astype(mx.int32)
+            mx.eval(v)
+            out[name] = v
+            return
         v = v.astype(mx.float32)
         if not mx.isfinite(v).all().item():
             raise CheckpointError(f"{self.path}: tensor {name} holds NaN or infinite values")
@@ -139,7 +173,7 @@ class QuantizedStream:
             q, scales, biases = mx.quantize(v, group_size=choice["group_size"], bits=choice["bits"])
             parts = {name: q, f"{owner}.scales": scales.astype(self.dtype), f"{owner}.biases": biases.astype(self.dtype)}
         else:
-            parts = {name: v.astype(mx.float32 if keep_fp32(name) else self.dtype)}
+            parts = {name: v.astype(mx.float32 if self._keep_fp32(name) else self.dtype)}
         self.params += v.size * counted
         mx.eval(list(parts.values()))
         self.stored_bits += sum(a.nbytes * 8 for a in parts.values()) * counted
@@ -149,8 +183,7 @@ class QuantizedStream:
         """Each group's quantized tensors, evaluated, in the file layout; the source tensors are let go."""
         for names in self._groups():
             w = {k: self.lazy.pop(k) for k in names}
-            w = unstack_experts(split_fused_experts(drop_rotary_buffers(self._float(w), self.config), self.config),
-                                self.config)
+            w = self._file_layout(self._float(w))
             out: dict[str, mx.array] = {}
             for k in list(w):
                 self._store(k, w.pop(k), out)
@@ -162,14 +195,14 @@ class QuantizedStream:
         return self.stored_bits / max(self.params, 1)
 
 
-def quantized_weights(path: Path, config: ModelConfig, qc: QuantConfig, dtype: mx.Dtype
-                      ) -> tuple[ModelConfig, dict[str, mx.array]]:
+def quantized_weights(path: Path, config: ModelConfig, qc: QuantConfig, dtype: mx.Dtype,
+                      stream_type: type[QuantizedStream] = QuantizedStream) -> tuple[ModelConfig, dict[str, mx.array]]:
     """(config, weights in memory layout) of the float checkpoint at `path` quantized as it is read, one
     layer at a time: what load_model(bits=...) builds its model from."""
-    stream = QuantizedStream(path, config, qc, dtype=dtype, embedding_copies=False)
+    stream = stream_type(path, config, qc, dtype=dtype, embedding_copies=False)
     weights: dict[str, mx.array] = {}
     for tensors in stream.layers():
-        layer = to_memory_layout(tensors, stream.config, mx.stack)
+        layer = stream.memory_layout(tensors, stream.config)
         tensors.clear()  # the generator holds this dict too: once stacked, only the stacks keep the experts
         mx.eval(list(layer.values()))
         weights.update(layer)

@@ -7,6 +7,7 @@ q_a_proj.weight`, experts one per index as `mlp.experts.7.gate_proj.weight`, sta
 conversion mapping reads them. The release's MTP modules (`mtp.0.attn.wq_a.weight`, `mtp.0.e_proj.weight`,
 `mtp.0.hc_head_fn`, ...; transformers writes none) become layers past the main stack, as DeepSeek-V3's sit
 (`model.layers.43.self_attn.q_a_proj.weight`, `model.layers.43.e_proj.weight`, `model.layers.43.hc_head.hc_fn`).
+`release_name` goes back (what `convert hf` writes).
 """
 
 from __future__ import annotations
@@ -76,6 +77,48 @@ def v4_names(where: Path, num_hidden_layers: int, mtp_layers: int) -> Callable[[
             bare = pattern.sub(replacement, bare)
         return bare if bare.startswith("lm_head.") else "model." + bare
     return rename
+
+
+# module name (inside a layer, without `model.layers.N.`) -> the release's, in order: v4_names read backwards
+_BACK = [(re.compile(p), r) for p, r in [
+    (r"^self_attn\.compressor\.indexer\.scorer\.weights_proj\.", "attn.indexer.weights_proj."),
+    (r"^self_attn\.compressor\.indexer\.q_b_proj\.", "attn.indexer.wq_b."),
+    (r"^self_attn\.compressor\.indexer\.", "attn.indexer.compressor."),
+    (r"^self_attn\.", "attn."),
+    (r"^mlp\.", "ffn."),
+    (r"^input_layernorm\.", "attn_norm."),
+    (r"^post_attention_layernorm\.", "ffn_norm."),
+    (r"^(attn|ffn)_hc\.(fn|base|scale)$", r"hc_\1_\2"),
+    (r"^hc_head\.hc_(fn|base|scale)$", r"hc_head_\1"),  # an MTP module's own head
+    (r"\.sinks$", ".attn_sink"),
+    (r"\.position_bias$", ".ape"),
+    (r"\.q_a_proj\.", ".wq_a."),
+    (r"\.q_a_norm\.", ".q_norm."),
+    (r"\.q_b_proj\.", ".wq_b."),
+    (r"\.kv_proj\.", ".wkv."),
+    (r"\.o_a_proj\.", ".wo_a."),
+    (r"\.o_b_proj\.", ".wo_b."),
+    (r"compressor\.gate_proj\.", "compressor.wgate."),
+    (r"\.kv_norm\.", ".norm."),
+    (r"\.gate\.e_score_correction_bias$", ".gate.bias"),
+    (r"\.(experts\.\d+|shared_experts)\.gate_proj\.", r".\1.w1."),
+    (r"\.(experts\.\d+|shared_experts)\.down_proj\.", r".\1.w2."),
+    (r"\.(experts\.\d+|shared_experts)\.up_proj\.", r".\1.w3."),
+]]
+_OUTSIDE = {"lm_head.weight": "head.weight"}  # transformers writes the rest of the top level as it names it
+
+
+def release_name(name: str, num_hidden_layers: int) -> str:
+    """Module name (experts one per index) -> the name transformers' save_pretrained writes (`model.layers.3.
+    attn.wq_a.weight`, `head.weight`); MTP module i (layer num_hidden_layers + i) -> DeepSeek's `mtp.i.*`."""
+    m = re.match(r"^model\.layers\.(\d+)\.(.*)$", name)
+    if not m:
+        return _OUTSIDE.get(name, name)
+    rest = m[2]
+    for pattern, replacement in _BACK:
+        rest = pattern.sub(replacement, rest)
+    i = int(m[1])
+    return f"model.layers.{i}.{rest}" if i < num_hidden_layers else f"mtp.{i - num_hidden_layers}.{rest}"
 
 
 def keep_fp32(name: str) -> bool:

@@ -97,8 +97,9 @@ def load_bytes(config: ModelConfig, dtype: mx.Dtype, staged: int = 0, qc: QuantC
     # What stays float (kv_b_proj, the routers) at the compute dtype; while a layer's experts are stacked they
     # are held twice; the largest float32 matrix read (the embedding) besides.
     layers = c.num_hidden_layers + c.num_nextn_predict_layers
-    kept = layers * c.kv_lora_rank * c.num_attention_heads * (c.qk_nope_head_dim + c.v_head_dim) + layers * (
-        c.n_routed_experts or 0) * c.hidden_size
+    kept = layers * (c.n_routed_experts or 0) * c.hidden_size
+    if c.model_type != "deepseek_v4":  # (V4 has no kv_b_proj; its hyper-connections are small)
+        kept += layers * c.kv_lora_rank * c.num_attention_heads * (c.qk_nope_head_dim + c.v_head_dim)
     group = qc.group_size or 32  # chosen per matrix: at most the bytes of the smallest groups
     layer = weight_bytes(n // max(c.num_hidden_layers, 1), qc.bits, group)
     return (weight_bytes(n - kept, qc.bits, group) + kept * max(dtype.size, 4) + 2 * layer
@@ -247,13 +248,13 @@ def load_model(path: str | Path, *, dtype: str | None = None, bits: int | None =
     config = load_config(path)
     keep = None
     v4 = config.model_type == "deepseek_v4"  # its own architecture and layout (v4_weights.py)
-    if v4 and (qc is not None or layers is not None):
-        raise ValueError(f"{path}: deepseek_v4 loads as it is stored (float or FP8): no `bits` and no pipeline")
+    if v4 and layers is not None:
+        raise ValueError(f"{path}: deepseek_v4 loads whole: no pipeline")
     if layers is None:
         memory_check(dtype, str(path), qc)(path)
     if v4:
         from .v4_weights import load_v4_model
-        return load_v4_model(path, config, dt)
+        return load_v4_model(path, config, dt, qc)
     if layers is not None:
         config = config.replace(num_nextn_predict_layers=0)
         keep = owned_by(layers, config)

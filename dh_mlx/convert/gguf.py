@@ -13,7 +13,6 @@ from pathlib import Path
 
 import gguf
 import numpy as np
-from ..config_v4 import refuse
 from ..checkpoint.layout import (check_tensors, config_for_tensors, dequantized_config, expected_shapes,
                                 read_float32, to_memory_layout)
 from ..checkpoint.hub import resolve_path
@@ -28,6 +27,11 @@ from .quantize import check_quantizer, quantize_gguf
 
 ARCH = gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.DEEPSEEK2]
 GATING = {"softmax": gguf.ExpertGatingFuncType.SOFTMAX, "sigmoid": gguf.ExpertGatingFuncType.SIGMOID}
+
+
+def no_v4(config: ModelConfig, model_dir: Path) -> None:
+    if config.model_type == "deepseek_v4":
+        raise ConvertError(f"{model_dir}: convert gguf: llama.cpp has no deepseek_v4 architecture to write it as")
 
 
 def unsupported(config: ModelConfig) -> list[str]:
@@ -120,7 +124,7 @@ def read_weights(model_dir: Path) -> tuple[dict[str, np.ndarray], ModelConfig]:
     """The directory's float32 tensors in our stacked layout, and its config (without MTP if the checkpoint
     has none); every tensor's name and shape must be the config's."""
     config = load_config(model_dir)
-    refuse(config, f"{model_dir}: convert gguf")
+    no_v4(config, model_dir)
     if config.sparse_attention:
         raise ConvertError(f"{model_dir}: {config.model_type} attends through a sparse-attention indexer, which "
                            "llama.cpp's deepseek2 architecture does not have")
@@ -143,6 +147,7 @@ def write_gguf(model_dir: str | Path, out: str | Path, *, outtype: str = "f16", 
     check_output_file(out, inputs=[model_dir], force=force)
     if outtype not in OUTTYPES:
         raise ConvertError(f"outtype {outtype!r}: expected one of {', '.join(OUTTYPES)}")
+    no_v4(load_config(model_dir), model_dir)
     if problems := unsupported(load_config(model_dir)):
         raise ConvertError(f"{model_dir}: llama.cpp cannot run this model exactly: " + "; ".join(problems))
     tokenizer = load_tokenizer(model_dir)

@@ -1,4 +1,5 @@
-"""Write a model directory that transformers' `DeepseekV3ForCausalLM` and vLLM load as they are.
+"""Write a model directory that transformers' `DeepseekV3ForCausalLM` and vLLM load as they are (DeepSeek-V4:
+the release layout transformers' `DeepseekV4ForCausalLM` loads, checkpoint/v4_weights.py).
 
 Our checkpoint already is the HF DeepSeek-V3 layout (MTP layers included, as vLLM's `mtp` speculative method
 reads them); this adds what a hub-style directory carries beside it: sharded safetensors with an index, the
@@ -11,8 +12,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from ..config_v4 import refuse
 from ..checkpoint.layout import stored_dtype
+from ..checkpoint.v4_weights import save_v4_model
 from ..files import read_json, write_atomic
 from ..outputs import check_output_dir
 from ..progress import note
@@ -39,16 +40,13 @@ def export_hf(model_dir: str | Path, out: str | Path, *, mtp: bool = True, dtype
     if dtype not in _SAFETENSORS_DTYPES.values():
         raise ConvertError(f"dtype {dtype!r}: expected one of {', '.join(_SAFETENSORS_DTYPES.values())}")
     model = load_model(model_dir, dtype="float32")
-    refuse(model.config, f"{model_dir}: convert hf")
-    dr = model.config.domain_routing
-    if dr is not None and dr.added:  # transformers and vLLM ignore domain_routing: they would use these experts
-        raise ConvertError(f"{model_dir}: has added domains ({', '.join(dr.added)}), which transformers and vLLM "
-                           "would route every token to; export a domain with dh-mlx domains extract instead")
-    head = model.config.kv_lora_rank + model.config.qk_rope_head_dim
-    if head not in VLLM_MLA_HEADS:
-        note(f"{model_dir}: MLA head {head} (kv_lora_rank + qk_rope_head_dim): transformers loads the export, "
-             f"vLLM's MLA kernels refuse it (they take {', '.join(map(str, VLLM_MLA_HEADS))})")
-    save_model(model, out, mtp=mtp, max_shard_bytes=max_shard_bytes, dtype=dtype)
+    if model.config.model_type == "deepseek_v4":
+        if model.config.extra.get("quantization") is not None:
+            raise ConvertError(f"{model_dir}: an MLX-quantized deepseek_v4 model; the release layout is float: "
+                               "convert its float or FP8 checkpoint")
+        save_v4_model(model, out, mtp=mtp, max_shard_bytes=max_shard_bytes, dtype=dtype)
+    else:
+        _save_v3(model, model_dir, out, mtp=mtp, max_shard_bytes=max_shard_bytes, dtype=dtype)
 
     config = read_json(out / "config.json", "config")
     config["torch_dtype"] = dtype
@@ -63,3 +61,15 @@ def export_hf(model_dir: str | Path, out: str | Path, *, mtp: bool = True, dtype
                   "pad_token_id": config.get("pad_token_id"), "do_sample": False}
     write_atomic(out / "generation_config.json", json.dumps(generation, indent=2) + "\n")
     return out
+
+
+def _save_v3(model, model_dir: Path, out: Path, **options) -> None:
+    dr = model.config.domain_routing
+    if dr is not None and dr.added:  # transformers and vLLM ignore domain_routing: they would use these experts
+        raise ConvertError(f"{model_dir}: has added domains ({', '.join(dr.added)}), which transformers and vLLM "
+                           "would route every token to; export a domain with dh-mlx domains extract instead")
+    head = model.config.kv_lora_rank + model.config.qk_rope_head_dim
+    if head not in VLLM_MLA_HEADS:
+        note(f"{model_dir}: MLA head {head} (kv_lora_rank + qk_rope_head_dim): transformers loads the export, "
+             f"vLLM's MLA kernels refuse it (they take {', '.join(map(str, VLLM_MLA_HEADS))})")
+    save_model(model, out, **options)

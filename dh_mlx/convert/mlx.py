@@ -8,6 +8,7 @@ from pathlib import Path
 
 from ..checkpoint.shards import DEFAULT_SHARD_BYTES, ShardWriter
 from ..checkpoint.streaming import QuantizedStream
+from ..checkpoint.v4_weights import V4QuantizedStream
 from ..checkpoint.weights import copy_tokenizer, resolve_path
 from ..config import load_config
 from ..device import compute_dtype
@@ -37,14 +38,18 @@ def quantize(model: str | Path, out: str | Path, *, bits: int = 4, group_size: i
     qc = QuantConfig(bits, group_size, recipe)
     src = resolve_path(model)
     check_output_dir(out, inputs=[src], force=force)
-    stream = QuantizedStream(src, load_config(src), qc, mtp=mtp, dtype=compute_dtype(dtype) if dtype else None)
+    config = load_config(src)
+    stream_type = V4QuantizedStream if config.model_type == "deepseek_v4" else QuantizedStream
+    stream = stream_type(src, config, qc, mtp=mtp, dtype=compute_dtype(dtype) if dtype else None)
     writer = ShardWriter(out, max_shard_bytes)
     for tensors in stream.layers():
         writer.add(tensors)
         del tensors
     copy_tokenizer(src, Path(out))  # before config.json, the last file: a directory with one is complete
     writer.finish(stream.config)
-    if stream.config.num_nextn_predict_layers:
+    if stream.config.model_type == "deepseek_v4":
+        note(f"{out}: deepseek_v4 in transformers' module names; dh-mlx loads it (mlx-lm has no deepseek_v4)")
+    elif stream.config.num_nextn_predict_layers:
         note(f"{out}: keeps the MTP layers (for MTP drafting); mlx-lm loads a copy written with `mtp=False`")
     return {"bits": bits, "group_size": group_size, "recipe": recipe, "bits_per_weight": stream.bits_per_weight(),
             "bytes": dir_bytes(out), "source_bytes": dir_bytes(src), "kept_float": stream.kept_float}

@@ -9,7 +9,9 @@ Compressed entries: each window of m source tokens becomes one d-wide entry, a s
 projections (with a learned bias per slot) under an RMS norm, rotated at the window's first position. HCA
 windows are disjoint and every finished one is visible. CSA entries span two windows (the previous window's
 first half-projection and this window's second) and a lightning indexer picks the k entries each query sees.
-A query at position t sees entry w only once w's window has ended: w < (t + 1) // m.
+A query at position t sees entry w only once w's window has ended: w < (t + 1) // m. A document mask (training on
+packed rows: query t sees token s only inside its document) hides, besides keys, the entries with a source token
+outside the query's document (their windows' first tokens, the previous window's for CSA's overlapping entries).
 
 `cache` (generation/v4_cache.py) keeps the last W - 1 keys, the entries emitted so far, and each compressor's
 unfinished window; without one, the whole input is one pass (its incomplete last window is never emitted).
@@ -128,8 +130,10 @@ class Indexer(Compressor):
         self.q_b_proj = Linear(config.q_lora_rank, self.n_heads * self.dim, bias=False)
         self.scorer = Scorer(config)
 
-    def __call__(self, x: mx.array, q_latent: mx.array, offset: int, state: Any) -> mx.array:
-        """(B, L, min(k, T)) chosen entries per query, -1 where the query may not see the entry."""
+    def __call__(self, x: mx.array, q_latent: mx.array, offset: int, state: Any, documents: Any = None
+                 ) -> mx.array:
+        """(B, L, min(k, T)) chosen entries per query, -1 where the query may not see the entry; `documents`
+        (B, 1, L, T) bool: the entries inside each query's document."""
         B, L, _ = x.shape
         keys = super().__call__(x, state)  # (B, T, c)
         T, k = keys.shape[1], min(self.topk, keys.shape[1])
@@ -138,11 +142,12 @@ class Indexer(Compressor):
         q = self.q_b_proj(q_latent).reshape(B, L, self.n_heads, self.dim).transpose(0, 2, 1, 3)  # (B, h, L, c)
         q = self.rope(q, offset)
         w = self.scorer.weights_proj(x).astype(mx.float32) * (self.n_heads**-0.5 * self.dim**-0.5)
-        seen = visible(T, self.rate, offset, L)  # (L, T)
-        scores = index_scores(q, keys[:, None], w, seen[None, None])  # (B, L, T), -inf where not seen
+        seen = visible(T, self.rate, offset, L)[None, None]  # (1, 1, L, T)
+        seen = seen if documents is None else seen & documents
+        scores = index_scores(q, keys[:, None], w, seen)  # (B, L, T), -inf where not seen
         top = (mx.argpartition(-scores, kth=k - 1, axis=-1)[..., :k] if k < T else mx.broadcast_to(
             mx.arange(k), (B, L, k))).astype(mx.int32)
-        ok = mx.take_along_axis(mx.broadcast_to(seen[None], (B, L, T)), top, axis=-1)
+        ok = mx.take_along_axis(mx.broadcast_to(seen[:, 0], (B, L, T)), top, axis=-1)
         return mx.stop_gradient(mx.where(ok, top, -1))
 
 
@@ -169,7 +174,8 @@ class V4Attention(nn.Module):
             if self.kind == "compressed_sparse_attention":
                 self.compressor.indexer = Indexer(c, rate, self.rope)
 
-    def __call__(self, x: mx.array, cache: Any = None) -> mx.array:
+    def __call__(self, x: mx.array, cache: Any = None, mask: Any = None) -> mx.array:
+        """x (B, L, D) -> (B, L, D); `mask` (B, 1, L, L) bool, a document mask over the whole input (no cache)."""
         B, L, _ = x.shape
         H, d = self.num_heads, self.head_dim
         offset = 0 if cache is None else cache.offset
@@ -182,31 +188,52 @@ class V4Attention(nn.Module):
         qpos = mx.arange(L)[:, None] + offset
         bias = mx.where((kpos[None] <= qpos) & (kpos[None] > qpos - self.window), 0.0, -mx.inf)  # (L, Kw)
         bias = mx.broadcast_to(bias, (B, 1, L, keys.shape[2]))
+        # (with a cache, generation: the cache's own positions decide; a mask there is not a document mask)
+        documents = None if isinstance(mask, str) or mask is None or cache is not None else mask
+        if documents is not None:
+            bias = mx.where(documents, bias, -mx.inf)
         if "compressor" in self:
-            entries, entry_bias = self._compressed(x, q_latent, offset, cache)
+            entries, entry_bias = self._compressed(x, q_latent, offset, cache, documents)
             keys = mx.concatenate([keys, entries[:, None]], axis=2)
             bias = mx.concatenate([bias, entry_bias], axis=-1)
         out = attend_with_sinks(q, keys, self.sinks, self.scale, bias)  # (B, H, L, d)
         out = self.rope(out, offset, inverse=True)  # the value's rotation undone at the query's position
         g = self.o_groups
-        grouped = out.transpose(0, 2, 1, 3).reshape(B, L, g, 1, H * d // g)
-        w = self.o_a_proj.weight.reshape(g, -1, H * d // g)  # (g, o_lora_rank, H*d/g)
-        y = (grouped @ w.swapaxes(-1, -2)).reshape(B, L, -1)  # each group through its own block
-        return self.o_b_proj(y)
+        grouped = out.transpose(0, 2, 1, 3).reshape(B, L, g, H * d // g)
+        return self.o_b_proj(grouped_linear(self.o_a_proj, grouped))
 
-    def _compressed(self, x, q_latent, offset, cache) -> tuple[mx.array, mx.array]:
+    def _compressed(self, x, q_latent, offset, cache, documents) -> tuple[mx.array, mx.array]:
         """(entries (B, T, d), their additive mask (B, 1, L, T))."""
         B, L, _ = x.shape
         comp = self.compressor
         entries = comp(x, None if cache is None else cache.state("compressor"))
         T = entries.shape[1]
+        inside = None
+        if documents is not None:  # each entry's first source token in the query's document
+            first = mx.maximum(mx.arange(T) - (1 if comp.overlap else 0), 0) * comp.rate
+            inside = documents[..., first]  # (B, 1, L, T)
         if "indexer" not in comp:  # HCA: every finished window
             seen = visible(T, comp.rate, offset, L)
+            seen = seen if inside is None else seen & inside
             return entries, mx.broadcast_to(mx.where(seen, 0.0, -mx.inf), (B, 1, L, T))
-        top = comp.indexer(x, q_latent, offset, None if cache is None else cache.state("indexer"))
+        top = comp.indexer(x, q_latent, offset, None if cache is None else cache.state("indexer"), inside)
         chosen = mx.put_along_axis(mx.zeros((B, L, T + 1), mx.bool_), mx.where(top >= 0, top, T),
                                    mx.array(True), axis=-1)[..., :T]  # -1 (not visible) lands past the end
         return entries, mx.where(chosen, 0.0, -mx.inf)[:, None]
+
+
+def grouped_linear(proj: nn.Module, x: mx.array) -> mx.array:
+    """x (B, L, g, n) -> (B, L, g * r): group i through rows i*r..(i+1)*r of `proj` (g blocks of an (g r, n)
+    matrix). A quantized matrix's rows are quantized independently, so each block is a quantized matrix too."""
+    B, L, g, n = x.shape
+    if isinstance(proj, nn.QuantizedLinear):
+        r = proj.weight.shape[0] // g
+        return mx.concatenate([mx.quantized_matmul(
+            x[:, :, i], proj.weight[i * r:(i + 1) * r], proj.scales[i * r:(i + 1) * r],
+            proj.biases[i * r:(i + 1) * r], transpose=True, group_size=proj.group_size, bits=proj.bits,
+            mode=proj.mode) for i in range(g)], axis=-1)
+    w = proj.weight.reshape(g, -1, n)  # (g, r, n); a LoRA-wrapped matrix gives its adapted weight
+    return (x[..., None, :] @ w.swapaxes(-1, -2).astype(x.dtype)).reshape(B, L, -1)
 
 
 def attend_with_sinks(q: mx.array, keys: mx.array, sinks: mx.array, scale: float, bias: mx.array) -> mx.array:

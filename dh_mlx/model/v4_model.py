@@ -174,10 +174,12 @@ class DecoderLayer(nn.Module):
         self.attn_hc = HyperConnection(config)
         self.ffn_hc = HyperConnection(config)
 
-    def __call__(self, streams: mx.array, ids: mx.array, cache: Any = None) -> tuple[mx.array, Routing]:
-        """streams (B, L, n, D) -> (B, L, n, D); comb mixes the streams as comb^T @ streams."""
+    def __call__(self, streams: mx.array, ids: mx.array, cache: Any = None, mask: Any = "causal"
+                 ) -> tuple[mx.array, Routing]:
+        """streams (B, L, n, D) -> (B, L, n, D); comb mixes the streams as comb^T @ streams. `mask`: "causal"
+        or a document mask (B, 1, L, L) bool."""
         post, comb, x = self.attn_hc(streams)
-        y = self.self_attn(self.input_layernorm(x), cache)
+        y = self.self_attn(self.input_layernorm(x), cache, mask)
         streams = post.astype(y.dtype)[..., None] * y[..., None, :] + comb.astype(y.dtype).swapaxes(-1, -2) @ streams
         post, comb, x = self.ffn_hc(streams)
         y, routing = self.mlp(self.post_attention_layernorm(x), ids)
@@ -201,12 +203,12 @@ class MTPBlock(DecoderLayer):
         self.norm = RMSNorm(D, eps=config.rms_norm_eps)
         self.hc_head = HyperHead(config)
 
-    def step(self, streams: mx.array, embeds: mx.array, ids: mx.array, cache: Any = None
+    def step(self, streams: mx.array, embeds: mx.array, ids: mx.array, cache: Any = None, mask: Any = "causal"
              ) -> tuple[mx.array, Routing]:
         """(streams (B, L, n, D) at positions t, embeds (B, L, D) and ids (B, L) of tokens t + 1) -> (the block's
         output streams (B, L, n, D), routing)."""
         x = self.h_proj(self.hnorm(streams)) + self.e_proj(self.enorm(embeds))[:, :, None]
-        return super().__call__(x, ids, cache)
+        return super().__call__(x, ids, cache, mask)
 
 
 class V4Stack(nn.Module):
@@ -230,7 +232,7 @@ class V4Stack(nn.Module):
         streams = mx.broadcast_to(h[:, :, None], (*h.shape[:2], self.hc_mult, h.shape[-1]))
         routing = []
         for i, layer in enumerate(self.layers[: self.num_hidden_layers]):
-            streams, r = layer(streams, inputs, None if cache is None else cache[i])
+            streams, r = layer(streams, inputs, None if cache is None else cache[i], mask)
             routing.append(r)
         return streams, routing
 
@@ -252,18 +254,18 @@ class V4Model(nn.Module):
         return self.lm_head(h) if "lm_head" in self else self.model.embed_tokens.as_linear(h)
 
     def forward(self, inputs: mx.array, cache: Any = None, domain_ids: Any = None, mask: Any = "causal") -> Output:
-        streams, routing = self.model(inputs, cache)
+        streams, routing = self.model(inputs, cache, mask=mask)
         return Output(self.head(self.model.norm(self.model.hc_head(streams))), streams, routing)
 
     def __call__(self, inputs: mx.array, cache: Any = None, domain_ids: Any = None, mask: Any = "causal"):
-        return self.forward(inputs, cache).logits
+        return self.forward(inputs, cache, mask=mask).logits
 
     def mtp_forward(self, hidden: mx.array, next_tokens: mx.array, depth: int = 0, cache: Any = None,
                     domain_ids: Any = None, mask: Any = "causal") -> Output:
         """MTP module `depth`: hidden (B, L, n, D) streams at positions t, next_tokens (B, L) = tokens t+depth+1
         -> logits for tokens t+depth+2, the module's streams (the next depth's input) and its routing."""
         layer = self.model.mtp_layers[depth]
-        streams, routing = layer.step(hidden, self.model.embed_tokens(next_tokens), next_tokens, cache)
+        streams, routing = layer.step(hidden, self.model.embed_tokens(next_tokens), next_tokens, cache, mask)
         return Output(self.head(layer.norm(layer.hc_head(streams))), streams, [routing])
 
     @property

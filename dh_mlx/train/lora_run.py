@@ -13,12 +13,13 @@ import mlx.core as mx
 import numpy as np
 from mlx.utils import tree_flatten
 
-from ..config_v4 import refuse
 from ..config import load_config
 from ..model import Model
 from ..outputs import check_output_dir
 from ..model.moe import Routing
+from ..model.v4_model import DecoderLayer as V4DecoderLayer
 from ..checkpoint.weights import load_model, resolve_path, save_model
+from ..checkpoint.v4_weights import save_v4_model
 from .config import LORA_DEFAULTS, TrainConfig
 from .memory import training_peak_bytes
 from ..lora import (ADAPTER_CONFIG, LoRAConfig, apply_lora, fuse_lora, load_adapters, lora_parameters, save_adapters,
@@ -64,7 +65,17 @@ def _checkpointed(cls: type) -> type:
         h, routing = mx.checkpoint(inner)(self.trainable_parameters(), x, mask, domain_ids)
         return h, None if routing is None else Routing(*routing)  # (checkpoint returns plain tuples)
 
-    return type(f"Checkpointed{cls.__name__}", (cls,), {"__call__": __call__})
+    def v4_call(self, streams, ids, cache=None, mask="causal"):  # DeepSeek-V4's layer: (streams, token ids)
+        def inner(params, streams, mask):
+            self.update(params)
+            h, r = cls.__call__(self, streams, ids, cache, mask)
+            return h, (r.indices + 0, r.weights, r.scores)
+
+        h, routing = mx.checkpoint(inner)(self.trainable_parameters(), streams, mask)
+        return h, Routing(*routing)
+
+    call = v4_call if issubclass(cls, V4DecoderLayer) else __call__
+    return type(f"Checkpointed{cls.__name__}", (cls,), {"__call__": call})
 
 
 def grad_checkpoint(model: Model) -> None:
@@ -113,7 +124,6 @@ def lora(*, model: str | Path, data: str | Path, out: str | Path, tokenizer: str
                     vocab_size=load_config(base).vocab_size)
     out, w = run.out, run.w
     m = load_model(base, dtype=dtype, bits=bits, group_size=group_size)
-    refuse(m.config, f"{base}: LoRA")
     dataset = run.open_data(data, cfg, m.config.domain_routing.names if m.config.domain_routing else None)
     apply_lora(m, lc, seed=seed)
     if resume:
@@ -149,7 +159,10 @@ def fuse(*, model: str | Path, adapter: str | Path, out: str | Path, keep_quanti
     check_output_dir(out, inputs=[base, adapter], force=force)
     m = load_adapters(load_model(base, dtype=dtype), adapter)
     fuse_lora(m, keep_quantized=keep_quantized)
-    save_model(m, out)
+    if m.config.model_type == "deepseek_v4":
+        save_v4_model(m, Path(out))
+    else:
+        save_model(m, out)
     copy_tokenizer(base, Path(out))
     return m
 

@@ -15,10 +15,13 @@ def activation_elements(c: ModelConfig, batch: int, seq: int, *, checkpointing: 
     """Values kept for the backward pass: the big tensors of each layer (MTP layers too, when trained) + the
     logits, their softmax and its gradient per output head. A rough count (test_memory.py bounds its error)."""
     B, T, D, H = batch, seq, c.hidden_size, c.num_attention_heads
-    attention = B * H * T * T * 2 + B * T * (6 * D + 2 * H * (c.qk_head_dim + c.v_head_dim) + 2 * c.kv_lora_rank)
+    v4 = c.model_type == "deepseek_v4"  # one key/value head, queries from q_lora_rank; hc_mult residual streams
+    attention = B * H * T * T * 2 + (
+        B * T * (6 * c.hc_mult * D + 3 * H * c.head_dim + 2 * c.q_lora_rank + 4 * c.head_dim) if v4 else
+        B * T * (6 * D + 2 * H * (c.qk_head_dim + c.v_head_dim) + 2 * c.kv_lora_rank))
 
     def layer(i: int) -> int:
-        if not c.is_moe_layer(i):
+        if not v4 and not c.is_moe_layer(i):
             return attention + 3 * B * T * c.intermediate_size
         k, inter = c.num_experts_per_tok, c.moe_intermediate_size
         return attention + B * T * (2 * k * (3 * inter + 2 * D) + 3 * inter * (c.n_shared_experts or 0)

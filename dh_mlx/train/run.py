@@ -36,6 +36,7 @@ def train(*, params: str | None = None, config: str | Path | None = None, data: 
     if cfg.mtp_distill and not init:
         raise ValueError("MTP distillation trains the MTP module of an existing model: give it as `init`")
     model_config = load_config(init) if init else resolve_config(params, config)
+    refuse(model_config, f"{init}: training")  # (before the run directory or the data are touched)
     if cfg.mtp_distill and model_config.extra.get("quantization"):
         raise ValueError(f"{init}: a quantized model; MTP distillation trains float weights (give the float model)")
     name = params or (Path(config).stem if config else DEFAULT_PRESET)
@@ -56,7 +57,6 @@ def train(*, params: str | None = None, config: str | Path | None = None, data: 
     domains = model_config.domain_routing.names if model_config.domain_routing else None
     dataset = run.open_data(data, cfg, domains)
     model = load_model(init, dtype=dtype) if init else random_model(model_config, seed=cfg.seed, dtype=dtype)
-    refuse(model.config, f"{init}: training")
     if cfg.mtp_distill:  # only the MTP modules learn; their output heads stay the main model's
         model = with_mtp_module(model, seed=cfg.seed)
         model.freeze()
