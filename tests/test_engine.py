@@ -285,3 +285,12 @@ def test_a_model_whose_caches_do_not_batch_is_served_one_request_at_a_time(tmp_p
         for _ in range(4):
             seq.append(int(np.argmax(np.array(v4(mx.array([seq])))[0, -1])))
         assert tokens_of(list(h.events.queue)) == seq[len(p):]
+
+
+def test_logprobs_and_grammars_are_refused_by_name_for_a_row_that_decodes_alone(model):
+    from dh_mlx.generation.requests import RequestError
+    engine = Engine(model, Tok())
+    with pytest.raises(RequestError, match="^logprobs: needs a batched row") as e:
+        engine.submit(Request([1, 2, 3], max_tokens=2, logprobs=2, mtp=True))
+    assert e.value.param == "logprobs"
+    assert engine.idle()

@@ -28,7 +28,7 @@ from .batch import BatchCache, BatchStep
 from .cache import make_cache
 from .options import RowSampler
 from .prefix import PrefixCache
-from .requests import Event, Handle, QueueFull, Request, Usage  # noqa: F401  (re-exported)
+from .requests import Event, Handle, QueueFull, Request, RequestError, Usage  # noqa: F401  (re-exported)
 from .solo import decodes_alone, solo_tokens
 from .steps import PromptCache, prefill
 from .text import TextOut
@@ -47,9 +47,10 @@ class Job:
         self.sampler = RowSampler(options, history=r.prompt, grammar=r.grammar, logprobs=r.logprobs)
         self.text = None if tok is None else TextOut(tok.stream_decoder(), r.stop)
         self.alone = decodes_alone(engine.model, r)
-        if self.alone and (r.grammar is not None or r.logprobs is not None):
-            raise ValueError("response_format and logprobs need a batched row: not with MTP drafting or a model "
-                             f"whose caches do not batch ({engine.model.config.model_type})")
+        for param, asked in (("response_format", r.grammar is not None), ("logprobs", r.logprobs is not None)):
+            if self.alone and asked:
+                raise RequestError(param, "needs a batched row: not with MTP drafting or a model whose caches do "
+                                   f"not batch ({engine.model.config.model_type})")
         self.tokens = None  # a solo job's token generator (solo.solo_tokens)
         self.usage = handle.usage = Usage(prompt_tokens=len(r.prompt))
         self.generated: list[int] = []

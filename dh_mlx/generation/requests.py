@@ -85,5 +85,13 @@ class Handle:
         self.cancelled = True
 
 
+class RequestError(ValueError):
+    """A request the engine cannot serve as asked, naming the field (`param`) at fault."""
+
+    def __init__(self, param: str, message: str):
+        super().__init__(f"{param}: {message}")
+        self.param = param
+
+
 class QueueFull(RuntimeError):
     """The engine's queue is full: the server answers 429 with Retry-After."""

@@ -15,7 +15,7 @@ from typing import Any, AsyncIterator
 from fastapi import FastAPI, Request as HTTPRequest
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 
-from ..generation.engine import Engine, Event, QueueFull, Request, Usage
+from ..generation.engine import Engine, Event, QueueFull, Request, RequestError, Usage
 from .metrics import Metrics
 from .protocol import APIError, Parsed, parse_common, parse_messages, parse_prompt
 from .tools import CALLS_BEGIN, split_tool_calls
@@ -77,6 +77,8 @@ class Server:
             self.metrics.requests.labels(outcome="rejected").inc()
             raise APIError(f"too many requests: {e}; retry shortly", status=429, kind="rate_limit_error",
                            headers={"Retry-After": "1"}) from None
+        except RequestError as e:
+            raise APIError(str(e), e.param) from None
         except ValueError as e:
             raise APIError(str(e), "messages", code="context_length_exceeded") from None
 
