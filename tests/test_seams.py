@@ -28,7 +28,7 @@ BACKEND = Path(cpu_experts.__file__).resolve().parent.parent
 
 def _leaf_types(hint) -> list:
     """The classes a type hint admits (unions opened, containers' items included)."""
-    if isinstance(hint, (types.UnionType,)) or typing.get_origin(hint) is typing.Union:
+    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
         return [t for a in typing.get_args(hint) for t in _leaf_types(a)]
     if typing.get_origin(hint) is not None:
         return [t for a in typing.get_args(hint) if a is not Ellipsis for t in _leaf_types(a)]
