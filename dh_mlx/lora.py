@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import replace
 from pathlib import Path
 
 import mlx.core as mx
@@ -29,7 +30,7 @@ from .config import ATTENTION, DENSE_MLP, TARGETS, LoRAConfig, ModelConfig  # no
 from .files import write_atomic
 from .model import Model
 from .model.layers import Linear
-from .model.moe import QuantizedStackedLinear, StackedLinear
+from .model.moe import Adapter, Projection, QuantizedStackedLinear, StackedLinear, dropout, project
 
 ADAPTERS = "adapters.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
@@ -94,12 +95,15 @@ class _Dropout(nn.Module):
         self.p = p
         self._key = mx.random.key(seed)
 
-    def __call__(self, x: mx.array) -> mx.array:
+    def key(self) -> mx.array | None:
+        """The mask key for one call (the state advances), or None when dropout is off."""
         if not self.training or self.p == 0:
-            return x
+            return None
         key, self._key = mx.random.split(self._key)
-        keep = mx.random.bernoulli(1 - self.p, x.shape, key=key)
-        return mx.where(keep, x / (1 - self.p), 0).astype(x.dtype)
+        return key
+
+    def __call__(self, x: mx.array) -> mx.array:
+        return dropout(x, self.p, self.key())
 
 
 class LoRALinear(nn.Module):
@@ -153,13 +157,14 @@ class LoRAStackedLinear(nn.Module):
         self.lora_a = mx.random.uniform(-bound, bound, (E, rank, in_dims), key=mx.random.key(seed))
         self.lora_b = mx.zeros((E, out_dims, rank))
 
+    def projection(self) -> Projection:
+        """The base's arrays with this adapter's (and one call's dropout key)."""
+        adapter = Adapter(self.lora_a, self.lora_b, self.scale, self.dropout.p, self.dropout.key())
+        return replace(self.linear.projection(), adapter=adapter)
+
     def __call__(self, x: mx.array, indices: mx.array, sorted_indices: bool = False) -> mx.array:
-        # x (..., rows, in) against expert indices (...): the same gather as the base, twice, through r dims
-        z = mx.gather_mm(self.dropout(x), self.lora_a.swapaxes(-1, -2), rhs_indices=indices,
-                         sorted_indices=sorted_indices)  # (..., rows, r)
-        z = mx.gather_mm(z, self.lora_b.swapaxes(-1, -2), rhs_indices=indices,
-                         sorted_indices=sorted_indices)  # (..., rows, out)
-        return self.linear(x, indices, sorted_indices) + (self.scale * z).astype(x.dtype)
+        # x (..., rows, in) against expert indices (...): the base's gather, and the adapter's twice through r dims
+        return project(x, self.projection(), indices, sorted_indices)
 
     def fused(self, keep_quantized: bool = False) -> nn.Module:
         w = _dequantized(self.linear)

@@ -5,7 +5,7 @@ Legend: N tokens (flattened), E routed experts, G expert groups, k experts per t
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import NamedTuple
 
 import mlx.core as mx
@@ -137,6 +137,80 @@ def route(logits: mx.array, options: RouterOptions, bias: mx.array | None = None
     return Routing(indices, mixing_weights(scores, indices, o.renorm, o.scaling), scores)
 
 
+@dataclass(frozen=True)
+class Quantization:
+    """MLX quantization's plain options (`mx.quantize`): what a packed projection was quantized with."""
+
+    group_size: int
+    bits: int
+    mode: str = "affine"
+
+
+@dataclass(frozen=True)
+class Adapter:
+    """A LoRA adapter over a stacked projection as arrays: y_e += scale * B_e A_e dropout(x)."""
+
+    lora_a: mx.array  # [E, r, in]
+    lora_b: mx.array  # [E, out, r]
+    scale: float
+    dropout: float = 0.0  # the rate of dropout on the adapter's input
+    key: mx.array | None = None  # this call's dropout key; None: no dropout (eval, or rate 0)
+
+
+@dataclass(frozen=True)
+class Projection:
+    """One stacked expert projection `[E, out, in]` as arrays and plain options: what the expert operations take.
+    Float `weight`; or MLX-quantized `weight` (packed uint32), `scales`, `biases` with their `quantization`;
+    either with a LoRA `adapter`."""
+
+    weight: mx.array  # [E, out, in] float, or [E, out, in * bits / 32] packed
+    scales: mx.array | None = None  # [E, out, in / group_size]
+    biases: mx.array | None = None  # [E, out, in / group_size] (affine mode)
+    quantization: Quantization | None = None
+    adapter: Adapter | None = None
+
+    @property
+    def num_experts(self) -> int:
+        return self.weight.shape[0]
+
+    def base(self) -> "Projection":
+        """This projection without its adapter."""
+        return replace(self, adapter=None)
+
+
+def dropout(x: mx.array, rate: float, key: mx.array | None) -> mx.array:
+    """Inverted dropout of x with mask key `key` (None: x unchanged)."""
+    if key is None:
+        return x
+    keep = mx.random.bernoulli(1 - rate, x.shape, key=key)
+    return mx.where(keep, x / (1 - rate), 0).astype(x.dtype)
+
+
+def project(x: mx.array, p: Projection, indices: mx.array, sorted_indices: bool = False) -> mx.array:
+    """x (..., rows, in) against expert `indices` (...) -> (..., rows, out) through gather_mm (gather_qmm for a
+    quantized weight), plus the adapter's two gathered products through its rank."""
+    q = p.quantization
+    if q is None:
+        y = mx.gather_mm(x, p.weight.swapaxes(-1, -2), rhs_indices=indices, sorted_indices=sorted_indices)
+    else:
+        y = mx.gather_qmm(x, p.weight, p.scales, p.biases, rhs_indices=indices, transpose=True,
+                          group_size=q.group_size, bits=q.bits, mode=q.mode, sorted_indices=sorted_indices)
+    a = p.adapter
+    if a is None:
+        return y
+    z = mx.gather_mm(dropout(x, a.dropout, a.key), a.lora_a.swapaxes(-1, -2), rhs_indices=indices,
+                     sorted_indices=sorted_indices)  # (..., rows, r)
+    z = mx.gather_mm(z, a.lora_b.swapaxes(-1, -2), rhs_indices=indices, sorted_indices=sorted_indices)
+    return y + (a.scale * z).astype(x.dtype)
+
+
+def glu(x: mx.array, indices: mx.array, sort: bool, gate: Projection, up: Projection,
+        down: Projection) -> mx.array:
+    """SwiGLU of the gathered projections: x (..., rows, D) -> (..., rows, D)."""
+    h = swiglu(project(x, gate, indices, sort), project(x, up, indices, sort))
+    return project(h, down, indices, sort)
+
+
 class StackedLinear(nn.Module):
     """E bias-free linears stored as one `[E, out, in]` tensor (one contiguous read per expert)."""
 
@@ -145,13 +219,12 @@ class StackedLinear(nn.Module):
         bound = in_dims**-0.5
         self.weight = mx.random.uniform(-bound, bound, (num_experts, out_dims, in_dims))
 
+    def projection(self) -> Projection:
+        return Projection(self.weight)
+
     def __call__(self, x: mx.array, indices: mx.array, sorted_indices: bool = False) -> mx.array:
         # x (..., 1, in) gathered against weight[indices] (..., in, out) -> (..., 1, out)
-        return mx.gather_mm(x, self.weight.swapaxes(-1, -2), rhs_indices=indices, sorted_indices=sorted_indices)
-
-    def per_expert(self) -> list[mx.array]:
-        """The E `[out, in]` matrices as views (split + squeeze: indexing `weight[e]` copies the matrix)."""
-        return [w.squeeze(0) for w in mx.split(self.weight, self.weight.shape[0])]
+        return project(x, self.projection(), indices, sorted_indices)
 
     def to_quantized(self, group_size: int = 64, bits: int = 4, mode: str = "affine") -> "QuantizedStackedLinear":
         """What `nn.quantize` calls: each expert's `[out, in]` matrix quantized along `in`."""
@@ -172,10 +245,12 @@ class QuantizedStackedLinear(nn.Module):
     def input_dims(self) -> int:
         return self.scales.shape[-1] * self.group_size
 
+    def projection(self) -> Projection:
+        return Projection(self.weight, self.scales, self.get("biases"),
+                          Quantization(self.group_size, self.bits, self.mode))
+
     def __call__(self, x: mx.array, indices: mx.array, sorted_indices: bool = False) -> mx.array:
-        return mx.gather_qmm(x, self.weight, self.scales, self.biases, rhs_indices=indices, transpose=True,
-                             group_size=self.group_size, bits=self.bits, mode=self.mode,
-                             sorted_indices=sorted_indices)
+        return project(x, self.projection(), indices, sorted_indices)
 
     def dequantized_weight(self) -> mx.array:
         """The float `[E, out, in]` weight these packed values stand for."""
@@ -184,7 +259,7 @@ class QuantizedStackedLinear(nn.Module):
 
 class Experts(nn.Module):
     """The routed experts: SwiGLU with stacked `gate_proj`/`up_proj` `[E, I, D]` and `down_proj` `[E, D, I]`,
-    applied with gather_mm (`routed_experts`, `weighted_experts`: replaceable operations)."""
+    applied with gather_mm (`routed_experts`, `weighted_experts`: replaceable operations over their arrays)."""
 
     def __init__(self, config: ModelConfig):
         super().__init__()
@@ -194,22 +269,22 @@ class Experts(nn.Module):
         self.up_proj = StackedLinear(E, D, I)
         self.down_proj = StackedLinear(E, I, D)
 
-    def glu(self, x: mx.array, idx: mx.array, sort: bool) -> mx.array:
-        h = swiglu(self.gate_proj(x, idx, sort), self.up_proj(x, idx, sort))
-        return self.down_proj(h, idx, sort)
+    def projections(self) -> tuple[Projection, Projection, Projection]:
+        """(gate, up, down) as arrays and options: once per call (an adapter's dropout key advances)."""
+        return self.gate_proj.projection(), self.up_proj.projection(), self.down_proj.projection()
 
     def __call__(self, x: mx.array, indices: mx.array) -> mx.array:
         """x (..., D), indices (..., k) -> (..., k, D): each token through each of its experts."""
-        return routed_experts(self, x, indices)
+        return routed_experts(x, indices, *self.projections())
 
     def weighted(self, x: mx.array, indices: mx.array, weights: mx.array) -> mx.array:
         """x (..., D), indices and weights (..., k) -> (..., D): sum over j of weights[..., j] times expert
         indices[..., j] applied to x."""
-        return weighted_experts(self, x, indices, weights)
+        return weighted_experts(x, indices, weights, *self.projections())
 
 
 @replaceable("routed_experts")
-def routed_experts(experts: Experts, x: mx.array, indices: mx.array) -> mx.array:
+def routed_experts(x: mx.array, indices: mx.array, gate: Projection, up: Projection, down: Projection) -> mx.array:
     """x (..., D), indices (..., k) -> (..., k, D) through gather_mm; from SORT_THRESHOLD pairs sorted by
     expert, so that each expert's weights are read once."""
     *lead, D = x.shape
@@ -218,16 +293,18 @@ def routed_experts(experts: Experts, x: mx.array, indices: mx.array) -> mx.array
     N = xf.shape[0]
     # Singleton axes come from reshape, not `[:, None]` views: gather_mm is slower on a strided operand.
     if N * k < SORT_THRESHOLD:
-        return experts.glu(xf.reshape(N, 1, 1, D), idx, False).reshape(*lead, k, D)  # (N, k, 1, D)
+        return glu(xf.reshape(N, 1, 1, D), idx, False, gate, up, down).reshape(*lead, k, D)  # (N, k, 1, D)
     flat = idx.flatten()
     order = mx.argsort(flat)  # (N*k,) pairs sorted by expert
-    y = experts.glu(xf.reshape(N, 1, D)[order // k], flat[order], True)  # (N*k, 1, D)
+    y = glu(xf.reshape(N, 1, D)[order // k], flat[order], True, gate, up, down)  # (N*k, 1, D)
     return y[mx.argsort(order)].reshape(*lead, k, D)  # back to (token, slot) order
 
 
 @replaceable("weighted_experts")
-def weighted_experts(experts: Experts, x: mx.array, indices: mx.array, weights: mx.array) -> mx.array:
-    y = experts(x, indices)  # (..., k, D)
+def weighted_experts(x: mx.array, indices: mx.array, weights: mx.array, gate: Projection, up: Projection,
+                     down: Projection) -> mx.array:
+    """x (..., D), indices and weights (..., k) -> (..., D): the routed experts' outputs, weighted and summed."""
+    y = routed_experts(x, indices, gate, up, down)  # (..., k, D)
     return (y * weights[..., None].astype(y.dtype)).sum(axis=-2)
 
 

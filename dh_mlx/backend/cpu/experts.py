@@ -22,7 +22,7 @@ import mlx.core as mx
 import numpy as np
 
 from ...model import moe
-from ...model.moe import SORT_THRESHOLD, Experts, Routing, StackedLinear, affinities, mixing_weights
+from ...model.moe import SORT_THRESHOLD, Projection, Routing, affinities, mixing_weights
 from . import native
 from .layers import swiglu
 from .quantized import kernels
@@ -37,115 +37,126 @@ PATHS = ("gather", "native", "segments", "blocked")
 _METHODS = {"greedy": 0, "group_limited_greedy": 1, "noaux_tc": 2}
 
 
-def plain(experts: Experts) -> bool:
+Projections = tuple[Projection, Projection, Projection]  # the experts' (gate, up, down)
+
+
+def plain(projections: Projections) -> bool:
     """Float weights, no adapters: what the native and per-expert paths take apart per expert."""
-    return all(type(p) is StackedLinear for p in (experts.gate_proj, experts.up_proj, experts.down_proj))
+    return all(p.quantization is None and p.adapter is None for p in projections)
 
 
-def _projections(experts: Experts) -> tuple:
-    return experts.gate_proj, experts.up_proj, experts.down_proj
-
-
-def native_ok(experts: Experts, *arrays: mx.array) -> bool:
+def native_ok(projections: Projections, *arrays: mx.array) -> bool:
     """The CPU, the native kernels built, and either plain float32 experts with float32 `arrays`, or float
     `arrays` and projections every one of which the weight kernels read (`kind`)."""
-    kinds = {kind(p) for p in _projections(experts)}
+    kinds = {kind(p) for p in projections}
     if kinds == {"float32"}:
-        return native.usable(*arrays, experts.gate_proj.weight) is not None
+        return native.usable(*arrays, projections[0].weight) is not None
     return None not in kinds and kernels(*arrays) is not None
 
 
-def choose_path(experts: Experts, x: mx.array, pairs: int) -> str:
+def choose_path(projections: Projections, x: mx.array, pairs: int) -> str:
+    E = projections[0].num_experts
     if mx.default_device() != mx.cpu:
         return "gather"
-    if pairs >= SORT_THRESHOLD and native_ok(experts, x):
+    if pairs >= SORT_THRESHOLD and native_ok(projections, x):
         return "native"
-    if plain(experts) and pairs >= SEGMENT_MIN_ROWS * experts.num_experts:
+    if plain(projections) and pairs >= SEGMENT_MIN_ROWS * E:
         return "segments"
-    if pairs >= 4 * experts.num_experts * BLOCK_ROWS:
+    if pairs >= 4 * E * BLOCK_ROWS:
         return "blocked"
     return "gather"
 
 
-def apply(experts: Experts, x: mx.array, indices: mx.array, path: str) -> mx.array:
-    """x (..., D), indices (..., k) -> (..., k, D) through `path` (one of PATHS)."""
+def apply(projections: Projections, x: mx.array, indices: mx.array, path: str) -> mx.array:
+    """x (..., D), indices (..., k) -> (..., k, D) through the experts' (gate, up, down) `projections` on `path`
+    (one of PATHS)."""
     if path not in PATHS:
         raise ValueError(f"experts path: expected one of {', '.join(PATHS)}, got {path!r}")
     *lead, D = x.shape
     k = indices.shape[-1]
     xf, idx = x.reshape(-1, D), indices.reshape(-1, k)  # (N, D), (N, k)
     if path == "native":
-        if not native_ok(experts, x):
+        if not native_ok(projections, x):
             raise ValueError("experts path 'native' needs the CPU, float32 activations, plain float32 experts and "
                              f"the native kernels (dh_mlx.backend.cpu.native: {native.status})")
-        return run_native(experts, xf, idx).reshape(*lead, k, D)
+        return run_native(projections, xf, idx).reshape(*lead, k, D)
     if path == "segments":
-        y = run_segments(experts, xf, idx)
+        y = run_segments(projections, xf, idx)
         if y is not None:
             return y.reshape(*lead, k, D)
         path = "blocked"  # traced (mx.compile): static shapes only
     if path == "blocked":
-        return run_blocked(experts, xf, idx).reshape(*lead, k, D)
-    return moe.routed_experts.reference(experts, x, indices)
+        return run_blocked(projections, xf, idx).reshape(*lead, k, D)
+    return moe.routed_experts.reference(x, indices, *projections)
 
 
-def routed_experts(experts: Experts, x: mx.array, indices: mx.array) -> mx.array:
-    return apply(experts, x, indices, choose_path(experts, x, x.size // x.shape[-1] * indices.shape[-1]))
+def routed_experts(x: mx.array, indices: mx.array, gate: Projection, up: Projection, down: Projection) -> mx.array:
+    projections = (gate, up, down)
+    return apply(projections, x, indices, choose_path(projections, x, x.size // x.shape[-1] * indices.shape[-1]))
 
 
-def weighted_experts(experts: Experts, x: mx.array, indices: mx.array, weights: mx.array) -> mx.array:
+def weighted_experts(x: mx.array, indices: mx.array, weights: mx.array, gate: Projection, up: Projection,
+                     down: Projection) -> mx.array:
+    projections = (gate, up, down)
     pairs = x.size // x.shape[-1] * indices.shape[-1]
-    if pairs < SORT_THRESHOLD and native_ok(experts, x, weights):  # decode: one native node
+    if pairs < SORT_THRESHOLD and native_ok(projections, x, weights):  # decode: one native node
         idx = indices if indices.dtype in (mx.int32, mx.uint32) else indices.astype(mx.int32)
-        if "lora" not in {kind(p) for p in _projections(experts)}:
-            return packed_expert_rows(x, idx, weights, _projections(experts))
-    return moe.weighted_experts.reference(experts, x, indices, weights)
+        if "lora" not in {kind(p) for p in projections}:
+            return packed_expert_rows(x, idx, weights, projections)
+    return moe.weighted_experts.reference(x, indices, weights, gate, up, down)
 
 
 def forced(path: str) -> dict[str, Callable | None]:
     """`ops.using(**forced(path))`: the experts always through `path` (what tests compare paths with)."""
     if path not in PATHS:
         raise ValueError(f"experts path: expected one of {', '.join(PATHS)}, got {path!r}")
-    return {"routed_experts": lambda e, x, i: apply(e, x, i, path), "weighted_experts": None}
+    return {"routed_experts": lambda x, i, gate, up, down: apply((gate, up, down), x, i, path),
+            "weighted_experts": None}
 
 
-def _runs(experts: Experts, idx: mx.array) -> tuple[mx.array, mx.array]:
+def _runs(num_experts: int, idx: mx.array) -> tuple[mx.array, mx.array]:
     """idx (N, k) -> (order (P,): the N*k pairs grouped by expert, counts (E,): each expert's pairs)."""
     flat = idx.reshape(-1)
-    return mx.argsort(flat), (flat[:, None] == mx.arange(experts.num_experts)).sum(axis=0)
+    return mx.argsort(flat), (flat[:, None] == mx.arange(num_experts)).sum(axis=0)
 
 
-def run_native(experts: Experts, x: mx.array, idx: mx.array) -> mx.array:
+def run_native(projections: Projections, x: mx.array, idx: mx.array) -> mx.array:
     """x (N, D), idx (N, k) -> (N, k, D): pairs sorted by expert, then `segment_linear`."""
     N, k = idx.shape
-    order, counts = _runs(experts, idx)
+    gate, up, down = projections
+    order, counts = _runs(gate.num_experts, idx)
     offsets = mx.concatenate([mx.zeros((1,), mx.int32), mx.cumsum(counts).astype(mx.int32)])  # (E + 1,)
     inverse = mx.argsort(order)
     xs = gather_pairs(x, order, inverse, k)  # (P, D)
-    h = swiglu(segment_project(experts.gate_proj, xs, offsets), segment_project(experts.up_proj, xs, offsets))
-    y = segment_project(experts.down_proj, h, offsets)  # (P, D)
+    h = swiglu(segment_project(gate, xs, offsets), segment_project(up, xs, offsets))
+    y = segment_project(down, h, offsets)  # (P, D)
     return permute_rows(y, inverse, order).reshape(N, k, -1)
 
 
-def run_segments(experts: Experts, x: mx.array, idx: mx.array) -> mx.array | None:
+def run_segments(projections: Projections, x: mx.array, idx: mx.array) -> mx.array | None:
     """x (N, D), idx (N, k) -> (N, k, D): pairs sorted by expert, then one SwiGLU of matmuls per expert over its
     run of rows; None under mx.compile (the run lengths are read back) or for quantized or adapted experts.
     Differentiable, but the gradient through per-expert weight views is slow: eager training wants "blocked"."""
-    if not plain(experts):
+    if not plain(projections):
         return None
     N, k = idx.shape
-    order, counts = _runs(experts, idx)
+    order, counts = _runs(projections[0].num_experts, idx)
     try:
         counts = counts.tolist()
     except ValueError:  # tracing (mx.compile): no host reads
         return None
     runs = mx.split(x[order // k], np.cumsum(counts)[:-1].tolist())  # E x (count_e, D)
-    gate, up, down = (p.per_expert() for p in (experts.gate_proj, experts.up_proj, experts.down_proj))
+    gate, up, down = (per_expert(p.weight) for p in projections)
     ys = [swiglu(r @ gate[e].T, r @ up[e].T) @ down[e].T for e, r in enumerate(runs) if counts[e]]
     return mx.concatenate(ys)[mx.argsort(order)].reshape(N, k, -1)
 
 
-def run_blocked(experts: Experts, x: mx.array, idx: mx.array, b: int = BLOCK_ROWS) -> mx.array:
+def per_expert(w: mx.array) -> list[mx.array]:
+    """w [E, out, in] -> the E `[out, in]` matrices as views (split + squeeze: indexing `w[e]` copies)."""
+    return [m.squeeze(0) for m in mx.split(w, w.shape[0])]
+
+
+def run_blocked(projections: Projections, x: mx.array, idx: mx.array, b: int = BLOCK_ROWS) -> mx.array:
     """x (N, D), idx (N, k) -> (N, k, D) through a static-shape padded layout (P = N*k pairs).
 
     Each expert's pairs get a run of rows rounded up to a multiple of b, so every block of b rows belongs
@@ -153,7 +164,7 @@ def run_blocked(experts: Experts, x: mx.array, idx: mx.array, b: int = BLOCK_ROW
     routing and the step stays compilable. Padding rows read a zero row and are never read back.
     """
     N, k = idx.shape
-    E, P = experts.num_experts, N * k
+    E, P = projections[0].num_experts, N * k
     flat = idx.reshape(-1)
     onehot = (flat[:, None] == mx.arange(E)).astype(mx.int32)  # (P, E)
     rank = mx.take_along_axis(mx.cumsum(onehot, axis=0), flat[:, None], axis=1)[:, 0] - 1  # (P,)
@@ -165,7 +176,7 @@ def run_blocked(experts: Experts, x: mx.array, idx: mx.array, b: int = BLOCK_ROW
     src = mx.full((R,), N, mx.int32).at[dest].add(mx.arange(P, dtype=mx.int32) // k - N)  # (R,) token of row
     xp = mx.concatenate([x, mx.zeros((1, x.shape[1]), x.dtype)])[src].reshape(R // b, b, -1)  # (nb, b, D)
     owner = mx.minimum((mx.arange(R // b)[None] * b >= ends[:, None]).sum(axis=0), E - 1)  # (nb,)
-    y = experts.glu(xp, owner, True)  # (nb, b, D)
+    y = moe.glu(xp, owner, True, *projections)  # (nb, b, D)
     return y.reshape(R, -1)[dest].reshape(N, k, -1)
 
 

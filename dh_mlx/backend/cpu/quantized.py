@@ -29,10 +29,15 @@ def result_dtype(a: mx.Dtype, b: mx.Dtype) -> mx.Dtype:
     return a if a == b else mx.float32
 
 
+def packed_format(mode: str, bits: int | None, group_size: int | None) -> bool:
+    """MLX quantization options whose packed weights the native kernels read."""
+    return mode == "affine" and bits in BITS and group_size in GROUP_SIZES
+
+
 def packed_ok(module: nn.Module) -> bool:
-    """An MLX affine-quantized module (linear, embedding or stacked) the native kernels read."""
-    return (getattr(module, "mode", "affine") == "affine" and getattr(module, "bits", None) in BITS
-            and getattr(module, "group_size", None) in GROUP_SIZES and module.get("biases") is not None)
+    """An MLX affine-quantized module (linear or embedding) the native kernels read."""
+    return (packed_format(getattr(module, "mode", "affine"), getattr(module, "bits", None),
+                          getattr(module, "group_size", None)) and module.get("biases") is not None)
 
 
 def kernels(*arrays: mx.array):

@@ -12,29 +12,28 @@ from typing import Callable
 
 import mlx.core as mx
 
-from ...lora import LoRAStackedLinear
-from ...model.moe import QuantizedStackedLinear, StackedLinear
+from ...model.moe import Projection, dropout
 from . import native
 from .layers import swiglu
-from .quantized import FLOATS, packed_ok, result_dtype
+from .quantized import FLOATS, packed_format, result_dtype
 
 
-def kind(p) -> str | None:
+def kind(p: Projection) -> str | None:
     """How the native kernels read a stacked projection: "float32", "half", "packed" (MLX affine 4/8-bit),
     "lora" (an adapter over one of those), or None (they do not)."""
-    if type(p) is StackedLinear and p.weight.dtype in FLOATS:
-        return "float32" if p.weight.dtype == mx.float32 else "half"
-    if type(p) is QuantizedStackedLinear and packed_ok(p):
-        return "packed"
-    if type(p) is LoRAStackedLinear and kind(p.linear) and p.lora_a.dtype == p.lora_b.dtype == mx.float32:
-        return "lora"
-    return None
+    a, q = p.adapter, p.quantization
+    if a is not None:
+        return "lora" if kind(p.base()) and a.lora_a.dtype == a.lora_b.dtype == mx.float32 else None
+    if q is None:
+        return None if p.weight.dtype not in FLOATS else "float32" if p.weight.dtype == mx.float32 else "half"
+    return "packed" if packed_format(q.mode, q.bits, q.group_size) and p.biases is not None else None
 
 
-def _weights(p) -> tuple[tuple[mx.array, mx.array, mx.array], int, int]:
+def _weights(p: Projection) -> tuple[tuple[mx.array, mx.array, mx.array], int, int]:
     """((weight, scales, biases), bits, group size); float weights pass themselves as scales and biases, bits 0."""
-    if type(p) is QuantizedStackedLinear:
-        return (p.weight, p.scales, p.biases), p.bits, p.group_size
+    q = p.quantization
+    if q is not None:
+        return (p.weight, p.scales, p.biases), q.bits, q.group_size
     return (p.weight, p.weight, p.weight), 0, 0
 
 
@@ -75,12 +74,14 @@ def weight_segment(bits: int, group_size: int) -> Callable:
     return segment
 
 
-def segment_project(p, x: mx.array, offsets: mx.array) -> mx.array:
+def segment_project(p: Projection, x: mx.array, offsets: mx.array) -> mx.array:
     """x (P, in) sorted by expert -> (P, out) through projection `p` (any `kind`)."""
-    if type(p) is LoRAStackedLinear:
-        y = segment_project(p.linear, x, offsets)
-        z = segment_linear(segment_linear(p.dropout(x).astype(mx.float32), p.lora_a, offsets), p.lora_b, offsets)
-        return y + (p.scale * z).astype(y.dtype)
+    a = p.adapter
+    if a is not None:
+        y = segment_project(p.base(), x, offsets)
+        z = segment_linear(segment_linear(dropout(x, a.dropout, a.key).astype(mx.float32), a.lora_a, offsets),
+                           a.lora_b, offsets)
+        return y + (a.scale * z).astype(y.dtype)
     if kind(p) == "float32" and x.dtype == mx.float32:
         return segment_linear(x, p.weight, offsets)
     (w, scales, biases), bits, group = _weights(p)
@@ -135,7 +136,8 @@ def _rows(specs: tuple) -> Callable:
     return rows
 
 
-def packed_expert_rows(x: mx.array, idx: mx.array, weights: mx.array, projections: tuple) -> mx.array:
+def packed_expert_rows(x: mx.array, idx: mx.array, weights: mx.array,
+                       projections: tuple[Projection, ...]) -> mx.array:
     """x (..., D), idx and weights (..., k) -> (..., D): each token through its k experts (gate, up, down
     `projections` of kind float32, half or packed), weighted and summed, as one native node."""
     specs, arrays = [], []
