@@ -357,3 +357,36 @@ def test_sigterm_finishes_the_requests_in_flight_then_exits(model_dir):
         if p.poll() is None:
             p.kill()
         assert "Traceback" not in p.stderr.read()
+
+
+@pytest.mark.slow
+def test_a_deepseek_v4_model_is_served_one_request_at_a_time(tmp_path):
+    """V4's caches do not batch: concurrent requests queue, each decodes alone with the model's greedy text;
+    logprobs (which need a batched row) are a 400 naming the field."""
+    pytest.importorskip("transformers")
+    import shutil
+    from concurrent.futures import ThreadPoolExecutor
+
+    from v4_release import build
+    (tmp_path / "tok").mkdir()
+    tok_dir = model_with_tokenizer(tmp_path / "tok", "m")
+    v4 = build(tmp_path / "v4", "flash_like", vocab_size=512)
+    for f in tok_dir.iterdir():
+        if f.name.startswith(("tokenizer", "special_tokens")):
+            shutil.copyfile(f, v4 / f.name)
+    s = Running(v4, max_batch=4)
+    try:
+        prompts = ["the expert router", "latent attention cache", "a model of the court"]
+        with ThreadPoolExecutor(3) as pool:
+            replies = list(pool.map(lambda p: s.client.completions.create(model="m", prompt=p, max_tokens=5,
+                                                                          temperature=0), prompts))
+        for p, r in zip(prompts, replies):
+            ids = s.tokenizer.encode(p, bos=True)
+            want = greedy(s, ids, 5)
+            assert r.usage.completion_tokens == len(want)
+            assert r.choices[0].text == s.tokenizer.decode([t for t in want if t not in s.tokenizer.eos_ids])
+        with pytest.raises(openai.BadRequestError) as e:
+            s.client.completions.create(model="m", prompt="the", max_tokens=2, logprobs=2)
+        assert e.value.body["param"] == "logprobs"
+    finally:
+        s.stop()

@@ -221,7 +221,7 @@ class Engine:
         job.usage.cached_tokens = n
         if job.alone:
             chunk = r.prefill_chunk or self.prefill_chunk
-            job.tokens = solo_tokens(self.model, r, pc, todo, job.eos, chunk, r.stats)
+            job.tokens = solo_tokens(self.model, r, job.sampler.options, pc, todo, job.eos, chunk, r.stats)
             self.alone = job
             return
         job.cache = caches if caches is not None else make_cache(self.model.config)

@@ -9,7 +9,7 @@ from typing import Any, Iterator
 import mlx.core as mx
 
 from ..model import Model
-from .options import RowSampler
+from .options import RowSampler, SamplingOptions
 from .requests import Request
 from .speculative import DraftPolicy, mtp_generate
 from .steps import PromptCache, decode_step, prefill
@@ -20,17 +20,18 @@ def decodes_alone(model: Model, request: Request) -> bool:
     return bool(request.mtp) or not getattr(model, "fixed_capacity_steps", True)
 
 
-def solo_tokens(model: Model, request: Request, pc: PromptCache, todo: list[int], eos: set[int],
-                prefill_chunk: int, stats: Any) -> Iterator[int]:
-    """The request's tokens from `pc` (already trimmed to the reused prefix; `todo` the prompt's rest), through
-    the MTP drafter or the model's own eager step; `pc` holds the caches and their tokens when it ends."""
+def solo_tokens(model: Model, request: Request, options: SamplingOptions, pc: PromptCache, todo: list[int],
+                eos: set[int], prefill_chunk: int, stats: Any) -> Iterator[int]:
+    """The request's tokens, chosen with `options` (the request's, with the engine's vocabulary limit), from `pc`
+    (already trimmed to the reused prefix; `todo` the prompt's rest), through the MTP drafter or the model's own
+    eager step; `pc` holds the caches and their tokens when it ends."""
     r = request
     if r.mtp:
         policy = r.mtp if isinstance(r.mtp, DraftPolicy) else None
         yield from mtp_generate(model, pc, todo, stats=stats, max_tokens=r.max_tokens, eos_ids=tuple(eos),
-                                prefill_step_size=prefill_chunk, domain=r.domain, options=r.sampling, policy=policy)
+                                prefill_step_size=prefill_chunk, domain=r.domain, options=options, policy=policy)
         return
-    sampler = RowSampler(r.sampling, history=r.prompt)
+    sampler = RowSampler(options, history=r.prompt)
     logits, _ = prefill(model, mx.array([todo]), pc.cache, step_size=prefill_chunk, domain=r.domain)
     pc.tokens = list(r.prompt)
     try:
