@@ -75,8 +75,8 @@ def generate_tokens(model: Model, prompt_ids: list[int], *, sampling: SamplingOp
                 event = handle.events.get_nowait()
                 done = event.finish_reason is not None
                 for t in event.tokens:
-                    if first is None:
-                        first = time.perf_counter()
+                    if first is None:  # (when the engine chose it: a decode step may follow in the same call)
+                        first = event.time
                         stats.prompt_tokens = len(prompt_ids) - handle.usage.cached_tokens
                         stats.prompt_tps = stats.prompt_tokens / max(first - tic, 1e-9)
                     n += 1
