@@ -82,7 +82,12 @@ def generate_tokens(model: Model, prompt_ids: list[int], *, sampling: SamplingOp
                     n += 1
                     stats.generation_tokens = n
                     yield t
-    finally:  # also when the consumer stops early: the row leaves and its caches stay in the prompt cache
+    except GeneratorExit:  # the consumer stopped early: the row leaves (below), its caches stay in the prompt cache
+        raise
+    except BaseException:  # a failure (or Ctrl-C) inside the engine's step: this call's engine is not stepped again
+        done = True
+        raise
+    finally:
         if not done:
             handle.cancel()
             engine.step()
