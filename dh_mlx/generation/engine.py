@@ -72,7 +72,8 @@ class Engine:
         self.max_batch, self.prefill_chunk, self.max_queue = max_batch, prefill_chunk, max_queue
         self.vocab_limit = tokenizer.vocab_size if tokenizer is not None and \
             tokenizer.vocab_size < model.config.vocab_size else None
-        dtype = model.model.embed_tokens.weight.dtype
+        embed = getattr(model.model, "embed_tokens", None)  # (a pipeline rank's stack may have none)
+        dtype = embed.weight.dtype if embed is not None else mx.float32
         self.token_bytes = kv_bytes_per_token(model.config, 4 if dtype == mx.float32 else 2)
         self.kv_budget = kv_budget_bytes
         self.prefix = PrefixCache(prefix_cache_bytes)
