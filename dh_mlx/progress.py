@@ -24,6 +24,18 @@ def note(message: str) -> None:
     notes.warning(message)
 
 
+class own_files_replaced:
+    """Within the block, notes are dropped: a run rewriting what it wrote itself (its model at every checkpoint)
+    is nothing the user needs to hear about each time."""
+
+    def __enter__(self) -> None:
+        self.level = notes.level
+        notes.setLevel(logging.ERROR)
+
+    def __exit__(self, *exc) -> None:
+        notes.setLevel(self.level)
+
+
 def status(message: str) -> None:
     """A line of what a command is doing or did (the data it read, a summary): the CLI prints it as it is, on
     stderr; a library caller sees it only if it routes `dh_mlx.status` records somewhere."""

@@ -376,3 +376,17 @@ def test_mtp_distill_resume_reproduces_an_uninterrupted_run(small_run_inputs):
     a = [json.loads(l)["mtp"] for l in (d / "d_full" / "metrics.jsonl").read_text().splitlines()]
     b = [json.loads(l)["mtp"] for l in (d / "d_part" / "metrics.jsonl").read_text().splitlines()]
     assert len(a) == 4 and a == b
+
+
+def test_a_run_says_nothing_of_replacing_its_own_exports(small_run_inputs, caplog):
+    """The model is exported at every checkpoint into the run directory: only an export that replaces what the
+    run did not write itself is a note (`replacing ...`), never the run's own earlier export."""
+    import logging
+
+    from dh_mlx.train.run import train
+    d = small_run_inputs
+    with caplog.at_level(logging.WARNING, logger="dh_mlx.notes"):
+        result = train(out=d / "own", config=d / "config.json", data=d / "data.jsonl", tokenizer=d / "tok", steps=4,
+                       batch_size=2, seq_len=16, eval_every=100, save_every=2, progress=False, warmup_steps=1)
+    assert result.step == 4 and (d / "own" / "model.safetensors").exists()
+    assert not [r for r in caplog.records if "replacing" in r.getMessage()]

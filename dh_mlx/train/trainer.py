@@ -10,6 +10,7 @@ import math
 import shutil
 import signal
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -20,6 +21,7 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_map
 
 from .. import backend
+from ..progress import own_files_replaced
 from ..model import Model
 from ..model.moe import MoE, MoEGate
 from ..checkpoint.training import (CheckpointWriteError, RunLock, latest_checkpoint, load_checkpoint,
@@ -257,6 +259,8 @@ def _train(model: Model, dataset: Dataset, cfg: TrainConfig, run_dir: Path, *, e
     def checkpoint(step: int) -> None:
         on_main(w, save, step)  # every rank calls it; a failure on rank 0 stops them all, none left waiting
 
+    exported: list[int] = []  # steps whose model this run has written
+
     def save(step: int) -> None:
         changing = _changing_params(model)
         need = sum(v.nbytes for v in changing.values()) + export_bytes + sum(
@@ -267,7 +271,9 @@ def _train(model: Model, dataset: Dataset, cfg: TrainConfig, run_dir: Path, *, e
                         trainer_state={"data": data_state, "train_config": cfg.to_dict(), "ranks": w.size},
                         keep=cfg.keep_checkpoints, expected_bytes=need, created=created)
         try:
-            export(run_dir)
+            with own_files_replaced() if exported else nullcontext():  # (the first export says what it replaced)
+                export(run_dir)
+            exported.append(step)
         except Exception as e:
             free = format_bytes(shutil.disk_usage(run_dir).free)
             raise CheckpointWriteError(f"{run_dir}: writing the model failed ({free} free): {e}; checkpoint step "
