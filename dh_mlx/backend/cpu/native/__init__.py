@@ -39,11 +39,6 @@ _module: ModuleType | None = None
 SMALL_ROWS = 64
 
 
-#: Multiply-adds per BLAS product up to which the decode kernels compute it on one thread (with MKL, whose
-#: thread wake-up costs more than such a product: BENCHMARKS.md, serve).
-SMALL_BLAS_WORK = float(1 << 21)
-
-
 def usable(*arrays) -> ModuleType | None:
     """The kernels when the default device is the CPU and every array is float32, else None (pure MLX)."""
     import mlx.core as mx
@@ -75,7 +70,7 @@ def load() -> ModuleType | None:
     try:
         _module = _import(_build())
         _self_test(_module)
-        _module.set_blas_threading(blas.local_threads_function(), SMALL_BLAS_WORK)
+        _module.set_blas_threading(blas.local_threads_function())  # small products on one thread (common.h)
         status = f"loaded {_module.__file__}"
     except Exception as e:  # no compiler, headers or matching nanobind: pure MLX paths instead
         detail = (getattr(e, "stderr", None) or str(e)).strip().splitlines() or [""]

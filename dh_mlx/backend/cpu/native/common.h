@@ -51,8 +51,9 @@ inline float exp_(float x) { return mx::detail::Exp{}(x); }
 // Decode-sized products run on the calling thread: waking MKL's OpenMP workers for them costs more than they
 // compute. `blas_local_threads` is MKL's MKL_Set_Num_Threads_Local (thread-local, returns the previous
 // setting) when MKL is the BLAS, set once at load (set_blas_threading); null otherwise (OpenBLAS decides itself).
+// Up to kSmallBlasWork multiply-adds a product runs on one thread (BENCHMARKS.md, serve).
 inline int (*blas_local_threads)(int) = nullptr;
-inline double blas_small_work = 2097152.0;  // multiply-adds per product up to which one thread computes it
+constexpr double kSmallBlasWork = 1 << 21;
 
 // f(0) .. f(parts - 1) shared over the weight kernels' thread pool when `work` (multiply-adds) pays for the
 // hand-off, else in order on this thread (quantized.cpp). A part must not depend on another's result.
@@ -62,7 +63,7 @@ void parallel_for(int parts, size_t work, const std::function<void(int)>& f);
 struct SmallBlas {
   int previous = -1;
   explicit SmallBlas(double work) {
-    if (blas_local_threads && work <= blas_small_work) previous = blas_local_threads(1);
+    if (blas_local_threads && work <= kSmallBlasWork) previous = blas_local_threads(1);
   }
   ~SmallBlas() {
     if (previous >= 0) blas_local_threads(previous);

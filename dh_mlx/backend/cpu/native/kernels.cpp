@@ -23,8 +23,8 @@
 //   MlaAbsorbed: MLA attention for a few queries over the latent cache, kv_b_proj folded in (decode):
 //            q_lat = q_nope W_uk[h]; p = softmax(scale (q_lat latent^T + q_pe k_pe^T)) over the visible keys;
 //            out = (p latent) W_uv[h]^T; keys visible per mode: all, causal (query l of L sees keys up to
-//            S - L + l) or a bool mask (B|1, 1, L, S), of which only the span a sequence sees is read. One node instead of ~40 (no gradient: dh_mlx
-//            differentiates it through MLX ops).
+//            S - L + l) or a bool mask (B|1, 1, L, S), of which only the span a sequence sees is read. One
+//            node instead of ~40 (no gradient: dh_mlx differentiates it through MLX ops).
 //   Route:   the MoE router after its linear: sigmoid/softmax scores, the selection bias (noaux_tc), group-
 //            limited choice (a group scores its best expert, or its best two summed for noaux_tc), top-k,
 //            weights from the unbiased scores (renormalised, scaled) -> indices, weights, scores (~20 nodes).
@@ -691,10 +691,9 @@ std::vector<mx::array> route(const mx::array& logits, const mx::array& bias, con
 
 NB_MODULE(_dh_native, m) {
   dhn::register_quantized(m);
-  m.def("set_blas_threading", [](uintptr_t local_threads, double small_work) {
+  m.def("set_blas_threading", [](uintptr_t local_threads) {
     dhn::blas_local_threads = reinterpret_cast<int (*)(int)>(local_threads);
-    dhn::blas_small_work = small_work;
-  }, nb::arg("local_threads"), nb::arg("small_work"));
+  }, nb::arg("local_threads"));
   m.def("segment_rows", &segment_rows, nb::arg("x"), nb::arg("w"), nb::arg("offsets"), nb::arg("transpose"));
   m.def("segment_outer", &segment_outer, nb::arg("a"), nb::arg("b"), nb::arg("offsets"));
   m.def("ce_forward", &ce_forward, nb::arg("logits"), nb::arg("targets"));

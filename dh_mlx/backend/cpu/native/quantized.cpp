@@ -374,12 +374,10 @@ class QExperts : public WeightPrimitive {  // y[t] = sum_j w[t, j] down_e(silu(g
       std::vector<float> out(P * D);
       auto group = [&](int i) {
         const int p0 = starts[i], m = starts[i + 1] - p0, e = ids[order[p0]];
-        std::vector<float> xs(m == 1 ? 0 : static_cast<size_t>(m) * D), g(static_cast<size_t>(m) * I), u(g.size()),
-            ys(m == 1 ? 0 : static_cast<size_t>(m) * D);
-        for (int r = 0; r < m && m > 1; ++r)
+        std::vector<float> xs(static_cast<size_t>(m) * D), g(static_cast<size_t>(m) * I), u(g.size()), ys(xs.size());
+        for (int r = 0; r < m; ++r)  // the expert's tokens, gathered
           std::memcpy(xs.data() + static_cast<size_t>(r) * D, xp + static_cast<size_t>(order[p0 + r] / kk) * D,
                       sizeof(float) * D);
-        const float* xe = m == 1 ? xp + static_cast<size_t>(order[p0] / kk) * D : xs.data();
         SmallBlas one(static_cast<double>(I) * D);
         // A row's result must not depend on which other rows chose the expert (a sequence decodes the same
         // alone or in a batch): the direct kernels compute each row the same way for any row count; a BLAS
@@ -388,17 +386,15 @@ class QExperts : public WeightPrimitive {  // y[t] = sum_j w[t, j] down_e(silu(g
           if (W.kind != 0 && m <= g_direct_rows.load()) return forward(*k, W, e, x, m, y, yld);
           for (int r = 0; r < m; ++r) forward(*k, W, e, x + r * xld, 1, y + r * yld, yld);
         };
-        rows(G, xe, D, g.data(), I);
-        rows(U, xe, D, u.data(), I);
+        rows(G, xs.data(), D, g.data(), I);
+        rows(U, xs.data(), D, u.data(), I);
         for (size_t j = 0; j < g.size(); ++j) g[j] = silu_(g[j]) * u[j];
-        rows(Dn, g.data(), I, m == 1 ? out.data() + static_cast<size_t>(order[p0]) * D : ys.data(), D);
-        for (int r = 0; r < m && m > 1; ++r)
+        rows(Dn, g.data(), I, ys.data(), D);
+        for (int r = 0; r < m; ++r)  // each pair's row of `out`
           std::memcpy(out.data() + static_cast<size_t>(order[p0 + r]) * D, ys.data() + static_cast<size_t>(r) * D,
                       sizeof(float) * D);
       };
-      const int groups = static_cast<int>(starts.size()) - 1;
-      if (P * 3 * I * D >= kParallelWork && threads() > 1) pool().run(groups, group);
-      else for (int i = 0; i < groups; ++i) group(i);
+      parallel_for(static_cast<int>(starts.size()) - 1, P * 3 * I * D, group);
       std::vector<float> acc(D);
       for (int t = 0; t < T; ++t) {
         std::fill(acc.begin(), acc.end(), 0.0f);
