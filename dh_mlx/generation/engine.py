@@ -31,7 +31,7 @@ from .prefix import PrefixCache
 from .requests import Event, Handle, QueueFull, Request, RequestError, Usage  # noqa: F401  (re-exported)
 from .solo import decodes_alone, solo_tokens
 from .steps import PromptCache, prefill
-from .text import TextOut
+from .text import NoText, TextOut
 
 
 class Job:
@@ -45,7 +45,7 @@ class Job:
         options = r.sampling if r.sampling.vocab_limit is not None or engine.vocab_limit is None else \
             r.sampling.replace(vocab_limit=engine.vocab_limit)
         self.sampler = RowSampler(options, history=r.prompt, grammar=r.grammar, logprobs=r.logprobs)
-        self.text = None if tok is None else TextOut(tok.stream_decoder(), r.stop)
+        self.text = TextOut(NoText() if tok is None else tok.stream_decoder(), r.stop)
         self.alone = decodes_alone(engine.model, r)
         for param, asked in (("response_format", r.grammar is not None), ("logprobs", r.logprobs is not None)):
             if self.alone and asked:
@@ -314,10 +314,10 @@ class Engine:
         job.generated.append(token)
         lp = None if info is None else [(token, info[0].item(), list(zip(info[1].tolist(), info[2].tolist())))]
         if token in job.eos:
-            job.handle.put(Event(text=job.text.flush() if job.text is not None else "", tokens=[token], logprobs=lp))
+            job.handle.put(Event(text=job.text.flush(), tokens=[token], logprobs=lp))
             self._finish(job, "stop")
             return False
-        text, stopped = job.text.add(token) if job.text is not None else ("", False)
+        text, stopped = job.text.add(token)
         job.handle.put(Event(text=text, tokens=[token], logprobs=lp))
         grammar_done = job.request.grammar is not None and job.request.grammar.done
         if stopped or grammar_done or job.usage.completion_tokens >= job.request.max_tokens:
@@ -327,7 +327,7 @@ class Engine:
 
     def _finish(self, job: Job, reason: str) -> None:
         if reason != "cancelled":
-            tail = job.text.flush() if job.text is not None else ""
+            tail = job.text.flush()
             self.counts["finished"] += 1
         else:
             tail = ""

@@ -7,6 +7,16 @@ from __future__ import annotations
 from typing import Any
 
 
+class NoText:
+    """The stream decoder of a request without a tokenizer (token ids only: generate_tokens): no text."""
+
+    def add(self, token: int) -> str:
+        return ""
+
+    def flush(self) -> str:
+        return ""
+
+
 class TextOut:
     def __init__(self, decoder: Any, stop: tuple[str, ...] | list[str] = ()):
         self.decoder, self.stop = decoder, tuple(s for s in stop if s)
